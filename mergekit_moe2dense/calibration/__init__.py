@@ -1,0 +1,24 @@
+# Copyright (C) 2026 the mergekit-moe2dense authors
+# SPDX-License-Identifier: LGPL-3.0-only
+"""Calibration: text -> token batches -> router hooks -> RouterStatistics."""
+
+from mergekit_moe2dense.calibration.batches import TokenBatch, calibration_sequences, pad_batches
+from mergekit_moe2dense.calibration.runner import (
+    RouterRecorder,
+    collect_router_statistics,
+    load_calibration_batches,
+    load_moe,
+)
+from mergekit_moe2dense.calibration.stats import RouterStatistics, StatisticsError
+
+__all__ = [
+    "RouterRecorder",
+    "RouterStatistics",
+    "StatisticsError",
+    "TokenBatch",
+    "calibration_sequences",
+    "collect_router_statistics",
+    "load_calibration_batches",
+    "load_moe",
+    "pad_batches",
+]

@@ -1,0 +1,123 @@
+# Copyright (C) 2026 the mergekit-moe2dense authors
+# SPDX-License-Identifier: LGPL-3.0-only
+"""The calibration pass: run the MoE on calibration text with hooks on its routers."""
+
+from __future__ import annotations
+
+import logging
+from typing import List, Optional
+
+import torch
+import tqdm
+import transformers
+
+from mergekit_moe2dense.calibration.batches import TokenBatch, calibration_sequences, pad_batches
+from mergekit_moe2dense.calibration.stats import RouterStatistics
+from mergekit_moe2dense.data import load_documents
+from mergekit_moe2dense.families import MoEFamily
+
+LOG = logging.getLogger(__name__)
+
+
+class RouterRecorder:
+    """Owns the forward hooks on every router; removes them on exit.
+
+    Before each forward, `begin_batch` tells it which tokens are padding and which
+    kept tokens belong to the fixed sample, so every layer records the same ones.
+    """
+
+    def __init__(self, model: torch.nn.Module, family: MoEFamily, stats: RouterStatistics, sample_ids: torch.Tensor):
+        self.model = model
+        self.family = family
+        self.stats = stats
+        self.sample_ids = sample_ids  # sorted global indices of kept tokens to sample
+        self.offset = 0  # kept tokens seen before the current batch
+        self._keep: Optional[torch.Tensor] = None
+        self._rows = self._slots = None
+        self._handles = []
+
+    def __enter__(self) -> "RouterRecorder":
+        for position, layer in enumerate(self.stats.layers):
+            module = self.model.get_submodule(self.family.router_module(layer))
+            self._handles.append(module.register_forward_hook(self._hook(position)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook(self, position: int):
+        def hook(_module, _inputs, output):
+            logits, weights, index = self.family.router_outputs(output)
+            self.stats.update(position, logits, weights, index, self._keep, self._rows, self._slots)
+
+        return hook
+
+    def begin_batch(self, batch: TokenBatch) -> None:
+        self._keep = batch.attention_mask.reshape(-1).bool()
+        kept = int(self._keep.sum())
+        lo = torch.searchsorted(self.sample_ids, self.offset)
+        hi = torch.searchsorted(self.sample_ids, self.offset + kept)
+        self._slots = torch.arange(lo, hi)
+        self._rows = self.sample_ids[lo:hi] - self.offset
+        self.offset += kept
+        self.stats.tokens += kept
+
+
+def load_calibration_batches(model_path: str, calibration, tokenizer=None) -> tuple:
+    tokenizer = tokenizer or transformers.AutoTokenizer.from_pretrained(model_path)
+    documents = load_documents(
+        calibration.dataset, text_field=calibration.text_field, split=calibration.split
+    )
+    sequences = calibration_sequences(
+        documents,
+        tokenizer,
+        num_samples=calibration.num_samples,
+        seq_len=calibration.seq_len,
+        seed=calibration.seed,
+    )
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    return sequences, list(pad_batches(sequences, calibration.batch_size, pad_id))
+
+
+def collect_router_statistics(
+    model: torch.nn.Module,
+    family: MoEFamily,
+    batches: List[TokenBatch],
+    *,
+    max_token_samples: int,
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = True,
+) -> RouterStatistics:
+    """One forward pass of `model` over `batches`, recording every router."""
+    config = model.config
+    stats = RouterStatistics(
+        layers=family.moe_layer_indices(config),
+        num_experts=family.num_experts(config),
+        top_k=family.top_k(config),
+    )
+    total = sum(int(b.attention_mask.sum()) for b in batches)
+    generator = torch.Generator().manual_seed(seed)
+    sample_ids = torch.randperm(total, generator=generator)[:max_token_samples].sort().values
+    stats.samples = torch.zeros((len(stats.layers), len(sample_ids), stats.num_experts))
+    model.eval()
+    with RouterRecorder(model, family, stats, sample_ids) as recorder, torch.inference_mode():
+        with tqdm.tqdm(total=total, desc="Calibrating", unit="tok", disable=not progress) as bar:
+            for batch in batches:
+                recorder.begin_batch(batch)
+                model(
+                    input_ids=batch.input_ids.to(device),
+                    attention_mask=batch.attention_mask.to(device),
+                    use_cache=False,
+                )
+                bar.update(int(batch.attention_mask.sum()))
+    return stats
+
+
+def load_moe(model_path: str, *, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    return model.to(device)

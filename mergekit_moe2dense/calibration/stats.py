@@ -1,0 +1,165 @@
+# Copyright (C) 2026 the mergekit-moe2dense authors
+# SPDX-License-Identifier: LGPL-3.0-only
+"""Router statistics: what one calibration pass records for every method.
+
+Per MoE layer and expert: sums of router logits, of softmax probabilities, of
+top-k selections and of the model's real top-k gate weights, over non-padding
+tokens; and the router logits of a fixed subsample of tokens (the same tokens in
+every layer, so per-token vectors can be compared or concatenated across layers).
+Sums are kept, means are derived: softmax of *summed* logits over thousands of
+tokens is one-hot, so every method works from means.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from mergekit_moe2dense.errors import Moe2DenseError
+
+FORMAT_VERSION = 1
+
+
+class StatisticsError(Moe2DenseError, ValueError):
+    """A statistics file is unreadable, or belongs to another model."""
+
+
+@dataclass
+class RouterStatistics:
+    layers: List[int]  # decoder layer index of each MoE layer, in order
+    num_experts: int
+    top_k: int
+    tokens: int = 0
+    logit_sum: Optional[torch.Tensor] = None  # [L, E] float64
+    prob_sum: Optional[torch.Tensor] = None  # [L, E] float64
+    selected: Optional[torch.Tensor] = None  # [L, E] float64, count of top-k selections
+    gate_sum: Optional[torch.Tensor] = None  # [L, E] float64, the model's top-k gate weights
+    samples: Optional[torch.Tensor] = None  # [L, N, E] float32, logits of sampled tokens
+    metadata: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        shape = (len(self.layers), self.num_experts)
+        for name in ("logit_sum", "prob_sum", "selected", "gate_sum"):
+            if getattr(self, name) is None:
+                setattr(self, name, torch.zeros(shape, dtype=torch.float64))
+        if self.samples is None:
+            self.samples = torch.zeros((len(self.layers), 0, self.num_experts))
+
+    # -- derived means ---------------------------------------------------------
+    def _mean(self, total: torch.Tensor) -> torch.Tensor:
+        if self.tokens == 0:
+            raise StatisticsError("no calibration tokens were recorded")
+        return total / self.tokens
+
+    @property
+    def mean_logits(self) -> torch.Tensor:
+        return self._mean(self.logit_sum)
+
+    @property
+    def mean_probs(self) -> torch.Tensor:
+        return self._mean(self.prob_sum)
+
+    @property
+    def selection_frequency(self) -> torch.Tensor:
+        """Fraction of tokens that route to each expert (rows sum to top_k)."""
+        return self._mean(self.selected)
+
+    @property
+    def mean_gate(self) -> torch.Tensor:
+        """Mean gate weight per token, zero where not selected (rows sum to the mixture's weight)."""
+        return self._mean(self.gate_sum)
+
+    # -- accumulation ----------------------------------------------------------
+    def update(
+        self,
+        position: int,
+        logits: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        top_k_index: torch.Tensor,
+        keep: torch.Tensor,
+        sample_rows: torch.Tensor,
+        sample_slots: torch.Tensor,
+    ) -> None:
+        """Add one batch of one layer. `keep` masks padding; `sample_rows` (indices
+        into the kept tokens) go to `sample_slots` of the sample buffer."""
+        logits = logits.detach().reshape(-1, self.num_experts)[keep].double()
+        weights = top_k_weights.detach().reshape(keep.shape[0], -1)[keep].double()
+        index = top_k_index.detach().reshape(keep.shape[0], -1)[keep]
+        self.logit_sum[position] += logits.sum(0).cpu()
+        self.prob_sum[position] += torch.softmax(logits, dim=-1).sum(0).cpu()
+        ones = torch.ones_like(weights)
+        self.selected[position] += (
+            torch.zeros_like(logits).scatter_add_(1, index, ones).sum(0).cpu()
+        )
+        self.gate_sum[position] += (
+            torch.zeros_like(logits).scatter_add_(1, index, weights).sum(0).cpu()
+        )
+        if sample_rows.numel():
+            self.samples[position, sample_slots] = logits[sample_rows.to(logits.device)].float().cpu()
+
+    def merge_(self, other: "RouterStatistics") -> None:
+        """Add another pass over disjoint data (e.g. another rank's shard)."""
+        if other.layers != self.layers or other.num_experts != self.num_experts:
+            raise StatisticsError("cannot combine statistics of different models")
+        self.tokens += other.tokens
+        for name in ("logit_sum", "prob_sum", "selected", "gate_sum"):
+            getattr(self, name).add_(getattr(other, name))
+        self.samples = torch.cat([self.samples, other.samples], dim=1)
+
+    # -- persistence -----------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        tensors = {
+            "logit_sum": self.logit_sum,
+            "prob_sum": self.prob_sum,
+            "selected": self.selected,
+            "gate_sum": self.gate_sum,
+            "samples": self.samples.contiguous(),
+        }
+        header = {
+            "format_version": FORMAT_VERSION,
+            "layers": self.layers,
+            "num_experts": self.num_experts,
+            "top_k": self.top_k,
+            "tokens": self.tokens,
+            "metadata": self.metadata,
+        }
+        save_file(tensors, str(path), metadata={"moe2dense": json.dumps(header)})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "RouterStatistics":
+        if not os.path.isfile(path):
+            raise StatisticsError(f"statistics file not found: {path}")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                header = json.loads((handle.metadata() or {})["moe2dense"])
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        except (KeyError, json.JSONDecodeError, OSError, Exception) as error:
+            raise StatisticsError(
+                f"{path} is not a mergekit-moe2dense statistics file ({error})"
+            ) from None
+        if header.get("format_version") != FORMAT_VERSION:
+            raise StatisticsError(f"{path}: unsupported statistics format version")
+        return cls(
+            layers=list(header["layers"]),
+            num_experts=header["num_experts"],
+            top_k=header["top_k"],
+            tokens=header["tokens"],
+            metadata=header.get("metadata", {}),
+            **tensors,
+        )
+
+    def check_model(self, fingerprint: Dict[str, Any], path: str) -> None:
+        """Refuse statistics recorded on another model."""
+        recorded = self.metadata.get("model_fingerprint")
+        if recorded != fingerprint:
+            theirs = self.metadata.get("model", "an unknown model")
+            raise StatisticsError(
+                f"statistics file {path} was recorded on {theirs}, not on this model "
+                "(router weights differ); recalibrate without --stats"
+            )

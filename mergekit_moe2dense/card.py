@@ -1,0 +1,54 @@
+# Copyright (C) 2026 the mergekit-moe2dense authors
+# SPDX-License-Identifier: LGPL-3.0-only
+"""The model card (README.md) of a converted model."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Optional
+
+import torch
+
+from mergekit_moe2dense.methods import get_method
+
+
+def write_model_card(out_dir: str, config, params: Dict[str, Any], layers, weights: torch.Tensor, config_source: Optional[str]) -> None:
+    method = get_method(config.merge_method)
+    rows = "\n".join(
+        f"| {layer.index} | " + " | ".join(f"{w:.4f}" for w in row) + " |"
+        for layer, row in zip(layers, weights.tolist())
+    )
+    experts = weights.shape[1]
+    header = "| layer | " + " | ".join(f"e{e}" for e in range(experts)) + " |"
+    rule = "|---" * (experts + 1) + "|"
+    param_text = ", ".join(f"`{k}={v}`" for k, v in params.items()) or "none"
+    yaml_text = config_source if config_source is not None else config.to_yaml()
+    text = f"""---
+library_name: transformers
+tags:
+- mergekit
+- moe2dense
+- merge
+base_model: {config.model}
+---
+# {os.path.basename(os.path.normpath(out_dir)).split('.incomplete-')[0]}
+
+A dense model made from the Mixture-of-Experts model `{config.model}` with
+[mergekit-moe2dense](https://github.com/arcee-ai/mergekit): every MoE layer's experts
+were merged into one MLP with the **{method.pretty_name}** method (`{method.name}`)
+and parameters {param_text}. Everything outside the MoE blocks is copied unchanged.
+
+## Per-layer expert weights
+
+{header}
+{rule}
+{rows}
+
+## Configuration
+
+```yaml
+{yaml_text.strip()}
+```
+"""
+    with open(os.path.join(out_dir, "README.md"), "w", encoding="utf-8") as handle:
+        handle.write(text)

@@ -1,0 +1,66 @@
+# Copyright (C) 2026 the mergekit-moe2dense authors
+# SPDX-License-Identifier: LGPL-3.0-only
+"""`mergekit-moe2dense`: a thin click layer over the library.
+
+    mergekit-moe2dense CONFIG OUT [--stats FILE] [--overwrite] [mergekit's merge options]
+    mergekit-moe2dense eval MODEL [MODEL ...] --data PATH [--seq-len N] [--json FILE]
+
+Library errors (`Moe2DenseError`) become one-line messages and exit status 1.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import click
+from mergekit.options import MergeOptions, add_merge_options
+
+from mergekit_moe2dense.errors import Moe2DenseError
+
+
+def one_line_errors(command):
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except Moe2DenseError as error:
+            raise click.ClickException(str(error)) from None
+
+    return wrapper
+
+
+class DefaultCommandGroup(click.Group):
+    """Runs `merge` when the first argument is not a subcommand name."""
+
+    default_command = "merge"
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = [self.default_command, *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=DefaultCommandGroup, context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """Merge the experts of a Mixture-of-Experts model into a dense model."""
+
+
+@main.command("merge")
+@click.argument("config_file", type=click.Path(dir_okay=False))
+@click.argument("out_path", type=click.Path(file_okay=False))
+@click.option("--stats", "stats_path", type=click.Path(dir_okay=False), help="Reuse router statistics from an earlier run (skips calibration).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT_PATH if it is not empty.")
+@add_merge_options
+@one_line_errors
+def merge(merge_options: MergeOptions, config_file, out_path, stats_path, overwrite):
+    """Calibrate the MoE's routers, merge its experts, write a dense model to OUT_PATH."""
+    from mergekit_moe2dense.build import build_dense
+    from mergekit_moe2dense.config import Moe2DenseConfig, read_config_text
+
+    merge_options.apply_global_options()
+    source = read_config_text(config_file)
+    config = Moe2DenseConfig.from_yaml(source, source=config_file)
+    result = build_dense(
+        config, out_path, merge_options, stats_path=stats_path, overwrite=overwrite, config_source=source
+    )
+    click.echo(f"Wrote {result.out_path} ({config.merge_method}, {result.layer_weights.shape[0]} layers)")

@@ -1,0 +1,102 @@
+# Copyright (C) 2026 the mergekit-moe2dense authors
+# SPDX-License-Identifier: LGPL-3.0-only
+"""The YAML config: mergekit's schema plus a `calibration:` block.
+
+Unlike mergekit's own config, unknown keys are errors (`extra="forbid"`): a
+misspelt option must not be silently ignored on a multi-hour run.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Literal, Optional
+
+import yaml
+from mergekit.common import ModelReference
+from mergekit.config import ParameterSetting
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from mergekit_moe2dense.errors import Moe2DenseError
+
+
+class ConfigError(Moe2DenseError, ValueError):
+    """The YAML config is malformed."""
+
+
+class CalibrationConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dataset: str = Field(description=".txt/.jsonl/.parquet file, a directory of them, or a datasets name")
+    num_samples: int = Field(128, gt=0)
+    seq_len: int = Field(512, gt=1)
+    batch_size: int = Field(4, gt=0)
+    seed: int = 0
+    text_field: str = "text"
+    split: str = "train"
+    max_token_samples: int = Field(16384, ge=0, description="per-token router vectors kept per layer")
+    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = Field(
+        None, description="dtype of the calibration forward (default: float32 on CPU, bfloat16 on GPU)"
+    )
+
+
+class InputModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: ModelReference
+    parameters: Optional[Dict[str, ParameterSetting]] = None
+
+
+class Moe2DenseConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    merge_method: str
+    models: List[InputModel]
+    parameters: Dict[str, Any] = Field(default_factory=dict)
+    calibration: Optional[CalibrationConfig] = None
+    dtype: Optional[str] = None
+    out_dtype: Optional[str] = None
+
+    @field_validator("models")
+    @classmethod
+    def _one_model(cls, models):
+        if len(models) != 1:
+            raise ValueError(f"give exactly one MoE under models: (got {len(models)})")
+        return models
+
+    @property
+    def model(self) -> ModelReference:
+        return self.models[0].model
+
+    @property
+    def method_parameters(self) -> Dict[str, Any]:
+        """Top-level parameters, overridden by the model entry's own."""
+        return {**self.parameters, **(self.models[0].parameters or {})}
+
+    @classmethod
+    def from_yaml(cls, text: str, source: str = "config") -> "Moe2DenseConfig":
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{source}: not valid YAML ({error})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a mapping at the top level")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(part) for part in first["loc"]) or "config"
+            raise ConfigError(f"{source}: {where}: {first['msg']}") from None
+
+    @classmethod
+    def from_file(cls, path: str) -> "Moe2DenseConfig":
+        return cls.from_yaml(read_config_text(path), source=path)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
+
+
+def read_config_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read()
+    except (FileNotFoundError, IsADirectoryError):
+        raise ConfigError(f"config file not found: {path}") from None

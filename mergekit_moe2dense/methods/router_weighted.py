@@ -1,0 +1,58 @@
+# Copyright (C) 2026 the mergekit-moe2dense authors
+# SPDX-License-Identifier: LGPL-3.0-only
+"""`router_weighted`: weight each layer's experts by calibrated router scores.
+
+From the mergekit discussion on merging Mixtral 8x22B into a dense model
+(arcee-ai/mergekit#267). Per layer, with an aggregate `a_e` over calibration tokens
+and an explicit temperature T:
+
+    mean_logit:          w = softmax(mean_t logit_te / T)
+                         (= the normalised geometric mean of the probabilities at T=1)
+    mean_prob, median_prob, selection_frequency:
+                         w = softmax(log a_e / T)  (proportional to a_e^(1/T))
+
+so T=1 gives the normalised aggregate, T->0 one-hot on the best expert, and large
+T the plain average. Then each projection is sum_e w_e W_e.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from mergekit_moe2dense.methods.base import ExpertMergeMethod, MethodError, parameter
+from pydantic import Field
+from typing_extensions import Annotated
+
+Aggregate = Literal["mean_logit", "mean_prob", "median_prob", "selection_frequency"]
+Temperature = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+def aggregate_scores(stats, aggregate: str) -> torch.Tensor:
+    """Per layer and expert, the aggregate in log space for probability-like scores."""
+    if aggregate == "mean_logit":
+        return stats.mean_logits
+    if aggregate == "mean_prob":
+        scores = stats.mean_probs
+    elif aggregate == "selection_frequency":
+        scores = stats.selection_frequency
+    else:
+        if stats.samples.shape[1] == 0:
+            raise MethodError("median_prob needs per-token samples; the statistics have none")
+        scores = torch.softmax(stats.samples.double(), dim=-1).median(dim=1).values
+    return scores.double().log()
+
+
+class RouterWeighted(ExpertMergeMethod):
+    name = "router_weighted"
+    pretty_name = "Router-weighted expert merge"
+    reference_url = "https://github.com/arcee-ai/mergekit/issues/267"
+    parameters = (
+        parameter("aggregate", Aggregate, "mean_logit", "how router scores are aggregated over tokens"),
+        parameter("temperature", Temperature, 1.0, "softmax temperature over experts"),
+    )
+
+    def layer_weights(self, stats, params, *, num_layers, num_experts):
+        scores = aggregate_scores(stats, params["aggregate"])
+        return torch.softmax(scores / params["temperature"], dim=-1)

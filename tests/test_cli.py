@@ -1,0 +1,155 @@
+# Copyright (C) 2026 the mergekit-moe2dense authors
+# SPDX-License-Identifier: LGPL-3.0-only
+"""Both command lines end to end, and every bad input as a one-line error."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import transformers
+import yaml
+from click.testing import CliRunner
+
+from conftest import make_mixtral
+from mergekit_moe2dense.cli import main
+
+BIN = Path(sys.executable).parent
+
+
+def write_config(path: Path, model, calib_dir, method="router_weighted", **params) -> Path:
+    config = {
+        "merge_method": method,
+        "models": [{"model": str(model)}],
+        "parameters": params,
+        "calibration": {"dataset": str(calib_dir), "num_samples": 6, "seq_len": 32, "batch_size": 2},
+        "dtype": "float32",
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_cli(*args) -> "Result":
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_one_line_error(result, fragment: str):
+    assert result.exit_code != 0, result.output
+    assert "Traceback" not in result.output
+    assert re.search(fragment, result.output), result.output
+    assert len([line for line in result.output.strip().splitlines() if line.startswith("Error")]) == 1
+
+
+@pytest.mark.parametrize("script", ["mergekit-moe2dense", "mergekit-yaml"])
+def test_console_scripts_end_to_end(script, random_moe, calib_dir, tmp_path):
+    config = write_config(tmp_path / "c.yml", random_moe["legacy"], calib_dir, method="top_k_tempered")
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [str(BIN / script), str(config), str(out), "--quiet"], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert type(model).__name__ == "MistralForCausalLM"
+    assert (out / "expert_weights.json").is_file() and (out / "router_stats.safetensors").is_file()
+
+
+def test_mergekit_yaml_leaves_other_methods_to_mergekit(random_moe, tmp_path):
+    from mergekit.scripts.run_yaml import main as mergekit_yaml
+
+    config = tmp_path / "linear.yml"
+    model = str(random_moe["legacy"])
+    config.write_text(yaml.safe_dump({"merge_method": "linear", "models": [{"model": model, "parameters": {"weight": 1.0}}]}))
+    result = CliRunner().invoke(mergekit_yaml, [str(config), str(tmp_path / "out"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "out").model_type == "mixtral"
+
+
+def test_mergekit_yaml_reports_errors_in_one_line(random_moe, calib_dir, tmp_path):
+    from mergekit.scripts.run_yaml import main as mergekit_yaml
+
+    config = write_config(tmp_path / "c.yml", random_moe["legacy"], calib_dir, temperature=0)
+    result = CliRunner().invoke(mergekit_yaml, [str(config), str(tmp_path / "out")])
+    assert_one_line_error(result, "temperature")
+
+
+@pytest.fixture(scope="module")
+def dense_model(tmp_path_factory, tokenizer_dir):
+    path = tmp_path_factory.mktemp("dense")
+    config = transformers.MistralConfig(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    transformers.MistralForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def truncate_shard(tmp_path, moe) -> Path:
+    copy = tmp_path / "truncated"
+    shutil.copytree(moe, copy)
+    shard = copy / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[: os.path.getsize(shard) // 2])
+    return copy
+
+
+def missing_shard(tmp_path, moe) -> Path:
+    copy = tmp_path / "sharded"
+    shutil.copytree(moe, copy)
+    (copy / "model.safetensors").rename(copy / "model-00001-of-00002.safetensors")
+    (copy / "model.safetensors.index.json").write_text(
+        '{"weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors", "lm_head.weight": "model-00002-of-00002.safetensors"}}'
+    )
+    return copy
+
+
+def test_errors_are_one_line_and_write_nothing(random_moe, calib_dir, dense_model, tmp_path, tokenizer_dir):
+    moe = random_moe["legacy"]
+    out = tmp_path / "out"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "blank.txt").write_text("\n\n")
+    other = make_mixtral(tmp_path / "other", tokenizer_dir, seed=7)
+    stats_dir = tmp_path / "stats_run"
+    assert run_cli(write_config(tmp_path / "s.yml", other, calib_dir), stats_dir).exit_code == 0
+    phimoe = tmp_path / "phimoe"
+    phimoe.mkdir()
+    (phimoe / "config.json").write_text('{"model_type": "phimoe", "num_local_experts": 4}')
+
+    cases = [
+        (write_config(tmp_path / "a.yml", dense_model, calib_dir), [], "not a Mixture-of-Experts"),
+        (write_config(tmp_path / "b.yml", phimoe, calib_dir), [], "supported"),
+        (write_config(tmp_path / "c.yml", moe, calib_dir, method="frankenmerge"), [], "unknown merge_method"),
+        (write_config(tmp_path / "d.yml", moe, calib_dir, temprature=1.0), [], "unknown parameter"),
+        (write_config(tmp_path / "e.yml", moe, calib_dir, temperature=0), [], "temperature"),
+        (write_config(tmp_path / "f.yml", moe, calib_dir, method="top_k_tempered", top_k=9), [], "top_k=9 is out of range"),
+        (write_config(tmp_path / "g.yml", moe, empty), [], "(no|empty).*(text|documents)|empty"),
+        (write_config(tmp_path / "h.yml", moe, tmp_path / "nowhere"), [], "not found"),
+        (write_config(tmp_path / "i.yml", moe, calib_dir), ["--stats", stats_dir / "router_stats.safetensors"], "not on this model"),
+        (write_config(tmp_path / "j.yml", truncate_shard(tmp_path, moe), calib_dir), [], "truncated"),
+        (write_config(tmp_path / "k.yml", missing_shard(tmp_path, moe), calib_dir), [], "missing shard"),
+        (tmp_path / "no-such-config.yml", [], "config file not found"),
+    ]
+    for config, extra, fragment in cases:
+        result = run_cli(config, out, *extra)
+        assert_one_line_error(result, fragment)
+        assert not out.exists(), f"{config.name} left {list(out.iterdir())}"
+        assert not list(tmp_path.glob("out.incomplete-*"))
+
+
+def test_existing_output_needs_overwrite(random_moe, calib_dir, tmp_path):
+    config = write_config(tmp_path / "c.yml", random_moe["legacy"], calib_dir, method="expert_uniform")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert_one_line_error(run_cli(config, out), "--overwrite")
+    assert (out / "keep.txt").read_text() == "mine"
+    result = run_cli(config, out, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+
+
+def test_misspelt_config_key_is_an_error(random_moe, calib_dir, tmp_path):
+    config = write_config(tmp_path / "c.yml", random_moe["legacy"], calib_dir)
+    config.write_text(config.read_text().replace("num_samples", "num_sample"))
+    assert_one_line_error(run_cli(config, tmp_path / "out"), "num_sample")
