@@ -14,7 +14,7 @@ import gc
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -42,7 +42,7 @@ class EvalResult:
     model: str
     perplexity: float
     tokens: int
-    per_source: dict[str, dict] = field(default_factory=dict)
+    per_source: dict[str, dict]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -99,11 +99,13 @@ def evaluate_perplexity(
     A directory is loaded onto ``device`` in ``dtype`` (default: the dtype in
     its config); a loaded model is used where it is. The tokenizer is loaded
     from the model directory (or ``model.name_or_path``) unless given.
-    ``max_tokens`` truncates each source's stream, so that every source keeps
-    its share. Document-initial BOS tokens are scored like any other token.
+    ``max_tokens`` caps the scored tokens of each source (not of the total),
+    so that every source keeps its share. Document-initial BOS tokens are
+    scored like any other token. Arguments are checked before loading.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    plan_windows(0, seq_len, stride)  # raises on a bad seq_len or stride
     if isinstance(model, PreTrainedModel):
         name = name or model.name_or_path or type(model).__name__
         tokenizer = tokenizer or _load_tokenizer(model.name_or_path)
@@ -121,7 +123,8 @@ def evaluate_perplexity(
     streams: dict[str, list[int]] = {}
     for source, ids in tokenize_documents(documents, tokenizer):
         streams.setdefault(source, []).extend(ids)
-    streams = {s: ids[:max_tokens] for s, ids in streams.items()}
+    if max_tokens is not None:
+        streams = {s: ids[: max_tokens + 1] for s, ids in streams.items()}
     jobs = [(s, w) for s, ids in streams.items() for w in plan_windows(len(ids), seq_len, stride)]
     nll = dict.fromkeys(streams, 0.0)
     tokens = dict.fromkeys(streams, 0)
@@ -166,16 +169,16 @@ def format_results_table(results: list[EvalResult], reference: str | None = None
     rows = [header]
     for r in results:
         row = [r.model, str(r.tokens), f"{r.perplexity:.3f}"]
-        row += [f"{r.per_source[s]['perplexity']:.3f}" if s in r.per_source else "-" for s in sources]
+        row += [f"{r.per_source[s]['perplexity']:.3f}" if s in r.per_source else "-"
+                for s in sources]
         if reference is not None:
             row.append(f"{r.perplexity / ref.perplexity:.4f}")
         rows.append(row)
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = [
-        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+    return "\n".join(
+        "  ".join([row[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(row[1:], widths[1:]))])
         for row in rows
-    ]
-    return "\n".join(line.rstrip() for line in lines)
+    )
 
 
 def write_results_json(results: list[EvalResult], path: str | os.PathLike) -> None:
@@ -205,12 +208,10 @@ def _score_batch(model, items: list[tuple[list[int], Window]]):
         ids[row, : w.end - w.start] = torch.tensor(stream[w.start : w.end])
         attention[row, : w.end - w.start] = 1
         scored[row, w.score_from - w.start : w.end - w.start] = True
-    device = model.device
-    logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits
-    logprobs = logits[:, :-1].float().log_softmax(-1)
-    target_nll = -logprobs.gather(-1, ids[:, 1:, None].to(device)).squeeze(-1)
-    mask = scored[:, 1:].to(device)
-    return target_nll.double().where(mask, 0.0).sum(1).cpu(), mask.sum(1).cpu()
+    ids, attention, scored = ids.to(model.device), attention.to(model.device), scored[:, 1:]
+    logprobs = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float().log_softmax(-1)
+    target_nll = -logprobs.gather(-1, ids[:, 1:, None]).squeeze(-1).double().cpu()
+    return target_nll.where(scored, 0.0).sum(1), scored.sum(1)
 
 
 def _ppl(nll: float, tokens: int) -> float:

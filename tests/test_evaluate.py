@@ -5,8 +5,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    AutoTokenizer,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
+import mergekit_moe2dense.evaluate as evaluate_module
 from mergekit_moe2dense.data import Document, tokenize_documents
 from mergekit_moe2dense.evaluate import (
     EvalResult,
@@ -149,6 +155,11 @@ def test_invalid_window_parameters(seq_len, stride):
         plan_windows(10, seq_len, stride)
 
 
+def test_window_parameters_are_checked_before_loading(tmp_path):
+    with pytest.raises(ValueError, match="stride"):
+        evaluate_perplexity(str(tmp_path / "never-loaded"), long_docs(1), seq_len=8, stride=9)
+
+
 # --- perplexity against references -----------------------------------------------
 
 
@@ -217,26 +228,37 @@ def test_per_source_breakdown_combines_to_overall(model, tokenizer):
     assert alone.perplexity == pytest.approx(result.per_source["code"]["perplexity"], rel=1e-6)
 
 
-def test_batch_size_does_not_change_result(model, tokenizer):
-    documents = mixed_docs()  # "code" and "short" windows are shorter than seq_len: padding
+def test_batch_size_does_not_change_result(model, tokenizer, monkeypatch):
+    lengths = []
+    score_batch = evaluate_module._score_batch
+
+    def spy(model, items):
+        lengths.append({w.end - w.start for _, w in items})
+        return score_batch(model, items)
+
+    monkeypatch.setattr(evaluate_module, "_score_batch", spy)
+    documents = mixed_docs()
     one = run(model, documents, tokenizer, seq_len=24, stride=10, batch_size=1)
     three = run(model, documents, tokenizer, seq_len=24, stride=10, batch_size=3)
+    assert any(len(batch) > 1 for batch in lengths)  # some batch really was padded
     assert one.tokens == three.tokens
     assert one.perplexity == pytest.approx(three.perplexity, rel=1e-5)
     for source, stats in one.per_source.items():
-        assert stats["perplexity"] == pytest.approx(three.per_source[source]["perplexity"], rel=1e-5)
+        assert stats["perplexity"] == pytest.approx(
+            three.per_source[source]["perplexity"], rel=1e-5
+        )
 
 
 def test_max_tokens_truncates_each_source(model, tokenizer):
     result = run(model, mixed_docs(), tokenizer, seq_len=24, max_tokens=20)
-    assert result.per_source["long"]["tokens"] == 19
-    assert result.per_source["code"]["tokens"] == 19
-    assert result.per_source["short"]["tokens"] < 19
+    assert result.per_source["long"]["tokens"] == 20
+    assert result.per_source["code"]["tokens"] == 20
+    assert result.per_source["short"]["tokens"] < 20
 
 
 def test_nothing_to_score(model, tokenizer):
     with pytest.raises(ValueError, match="nothing to score"):
-        run(model, docs(("x", "a")), tokenizer, max_tokens=1)
+        run(model, docs(("x", "a")), tokenizer, max_tokens=0)
 
 
 def test_invalid_batch_size(model, tokenizer):
@@ -250,22 +272,16 @@ def test_invalid_batch_size(model, tokenizer):
 def test_model_directory_matches_loaded_model(model, model_dirs):
     documents = long_docs(1)
     from_dir = evaluate_perplexity(model_dirs[0], documents, seq_len=32, progress=False)
-    in_memory = evaluate_perplexity(model, documents, seq_len=32, progress=False,
-                                    tokenizer=from_dir_tokenizer(model_dirs[0]))
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs[0])
+    in_memory = run(model, documents, tokenizer, seq_len=32)
     assert from_dir.model == model_dirs[0]
     assert from_dir.tokens == in_memory.tokens
     assert from_dir.perplexity == pytest.approx(in_memory.perplexity, rel=1e-5)
 
 
-def from_dir_tokenizer(path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
-
-
 def test_dtype_and_name(model_dirs):
     result = evaluate_perplexity(
-        model_dirs[0], long_docs(1), dtype=torch.bfloat16, name="a-bf16", progress=False
+        model_dirs[0], long_docs(1), dtype=torch.bfloat16, name="a-bf16", progress=True
     )
     assert result.model == "a-bf16"
     assert math.isfinite(result.perplexity)
@@ -297,8 +313,12 @@ def test_evaluate_models(model_dirs):
 
 
 RESULTS = [
-    EvalResult("base-moe", 10.0, 300, {"code": {"perplexity": 8.0, "tokens": 100},
-                                       "web": {"perplexity": 11.0, "tokens": 200}}),
+    EvalResult(
+        "base-moe",
+        10.0,
+        300,
+        {"code": {"perplexity": 8.0, "tokens": 100}, "web": {"perplexity": 11.0, "tokens": 200}},
+    ),
     EvalResult("dense", 12.5, 100, {"code": {"perplexity": 12.5, "tokens": 100}}),
 ]
 
