@@ -1,0 +1,218 @@
+"""Perplexity of a causal LM over labelled documents, overall and per source.
+
+Each source's documents are tokenized and concatenated into one stream, and the
+stream is cut into windows of at most ``seq_len`` tokens. Every token after the
+first of a stream is scored exactly once, so results are comparable between
+models and independent of ``batch_size``; the window plan is
+:func:`plan_windows`. Perplexity is ``exp(sum NLL / scored tokens)``, with the
+NLL summed in float64.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from .data import Document, tokenize_documents
+
+__all__ = [
+    "EvalResult",
+    "Window",
+    "evaluate_models",
+    "evaluate_perplexity",
+    "format_results_table",
+    "plan_windows",
+    "write_results_json",
+]
+
+
+@dataclass
+class EvalResult:
+    """Perplexity of one model; ``per_source`` maps source -> perplexity, tokens."""
+
+    model: str
+    perplexity: float
+    tokens: int
+    per_source: dict[str, dict]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Window(NamedTuple):
+    """Model input ``stream[start:end]``; targets ``stream[score_from:end]`` are scored."""
+
+    start: int
+    end: int
+    score_from: int
+
+
+def plan_windows(n: int, seq_len: int, stride: int | None = None) -> list[Window]:
+    """Windows over a stream of ``n`` tokens that score positions ``1..n-1`` once each.
+
+    A window's first token has no context inside the window, so consecutive
+    windows must overlap by at least one token: the start advances by
+    ``min(stride, seq_len - 1)``. The default, ``stride = seq_len``, therefore
+    means windows that share only that one token. Tokens already scored by an
+    earlier window are context only. The last window is moved back to end at
+    the stream's end so that it has a full ``seq_len`` of context.
+    """
+    stride = seq_len if stride is None else stride
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+    if not 1 <= stride <= seq_len:
+        raise ValueError(f"stride must be between 1 and seq_len={seq_len}, got {stride}")
+    step = min(stride, seq_len - 1)
+    windows, begin, scored_to = [], 0, 1
+    while scored_to < n:
+        end = min(begin + seq_len, n)
+        windows.append(Window(max(0, end - seq_len), end, scored_to))
+        scored_to, begin = end, begin + step
+    return windows
+
+
+def evaluate_perplexity(
+    model: str | PreTrainedModel,
+    documents: list[Document],
+    *,
+    tokenizer=None,
+    seq_len: int = 512,
+    stride: int | None = None,
+    batch_size: int = 4,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+    max_tokens: int | None = None,
+    progress: bool = True,
+    name: str | None = None,
+) -> EvalResult:
+    """Perplexity of ``model`` (a local model directory, or a loaded model).
+
+    A directory is loaded onto ``device`` in ``dtype`` (default: the dtype in
+    its config); a loaded model is used where it is. The tokenizer is loaded
+    from the model directory (or ``model.name_or_path``) unless given.
+    ``max_tokens`` caps the scored tokens of each source (not of the total),
+    so that every source keeps its share. Document-initial BOS tokens are
+    scored like any other token. Arguments are checked before loading.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    plan_windows(0, seq_len, stride)  # raises on a bad seq_len or stride
+    if isinstance(model, PreTrainedModel):
+        name = name or model.name_or_path or type(model).__name__
+        tokenizer = tokenizer or _load_tokenizer(model.name_or_path)
+    else:
+        path = Path(model)
+        if not path.is_dir():
+            raise FileNotFoundError(f"model directory not found: {model}")
+        name = name or str(model)
+        tokenizer = tokenizer or _load_tokenizer(path)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype if dtype is not None else "auto"
+        ).to(device)
+    model.eval()
+
+    streams: dict[str, list[int]] = {}
+    for source, ids in tokenize_documents(documents, tokenizer):
+        streams.setdefault(source, []).extend(ids)
+    if max_tokens is not None:
+        streams = {s: ids[: max_tokens + 1] for s, ids in streams.items()}
+    jobs = [(s, w) for s, ids in streams.items() for w in plan_windows(len(ids), seq_len, stride)]
+    nll = dict.fromkeys(streams, 0.0)
+    tokens = dict.fromkeys(streams, 0)
+    with tqdm(total=len(jobs), disable=not progress, desc=name, unit="window") as bar:
+        for i in range(0, len(jobs), batch_size):
+            batch = jobs[i : i + batch_size]
+            sums, counts = _score_batch(model, [(streams[s], w) for s, w in batch])
+            for (source, _), window_nll, count in zip(batch, sums.tolist(), counts.tolist()):
+                nll[source] += window_nll
+                tokens[source] += count
+            bar.update(len(batch))
+
+    total = sum(tokens.values())
+    if total == 0:
+        raise ValueError("nothing to score: no source has 2 or more tokens")
+    per_source = {s: {"perplexity": _ppl(nll[s], tokens[s]), "tokens": tokens[s]} for s in streams}
+    return EvalResult(name, _ppl(sum(nll.values()), total), total, per_source)
+
+
+def evaluate_models(models: list[str], documents: list[Document], **kwargs) -> list[EvalResult]:
+    """Evaluate model directories one at a time, freeing each before the next."""
+    if "name" in kwargs:
+        raise TypeError("evaluate_models names each result after its model; drop name=")
+    results = []
+    for model in models:
+        results.append(evaluate_perplexity(model, documents, **kwargs))
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return results
+
+
+def format_results_table(results: list[EvalResult], reference: str | None = None) -> str:
+    """An aligned text table; ``ratio`` is perplexity / the ``reference`` model's."""
+    sources = list(dict.fromkeys(s for r in results for s in r.per_source))
+    header = ["model", "tokens", "ppl", *sources]
+    if reference is not None:
+        ref = next((r for r in results if r.model == reference), None)
+        if ref is None:
+            raise ValueError(f"reference {reference!r} is not among the evaluated models")
+        header.append("ratio")
+    rows = [header]
+    for r in results:
+        row = [r.model, str(r.tokens), f"{r.perplexity:.3f}"]
+        row += [f"{r.per_source[s]['perplexity']:.3f}" if s in r.per_source else "-"
+                for s in sources]
+        if reference is not None:
+            row.append(f"{r.perplexity / ref.perplexity:.4f}")
+        rows.append(row)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join(
+        "  ".join([row[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(row[1:], widths[1:]))])
+        for row in rows
+    )
+
+
+def write_results_json(results: list[EvalResult], path: str | os.PathLike) -> None:
+    """Write ``[{"model", "perplexity", "tokens", "per_source"}, ...]`` as JSON."""
+    Path(path).write_text(json.dumps([r.to_dict() for r in results], indent=2) + "\n")
+
+
+def _load_tokenizer(path):
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"no tokenizer could be loaded from {path!s}; pass tokenizer=") from e
+
+
+@torch.inference_mode()
+def _score_batch(model, items: list[tuple[list[int], Window]]):
+    """Summed NLL (float64) and scored-token count of each window in a batch.
+
+    Windows are right-padded; with causal attention, padding after a window
+    cannot affect it, and the attention mask and target mask exclude it too.
+    """
+    length = max(w.end - w.start for _, w in items)
+    ids = torch.zeros(len(items), length, dtype=torch.long)
+    attention = torch.zeros(len(items), length, dtype=torch.long)
+    scored = torch.zeros(len(items), length, dtype=torch.bool)
+    for row, (stream, w) in enumerate(items):
+        ids[row, : w.end - w.start] = torch.tensor(stream[w.start : w.end])
+        attention[row, : w.end - w.start] = 1
+        scored[row, w.score_from - w.start : w.end - w.start] = True
+    ids, attention, scored = ids.to(model.device), attention.to(model.device), scored[:, 1:]
+    logprobs = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float().log_softmax(-1)
+    target_nll = -logprobs.gather(-1, ids[:, 1:, None]).squeeze(-1).double().cpu()
+    return target_nll.where(scored, 0.0).sum(1), scored.sum(1)
+
+
+def _ppl(nll: float, tokens: int) -> float:
+    return math.exp(nll / tokens) if tokens else math.nan

@@ -1,0 +1,351 @@
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import (
+    AutoTokenizer,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+import mergekit_moe2dense.evaluate as evaluate_module
+from mergekit_moe2dense.data import Document, tokenize_documents
+from mergekit_moe2dense.evaluate import (
+    EvalResult,
+    Window,
+    evaluate_models,
+    evaluate_perplexity,
+    format_results_table,
+    plan_windows,
+    write_results_json,
+)
+
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "def add(a, b):\n    return a + b",
+    "merging experts into one dense model keeps the router's knowledge",
+    "perplexity is the exponential of the mean negative log likelihood",
+]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=120,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def make_model(seed: int, vocab_size: int) -> MistralForCausalLM:
+    torch.manual_seed(seed)
+    config = MistralConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return MistralForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def model(tokenizer):
+    return make_model(0, len(tokenizer))
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory, tokenizer):
+    """Two saved models with tokenizers, and one saved without."""
+    root = tmp_path_factory.mktemp("models")
+    paths = []
+    for seed, name, with_tokenizer in [(0, "a", True), (1, "b", True), (0, "bare", False)]:
+        path = root / name
+        make_model(seed, len(tokenizer)).save_pretrained(path)
+        if with_tokenizer:
+            tokenizer.save_pretrained(path)
+        paths.append(str(path))
+    return paths
+
+
+def docs(*items):
+    return [Document(source, text) for source, text in items]
+
+
+def long_docs(repeats=3):
+    return docs(*[("long", text) for text in CORPUS * repeats])
+
+
+def stream_of(documents, tokenizer):
+    return [i for _, ids in tokenize_documents(documents, tokenizer) for i in ids]
+
+
+def run(model, documents, tokenizer, **kwargs):
+    return evaluate_perplexity(model, documents, tokenizer=tokenizer, progress=False, **kwargs)
+
+
+def window_nll_by_hand(model, stream, start, end, score_from):
+    """Summed NLL of stream[score_from:end] given stream[start:...], via HF's labels loss."""
+    ids = torch.tensor([stream[start:end]])
+    labels = ids.clone()
+    labels[0, : score_from - start] = -100
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=labels).loss
+    return loss.double().item() * (end - score_from)
+
+
+# --- window plan ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "n, seq_len, stride",
+    [
+        (2, 8, None),
+        (5, 8, None),
+        (8, 8, None),
+        (9, 8, None),  # n == seq_len + 1
+        (9, 8, 8),
+        (100, 8, None),
+        (100, 8, 7),
+        (100, 8, 4),
+        (100, 8, 1),
+        (101, 16, 5),
+        (16, 16, 3),
+        (3, 2, None),
+        (50, 2, 1),
+    ],
+)
+def test_windows_score_every_token_once(n, seq_len, stride):
+    windows = plan_windows(n, seq_len, stride)
+    scored = [t for w in windows for t in range(w.score_from, w.end)]
+    assert scored == list(range(1, n))  # in order, so no overlaps and no gaps
+    for w in windows:
+        assert 0 <= w.start < w.score_from < w.end <= n
+        assert w.end - w.start <= seq_len
+        assert w.end - w.start == min(seq_len, n)  # every window has full context
+
+
+def test_default_stride_overlaps_by_one_token_of_context():
+    assert plan_windows(20, 8) == [Window(0, 8, 1), Window(7, 15, 8), Window(12, 20, 15)]
+
+
+@pytest.mark.parametrize("n", [0, 1])
+def test_stream_too_short_has_no_windows(n):
+    assert plan_windows(n, 8) == []
+
+
+@pytest.mark.parametrize("seq_len, stride", [(1, None), (8, 0), (8, 9)])
+def test_invalid_window_parameters(seq_len, stride):
+    with pytest.raises(ValueError):
+        plan_windows(10, seq_len, stride)
+
+
+def test_window_parameters_are_checked_before_loading(tmp_path):
+    with pytest.raises(ValueError, match="stride"):
+        evaluate_perplexity(str(tmp_path / "never-loaded"), long_docs(1), seq_len=8, stride=9)
+
+
+# --- perplexity against references -----------------------------------------------
+
+
+def test_short_stream_matches_single_forward(model, tokenizer):
+    documents = docs(("s", CORPUS[0]), ("s", CORPUS[1]))
+    stream = stream_of(documents, tokenizer)
+    ids = torch.tensor([stream])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0]
+    expected = math.exp(F.cross_entropy(logits[:-1].double(), ids[0, 1:]).item())
+
+    result = run(model, documents, tokenizer, seq_len=len(stream) + 10)
+    assert result.tokens == len(stream) - 1
+    assert result.perplexity == pytest.approx(expected, rel=1e-5)
+    assert result.per_source["s"] == {"perplexity": result.perplexity, "tokens": result.tokens}
+
+
+def test_long_stream_matches_hand_computed_windows(model, tokenizer):
+    documents = long_docs()
+    stream = stream_of(documents, tokenizer)
+    n, seq_len = len(stream), 32
+    assert n > 3 * seq_len
+    # Written out by hand rather than with plan_windows: windows of seq_len
+    # tokens sharing one token, the last one moved back to end at n.
+    nll, begin, scored_to = 0.0, 0, 1
+    while scored_to < n:
+        end = min(begin + seq_len, n)
+        nll += window_nll_by_hand(model, stream, max(0, end - seq_len), end, scored_to)
+        begin, scored_to = begin + seq_len - 1, end
+
+    result = run(model, documents, tokenizer, seq_len=seq_len, batch_size=2)
+    assert result.tokens == n - 1
+    assert result.perplexity == pytest.approx(math.exp(nll / (n - 1)), rel=1e-5)
+
+
+@pytest.mark.parametrize("stride", [5, 16, 31])
+def test_strided_windows_match_per_window_loss(model, tokenizer, stride):
+    documents = long_docs()
+    stream = stream_of(documents, tokenizer)
+    windows = plan_windows(len(stream), 32, stride)
+    nll = sum(window_nll_by_hand(model, stream, *w) for w in windows)
+
+    result = run(model, documents, tokenizer, seq_len=32, stride=stride, batch_size=4)
+    assert result.tokens == len(stream) - 1
+    assert result.perplexity == pytest.approx(math.exp(nll / result.tokens), rel=1e-5)
+
+
+# --- sources, batching, options -----------------------------------------------------
+
+
+def mixed_docs():
+    return long_docs(2) + docs(("code", CORPUS[1]), ("short", "a b"), ("code", CORPUS[1]))
+
+
+def test_per_source_breakdown_combines_to_overall(model, tokenizer):
+    documents = mixed_docs()
+    result = run(model, documents, tokenizer, seq_len=24)
+    assert set(result.per_source) == {"long", "code", "short"}
+    per_source = result.per_source.values()
+    assert result.tokens == sum(s["tokens"] for s in per_source)
+    total_nll = sum(math.log(s["perplexity"]) * s["tokens"] for s in per_source)
+    assert math.log(result.perplexity) * result.tokens == pytest.approx(total_nll, rel=1e-9)
+    # a source's numbers do not depend on the other sources
+    alone = run(model, [d for d in documents if d.source == "code"], tokenizer, seq_len=24)
+    assert alone.per_source["code"]["tokens"] == result.per_source["code"]["tokens"]
+    assert alone.perplexity == pytest.approx(result.per_source["code"]["perplexity"], rel=1e-6)
+
+
+def test_batch_size_does_not_change_result(model, tokenizer, monkeypatch):
+    lengths = []
+    score_batch = evaluate_module._score_batch
+
+    def spy(model, items):
+        lengths.append({w.end - w.start for _, w in items})
+        return score_batch(model, items)
+
+    monkeypatch.setattr(evaluate_module, "_score_batch", spy)
+    documents = mixed_docs()
+    one = run(model, documents, tokenizer, seq_len=24, stride=10, batch_size=1)
+    three = run(model, documents, tokenizer, seq_len=24, stride=10, batch_size=3)
+    assert any(len(batch) > 1 for batch in lengths)  # some batch really was padded
+    assert one.tokens == three.tokens
+    assert one.perplexity == pytest.approx(three.perplexity, rel=1e-5)
+    for source, stats in one.per_source.items():
+        assert stats["perplexity"] == pytest.approx(
+            three.per_source[source]["perplexity"], rel=1e-5
+        )
+
+
+def test_max_tokens_truncates_each_source(model, tokenizer):
+    result = run(model, mixed_docs(), tokenizer, seq_len=24, max_tokens=20)
+    assert result.per_source["long"]["tokens"] == 20
+    assert result.per_source["code"]["tokens"] == 20
+    assert result.per_source["short"]["tokens"] < 20
+
+
+def test_nothing_to_score(model, tokenizer):
+    with pytest.raises(ValueError, match="nothing to score"):
+        run(model, docs(("x", "a")), tokenizer, max_tokens=0)
+
+
+def test_invalid_batch_size(model, tokenizer):
+    with pytest.raises(ValueError, match="batch_size"):
+        run(model, long_docs(), tokenizer, batch_size=0)
+
+
+# --- loading from disk -------------------------------------------------------------
+
+
+def test_model_directory_matches_loaded_model(model, model_dirs):
+    documents = long_docs(1)
+    from_dir = evaluate_perplexity(model_dirs[0], documents, seq_len=32, progress=False)
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs[0])
+    in_memory = run(model, documents, tokenizer, seq_len=32)
+    assert from_dir.model == model_dirs[0]
+    assert from_dir.tokens == in_memory.tokens
+    assert from_dir.perplexity == pytest.approx(in_memory.perplexity, rel=1e-5)
+
+
+def test_dtype_and_name(model_dirs):
+    result = evaluate_perplexity(
+        model_dirs[0], long_docs(1), dtype=torch.bfloat16, name="a-bf16", progress=True
+    )
+    assert result.model == "a-bf16"
+    assert math.isfinite(result.perplexity)
+
+
+def test_missing_model_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model directory not found"):
+        evaluate_perplexity(str(tmp_path / "nope"), long_docs(1))
+
+
+def test_model_without_tokenizer(model_dirs, tokenizer):
+    with pytest.raises(ValueError, match=r"no tokenizer could be loaded from .*bare"):
+        evaluate_perplexity(model_dirs[2], long_docs(1), progress=False)
+    # a tokenizer given explicitly is enough
+    result = evaluate_perplexity(model_dirs[2], long_docs(1), tokenizer=tokenizer, progress=False)
+    assert result.tokens > 0
+
+
+def test_evaluate_models(model_dirs):
+    results = evaluate_models(model_dirs[:2], long_docs(1), seq_len=32, progress=False)
+    assert [r.model for r in results] == model_dirs[:2]
+    assert results[0].tokens == results[1].tokens
+    assert results[0].perplexity != results[1].perplexity
+    with pytest.raises(TypeError, match="name"):
+        evaluate_models(model_dirs[:1], long_docs(1), name="x")
+
+
+# --- reporting -----------------------------------------------------------------------
+
+
+RESULTS = [
+    EvalResult(
+        "base-moe",
+        10.0,
+        300,
+        {"code": {"perplexity": 8.0, "tokens": 100}, "web": {"perplexity": 11.0, "tokens": 200}},
+    ),
+    EvalResult("dense", 12.5, 100, {"code": {"perplexity": 12.5, "tokens": 100}}),
+]
+
+
+def test_format_results_table():
+    table = format_results_table(RESULTS, reference="base-moe")
+    lines = table.splitlines()
+    assert lines[0].split() == ["model", "tokens", "ppl", "code", "web", "ratio"]
+    assert lines[1].split() == ["base-moe", "300", "10.000", "8.000", "11.000", "1.0000"]
+    assert lines[2].split() == ["dense", "100", "12.500", "12.500", "-", "1.2500"]
+    assert len({len(line) for line in lines}) == 1  # aligned: right-justified numbers
+
+
+def test_format_results_table_without_reference():
+    assert "ratio" not in format_results_table(RESULTS)
+    with pytest.raises(ValueError, match="reference 'other'"):
+        format_results_table(RESULTS, reference="other")
+
+
+def test_write_results_json(tmp_path):
+    path = tmp_path / "results.json"
+    write_results_json(RESULTS, path)
+    loaded = json.loads(path.read_text())
+    assert loaded == [r.to_dict() for r in RESULTS]
+    assert loaded[1] == {
+        "model": "dense",
+        "perplexity": 12.5,
+        "tokens": 100,
+        "per_source": {"code": {"perplexity": 12.5, "tokens": 100}},
+    }
