@@ -29,6 +29,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from mergekit_moe2dense.errors import Moe2DenseError
+
 __all__ = [
     "SUPPORTED_EXTENSIONS",
     "DataError",
@@ -42,7 +44,7 @@ SUPPORTED_EXTENSIONS = (".txt", ".jsonl", ".parquet")
 _TXT_SEPARATOR = re.compile(r"\n[ \t]*\n(?:[ \t]*\n)+")
 
 
-class DataError(ValueError):
+class DataError(Moe2DenseError, ValueError):
     """A text source is missing, malformed or empty; the message names it."""
 
 

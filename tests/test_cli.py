@@ -124,7 +124,7 @@ def test_errors_are_one_line_and_write_nothing(random_moe, calib_dir, dense_mode
         (write_config(tmp_path / "e.yml", moe, calib_dir, temperature=0), [], "temperature"),
         (write_config(tmp_path / "f.yml", moe, calib_dir, method="top_k_tempered", top_k=9), [], "top_k=9 is out of range"),
         (write_config(tmp_path / "g.yml", moe, empty), [], "(no|empty).*(text|documents)|empty"),
-        (write_config(tmp_path / "h.yml", moe, tmp_path / "nowhere"), [], "not found"),
+        (write_config(tmp_path / "h.yml", moe, tmp_path / "nowhere"), [], "calibration dataset.*(no such file|not found)"),
         (write_config(tmp_path / "i.yml", moe, calib_dir), ["--stats", stats_dir / "router_stats.safetensors"], "not on this model"),
         (write_config(tmp_path / "j.yml", truncate_shard(tmp_path, moe), calib_dir), [], "truncated"),
         (write_config(tmp_path / "k.yml", missing_shard(tmp_path, moe), calib_dir), [], "missing shard"),

@@ -13,7 +13,7 @@ import transformers
 
 from mergekit_moe2dense.calibration.batches import TokenBatch, calibration_sequences, pad_batches
 from mergekit_moe2dense.calibration.stats import RouterStatistics
-from mergekit_moe2dense.data import load_documents
+from mergekit_moe2dense.data import DataError, load_documents
 from mergekit_moe2dense.families import MoEFamily
 
 LOG = logging.getLogger(__name__)
@@ -67,9 +67,12 @@ class RouterRecorder:
 
 def load_calibration_batches(model_path: str, calibration, tokenizer=None) -> tuple:
     tokenizer = tokenizer or transformers.AutoTokenizer.from_pretrained(model_path)
-    documents = load_documents(
-        calibration.dataset, text_field=calibration.text_field, split=calibration.split
-    )
+    try:
+        documents = load_documents(
+            calibration.dataset, text_field=calibration.text_field, split=calibration.split
+        )
+    except DataError as error:
+        raise DataError(f"calibration dataset: {error}") from None
     sequences = calibration_sequences(
         documents,
         tokenizer,
