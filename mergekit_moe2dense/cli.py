@@ -64,3 +64,28 @@ def merge(merge_options: MergeOptions, config_file, out_path, stats_path, overwr
         config, out_path, merge_options, stats_path=stats_path, overwrite=overwrite, config_source=source
     )
     click.echo(f"Wrote {result.out_path} ({config.merge_method}, {result.layer_weights.shape[0]} layers)")
+
+
+@main.command("eval")
+@click.argument("models", nargs=-1, required=True)
+@click.option("--data", "data_paths", multiple=True, required=True, help="Text to score: .txt/.jsonl/.parquet, a directory of them, or a datasets name (repeatable).")
+@click.option("--seq-len", default=512, show_default=True, help="Tokens per window.")
+@click.option("--stride", type=int, default=None, help="Window step (default: seq-len, non-overlapping).")
+@click.option("--batch-size", default=4, show_default=True)
+@click.option("--max-tokens", type=int, default=None, help="Score at most this many tokens per source.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--reference", default=None, help="Model to report perplexity ratios against (default: the first).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write results as JSON.")
+@one_line_errors
+def evaluate(models, data_paths, seq_len, stride, batch_size, max_tokens, device, reference, json_path):
+    """Perplexity of one or more causal LMs, overall and per source file."""
+    from mergekit_moe2dense.data import load_documents
+    from mergekit_moe2dense.evaluate import evaluate_models, format_results_table, write_results_json
+
+    documents = [doc for path in data_paths for doc in load_documents(path)]
+    results = evaluate_models(
+        list(models), documents, seq_len=seq_len, stride=stride, batch_size=batch_size, max_tokens=max_tokens, device=device
+    )
+    click.echo(format_results_table(results, reference=reference or models[0]))
+    if json_path:
+        write_results_json(results, json_path)

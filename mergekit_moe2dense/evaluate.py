@@ -22,9 +22,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from .data import Document, tokenize_documents
+from mergekit_moe2dense.data import Document, tokenize_documents
+from mergekit_moe2dense.errors import Moe2DenseError
 
 __all__ = [
+    "EvaluationError",
     "EvalResult",
     "Window",
     "evaluate_models",
@@ -33,6 +35,10 @@ __all__ = [
     "plan_windows",
     "write_results_json",
 ]
+
+
+class EvaluationError(Moe2DenseError, ValueError):
+    """Bad evaluation input: a missing model, no tokenizer, bad window sizes."""
 
 
 @dataclass
@@ -68,9 +74,9 @@ def plan_windows(n: int, seq_len: int, stride: int | None = None) -> list[Window
     """
     stride = seq_len if stride is None else stride
     if seq_len < 2:
-        raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+        raise EvaluationError(f"seq_len must be at least 2, got {seq_len}")
     if not 1 <= stride <= seq_len:
-        raise ValueError(f"stride must be between 1 and seq_len={seq_len}, got {stride}")
+        raise EvaluationError(f"stride must be between 1 and seq_len={seq_len}, got {stride}")
     step = min(stride, seq_len - 1)
     windows, begin, scored_to = [], 0, 1
     while scored_to < n:
@@ -104,7 +110,7 @@ def evaluate_perplexity(
     scored like any other token. Arguments are checked before loading.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        raise EvaluationError(f"batch_size must be at least 1, got {batch_size}")
     plan_windows(0, seq_len, stride)  # raises on a bad seq_len or stride
     if isinstance(model, PreTrainedModel):
         name = name or model.name_or_path or type(model).__name__
@@ -112,7 +118,7 @@ def evaluate_perplexity(
     else:
         path = Path(model)
         if not path.is_dir():
-            raise FileNotFoundError(f"model directory not found: {model}")
+            raise EvaluationError(f"model directory not found: {model}")
         name = name or str(model)
         tokenizer = tokenizer or _load_tokenizer(path)
         model = AutoModelForCausalLM.from_pretrained(
@@ -139,7 +145,7 @@ def evaluate_perplexity(
 
     total = sum(tokens.values())
     if total == 0:
-        raise ValueError("nothing to score: no source has 2 or more tokens")
+        raise EvaluationError("nothing to score: no source has 2 or more tokens")
     per_source = {s: {"perplexity": _ppl(nll[s], tokens[s]), "tokens": tokens[s]} for s in streams}
     return EvalResult(name, _ppl(sum(nll.values()), total), total, per_source)
 
@@ -164,7 +170,7 @@ def format_results_table(results: list[EvalResult], reference: str | None = None
     if reference is not None:
         ref = next((r for r in results if r.model == reference), None)
         if ref is None:
-            raise ValueError(f"reference {reference!r} is not among the evaluated models")
+            raise EvaluationError(f"reference {reference!r} is not among the evaluated models")
         header.append("ratio")
     rows = [header]
     for r in results:
@@ -190,7 +196,7 @@ def _load_tokenizer(path):
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise ValueError(f"no tokenizer could be loaded from {path!s}; pass tokenizer=") from e
+        raise EvaluationError(f"no tokenizer could be loaded from {path!s}; pass tokenizer=") from e
 
 
 @torch.inference_mode()

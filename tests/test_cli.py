@@ -153,3 +153,22 @@ def test_misspelt_config_key_is_an_error(random_moe, calib_dir, tmp_path):
     config = write_config(tmp_path / "c.yml", random_moe["legacy"], calib_dir)
     config.write_text(config.read_text().replace("num_samples", "num_sample"))
     assert_one_line_error(run_cli(config, tmp_path / "out"), "num_sample")
+
+
+def test_eval_command_table_and_json(random_moe, calib_dir, tmp_path):
+    import json
+
+    out = tmp_path / "dense"
+    config = write_config(tmp_path / "c.yml", random_moe["legacy"], calib_dir, method="expert_uniform")
+    assert run_cli(config, out).exit_code == 0
+    json_path = tmp_path / "ppl.json"
+    result = run_cli("eval", random_moe["legacy"], out, "--data", calib_dir, "--seq-len", 16, "--json", json_path)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(json_path.read_text())
+    assert [row["model"] for row in rows] == [str(random_moe["legacy"]), str(out)]
+    assert all(row["perplexity"] > 1 for row in rows)
+    assert str(out) in result.output
+
+
+def test_eval_missing_model_is_one_line(calib_dir, tmp_path):
+    assert_one_line_error(run_cli("eval", tmp_path / "nope", "--data", calib_dir), "model directory not found")

@@ -288,7 +288,7 @@ def test_dtype_and_name(model_dirs):
 
 
 def test_missing_model_directory(tmp_path):
-    with pytest.raises(FileNotFoundError, match="model directory not found"):
+    with pytest.raises(ValueError, match="model directory not found"):
         evaluate_perplexity(str(tmp_path / "nope"), long_docs(1))
 
 
