@@ -141,7 +141,7 @@ def build_dense(
 
     staging = _staging_dir(out_path)
     try:
-        _write_dense(source, config, layers, weights, staging, options)
+        _write_dense(source, config, method.layer_plans(layers, weights, stats, params), staging, options)
         if stats is not None:
             stats.save(os.path.join(staging, STATS_FILE))
         _write_weights(staging, config.merge_method, params, layers, weights)
@@ -153,10 +153,9 @@ def build_dense(
     return BuildResult(out_path, weights, params, stats)
 
 
-def _write_dense(source, config, layers, weights, staging, options) -> None:
+def _write_dense(source, config, plans, staging, options) -> None:
     family = source.family
-    intermediate = layers[0].experts[0]["gate"]  # all experts of a family share a width
-    width = _expert_width(source, intermediate)
+    width = _expert_width(source, plans[0].layer.experts[0]["gate"]) * len(plans[0].blocks)
     dense_config = family.dense_config(source.config, intermediate_size=width)
     out_dtype = config.out_dtype or config.dtype
     if out_dtype:
@@ -167,8 +166,7 @@ def _write_dense(source, config, layers, weights, staging, options) -> None:
         model=source.reference,
         family=family,
         tensor_names=source.tensor_names,
-        layers=layers,
-        layer_weights=weights,
+        plans=plans,
         method=config.merge_method,
         out_path=staging,
         out_dtype=out_dtype,

@@ -2,6 +2,7 @@
 # SPDX-License-Identifier: LGPL-3.0-only
 """The merge as a mergekit task graph: LoadTensor -> MergeExperts -> SaveTensor -> FinalizeModel.
 
+Each layer's dense MLP is described by a `LayerPlan` (see plan.py).
 mergekit's planner assumes one architecture in and out, and its kernels see the
 same tensor from several models. Here the inputs are several tensors (experts)
 of one model, so we plan the graph ourselves and reuse mergekit's tasks and
@@ -20,7 +21,8 @@ from mergekit.graph import Task
 from mergekit.io.tasks import FinalizeModel, LoadTensor, SaveTensor, TensorWriterTask
 from mergekit.merge_methods.base import TensorGroup
 
-from mergekit_moe2dense.families import PROJECTIONS, ExpertSlice, MoEFamily, MoELayer
+from mergekit_moe2dense.families import PROJECTIONS, ExpertSlice, MoEFamily
+from mergekit_moe2dense.plan import LayerPlan
 
 
 class MergeExperts(Task[torch.Tensor]):
@@ -53,25 +55,59 @@ class MergeExperts(Task[torch.Tensor]):
         return merged
 
 
+class ConcatBlocks(Task[torch.Tensor]):
+    """Blocks side by side along the intermediate dimension, each scaled."""
+
+    parts: Tuple[Task, ...]
+    dim: int  # 0 for gate/up [I, H], 1 for down [H, I]
+    scales: Tuple[float, ...]
+
+    def arguments(self) -> Dict[str, Task]:
+        return {f"part_{i}": task for i, task in enumerate(self.parts)}
+
+    def uses_accelerator(self) -> bool:
+        return True
+
+    def execute(self, **kwargs) -> torch.Tensor:
+        parts = [kwargs[f"part_{i}"] for i in range(len(self.parts))]
+        return torch.cat([part * scale if scale != 1.0 else part for part, scale in zip(parts, self.scales)], dim=self.dim)
+
+
 def merge_experts_task(
     model: ModelReference,
     method: str,
-    layer: MoELayer,
-    projection: str,
+    slices: Sequence[ExpertSlice],
     weights: Sequence[float],
     dtype: Optional[str] = None,
 ) -> MergeExperts:
     """Experts with zero weight are left out, so e.g. `single_expert` reads one expert."""
     used = [e for e, w in enumerate(weights) if w != 0.0]
-    slices = tuple(layer.experts[e][projection] for e in used)
-    names = sorted({piece.tensor for piece in slices})
+    pieces = tuple(slices[e] for e in used)
+    names = sorted({piece.tensor for piece in pieces})
     return MergeExperts(
         method=method,
         sources=tuple(LoadTensor(model=model, tensor=name, dtype=dtype) for name in names),
-        slices=slices,
+        slices=pieces,
         expert_ids=tuple(used),
         weights=tuple(float(weights[e]) for e in used),
     )
+
+
+def projection_task(
+    model: ModelReference, method: str, plan: LayerPlan, projection: str, dtype: Optional[str]
+) -> Task:
+    """One dense projection of a layer: its blocks merged, scaled and concatenated."""
+    parts, scales = [], []
+    for block in plan.blocks:
+        if block.shared is not None:
+            slices, weights = [plan.layer.shared_experts[block.shared][projection]], [1.0]
+        else:
+            slices, weights = [expert[projection] for expert in plan.layer.experts], block.weights
+        parts.append(merge_experts_task(model, method, slices, weights, dtype))
+        scales.append(block.down_scale if projection == "down" else 1.0)
+    if len(parts) == 1 and scales[0] == 1.0:
+        return parts[0]
+    return ConcatBlocks(parts=tuple(parts), dim=1 if projection == "down" else 0, scales=tuple(scales))
 
 
 def plan_dense_merge(
@@ -79,8 +115,7 @@ def plan_dense_merge(
     model: ModelReference,
     family: MoEFamily,
     tensor_names: Sequence[str],
-    layers: Sequence[MoELayer],
-    layer_weights: torch.Tensor,
+    plans: Sequence[LayerPlan],
     method: str,
     out_path: str,
     out_dtype: Optional[str],
@@ -94,12 +129,12 @@ def plan_dense_merge(
     )
     saves = []
     consumed = set()
-    for layer, weights in zip(layers, layer_weights.tolist()):
-        consumed.update(layer.consumed)
-        names = family.dense_mlp_names(layer.index)
+    for plan in plans:
+        consumed.update(plan.layer.consumed)
+        names = family.dense_mlp_names(plan.layer.index)
         for projection in PROJECTIONS:
-            merged = merge_experts_task(model, method, layer, projection, weights, dtype)
-            saves.append(_save(names[projection], merged, writer, out_dtype))
+            task = projection_task(model, method, plan, projection, dtype)
+            saves.append(_save(names[projection], task, writer, out_dtype))
     for name in tensor_names:
         if name not in consumed:
             saves.append(_save(name, LoadTensor(model=model, tensor=name, dtype=dtype), writer, out_dtype))

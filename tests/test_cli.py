@@ -172,3 +172,19 @@ def test_eval_command_table_and_json(random_moe, calib_dir, tmp_path):
 
 def test_eval_missing_model_is_one_line(calib_dir, tmp_path):
     assert_one_line_error(run_cli("eval", tmp_path / "nope", "--data", calib_dir), "model directory not found")
+
+
+@pytest.mark.parametrize("example", sorted(Path(__file__).parent.parent.glob("configs/*.yml")))
+def test_example_configs_are_valid(example, random_moe, calib_dir, tmp_path):
+    """Every shipped config parses and, pointed at a tiny model, runs."""
+    from mergekit_moe2dense.config import Moe2DenseConfig
+
+    data = yaml.safe_load(example.read_text())
+    data["models"][0]["model"] = str(random_moe["legacy"])
+    if "calibration" in data:
+        data["calibration"].update(dataset=str(calib_dir), num_samples=4, seq_len=32)
+    config = tmp_path / example.name
+    config.write_text(yaml.safe_dump(data))
+    Moe2DenseConfig.from_file(str(config))
+    result = run_cli(config, tmp_path / "out", "--quiet")
+    assert result.exit_code == 0, result.output

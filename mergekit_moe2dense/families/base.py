@@ -56,6 +56,8 @@ class MoELayer:
     router: str
     # every checkpoint tensor of the block: none of them is copied to the output
     consumed: Tuple[str, ...]
+    # always-on experts (Qwen2-MoE, DeepSeek), same projection layout as `experts`
+    shared_experts: Tuple[Dict[str, ExpertSlice], ...] = ()
 
     @property
     def num_experts(self) -> int:

@@ -29,6 +29,7 @@ from mergekit.merge_methods.base import (
 
 from mergekit_moe2dense.calibration.stats import RouterStatistics
 from mergekit_moe2dense.errors import Moe2DenseError
+from mergekit_moe2dense.plan import single_block_plans
 
 
 class MethodError(Moe2DenseError, ValueError):
@@ -108,6 +109,10 @@ class ExpertMergeMethod(GroupMergeMethod):
     def needs_statistics(self, params: Mapping[str, Any]) -> bool:
         """Whether `layer_weights` reads router statistics (most methods do)."""
         return True
+
+    def layer_plans(self, layers, weights: torch.Tensor, stats, params) -> list:
+        """How each layer's dense MLP is assembled; by default one merged block."""
+        return single_block_plans(layers, weights)
 
     @abstractmethod
     def layer_weights(

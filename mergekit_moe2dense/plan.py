@@ -1,0 +1,39 @@
+# Copyright (C) 2026 the mergekit-moe2dense authors
+# SPDX-License-Identifier: LGPL-3.0-only
+"""What the dense MLP of one layer is made of, independent of how it is computed.
+
+A dense MLP is a concatenation of *blocks* along its intermediate dimension.
+Each block is a linear merge of the layer's routed experts (or one shared
+expert), and its down projection is scaled by `down_scale`. Because the MLP is
+act(x G^T) * (x U^T) summed through D, concatenating blocks adds their outputs:
+one block with weights w is the plain merged expert; m one-hot blocks scaled by
+gate weights are the fixed-gate mixture of m experts; a shared expert is one
+more block with scale 1 (or its calibrated gate).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from mergekit_moe2dense.families import MoELayer
+
+
+@dataclass(frozen=True)
+class Block:
+    weights: Tuple[float, ...] = ()  # over the routed experts (unused when `shared` is set)
+    shared: Optional[int] = None  # index into MoELayer.shared_experts
+    down_scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    layer: MoELayer
+    blocks: Tuple[Block, ...]
+
+
+def single_block_plans(layers: Sequence[MoELayer], weights: torch.Tensor) -> list:
+    """The plain merge: one block per layer with the method's expert weights."""
+    return [LayerPlan(layer, (Block(tuple(row)),)) for layer, row in zip(layers, weights.tolist())]
