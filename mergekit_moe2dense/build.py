@@ -245,7 +245,6 @@ def build_from_mergekit(merge_config, out_path: str, options: MergeOptions, conf
             config = Moe2DenseConfig.from_yaml(config_source)
         else:
             config = Moe2DenseConfig.model_validate(merge_config.model_dump(exclude_none=True))
-        options.apply_global_options()
         return build_dense(config, out_path, options, config_source=config_source)
     except Moe2DenseError as error:
         if click.get_current_context(silent=True) is None:

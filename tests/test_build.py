@@ -134,3 +134,25 @@ def test_reused_statistics_skip_calibration(random_moe, calib_dir, tmp_path, mon
     config = make_config(moe, "router_weighted", calib_dir, aggregate="mean_prob", temperature=0.5)
     build_dense(config, str(second), OPTIONS, stats_path=str(first / STATS_FILE))
     assert (second / "model.safetensors").is_file()
+
+
+def test_sharded_output_loads(random_moe, calib_dir, tmp_path):
+    out = tmp_path / "dense"
+    options = MergeOptions(quiet=True, out_shard_size=20_000)
+    build_dense(make_config(random_moe["fused"], "expert_uniform", calib_dir), str(out), options)
+    assert len(list(out.glob("model-*.safetensors"))) > 1 and (out / "model.safetensors.index.json").is_file()
+    ids = torch.randint(3, 200, (1, 16), generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(logits_of(out, ids)).all()
+
+
+def test_interrupted_merge_leaves_no_complete_output(random_moe, calib_dir, tmp_path, monkeypatch):
+    import mergekit_moe2dense.build as build
+
+    def explode(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build, "write_model_card", explode)
+    out = tmp_path / "dense"
+    with pytest.raises(KeyboardInterrupt):
+        build_dense(make_config(random_moe["legacy"], "expert_uniform", calib_dir), str(out), OPTIONS)
+    assert not out.exists() and not list(tmp_path.glob("dense.incomplete-*"))

@@ -1,0 +1,221 @@
+"""Quality benchmark: every method against the MoE, its ancestor and its dense twin.
+
+On the trained testbed (benchmarks/testbed.py: a Mistral ancestor upcycled into an
+8-expert top-2 Mixtral and trained further; a dense twin trained on the same
+tokens), one calibration pass on the calib split is shared by every method
+(`--stats` reuse), each method's dense model is built with the library, and all
+models are scored on the held-out test split, per domain and overall.
+
+    python benchmarks/quality.py --preset example            # the README's first command
+    python benchmarks/quality.py --preset benchmark --write-docs   # docs/benchmarks.md + plot
+    python benchmarks/quality.py --preset smoke              # seconds; run by the tests
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.testbed import build_testbed  # noqa: E402
+from mergekit.options import MergeOptions  # noqa: E402
+from mergekit_moe2dense.build import STATS_FILE, WEIGHTS_FILE, build_dense  # noqa: E402
+from mergekit_moe2dense.config import Moe2DenseConfig  # noqa: E402
+from mergekit_moe2dense.data import load_documents  # noqa: E402
+from mergekit_moe2dense.evaluate import EvalResult, evaluate_perplexity  # noqa: E402
+from mergekit_moe2dense.methods import METHODS  # noqa: E402
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+@dataclass
+class Variant:
+    label: str
+    method: str
+    parameters: Dict = field(default_factory=dict)
+    group: str = "method"
+
+
+def variants(num_experts: int, top_k: int, grid: bool) -> List[Variant]:
+    """Everything the table compares; methods added later appear when registered."""
+    out = [Variant(f"expert {e}", "single_expert", {"expert": e}, "single expert") for e in range(num_experts)]
+    out += [
+        Variant("expert_uniform", "expert_uniform", group="baseline"),
+        Variant("single_expert (most selected)", "single_expert", group="baseline"),
+    ]
+    out += [
+        Variant(f"router_weighted {a}", "router_weighted", {"aggregate": a})
+        for a in ("mean_logit", "mean_prob", "median_prob", "selection_frequency")
+    ]
+    temperatures = (0.1, 0.25, 0.5, 1.0, 2.0) if grid else (0.5,)
+    ks = sorted({1, top_k, min(4, num_experts)}) if grid else (top_k,)
+    out += [
+        Variant(f"top_k_tempered T={t} k={k}", "top_k_tempered", {"temperature": t, "top_k": k})
+        for t in temperatures
+        for k in ks
+    ]
+    if grid:
+        out.append(Variant(f"top_k_tempered T=0.5 k={top_k} median", "top_k_tempered", {"temperature": 0.5, "top_k": top_k, "aggregate": "median"}))
+    return [v for v in out if v.method in METHODS]
+
+
+def build_variant(variant: Variant, moe: Path, calib: Path, out: Path, stats: Optional[Path], calibration: dict) -> Path:
+    config = Moe2DenseConfig.model_validate(
+        {
+            "merge_method": variant.method,
+            "models": [{"model": str(moe)}],
+            "parameters": variant.parameters,
+            "calibration": {"dataset": str(calib), **calibration},
+            "dtype": "float32",
+        }
+    )
+    build_dense(config, str(out), MergeOptions(quiet=True), stats_path=str(stats) if stats else None, overwrite=True)
+    return out
+
+
+def score(path: Path, documents, seq_len: int, max_tokens: int, label: str) -> EvalResult:
+    return evaluate_perplexity(str(path), documents, seq_len=seq_len, batch_size=8, max_tokens=max_tokens, progress=False, name=label)
+
+
+def format_table(rows: List[tuple], reference: float, domains: List[str]) -> str:
+    header = ["model", "group", "ppl", "ratio to MoE", *domains]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, group, result in rows:
+        per = [f"{result.per_source[d]['perplexity']:.2f}" for d in domains]
+        lines.append(f"| {label} | {group} | {result.perplexity:.2f} | {result.perplexity / reference:.3f} | " + " | ".join(per) + " |")
+    return "\n".join(lines)
+
+
+def plot_weights(weight_files: Dict[str, Path], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(weight_files), figsize=(3.2 * len(weight_files), 2.8), squeeze=False)
+    for ax, (label, file) in zip(axes[0], weight_files.items()):
+        weights = json.loads(file.read_text())["layers"]
+        image = ax.imshow(weights, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set_title(label, fontsize=8)
+        ax.set_xlabel("expert")
+        ax.set_ylabel("layer")
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def run(preset: str, cache_dir: Optional[str], grid: bool, max_tokens: int, write_docs: bool, work_dir: Optional[str]) -> str:
+    started = time.time()
+    testbed = build_testbed(preset, cache_dir=cache_dir)
+    moe_config = json.loads((testbed.moe / "config.json").read_text())
+    num_experts, top_k = moe_config["num_local_experts"], moe_config["num_experts_per_tok"]
+    seq_len = min(256, moe_config.get("max_position_embeddings", 256))
+    calibration = {"num_samples": 128, "seq_len": seq_len, "batch_size": 8, "max_token_samples": 16384}
+    documents = load_documents(testbed.test_dir)
+    domains = sorted({doc.source for doc in documents})
+
+    work = Path(work_dir or tempfile.mkdtemp(prefix="moe2dense-quality-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        # One calibration pass, reused by every variant through --stats.
+        first = build_variant(Variant("calibration", "router_weighted"), testbed.moe, testbed.calib_dir, work / "calibrated", None, calibration)
+        stats = work / "router_stats.safetensors"
+        shutil.copy(first / STATS_FILE, stats)
+
+        rows = []
+        for label, path, group in (("MoE (8 experts, top-2)" if num_experts == 8 else "MoE", testbed.moe, "reference"), ("ancestor (dense)", testbed.ancestor, "reference"), ("dense twin", testbed.twin, "reference")):
+            rows.append((label, group, score(path, documents, seq_len, max_tokens, label)))
+        weight_files = {}
+        for variant in variants(num_experts, top_k, grid):
+            out = build_variant(variant, testbed.moe, testbed.calib_dir, work / "model", stats, calibration)
+            rows.append((variant.label, variant.group, score(out, documents, seq_len, max_tokens, variant.label)))
+            if variant.group == "method" and len(weight_files) < 4 and variant.label not in weight_files:
+                keep = work / f"weights-{len(weight_files)}.json"
+                shutil.copy(out / WEIGHTS_FILE, keep)
+                weight_files[variant.label] = keep
+            print(f"  {variant.label}: ppl {rows[-1][2].perplexity:.2f}", file=sys.stderr)
+
+        reference = rows[0][2].perplexity
+        table = format_table(rows, reference, domains)
+        best_single = min((r for r in rows if r[1] == "single expert"), key=lambda r: r[2].perplexity)
+        summary = summarize(rows, best_single)
+        elapsed = time.time() - started
+        if write_docs:
+            DOCS.mkdir(exist_ok=True)
+            plot_weights(weight_files, DOCS / f"expert_weights_{preset}.png")
+            write_quality_docs(preset, table, summary, testbed.report, elapsed, grid, max_tokens)
+        return table + "\n\n" + summary
+    finally:
+        if not work_dir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def summarize(rows, best_single) -> str:
+    methods = [r for r in rows if r[1] == "method"]
+    uniform = next(r for r in rows if r[0] == "expert_uniform")
+    best = min(methods, key=lambda r: r[2].perplexity) if methods else None
+    lines = [f"Best single expert: {best_single[0]} (ppl {best_single[2].perplexity:.2f}); plain average: ppl {uniform[2].perplexity:.2f}."]
+    if best:
+        beats = best[2].perplexity < min(best_single[2].perplexity, uniform[2].perplexity)
+        lines.append(
+            f"Best calibrated method: {best[0]} (ppl {best[2].perplexity:.2f}), which "
+            + ("beats" if beats else "does NOT beat")
+            + " both the best single expert and the plain average."
+        )
+    return "\n".join(lines)
+
+
+def write_quality_docs(preset, table, summary, report, elapsed, grid, max_tokens) -> None:
+    """Replace the quality section of docs/benchmarks.md, keeping other sections."""
+    path = DOCS / "benchmarks.md"
+    begin, end = f"<!-- quality:{preset}:begin -->", f"<!-- quality:{preset}:end -->"
+    command = f"python benchmarks/quality.py --preset {preset}{' --grid' if grid else ''} --max-tokens {max_tokens} --write-docs"
+    section = f"""{begin}
+## Quality on the `{preset}` testbed
+
+Command: `{command}` ({elapsed / 60:.1f} min on 2 CPU cores, including the testbed build if not cached).
+
+Testbed: {report.get('recipe_summary', 'see benchmarks/testbed.py')}. Perplexity on the held-out test split
+(documents disjoint from the calibration split), per domain and overall; ratio = ppl / MoE ppl.
+Calibration: 128 sequences of the calib split, one pass shared by every method.
+
+{table}
+
+{summary}
+
+Per-layer expert weights of the first calibrated methods: ![weights](expert_weights_{preset}.png)
+{end}"""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if begin in text:
+        text = text[: text.index(begin)] + section + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    path.write_text(text)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="example", choices=["smoke", "example", "benchmark"])
+    parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--grid", action="store_true", help="the full temperature x top-k grid")
+    parser.add_argument("--max-tokens", type=int, default=20000, help="scored tokens per test domain")
+    parser.add_argument("--write-docs", action="store_true", help="update docs/benchmarks.md and the weights plot")
+    parser.add_argument("--work-dir", default=None, help="keep built models here (default: a temp dir, removed)")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    print(run(args.preset, args.cache_dir, args.grid, args.max_tokens, args.write_docs, args.work_dir))
+
+
+if __name__ == "__main__":
+    main()
