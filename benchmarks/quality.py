@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
+import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -134,7 +135,7 @@ def run(preset: str, cache_dir: Optional[str], grid: bool, max_tokens: int, writ
         shutil.copy(first / STATS_FILE, stats)
 
         rows = []
-        for label, path, group in (("MoE (8 experts, top-2)" if num_experts == 8 else "MoE", testbed.moe, "reference"), ("ancestor (dense)", testbed.ancestor, "reference"), ("dense twin", testbed.twin, "reference")):
+        for label, path, group in ((f"MoE ({num_experts} experts, top-{top_k})", testbed.moe, "reference"), ("ancestor (dense)", testbed.ancestor, "reference"), ("dense twin", testbed.twin, "reference")):
             rows.append((label, group, score(path, documents, seq_len, max_tokens, label)))
         weight_files = {}
         for variant in variants(num_experts, top_k, grid):
@@ -214,6 +215,7 @@ def main(argv=None) -> None:
     parser.add_argument("--work-dir", default=None, help="keep built models here (default: a temp dir, removed)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
+    transformers.utils.logging.disable_progress_bar()
     print(run(args.preset, args.cache_dir, args.grid, args.max_tokens, args.write_docs, args.work_dir))
 
 
