@@ -134,8 +134,13 @@ def build_dense(
     if stats_path:
         stats = RouterStatistics.load(stats_path)
         stats.check_model(fingerprint, stats_path)
-    elif method.needs_statistics(params) or config.calibration is not None or family.needs_statistics(moe_config):
+    elif method.needs_statistics(params) or config.calibration is not None:
         stats = calibrate(source, config, fingerprint, options)
+    elif family.needs_statistics(moe_config):
+        raise ConfigError(
+            f"{family.name} models need a calibration: block even for {config.merge_method} "
+            "(the dense weights are scaled by calibrated router/shared-gate means)"
+        )
 
     weights = method.layer_weights(stats, params, num_layers=len(layers), num_experts=num_experts)
     _check_weights(weights, len(layers), num_experts)
@@ -163,6 +168,7 @@ def _write_dense(source, config, plans, staging, options) -> None:
     dense_config = family.dense_config(source.config, intermediate_size=width)
     converted = {plan.layer.index for plan in plans}
     dense_layers = [i for i in range(source.config.num_hidden_layers) if i not in converted]
+    padded = set(widths) != {width} or (dense_width is not None and dense_width != width)
     out_dtype = config.out_dtype or config.dtype
     if out_dtype:
         dense_config.dtype = out_dtype
@@ -179,7 +185,7 @@ def _write_dense(source, config, plans, staging, options) -> None:
         dtype=config.dtype,
         max_shard_size=options.out_shard_size,
         safe_serialization=options.safe_serialization,
-        width=width if set(widths) != {width} or dense_layers else None,
+        width=width if padded else None,
         dense_layers=dense_layers if dense_width is not None else (),
         zero_tensors={k: v for i in sorted(converted) for k, v in family.dense_zero_tensors(source.config, i).items()},
     )

@@ -68,13 +68,15 @@ def make_family_moe(
     identical: bool = False,
     layout: str = "legacy",
     seed: int = 0,
+    router_std: float = 0.5,
     **overrides,
 ) -> Path:
     """Save a random tiny MoE of `family`.
 
     `identical` copies expert 0 into every routed expert and zeroes the
     shared-expert gate (sigmoid(0) = 1/2 for every token), so with renormalised
-    top-k weights the MoE computes a fixed dense MLP.
+    top-k weights the MoE computes a fixed dense MLP. `router_std=0` gives every
+    token the same router probabilities.
     """
     config_class, model_class, values = FAMILY_SPECS[family]
     tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -91,7 +93,7 @@ def make_family_moe(
             # A larger init than the default 0.02 so that merges that are wrong show.
             mlp.experts.gate_up_proj.normal_(0, 0.2)
             mlp.experts.down_proj.normal_(0, 0.2)
-            mlp.gate.weight.normal_(0, 0.5)
+            mlp.gate.weight.normal_(0, router_std)
             if hasattr(mlp.gate, "e_score_correction_bias"):
                 mlp.gate.e_score_correction_bias.normal_(0, 0.1)
             shared = getattr(mlp, "shared_expert", None) or getattr(mlp, "shared_experts", None)
