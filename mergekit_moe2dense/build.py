@@ -36,6 +36,7 @@ from mergekit_moe2dense.config import ConfigError, Moe2DenseConfig
 from mergekit_moe2dense.errors import Moe2DenseError
 from mergekit_moe2dense.graph import plan_dense_merge
 from mergekit_moe2dense.methods import get_method
+from mergekit_moe2dense.plan import with_family_scales
 
 LOG = logging.getLogger(__name__)
 
@@ -135,13 +136,19 @@ def build_dense(
         stats.check_model(fingerprint, stats_path)
     elif method.needs_statistics(params) or config.calibration is not None:
         stats = calibrate(source, config, fingerprint, options)
+    elif family.needs_statistics(moe_config):
+        raise ConfigError(
+            f"{family.name} models need a calibration: block even for {config.merge_method} "
+            "(the dense weights are scaled by calibrated router/shared-gate means)"
+        )
 
     weights = method.layer_weights(stats, params, num_layers=len(layers), num_experts=num_experts)
     _check_weights(weights, len(layers), num_experts)
 
     staging = _staging_dir(out_path)
     try:
-        _write_dense(source, config, method.layer_plans(layers, weights, stats, params), staging, options)
+        plans = with_family_scales(method.layer_plans(layers, weights, stats, params), family, moe_config, stats)
+        _write_dense(source, config, plans, staging, options)
         if stats is not None:
             stats.save(os.path.join(staging, STATS_FILE))
         _write_weights(staging, config.merge_method, params, layers, weights)
@@ -155,8 +162,13 @@ def build_dense(
 
 def _write_dense(source, config, plans, staging, options) -> None:
     family = source.family
-    width = _expert_width(source, plans[0].layer.experts[0]["gate"]) * len(plans[0].blocks)
+    widths = [_plan_width(source, plan) for plan in plans]
+    dense_width = family.dense_layer_width(source.config)
+    width = max(widths + [dense_width or 0])
     dense_config = family.dense_config(source.config, intermediate_size=width)
+    converted = {plan.layer.index for plan in plans}
+    dense_layers = [i for i in range(source.config.num_hidden_layers) if i not in converted]
+    padded = set(widths) != {width} or (dense_width is not None and dense_width != width)
     out_dtype = config.out_dtype or config.dtype
     if out_dtype:
         dense_config.dtype = out_dtype
@@ -173,6 +185,9 @@ def _write_dense(source, config, plans, staging, options) -> None:
         dtype=config.dtype,
         max_shard_size=options.out_shard_size,
         safe_serialization=options.safe_serialization,
+        width=width if padded else None,
+        dense_layers=dense_layers if dense_width is not None else (),
+        zero_tensors={k: v for i in sorted(converted) for k, v in family.dense_zero_tensors(source.config, i).items()},
     )
     device = options.device or "cpu"
     executor = Executor(
@@ -191,8 +206,19 @@ def _write_dense(source, config, plans, staging, options) -> None:
 
 
 def _expert_width(source: SourceModel, gate) -> int:
+    if gate.rows is not None:  # a fused gate_up slice: no need to read it
+        return gate.rows[1] - gate.rows[0]
     loader = source.reference.lazy_loader()
     return int(gate.take(loader.get_tensor(gate.tensor)).shape[0])
+
+
+def _plan_width(source: SourceModel, plan) -> int:
+    """Intermediate size of a layer's dense MLP: the sum of its blocks' widths."""
+    layer = plan.layer
+    return sum(
+        _expert_width(source, (layer.shared_experts[b.shared] if b.shared is not None else layer.experts[0])["gate"])
+        for b in plan.blocks
+    )
 
 
 def _check_weights(weights: torch.Tensor, num_layers: int, num_experts: int) -> None:

@@ -43,6 +43,7 @@ class SourceModel:
         try:
             config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         except (ValueError, OSError) as error:
+            _refuse_remote_code(path)
             raise CheckpointError(f"{path}: cannot read config.json ({error})") from None
         family = get_family(config)
         index = _read_index(path)
@@ -72,6 +73,17 @@ class SourceModel:
             "num_experts": layers[0].num_experts if layers else 0,
             "router_sha256": digest.hexdigest(),
         }
+
+
+def _refuse_remote_code(path: str) -> None:
+    """A config transformers cannot read natively because it names remote code (auto_map)."""
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as handle:
+            raw = json.load(handle)
+    except (OSError, ValueError):
+        return
+    if isinstance(raw, dict) and raw.get("auto_map"):
+        get_family(transformers.PretrainedConfig(**raw))  # raises the family/remote-code error
 
 
 def _read_index(path: str) -> ShardedTensorIndex:

@@ -73,6 +73,45 @@ class ConcatBlocks(Task[torch.Tensor]):
         return torch.cat([part * scale if scale != 1.0 else part for part, scale in zip(parts, self.scales)], dim=self.dim)
 
 
+class PadIntermediate(Task[torch.Tensor]):
+    """Zero-pad one MLP projection to `size` along its intermediate dimension.
+
+    Exact: a zero gate/up row feeds a zero down column, which adds nothing. Lets
+    layers of different widths (dense layers kept as they are, merged blocks)
+    share the dense target's one `intermediate_size`.
+    """
+
+    tensor: Task
+    dim: int  # 0 for gate/up [I, H], 1 for down [H, I]
+    size: int
+
+    def arguments(self) -> Dict[str, Task]:
+        return {"tensor": self.tensor}
+
+    def execute(self, tensor: torch.Tensor) -> torch.Tensor:
+        missing = self.size - tensor.shape[self.dim]
+        if missing < 0:
+            raise RuntimeError(f"cannot pad width {tensor.shape[self.dim]} down to {self.size}")
+        if missing == 0:
+            return tensor
+        pad = [0, 0, 0, 0]
+        pad[1 if self.dim == 1 else 3] = missing  # F.pad lists the last dimension first
+        return torch.nn.functional.pad(tensor, pad)
+
+
+class ZeroTensor(Task[torch.Tensor]):
+    """An all-zero tensor the dense target needs (e.g. a one-expert router)."""
+
+    name: str  # one task per output tensor: equal tasks would be saved as one shared tensor
+    shape: Tuple[int, ...]
+
+    def arguments(self) -> Dict[str, Task]:
+        return {}
+
+    def execute(self) -> torch.Tensor:
+        return torch.zeros(self.shape)
+
+
 def merge_experts_task(
     model: ModelReference,
     method: str,
@@ -122,23 +161,43 @@ def plan_dense_merge(
     dtype: Optional[str],
     max_shard_size: int,
     safe_serialization: bool = True,
+    width: Optional[int] = None,
+    dense_layers: Sequence[int] = (),
+    zero_tensors: Optional[Dict[str, Tuple[int, ...]]] = None,
 ) -> List[Task]:
-    """Tasks that write the dense checkpoint: merged MLPs, everything else copied."""
+    """Tasks that write the dense checkpoint: merged MLPs, everything else copied.
+
+    With `width`, every merged MLP and the MLPs of `dense_layers` (dense already
+    in the MoE) are zero-padded to that intermediate size.
+    """
     writer = TensorWriterTask(
         out_path=out_path, max_shard_size=max_shard_size, safe_serialization=safe_serialization
     )
     saves = []
     consumed = set()
+    padded = {}
+    for layer in dense_layers:
+        for projection, name in family.dense_mlp_names(layer).items():
+            padded[name] = _padded(LoadTensor(model=model, tensor=name, dtype=dtype), projection, width)
     for plan in plans:
         consumed.update(plan.layer.consumed)
         names = family.dense_mlp_names(plan.layer.index)
         for projection in PROJECTIONS:
-            task = projection_task(model, method, plan, projection, dtype)
+            task = _padded(projection_task(model, method, plan, projection, dtype), projection, width)
             saves.append(_save(names[projection], task, writer, out_dtype))
+    for name, shape in (zero_tensors or {}).items():
+        saves.append(_save(name, ZeroTensor(name=name, shape=tuple(shape)), writer, out_dtype))
     for name in tensor_names:
         if name not in consumed:
-            saves.append(_save(name, LoadTensor(model=model, tensor=name, dtype=dtype), writer, out_dtype))
+            task = padded.get(name) or LoadTensor(model=model, tensor=name, dtype=dtype)
+            saves.append(_save(name, task, writer, out_dtype))
     return [FinalizeModel(tensor_save_tasks=tuple(saves), writer_task=writer)]
+
+
+def _padded(task: Task, projection: str, width: Optional[int]) -> Task:
+    if width is None:
+        return task
+    return PadIntermediate(tensor=task, dim=1 if projection == "down" else 0, size=width)
 
 
 def _save(name: str, task: Task, writer: TensorWriterTask, out_dtype: Optional[str]) -> SaveTensor:

@@ -13,12 +13,12 @@ more block with scale 1 (or its calibrated gate).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence, Tuple
 
 import torch
 
-from mergekit_moe2dense.families import MoELayer
+from mergekit_moe2dense.families import MoEFamily, MoELayer
 
 
 @dataclass(frozen=True)
@@ -37,3 +37,25 @@ class LayerPlan:
 def single_block_plans(layers: Sequence[MoELayer], weights: torch.Tensor) -> list:
     """The plain merge: one block per layer with the method's expert weights."""
     return [LayerPlan(layer, (Block(tuple(row)),)) for layer, row in zip(layers, weights.tolist())]
+
+
+def with_family_scales(plans: Sequence[LayerPlan], family: MoEFamily, config, stats) -> list:
+    """What every family adds to a method's plans, in one place.
+
+    Routed blocks stand for a mixture whose weights sum to 1; the family's
+    `routed_scale` (the mixture's calibrated total weight, or DeepSeek's
+    routed_scaling_factor) multiplies their down projection. Each shared expert
+    is appended as one more block, scaled by `shared_scale` (its calibrated gate,
+    or 1 where ungated).
+    """
+    finished = []
+    for position, plan in enumerate(plans):
+        routed = family.routed_scale(config, stats, position)
+        blocks = tuple(
+            block if block.shared is not None else replace(block, down_scale=block.down_scale * routed)
+            for block in plan.blocks
+        )
+        shared = family.shared_scale(config, stats, position) if plan.layer.shared_experts else 1.0
+        blocks += tuple(Block(shared=i, down_scale=shared) for i in range(len(plan.layer.shared_experts)))
+        finished.append(LayerPlan(plan.layer, blocks))
+    return finished

@@ -40,6 +40,10 @@ class RouterRecorder:
         for position, layer in enumerate(self.stats.layers):
             module = self.model.get_submodule(self.family.router_module(layer))
             self._handles.append(module.register_forward_hook(self._hook(position)))
+            gate = self.family.shared_gate_module(layer)
+            if gate is not None:
+                module = self.model.get_submodule(gate)
+                self._handles.append(module.register_forward_hook(self._shared_gate_hook(position)))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -51,6 +55,12 @@ class RouterRecorder:
         def hook(_module, _inputs, output):
             logits, weights, index = self.family.router_outputs(output)
             self.stats.update(position, logits, weights, index, self._keep, self._rows, self._slots)
+
+        return hook
+
+    def _shared_gate_hook(self, position: int):
+        def hook(_module, _inputs, output):
+            self.stats.update_shared_gate(position, self.family.shared_gate_values(output), self._keep)
 
         return hook
 

@@ -41,6 +41,8 @@ class RouterStatistics:
     selected: Optional[torch.Tensor] = None  # [L, E] float64, count of top-k selections
     gate_sum: Optional[torch.Tensor] = None  # [L, E] float64, the model's top-k gate weights
     samples: Optional[torch.Tensor] = None  # [L, N, E] float32, logits of sampled tokens
+    # [L] float64, per-token multiplier of the shared experts (Qwen2-MoE's sigmoid gate); 0 where ungated
+    shared_gate_sum: Optional[torch.Tensor] = None
     metadata: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -48,6 +50,8 @@ class RouterStatistics:
         for name in ("logit_sum", "prob_sum", "selected", "gate_sum"):
             if getattr(self, name) is None:
                 setattr(self, name, torch.zeros(shape, dtype=torch.float64))
+        if self.shared_gate_sum is None:
+            self.shared_gate_sum = torch.zeros(len(self.layers), dtype=torch.float64)
         if self.samples is None:
             self.samples = torch.zeros((len(self.layers), 0, self.num_experts))
 
@@ -75,7 +79,16 @@ class RouterStatistics:
         """Mean gate weight per token, zero where not selected (rows sum to the mixture's weight)."""
         return self._mean(self.gate_sum)
 
+    @property
+    def mean_shared_gate(self) -> torch.Tensor:
+        """[L] mean per-token gate of the shared experts."""
+        return self._mean(self.shared_gate_sum)
+
     # -- accumulation ----------------------------------------------------------
+    def update_shared_gate(self, position: int, gate: torch.Tensor, keep: torch.Tensor) -> None:
+        """Add one batch of a layer's shared-expert gate values ([tokens], padding masked by `keep`)."""
+        self.shared_gate_sum[position] += float(gate.detach().reshape(-1)[keep].double().sum())
+
     def update(
         self,
         position: int,
@@ -108,7 +121,7 @@ class RouterStatistics:
         if other.layers != self.layers or other.num_experts != self.num_experts:
             raise StatisticsError("cannot combine statistics of different models")
         self.tokens += other.tokens
-        for name in ("logit_sum", "prob_sum", "selected", "gate_sum"):
+        for name in ("logit_sum", "prob_sum", "selected", "gate_sum", "shared_gate_sum"):
             getattr(self, name).add_(getattr(other, name))
         self.samples = torch.cat([self.samples, other.samples], dim=1)
 
@@ -119,6 +132,7 @@ class RouterStatistics:
             "prob_sum": self.prob_sum,
             "selected": self.selected,
             "gate_sum": self.gate_sum,
+            "shared_gate_sum": self.shared_gate_sum,
             "samples": self.samples.contiguous(),
         }
         header = {

@@ -15,17 +15,31 @@ from mergekit_moe2dense.families.base import (
     MoELayer,
     UnsupportedModelError,
 )
+from mergekit_moe2dense.families.deepseek import DeepseekV2Family, DeepseekV3Family
 from mergekit_moe2dense.families.mixtral import MixtralFamily
+from mergekit_moe2dense.families.olmoe import OlmoeFamily
+from mergekit_moe2dense.families.qwen2_moe import Qwen2MoeFamily
+from mergekit_moe2dense.families.qwen3_moe import Qwen3MoeFamily
 
-FAMILIES: List[MoEFamily] = [MixtralFamily()]
+FAMILIES: List[MoEFamily] = [
+    MixtralFamily(),
+    Qwen3MoeFamily(),
+    Qwen2MoeFamily(),
+    DeepseekV2Family(),
+    DeepseekV3Family(),
+    OlmoeFamily(),
+]
 
 # Sparse model types we know of but cannot convert yet, with the reason.
 KNOWN_UNSUPPORTED = {
-    "phimoe": "PhiMoE's sparsemixer routing has no exact dense equivalent",
-    "gpt_oss": "GPT-OSS experts use a clamped SwiGLU with biases; not supported yet",
-    "dbrx": "DBRX is not supported yet",
-    "llama4": "Llama 4 is not supported yet",
-    "jamba": "Jamba is not supported yet",
+    "phimoe": (
+        "PhiMoE's sparsemixer routing has no exact dense equivalent, "
+        "and no single-expert PhiMoE target either (its sparsemixer gives NaN with one expert)"
+    ),
+    "gpt_oss": "GPT-OSS experts use a clamped SwiGLU with biases and its router has a bias; not supported yet",
+    "dbrx": "DBRX stores its experts in its own fused layout and clips qkv in a way no dense target shares; not supported yet",
+    "llama4": "Llama 4 interleaves MoE and dense layers with a sigmoid top-1 router applied to the input; not supported yet",
+    "jamba": "Jamba is a hybrid Mamba/attention MoE; not supported yet",
 }
 
 
@@ -35,11 +49,26 @@ def supported_families() -> List[str]:
 
 def get_family(config: transformers.PretrainedConfig) -> MoEFamily:
     """The adapter for `config`, chosen from config.json alone (never from tensor names)."""
-    for family in FAMILIES:
-        if family.supports(config):
-            return family
     model_type = getattr(config, "model_type", "?")
     supported = ", ".join(supported_families())
+    quantization = getattr(config, "quantization_config", None)
+    if quantization:
+        method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else type(quantization).__name__
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} has quantized weights (quantization_config: {method}); "
+            "experts cannot be merged in quantized or FP8 form: dequantize the checkpoint first"
+        )
+    for family in FAMILIES:
+        if family.supports(config):
+            reason = family.unsupported_reason(config)
+            if reason:
+                raise UnsupportedModelError(f"{reason}; supported MoE families: {supported}")
+            return family
+    if getattr(config, "auto_map", None):
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} is a remote-code model (auto_map in config.json): only "
+            f"transformers' native classes are supported; supported MoE families: {supported}"
+        )
     if model_type in KNOWN_UNSUPPORTED:
         raise UnsupportedModelError(
             f"{KNOWN_UNSUPPORTED[model_type]} (model_type {model_type!r}); "

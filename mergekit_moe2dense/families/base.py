@@ -12,12 +12,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar, Collection, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, ClassVar, Collection, Dict, List, Optional, Tuple
 
 import torch
 import transformers
 
 from mergekit_moe2dense.errors import Moe2DenseError
+
+if TYPE_CHECKING:
+    from mergekit_moe2dense.calibration.stats import RouterStatistics
 
 PROJECTIONS = ("gate", "up", "down")
 
@@ -111,6 +114,48 @@ class MoEFamily(ABC):
         self, config: transformers.PretrainedConfig, intermediate_size: int
     ) -> transformers.PretrainedConfig:
         """The dense target config: every attention/norm setting kept, no MoE keys."""
+
+    # -- optional: what differs between families beyond tensor names --------------
+    def unsupported_reason(self, config: transformers.PretrainedConfig) -> Optional[str]:
+        """Why this particular config of the family cannot be converted exactly (None: it can)."""
+        return None
+
+    def needs_statistics(self, config: transformers.PretrainedConfig) -> bool:
+        """Whether the dense weights need calibration whatever the method (calibrated scales)."""
+        return False
+
+    def routed_scale(
+        self, config: transformers.PretrainedConfig, stats: Optional["RouterStatistics"], position: int
+    ) -> float:
+        """Mean per-token total weight of the routed mixture in MoE layer `position`.
+
+        The MoE adds sum_k g_k E_k(x); a merged block stands for sum_k g_k with
+        weights summing to 1, so its down projection is scaled by E_t[sum_k g_k].
+        That is 1 where top-k weights are renormalised (Mixtral).
+        """
+        return 1.0
+
+    def shared_gate_module(self, layer: int) -> Optional[str]:
+        """Module path of a per-token gate on the shared experts, for hooks (None: ungated)."""
+        return None
+
+    def shared_gate_values(self, output: torch.Tensor) -> torch.Tensor:
+        """Per-token multiplier of the shared experts from the gate module's output (a sigmoid gate)."""
+        return torch.sigmoid(output.float()).reshape(-1)
+
+    def shared_scale(
+        self, config: transformers.PretrainedConfig, stats: Optional["RouterStatistics"], position: int
+    ) -> float:
+        """Scale of the shared experts' down projection: 1, or the calibrated mean of their gate."""
+        return 1.0
+
+    def dense_layer_width(self, config: transformers.PretrainedConfig) -> Optional[int]:
+        """Intermediate size of decoder layers that are dense already (None: there are none)."""
+        return None
+
+    def dense_zero_tensors(self, config: transformers.PretrainedConfig, layer: int) -> Dict[str, Tuple[int, ...]]:
+        """Extra all-zero tensors the dense target needs per converted layer (name -> shape)."""
+        return {}
 
     def moe_config(
         self, config: transformers.PretrainedConfig, num_experts: int, top_k: int

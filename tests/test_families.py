@@ -1,0 +1,188 @@
+# Copyright (C) 2026 the mergekit-moe2dense authors
+# SPDX-License-Identifier: LGPL-3.0-only
+"""Every supported family: exactness on identical experts, both layouts, every method, refusals, hooks."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import pytest
+import torch
+import transformers
+from mergekit.options import MergeOptions
+
+from conftest import logits_of
+from mergekit_moe2dense.build import build_dense
+from mergekit_moe2dense.calibration import collect_router_statistics
+from mergekit_moe2dense.calibration.batches import TokenBatch
+from mergekit_moe2dense.families import UnsupportedModelError, get_family
+from mergekit_moe2dense.families.qwen3_moe import MOE_CONFIG_KEYS
+from test_build import METHOD_PARAMS, make_config
+from tiny_families import FAMILY_SPECS, make_family_moe
+
+OPTIONS = MergeOptions(quiet=True)
+TARGETS = {
+    "qwen3_moe": "Qwen3ForCausalLM",
+    "qwen2_moe": "Qwen2ForCausalLM",
+    "deepseek_v2": "DeepseekV2ForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
+}
+# DeepSeek-V2 never renormalises its top-k weights; with k = E their sum is
+# exactly routed_scaling_factor for every token, so identical experts stay exact.
+IDENTICAL_OVERRIDES = {"deepseek_v2": {"num_experts_per_tok": 4}}
+# Every method on every family, layouts alternating (so each family is read in both).
+CASES = [
+    (family, ["legacy", "fused"][i % 2], method)
+    for family in FAMILY_SPECS
+    for i, method in enumerate(sorted(METHOD_PARAMS))
+]
+IDS = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def family_moes(tmp_path_factory, tokenizer_dir):
+    root = tmp_path_factory.mktemp("families")
+    return {
+        (family, layout): make_family_moe(
+            family, root / f"{family}-{layout}", tokenizer_dir, identical=True, layout=layout,
+            **IDENTICAL_OVERRIDES.get(family, {}),
+        )
+        for family in FAMILY_SPECS
+        for layout in ("legacy", "fused")
+    }
+
+
+@pytest.mark.parametrize("family,layout,method", CASES)
+def test_identical_experts_give_moe_logits(family_moes, calib_dir, tmp_path, family, layout, method):
+    moe = family_moes[family, layout]
+    out = tmp_path / "dense"
+    build_dense(make_config(moe, method, calib_dir, **METHOD_PARAMS[method]), str(out), OPTIONS)
+    dense = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert type(dense).__name__ == TARGETS[family]
+    torch.testing.assert_close(logits_of(out, IDS), _moe_logits(moe), rtol=0, atol=1e-5)
+    config = json.loads((out / "config.json").read_text())
+    if family == "olmoe":  # the single-expert OLMoE target
+        assert (config["num_experts"], config["num_experts_per_tok"]) == (1, 1)
+    elif family.startswith("deepseek"):  # same class: its MoE fields are inert when every layer is dense
+        assert config["first_k_dense_replace"] == config["num_hidden_layers"] == 3
+    else:
+        assert not set(MOE_CONFIG_KEYS + ("shared_expert_intermediate_size",)) & set(config)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "olmoe"])
+def test_unrenormalised_top_k_is_scaled_by_its_mean(calib_dir, tmp_path, tokenizer_dir, family):
+    """norm_topk_prob: false with a constant router: the mixture weighs k/E = 1/2, not 1."""
+    moe = make_family_moe(
+        family, tmp_path / "moe", tokenizer_dir, identical=True, norm_topk_prob=False, router_std=0.0
+    )
+    out = tmp_path / "dense"
+    build_dense(make_config(moe, "expert_uniform", calib_dir), str(out), OPTIONS)
+    torch.testing.assert_close(logits_of(out, IDS), logits_of(moe, IDS), rtol=0, atol=1e-5)
+
+
+def test_qwen2_shared_gate_mean_scales_the_shared_expert(calib_dir, tmp_path, tokenizer_dir):
+    """A random shared gate: the dense output uses its calibrated mean (recorded per layer)."""
+    moe = make_family_moe("qwen2_moe", tmp_path / "moe", tokenizer_dir, identical=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(moe)
+    with torch.no_grad():
+        model.model.layers[1].mlp.shared_expert_gate.weight.normal_(0, 0.5)
+    model.save_pretrained(moe)
+    stats = _stats(moe)
+    seen = {}
+
+    def record(_module, _inputs, output):
+        seen["gate"] = torch.sigmoid(output).mean()
+
+    hook = model.model.layers[1].mlp.shared_expert_gate.register_forward_hook(record)
+    with torch.no_grad():
+        model(input_ids=_batch().input_ids)
+    hook.remove()
+    assert stats.layers == [1, 2]
+    torch.testing.assert_close(stats.mean_shared_gate[0].float(), seen["gate"].float(), rtol=0, atol=1e-6)
+    assert float(stats.mean_shared_gate[1]) == pytest.approx(0.5)  # layer 2: zero gate
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_hooks_record_moe_layers_only(family_moes, family):
+    """Layer 0 is dense: one entry per MoE layer, each holding that layer's router."""
+    moe = family_moes[family, "legacy"]
+    stats = _stats(moe)
+    assert stats.layers == [1, 2]
+    model = transformers.AutoModelForCausalLM.from_pretrained(moe).eval()
+    logits = {}
+
+    def record(layer):
+        def hook(_module, _inputs, output):
+            logits[layer] = output[0].double().mean(0)
+
+        return hook
+
+    hooks = [model.model.layers[i].mlp.gate.register_forward_hook(record(i)) for i in (1, 2)]
+    with torch.no_grad():
+        model(input_ids=_batch().input_ids)
+    for hook in hooks:
+        hook.remove()
+    for position, layer in enumerate(stats.layers):
+        torch.testing.assert_close(stats.mean_logits[position], logits[layer], rtol=0, atol=1e-5)
+
+
+@functools.lru_cache(maxsize=None)
+def _moe_logits(path) -> torch.Tensor:
+    return logits_of(path, IDS)
+
+
+def _batch() -> TokenBatch:
+    ids = IDS[:1]
+    return TokenBatch(input_ids=ids, attention_mask=torch.ones_like(ids))
+
+
+def _stats(path):
+    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    family = get_family(model.config)
+    return collect_router_statistics(model, family, [_batch()], max_token_samples=16, progress=False)
+
+
+@pytest.mark.parametrize(
+    "config,expected",
+    [
+        (transformers.PhimoeConfig(), "sparsemixer gives NaN with one expert"),
+        (transformers.DbrxConfig(), "DBRX"),
+        (transformers.Qwen3MoeConfig(quantization_config={"quant_method": "fp8"}), "quantization_config: fp8"),
+        (transformers.Qwen2MoeConfig(qkv_bias=False), "qkv_bias"),
+        (transformers.DeepseekV2Config(mlp_bias=True), "mlp_bias"),
+    ],
+)
+def test_refusals_name_the_family_and_the_supported_list(config, expected):
+    with pytest.raises(UnsupportedModelError) as error:
+        get_family(config)
+    message = str(error.value)
+    assert expected in message and "\n" not in message
+    assert "qwen3_moe" in message or "dequantize" in message
+
+
+def test_remote_code_model_is_refused_before_any_output(tmp_path, calib_dir):
+    moe = tmp_path / "remote"
+    moe.mkdir()
+    (moe / "config.json").write_text(
+        json.dumps({"model_type": "my_moe", "auto_map": {"AutoConfig": "x.MyConfig"}, "num_experts": 8})
+    )
+    out = tmp_path / "dense"
+    with pytest.raises(Exception) as error:
+        build_dense(make_config(moe, "expert_uniform", calib_dir), str(out), OPTIONS)
+    assert "my_moe" in str(error.value) and "\n" not in str(error.value)
+    assert not out.exists()
+
+
+def test_calibrated_scales_need_a_calibration_block(family_moes, tmp_path):
+    """expert_uniform needs no statistics, but Qwen2-MoE's shared-gate scale does."""
+    from mergekit_moe2dense.config import ConfigError, Moe2DenseConfig
+
+    config = Moe2DenseConfig.model_validate(
+        {"merge_method": "expert_uniform", "models": [{"model": str(family_moes["qwen2_moe", "legacy"])}]}
+    )
+    out = tmp_path / "dense"
+    with pytest.raises(ConfigError, match="qwen2_moe models need a calibration: block"):
+        build_dense(config, str(out), OPTIONS)
+    assert not out.exists()

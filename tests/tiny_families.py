@@ -1,0 +1,120 @@
+# Copyright (C) 2026 the mergekit-moe2dense authors
+# SPDX-License-Identifier: LGPL-3.0-only
+"""Tiny random MoEs of every supported family, built with transformers' own config classes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors.torch import save_file
+
+COMMON = dict(
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+# family -> (config class, model class, overrides). Layer 0 is dense where the family can say so.
+FAMILY_SPECS = {
+    "qwen3_moe": (
+        transformers.Qwen3MoeConfig,
+        transformers.Qwen3MoeForCausalLM,
+        dict(intermediate_size=40, moe_intermediate_size=24, num_experts=4, num_experts_per_tok=2,
+             norm_topk_prob=True, mlp_only_layers=[0], head_dim=8),
+    ),
+    "qwen2_moe": (
+        transformers.Qwen2MoeConfig,
+        transformers.Qwen2MoeForCausalLM,
+        dict(intermediate_size=40, moe_intermediate_size=24, shared_expert_intermediate_size=16,
+             num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[0]),
+    ),
+    "deepseek_v2": (
+        transformers.DeepseekV2Config,
+        transformers.DeepseekV2ForCausalLM,
+        dict(intermediate_size=40, moe_intermediate_size=16, n_routed_experts=4, n_shared_experts=2,
+             num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None,
+             qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, routed_scaling_factor=1.5, num_key_value_heads=4),
+    ),
+    "deepseek_v3": (
+        transformers.DeepseekV3Config,
+        transformers.DeepseekV3ForCausalLM,
+        dict(intermediate_size=40, moe_intermediate_size=16, n_routed_experts=4, n_shared_experts=1,
+             num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=12,
+             qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_group=2, topk_group=1,
+             routed_scaling_factor=2.5, norm_topk_prob=True, num_key_value_heads=4),
+    ),
+    "olmoe": (
+        transformers.OlmoeConfig,
+        transformers.OlmoeForCausalLM,
+        dict(intermediate_size=24, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, num_hidden_layers=2),
+    ),
+}
+
+
+def make_family_moe(
+    family: str,
+    path: Path,
+    tokenizer_dir: Path,
+    *,
+    identical: bool = False,
+    layout: str = "legacy",
+    seed: int = 0,
+    router_std: float = 0.5,
+    **overrides,
+) -> Path:
+    """Save a random tiny MoE of `family`.
+
+    `identical` copies expert 0 into every routed expert and zeroes the
+    shared-expert gate (sigmoid(0) = 1/2 for every token), so with renormalised
+    top-k weights the MoE computes a fixed dense MLP. `router_std=0` gives every
+    token the same router probabilities.
+    """
+    config_class, model_class, values = FAMILY_SPECS[family]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    config = config_class(vocab_size=len(tokenizer), **{**COMMON, **values, **overrides})
+    model = model_class(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            mlp = layer.mlp
+            if not hasattr(mlp, "experts"):
+                for proj in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+                    proj.weight.normal_(0, 0.2)
+                continue
+            # A larger init than the default 0.02 so that merges that are wrong show.
+            mlp.experts.gate_up_proj.normal_(0, 0.2)
+            mlp.experts.down_proj.normal_(0, 0.2)
+            mlp.gate.weight.normal_(0, router_std)
+            if hasattr(mlp.gate, "e_score_correction_bias"):
+                mlp.gate.e_score_correction_bias.normal_(0, 0.1)
+            shared = getattr(mlp, "shared_expert", None) or getattr(mlp, "shared_experts", None)
+            if shared is not None:
+                for proj in (shared.gate_proj, shared.up_proj, shared.down_proj):
+                    proj.weight.normal_(0, 0.2)
+            if hasattr(mlp, "shared_expert_gate"):
+                mlp.shared_expert_gate.weight.normal_(0, 0.5)
+            if identical:
+                mlp.experts.gate_up_proj[:] = mlp.experts.gate_up_proj[0].clone()
+                mlp.experts.down_proj[:] = mlp.experts.down_proj[0].clone()
+                if hasattr(mlp, "shared_expert_gate"):
+                    mlp.shared_expert_gate.weight.zero_()
+    path.mkdir(parents=True, exist_ok=True)
+    if layout == "legacy":
+        model.save_pretrained(path)
+    else:  # the fused names transformers 5 keeps in memory
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        save_file(state, os.fspath(path / "model.safetensors"), metadata={"format": "pt"})
+        config.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
