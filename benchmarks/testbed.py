@@ -90,7 +90,7 @@ PRESETS = {
     "smoke": Preset(
         name="smoke", vocab_size=512, hidden_size=32, intermediate_size=64, num_layers=2,
         num_heads=4, num_kv_heads=2, num_experts=4, experts_per_token=2, seq_len=64,
-        batch_size=12, ancestor_steps=80, further_steps=30, ancestor_lr=3e-3, further_lr=1e-3,
+        batch_size=12, ancestor_steps=150, further_steps=40, ancestor_lr=3e-3, further_lr=1e-3,
         aux_loss_coef=0.02, train_chars=150_000, eval_chars=20_000,
     ),
     "example": Preset(
@@ -100,10 +100,10 @@ PRESETS = {
         aux_loss_coef=0.02, train_chars=600_000, eval_chars=60_000,
     ),
     "benchmark": Preset(
-        name="benchmark", vocab_size=2048, hidden_size=192, intermediate_size=512, num_layers=4,
-        num_heads=6, num_kv_heads=2, num_experts=8, experts_per_token=2, seq_len=256,
-        batch_size=16, ancestor_steps=800, further_steps=400, ancestor_lr=2e-3, further_lr=7e-4,
-        aux_loss_coef=0.02, train_chars=3_000_000, eval_chars=200_000,
+        name="benchmark", vocab_size=2048, hidden_size=128, intermediate_size=384, num_layers=4,
+        num_heads=4, num_kv_heads=2, num_experts=8, experts_per_token=2, seq_len=256,
+        batch_size=8, ancestor_steps=1000, further_steps=400, ancestor_lr=2e-3, further_lr=7e-4,
+        aux_loss_coef=0.02, train_chars=3_000_000, eval_chars=150_000,
     ),
 }
 
