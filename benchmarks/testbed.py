@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 from transformers import (
@@ -171,10 +172,9 @@ def split_documents(documents, preset: Preset) -> dict[str, dict[str, list[tuple
     return splits
 
 
-def write_split(docs: list[tuple[str, str]], path: Path) -> None:
-    """Write documents as one text file, separated by blank lines (what the CLI reads)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n\n".join(text.strip("\n") for _, text in docs) + "\n", encoding="utf-8")
+def join(docs: list[tuple[str, str]]) -> str:
+    """A split as one text, documents separated by blank lines: the format of the data files."""
+    return "\n\n".join(text.strip("\n") for _, text in docs) + "\n"
 
 
 # ---------------------------------------------------------------------------------- tokenizer
@@ -281,9 +281,11 @@ def upcycle(ancestor: MistralForCausalLM, preset: Preset) -> MixtralForCausalLM:
     for layer in range(preset.num_layers):
         mlp = f"model.layers.{layer}.mlp"
         gate_up = torch.cat([dense[f"{mlp}.gate_proj.weight"], dense[f"{mlp}.up_proj.weight"]])
-        for key, weight in (("gate_up_proj", gate_up), ("down_proj", dense[f"{mlp}.down_proj.weight"])):
-            experts = weight.expand(preset.num_experts, *weight.shape).clone()
-            state[f"{mlp}.experts.{key}"] = experts + preset.expert_noise * weight.std() * torch.randn_like(experts)
+        down = dense[f"{mlp}.down_proj.weight"]
+        for key, weight in (("gate_up_proj", gate_up), ("down_proj", down)):
+            experts = weight.expand(preset.num_experts, *weight.shape)
+            noise = preset.expert_noise * weight.std() * torch.randn_like(experts)
+            state[f"{mlp}.experts.{key}"] = experts + noise
         state[f"{mlp}.gate.weight"] = 0.02 * torch.randn(preset.num_experts, preset.hidden_size)
     moe.load_state_dict(state)
     return moe
@@ -298,10 +300,11 @@ def train(model, batches: Batches, first_step: int, steps: int, lr: float, desc:
     extra = {"output_router_logits": True} if is_moe else {}
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / steps)) * 0.9 + 0.1),
-    )
+
+    def lr_factor(step: int) -> float:  # linear warmup, then cosine decay to 10%
+        return min((step + 1) / warmup, 0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     model.train()
     losses = []
     for step in (bar := tqdm(range(steps), desc=desc, file=sys.stderr)):
@@ -331,7 +334,7 @@ def perplexity(model, ids: torch.Tensor, seq_len: int, batch_size: int = 16) -> 
     for start in range(0, len(data), batch_size):
         batch = data[start : start + batch_size]
         logits = model(input_ids=batch).logits[:, :-1].float()
-        nll += torch.nn.functional.cross_entropy(
+        nll += F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
         ).item()
         count += batch[:, 1:].numel()
@@ -339,7 +342,7 @@ def perplexity(model, ids: torch.Tensor, seq_len: int, batch_size: int = 16) -> 
 
 
 def _mean_offdiag_cosine(x: torch.Tensor) -> float:
-    x = torch.nn.functional.normalize(x, dim=1)
+    x = F.normalize(x, dim=1)
     sim = x @ x.T
     n = len(x)
     return ((sim.sum() - sim.diagonal().sum()) / (n * (n - 1))).item()
@@ -360,7 +363,7 @@ def expert_drift(moe: MixtralForCausalLM, ancestor: MistralForCausalLM) -> dict:
         dense = torch.cat([mlp.gate_proj.weight.flatten(), mlp.up_proj.weight.flatten(),
                            mlp.down_proj.weight.flatten()])
         pairwise.append(_mean_offdiag_cosine(flat))
-        to_ancestor.append(torch.nn.functional.cosine_similarity(flat, dense[None], dim=1).mean().item())
+        to_ancestor.append(F.cosine_similarity(flat, dense[None], dim=1).mean().item())
     return {"expert_pairwise_cosine": pairwise, "expert_to_ancestor_cosine": to_ancestor}
 
 
@@ -373,7 +376,8 @@ def router_frequency(moe: MixtralForCausalLM, ids: torch.Tensor, seq_len: int) -
     for start in range(0, len(data), 16):
         logits = moe(input_ids=data[start : start + 16], output_router_logits=True).router_logits
         for layer, layer_logits in enumerate(logits):
-            counts[layer] += torch.bincount(layer_logits.topk(k, dim=-1).indices.flatten(), minlength=n)
+            chosen = layer_logits.topk(k, dim=-1).indices.flatten()
+            counts[layer] += torch.bincount(chosen, minlength=n)
     return (counts / counts.sum(dim=1, keepdim=True)).tolist()
 
 
@@ -382,7 +386,9 @@ def router_frequency(moe: MixtralForCausalLM, ids: torch.Tensor, seq_len: int) -
 
 def recipe_hash(preset: Preset) -> str:
     """Short hash of everything the build depends on: preset, recipe version, Python's sources."""
-    recipe = {"preset": dataclasses.asdict(preset), "version": RECIPE_VERSION, "python": sys.version}
+    recipe = {
+        "preset": dataclasses.asdict(preset), "version": RECIPE_VERSION, "python": sys.version,
+    }
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -399,7 +405,9 @@ def _testbed(root: Path) -> Testbed:
     )
 
 
-def build_testbed(preset: str | Preset, cache_dir: str | Path | None = None, force: bool = False) -> Testbed:
+def build_testbed(
+    preset: str | Preset, cache_dir: str | Path | None = None, force: bool = False
+) -> Testbed:
     """Build (or reuse) the testbed at ``<cache_dir>/<preset>-<recipe hash>``.
 
     The build goes to a temporary sibling directory that is renamed into place only when
@@ -428,21 +436,27 @@ def _build(preset: Preset, out: Path) -> None:
     start = time.time()
     torch.manual_seed(preset.seed)
     splits = split_documents(collect_documents(), preset)
-    texts = {}  # (split, domain) -> the text as written to, or as it would be in, a file
-    for split in SPLITS:
-        for domain in DOMAINS:
-            if split != "train":
-                write_split(splits[split][domain], out / "data" / split / f"{domain}.txt")
-            texts[split, domain] = "\n\n".join(t.strip("\n") for _, t in splits[split][domain])
+    names = {s: {d: [name for name, _ in splits[s][d]] for d in DOMAINS} for s in SPLITS}
+    (out / "data").mkdir()
+    (out / "data" / "documents.json").write_text(json.dumps(names, indent=1))
+    texts = {(split, d): join(splits[split][d]) for split in SPLITS for d in DOMAINS}
+    for (split, domain), text in texts.items():
+        if split != "train":  # calibration and evaluation read these files
+            (out / "data" / split).mkdir(exist_ok=True)
+            (out / "data" / split / f"{domain}.txt").write_text(text, encoding="utf-8")
 
-    tokenizer = train_tokenizer([t for _, t in sum(splits["train"].values(), [])], preset.vocab_size)
+    train_docs = [text for d in DOMAINS for _, text in splits["train"][d]]
+    tokenizer = train_tokenizer(train_docs, preset.vocab_size)
     tokenizer.save_pretrained(out / "tokenizer")
     ids = {key: encode(tokenizer, text) for key, text in texts.items()}
     batches = Batches([windows(ids["train", d], preset.seq_len) for d in DOMAINS],
                       preset.batch_size, preset.seed)
 
     ancestor = MistralForCausalLM(ancestor_config(preset, tokenizer))
-    losses = {"ancestor": train(ancestor, batches, 0, preset.ancestor_steps, preset.ancestor_lr, "ancestor")}
+    losses = {}
+    losses["ancestor"] = train(
+        ancestor, batches, 0, preset.ancestor_steps, preset.ancestor_lr, "ancestor"
+    )
     moe = upcycle(ancestor, preset)
     twin = MistralForCausalLM(ancestor.config)
     twin.load_state_dict(ancestor.state_dict())
@@ -459,12 +473,14 @@ def _build(preset: Preset, out: Path) -> None:
         "recipe_hash": recipe_hash(preset),
         "vocab_size": len(tokenizer),
         "data": {
-            split: {d: {"documents": len(splits[split][d]), "tokens": len(ids[split, d])} for d in DOMAINS}
-            for split in SPLITS
+            s: {d: {"documents": len(splits[s][d]), "tokens": len(ids[s, d])} for d in DOMAINS}
+            for s in SPLITS
         },
         "final_train_loss": losses,
         "drift": expert_drift(moe, ancestor),
-        "router_frequency": {d: router_frequency(moe, ids["calib", d], preset.seq_len) for d in DOMAINS},
+        "router_frequency": {
+            d: router_frequency(moe, ids["calib", d], preset.seq_len) for d in DOMAINS
+        },
         "perplexity": {
             name: {d: perplexity(model, ids["test", d], preset.seq_len) for d in DOMAINS}
             for name, model in models.items()

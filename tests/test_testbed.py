@@ -1,5 +1,6 @@
 """The smoke testbed builds, learns, caches, and reports sane drift statistics."""
 
+import json
 import time
 
 import pytest
@@ -9,8 +10,6 @@ from benchmarks.testbed import (
     DOMAINS,
     PRESETS,
     build_testbed,
-    collect_documents,
-    split_documents,
     split_of,
 )
 
@@ -23,13 +22,16 @@ def testbed(tmp_path_factory):
 
 
 def test_models_load_offline(testbed):
-    expected = {"ancestor": "MistralForCausalLM", "moe": "MixtralForCausalLM", "twin": "MistralForCausalLM"}
+    expected = {
+        "ancestor": "MistralForCausalLM", "moe": "MixtralForCausalLM", "twin": "MistralForCausalLM"
+    }
     for name, arch in expected.items():
         path = getattr(testbed, name)
         model = AutoModelForCausalLM.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
         assert type(model).__name__ == arch
-        assert model.config.bos_token_id == tokenizer.bos_token_id == tokenizer.convert_tokens_to_ids("<s>")
+        assert tokenizer.bos_token == "<s>" and tokenizer.eos_token == "</s>"
+        assert model.config.bos_token_id == tokenizer.bos_token_id
         assert model.config.eos_token_id == tokenizer.eos_token_id
         assert model.config.pad_token_id == tokenizer.pad_token_id
     moe = AutoModelForCausalLM.from_pretrained(testbed.moe)
@@ -50,15 +52,15 @@ def test_split_files_written(testbed):
         assert all(p.read_text().strip() for p in folder.glob("*.txt"))
 
 
-def test_splits_are_disjoint_by_document():
-    splits = split_documents(collect_documents(), PRESET)
+def test_splits_are_disjoint_by_document(testbed):
+    names = json.loads((testbed.root / "data" / "documents.json").read_text())
     for domain in DOMAINS:
-        names = {split: {name for name, _ in splits[split][domain]} for split in splits}
-        assert all(names.values()), domain
-        assert not names["train"] & names["calib"]
-        assert not names["train"] & names["test"]
-        assert not names["calib"] & names["test"]
-        assert all(split_of(domain, n) == split for split in names for n in names[split])
+        sets = {split: set(names[split][domain]) for split in names}
+        assert all(sets.values()), domain
+        assert not sets["train"] & sets["calib"]
+        assert not sets["train"] & sets["test"]
+        assert not sets["calib"] & sets["test"]
+        assert all(split_of(domain, n) == split for split in sets for n in sets[split])
 
 
 def test_second_call_hits_cache(testbed):
