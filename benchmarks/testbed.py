@@ -13,7 +13,24 @@ machine can build the same testbed without a model hub:
 * a *twin*: the ancestor trained further densely on exactly the same tokens and steps;
 * ``testbed_report.json``: expert drift, router frequencies and held-out perplexities.
 
-Measured on 2 CPU cores (torch 2.13 CPU): see the ``PRESETS`` comments for build times.
+Build times on 2 CPU cores (torch 2.13 CPU, transformers 5.24). The machine was shared with other
+jobs, which slowed runs by up to 20x at the worst moments; these are the least-contended figures:
+
+* ``smoke``: 5 s of build (13 s for the CLI with imports) with 80 + 30 steps; the preset now has
+  150 + 40 steps, so ~7 s expected. MoE test perplexity ~140 for a 512-token vocabulary.
+* ``example``: 115 s of build, 122 s for the CLI (ancestor 300 steps 16 s, MoE 150 steps 26 s,
+  twin 150 steps 18 s, the rest data, tokenizer, saving and evaluation). Test perplexity
+  (code / docs / c), 1024-token vocabulary: ancestor 53.0 / 47.8 / 48.6, MoE 43.3 / 42.1 /
+  44.1, twin 44.5 / 42.2 / 43.9.
+* ``benchmark``: extrapolated, not run to the end: the ancestor trains at ~4.2 steps/s
+  (~4 min), a MoE step costs ~3x a dense one (~5-6 min), the twin ~1.5 min, data and evaluation
+  1-2 min; ~15 min in all.
+
+``report["build_seconds"]`` records the time of each phase of a build.
+
+Checkpoints: in memory transformers 5 keeps Mixtral experts fused (``mlp.experts.gate_up_proj``
+[E, 2I, H], gate rows first, and ``down_proj`` [E, H, I]); ``save_pretrained`` writes them back in
+the original per-expert layout (``block_sparse_moe.experts.{e}.w1/w2/w3.weight``).
 
 Usage::
 
@@ -56,6 +73,7 @@ __all__ = ["Preset", "PRESETS", "Testbed", "build_testbed", "perplexity"]
 DOMAINS = ("code", "docs", "c")
 SPLITS = ("train", "calib", "test")
 SPECIAL_TOKENS = ("<s>", "</s>", "<pad>", "<unk>")
+Documents = list[tuple[str, str]]  # (name, text), one domain's documents
 # Bump when the recipe's code changes in a way that changes the models, to invalidate caches.
 RECIPE_VERSION = 1
 
@@ -86,8 +104,7 @@ class Preset:
     seed: int = 0
 
 
-PRESETS = {
-    # ~20 s build.
+PRESETS = {  # build times: see the module docstring
     "smoke": Preset(
         name="smoke", vocab_size=512, hidden_size=32, intermediate_size=64, num_layers=2,
         num_heads=4, num_kv_heads=2, num_experts=4, experts_per_token=2, seq_len=64,
@@ -126,7 +143,7 @@ class Testbed:
 # --------------------------------------------------------------------------------------- data
 
 
-def collect_documents() -> dict[str, list[tuple[str, str]]]:
+def collect_documents() -> dict[str, Documents]:
     """The three domains as sorted ``(name, text)`` documents from this Python installation."""
     from pydoc_data.topics import topics
 
@@ -153,7 +170,9 @@ def split_of(domain: str, name: str) -> str:
     return "train" if bucket < 8 else "calib" if bucket == 8 else "test"
 
 
-def split_documents(documents, preset: Preset) -> dict[str, dict[str, list[tuple[str, str]]]]:
+def split_documents(
+    documents: dict[str, Documents], preset: Preset
+) -> dict[str, dict[str, Documents]]:
     """``splits[split][domain]`` -> documents, in hash order, capped at the preset's size.
 
     Hash order (not name order) so that a cap samples the whole domain, not its first folders.
@@ -172,7 +191,7 @@ def split_documents(documents, preset: Preset) -> dict[str, dict[str, list[tuple
     return splits
 
 
-def join(docs: list[tuple[str, str]]) -> str:
+def join(docs: Documents) -> str:
     """A split as one text, documents separated by blank lines: the format of the data files."""
     return "\n\n".join(text.strip("\n") for _, text in docs) + "\n"
 
@@ -433,7 +452,7 @@ def build_testbed(
 
 def _build(preset: Preset, out: Path) -> None:
     """The whole recipe: data -> tokenizer -> ancestor -> MoE and twin -> report."""
-    start = time.time()
+    seconds, start = {}, time.time()  # wall time per phase, in the report
     torch.manual_seed(preset.seed)
     splits = split_documents(collect_documents(), preset)
     names = {s: {d: [name for name, _ in splits[s][d]] for d in DOMAINS} for s in SPLITS}
@@ -452,17 +471,21 @@ def _build(preset: Preset, out: Path) -> None:
     batches = Batches([windows(ids["train", d], preset.seq_len) for d in DOMAINS],
                       preset.batch_size, preset.seed)
 
+    seconds["data_and_tokenizer"] = time.time() - start
+
     ancestor = MistralForCausalLM(ancestor_config(preset, tokenizer))
     losses = {}
     losses["ancestor"] = train(
         ancestor, batches, 0, preset.ancestor_steps, preset.ancestor_lr, "ancestor"
     )
+    seconds["ancestor"] = time.time() - start - sum(seconds.values())
     moe = upcycle(ancestor, preset)
     twin = MistralForCausalLM(ancestor.config)
     twin.load_state_dict(ancestor.state_dict())
     for name, model in (("moe", moe), ("twin", twin)):
         losses[name] = train(model, batches, preset.ancestor_steps, preset.further_steps,
                              preset.further_lr, name)
+        seconds[name] = time.time() - start - sum(seconds.values())
     models = {"ancestor": ancestor, "moe": moe, "twin": twin}
     for name, model in models.items():
         model.save_pretrained(out / name)
@@ -486,7 +509,9 @@ def _build(preset: Preset, out: Path) -> None:
             for name, model in models.items()
         },
     }
-    report["build_seconds"] = round(time.time() - start, 1)
+    seconds["save_and_report"] = time.time() - start - sum(seconds.values())
+    report["build_seconds"] = {k: round(v, 1) for k, v in seconds.items()}
+    report["build_seconds"]["total"] = round(time.time() - start, 1)
     (out / "testbed_report.json").write_text(json.dumps(report, indent=2))
 
 
