@@ -1,0 +1,533 @@
+"""A small *trained* Mixtral-architecture MoE, built offline from text on any machine.
+
+Why: merging experts is only meaningful on experts that differ, and random tiny models have no
+learned structure to keep. This module trains one from the running Python installation, so every
+machine can build the same testbed without a model hub:
+
+* data, three domains: ``code`` (stdlib ``.py``), ``docs`` (``pydoc_data`` topics), ``c``
+  (C headers), split by document into train / calib / test;
+* a byte-level BPE tokenizer trained on the train split;
+* an *ancestor*: a dense ``MistralForCausalLM`` trained from scratch;
+* a *moe*: the ancestor sparsely upcycled into a ``MixtralForCausalLM`` (every expert a copy of
+  the ancestor MLP, plus a tiny noise) and trained further with the load-balancing loss;
+* a *twin*: the ancestor trained further densely on exactly the same tokens and steps;
+* ``testbed_report.json``: expert drift, router frequencies and held-out perplexities.
+
+Build times on 2 CPU cores (torch 2.13 CPU, transformers 5.24). The machine was shared with other
+jobs, which slowed runs by up to 20x at the worst moments; these are the least-contended figures:
+
+* ``smoke``: 5 s of build (13 s for the CLI with imports) with an earlier 80 + 30 steps; the
+  preset now has 150 + 40 steps (~7 s expected; 197 s measured on the saturated machine). Test
+  perplexity (code / docs / c), 512-token vocabulary: ancestor 83.0 / 89.2 / 83.1, MoE 75.1 /
+  82.9 / 76.5, twin 75.1 / 82.8 / 76.6.
+* ``example``: 115 s of build, 122 s for the CLI (ancestor 300 steps 16 s, MoE 150 steps 26 s,
+  twin 150 steps 18 s, the rest data, tokenizer, saving and evaluation). Test perplexity
+  (code / docs / c), 1024-token vocabulary: ancestor 53.0 / 47.8 / 48.6, MoE 43.3 / 42.1 /
+  44.1, twin 44.5 / 42.2 / 43.9.
+* ``benchmark``: extrapolated, not run to the end: the ancestor trains at ~4.2 steps/s
+  (~4 min), a MoE step costs ~3x a dense one (~5-6 min), the twin ~1.5 min, data and evaluation
+  1-2 min; ~15 min in all.
+
+``report["build_seconds"]`` records the time of each phase of a build.
+
+Checkpoints: in memory transformers 5 keeps Mixtral experts fused (``mlp.experts.gate_up_proj``
+[E, 2I, H], gate rows first, and ``down_proj`` [E, H, I]); ``save_pretrained`` writes them back in
+the original per-expert layout (``block_sparse_moe.experts.{e}.w1/w2/w3.weight``).
+
+Usage::
+
+    python benchmarks/testbed.py --preset example [--cache-dir DIR] [--force]
+
+    from benchmarks.testbed import build_testbed
+    tb = build_testbed("smoke")          # cached under $MOE2DENSE_CACHE or ~/.cache/...
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import sysconfig
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm import tqdm
+from transformers import (
+    MistralConfig,
+    MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+__all__ = ["Preset", "PRESETS", "Testbed", "build_testbed", "perplexity"]
+
+DOMAINS = ("code", "docs", "c")
+SPLITS = ("train", "calib", "test")
+SPECIAL_TOKENS = ("<s>", "</s>", "<pad>", "<unk>")
+Documents = list[tuple[str, str]]  # (name, text), one domain's documents
+# Bump when the recipe's code changes in a way that changes the models, to invalidate caches.
+RECIPE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Everything that determines a testbed; its hash names the cache directory."""
+
+    name: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    num_experts: int
+    experts_per_token: int
+    seq_len: int
+    batch_size: int
+    ancestor_steps: int
+    further_steps: int  # MoE and twin each train this many steps on the same new tokens
+    ancestor_lr: float
+    further_lr: float
+    aux_loss_coef: float
+    train_chars: int  # per domain
+    eval_chars: int  # per domain, for each of calib and test
+    expert_noise: float = 0.01  # relative to each expert tensor's std; breaks symmetry
+    seed: int = 0
+
+
+PRESETS = {  # build times: see the module docstring
+    "smoke": Preset(
+        name="smoke", vocab_size=512, hidden_size=32, intermediate_size=64, num_layers=2,
+        num_heads=4, num_kv_heads=2, num_experts=4, experts_per_token=2, seq_len=64,
+        batch_size=12, ancestor_steps=150, further_steps=40, ancestor_lr=3e-3, further_lr=1e-3,
+        aux_loss_coef=0.02, train_chars=150_000, eval_chars=20_000,
+    ),
+    "example": Preset(
+        name="example", vocab_size=1024, hidden_size=64, intermediate_size=192, num_layers=2,
+        num_heads=4, num_kv_heads=2, num_experts=8, experts_per_token=2, seq_len=128,
+        batch_size=12, ancestor_steps=300, further_steps=150, ancestor_lr=3e-3, further_lr=1e-3,
+        aux_loss_coef=0.02, train_chars=600_000, eval_chars=60_000,
+    ),
+    "benchmark": Preset(
+        name="benchmark", vocab_size=2048, hidden_size=128, intermediate_size=384, num_layers=4,
+        num_heads=4, num_kv_heads=2, num_experts=8, experts_per_token=2, seq_len=256,
+        batch_size=8, ancestor_steps=1000, further_steps=400, ancestor_lr=2e-3, further_lr=7e-4,
+        aux_loss_coef=0.02, train_chars=3_000_000, eval_chars=150_000,
+    ),
+}
+
+
+@dataclass
+class Testbed:
+    """Paths of a complete, cached testbed and its report."""
+
+    root: Path
+    tokenizer: Path
+    ancestor: Path
+    moe: Path
+    twin: Path
+    calib_dir: Path
+    test_dir: Path
+    report: dict
+
+
+# --------------------------------------------------------------------------------------- data
+
+
+def collect_documents() -> dict[str, Documents]:
+    """The three domains as sorted ``(name, text)`` documents from this Python installation."""
+    from pydoc_data.topics import topics
+
+    paths = sysconfig.get_paths()
+    stdlib, include = Path(paths["stdlib"]), Path(paths["include"])
+    skip = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
+    code = [
+        p for p in stdlib.rglob("*.py") if not skip & set(p.relative_to(stdlib).parts[:-1])
+    ]
+    return {
+        "code": sorted((str(p.relative_to(stdlib)), _read(p)) for p in code),
+        "docs": sorted(topics.items()),
+        "c": sorted((str(p.relative_to(include)), _read(p)) for p in include.rglob("*.h")),
+    }
+
+
+def _read(path: Path) -> str:
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+def split_of(domain: str, name: str) -> str:
+    """Deterministic split of a document from a hash of its name: 80% train, 10% calib, 10% test."""
+    bucket = int(hashlib.sha256(f"{domain}/{name}".encode()).hexdigest(), 16) % 10
+    return "train" if bucket < 8 else "calib" if bucket == 8 else "test"
+
+
+def split_documents(
+    documents: dict[str, Documents], preset: Preset
+) -> dict[str, dict[str, Documents]]:
+    """``splits[split][domain]`` -> documents, in hash order, capped at the preset's size.
+
+    Hash order (not name order) so that a cap samples the whole domain, not its first folders.
+    The last document that crosses the cap is truncated to fit.
+    """
+    caps = {"train": preset.train_chars, "calib": preset.eval_chars, "test": preset.eval_chars}
+    splits = {split: {d: [] for d in DOMAINS} for split in SPLITS}
+    for domain, docs in documents.items():
+        used = dict.fromkeys(SPLITS, 0)
+        for name, text in sorted(docs, key=lambda doc: hashlib.sha256(doc[0].encode()).digest()):
+            split = split_of(domain, name)
+            room = caps[split] - used[split]
+            if room > 0 and text.strip():
+                splits[split][domain].append((name, text[:room]))
+                used[split] += len(text[:room])
+    return splits
+
+
+def join(docs: Documents) -> str:
+    """A split as one text, documents separated by blank lines: the format of the data files."""
+    return "\n\n".join(text.strip("\n") for _, text in docs) + "\n"
+
+
+# ---------------------------------------------------------------------------------- tokenizer
+
+
+def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE (no unknown bytes, like GPT-2/Llama-3) trained on the train split."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        unk_token="<unk>",
+    )
+
+
+def encode(tokenizer: PreTrainedTokenizerFast, text: str) -> torch.Tensor:
+    """Token ids of a split's text file, one stream (documents already blank-line separated)."""
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+
+def windows(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Non-overlapping ``[n, seq_len]`` windows of a stream; the tail is dropped."""
+    n = len(ids) // seq_len
+    return ids[: n * seq_len].view(n, seq_len)
+
+
+class Batches:
+    """Domain-balanced training batches: chunk ``g`` is from domain ``g % 3``.
+
+    A global chunk counter means the ancestor and the further phase read disjoint tokens (as far
+    as the data lasts, then they cycle) and the MoE and the twin read exactly the same ones.
+    """
+
+    def __init__(self, chunks: list[torch.Tensor], batch_size: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        self.chunks = [c[torch.randperm(len(c), generator=g)] for c in chunks]
+        self.batch_size = batch_size
+
+    def batch(self, step: int) -> torch.Tensor:
+        rows = []
+        for g in range(step * self.batch_size, (step + 1) * self.batch_size):
+            domain = self.chunks[g % len(self.chunks)]
+            rows.append(domain[(g // len(self.chunks)) % len(domain)])
+        return torch.stack(rows)
+
+
+# ------------------------------------------------------------------------------------- models
+
+
+def ancestor_config(preset: Preset, tokenizer) -> MistralConfig:
+    return MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=preset.hidden_size,
+        intermediate_size=preset.intermediate_size,
+        num_hidden_layers=preset.num_layers,
+        num_attention_heads=preset.num_heads,
+        num_key_value_heads=preset.num_kv_heads,
+        head_dim=preset.hidden_size // preset.num_heads,
+        max_position_embeddings=preset.seq_len,
+        sliding_window=None,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def moe_config(preset: Preset, dense: MistralConfig) -> MixtralConfig:
+    """The ancestor's config with its MLP replaced by ``num_experts`` experts of the same size."""
+    keys = (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+        "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
+        "sliding_window", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id",
+    )
+    return MixtralConfig(
+        **{k: getattr(dense, k) for k in keys},
+        num_local_experts=preset.num_experts,
+        num_experts_per_tok=preset.experts_per_token,
+        router_aux_loss_coef=preset.aux_loss_coef,
+        output_router_logits=False,
+    )
+
+
+def upcycle(ancestor: MistralForCausalLM, preset: Preset) -> MixtralForCausalLM:
+    """Sparse upcycling (Komatsuzaki et al., 2022): every expert starts as the ancestor's MLP.
+
+    Non-MLP weights are copied unchanged; routers get a small random init; a tiny noise on each
+    expert breaks the symmetry so that the load-balancing loss can pull experts apart.
+    """
+    moe = MixtralForCausalLM(moe_config(preset, ancestor.config))
+    dense = ancestor.state_dict()
+    state = moe.state_dict()
+    for name, value in dense.items():
+        if ".mlp." not in name:
+            state[name] = value.clone()
+    for layer in range(preset.num_layers):
+        mlp = f"model.layers.{layer}.mlp"
+        gate_up = torch.cat([dense[f"{mlp}.gate_proj.weight"], dense[f"{mlp}.up_proj.weight"]])
+        down = dense[f"{mlp}.down_proj.weight"]
+        for key, weight in (("gate_up_proj", gate_up), ("down_proj", down)):
+            experts = weight.expand(preset.num_experts, *weight.shape)
+            noise = preset.expert_noise * weight.std() * torch.randn_like(experts)
+            state[f"{mlp}.experts.{key}"] = experts + noise
+        state[f"{mlp}.gate.weight"] = 0.02 * torch.randn(preset.num_experts, preset.hidden_size)
+    moe.load_state_dict(state)
+    return moe
+
+
+def train(model, batches: Batches, first_step: int, steps: int, lr: float, desc: str) -> float:
+    """AdamW with linear warmup and cosine decay; causal LM loss (+ router aux loss for MoE).
+
+    Returns the mean loss of the last 10% of steps.
+    """
+    is_moe = isinstance(model, MixtralForCausalLM)
+    extra = {"output_router_logits": True} if is_moe else {}
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
+    warmup = max(1, steps // 20)
+
+    def lr_factor(step: int) -> float:  # linear warmup, then cosine decay to 10%
+        return min((step + 1) / warmup, 0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    model.train()
+    losses = []
+    for step in (bar := tqdm(range(steps), desc=desc, file=sys.stderr)):
+        ids = batches.batch(first_step + step)
+        loss = model(input_ids=ids, labels=ids, **extra).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        schedule.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    model.eval()
+    tail = losses[-max(1, steps // 10) :]
+    return sum(tail) / len(tail)
+
+
+# ------------------------------------------------------------------------------------- report
+
+
+@torch.no_grad()
+def perplexity(model, ids: torch.Tensor, seq_len: int, batch_size: int = 16) -> float:
+    """exp(mean next-token NLL) over non-overlapping windows of a token stream."""
+    model.eval()
+    data = windows(ids, seq_len)
+    nll, count = 0.0, 0
+    for start in range(0, len(data), batch_size):
+        batch = data[start : start + batch_size]
+        logits = model(input_ids=batch).logits[:, :-1].float()
+        nll += F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+        ).item()
+        count += batch[:, 1:].numel()
+    return math.exp(nll / count)
+
+
+def _mean_offdiag_cosine(x: torch.Tensor) -> float:
+    x = F.normalize(x, dim=1)
+    sim = x @ x.T
+    n = len(x)
+    return ((sim.sum() - sim.diagonal().sum()) / (n * (n - 1))).item()
+
+
+@torch.no_grad()
+def expert_drift(moe: MixtralForCausalLM, ancestor: MistralForCausalLM) -> dict:
+    """Per layer: mean pairwise cosine between experts, and mean cosine of experts to the ancestor.
+
+    Each expert is flattened as [gate; up; down], the same order as the ancestor's MLP. Right
+    after upcycling both are ~1; further training lowers them as experts specialise.
+    """
+    pairwise, to_ancestor = [], []
+    for moe_layer, dense_layer in zip(moe.model.layers, ancestor.model.layers):
+        experts = moe_layer.mlp.experts
+        flat = torch.cat([experts.gate_up_proj.flatten(1), experts.down_proj.flatten(1)], dim=1)
+        mlp = dense_layer.mlp
+        dense = torch.cat([mlp.gate_proj.weight.flatten(), mlp.up_proj.weight.flatten(),
+                           mlp.down_proj.weight.flatten()])
+        pairwise.append(_mean_offdiag_cosine(flat))
+        to_ancestor.append(F.cosine_similarity(flat, dense[None], dim=1).mean().item())
+    return {"expert_pairwise_cosine": pairwise, "expert_to_ancestor_cosine": to_ancestor}
+
+
+@torch.no_grad()
+def router_frequency(moe: MixtralForCausalLM, ids: torch.Tensor, seq_len: int) -> list[list[float]]:
+    """Per layer, the fraction of top-k selections that went to each expert."""
+    k, n = moe.config.num_experts_per_tok, moe.config.num_local_experts
+    counts = torch.zeros(moe.config.num_hidden_layers, n)
+    data = windows(ids, seq_len)
+    for start in range(0, len(data), 16):
+        logits = moe(input_ids=data[start : start + 16], output_router_logits=True).router_logits
+        for layer, layer_logits in enumerate(logits):
+            chosen = layer_logits.topk(k, dim=-1).indices.flatten()
+            counts[layer] += torch.bincount(chosen, minlength=n)
+    return (counts / counts.sum(dim=1, keepdim=True)).tolist()
+
+
+# -------------------------------------------------------------------------------------- build
+
+
+def recipe_hash(preset: Preset) -> str:
+    """Short hash of everything the build depends on: preset, recipe version, Python's sources."""
+    recipe = {
+        "preset": dataclasses.asdict(preset), "version": RECIPE_VERSION, "python": sys.version,
+    }
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("MOE2DENSE_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "mergekit-moe2dense" / "testbed"
+
+
+def _testbed(root: Path) -> Testbed:
+    return Testbed(
+        root=root, tokenizer=root / "tokenizer", ancestor=root / "ancestor", moe=root / "moe",
+        twin=root / "twin", calib_dir=root / "data" / "calib", test_dir=root / "data" / "test",
+        report=json.loads((root / "testbed_report.json").read_text()),
+    )
+
+
+def build_testbed(
+    preset: str | Preset, cache_dir: str | Path | None = None, force: bool = False
+) -> Testbed:
+    """Build (or reuse) the testbed at ``<cache_dir>/<preset>-<recipe hash>``.
+
+    The build goes to a temporary sibling directory that is renamed into place only when
+    complete, so an interrupted build never looks complete.
+    """
+    preset = PRESETS[preset] if isinstance(preset, str) else preset
+    base = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    root = base / f"{preset.name}-{recipe_hash(preset)}"
+    if (root / "testbed_report.json").exists() and not force:
+        return _testbed(root)
+    base.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=base))
+    try:
+        _build(preset, tmp)
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return _testbed(root)
+
+
+def _build(preset: Preset, out: Path) -> None:
+    """The whole recipe: data -> tokenizer -> ancestor -> MoE and twin -> report."""
+    seconds, start = {}, time.time()  # wall time per phase, in the report
+    torch.manual_seed(preset.seed)
+    splits = split_documents(collect_documents(), preset)
+    names = {s: {d: [name for name, _ in splits[s][d]] for d in DOMAINS} for s in SPLITS}
+    (out / "data").mkdir()
+    (out / "data" / "documents.json").write_text(json.dumps(names, indent=1))
+    texts = {(split, d): join(splits[split][d]) for split in SPLITS for d in DOMAINS}
+    for (split, domain), text in texts.items():
+        if split != "train":  # calibration and evaluation read these files
+            (out / "data" / split).mkdir(exist_ok=True)
+            (out / "data" / split / f"{domain}.txt").write_text(text, encoding="utf-8")
+
+    train_docs = [text for d in DOMAINS for _, text in splits["train"][d]]
+    tokenizer = train_tokenizer(train_docs, preset.vocab_size)
+    tokenizer.save_pretrained(out / "tokenizer")
+    ids = {key: encode(tokenizer, text) for key, text in texts.items()}
+    batches = Batches([windows(ids["train", d], preset.seq_len) for d in DOMAINS],
+                      preset.batch_size, preset.seed)
+
+    seconds["data_and_tokenizer"] = time.time() - start
+
+    ancestor = MistralForCausalLM(ancestor_config(preset, tokenizer))
+    losses = {}
+    losses["ancestor"] = train(
+        ancestor, batches, 0, preset.ancestor_steps, preset.ancestor_lr, "ancestor"
+    )
+    seconds["ancestor"] = time.time() - start - sum(seconds.values())
+    moe = upcycle(ancestor, preset)
+    twin = MistralForCausalLM(ancestor.config)
+    twin.load_state_dict(ancestor.state_dict())
+    for name, model in (("moe", moe), ("twin", twin)):
+        losses[name] = train(model, batches, preset.ancestor_steps, preset.further_steps,
+                             preset.further_lr, name)
+        seconds[name] = time.time() - start - sum(seconds.values())
+    models = {"ancestor": ancestor, "moe": moe, "twin": twin}
+    for name, model in models.items():
+        model.save_pretrained(out / name)
+        tokenizer.save_pretrained(out / name)
+
+    report = {
+        "preset": dataclasses.asdict(preset),
+        "recipe_hash": recipe_hash(preset),
+        "vocab_size": len(tokenizer),
+        "data": {
+            s: {d: {"documents": len(splits[s][d]), "tokens": len(ids[s, d])} for d in DOMAINS}
+            for s in SPLITS
+        },
+        "final_train_loss": losses,
+        "drift": expert_drift(moe, ancestor),
+        "router_frequency": {
+            d: router_frequency(moe, ids["calib", d], preset.seq_len) for d in DOMAINS
+        },
+        "perplexity": {
+            name: {d: perplexity(model, ids["test", d], preset.seq_len) for d in DOMAINS}
+            for name, model in models.items()
+        },
+    }
+    seconds["save_and_report"] = time.time() - start - sum(seconds.values())
+    report["build_seconds"] = {k: round(v, 1) for k, v in seconds.items()}
+    report["build_seconds"]["total"] = round(time.time() - start, 1)
+    (out / "testbed_report.json").write_text(json.dumps(report, indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="example")
+    parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--force", action="store_true", help="rebuild even if cached")
+    args = parser.parse_args(argv)
+    tb = build_testbed(args.preset, args.cache_dir, args.force)
+    for field in ("root", "tokenizer", "ancestor", "moe", "twin", "calib_dir", "test_dir"):
+        print(f"{field:10s} {getattr(tb, field)}")
+    print(json.dumps(tb.report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
