@@ -126,3 +126,11 @@ def logits_of(path, input_ids: torch.Tensor) -> torch.Tensor:
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(input_ids=input_ids).logits
+
+
+@pytest.fixture(scope="session")
+def smoke_testbed(tmp_path_factory):
+    """The trained smoke testbed (benchmarks/testbed.py), built once per session."""
+    from benchmarks.testbed import build_testbed
+
+    return build_testbed("smoke", cache_dir=tmp_path_factory.mktemp("testbed"))

@@ -17,8 +17,8 @@ PRESET = PRESETS["smoke"]
 
 
 @pytest.fixture(scope="module")
-def testbed(tmp_path_factory):
-    return build_testbed("smoke", cache_dir=tmp_path_factory.mktemp("testbed"))
+def testbed(smoke_testbed):
+    return smoke_testbed
 
 
 def test_models_load_offline(testbed):

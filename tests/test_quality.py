@@ -1,0 +1,17 @@
+# Copyright (C) 2026 the mergekit-moe2dense authors
+# SPDX-License-Identifier: LGPL-3.0-only
+"""The quality benchmark runs end to end on the smoke testbed, so it cannot rot."""
+
+from benchmarks import quality
+
+
+def test_quality_benchmark_smoke(smoke_testbed, tmp_path):
+    report = quality.run(
+        "smoke", cache_dir=str(smoke_testbed.root.parent), grid=False, max_tokens=500, write_docs=False, work_dir=str(tmp_path)
+    )
+    lines = report.splitlines()
+    for label in ("MoE", "ancestor (dense)", "dense twin", "expert_uniform", "router_weighted mean_logit", "top_k_tempered"):
+        assert any(line.startswith(f"| {label}") for line in lines), label
+    moe_row = next(line for line in lines if line.startswith("| MoE"))
+    assert "| 1.000 |" in moe_row
+    assert "Best calibrated method" in report
