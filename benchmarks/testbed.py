@@ -122,7 +122,7 @@ PRESETS = {  # build times: see the module docstring
     "benchmark": Preset(
         name="benchmark", vocab_size=2048, hidden_size=128, intermediate_size=384, num_layers=4,
         num_heads=4, num_kv_heads=2, num_experts=8, experts_per_token=2, seq_len=256,
-        batch_size=8, ancestor_steps=1000, further_steps=400, ancestor_lr=2e-3, further_lr=7e-4,
+        batch_size=8, ancestor_steps=1000, further_steps=500, ancestor_lr=2e-3, further_lr=1.5e-3,
         aux_loss_coef=0.02, train_chars=3_000_000, eval_chars=150_000,
     ),
 }
