@@ -98,7 +98,7 @@ def evaluate(models, data_paths, seq_len, stride, batch_size, max_tokens, device
 @click.option("--data", default=None, help="Router usage from a short calibration on this text (.txt/.jsonl/.parquet, a directory, or a datasets name).")
 @click.option("--num-samples", default=32, show_default=True, help="Calibration sequences (with --data).")
 @click.option("--seq-len", default=256, show_default=True, help="Tokens per calibration sequence (with --data).")
-@click.option("--device", default="cpu", show_default=True, help="Device of the calibration forward (with --data).")
+@click.option("--device", default="cpu", show_default=True, help="Device of the unit-matching products and of the calibration forward.")
 @click.option("--max-units", default=512, show_default=True, help="Hidden units per expert matched (a random subsample when wider).")
 @click.option("--heatmap", "heatmap_path", type=click.Path(dir_okay=False), default=None, help="Write per-layer expert cosine heatmaps to this PNG.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON.")

@@ -58,6 +58,7 @@ __all__ = [
     "LayerInspection",
     "chance_matched_similarity",
     "cosine_matrix",
+    "expert_pairs",
     "gram_cosine",
     "inspect_moe",
     "layer_verdict",
@@ -99,7 +100,7 @@ def unit_vectors(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> to
     A permutation of the hidden units permutes these rows and leaves the expert's
     function unchanged, so matching rows is matching units.
     """
-    units = torch.cat([gate, up, down.T], dim=1).double()
+    units = torch.cat([gate, up, down.T], dim=1).float()  # float32: [I, 3H] per expert adds up
     return units / units.norm(dim=1, keepdim=True).clamp_min(1e-30)
 
 
@@ -110,7 +111,7 @@ def matched_unit_similarity(a: torch.Tensor, b: torch.Tensor) -> tuple[float, fl
     or, in general, given in B's order); `matched` uses the one-to-one assignment of
     A's rows to B's rows maximising the total cosine.
     """
-    cost = a @ b.T
+    cost = (a @ b.T).double().cpu()
     rows, cols = linear_sum_assignment(cost.numpy(), maximize=True)
     identity = cost.diagonal().mean().item()
     return identity, cost[rows, cols].mean().item()
@@ -119,7 +120,7 @@ def matched_unit_similarity(a: torch.Tensor, b: torch.Tensor) -> tuple[float, fl
 def chance_matched_similarity(a: torch.Tensor, num_units: int, seed: int = 0) -> float:
     """Matched similarity of A's units to `num_units` random Gaussian units: the null level."""
     generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn(num_units, a.shape[1], generator=generator, dtype=a.dtype)
+    noise = torch.randn(num_units, a.shape[1], generator=generator, dtype=a.dtype).to(a.device)
     noise = noise / noise.norm(dim=1, keepdim=True)
     return matched_unit_similarity(a, noise)[1]
 
@@ -263,28 +264,39 @@ def _layer_tensors(loader, layer) -> Dict[str, torch.Tensor]:
     return {p: torch.stack([read(expert[p]) for expert in layer.experts]) for p in PROJECTIONS}
 
 
-def _inspect_layer(tensors: Dict[str, torch.Tensor], index: int, max_units: int, seed: int) -> LayerInspection:
+def expert_pairs(num_experts: int) -> List[tuple[int, int]]:
+    """The ring (e, e+1 mod E): E matchings per layer instead of E(E-1)/2, each expert in two."""
+    if num_experts == 2:
+        return [(0, 1)]
+    return [(e, (e + 1) % num_experts) for e in range(num_experts)]
+
+
+def _inspect_layer(
+    tensors: Dict[str, torch.Tensor], index: int, max_units: int, seed: int, device: str = "cpu"
+) -> LayerInspection:
     num_experts = tensors["gate"].shape[0]
-    grams = {p: (lambda x: x @ x.T)(tensors[p].reshape(num_experts, -1).double()) for p in PROJECTIONS}
+    flat = {p: tensors[p].reshape(num_experts, -1).float() for p in PROJECTIONS}
+    grams = {p: (flat[p] @ flat[p].T).double() for p in PROJECTIONS}
     grams["all"] = sum(grams[p] for p in PROJECTIONS)
     off = ~torch.eye(num_experts, dtype=torch.bool)
     cosines = {name: gram_cosine(gram) for name, gram in grams.items()}
-    units = [unit_vectors(tensors["gate"][e], tensors["up"][e], tensors["down"][e]) for e in range(num_experts)]
-    width = units[0].shape[0]
-    # Matching costs O(k^2 I): compare a fixed random subsample of k units of A with all of B.
+    width = tensors["gate"].shape[1]
+    # Matching costs a [k, I] cost matrix per pair: a fixed random subsample of k units of A
+    # is matched into all I units of B. Units are reordered with the sampled ones first, so
+    # "identity" pairs unit i of A with unit i of B.
     pick = torch.randperm(width, generator=torch.Generator().manual_seed(seed))[: min(max_units, width)].sort().values
-    # B's units are reordered with the sampled ones first, so "identity" pairs unit i with unit i.
     rest = torch.ones(width, dtype=torch.bool)
     rest[pick] = False
     order = torch.cat([pick, rest.nonzero().flatten()])
-    identity, matched = [], []
-    for a in range(num_experts):
-        for b in range(a + 1, num_experts):
-            same, best = matched_unit_similarity(units[a][pick], units[b][order])
-            identity.append(same)
-            matched.append(best)
-    mean_identity, mean_matched = sum(identity) / len(identity), sum(matched) / len(matched)
-    chance = chance_matched_similarity(units[0][pick], width, seed=seed)
+    units = [
+        unit_vectors(tensors["gate"][e][order], tensors["up"][e][order], tensors["down"][e][:, order]).to(device)
+        for e in range(num_experts)
+    ]
+    k = len(pick)
+    scores = [matched_unit_similarity(units[a][:k], units[b]) for a, b in expert_pairs(num_experts)]
+    mean_identity = sum(s[0] for s in scores) / len(scores)
+    mean_matched = sum(s[1] for s in scores) / len(scores)
+    chance = chance_matched_similarity(units[0][:k], width, seed=seed)
     return LayerInspection(
         layer=index,
         weight_cosine={name: cos[off].mean().item() for name, cos in cosines.items()},
@@ -293,7 +305,7 @@ def _inspect_layer(tensors: Dict[str, torch.Tensor], index: int, max_units: int,
         unit_matched=mean_matched,
         unit_chance=chance,
         verdict=layer_verdict(mean_identity, mean_matched, chance),
-        units_compared=len(pick),
+        units_compared=k,
     )
 
 
@@ -355,7 +367,7 @@ def inspect_moe(
     loader = source.reference.lazy_loader()
     results = []
     for layer in tqdm.tqdm(layers, desc="Inspecting", unit="layer", disable=not progress):
-        results.append(_inspect_layer(_layer_tensors(loader, layer), layer.index, max_units, seed))
+        results.append(_inspect_layer(_layer_tensors(loader, layer), layer.index, max_units, seed, device))
     if stats is not None:
         share = stats.selection_frequency / stats.top_k
         entropy = normalized_entropy(stats.mean_probs)
