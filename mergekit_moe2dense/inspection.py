@@ -60,6 +60,7 @@ __all__ = [
     "cosine_matrix",
     "expert_pairs",
     "gram_cosine",
+    "inspect_layer",
     "inspect_moe",
     "layer_verdict",
     "matched_unit_similarity",
@@ -271,9 +272,10 @@ def expert_pairs(num_experts: int) -> List[tuple[int, int]]:
     return [(e, (e + 1) % num_experts) for e in range(num_experts)]
 
 
-def _inspect_layer(
+def inspect_layer(
     tensors: Dict[str, torch.Tensor], index: int, max_units: int, seed: int, device: str = "cpu"
 ) -> LayerInspection:
+    """Weight cosine, unit similarity and verdict of one layer's experts {proj: [E, ...]}."""
     num_experts = tensors["gate"].shape[0]
     flat = {p: tensors[p].reshape(num_experts, -1).float() for p in PROJECTIONS}
     grams = {p: (flat[p] @ flat[p].T).double() for p in PROJECTIONS}
@@ -367,7 +369,7 @@ def inspect_moe(
     loader = source.reference.lazy_loader()
     results = []
     for layer in tqdm.tqdm(layers, desc="Inspecting", unit="layer", disable=not progress):
-        results.append(_inspect_layer(_layer_tensors(loader, layer), layer.index, max_units, seed, device))
+        results.append(inspect_layer(_layer_tensors(loader, layer), layer.index, max_units, seed, device))
     if stats is not None:
         share = stats.selection_frequency / stats.top_k
         entropy = normalized_entropy(stats.mean_probs)
