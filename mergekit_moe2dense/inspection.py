@@ -106,11 +106,11 @@ def unit_vectors(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> to
 
 
 def matched_unit_similarity(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
-    """(identity, matched) mean cosine of A's units [k, D] to B's units [I, D], unit-normalised.
+    """(identity, matched) mean cosine of A's units [k, D] to B's units [I >= k, D], unit-normalised.
 
-    `identity` pairs row i with row i (A may be a subsample: its rows are B's first k
-    or, in general, given in B's order); `matched` uses the one-to-one assignment of
-    A's rows to B's rows maximising the total cosine.
+    `identity` pairs row i of A with row i of B (A may be a subsample of k units, put
+    first in both); `matched` uses the one-to-one assignment of A's rows to B's rows
+    that maximises the total cosine (Hungarian algorithm).
     """
     cost = (a @ b.T).double().cpu()
     rows, cols = linear_sum_assignment(cost.numpy(), maximize=True)
@@ -311,13 +311,24 @@ def inspect_layer(
     )
 
 
-def _calibrate(source, data: str, *, num_samples: int, seq_len: int, batch_size: int, device: str):
-    from mergekit_moe2dense.calibration import collect_router_statistics, load_calibration_batches, load_moe
+def _calibration_config(data: str, **values):
+    from pydantic import ValidationError
+
     from mergekit_moe2dense.config import CalibrationConfig
 
-    calibration = CalibrationConfig(dataset=data, num_samples=num_samples, seq_len=seq_len, batch_size=batch_size)
+    try:
+        return CalibrationConfig(dataset=data, **values)
+    except ValidationError as error:
+        first = error.errors()[0]
+        raise InspectionError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+
+
+def _calibrate(source, calibration, device: str):
+    from mergekit_moe2dense.calibration import collect_router_statistics, load_calibration_batches, load_moe
+
     _, batches = load_calibration_batches(source.path, calibration)
-    model = load_moe(source.path, device=device, dtype=torch.float32)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model = load_moe(source.path, device=device, dtype=dtype)
     try:
         return collect_router_statistics(model, source.family, batches, max_token_samples=0, device=device, progress=False)
     finally:
@@ -353,6 +364,9 @@ def inspect_moe(
         raise InspectionError("give --stats or --data, not both")
     if max_units < 1:
         raise InspectionError(f"max_units must be at least 1 (got {max_units})")
+    calibration = (
+        _calibration_config(data, num_samples=num_samples, seq_len=seq_len, batch_size=batch_size) if data else None
+    )
     _check_output(heatmap_path, "heatmap")
     _check_output(json_path, "JSON output")
     source = SourceModel.open(ModelReference.parse(model_path))
@@ -362,7 +376,7 @@ def inspect_moe(
         stats = RouterStatistics.load(stats_path)
         stats.check_model(source.fingerprint(layers), stats_path)
     elif data:
-        stats = _calibrate(source, data, num_samples=num_samples, seq_len=seq_len, batch_size=batch_size, device=device)
+        stats = _calibrate(source, calibration, device)
 
     import tqdm
 

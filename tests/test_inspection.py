@@ -172,6 +172,8 @@ def test_cli_prints_table_and_writes_png_and_json(upcycled_moe, calib_dir, tmp_p
         (["--stats", "x.safetensors", "--data", "y"], "--stats or --data"),
         (["--heatmap", "/nonexistent/dir/cos.png"], "does not exist"),
         (["--stats", "missing.safetensors"], "statistics file not found"),
+        (["--data", "x.txt", "--num-samples", "0"], "num_samples"),
+        (["--max-units", "0"], "max_units"),
     ],
 )
 def test_cli_errors_are_one_line(random_moe, args, fragment):
