@@ -45,10 +45,22 @@ from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 import torch
+import tqdm
+from mergekit.common import ModelReference
+from pydantic import ValidationError
 from scipy.optimize import linear_sum_assignment
 
+from mergekit_moe2dense.calibration import (
+    RouterStatistics,
+    collect_router_statistics,
+    load_calibration_batches,
+    load_moe,
+)
+from mergekit_moe2dense.checkpoint import SourceModel
+from mergekit_moe2dense.config import CalibrationConfig
 from mergekit_moe2dense.errors import Moe2DenseError
 from mergekit_moe2dense.families import PROJECTIONS
+from mergekit_moe2dense.methods import METHODS
 
 __all__ = [
     "ALIGNED_RATIO",
@@ -184,14 +196,15 @@ class InspectionReport:
         routed = self.router_tokens is not None
         header = ["layer", "cos gate", "cos up", "cos down", "unit id", "matched", "chance", "verdict"]
         if routed:
-            header += ["entropy", "max share"]
+            header += ["entropy", "min share", "max share"]
         rows = [header]
         for layer in self.layers:
             cos = layer.weight_cosine
             row = [str(layer.layer)] + [f"{cos[p]:.3f}" for p in PROJECTIONS]
             row += [f"{layer.unit_identity:.3f}", f"{layer.unit_matched:.3f}", f"{layer.unit_chance:.3f}", layer.verdict]
             if routed:
-                row += [f"{layer.routing_entropy:.3f}", f"{max(layer.selection_share):.3f}"]
+                share = layer.selection_share
+                row += [f"{layer.routing_entropy:.3f}", f"{min(share):.3f}", f"{max(share):.3f}"]
             rows.append(row)
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
         lines = ["  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in rows]
@@ -201,8 +214,6 @@ class InspectionReport:
 
 
 def _suggest(verdict: str) -> tuple[List[str], str]:
-    from mergekit_moe2dense.methods import METHODS
-
     if verdict == "aligned":
         names, message = AVERAGING_METHODS + SELECTION_METHODS, (
             "experts share an ancestor with aligned hidden units (as in sparse upcycling): "
@@ -220,15 +231,14 @@ def _suggest(verdict: str) -> tuple[List[str], str]:
 
 def plot_heatmap(report: InspectionReport, path: str) -> None:
     """One panel per MoE layer: the E x E cosine of the experts' weights."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure renders with Agg and leaves pyplot's global backend alone.
+    from matplotlib.figure import Figure
 
     count = len(report.layers)
     cols = min(count, 8)
     rows = math.ceil(count / cols)
-    figure, axes = plt.subplots(rows, cols, figsize=(2.2 * cols + 1, 2.2 * rows + 0.6), squeeze=False)
+    figure = Figure(figsize=(2.2 * cols + 1, 2.2 * rows + 0.6))
+    axes = figure.subplots(rows, cols, squeeze=False)
     for ax in axes.flat[count:]:
         ax.axis("off")
     for ax, layer in zip(axes.flat, report.layers):
@@ -239,7 +249,6 @@ def plot_heatmap(report: InspectionReport, path: str) -> None:
     figure.colorbar(image, ax=axes, shrink=0.8, label="expert weight cosine")
     figure.suptitle(f"{report.model}: {report.verdict}", fontsize=10)
     figure.savefig(path, dpi=100)
-    plt.close(figure)
 
 
 # -- reading a model -----------------------------------------------------------------
@@ -314,10 +323,6 @@ def inspect_layer(
 
 
 def _calibration_config(data: str, **values):
-    from pydantic import ValidationError
-
-    from mergekit_moe2dense.config import CalibrationConfig
-
     try:
         return CalibrationConfig(dataset=data, **values)
     except ValidationError as error:
@@ -326,8 +331,6 @@ def _calibration_config(data: str, **values):
 
 
 def _calibrate(source, calibration, device: str):
-    from mergekit_moe2dense.calibration import collect_router_statistics, load_calibration_batches, load_moe
-
     _, batches = load_calibration_batches(source.path, calibration)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model = load_moe(source.path, device=device, dtype=dtype)
@@ -357,11 +360,6 @@ def inspect_moe(
     Expert tensors are read lazily, one layer at a time. Outputs are validated before
     any tensor is read and written only at the end.
     """
-    from mergekit.common import ModelReference
-
-    from mergekit_moe2dense.calibration import RouterStatistics
-    from mergekit_moe2dense.checkpoint import SourceModel
-
     if stats_path and data:
         raise InspectionError("give --stats or --data, not both")
     if max_units < 1:
@@ -379,8 +377,6 @@ def inspect_moe(
         stats.check_model(source.fingerprint(layers), stats_path)
     elif data:
         stats = _calibrate(source, calibration, device)
-
-    import tqdm
 
     loader = source.reference.lazy_loader()
     results = []
