@@ -18,13 +18,15 @@ Per layer this measures, from the weights alone (no forward pass):
   cosine of unit i of A with unit i of B, `matched` the mean cosine after the best
   one-to-one matching of units (Hungarian algorithm, `linear_sum_assignment`), and
   `chance` the matched similarity of A's units to random Gaussian units of the same
-  shape: what matching finds between unrelated experts of this size;
+  shape: what matching finds between unrelated experts of this size. Averaged over a
+  ring of expert pairs (`expert_pairs`), with a random subsample of A's units (`max_units`)
+  matched into all of B's, since each matching costs a [k, I] product over 3H;
 
 and, from router statistics, each expert's share of selections and the normalised
 entropy H(mean routing probabilities) / log E.
 
 Verdict per layer (thresholds calibrated on upcycled vs independent tiny Mixtrals
-in tests/test_inspection.py):
+in tests/test_inspection.py and on synthetic experts in docs/inspect.md):
 
 - `unrelated`: matched - chance < MIN_EXCESS: even the best permutation finds no
   more shared structure than between random experts;
@@ -42,7 +44,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import torch
 import tqdm
