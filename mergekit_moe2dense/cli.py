@@ -4,6 +4,7 @@
 
     mergekit-moe2dense CONFIG OUT [--stats FILE] [--overwrite] [mergekit's merge options]
     mergekit-moe2dense eval MODEL [MODEL ...] --data PATH [--seq-len N] [--json FILE]
+    mergekit-moe2dense inspect MOE [--stats FILE | --data PATH] [--heatmap PNG] [--json FILE]
 
 Library errors (`Moe2DenseError`) become one-line messages and exit status 1.
 """
@@ -89,3 +90,33 @@ def evaluate(models, data_paths, seq_len, stride, batch_size, max_tokens, device
     click.echo(format_results_table(results, reference=reference or models[0]))
     if json_path:
         write_results_json(results, json_path)
+
+
+@main.command("inspect")
+@click.argument("model")
+@click.option("--stats", "stats_path", type=click.Path(dir_okay=False), default=None, help="Router usage from a router_stats.safetensors of an earlier run.")
+@click.option("--data", default=None, help="Router usage from a short calibration on this text (.txt/.jsonl/.parquet, a directory, or a datasets name).")
+@click.option("--num-samples", default=32, show_default=True, help="Calibration sequences (with --data).")
+@click.option("--seq-len", default=256, show_default=True, help="Tokens per calibration sequence (with --data).")
+@click.option("--device", default="cpu", show_default=True, help="Device of the unit-matching products and of the calibration forward.")
+@click.option("--max-units", default=512, show_default=True, help="Hidden units per expert matched (a random subsample when wider).")
+@click.option("--heatmap", "heatmap_path", type=click.Path(dir_okay=False), default=None, help="Write per-layer expert cosine heatmaps to this PNG.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON.")
+@one_line_errors
+def inspect(model, stats_path, data, num_samples, seq_len, device, max_units, heatmap_path, json_path):
+    """Whether merging MOE's experts by averaging can work: expert similarity, router usage, verdict."""
+    from mergekit_moe2dense.inspection import inspect_moe
+
+    report = inspect_moe(
+        model,
+        stats_path=stats_path,
+        data=data,
+        num_samples=num_samples,
+        seq_len=seq_len,
+        device=device,
+        max_units=max_units,
+        heatmap_path=heatmap_path,
+        json_path=json_path,
+        progress=True,
+    )
+    click.echo(report.format_table())

@@ -74,9 +74,11 @@ def make_mixtral(
     identical: bool = False,
     layout: str = "legacy",
     seed: int = 0,
+    upcycle_noise: float = 0.0,
     **config_overrides,
 ) -> Path:
-    """Save a random tiny Mixtral; `identical` copies expert 0 into every expert."""
+    """Save a random tiny Mixtral; `identical` copies expert 0 into every expert, and
+    `upcycle_noise` then adds independent noise of that relative size to each (sparse upcycling)."""
     tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(seed)
     config = tiny_mixtral_config(len(tokenizer), **config_overrides)
@@ -91,6 +93,8 @@ def make_mixtral(
             if identical:
                 experts.gate_up_proj[:] = experts.gate_up_proj[0].clone()
                 experts.down_proj[:] = experts.down_proj[0].clone()
+            for weight in (experts.gate_up_proj, experts.down_proj):
+                weight.add_(upcycle_noise * weight.std() * torch.randn_like(weight))
     path.mkdir(parents=True, exist_ok=True)
     if layout == "legacy":
         model.save_pretrained(path)

@@ -1,0 +1,411 @@
+# Copyright (C) 2026 the mergekit-moe2dense authors
+# SPDX-License-Identifier: LGPL-3.0-only
+"""Can this MoE's experts be averaged? Weight similarity, unit matching, router usage.
+
+Averaging experts (`router_weighted`, `top_k_tempered`) only works when the experts
+share an ancestor *and* their hidden units are still in the same order, as after
+sparse upcycling (Komatsuzaki et al. 2022, arXiv:2212.05055): the average of two
+copies of one MLP with small differences is close to either. Experts trained from
+scratch are related at best up to a permutation of their hidden units (Git
+Re-Basin, Ainsworth et al. 2022, arXiv:2209.04836), and averaging them unaligned
+mixes unrelated units and destroys the layer.
+
+Per layer this measures, from the weights alone (no forward pass):
+
+- the mean pairwise cosine of the experts' flattened gate, up and down weights;
+- hidden-unit similarity: unit i of an expert is the vector
+  [gate[i, :], up[i, :], down[:, i]]; for two experts A and B, `identity` is the mean
+  cosine of unit i of A with unit i of B, `matched` the mean cosine after the best
+  one-to-one matching of units (Hungarian algorithm, `linear_sum_assignment`), and
+  `chance` the matched similarity of A's units to random Gaussian units of the same
+  shape: what matching finds between unrelated experts of this size. Averaged over a
+  ring of expert pairs (`expert_pairs`), with a random subsample of A's units (`max_units`)
+  matched into all of B's, since each matching costs a [k, I] product over 3H;
+
+and, from router statistics, each expert's share of selections and the normalised
+entropy H(mean routing probabilities) / log E.
+
+Verdict per layer (thresholds calibrated on upcycled vs independent tiny Mixtrals
+in tests/test_inspection.py and on synthetic experts in docs/inspect.md):
+
+- `unrelated`: matched - chance < MIN_EXCESS: even the best permutation finds no
+  more shared structure than between random experts;
+- `aligned`: otherwise, if identity >= ALIGNED_RATIO * matched: most of the shared
+  structure is already in place without permuting (a shared ancestor);
+- `permuted`: otherwise: related, but only after permuting units.
+
+The model's verdict is its worst layer's. Averaging methods are suggested only when
+it is `aligned`; otherwise selection/concatenation methods, with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+import tqdm
+from mergekit.common import ModelReference
+from pydantic import ValidationError
+from scipy.optimize import linear_sum_assignment
+
+from mergekit_moe2dense.calibration import (
+    RouterStatistics,
+    collect_router_statistics,
+    load_calibration_batches,
+    load_moe,
+)
+from mergekit_moe2dense.checkpoint import SourceModel
+from mergekit_moe2dense.config import CalibrationConfig
+from mergekit_moe2dense.errors import Moe2DenseError
+from mergekit_moe2dense.families import PROJECTIONS
+from mergekit_moe2dense.methods import METHODS
+
+__all__ = [
+    "ALIGNED_RATIO",
+    "MIN_EXCESS",
+    "InspectionError",
+    "InspectionReport",
+    "LayerInspection",
+    "chance_matched_similarity",
+    "cosine_matrix",
+    "expert_pairs",
+    "gram_cosine",
+    "inspect_layer",
+    "inspect_moe",
+    "layer_verdict",
+    "matched_unit_similarity",
+    "normalized_entropy",
+    "plot_heatmap",
+    "unit_vectors",
+]
+
+MIN_EXCESS = 0.1
+ALIGNED_RATIO = 0.5
+CHANCE_SEED_OFFSET = 982_451_653
+VERDICTS = ("aligned", "permuted", "unrelated")  # best to worst
+AVERAGING_METHODS = ("router_weighted", "top_k_tempered")
+SELECTION_METHODS = ("single_expert", "max_contribution", "concat")
+
+
+class InspectionError(Moe2DenseError, ValueError):
+    """Bad inspection input: conflicting options, unwritable output, mismatched statistics."""
+
+
+# -- pure math ---------------------------------------------------------------------
+
+
+def gram_cosine(gram: torch.Tensor) -> torch.Tensor:
+    """Cosine matrix from a Gram matrix G = X X^T: G_ij / sqrt(G_ii G_jj)."""
+    norms = gram.diagonal().clamp_min(1e-30).sqrt()
+    return gram / norms[:, None] / norms[None, :]
+
+
+def cosine_matrix(vectors: torch.Tensor) -> torch.Tensor:
+    """[N, N] pairwise cosine of the rows of [N, ...] (each row flattened), in float64."""
+    flat = vectors.reshape(vectors.shape[0], -1).double()
+    return gram_cosine(flat @ flat.T)
+
+
+def unit_vectors(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """[I, 3H]: hidden unit i of an expert is (gate[i, :], up[i, :], down[:, i]), unit-normalised.
+
+    A permutation of the hidden units permutes these rows and leaves the expert's
+    function unchanged, so matching rows is matching units.
+    """
+    units = torch.cat([gate, up, down.T], dim=1).float()  # float32: [I, 3H] per expert adds up
+    return units / units.norm(dim=1, keepdim=True).clamp_min(1e-30)
+
+
+def matched_unit_similarity(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """(identity, matched) mean cosine of A's units [k, D] to B's units [I >= k, D], unit-normalised.
+
+    `identity` pairs row i of A with row i of B (A may be a subsample of k units, put
+    first in both); `matched` uses the one-to-one assignment of A's rows to B's rows
+    that maximises the total cosine (Hungarian algorithm).
+    """
+    cost = (a @ b.T).double().cpu()
+    rows, cols = linear_sum_assignment(cost.numpy(), maximize=True)
+    identity = cost.diagonal().mean().item()
+    return identity, cost[rows, cols].mean().item()
+
+
+def chance_matched_similarity(a: torch.Tensor, num_units: int, seed: int = 0) -> float:
+    """Matched similarity of A's units to `num_units` random Gaussian units: the null level."""
+    # Offset: weights drawn from the same small seed (as in tests) would correlate with the noise.
+    generator = torch.Generator().manual_seed(CHANCE_SEED_OFFSET + seed)
+    noise = torch.randn(num_units, a.shape[1], generator=generator, dtype=a.dtype).to(a.device)
+    noise = noise / noise.norm(dim=1, keepdim=True)
+    return matched_unit_similarity(a, noise)[1]
+
+
+def normalized_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """H(p) / log E per row of [L, E] probabilities: 1 = uniform routing, 0 = one expert."""
+    p = probs.double() / probs.double().sum(-1, keepdim=True)
+    entropy = -(p * p.clamp_min(1e-300).log()).sum(-1)
+    return entropy / math.log(probs.shape[-1])
+
+
+def layer_verdict(identity: float, matched: float, chance: float) -> str:
+    """`aligned`, `permuted` or `unrelated` (see the module docstring for the rule)."""
+    if matched - chance < MIN_EXCESS:
+        return "unrelated"
+    return "aligned" if identity >= ALIGNED_RATIO * matched else "permuted"
+
+
+# -- the report --------------------------------------------------------------------
+
+
+@dataclass
+class LayerInspection:
+    layer: int
+    weight_cosine: Dict[str, float]  # mean off-diagonal cosine per projection and "all"
+    expert_cosine: List[List[float]]  # [E, E], all three projections together
+    unit_identity: float
+    unit_matched: float
+    unit_chance: float
+    verdict: str
+    units_compared: int  # units of each expert matched (a subsample when wider than max_units)
+    selection_share: Optional[List[float]] = None  # per expert, sums to 1
+    routing_entropy: Optional[float] = None
+
+
+@dataclass
+class InspectionReport:
+    model: str
+    num_experts: int
+    top_k: int
+    layers: List[LayerInspection]
+    verdict: str
+    suggested_methods: List[str]
+    message: str
+    router_tokens: Optional[int] = None
+    thresholds: Dict[str, float] = field(
+        default_factory=lambda: {"min_excess": MIN_EXCESS, "aligned_ratio": ALIGNED_RATIO}
+    )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def write_json(self, path: str) -> None:
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(self.to_dict(), handle, indent=1)
+
+    def format_table(self) -> str:
+        routed = self.router_tokens is not None
+        header = ["layer", "cos gate", "cos up", "cos down", "unit id", "matched", "chance", "verdict"]
+        if routed:
+            header += ["entropy", "min share", "max share"]
+        rows = [header]
+        for layer in self.layers:
+            cos = layer.weight_cosine
+            row = [str(layer.layer)] + [f"{cos[p]:.3f}" for p in PROJECTIONS]
+            row += [f"{layer.unit_identity:.3f}", f"{layer.unit_matched:.3f}", f"{layer.unit_chance:.3f}", layer.verdict]
+            if routed:
+                share = layer.selection_share
+                row += [f"{layer.routing_entropy:.3f}", f"{min(share):.3f}", f"{max(share):.3f}"]
+            rows.append(row)
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+        lines = ["  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines += ["", f"verdict: {self.verdict}", self.message, f"suggested methods: {', '.join(self.suggested_methods)}"]
+        return "\n".join(lines)
+
+
+def _suggest(verdict: str) -> tuple[List[str], str]:
+    if verdict == "aligned":
+        names, message = AVERAGING_METHODS + SELECTION_METHODS, (
+            "experts share an ancestor with aligned hidden units (as in sparse upcycling): "
+            "averaging-based methods can work"
+        )
+    else:
+        names, message = SELECTION_METHODS, (
+            "WARNING: experts are not aligned"
+            + (" (related only up to a permutation of their hidden units)" if verdict == "permuted" else " (no shared ancestor)")
+            + "; averaging them (router_weighted, top_k_tempered) would destroy the model: "
+            "select or concatenate experts instead"
+        )
+    return [name for name in names if name in METHODS], message
+
+
+def plot_heatmap(report: InspectionReport, path: str) -> None:
+    """One panel per MoE layer: the E x E cosine of the experts' weights."""
+    # A bare Figure renders with Agg and leaves pyplot's global backend alone.
+    from matplotlib.figure import Figure
+
+    count = len(report.layers)
+    cols = min(count, 8)
+    rows = math.ceil(count / cols)
+    figure = Figure(figsize=(2.2 * cols + 1, 2.2 * rows + 0.6))
+    axes = figure.subplots(rows, cols, squeeze=False)
+    for ax in axes.flat[count:]:
+        ax.axis("off")
+    for ax, layer in zip(axes.flat, report.layers):
+        image = ax.imshow(layer.expert_cosine, vmin=-1, vmax=1, cmap="RdBu_r")
+        ax.set_title(f"layer {layer.layer} ({layer.verdict})", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    figure.colorbar(image, ax=axes, shrink=0.8, label="expert weight cosine")
+    figure.suptitle(f"{report.model}: {report.verdict}", fontsize=10)
+    figure.savefig(path, dpi=100)
+
+
+# -- reading a model -----------------------------------------------------------------
+
+
+def _check_output(path: Optional[str], what: str) -> None:
+    if path is None:
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise InspectionError(f"{what} {path}: directory {parent} does not exist")
+    if os.path.isdir(path):
+        raise InspectionError(f"{what} {path} is a directory")
+
+
+def _layer_tensors(loader, layer) -> Dict[str, torch.Tensor]:
+    """{proj: [E, ...]} for one layer; a fused tensor is read once, not once per expert."""
+    cache: Dict[str, torch.Tensor] = {}
+
+    def read(piece):
+        if piece.tensor not in cache:
+            cache[piece.tensor] = loader.get_tensor(piece.tensor)
+        return piece.take(cache[piece.tensor]).float()
+
+    return {p: torch.stack([read(expert[p]) for expert in layer.experts]) for p in PROJECTIONS}
+
+
+def expert_pairs(num_experts: int) -> List[tuple[int, int]]:
+    """The ring (e, e+1 mod E): E matchings per layer instead of E(E-1)/2, each expert in two."""
+    if num_experts == 2:
+        return [(0, 1)]
+    return [(e, (e + 1) % num_experts) for e in range(num_experts)]
+
+
+def inspect_layer(
+    tensors: Dict[str, torch.Tensor], index: int, max_units: int, seed: int, device: str = "cpu"
+) -> LayerInspection:
+    """Weight cosine, unit similarity and verdict of one layer's experts {proj: [E, ...]}."""
+    num_experts = tensors["gate"].shape[0]
+    flat = {p: tensors[p].reshape(num_experts, -1).float() for p in PROJECTIONS}
+    grams = {p: (flat[p] @ flat[p].T).double() for p in PROJECTIONS}
+    grams["all"] = sum(grams[p] for p in PROJECTIONS)
+    off = ~torch.eye(num_experts, dtype=torch.bool)
+    cosines = {name: gram_cosine(gram) for name, gram in grams.items()}
+    width = tensors["gate"].shape[1]
+    # Matching costs a [k, I] cost matrix per pair: a fixed random subsample of k units of A
+    # is matched into all I units of B. Units are reordered with the sampled ones first, so
+    # "identity" pairs unit i of A with unit i of B.
+    pick = torch.randperm(width, generator=torch.Generator().manual_seed(seed))[: min(max_units, width)].sort().values
+    rest = torch.ones(width, dtype=torch.bool)
+    rest[pick] = False
+    order = torch.cat([pick, rest.nonzero().flatten()])
+    units = [
+        unit_vectors(tensors["gate"][e][order], tensors["up"][e][order], tensors["down"][e][:, order]).to(device)
+        for e in range(num_experts)
+    ]
+    k = len(pick)
+    scores = [matched_unit_similarity(units[a][:k], units[b]) for a, b in expert_pairs(num_experts)]
+    mean_identity = sum(s[0] for s in scores) / len(scores)
+    mean_matched = sum(s[1] for s in scores) / len(scores)
+    chance = chance_matched_similarity(units[0][:k], width, seed=seed)
+    return LayerInspection(
+        layer=index,
+        weight_cosine={name: cos[off].mean().item() for name, cos in cosines.items()},
+        expert_cosine=cosines["all"].tolist(),
+        unit_identity=mean_identity,
+        unit_matched=mean_matched,
+        unit_chance=chance,
+        verdict=layer_verdict(mean_identity, mean_matched, chance),
+        units_compared=k,
+    )
+
+
+def _calibration_config(data: str, **values):
+    try:
+        return CalibrationConfig(dataset=data, **values)
+    except ValidationError as error:
+        first = error.errors()[0]
+        raise InspectionError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+
+
+def _calibrate(source, calibration, device: str):
+    _, batches = load_calibration_batches(source.path, calibration)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model = load_moe(source.path, device=device, dtype=dtype)
+    try:
+        return collect_router_statistics(model, source.family, batches, max_token_samples=0, device=device, progress=False)
+    finally:
+        del model
+
+
+def inspect_moe(
+    model_path: str,
+    *,
+    stats_path: Optional[str] = None,
+    data: Optional[str] = None,
+    max_units: int = 512,
+    num_samples: int = 32,
+    seq_len: int = 256,
+    batch_size: int = 4,
+    device: str = "cpu",
+    heatmap_path: Optional[str] = None,
+    json_path: Optional[str] = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> InspectionReport:
+    """Inspect the MoE at `model_path`; router usage from `stats_path` or a calibration on `data`.
+
+    Expert tensors are read lazily, one layer at a time. Outputs are validated before
+    any tensor is read and written only at the end.
+    """
+    if stats_path and data:
+        raise InspectionError("give --stats or --data, not both")
+    if max_units < 1:
+        raise InspectionError(f"max_units must be at least 1 (got {max_units})")
+    calibration = (
+        _calibration_config(data, num_samples=num_samples, seq_len=seq_len, batch_size=batch_size) if data else None
+    )
+    _check_output(heatmap_path, "heatmap")
+    _check_output(json_path, "JSON output")
+    source = SourceModel.open(ModelReference.parse(model_path))
+    layers = source.moe_layers()
+    stats = None
+    if stats_path:
+        stats = RouterStatistics.load(stats_path)
+        stats.check_model(source.fingerprint(layers), stats_path)
+    elif data:
+        stats = _calibrate(source, calibration, device)
+
+    loader = source.reference.lazy_loader()
+    results = []
+    for layer in tqdm.tqdm(layers, desc="Inspecting", unit="layer", disable=not progress):
+        results.append(inspect_layer(_layer_tensors(loader, layer), layer.index, max_units, seed, device))
+    if stats is not None:
+        share = stats.selection_frequency / stats.top_k
+        entropy = normalized_entropy(stats.mean_probs)
+        for position, result in enumerate(results):
+            result.selection_share = share[position].tolist()
+            result.routing_entropy = entropy[position].item()
+
+    verdict = max((r.verdict for r in results), key=VERDICTS.index)
+    suggested, message = _suggest(verdict)
+    report = InspectionReport(
+        model=model_path,
+        num_experts=layers[0].num_experts,
+        top_k=source.family.top_k(source.config),
+        layers=results,
+        verdict=verdict,
+        suggested_methods=suggested,
+        message=message,
+        router_tokens=None if stats is None else stats.tokens,
+    )
+    if heatmap_path:
+        plot_heatmap(report, heatmap_path)
+    if json_path:
+        report.write_json(json_path)
+    return report
+

@@ -1,0 +1,193 @@
+# Copyright (C) 2026 the mergekit-moe2dense authors
+# SPDX-License-Identifier: LGPL-3.0-only
+"""`inspect`: similarity math on small tensors, the verdict on upcycled vs independent
+tiny Mixtrals, both layouts, router usage, and the command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from mergekit.common import ModelReference
+
+from conftest import make_mixtral
+from mergekit_moe2dense.calibration import collect_router_statistics, load_calibration_batches, load_moe
+from mergekit_moe2dense.checkpoint import SourceModel
+from mergekit_moe2dense.cli import main
+from mergekit_moe2dense.config import CalibrationConfig
+from mergekit_moe2dense.inspection import (
+    chance_matched_similarity,
+    cosine_matrix,
+    expert_pairs,
+    inspect_moe,
+    layer_verdict,
+    matched_unit_similarity,
+    normalized_entropy,
+    unit_vectors,
+)
+
+
+def random_expert(seed: int, hidden: int = 32, width: int = 48):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(width, hidden, generator=g),
+        torch.randn(width, hidden, generator=g),
+        torch.randn(hidden, width, generator=g),
+    )
+
+
+# -- math ----------------------------------------------------------------------------
+
+
+def test_cosine_of_identical_experts_is_one_and_of_independent_ones_near_zero():
+    expert = torch.randn(48, 32)
+    same = cosine_matrix(torch.stack([expert, expert, 3 * expert]))
+    assert torch.allclose(same, torch.ones(3, 3, dtype=torch.float64))
+    independent = cosine_matrix(torch.randn(4, 256, 64))
+    off = independent[~torch.eye(4, dtype=torch.bool)]
+    assert off.abs().max() < 0.02
+    assert torch.allclose(independent.diagonal(), torch.ones(4, dtype=torch.float64))
+
+
+def test_permuted_copy_has_low_raw_but_full_matched_similarity():
+    gate, up, down = random_expert(0)
+    perm = torch.randperm(48, generator=torch.Generator().manual_seed(1))
+    a = unit_vectors(gate, up, down)
+    b = unit_vectors(gate[perm], up[perm], down[:, perm])
+    flat = lambda *w: torch.cat([x.flatten() for x in w])  # noqa: E731
+    raw = cosine_matrix(torch.stack([flat(gate, up, down), flat(gate[perm], up[perm], down[:, perm])]))[0, 1]
+    identity, matched = matched_unit_similarity(a, b)
+    assert raw < 0.2 and identity < 0.2
+    assert matched == pytest.approx(1.0, abs=1e-6)
+
+
+def test_independent_experts_match_only_at_chance_level():
+    a = unit_vectors(*random_expert(0))
+    b = unit_vectors(*random_expert(1))
+    identity, matched = matched_unit_similarity(a, b)
+    chance = chance_matched_similarity(a, 48)
+    assert abs(identity) < 0.05
+    assert 0.1 < chance < 0.35  # matching always finds something at this size...
+    assert abs(matched - chance) < 0.05  # ...and for unrelated experts no more than chance
+    assert layer_verdict(identity, matched, chance) == "unrelated"
+
+
+def test_expert_pairs_cover_every_expert_twice():
+    assert expert_pairs(2) == [(0, 1)]
+    pairs = expert_pairs(8)
+    assert len(pairs) == 8 and all(sum(e in pair for pair in pairs) == 2 for e in range(8))
+
+
+def test_layer_verdict_thresholds():
+    assert layer_verdict(0.9, 0.9, 0.2) == "aligned"
+    assert layer_verdict(0.05, 0.9, 0.2) == "permuted"
+    assert layer_verdict(0.0, 0.25, 0.2) == "unrelated"
+
+
+def test_normalized_entropy():
+    probs = torch.tensor([[0.25, 0.25, 0.25, 0.25], [1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0]])
+    assert torch.allclose(normalized_entropy(probs), torch.tensor([1.0, 0.0, 0.5], dtype=torch.float64))
+
+
+# -- models --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def upcycled_moe(tmp_path_factory, tokenizer_dir):
+    root = tmp_path_factory.mktemp("upcycled")
+    # Sparse upcycling in miniature: every expert = one ancestor + its own small noise.
+    return {
+        layout: make_mixtral(root / layout, tokenizer_dir, identical=True, upcycle_noise=0.3, layout=layout)
+        for layout in ("legacy", "fused")
+    }
+
+
+def test_verdict_differs_between_upcycled_and_independent_experts(upcycled_moe, random_moe):
+    upcycled = inspect_moe(str(upcycled_moe["legacy"]))
+    independent = inspect_moe(str(random_moe["legacy"]))
+    assert upcycled.verdict == "aligned" and independent.verdict == "unrelated"
+    assert "router_weighted" in upcycled.suggested_methods
+    assert "router_weighted" not in independent.suggested_methods
+    assert "single_expert" in independent.suggested_methods
+    assert "WARNING" in independent.message
+    for layer in upcycled.layers:
+        assert all(layer.weight_cosine[p] > 0.8 for p in ("gate", "up", "down"))
+        assert layer.unit_identity == pytest.approx(layer.unit_matched, abs=1e-6)
+    for layer in independent.layers:
+        assert all(abs(layer.weight_cosine[p]) < 0.1 for p in ("gate", "up", "down"))
+        assert len(layer.expert_cosine) == 4 and layer.expert_cosine[1][1] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("fixture", ["upcycled_moe", "random_moe"])
+def test_both_checkpoint_layouts_give_the_same_report(fixture, request):
+    models = request.getfixturevalue(fixture)
+    legacy, fused = (inspect_moe(str(models[layout])).to_dict() for layout in ("legacy", "fused"))
+    assert legacy.pop("model") != fused.pop("model")
+    assert legacy == fused  # same tensors, same arithmetic
+
+
+def test_router_usage_from_data_and_from_stats_agree(random_moe, calib_dir, tmp_path):
+    path = str(random_moe["legacy"])
+    from_data = inspect_moe(path, data=str(calib_dir), num_samples=4, seq_len=32)
+    source = SourceModel.open(ModelReference.parse(path))
+    calibration = CalibrationConfig(dataset=str(calib_dir), num_samples=4, seq_len=32, batch_size=4)
+    _, batches = load_calibration_batches(path, calibration)
+    stats = collect_router_statistics(
+        load_moe(path, device="cpu", dtype=torch.float32), source.family, batches, max_token_samples=0, progress=False
+    )
+    stats.metadata["model_fingerprint"] = source.fingerprint(source.moe_layers())
+    stats.save(tmp_path / "router_stats.safetensors")
+    from_stats = inspect_moe(path, stats_path=str(tmp_path / "router_stats.safetensors"))
+    assert from_data.router_tokens == from_stats.router_tokens == stats.tokens > 0
+    for a, b in zip(from_data.layers, from_stats.layers):
+        assert sum(a.selection_share) == pytest.approx(1.0)
+        assert a.selection_share == pytest.approx(b.selection_share)
+        assert 0 < a.routing_entropy <= 1 and a.routing_entropy == pytest.approx(b.routing_entropy)
+    assert inspect_moe(path).layers[0].selection_share is None
+
+
+# -- command line -----------------------------------------------------------------------
+
+
+def run_cli(*args):
+    return CliRunner().invoke(main, ["inspect", *map(str, args)])
+
+
+def test_cli_prints_table_and_writes_png_and_json(upcycled_moe, calib_dir, tmp_path):
+    png, report = tmp_path / "cos.png", tmp_path / "report.json"
+    result = run_cli(upcycled_moe["fused"], "--data", calib_dir, "--num-samples", 4, "--seq-len", 32, "--heatmap", png, "--json", report)
+    assert result.exit_code == 0, result.output
+    assert "verdict: aligned" in result.output and "router_weighted" in result.output
+    assert "entropy" in result.output and result.output.count("aligned") >= 3  # two layer rows and the verdict
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    payload = json.loads(report.read_text())
+    assert payload["verdict"] == "aligned" and [layer["layer"] for layer in payload["layers"]] == [0, 1]
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--stats", "x.safetensors", "--data", "y"], "--stats or --data"),
+        (["--heatmap", "/nonexistent/dir/cos.png"], "does not exist"),
+        (["--stats", "missing.safetensors"], "statistics file not found"),
+        (["--data", "x.txt", "--num-samples", "0"], "num_samples"),
+        (["--max-units", "0"], "max_units"),
+    ],
+)
+def test_cli_errors_are_one_line(random_moe, args, fragment):
+    result = run_cli(random_moe["legacy"], *args)
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert fragment in result.output and result.output.count("Error") == 1
+
+
+def test_cli_refuses_statistics_of_another_model(random_moe, upcycled_moe, tmp_path):
+    from mergekit_moe2dense.calibration import RouterStatistics
+
+    stats = RouterStatistics(layers=[0, 1], num_experts=4, top_k=2, tokens=10)
+    stats.metadata["model_fingerprint"] = {"router_sha256": "other"}
+    stats.save(tmp_path / "s.safetensors")
+    result = run_cli(random_moe["legacy"], "--stats", tmp_path / "s.safetensors", "--json", tmp_path / "r.json")
+    assert result.exit_code != 0 and "not on this model" in result.output
+    assert not (tmp_path / "r.json").exists()
