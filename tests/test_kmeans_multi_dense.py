@@ -99,13 +99,19 @@ def test_errors_before_any_output(random_moe, calib_dir, tmp_path):
         build_dense(make_config(moe, calib_dir, num_clusters=2, output="moe", moe_top_k=3), str(tmp_path / "a"), OPTIONS)
     with pytest.raises(MethodError, match="unknown parameter"):
         build_dense(make_config(moe, calib_dir, num_cluster=2), str(tmp_path / "a"), OPTIONS)
+    with pytest.raises(MethodError, match="svd with 10 clusters needs 5 directions"):
+        build_dense(make_config(moe, calib_dir, num_clusters=10, decomposition="svd", clustering="per_layer"), str(tmp_path / "a"), OPTIONS)
+    assert not any(p.name.startswith("a") for p in tmp_path.iterdir())
+
+
+def test_cli_reports_clusters_and_refuses_stats_without_router_inputs(random_moe, calib_dir, tmp_path):
+    from test_cli import assert_one_line_error, run_cli, write_config
+
     first = tmp_path / "first"
-    build_dense(make_config(moe, calib_dir, "expert_uniform"), str(first), OPTIONS)
-    with pytest.raises(StatisticsError, match="needs router inputs"):
-        build_dense(
-            make_config(moe, calib_dir, output="moe", router="fitted"),
-            str(tmp_path / "b"),
-            OPTIONS,
-            stats_path=str(first / STATS_FILE),
-        )
-    assert not any(p.name.startswith(("a", "b")) for p in tmp_path.iterdir())
+    result = run_cli(write_config(tmp_path / "a.yml", random_moe["legacy"], calib_dir, METHOD, num_clusters=3), first, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "2 layers, 3 clusters" in result.output
+    config = write_config(tmp_path / "b.yml", random_moe["legacy"], calib_dir, METHOD, output="moe", router="fitted")
+    result = run_cli(config, tmp_path / "b", "--stats", first / STATS_FILE)
+    assert_one_line_error(result, "needs router inputs")
+    assert not any(p.name.startswith("b") and p.is_dir() for p in tmp_path.iterdir())
