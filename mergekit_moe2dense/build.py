@@ -138,7 +138,7 @@ def build_dense(
     if method.multi_output:
         from mergekit_moe2dense import multi
 
-        multi.check_output(source, params)
+        multi.check_output(source, config, params, stats_path)
     stats = None
     if stats_path:
         stats = RouterStatistics.load(stats_path)

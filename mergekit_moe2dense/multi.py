@@ -25,6 +25,7 @@ from mergekit.io.tasks import LoaderCache
 from safetensors.torch import save_file
 
 from mergekit_moe2dense import build
+from mergekit_moe2dense.methods import MethodError
 from mergekit_moe2dense.plan import single_block_plans
 from mergekit_moe2dense.reassemble import closed_form_router, fitted_router, plan_moe_merge
 
@@ -35,8 +36,14 @@ def cluster_dir(index: int) -> str:
     return f"cluster_{index}"
 
 
-def check_output(source, params) -> None:
-    """Fail before calibration if the family cannot rebuild a smaller MoE."""
+def check_output(source, config, params, stats_path) -> None:
+    """Fail before calibration if too few tokens will be sampled or the family cannot rebuild an MoE."""
+    k = params["num_clusters"]
+    if stats_path is None and config.calibration is not None and config.calibration.max_token_samples < k:
+        raise MethodError(
+            f"{config.merge_method}: {k} clusters need calibration.max_token_samples >= {k} "
+            f"(got {config.calibration.max_token_samples})"
+        )
     if params["output"] == "moe":
         source.family.moe_config(source.config, params["num_clusters"], params["moe_top_k"])
         source.family.moe_router_name(source.moe_layers()[0].index)

@@ -22,13 +22,14 @@ OPTIONS = MergeOptions(quiet=True)
 METHOD = "kmeans_multi_dense"
 
 
-def make_config(model, calib_dir, method=METHOD, **params) -> Moe2DenseConfig:
+def make_config(model, calib_dir, method=METHOD, max_token_samples=16384, **params) -> Moe2DenseConfig:
+    calibration = {"dataset": str(calib_dir), "num_samples": 8, "seq_len": 32, "batch_size": 3}
     return Moe2DenseConfig.model_validate(
         {
             "merge_method": method,
             "models": [{"model": str(model)}],
             "parameters": params,
-            "calibration": {"dataset": str(calib_dir), "num_samples": 8, "seq_len": 32, "batch_size": 3},
+            "calibration": {**calibration, "max_token_samples": max_token_samples},
             "dtype": "float32",
         }
     )
@@ -101,6 +102,8 @@ def test_errors_before_any_output(random_moe, calib_dir, tmp_path):
         build_dense(make_config(moe, calib_dir, num_cluster=2), str(tmp_path / "a"), OPTIONS)
     with pytest.raises(MethodError, match="svd with 10 clusters needs 5 directions"):
         build_dense(make_config(moe, calib_dir, num_clusters=10, decomposition="svd", clustering="per_layer"), str(tmp_path / "a"), OPTIONS)
+    with pytest.raises(MethodError, match="max_token_samples >= 4"):
+        build_dense(make_config(moe, calib_dir, max_token_samples=3, num_clusters=4), str(tmp_path / "a"), OPTIONS)
     assert not any(p.name.startswith("a") for p in tmp_path.iterdir())
 
 
