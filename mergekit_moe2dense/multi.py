@@ -25,6 +25,7 @@ from mergekit.io.tasks import LoaderCache
 from safetensors.torch import save_file
 
 from mergekit_moe2dense import build
+from mergekit_moe2dense.card import write_moe_card
 from mergekit_moe2dense.methods import MethodError
 from mergekit_moe2dense.plan import single_block_plans
 from mergekit_moe2dense.reassemble import closed_form_router, fitted_router, plan_moe_merge
@@ -52,6 +53,8 @@ def check_output(source, config, params, stats_path) -> None:
 def write_outputs(source, config, params, layers, clusters, stats, staging, options, config_source=None) -> None:
     if params["output"] == "moe":
         _write_moe(source, config, params, layers, clusters, stats, staging, options)
+        if options.write_model_card:
+            write_moe_card(staging, config, params, clusters.shares, config_source)
         return
     shares = clusters.shares
     for index, weights in enumerate(clusters.weights):

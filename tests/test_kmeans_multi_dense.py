@@ -77,6 +77,9 @@ def test_rebuilt_moe_of_identical_experts_reproduces_logits(identical_moe, calib
     ids = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(logits_of(out, ids), logits_of(moe, ids), rtol=0, atol=1e-5)
     assert not (out.parent / "moe.routers").exists() and not (out / ".routers").exists()
+    assert "token share" in (out / "README.md").read_text()
+    record = json.loads((out / "expert_weights.json").read_text())
+    assert torch.tensor(record["experts"]).shape == (k, 2, 4) and abs(sum(record["token_share"]) - 1) < 1e-9
 
 
 def test_fitted_router_is_written_and_routes_calibration_tokens_to_their_cluster(random_moe, calib_dir, tmp_path):
