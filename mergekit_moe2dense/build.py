@@ -26,6 +26,7 @@ from mergekit.options import MergeOptions
 
 from mergekit_moe2dense.calibration import (
     RouterStatistics,
+    StatisticsError,
     collect_router_statistics,
     load_calibration_batches,
     load_moe,
@@ -64,7 +65,7 @@ class OutputExistsError(Moe2DenseError, FileExistsError):
 @dataclass
 class BuildResult:
     out_path: str
-    layer_weights: torch.Tensor  # [L, E]
+    layer_weights: torch.Tensor  # [L, E]; [k, L, E] for a method with several outputs
     parameters: Dict[str, Any]
     statistics: Optional[RouterStatistics]
 
@@ -82,7 +83,11 @@ def calibration_dtype(config: Moe2DenseConfig, device: str) -> torch.dtype:
 
 
 def calibrate(
-    source: SourceModel, config: Moe2DenseConfig, fingerprint: Dict[str, Any], options: MergeOptions
+    source: SourceModel,
+    config: Moe2DenseConfig,
+    fingerprint: Dict[str, Any],
+    options: MergeOptions,
+    record_router_inputs: bool = False,
 ) -> RouterStatistics:
     if config.calibration is None:
         raise ConfigError(f"{config.merge_method} needs a calibration: block (dataset, num_samples, ...)")
@@ -99,6 +104,7 @@ def calibrate(
             seed=calibration.seed,
             device=device,
             progress=not options.quiet,
+            record_router_inputs=record_router_inputs or calibration.record_router_inputs,
         )
     finally:
         del model
@@ -130,34 +136,66 @@ def build_dense(
     layers = source.moe_layers()
     fingerprint = source.fingerprint(layers)
 
+    if method.multi_output:
+        from mergekit_moe2dense import multi
+
+        multi.check_output(source, config, params, stats_path)
     stats = None
     if stats_path:
         stats = RouterStatistics.load(stats_path)
         stats.check_model(fingerprint, stats_path)
+        if method.needs_router_inputs(params) and not stats.has_router_inputs:
+            raise StatisticsError(
+                f"{config.merge_method} needs router inputs and {stats_path} has none; "
+                "recalibrate without --stats (or with calibration.record_router_inputs: true)"
+            )
     elif method.needs_statistics(params) or config.calibration is not None:
-        stats = calibrate(source, config, fingerprint, options)
+        stats = calibrate(source, config, fingerprint, options, method.needs_router_inputs(params))
     elif family.needs_statistics(moe_config):
         raise ConfigError(
             f"{family.name} models need a calibration: block even for {config.merge_method} "
             "(the dense weights are scaled by calibrated router/shared-gate means)"
         )
 
-    weights = method.layer_weights(stats, params, num_layers=len(layers), num_experts=num_experts)
-    _check_weights(weights, len(layers), num_experts)
+    if method.multi_output:
+        clusters = method.cluster_weights(stats, params)
+        weights = clusters.weights
+        for cluster in weights:
+            _check_weights(cluster, len(layers), num_experts)
+
+        def write(staging):
+            multi.write_outputs(source, config, params, layers, clusters, stats, staging, options, config_source)
+
+    else:
+        weights = method.layer_weights(stats, params, num_layers=len(layers), num_experts=num_experts)
+        _check_weights(weights, len(layers), num_experts)
+
+        def write(staging):
+            plans = with_family_scales(method.layer_plans(layers, weights, stats, params), family, moe_config, stats)
+            write_dense_model(source, config, params, layers, weights, plans, staging, options, config_source)
 
     staging = _staging_dir(out_path)
     try:
-        plans = with_family_scales(method.layer_plans(layers, weights, stats, params), family, moe_config, stats)
-        _write_dense(source, config, plans, staging, options)
+        write(staging)
         if stats is not None:
             stats.save(os.path.join(staging, STATS_FILE))
-        _write_weights(staging, config.merge_method, params, layers, weights)
-        if options.write_model_card:
-            write_model_card(staging, config, params, layers, weights, config_source)
         _publish(staging, out_path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return BuildResult(out_path, weights, params, stats)
+
+
+def write_dense_model(
+    source, config, params, layers, weights, plans, staging, options, config_source=None, extra=None
+) -> None:
+    """One complete dense model in `staging`: weights, config, tokenizer, expert_weights.json, card.
+
+    `extra` adds keys to expert_weights.json (and lines to the card).
+    """
+    _write_dense(source, config, plans, staging, options)
+    _write_weights(staging, config.merge_method, params, layers, weights, extra)
+    if options.write_model_card:
+        write_model_card(staging, config, params, layers, weights, config_source, extra)
 
 
 def _write_dense(source, config, plans, staging, options) -> None:
@@ -189,6 +227,12 @@ def _write_dense(source, config, plans, staging, options) -> None:
         dense_layers=dense_layers if dense_width is not None else (),
         zero_tensors={k: v for i in sorted(converted) for k, v in family.dense_zero_tensors(source.config, i).items()},
     )
+    run_graph(targets, options)
+    dense_config.save_pretrained(staging)
+    copy_tokenizer(source, staging, options)
+
+
+def run_graph(targets, options) -> None:
     device = options.device or "cpu"
     executor = Executor(
         targets=targets,
@@ -197,7 +241,9 @@ def _write_dense(source, config, plans, staging, options) -> None:
     )
     for _ in executor.run(quiet=options.quiet, desc="Merging experts"):
         pass
-    dense_config.save_pretrained(staging)
+
+
+def copy_tokenizer(source, staging, options) -> None:
     if options.copy_tokenizer:
         for name in TAGALONG_FILES:
             path = os.path.join(source.path, name)
@@ -231,12 +277,13 @@ def _check_weights(weights: torch.Tensor, num_layers: int, num_experts: int) -> 
         raise RuntimeError("method returned expert weights that do not sum to 1 per layer")
 
 
-def _write_weights(staging: str, method: str, params, layers, weights: torch.Tensor) -> None:
+def _write_weights(staging: str, method: str, params, layers, weights: torch.Tensor, extra=None) -> None:
     payload = {
         "method": method,
         "parameters": params,
         "layer_indices": [layer.index for layer in layers],
         "layers": weights.tolist(),
+        **(extra or {}),
     }
     with open(os.path.join(staging, WEIGHTS_FILE), "w", encoding="utf-8") as handle:
         json.dump(payload, handle, indent=1)

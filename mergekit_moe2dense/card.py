@@ -12,7 +12,15 @@ import torch
 from mergekit_moe2dense.methods import get_method
 
 
-def write_model_card(out_dir: str, config, params: Dict[str, Any], layers, weights: torch.Tensor, config_source: Optional[str]) -> None:
+def write_model_card(
+    out_dir: str,
+    config,
+    params: Dict[str, Any],
+    layers,
+    weights: torch.Tensor,
+    config_source: Optional[str],
+    extra: Optional[Dict[str, Any]] = None,
+) -> None:
     method = get_method(config.merge_method)
     rows = "\n".join(
         f"| {layer.index} | " + " | ".join(f"{w:.4f}" for w in row) + " |"
@@ -22,6 +30,8 @@ def write_model_card(out_dir: str, config, params: Dict[str, Any], layers, weigh
     header = "| layer | " + " | ".join(f"e{e}" for e in range(experts)) + " |"
     rule = "|---" * (experts + 1) + "|"
     param_text = ", ".join(f"`{k}={v}`" for k, v in params.items()) or "none"
+    extra_text = "\n".join(f"- {key}: `{value}`" for key, value in (extra or {}).items())
+    extra_text = f"\n\n{extra_text}" if extra_text else ""
     yaml_text = config_source if config_source is not None else config.to_yaml()
     text = f"""---
 library_name: transformers
@@ -36,12 +46,51 @@ base_model: {config.model}
 A dense model made from the Mixture-of-Experts model `{config.model}` with
 [mergekit-moe2dense](https://github.com/arcee-ai/mergekit): every MoE layer's experts
 were merged into one MLP with the **{method.pretty_name}** method (`{method.name}`)
-and parameters {param_text}. Everything outside the MoE blocks is copied unchanged.
+and parameters {param_text}. Everything outside the MoE blocks is copied unchanged.{extra_text}
 
 ## Per-layer expert weights
 
 {header}
 {rule}
+{rows}
+
+## Configuration
+
+```yaml
+{yaml_text.strip()}
+```
+"""
+    with open(os.path.join(out_dir, "README.md"), "w", encoding="utf-8") as handle:
+        handle.write(text)
+
+
+def write_moe_card(out_dir: str, config, params: Dict[str, Any], shares, config_source: Optional[str]) -> None:
+    """Card of an MoE rebuilt from k merged MLPs; the weights are in expert_weights.json."""
+    method = get_method(config.merge_method)
+    rows = "\n".join(f"| {j} | {share:.4f} |" for j, share in enumerate(shares))
+    param_text = ", ".join(f"`{k}={v}`" for k, v in params.items()) or "none"
+    yaml_text = config_source if config_source is not None else config.to_yaml()
+    text = f"""---
+library_name: transformers
+tags:
+- mergekit
+- moe2dense
+- moe
+base_model: {config.model}
+---
+# {os.path.basename(os.path.normpath(out_dir)).split('.incomplete-')[0]}
+
+A Mixture-of-Experts model with {len(shares)} experts per layer made from `{config.model}` with
+[mergekit-moe2dense](https://github.com/arcee-ai/mergekit): calibration tokens were clustered by
+their router vectors with the **{method.pretty_name}** method (`{method.name}`), parameters
+{param_text}; expert j of every layer merges the original experts with cluster j's weights
+(`expert_weights.json`), and the router was set {"by a fitted logistic regression" if params["router"] == "fitted" else "in closed form from the clusters' weights"}.
+Everything outside the MoE blocks is copied unchanged.
+
+## Experts
+
+| expert | token share |
+|---|---|
 {rows}
 
 ## Configuration

@@ -64,7 +64,9 @@ def merge(merge_options: MergeOptions, config_file, out_path, stats_path, overwr
     result = build_dense(
         config, out_path, merge_options, stats_path=stats_path, overwrite=overwrite, config_source=source
     )
-    click.echo(f"Wrote {result.out_path} ({config.merge_method}, {result.layer_weights.shape[0]} layers)")
+    weights = result.layer_weights  # [L, E], or [k, L, E] for k clusters
+    clusters = f", {weights.shape[0]} clusters" if weights.dim() == 3 else ""
+    click.echo(f"Wrote {result.out_path} ({config.merge_method}, {weights.shape[-2]} layers{clusters})")
 
 
 @main.command("eval")

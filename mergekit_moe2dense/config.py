@@ -33,6 +33,9 @@ class CalibrationConfig(BaseModel):
     text_field: str = "text"
     split: str = "train"
     max_token_samples: int = Field(16384, ge=0, description="per-token router vectors kept per layer")
+    record_router_inputs: bool = Field(
+        False, description="also keep the routers' inputs of the sampled tokens (L x N x hidden floats)"
+    )
     dtype: Optional[Literal["float32", "bfloat16", "float16"]] = Field(
         None, description="dtype of the calibration forward (default: float32 on CPU, bfloat16 on GPU)"
     )

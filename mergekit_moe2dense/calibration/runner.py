@@ -52,9 +52,11 @@ class RouterRecorder:
         self._handles.clear()
 
     def _hook(self, position: int):
-        def hook(_module, _inputs, output):
+        def hook(_module, inputs, output):
             logits, weights, index = self.family.router_outputs(output)
             self.stats.update(position, logits, weights, index, self._keep, self._rows, self._slots)
+            if self.stats.router_inputs is not None:
+                self.stats.record_inputs(position, inputs[0], self._keep, self._rows, self._slots)
 
         return hook
 
@@ -105,8 +107,10 @@ def collect_router_statistics(
     seed: int = 0,
     device: str = "cpu",
     progress: bool = True,
+    record_router_inputs: bool = False,
 ) -> RouterStatistics:
-    """One forward pass of `model` over `batches`, recording every router."""
+    """One forward pass of `model` over `batches`, recording every router (and, on
+    request, the routers' inputs for the sampled tokens)."""
     config = model.config
     stats = RouterStatistics(
         layers=family.moe_layer_indices(config),
@@ -117,6 +121,8 @@ def collect_router_statistics(
     generator = torch.Generator().manual_seed(seed)
     sample_ids = torch.randperm(total, generator=generator)[:max_token_samples].sort().values
     stats.samples = torch.zeros((len(stats.layers), len(sample_ids), stats.num_experts))
+    if record_router_inputs:
+        stats.router_inputs = torch.zeros((len(stats.layers), len(sample_ids), 0))
     model.eval()
     with RouterRecorder(model, family, stats, sample_ids) as recorder, torch.inference_mode():
         with tqdm.tqdm(total=total, desc="Calibrating", unit="tok", disable=not progress) as bar:

@@ -43,6 +43,9 @@ class RouterStatistics:
     samples: Optional[torch.Tensor] = None  # [L, N, E] float32, logits of sampled tokens
     # [L] float64, per-token multiplier of the shared experts (Qwen2-MoE's sigmoid gate); 0 where ungated
     shared_gate_sum: Optional[torch.Tensor] = None
+    # [L, N, H] float32, the routers' inputs (hidden states) of the same sampled tokens;
+    # recorded only on request (`record_router_inputs`), for fitting new routers
+    router_inputs: Optional[torch.Tensor] = None
     metadata: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -116,6 +119,20 @@ class RouterStatistics:
         if sample_rows.numel():
             self.samples[position, sample_slots] = logits[sample_rows.to(logits.device)].float().cpu()
 
+    def record_inputs(
+        self, position: int, hidden: torch.Tensor, keep: torch.Tensor, sample_rows: torch.Tensor, sample_slots: torch.Tensor
+    ) -> None:
+        """Keep the router inputs of the sampled tokens of one batch of one layer."""
+        hidden = hidden.detach().reshape(keep.shape[0], -1)[keep]
+        if self.router_inputs.shape[-1] != hidden.shape[-1]:  # first batch: now the width is known
+            self.router_inputs = torch.zeros(self.samples.shape[:2] + (hidden.shape[-1],))
+        if sample_rows.numel():
+            self.router_inputs[position, sample_slots] = hidden[sample_rows.to(hidden.device)].float().cpu()
+
+    @property
+    def has_router_inputs(self) -> bool:
+        return self.router_inputs is not None and self.router_inputs.shape[1] == self.samples.shape[1] > 0
+
     def merge_(self, other: "RouterStatistics") -> None:
         """Add another pass over disjoint data (e.g. another rank's shard)."""
         if other.layers != self.layers or other.num_experts != self.num_experts:
@@ -124,6 +141,10 @@ class RouterStatistics:
         for name in ("logit_sum", "prob_sum", "selected", "gate_sum", "shared_gate_sum"):
             getattr(self, name).add_(getattr(other, name))
         self.samples = torch.cat([self.samples, other.samples], dim=1)
+        if self.router_inputs is not None or other.router_inputs is not None:
+            if not (self.has_router_inputs and other.has_router_inputs):
+                raise StatisticsError("cannot combine statistics with and without router inputs")
+            self.router_inputs = torch.cat([self.router_inputs, other.router_inputs], dim=1)
 
     # -- persistence -----------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
@@ -135,6 +156,8 @@ class RouterStatistics:
             "shared_gate_sum": self.shared_gate_sum,
             "samples": self.samples.contiguous(),
         }
+        if self.router_inputs is not None:
+            tensors["router_inputs"] = self.router_inputs.contiguous()
         header = {
             "format_version": FORMAT_VERSION,
             "layers": self.layers,

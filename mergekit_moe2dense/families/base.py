@@ -165,6 +165,14 @@ class MoEFamily(ABC):
             f"{self.name}: rebuilding a smaller MoE is not supported"
         )
 
+    def moe_expert_names(self, layer: int, expert: int) -> Dict[str, str]:
+        """Output tensor names of one expert of the smaller MoE, keyed by projection."""
+        raise UnsupportedModelError(f"{self.name}: rebuilding a smaller MoE is not supported")
+
+    def moe_router_name(self, layer: int) -> str:
+        """Output tensor name of the smaller MoE's router weight [E, H]."""
+        raise UnsupportedModelError(f"{self.name}: rebuilding a smaller MoE is not supported")
+
 
 def _missing(layer: int, what: str, names: Collection[str]) -> UnsupportedModelError:
     sample = ", ".join(sorted(n for n in names if f".{layer}." in n)[:6])

@@ -108,3 +108,11 @@ class MixtralFamily(MoEFamily):
         moe = transformers.MixtralConfig(**values)
         moe.architectures = ["MixtralForCausalLM"]
         return moe
+
+    # The smaller MoE is written in the legacy layout, which every Mixtral loader reads.
+    def moe_expert_names(self, layer: int, expert: int) -> Dict[str, str]:
+        prefix = f"model.layers.{layer}.block_sparse_moe.experts.{expert}"
+        return {"gate": f"{prefix}.w1.weight", "up": f"{prefix}.w3.weight", "down": f"{prefix}.w2.weight"}
+
+    def moe_router_name(self, layer: int) -> str:
+        return f"model.layers.{layer}.block_sparse_moe.gate.weight"

@@ -12,7 +12,7 @@ per-layer expert weights come from: `layer_weights(stats, params)`.
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, ClassVar, Dict, Mapping, Optional, Sequence, Tuple
 
 import pydantic
 import torch
@@ -47,6 +47,9 @@ class ExpertMergeMethod(GroupMergeMethod):
     pretty_name: str
     reference_url: Optional[str] = None
     parameters: Tuple[ParameterSpec, ...] = ()
+    # Several outputs (k models or a rebuilt MoE): the method has `cluster_weights`
+    # and `multi.write_outputs` writes them.
+    multi_output: ClassVar[bool] = False
 
     def __init__(self):
         weight = ParameterSpec(
@@ -109,6 +112,10 @@ class ExpertMergeMethod(GroupMergeMethod):
     def needs_statistics(self, params: Mapping[str, Any]) -> bool:
         """Whether `layer_weights` reads router statistics (most methods do)."""
         return True
+
+    def needs_router_inputs(self, params: Mapping[str, Any]) -> bool:
+        """Whether the method reads the routers' recorded inputs (`RouterStatistics.router_inputs`)."""
+        return False
 
     def layer_plans(self, layers, weights: torch.Tensor, stats, params) -> list:
         """How each layer's dense MLP is assembled; by default one merged block."""

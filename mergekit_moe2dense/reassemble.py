@@ -1,0 +1,102 @@
+# Copyright (C) 2026 the mergekit-moe2dense authors
+# SPDX-License-Identifier: LGPL-3.0-only
+"""A smaller MoE rebuilt from k merged MLPs: its new routers and its mergekit task graph.
+
+Expert j of layer l is the merge of the layer's old experts with weights w_jl
+(one `Block`, as a dense MLP). The new router [k, H] of each layer is either
+
+- closed form: row j = sum_e w_jle x old router row e. Expert j is that mix of
+  the old experts, so its logit is the same mix of theirs (the expected old
+  logit under w_jl); with `features: logits`, T = 1 this is softmax(c_j) as in
+  arcee-ai/mergekit#267;
+- fitted: multinomial logistic regression (scikit-learn, L2, no intercept since a
+  Mixtral router has no bias) of the cluster id on the router's recorded inputs
+  (the hidden states of the sampled calibration tokens). No gradient step
+  touches the rest of the model.
+
+The routers are computed tensors; they are saved to a safetensors file and read
+back by mergekit's `LoadTensor`, so the whole output is still written by one
+task graph (`LoadTensor` -> merge -> `SaveTensor` -> `FinalizeModel`).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+from mergekit.common import ModelReference
+from mergekit.graph import Task
+from mergekit.io.tasks import FinalizeModel, LoadTensor, SaveTensor, TensorWriterTask
+
+from mergekit_moe2dense.families import PROJECTIONS, MoEFamily, MoELayer
+from mergekit_moe2dense.graph import projection_task
+from mergekit_moe2dense.plan import Block, LayerPlan
+
+__all__ = ["closed_form_router", "fitted_router", "plan_moe_merge"]
+
+
+def closed_form_router(old_router: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """[k, H] = weights [k, E] @ old router [E, H]."""
+    return weights.double() @ old_router.double()
+
+
+def fitted_router(inputs: torch.Tensor, labels: np.ndarray, k: int, *, seed: int = 0) -> torch.Tensor:
+    """[k, H]: logistic regression of `labels` [N] on `inputs` [N, H].
+
+    For two classes scikit-learn fits one vector w; softmax(-w/2, w/2) is the
+    same model. A cluster with no token in this layer keeps a zero row.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    present = np.unique(labels)
+    rows = np.zeros((k, inputs.shape[1]))
+    if len(present) == 1:  # one group only: nothing to separate
+        return torch.from_numpy(rows)
+    model = LogisticRegression(fit_intercept=False, max_iter=2000, random_state=seed)
+    model.fit(inputs.double().numpy(), labels)
+    coef = model.coef_
+    if len(present) == 2:
+        coef = np.concatenate([-coef / 2, coef / 2])
+    rows[present] = coef
+    return torch.from_numpy(rows)
+
+
+def plan_moe_merge(
+    *,
+    model: ModelReference,
+    routers: ModelReference,
+    family: MoEFamily,
+    tensor_names: Sequence[str],
+    layers: Sequence[MoELayer],
+    weights: torch.Tensor,
+    method: str,
+    out_path: str,
+    out_dtype: Optional[str],
+    dtype: Optional[str],
+    max_shard_size: int,
+    safe_serialization: bool = True,
+) -> List[Task]:
+    """Tasks that write the k-expert MoE: merged experts, routers from `routers`, the rest copied.
+
+    `weights` [k, L, E]; `routers` holds `family.moe_router_name(l)` for every layer.
+    """
+    writer = TensorWriterTask(out_path=out_path, max_shard_size=max_shard_size, safe_serialization=safe_serialization)
+
+    def save(name: str, task: Task) -> SaveTensor:
+        return SaveTensor(tensor_name=name, tensor_task=task, writer_task=writer, clone=False, dtype=out_dtype)
+
+    saves, consumed = [], set()
+    for position, layer in enumerate(layers):
+        consumed.update(layer.consumed)
+        for expert, row in enumerate(weights[:, position].tolist()):
+            plan = LayerPlan(layer, (Block(tuple(row)),))
+            names = family.moe_expert_names(layer.index, expert)
+            for projection in PROJECTIONS:
+                saves.append(save(names[projection], projection_task(model, method, plan, projection, dtype)))
+        router = family.moe_router_name(layer.index)
+        saves.append(save(router, LoadTensor(model=routers, tensor=router, dtype=dtype)))
+    for name in tensor_names:
+        if name not in consumed:
+            saves.append(save(name, LoadTensor(model=model, tensor=name, dtype=dtype)))
+    return [FinalizeModel(tensor_save_tasks=tuple(saves), writer_task=writer)]
