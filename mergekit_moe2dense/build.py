@@ -11,18 +11,21 @@ like a finished model.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 import torch
-from mergekit.common import dtype_from_name
+from mergekit.common import ModelReference, dtype_from_name
 from mergekit.graph import Executor
 from mergekit.io.tasks import LoaderCache
 from mergekit.options import MergeOptions
+from safetensors.torch import save_file
 
 from mergekit_moe2dense.calibration import (
     RouterStatistics,
@@ -31,6 +34,7 @@ from mergekit_moe2dense.calibration import (
     load_calibration_batches,
     load_moe,
 )
+from mergekit_moe2dense.calibration.sequential import refit_layers
 from mergekit_moe2dense.card import write_model_card
 from mergekit_moe2dense.checkpoint import SourceModel
 from mergekit_moe2dense.config import ConfigError, Moe2DenseConfig
@@ -42,6 +46,7 @@ LOG = logging.getLogger(__name__)
 
 STATS_FILE = "router_stats.safetensors"
 WEIGHTS_FILE = "expert_weights.json"
+REFIT_DIR = "refit-"  # fitted tensors, inside the staging directory until the merge has read them
 # Tokenizer and generation files copied from the MoE (mergekit's list).
 TAGALONG_FILES = (
     "tokenizer_config.json",
@@ -154,6 +159,8 @@ def build_dense(
     family, moe_config = source.family, source.config
     num_experts, top_k = family.num_experts(moe_config), family.top_k(moe_config)
     params = method.resolve_parameters(config.method_parameters, num_experts=num_experts, top_k=top_k)
+    if params["refit"] != "none" and config.calibration is None:
+        raise ConfigError(f"refit: {params['refit']} needs a calibration: block (its data is fitted to)")
     layers = source.moe_layers()
     fingerprint = source.fingerprint(layers)
 
@@ -167,9 +174,15 @@ def build_dense(
     weights = method.layer_weights(stats, params, num_layers=len(layers), num_experts=num_experts)
     _check_weights(weights, len(layers), num_experts)
 
+    plans = method.layer_plans(layers, weights, stats, params)
     staging = _staging_dir(out_path)
     try:
-        _write_dense(source, config, method.layer_plans(layers, weights, stats, params), staging, options)
+        fitted_model = None
+        if params["refit"] != "none":
+            plans, fitted_model = refit(source, config, plans, params, staging, options)
+        _write_dense(source, config, plans, staging, options, fitted_model)
+        if fitted_model is not None:
+            shutil.rmtree(fitted_model.model.path)
         if stats is not None:
             stats.save(os.path.join(staging, STATS_FILE))
         _write_weights(staging, config.merge_method, params, layers, weights)
@@ -181,7 +194,30 @@ def build_dense(
     return BuildResult(out_path, weights, params, stats)
 
 
-def _write_dense(source, config, plans, staging, options) -> None:
+def refit(source, config, plans, params, staging, options):
+    """Re-fit every layer's down projection on the sequential engine; the fitted
+    tensors go to a safetensors file that the merge graph reads (plan.fitted)."""
+    _, batches = load_calibration_batches(source.path, config.calibration)
+    device = options.device or "cpu"
+    fitted = refit_layers(
+        source,
+        plans,
+        batches,
+        mode=params["refit"],
+        damping=params["refit_damping"],
+        device=device,
+        dtype=calibration_dtype(config, device),
+        spill_dir=config.calibration.spill_dir,
+        progress=not options.quiet,
+    )
+    # A fresh name each time: mergekit's LoaderCache keeps an index per path.
+    path = tempfile.mkdtemp(prefix=REFIT_DIR, dir=staging)
+    save_file({name: tensor.contiguous() for name, tensor in fitted.items()}, os.path.join(path, "model.safetensors"))
+    plans = [dataclasses.replace(plan, fitted=("down",)) for plan in plans]
+    return plans, ModelReference.parse(path)
+
+
+def _write_dense(source, config, plans, staging, options, fitted_model=None) -> None:
     family = source.family
     width = _expert_width(source, plans[0].layer.experts[0]["gate"]) * len(plans[0].blocks)
     dense_config = family.dense_config(source.config, intermediate_size=width)
@@ -201,6 +237,7 @@ def _write_dense(source, config, plans, staging, options) -> None:
         dtype=config.dtype,
         max_shard_size=options.out_shard_size,
         safe_serialization=options.safe_serialization,
+        fitted_model=fitted_model,
     )
     device = options.device or "cpu"
     executor = Executor(

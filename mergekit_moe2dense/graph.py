@@ -122,8 +122,13 @@ def plan_dense_merge(
     dtype: Optional[str],
     max_shard_size: int,
     safe_serialization: bool = True,
+    fitted_model: Optional[ModelReference] = None,
 ) -> List[Task]:
-    """Tasks that write the dense checkpoint: merged MLPs, everything else copied."""
+    """Tasks that write the dense checkpoint: merged MLPs, everything else copied.
+
+    Projections a plan lists in `fitted` are loaded from `fitted_model` (the
+    re-fit's safetensors, under their dense names) instead of being merged.
+    """
     writer = TensorWriterTask(
         out_path=out_path, max_shard_size=max_shard_size, safe_serialization=safe_serialization
     )
@@ -133,7 +138,10 @@ def plan_dense_merge(
         consumed.update(plan.layer.consumed)
         names = family.dense_mlp_names(plan.layer.index)
         for projection in PROJECTIONS:
-            task = projection_task(model, method, plan, projection, dtype)
+            if projection in plan.fitted:
+                task = LoadTensor(model=fitted_model, tensor=names[projection], dtype=dtype)
+            else:
+                task = projection_task(model, method, plan, projection, dtype)
             saves.append(_save(names[projection], task, writer, out_dtype))
     for name in tensor_names:
         if name not in consumed:

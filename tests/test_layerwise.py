@@ -37,7 +37,7 @@ def test_layerwise_statistics_equal_full_forward(random_moe, calib_dir, tmp_path
         spill_dir=str(tmp_path / "acts") if spill else None,
     )
     assert streamed.tokens == full.tokens > 0
-    for name in ("logit_sum", "prob_sum", "selected", "gate_sum", "samples"):
+    for name in ("logit_sum", "prob_sum", "selected", "gate_sum", "contribution_sum", "samples"):
         torch.testing.assert_close(getattr(streamed, name), getattr(full, name), rtol=1e-5, atol=1e-5)
     assert full.samples.abs().sum() > 0
     if spill:

@@ -42,6 +42,8 @@ class RouterRecorder:
         for position, layer in enumerate(self.stats.layers):
             module = self.model.get_submodule(self.family.router_module(layer))
             self._handles.append(module.register_forward_hook(self._hook(position)))
+            experts = self.model.get_submodule(self.family.experts_module(layer))
+            self._handles.append(experts.register_forward_hook(self._contribution_hook(position)))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -61,6 +63,24 @@ class RouterRecorder:
         runs every batch once per layer); tokens are counted on the first pass only."""
         self.offset = 0
         self._counting = False
+
+    def _contribution_hook(self, position: int):
+        """Expert contributions need each routed expert's own output, which the
+        fused experts module sums away: recompute them from its inputs (this
+        doubles the cost of the sparse MLPs during calibration)."""
+
+        def hook(module, inputs, _output):
+            hidden, top_k_index, top_k_weights = inputs[:3]
+            keep = self._keep.to(hidden.device)
+            hidden = hidden.reshape(-1, hidden.shape[-1])[keep]
+            index = top_k_index.reshape(keep.shape[0], -1)[keep]
+            weights = top_k_weights.reshape(keep.shape[0], -1)[keep]
+            for expert in index.unique().tolist():
+                token, slot = (index == expert).nonzero(as_tuple=True)
+                outputs = self.family.expert_output(module, hidden[token], expert)
+                self.stats.update_contribution(position, expert, weights[token, slot], outputs)
+
+        return hook
 
     def begin_batch(self, batch: TokenBatch) -> None:
         self._keep = batch.attention_mask.reshape(-1).bool()

@@ -92,6 +92,12 @@ class MoEFamily(ABC):
         [E, 2I, H], gate rows first, and `down_proj` [E, H, I]), a sibling of the router."""
         return self.router_module(layer).rsplit(".", 1)[0] + ".experts"
 
+    def expert_output(self, experts: torch.nn.Module, hidden: torch.Tensor, expert: int) -> torch.Tensor:
+        """One expert's output [T, H] on tokens [T, H], from the fused experts module:
+        down (act(gate x) * up x), as transformers' fused experts compute it."""
+        gate, up = torch.nn.functional.linear(hidden, experts.gate_up_proj[expert]).chunk(2, dim=-1)
+        return torch.nn.functional.linear(experts.act_fn(gate) * up, experts.down_proj[expert])
+
     @abstractmethod
     def router_outputs(
         self, output

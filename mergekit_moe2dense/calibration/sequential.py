@@ -1,0 +1,111 @@
+# Copyright (C) 2026 the mergekit-moe2dense authors
+# SPDX-License-Identifier: LGPL-3.0-only
+"""The layer-sequential re-fit: convert the model layer by layer on the streaming engine.
+
+For each decoder layer l, in order (GPTQ's / llm-compressor's sequential loop):
+the carried hidden states are the outputs of the *already converted* dense
+layers 0..l-1; the MoE layer l runs on them while a hook records its sparse
+block's input x (post-attention-norm hidden states) and output y (the target);
+the dense MLP of the plan is evaluated on the same x, its down projection is
+re-fitted to y (refit.py), and the dense layer l (the MoE layer with its sparse
+block swapped for the fitted dense MLP) produces the next layer's inputs.
+Only one layer's weights and the calibration activations are in memory.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import torch
+import tqdm
+
+from mergekit_moe2dense.calibration.batches import TokenBatch
+from mergekit_moe2dense.calibration.layerwise import LayerStream
+from mergekit_moe2dense.plan import LayerPlan, assemble
+from mergekit_moe2dense.refit import LeastSquaresStats, fit_channel_scale, fit_down_proj
+
+__all__ = ["DenseMLP", "refit_layers"]
+
+REFIT_MODES = ("scale", "down_proj")
+
+
+class DenseMLP(torch.nn.Module):
+    """down(act(gate x) * up x): the dense MLP that replaces a sparse block."""
+
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, act):
+        super().__init__()
+        self.gate, self.up, self.down, self.act = gate, up, down, act
+
+    def intermediate(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x @ self.gate.T) * (x @ self.up.T)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.intermediate(x.float()) @ self.down.T).to(x.dtype)
+
+
+def refit_layers(
+    source,
+    plans: Sequence[LayerPlan],
+    batches: List[TokenBatch],
+    *,
+    mode: str,
+    damping: float,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    spill_dir=None,
+    progress: bool = True,
+) -> Dict[str, torch.Tensor]:
+    """Fitted down projections {dense tensor name: [H, I] float32}, one per planned layer."""
+    if mode not in REFIT_MODES:
+        raise ValueError(f"unknown refit mode {mode!r}")
+    family = source.family
+    by_index = {plan.layer.index: plan for plan in plans}
+    fitted: Dict[str, torch.Tensor] = {}
+    with LayerStream(source, batches, device=device, dtype=dtype, spill_dir=spill_dir) as stream:
+        loader = source.reference.lazy_loader()
+        load = lambda piece: piece.take(loader.get_tensor(piece.tensor)).to(stream.device)  # noqa: E731
+        for index in tqdm.tqdm(stream.layer_indices, desc="Re-fitting", unit="layer", disable=not progress):
+            layer = stream.load_layer(index)
+            plan = by_index.get(index)
+            if plan is not None:
+                block_path = family.router_module(index).rsplit(".", 1)[0]
+                sparse = stream.model.get_submodule(block_path)
+                act = stream.model.get_submodule(family.experts_module(index)).act_fn
+                tensors = assemble(plan, load)
+                dense = DenseMLP(tensors["gate"], tensors["up"], tensors["down"], act)
+                down = _fit(stream, layer, sparse, dense, batches, mode, damping)
+                fitted[family.dense_mlp_names(index)["down"]] = down.cpu()
+                dense.down = down
+                stream.model.set_submodule(block_path, dense)
+                try:
+                    stream.forward(layer)
+                finally:
+                    stream.model.set_submodule(block_path, sparse)
+            else:
+                stream.forward(layer)
+            stream.free_layer(index)
+    return fitted
+
+
+def _fit(stream, layer, sparse, dense: DenseMLP, batches, mode: str, damping: float) -> torch.Tensor:
+    """Run the MoE layer on the carried states, recording its block's (x, y); solve."""
+    stats = LeastSquaresStats()
+    keep = {}
+
+    def hook(_module, inputs, output):
+        x = inputs[0].reshape(-1, inputs[0].shape[-1])[keep["mask"]].float()
+        y = output.reshape(-1, output.shape[-1])[keep["mask"]].float()
+        h = dense.intermediate(x)
+        stats.add_batch(h, y, output=h @ dense.down.T if mode == "scale" else None)
+
+    def before(b: int) -> None:
+        keep["mask"] = batches[b].attention_mask.reshape(-1).bool().to(stream.device)
+
+    handle = sparse.register_forward_hook(hook)
+    try:
+        stream.forward(layer, advance=False, before_batch=before)
+    finally:
+        handle.remove()
+    if mode == "scale":
+        return (fit_channel_scale(stats)[:, None] * dense.down.double()).float()
+    return fit_down_proj(stats, damping).float()
