@@ -199,7 +199,7 @@ def refit(source, config, plans, params, staging, options):
     tensors go to a safetensors file that the merge graph reads (plan.fitted)."""
     _, batches = load_calibration_batches(source.path, config.calibration)
     device = options.device or "cpu"
-    fitted = refit_layers(
+    result = refit_layers(
         source,
         plans,
         batches,
@@ -212,7 +212,10 @@ def refit(source, config, plans, params, staging, options):
     )
     # A fresh name each time: mergekit's LoaderCache keeps an index per path.
     path = tempfile.mkdtemp(prefix=REFIT_DIR, dir=staging)
-    save_file({name: tensor.contiguous() for name, tensor in fitted.items()}, os.path.join(path, "model.safetensors"))
+    for index, (before, after) in sorted(result.errors.items()):
+        LOG.info("layer %d: relative MLP reconstruction error %.4g -> %.4g after refit", index, before, after)
+    tensors = {name: tensor.contiguous() for name, tensor in result.tensors.items()}
+    save_file(tensors, os.path.join(path, "model.safetensors"))
     plans = [dataclasses.replace(plan, fitted=("down",)) for plan in plans]
     return plans, ModelReference.parse(path)
 

@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["LeastSquaresStats", "fit_channel_scale", "fit_down_proj"]
+__all__ = ["LeastSquaresStats", "fit_channel_scale", "fit_down_proj", "squared_error"]
 
 
 @dataclass
@@ -37,6 +37,7 @@ class LeastSquaresStats:
     cross: Optional[torch.Tensor] = None  # H^T Y [I, H]
     zy: Optional[torch.Tensor] = None  # sum_t z_tj y_tj [H]
     zz: Optional[torch.Tensor] = None  # sum_t z_tj^2 [H]
+    yy: float = 0.0  # sum_t ||y_t||^2
     tokens: int = field(default=0)
 
     def add_batch(self, hidden: torch.Tensor, target: torch.Tensor, output: Optional[torch.Tensor] = None) -> None:
@@ -50,6 +51,7 @@ class LeastSquaresStats:
             self.zz = torch.zeros(y.shape[1], dtype=torch.float64, device=h.device)
         self.gram += h.T @ h
         self.cross += h.T @ y
+        self.yy += float((y * y).sum())
         if output is not None:
             z = output.double()
             self.zy += (z * y).sum(0)
@@ -74,3 +76,10 @@ def fit_channel_scale(stats: LeastSquaresStats) -> torch.Tensor:
     nonzero = stats.zz > 0
     scale[nonzero] = stats.zy[nonzero] / stats.zz[nonzero]
     return scale
+
+
+def squared_error(stats: LeastSquaresStats, down: torch.Tensor) -> float:
+    """sum_t ||y_t - D h_t||^2 from the running sums:
+    ||Y||^2 - 2 tr(D H^T Y) + tr(D H^T H D^T)."""
+    d = down.double().to(stats.gram.device)
+    return stats.yy - 2.0 * float((d.T * stats.cross).sum()) + float(((d @ stats.gram) * d).sum())

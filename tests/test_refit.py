@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from mergekit_moe2dense.refit import LeastSquaresStats, fit_channel_scale, fit_down_proj
+from mergekit_moe2dense.refit import LeastSquaresStats, fit_channel_scale, fit_down_proj, squared_error
 
 
 def test_least_squares_recovers_a_known_linear_map():
@@ -40,3 +40,14 @@ def test_fits_are_never_worse_than_the_unfitted_projection():
         scaled = fit_channel_scale(stats)[:, None] * down
         assert error(fit_down_proj(stats, damping=1e-6)) <= error(scaled) + 1e-9
         assert error(scaled) <= error(down) + 1e-9
+
+
+def test_squared_error_from_running_sums():
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(30, 7, generator=g, dtype=torch.float64)
+    y = torch.randn(30, 4, generator=g, dtype=torch.float64)
+    down = torch.randn(4, 7, generator=g, dtype=torch.float64)
+    stats = LeastSquaresStats()
+    stats.add_batch(h[:10], y[:10])
+    stats.add_batch(h[10:], y[10:])
+    assert abs(squared_error(stats, down) - float(((y - h @ down.T) ** 2).sum())) < 1e-8

@@ -14,7 +14,8 @@ Only one layer's weights and the calibration activations are in memory.
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from dataclasses import dataclass, field
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import tqdm
@@ -22,9 +23,9 @@ import tqdm
 from mergekit_moe2dense.calibration.batches import TokenBatch
 from mergekit_moe2dense.calibration.layerwise import LayerStream
 from mergekit_moe2dense.plan import LayerPlan, assemble
-from mergekit_moe2dense.refit import LeastSquaresStats, fit_channel_scale, fit_down_proj
+from mergekit_moe2dense.refit import LeastSquaresStats, fit_channel_scale, fit_down_proj, squared_error
 
-__all__ = ["DenseMLP", "refit_layers"]
+__all__ = ["DenseMLP", "RefitResult", "refit_layers"]
 
 REFIT_MODES = ("scale", "down_proj")
 
@@ -43,6 +44,14 @@ class DenseMLP(torch.nn.Module):
         return (self.intermediate(x.float()) @ self.down.T).to(x.dtype)
 
 
+@dataclass
+class RefitResult:
+    tensors: Dict[str, torch.Tensor] = field(default_factory=dict)  # dense name -> fitted [H, I]
+    # decoder layer -> (relative squared error of the sparse block's output before, after the fit),
+    # sum_t ||y_t - D h_t||^2 / sum_t ||y_t||^2 on the calibration tokens
+    errors: Dict[int, Tuple[float, float]] = field(default_factory=dict)
+
+
 def refit_layers(
     source,
     plans: Sequence[LayerPlan],
@@ -54,13 +63,13 @@ def refit_layers(
     dtype: torch.dtype = torch.float32,
     spill_dir=None,
     progress: bool = True,
-) -> Dict[str, torch.Tensor]:
-    """Fitted down projections {dense tensor name: [H, I] float32}, one per planned layer."""
+) -> RefitResult:
+    """Fitted down projections, one per planned layer, and their reconstruction errors."""
     if mode not in REFIT_MODES:
         raise ValueError(f"unknown refit mode {mode!r}")
     family = source.family
     by_index = {plan.layer.index: plan for plan in plans}
-    fitted: Dict[str, torch.Tensor] = {}
+    result = RefitResult()
     with LayerStream(source, batches, device=device, dtype=dtype, spill_dir=spill_dir) as stream:
         loader = source.reference.lazy_loader()
         load = lambda piece: piece.take(loader.get_tensor(piece.tensor)).to(stream.device)  # noqa: E731
@@ -73,8 +82,8 @@ def refit_layers(
                 act = stream.model.get_submodule(family.experts_module(index)).act_fn
                 tensors = assemble(plan, load)
                 dense = DenseMLP(tensors["gate"], tensors["up"], tensors["down"], act)
-                down = _fit(stream, layer, sparse, dense, batches, mode, damping)
-                fitted[family.dense_mlp_names(index)["down"]] = down.cpu()
+                down, result.errors[index] = _fit(stream, layer, sparse, dense, batches, mode, damping)
+                result.tensors[family.dense_mlp_names(index)["down"]] = down.cpu()
                 dense.down = down
                 stream.model.set_submodule(block_path, dense)
                 try:
@@ -84,10 +93,10 @@ def refit_layers(
             else:
                 stream.forward(layer)
             stream.free_layer(index)
-    return fitted
+    return result
 
 
-def _fit(stream, layer, sparse, dense: DenseMLP, batches, mode: str, damping: float) -> torch.Tensor:
+def _fit(stream, layer, sparse, dense: DenseMLP, batches, mode: str, damping: float):
     """Run the MoE layer on the carried states, recording its block's (x, y); solve."""
     stats = LeastSquaresStats()
     keep = {}
@@ -107,5 +116,8 @@ def _fit(stream, layer, sparse, dense: DenseMLP, batches, mode: str, damping: fl
     finally:
         handle.remove()
     if mode == "scale":
-        return (fit_channel_scale(stats)[:, None] * dense.down.double()).float()
-    return fit_down_proj(stats, damping).float()
+        down = (fit_channel_scale(stats)[:, None] * dense.down.double()).float()
+    else:
+        down = fit_down_proj(stats, damping).float()
+    total = max(stats.yy, 1e-30)
+    return down, (squared_error(stats, dense.down) / total, squared_error(stats, down) / total)
