@@ -119,17 +119,19 @@ def _plans(source, weights):
     return [LayerPlan(layer, (Block(tuple(weights)),)) for layer in source.moe_layers()]
 
 
-@pytest.mark.parametrize("weights", [(0.0, 1.0, 0.0, 0.0), (0.25, 0.25, 0.25, 0.25)])
-def test_refit_never_increases_the_layer_error(random_moe, calib_dir, weights):
+@pytest.mark.parametrize(
+    "weights, mode", [((0.0, 1.0, 0.0, 0.0), "scale"), ((0.25, 0.25, 0.25, 0.25), "down_proj")]
+)
+def test_refit_never_increases_the_layer_error(random_moe, calib_dir, weights, mode):
     path = random_moe["fused"]
     source = SourceModel.open(ModelReference.parse(str(path)))
     _, batches = load_calibration_batches(str(path), CalibrationConfig(dataset=str(calib_dir), **CALIB))
-    for mode in ("scale", "down_proj"):
-        result = refit_layers(source, _plans(source, weights), batches, mode=mode, damping=1e-6, progress=False)
-        for before, after in result.errors.values():
-            assert after <= before + 1e-9
-        if mode == "down_proj":
-            assert all(after < 0.9 * before for before, after in result.errors.values())
+    result = refit_layers(source, _plans(source, weights), batches, mode=mode, damping=1e-6, progress=False)
+    assert sorted(result.errors) == [0, 1]
+    for before, after in result.errors.values():
+        assert after <= before + 1e-9
+        if mode == "down_proj":  # the ridge fit has many more parameters than the scale
+            assert after < 0.9 * before
 
 
 def test_sequential_refit_equals_whole_model_fit(random_moe, calib_dir):
