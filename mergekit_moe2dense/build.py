@@ -93,10 +93,13 @@ def calibration_engine(source: SourceModel, calibration, device: str) -> str:
     size = sum(
         os.path.getsize(os.path.join(source.index.base_path, shard.filename)) for shard in source.index.shards
     )
-    if device.startswith("cuda"):
-        free = torch.cuda.mem_get_info(torch.device(device))[0]
-    else:
-        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    try:
+        if device.startswith("cuda"):
+            free = torch.cuda.mem_get_info(torch.device(device))[0]
+        else:
+            free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no free-memory query on this platform
+        return "full"
     return "full" if size < free / 2 else "layerwise"
 
 
@@ -159,8 +162,11 @@ def build_dense(
     family, moe_config = source.family, source.config
     num_experts, top_k = family.num_experts(moe_config), family.top_k(moe_config)
     params = method.resolve_parameters(config.method_parameters, num_experts=num_experts, top_k=top_k)
-    if params["refit"] != "none" and config.calibration is None:
-        raise ConfigError(f"refit: {params['refit']} needs a calibration: block (its data is fitted to)")
+    if needs_refit(params) and config.calibration is None:
+        raise ConfigError(
+            f"the re-fit (refit: {params['refit']}, refit_gate_up: {params['refit_gate_up']}) needs a "
+            "calibration: block (its data is what is fitted)"
+        )
     layers = source.moe_layers()
     fingerprint = source.fingerprint(layers)
 
@@ -178,7 +184,7 @@ def build_dense(
     staging = _staging_dir(out_path)
     try:
         fitted_model = None
-        if params["refit"] != "none":
+        if needs_refit(params):
             plans, fitted_model = refit(source, config, plans, params, staging, options)
         _write_dense(source, config, plans, staging, options, fitted_model)
         if fitted_model is not None:
@@ -194,6 +200,10 @@ def build_dense(
     return BuildResult(out_path, weights, params, stats)
 
 
+def needs_refit(params) -> bool:
+    return params["refit"] != "none" or params["refit_gate_up"] != "merge"
+
+
 def refit(source, config, plans, params, staging, options):
     """Re-fit every layer's down projection on the sequential engine; the fitted
     tensors go to a safetensors file that the merge graph reads (plan.fitted)."""
@@ -205,6 +215,7 @@ def refit(source, config, plans, params, staging, options):
         batches,
         mode=params["refit"],
         damping=params["refit_damping"],
+        gate_up=params["refit_gate_up"],
         device=device,
         dtype=calibration_dtype(config, device),
         spill_dir=config.calibration.spill_dir,
@@ -216,7 +227,10 @@ def refit(source, config, plans, params, staging, options):
         LOG.info("layer %d: relative MLP reconstruction error %.4g -> %.4g after refit", index, before, after)
     tensors = {name: tensor.contiguous() for name, tensor in result.tensors.items()}
     save_file(tensors, os.path.join(path, "model.safetensors"))
-    plans = [dataclasses.replace(plan, fitted=("down",)) for plan in plans]
+    fitted = (("gate", "up") if params["refit_gate_up"] == "regmean" else ()) + (
+        ("down",) if params["refit"] != "none" else ()
+    )
+    plans = [dataclasses.replace(plan, fitted=fitted) for plan in plans]
     return plans, ModelReference.parse(path)
 
 

@@ -17,16 +17,23 @@ Statistics are accumulated batch by batch (as GPTQ's `add_batch`), then solved:
 Both minimise the squared error over their parameter sets and include the
 un-fitted D (s = 1, or D itself when lam = 0), so on the calibration tokens the
 fit is never worse than no fit (up to the ridge term).
+
+The gate/up merge can also be fitted, by RegMean (Jin et al. 2023,
+arXiv:2212.09849): with C_e = X_e^T X_e the Gram matrix of the tokens routed to
+expert e and w_e the method's weight, the W minimising
+sum_e w_e ||X_e W^T - X_e W_e^T||^2 is
+
+      W* = (sum_e w_e W_e C_e) (sum_e w_e C_e + lam I)^-1.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["LeastSquaresStats", "fit_channel_scale", "fit_down_proj", "squared_error"]
+__all__ = ["LeastSquaresStats", "fit_channel_scale", "fit_down_proj", "regmean_merge", "squared_error"]
 
 
 @dataclass
@@ -83,3 +90,17 @@ def squared_error(stats: LeastSquaresStats, down: torch.Tensor) -> float:
     ||Y||^2 - 2 tr(D H^T Y) + tr(D H^T H D^T)."""
     d = down.double().to(stats.gram.device)
     return stats.yy - 2.0 * float((d.T * stats.cross).sum()) + float(((d @ stats.gram) * d).sum())
+
+
+def regmean_merge(
+    weights: Sequence[float], projections: Sequence[torch.Tensor], grams: Sequence[torch.Tensor], damping: float
+) -> torch.Tensor:
+    """RegMean merge [O, H] (float64) of projections W_e [O, H] with input Grams C_e [H, H]."""
+    total = sum(w * c.double() for w, c in zip(weights, grams) if w != 0.0)
+    if not bool(total.any()):  # no calibration token reached these experts: plain weighted sum
+        return sum(w * p.double() for w, p in zip(weights, projections) if w != 0.0)
+    numerator = sum(w * p.double() @ c.double() for w, p, c in zip(weights, projections, grams) if w != 0.0)
+    lam = damping * float(total.diagonal().mean())
+    total = total + max(lam, 1e-12) * torch.eye(total.shape[0], dtype=total.dtype, device=total.device)
+    # W* total = numerator, total symmetric: solve total W*^T = numerator^T
+    return torch.linalg.solve(total, numerator.T).T.contiguous()

@@ -110,7 +110,7 @@ def test_refit_needs_calibration_data(random_moe, tmp_path):
     bare = Moe2DenseConfig.model_validate(
         {"merge_method": "expert_uniform", "models": [{"model": str(random_moe["legacy"])}], "parameters": {"refit": "scale"}}
     )
-    with pytest.raises(ConfigError, match="refit: scale needs a calibration"):
+    with pytest.raises(ConfigError, match=r"re-fit \(refit: scale, refit_gate_up: merge\) needs a calibration"):
         build_dense(bare, str(tmp_path / "out"), OPTIONS)
     assert not (tmp_path / "out").exists()
 
@@ -165,3 +165,22 @@ def test_sequential_refit_equals_whole_model_fit(random_moe, calib_dir):
         layer.mlp = dense
         name = f"model.layers.{plan.layer.index}.mlp.down_proj.weight"
         torch.testing.assert_close(streamed.tensors[name], dense.down, rtol=1e-4, atol=1e-5)
+
+
+def test_regmean_gate_up_through_build(random_moe, calib_dir, tmp_path):
+    from safetensors import safe_open
+
+    moe = random_moe["legacy"]
+    outs = {}
+    for gate_up in ("merge", "regmean"):
+        out = tmp_path / gate_up
+        params = {"refit": "down_proj", "refit_gate_up": gate_up}
+        build_dense(config(moe, "expert_uniform", calib_dir, **params), str(out), OPTIONS)
+        with safe_open(str(out / "model.safetensors"), "pt") as handle:
+            outs[gate_up] = {k: handle.get_tensor(k) for k in handle.keys()}
+    loader = SourceModel.open(ModelReference.parse(str(moe))).reference.lazy_loader()
+    average = sum(loader.get_tensor(f"model.layers.0.block_sparse_moe.experts.{e}.w1.weight") for e in range(4)) / 4
+    torch.testing.assert_close(outs["merge"]["model.layers.0.mlp.gate_proj.weight"], average)
+    regmean = outs["regmean"]["model.layers.0.mlp.gate_proj.weight"]
+    assert regmean.shape == average.shape and (regmean - average).abs().max() > 1e-3
+    assert outs["regmean"]["model.layers.1.mlp.down_proj.weight"].shape == (32, 48)

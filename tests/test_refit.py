@@ -6,7 +6,13 @@ from __future__ import annotations
 
 import torch
 
-from mergekit_moe2dense.refit import LeastSquaresStats, fit_channel_scale, fit_down_proj, squared_error
+from mergekit_moe2dense.refit import (
+    LeastSquaresStats,
+    fit_channel_scale,
+    fit_down_proj,
+    regmean_merge,
+    squared_error,
+)
 
 
 def test_least_squares_recovers_a_known_linear_map():
@@ -51,3 +57,21 @@ def test_squared_error_from_running_sums():
     stats.add_batch(h[:10], y[:10])
     stats.add_batch(h[10:], y[10:])
     assert abs(squared_error(stats, down) - float(((y - h @ down.T) ** 2).sum())) < 1e-8
+
+
+def test_regmean_merge():
+    g = torch.Generator().manual_seed(4)
+    xs = [torch.randn(40, 6, generator=g, dtype=torch.float64) for _ in range(3)]
+    grams = [x.T @ x for x in xs]
+    ws = [torch.randn(5, 6, generator=g, dtype=torch.float64) for _ in range(3)]
+    # one expert with all the weight is returned unchanged; equal experts stay equal
+    torch.testing.assert_close(regmean_merge([0.0, 1.0, 0.0], ws, grams, 1e-12), ws[1])
+    torch.testing.assert_close(regmean_merge([0.2, 0.3, 0.5], [ws[0]] * 3, grams, 1e-12), ws[0])
+    # it minimises the weighted output error on each expert's own inputs, unlike the plain average
+    weights = [0.2, 0.3, 0.5]
+    error = lambda m: sum(w * float(((x @ m.T - x @ p.T) ** 2).sum()) for w, x, p in zip(weights, xs, ws))  # noqa: E731
+    merged = regmean_merge(weights, ws, grams, 1e-12)
+    average = sum(w * p for w, p in zip(weights, ws))
+    assert error(merged) < error(average)
+    perturbed = merged + 1e-3 * torch.randn(5, 6, generator=g, dtype=torch.float64)
+    assert error(merged) < error(perturbed)

@@ -9,6 +9,9 @@ block's input x (post-attention-norm hidden states) and output y (the target);
 the dense MLP of the plan is evaluated on the same x, its down projection is
 re-fitted to y (refit.py), and the dense layer l (the MoE layer with its sparse
 block swapped for the fitted dense MLP) produces the next layer's inputs.
+With `gate_up="regmean"` a first run over the batches gathers the Gram matrix
+of the tokens routed to each expert, and every block's gate/up is the RegMean
+merge of its experts instead of the plain weighted sum.
 Only one layer's weights and the calibration activations are in memory.
 """
 
@@ -23,11 +26,17 @@ import tqdm
 from mergekit_moe2dense.calibration.batches import TokenBatch
 from mergekit_moe2dense.calibration.layerwise import LayerStream
 from mergekit_moe2dense.plan import LayerPlan, assemble
-from mergekit_moe2dense.refit import LeastSquaresStats, fit_channel_scale, fit_down_proj, squared_error
+from mergekit_moe2dense.refit import (
+    LeastSquaresStats,
+    fit_channel_scale,
+    fit_down_proj,
+    regmean_merge,
+    squared_error,
+)
 
 __all__ = ["DenseMLP", "RefitResult", "refit_layers"]
 
-REFIT_MODES = ("scale", "down_proj")
+REFIT_MODES = ("none", "scale", "down_proj")
 
 
 class DenseMLP(torch.nn.Module):
@@ -59,12 +68,14 @@ def refit_layers(
     *,
     mode: str,
     damping: float,
+    gate_up: str = "merge",
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     spill_dir=None,
     progress: bool = True,
 ) -> RefitResult:
-    """Fitted down projections, one per planned layer, and their reconstruction errors."""
+    """Fitted projections of every planned layer (down unless `mode` is none; gate and
+    up with `gate_up="regmean"`), and the layers' reconstruction errors."""
     if mode not in REFIT_MODES:
         raise ValueError(f"unknown refit mode {mode!r}")
     family = source.family
@@ -81,9 +92,17 @@ def refit_layers(
                 sparse = stream.model.get_submodule(block_path)
                 act = stream.model.get_submodule(family.experts_module(index)).act_fn
                 tensors = assemble(plan, load)
+                names = family.dense_mlp_names(index)
+                if gate_up == "regmean":
+                    router = stream.model.get_submodule(family.router_module(index))
+                    grams = _routed_grams(stream, layer, sparse, router, family, batches, plan.layer.num_experts)
+                    for projection in ("gate", "up"):
+                        tensors[projection] = _regmean_projection(plan, projection, grams, load, damping)
+                        result.tensors[names[projection]] = tensors[projection].cpu()
                 dense = DenseMLP(tensors["gate"], tensors["up"], tensors["down"], act)
                 down, result.errors[index] = _fit(stream, layer, sparse, dense, batches, mode, damping)
-                result.tensors[family.dense_mlp_names(index)["down"]] = down.cpu()
+                if mode != "none":
+                    result.tensors[names["down"]] = down.cpu()
                 dense.down = down
                 stream.model.set_submodule(block_path, dense)
                 try:
@@ -117,7 +136,51 @@ def _fit(stream, layer, sparse, dense: DenseMLP, batches, mode: str, damping: fl
         handle.remove()
     if mode == "scale":
         down = (fit_channel_scale(stats)[:, None] * dense.down.double()).float()
-    else:
+    elif mode == "down_proj":
         down = fit_down_proj(stats, damping).float()
+    else:
+        down = dense.down
     total = max(stats.yy, 1e-30)
     return down, (squared_error(stats, dense.down) / total, squared_error(stats, down) / total)
+
+
+def _routed_grams(stream, layer, sparse, router, family, batches, num_experts: int) -> List[torch.Tensor]:
+    """Per expert, X_e^T X_e over the (non-padding) tokens the router sends to it."""
+    grams: List[torch.Tensor] = []
+    state = {}
+
+    def take_input(_module, inputs):
+        state["x"] = inputs[0].reshape(-1, inputs[0].shape[-1])[state["keep"]].double()
+
+    def take_routing(_module, _inputs, output):
+        _, _, index = family.router_outputs(output)
+        index = index.reshape(state["keep"].shape[0], -1)[state["keep"]]
+        x = state["x"]
+        if not grams:
+            grams.extend(x.new_zeros(x.shape[1], x.shape[1]) for _ in range(num_experts))
+        for expert in index.unique().tolist():
+            routed = x[(index == expert).any(-1)]
+            grams[expert] += routed.T @ routed
+
+    def before(b: int) -> None:
+        state["keep"] = batches[b].attention_mask.reshape(-1).bool().to(stream.device)
+
+    handles = [sparse.register_forward_pre_hook(take_input), router.register_forward_hook(take_routing)]
+    try:
+        stream.forward(layer, advance=False, before_batch=before)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return grams
+
+
+def _regmean_projection(plan: LayerPlan, projection: str, grams, load, damping: float) -> torch.Tensor:
+    """A block's gate or up projection as the RegMean merge of its experts, blocks concatenated."""
+    parts = []
+    for block in plan.blocks:
+        if block.shared is not None:
+            parts.append(load(plan.layer.shared_experts[block.shared][projection]).float())
+            continue
+        projections = [load(expert[projection]) if w != 0.0 else None for w, expert in zip(block.weights, plan.layer.experts)]
+        parts.append(regmean_merge(block.weights, projections, grams, damping).float())
+    return torch.cat(parts, dim=0)

@@ -9,7 +9,7 @@ equal, as mergekit requires). What differs between methods is only where the
 per-layer expert weights come from: `layer_weights(stats, params)`.
 
 Every method also accepts the re-fit parameters (`refit: none | scale |
-down_proj`, `refit_damping`), declared once here; build.py runs the re-fit
+down_proj`, `refit_damping`, `refit_gate_up: merge | regmean`), declared once here; build.py runs the re-fit
 (calibration/sequential.py) on whatever plan the method produced.
 """
 
@@ -142,7 +142,13 @@ def refit_parameters(default: str) -> Tuple[ParameterSpec, ...]:
             "refit_damping",
             Annotated[float, Field(gt=0, allow_inf_nan=False)],
             1e-4,
-            "ridge strength of refit: down_proj, relative to the mean activation energy",
+            "ridge strength of refit: down_proj and regmean, relative to the mean activation energy",
+        ),
+        parameter(
+            "refit_gate_up",
+            Literal["merge", "regmean"],
+            "merge",
+            "gate/up: the method's weighted sum, or RegMean over the routed tokens' Gram matrices",
         ),
     )
 
