@@ -40,8 +40,9 @@ def held_out_kl(moe, plans, loader, fitted, batches) -> float:
     dense.load_state_dict(moe.state_dict())
     for plan in plans:
         t = assemble(plan, lambda piece: piece.take(loader.get_tensor(piece.tensor)))
-        down = fitted.get(f"model.layers.{plan.layer.index}.mlp.down_proj.weight", t["down"])
-        dense.model.layers[plan.layer.index].mlp = DenseMLP(t["gate"], t["up"], down, torch.nn.functional.silu)
+        names = {p: f"model.layers.{plan.layer.index}.mlp.{p}_proj.weight" for p in t}
+        t = {p: fitted.get(names[p], t[p]) for p in t}
+        dense.model.layers[plan.layer.index].mlp = DenseMLP(t["gate"], t["up"], t["down"], torch.nn.functional.silu)
     total, count = 0.0, 0
     with torch.no_grad():
         for batch in batches:
@@ -57,6 +58,7 @@ def main():
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=4096, help="calibration tokens")
+    parser.add_argument("--methods", default=None, help="comma-separated subset of the table's method names")
     args = parser.parse_args()
     torch.manual_seed(0)
     config = transformers.MixtralConfig(
@@ -78,21 +80,27 @@ def main():
         layers, loader = source.moe_layers(), source.reference.lazy_loader()
         E, k = args.experts, config.num_experts_per_tok
         rows = [("max_contribution", {}), ("concat", {"num_experts": k}), ("concat", {"num_experts": E}),
-                ("router_weighted", {}), ("expert_uniform", {})]
+                ("router_weighted", {}), ("router_weighted", {"refit_gate_up": "regmean"}),
+                ("expert_uniform", {}), ("expert_uniform", {"refit_gate_up": "regmean"})]
         print(f"random Mixtral: {args.layers} layers, {E} experts (top-{k}), hidden 64, expert width 128; "
               f"{sum(int(b.attention_mask.sum()) for b in calib)} calibration tokens, "
               f"{sum(int(b.attention_mask.sum()) for b in held)} held-out tokens\n")
         print("| method | refit | mean rel. MLP error before -> after (calibration) | held-out KL(MoE || dense) |")
         print("|---|---|---|---|")
         for name, raw in rows:
+            if args.methods and name not in args.methods.split(","):
+                continue
             method = get_method(name)
             for refit in ("none", "scale", "down_proj"):
                 params = method.resolve_parameters({**raw, "refit": refit}, num_experts=E, top_k=k)
                 weights = method.layer_weights(stats, params, num_layers=len(layers), num_experts=E)
                 plans = method.layer_plans(layers, weights, stats, params)
                 fitted, err = {}, "n/a"
-                if refit != "none":
-                    result = refit_layers(source, plans, calib, mode=refit, damping=params["refit_damping"], progress=False)
+                if refit != "none" or params["refit_gate_up"] == "regmean":
+                    result = refit_layers(
+                        source, plans, calib, mode=refit, damping=params["refit_damping"],
+                        gate_up=params["refit_gate_up"], progress=False,
+                    )
                     before = sum(b for b, _ in result.errors.values()) / len(result.errors)
                     after = sum(a for _, a in result.errors.values()) / len(result.errors)
                     fitted, err = result.tensors, f"{before:.3f} -> {after:.3f}"
