@@ -41,7 +41,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import transformers
@@ -210,10 +210,19 @@ class LayerStream:
                 if advance:
                     self.set_inputs(b, out)
 
-    def iter_batches(self) -> Iterator[int]:
-        return iter(range(len(self.batches)))
-
     # -- loading -------------------------------------------------------------------
+    def slice_reader(self) -> Callable:
+        """A reader of `ExpertSlice`s that loads each checkpoint tensor once (a fused
+        tensor holds every expert); drop it to free what it holds."""
+        cache: Dict[str, torch.Tensor] = {}
+
+        def read(piece) -> torch.Tensor:
+            if piece.tensor not in cache:
+                cache[piece.tensor] = self._loader.get_tensor(piece.tensor)
+            return piece.take(cache[piece.tensor])
+
+        return read
+
     def _module_name(self, module: torch.nn.Module) -> str:
         for name, candidate in self.model.named_modules():
             if candidate is module:
@@ -238,7 +247,7 @@ class LayerStream:
 
     def _moe_tensors(self, moe: MoELayer) -> Dict[str, torch.Tensor]:
         """The sparse block's tensors under their in-memory (fused) names."""
-        get = lambda piece: piece.take(self._loader.get_tensor(piece.tensor))  # noqa: E731
+        get = self.slice_reader()
         gate_up = torch.stack([torch.cat([get(e["gate"]), get(e["up"])], dim=0) for e in moe.experts])
         down = torch.stack([get(e["down"]) for e in moe.experts])
         experts = self.family.experts_module(moe.index)

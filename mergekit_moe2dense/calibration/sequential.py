@@ -82,8 +82,6 @@ def refit_layers(
     by_index = {plan.layer.index: plan for plan in plans}
     result = RefitResult()
     with LayerStream(source, batches, device=device, dtype=dtype, spill_dir=spill_dir) as stream:
-        loader = source.reference.lazy_loader()
-        load = lambda piece: piece.take(loader.get_tensor(piece.tensor)).to(stream.device)  # noqa: E731
         for index in tqdm.tqdm(stream.layer_indices, desc="Re-fitting", unit="layer", disable=not progress):
             layer = stream.load_layer(index)
             plan = by_index.get(index)
@@ -91,14 +89,14 @@ def refit_layers(
                 block_path = family.router_module(index).rsplit(".", 1)[0]
                 sparse = stream.model.get_submodule(block_path)
                 act = stream.model.get_submodule(family.experts_module(index)).act_fn
-                tensors = assemble(plan, load)
                 names = family.dense_mlp_names(index)
+                grams = None
                 if gate_up == "regmean":
                     router = stream.model.get_submodule(family.router_module(index))
                     grams = _routed_grams(stream, layer, sparse, router, family, batches, plan.layer.num_experts)
-                    for projection in ("gate", "up"):
-                        tensors[projection] = _regmean_projection(plan, projection, grams, load, damping)
-                        result.tensors[names[projection]] = tensors[projection].cpu()
+                tensors = _dense_tensors(stream, plan, grams, damping)
+                if grams is not None:
+                    result.tensors.update({names[p]: tensors[p].cpu() for p in ("gate", "up")})
                 dense = DenseMLP(tensors["gate"], tensors["up"], tensors["down"], act)
                 down, result.errors[index] = _fit(stream, layer, sparse, dense, batches, mode, damping)
                 if mode != "none":
@@ -172,6 +170,17 @@ def _routed_grams(stream, layer, sparse, router, family, batches, num_experts: i
         for handle in handles:
             handle.remove()
     return grams
+
+
+def _dense_tensors(stream, plan: LayerPlan, grams, damping: float) -> Dict[str, torch.Tensor]:
+    """The plan's dense projections on the device; gate/up by RegMean when `grams` are given."""
+    read = stream.slice_reader()  # freed on return
+    load = lambda piece: read(piece).to(stream.device)  # noqa: E731
+    tensors = assemble(plan, load)
+    if grams is not None:
+        for projection in ("gate", "up"):
+            tensors[projection] = _regmean_projection(plan, projection, grams, load, damping)
+    return tensors
 
 
 def _regmean_projection(plan: LayerPlan, projection: str, grams, load, damping: float) -> torch.Tensor:
