@@ -184,3 +184,22 @@ def test_regmean_gate_up_through_build(random_moe, calib_dir, tmp_path):
     regmean = outs["regmean"]["model.layers.0.mlp.gate_proj.weight"]
     assert regmean.shape == average.shape and (regmean - average).abs().max() > 1e-3
     assert outs["regmean"]["model.layers.1.mlp.down_proj.weight"].shape == (32, 48)
+
+
+def test_statistics_without_contributions_ask_for_recalibration(random_moe, calib_dir, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from mergekit_moe2dense.build import STATS_FILE
+    from mergekit_moe2dense.calibration.stats import StatisticsError
+
+    moe = random_moe["legacy"]
+    build_dense(config(moe, "router_weighted", calib_dir), str(tmp_path / "first"), OPTIONS)
+    old = tmp_path / "old_stats.safetensors"
+    with safe_open(str(tmp_path / "first" / STATS_FILE), "pt") as handle:  # as written before contributions
+        tensors = {k: handle.get_tensor(k) for k in handle.keys() if k != "contribution_sum"}
+        save_file(tensors, str(old), metadata=handle.metadata())
+    with pytest.raises(StatisticsError, match="no expert contributions.*recalibrate"):
+        build_dense(config(moe, "concat", calib_dir), str(tmp_path / "out"), OPTIONS, stats_path=str(old))
+    build_dense(config(moe, "concat", calib_dir, score="frequency"), str(tmp_path / "freq"), OPTIONS, stats_path=str(old))
+    assert not (tmp_path / "out").exists()
