@@ -11,8 +11,8 @@ import torch
 import tqdm
 import transformers
 
-from mergekit_moe2dense.calibration.layerwise import LayerStream
 from mergekit_moe2dense.calibration.batches import TokenBatch, calibration_sequences, pad_batches
+from mergekit_moe2dense.calibration.layerwise import LayerStream
 from mergekit_moe2dense.calibration.stats import RouterStatistics
 from mergekit_moe2dense.data import DataError, load_documents
 from mergekit_moe2dense.families import MoEFamily
