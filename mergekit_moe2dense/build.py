@@ -11,38 +11,44 @@ like a finished model.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 import torch
-from mergekit.common import dtype_from_name
+from mergekit.common import ModelReference, dtype_from_name
 from mergekit.graph import Executor
 from mergekit.io.tasks import LoaderCache
 from mergekit.options import MergeOptions
+from safetensors.torch import save_file
 
 from mergekit_moe2dense.calibration import (
     RouterStatistics,
     StatisticsError,
     collect_router_statistics,
+    collect_router_statistics_layerwise,
     load_calibration_batches,
     load_moe,
 )
+from mergekit_moe2dense.calibration.sequential import refit_layers
 from mergekit_moe2dense.card import write_model_card
 from mergekit_moe2dense.checkpoint import SourceModel
 from mergekit_moe2dense.config import ConfigError, Moe2DenseConfig
 from mergekit_moe2dense.errors import Moe2DenseError
 from mergekit_moe2dense.graph import plan_dense_merge
-from mergekit_moe2dense.methods import get_method
+from mergekit_moe2dense.methods import MethodError, get_method
 from mergekit_moe2dense.plan import with_family_scales
 
 LOG = logging.getLogger(__name__)
 
 STATS_FILE = "router_stats.safetensors"
 WEIGHTS_FILE = "expert_weights.json"
+REFIT_DIR = "refit-"  # fitted tensors, inside the staging directory until the merge has read them
 # Tokenizer and generation files copied from the MoE (mergekit's list).
 TAGALONG_FILES = (
     "tokenizer_config.json",
@@ -82,6 +88,23 @@ def calibration_dtype(config: Moe2DenseConfig, device: str) -> torch.dtype:
     return dtype_from_name(name or ("bfloat16" if device.startswith("cuda") else "float32"))
 
 
+def calibration_engine(source: SourceModel, calibration, device: str) -> str:
+    """`auto` streams layers when the checkpoint would take over half the free memory."""
+    if calibration.engine != "auto":
+        return calibration.engine
+    size = sum(
+        os.path.getsize(os.path.join(source.index.base_path, shard.filename)) for shard in source.index.shards
+    )
+    try:
+        if device.startswith("cuda"):
+            free = torch.cuda.mem_get_info(torch.device(device))[0]
+        else:
+            free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no free-memory query on this platform
+        return "full"
+    return "full" if size < free / 2 else "layerwise"
+
+
 def calibrate(
     source: SourceModel,
     config: Moe2DenseConfig,
@@ -94,20 +117,34 @@ def calibrate(
     calibration = config.calibration
     _, batches = load_calibration_batches(source.path, calibration)
     device = options.device or "cpu"
-    model = load_moe(source.path, device=device, dtype=calibration_dtype(config, device))
-    try:
-        stats = collect_router_statistics(
-            model,
-            source.family,
+    dtype = calibration_dtype(config, device)
+    if calibration_engine(source, calibration, device) == "layerwise":
+        stats = collect_router_statistics_layerwise(
+            source,
             batches,
             max_token_samples=calibration.max_token_samples,
             seed=calibration.seed,
             device=device,
+            dtype=dtype,
+            spill_dir=calibration.spill_dir,
             progress=not options.quiet,
             record_router_inputs=record_router_inputs or calibration.record_router_inputs,
         )
-    finally:
-        del model
+    else:
+        model = load_moe(source.path, device=device, dtype=dtype)
+        try:
+            stats = collect_router_statistics(
+                model,
+                source.family,
+                batches,
+                max_token_samples=calibration.max_token_samples,
+                seed=calibration.seed,
+                device=device,
+                progress=not options.quiet,
+                record_router_inputs=record_router_inputs or calibration.record_router_inputs,
+            )
+        finally:
+            del model
     stats.metadata.update(
         model=str(source.reference),
         model_fingerprint=fingerprint,
@@ -133,12 +170,19 @@ def build_dense(
     family, moe_config = source.family, source.config
     num_experts, top_k = family.num_experts(moe_config), family.top_k(moe_config)
     params = method.resolve_parameters(config.method_parameters, num_experts=num_experts, top_k=top_k)
+    if needs_refit(params) and config.calibration is None:
+        raise ConfigError(
+            f"the re-fit (refit: {params['refit']}, refit_gate_up: {params['refit_gate_up']}) needs a "
+            "calibration: block (its data is what is fitted)"
+        )
     layers = source.moe_layers()
     fingerprint = source.fingerprint(layers)
 
     if method.multi_output:
         from mergekit_moe2dense import multi
 
+        if needs_refit(params):
+            raise MethodError(f"{config.merge_method} writes several models and does not support refit")
         multi.check_output(source, config, params, stats_path)
     stats = None
     if stats_path:
@@ -172,7 +216,14 @@ def build_dense(
 
         def write(staging):
             plans = with_family_scales(method.layer_plans(layers, weights, stats, params), family, moe_config, stats)
-            write_dense_model(source, config, params, layers, weights, plans, staging, options, config_source)
+            fitted_model = None
+            if needs_refit(params):
+                plans, fitted_model = refit(source, config, plans, params, staging, options)
+            write_dense_model(
+                source, config, params, layers, weights, plans, staging, options, config_source, fitted_model=fitted_model
+            )
+            if fitted_model is not None:
+                shutil.rmtree(fitted_model.model.path)
 
     staging = _staging_dir(out_path)
     try:
@@ -186,19 +237,53 @@ def build_dense(
 
 
 def write_dense_model(
-    source, config, params, layers, weights, plans, staging, options, config_source=None, extra=None
+    source, config, params, layers, weights, plans, staging, options, config_source=None, extra=None, fitted_model=None
 ) -> None:
     """One complete dense model in `staging`: weights, config, tokenizer, expert_weights.json, card.
 
     `extra` adds keys to expert_weights.json (and lines to the card).
     """
-    _write_dense(source, config, plans, staging, options)
+    _write_dense(source, config, plans, staging, options, fitted_model)
     _write_weights(staging, config.merge_method, params, layers, weights, extra)
     if options.write_model_card:
         write_model_card(staging, config, params, layers, weights, config_source, extra)
 
 
-def _write_dense(source, config, plans, staging, options) -> None:
+def needs_refit(params) -> bool:
+    return params["refit"] != "none" or params["refit_gate_up"] != "merge"
+
+
+def refit(source, config, plans, params, staging, options):
+    """Re-fit every layer's down projection on the sequential engine; the fitted
+    tensors go to a safetensors file that the merge graph reads (plan.fitted)."""
+    _, batches = load_calibration_batches(source.path, config.calibration)
+    device = options.device or "cpu"
+    result = refit_layers(
+        source,
+        plans,
+        batches,
+        mode=params["refit"],
+        damping=params["refit_damping"],
+        gate_up=params["refit_gate_up"],
+        device=device,
+        dtype=calibration_dtype(config, device),
+        spill_dir=config.calibration.spill_dir,
+        progress=not options.quiet,
+    )
+    # A fresh name each time: mergekit's LoaderCache keeps an index per path.
+    path = tempfile.mkdtemp(prefix=REFIT_DIR, dir=staging)
+    for index, (before, after) in sorted(result.errors.items()):
+        LOG.info("layer %d: relative MLP reconstruction error %.4g -> %.4g after refit", index, before, after)
+    tensors = {name: tensor.contiguous() for name, tensor in result.tensors.items()}
+    save_file(tensors, os.path.join(path, "model.safetensors"))
+    fitted = (("gate", "up") if params["refit_gate_up"] == "regmean" else ()) + (
+        ("down",) if params["refit"] != "none" else ()
+    )
+    plans = [dataclasses.replace(plan, fitted=fitted) for plan in plans]
+    return plans, ModelReference.parse(path)
+
+
+def _write_dense(source, config, plans, staging, options, fitted_model=None) -> None:
     family = source.family
     widths = [_plan_width(source, plan) for plan in plans]
     dense_width = family.dense_layer_width(source.config)
@@ -226,6 +311,7 @@ def _write_dense(source, config, plans, staging, options) -> None:
         width=width if padded else None,
         dense_layers=dense_layers if dense_width is not None else (),
         zero_tensors={k: v for i in sorted(converted) for k, v in family.dense_zero_tensors(source.config, i).items()},
+        fitted_model=fitted_model,
     )
     run_graph(targets, options)
     dense_config.save_pretrained(staging)

@@ -164,11 +164,14 @@ def plan_dense_merge(
     width: Optional[int] = None,
     dense_layers: Sequence[int] = (),
     zero_tensors: Optional[Dict[str, Tuple[int, ...]]] = None,
+    fitted_model: Optional[ModelReference] = None,
 ) -> List[Task]:
     """Tasks that write the dense checkpoint: merged MLPs, everything else copied.
 
     With `width`, every merged MLP and the MLPs of `dense_layers` (dense already
-    in the MoE) are zero-padded to that intermediate size.
+    in the MoE) are zero-padded to that intermediate size. Projections a plan
+    lists in `fitted` are loaded from `fitted_model` (the re-fit's safetensors,
+    under their dense names) instead of being merged.
     """
     writer = TensorWriterTask(
         out_path=out_path, max_shard_size=max_shard_size, safe_serialization=safe_serialization
@@ -183,7 +186,11 @@ def plan_dense_merge(
         consumed.update(plan.layer.consumed)
         names = family.dense_mlp_names(plan.layer.index)
         for projection in PROJECTIONS:
-            task = _padded(projection_task(model, method, plan, projection, dtype), projection, width)
+            if projection in plan.fitted:
+                task = LoadTensor(model=fitted_model, tensor=names[projection], dtype=dtype)
+            else:
+                task = projection_task(model, method, plan, projection, dtype)
+            task = _padded(task, projection, width)
             saves.append(_save(names[projection], task, writer, out_dtype))
     for name, shape in (zero_tensors or {}).items():
         saves.append(_save(name, ZeroTensor(name=name, shape=tuple(shape)), writer, out_dtype))

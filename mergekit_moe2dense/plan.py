@@ -9,16 +9,20 @@ act(x G^T) * (x U^T) summed through D, concatenating blocks adds their outputs:
 one block with weights w is the plain merged expert; m one-hot blocks scaled by
 gate weights are the fixed-gate mixture of m experts; a shared expert is one
 more block with scale 1 (or its calibrated gate).
+
+A layer's projections can instead come from a re-fit (refit.py): `fitted`
+names them, and the graph loads them from the fitted-tensor file rather than
+merging experts.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from mergekit_moe2dense.families import MoEFamily, MoELayer
+from mergekit_moe2dense.families import PROJECTIONS, ExpertSlice, MoEFamily, MoELayer
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,7 @@ class Block:
 class LayerPlan:
     layer: MoELayer
     blocks: Tuple[Block, ...]
+    fitted: Tuple[str, ...] = ()  # projections read from the re-fit file instead of merged
 
 
 def single_block_plans(layers: Sequence[MoELayer], weights: torch.Tensor) -> list:
@@ -59,3 +64,23 @@ def with_family_scales(plans: Sequence[LayerPlan], family: MoEFamily, config, st
         blocks += tuple(Block(shared=i, down_scale=shared) for i in range(len(plan.layer.shared_experts)))
         finished.append(LayerPlan(plan.layer, blocks))
     return finished
+
+
+def assemble(plan: LayerPlan, load: Callable[[ExpertSlice], torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The dense projections of `plan` in memory, in float32 (the graph's MergeExperts
+    and ConcatBlocks compute the same: sum_e w_e W_e per block, down scaled, concatenated)."""
+    result = {}
+    for projection in PROJECTIONS:
+        parts = []
+        for block in plan.blocks:
+            if block.shared is not None:
+                part = load(plan.layer.shared_experts[block.shared][projection]).float()
+            else:
+                part = sum(
+                    w * load(expert[projection]).float()
+                    for w, expert in zip(block.weights, plan.layer.experts)
+                    if w != 0.0
+                )
+            parts.append(part * block.down_scale if projection == "down" else part)
+        result[projection] = torch.cat(parts, dim=1 if projection == "down" else 0)
+    return result

@@ -12,6 +12,7 @@ import tqdm
 import transformers
 
 from mergekit_moe2dense.calibration.batches import TokenBatch, calibration_sequences, pad_batches
+from mergekit_moe2dense.calibration.layerwise import LayerStream
 from mergekit_moe2dense.calibration.stats import RouterStatistics
 from mergekit_moe2dense.data import DataError, load_documents
 from mergekit_moe2dense.families import MoEFamily
@@ -35,6 +36,7 @@ class RouterRecorder:
         self._keep: Optional[torch.Tensor] = None
         self._rows = self._slots = None
         self._handles = []
+        self._counting = True
 
     def __enter__(self) -> "RouterRecorder":
         for position, layer in enumerate(self.stats.layers):
@@ -44,6 +46,8 @@ class RouterRecorder:
             if gate is not None:
                 module = self.model.get_submodule(gate)
                 self._handles.append(module.register_forward_hook(self._shared_gate_hook(position)))
+            experts = self.model.get_submodule(self.family.experts_module(layer))
+            self._handles.append(experts.register_forward_hook(self._contribution_hook(position)))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -66,6 +70,30 @@ class RouterRecorder:
 
         return hook
 
+    def rewind(self) -> None:
+        """Start the same batches again at the next layer (the layer-streamed pass
+        runs every batch once per layer); tokens are counted on the first pass only."""
+        self.offset = 0
+        self._counting = False
+
+    def _contribution_hook(self, position: int):
+        """Expert contributions need each routed expert's own output, which the
+        fused experts module sums away: recompute them from its inputs (this
+        doubles the cost of the sparse MLPs during calibration)."""
+
+        def hook(module, inputs, _output):
+            hidden, top_k_index, top_k_weights = inputs[:3]
+            keep = self._keep.to(hidden.device)
+            hidden = hidden.reshape(-1, hidden.shape[-1])[keep]
+            index = top_k_index.reshape(keep.shape[0], -1)[keep]
+            weights = top_k_weights.reshape(keep.shape[0], -1)[keep]
+            for expert in index.unique().tolist():
+                token, slot = (index == expert).nonzero(as_tuple=True)
+                outputs = self.family.expert_output(module, hidden[token], expert)
+                self.stats.update_contribution(position, expert, weights[token, slot], outputs)
+
+        return hook
+
     def begin_batch(self, batch: TokenBatch) -> None:
         self._keep = batch.attention_mask.reshape(-1).bool()
         kept = int(self._keep.sum())
@@ -74,7 +102,8 @@ class RouterRecorder:
         self._slots = torch.arange(lo, hi)
         self._rows = self.sample_ids[lo:hi] - self.offset
         self.offset += kept
-        self.stats.tokens += kept
+        if self._counting:
+            self.stats.tokens += kept
 
 
 def load_calibration_batches(model_path: str, calibration, tokenizer=None) -> tuple:
@@ -98,6 +127,19 @@ def load_calibration_batches(model_path: str, calibration, tokenizer=None) -> tu
     return sequences, list(pad_batches(sequences, calibration.batch_size, pad_id))
 
 
+def _empty_statistics(config, family: MoEFamily, batches, max_token_samples: int, seed: int):
+    stats = RouterStatistics(
+        layers=family.moe_layer_indices(config),
+        num_experts=family.num_experts(config),
+        top_k=family.top_k(config),
+    )
+    total = sum(int(b.attention_mask.sum()) for b in batches)
+    generator = torch.Generator().manual_seed(seed)
+    sample_ids = torch.randperm(total, generator=generator)[:max_token_samples].sort().values
+    stats.samples = torch.zeros((len(stats.layers), len(sample_ids), stats.num_experts))
+    return stats, sample_ids, total
+
+
 def collect_router_statistics(
     model: torch.nn.Module,
     family: MoEFamily,
@@ -111,16 +153,7 @@ def collect_router_statistics(
 ) -> RouterStatistics:
     """One forward pass of `model` over `batches`, recording every router (and, on
     request, the routers' inputs for the sampled tokens)."""
-    config = model.config
-    stats = RouterStatistics(
-        layers=family.moe_layer_indices(config),
-        num_experts=family.num_experts(config),
-        top_k=family.top_k(config),
-    )
-    total = sum(int(b.attention_mask.sum()) for b in batches)
-    generator = torch.Generator().manual_seed(seed)
-    sample_ids = torch.randperm(total, generator=generator)[:max_token_samples].sort().values
-    stats.samples = torch.zeros((len(stats.layers), len(sample_ids), stats.num_experts))
+    stats, sample_ids, total = _empty_statistics(model.config, family, batches, max_token_samples, seed)
     if record_router_inputs:
         stats.router_inputs = torch.zeros((len(stats.layers), len(sample_ids), 0))
     model.eval()
@@ -134,6 +167,34 @@ def collect_router_statistics(
                     use_cache=False,
                 )
                 bar.update(int(batch.attention_mask.sum()))
+    return stats
+
+
+def collect_router_statistics_layerwise(
+    source,
+    batches: List[TokenBatch],
+    *,
+    max_token_samples: int,
+    seed: int = 0,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    spill_dir: Optional[str] = None,
+    progress: bool = True,
+    record_router_inputs: bool = False,
+) -> RouterStatistics:
+    """The same statistics as `collect_router_statistics`, streaming the checkpoint
+    (`checkpoint.SourceModel`) one decoder layer at a time (see layerwise.py)."""
+    family = source.family
+    stats, sample_ids, _ = _empty_statistics(source.config, family, batches, max_token_samples, seed)
+    if record_router_inputs:
+        stats.router_inputs = torch.zeros((len(stats.layers), len(sample_ids), 0))
+    with LayerStream(source, batches, device=device, dtype=dtype, spill_dir=spill_dir) as stream:
+        with RouterRecorder(stream.model, family, stats, sample_ids) as recorder:
+            for index in tqdm.tqdm(stream.layer_indices, desc="Calibrating", unit="layer", disable=not progress):
+                layer = stream.load_layer(index)
+                stream.forward(layer, before_batch=lambda b: recorder.begin_batch(batches[b]))
+                stream.free_layer(index)
+                recorder.rewind()
     return stats
 
 

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from mergekit_moe2dense.errors import Moe2DenseError
 
 FORMAT_VERSION = 1
+SUMS = ("logit_sum", "prob_sum", "selected", "gate_sum", "contribution_sum")
 
 
 class StatisticsError(Moe2DenseError, ValueError):
@@ -40,6 +41,9 @@ class RouterStatistics:
     prob_sum: Optional[torch.Tensor] = None  # [L, E] float64
     selected: Optional[torch.Tensor] = None  # [L, E] float64, count of top-k selections
     gate_sum: Optional[torch.Tensor] = None  # [L, E] float64, the model's top-k gate weights
+    # [L, E] float64, sum over routed tokens of gate weight x ||expert output||_2 (REAP's saliency
+    # numerator); all zero in files written before it was recorded
+    contribution_sum: Optional[torch.Tensor] = None
     samples: Optional[torch.Tensor] = None  # [L, N, E] float32, logits of sampled tokens
     # [L] float64, per-token multiplier of the shared experts (Qwen2-MoE's sigmoid gate); 0 where ungated
     shared_gate_sum: Optional[torch.Tensor] = None
@@ -50,7 +54,7 @@ class RouterStatistics:
 
     def __post_init__(self):
         shape = (len(self.layers), self.num_experts)
-        for name in ("logit_sum", "prob_sum", "selected", "gate_sum"):
+        for name in SUMS:
             if getattr(self, name) is None:
                 setattr(self, name, torch.zeros(shape, dtype=torch.float64))
         if self.shared_gate_sum is None:
@@ -86,6 +90,23 @@ class RouterStatistics:
     def mean_shared_gate(self) -> torch.Tensor:
         """[L] mean per-token gate of the shared experts."""
         return self._mean(self.shared_gate_sum)
+
+    @property
+    def mean_contribution(self) -> torch.Tensor:
+        """Mean over tokens of gate weight x ||expert output|| (zero where not selected)."""
+        if not bool(self.contribution_sum.any()):
+            raise StatisticsError(
+                "the statistics have no expert contributions (recorded by an older version); recalibrate"
+            )
+        return self._mean(self.contribution_sum)
+
+    def update_contribution(
+        self, position: int, expert: int, weights: torch.Tensor, outputs: torch.Tensor
+    ) -> None:
+        """Add sum_t g_te ||y_te|| for the (non-padding) tokens routed to `expert`."""
+        self.contribution_sum[position, expert] += float(
+            (weights.double() * outputs.double().norm(dim=-1)).sum()
+        )
 
     # -- accumulation ----------------------------------------------------------
     def update_shared_gate(self, position: int, gate: torch.Tensor, keep: torch.Tensor) -> None:
@@ -138,7 +159,7 @@ class RouterStatistics:
         if other.layers != self.layers or other.num_experts != self.num_experts:
             raise StatisticsError("cannot combine statistics of different models")
         self.tokens += other.tokens
-        for name in ("logit_sum", "prob_sum", "selected", "gate_sum", "shared_gate_sum"):
+        for name in SUMS + ("shared_gate_sum",):
             getattr(self, name).add_(getattr(other, name))
         self.samples = torch.cat([self.samples, other.samples], dim=1)
         if self.router_inputs is not None or other.router_inputs is not None:
@@ -154,6 +175,7 @@ class RouterStatistics:
             "selected": self.selected,
             "gate_sum": self.gate_sum,
             "shared_gate_sum": self.shared_gate_sum,
+            "contribution_sum": self.contribution_sum,
             "samples": self.samples.contiguous(),
         }
         if self.router_inputs is not None:

@@ -90,6 +90,17 @@ class MoEFamily(ABC):
     def router_module(self, layer: int) -> str:
         """Module path of the router in the transformers model, for hooks."""
 
+    def experts_module(self, layer: int) -> str:
+        """Module path of the fused experts (transformers 5 keeps `gate_up_proj`
+        [E, 2I, H], gate rows first, and `down_proj` [E, H, I]), a sibling of the router."""
+        return self.router_module(layer).rsplit(".", 1)[0] + ".experts"
+
+    def expert_output(self, experts: torch.nn.Module, hidden: torch.Tensor, expert: int) -> torch.Tensor:
+        """One expert's output [T, H] on tokens [T, H], from the fused experts module:
+        down (act(gate x) * up x), as transformers' fused experts compute it."""
+        gate, up = torch.nn.functional.linear(hidden, experts.gate_up_proj[expert]).chunk(2, dim=-1)
+        return torch.nn.functional.linear(experts.act_fn(gate) * up, experts.down_proj[expert])
+
     @abstractmethod
     def router_outputs(
         self, output

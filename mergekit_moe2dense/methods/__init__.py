@@ -11,12 +11,21 @@ import mergekit.merge_methods as mergekit_methods
 from mergekit_moe2dense.methods.base import ExpertMergeMethod, MethodError
 from mergekit_moe2dense.methods.baselines import ExpertUniform, SingleExpert
 from mergekit_moe2dense.methods.kmeans_multi_dense import KMeansMultiDense
+from mergekit_moe2dense.methods.concat import Concat, MaxContribution
 from mergekit_moe2dense.methods.router_weighted import RouterWeighted
 from mergekit_moe2dense.methods.top_k_tempered import TopKTempered
 
 METHODS: Dict[str, ExpertMergeMethod] = {
     method.name: method
-    for method in (RouterWeighted(), TopKTempered(), ExpertUniform(), SingleExpert(), KMeansMultiDense())
+    for method in (
+        RouterWeighted(),
+        TopKTempered(),
+        ExpertUniform(),
+        SingleExpert(),
+        Concat(),
+        MaxContribution(),
+        KMeansMultiDense(),
+    )
 }
 
 

@@ -7,15 +7,21 @@ declared in its spec and validated by mergekit's own machinery, and its kernel a
 weighted linear combination of one layer's experts (input and output shapes
 equal, as mergekit requires). What differs between methods is only where the
 per-layer expert weights come from: `layer_weights(stats, params)`.
+
+Every method also accepts the re-fit parameters (`refit: none | scale |
+down_proj`, `refit_damping`, `refit_gate_up: merge | regmean`), declared once here; build.py runs the re-fit
+(calibration/sequential.py) on whatever plan the method produced.
 """
 
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Any, ClassVar, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, ClassVar, Dict, Literal, Mapping, Optional, Sequence, Tuple
 
 import pydantic
 import torch
+from pydantic import Field
+from typing_extensions import Annotated
 from mergekit.merge_methods.base import (
     MISSING,
     GroupMergeMethod,
@@ -50,8 +56,10 @@ class ExpertMergeMethod(GroupMergeMethod):
     # Several outputs (k models or a rebuilt MoE): the method has `cluster_weights`
     # and `multi.write_outputs` writes them.
     multi_output: ClassVar[bool] = False
+    default_refit: str = "none"
 
     def __init__(self):
+        self.all_parameters = self.parameters + refit_parameters(self.default_refit)
         weight = ParameterSpec(
             "expert_weight", float, ParameterScope.INPUT, MISSING, "set by the planner"
         )
@@ -59,7 +67,7 @@ class ExpertMergeMethod(GroupMergeMethod):
             name=self.name,
             pretty_name=self.pretty_name,
             reference_url=self.reference_url,
-            parameters=self.parameters + (weight,),
+            parameters=self.all_parameters + (weight,),
             contract=InputContract(min_inputs=1),
         )
 
@@ -81,7 +89,7 @@ class ExpertMergeMethod(GroupMergeMethod):
     ) -> Dict[str, Any]:
         """Validate YAML parameters (types, ranges, unknown names) and fill defaults."""
         raw = dict(raw or {})
-        known = {p.name for p in self.parameters}
+        known = {p.name for p in self.all_parameters}
         unknown = sorted(set(raw) - known)
         if unknown:
             raise MethodError(
@@ -89,7 +97,7 @@ class ExpertMergeMethod(GroupMergeMethod):
                 f"accepted: {', '.join(sorted(known)) or 'none'}"
             )
         values = {}
-        for spec in self.parameters:
+        for spec in self.all_parameters:
             if spec.name not in raw:
                 if spec.required:
                     raise MethodError(f"{self.name} needs parameter {spec.name!r}")
@@ -126,6 +134,30 @@ class ExpertMergeMethod(GroupMergeMethod):
         self, stats: Optional[RouterStatistics], params: Mapping[str, Any], *, num_layers: int, num_experts: int
     ) -> torch.Tensor:
         """[num_layers, num_experts] float64; each row non-negative, summing to 1."""
+
+
+def refit_parameters(default: str) -> Tuple[ParameterSpec, ...]:
+    """The re-fit options every method accepts (see refit.py)."""
+    return (
+        parameter(
+            "refit",
+            Literal["none", "scale", "down_proj"],
+            default,
+            "re-fit the merged down projection to the MoE layer output, layer by layer",
+        ),
+        parameter(
+            "refit_damping",
+            Annotated[float, Field(gt=0, allow_inf_nan=False)],
+            1e-4,
+            "ridge strength of refit: down_proj and regmean, relative to the mean activation energy",
+        ),
+        parameter(
+            "refit_gate_up",
+            Literal["merge", "regmean"],
+            "merge",
+            "gate/up: the method's weighted sum, or RegMean over the routed tokens' Gram matrices",
+        ),
+    )
 
 
 def normalize_rows(weights: torch.Tensor) -> torch.Tensor:
