@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -68,7 +67,56 @@ def variants(num_experts: int, top_k: int, grid: bool) -> List[Variant]:
     ]
     if grid:
         out.append(Variant(f"top_k_tempered T=0.5 k={top_k} median", "top_k_tempered", {"temperature": 0.5, "top_k": top_k, "aggregate": "median"}))
+    # Activation-aware methods (single-expert width, then the MoE's active width m = top-k).
+    out += [
+        Variant("max_contribution (refit: none)", "max_contribution", {"refit": "none"}, "activation-aware"),
+        Variant("max_contribution (refit: scale)", "max_contribution", {"refit": "scale"}, "activation-aware"),
+        Variant("max_contribution (refit: down_proj)", "max_contribution", {"refit": "down_proj"}, "activation-aware"),
+        Variant("concat m=1 (refit: down_proj)", "concat", {"num_experts": 1, "refit": "down_proj"}, "activation-aware"),
+        Variant(f"concat m={top_k}", "concat", {"num_experts": top_k}, f"{top_k}x width"),
+        Variant(f"concat m={top_k} (refit: down_proj)", "concat", {"num_experts": top_k, "refit": "down_proj"}, f"{top_k}x width"),
+        Variant(f"concat m={num_experts} (all, fixed mean gates)", "concat", {"num_experts": num_experts}, f"{num_experts}x width"),
+        Variant("router_weighted mean_logit (refit: down_proj)", "router_weighted", {"refit": "down_proj"}, "activation-aware"),
+        Variant("expert_uniform (refit: down_proj)", "expert_uniform", {"refit": "down_proj"}, "activation-aware"),
+    ]
     return [v for v in out if v.method in METHODS]
+
+
+def kmeans_rows(testbed, calib, stats, calibration, work, documents, seq_len, max_tokens, top_k) -> List[tuple]:
+    """k complementary dense models per k (each scored per domain, plus the best-per-domain
+    oracle), and the k-expert MoE rebuilt from them."""
+    if "kmeans_multi_dense" not in METHODS:
+        return []
+    rows = []
+    for k in (2, 4):
+        out = build_variant(Variant("", "kmeans_multi_dense", {"num_clusters": k}), testbed.moe, calib, work / f"kmeans{k}", stats, calibration)
+        results = []
+        for j in range(k):
+            share = json.loads((out / f"cluster_{j}" / WEIGHTS_FILE).read_text())["token_share"]
+            label = f"kmeans k={k} cluster {j} ({share:.0%} of tokens)"
+            results.append(score(out / f"cluster_{j}", documents, seq_len, max_tokens, label))
+            rows.append((label, "kmeans", results[-1]))
+        rows.append((f"kmeans k={k} best cluster per domain (oracle)", "kmeans", oracle(results)))
+        for router in ("closed_form", "fitted"):
+            params = {"num_clusters": k, "output": "moe", "moe_top_k": min(top_k, k), "router": router}
+            label = f"kmeans k={k} -> MoE top-{min(top_k, k)} ({router} router)"
+            moe = build_variant(Variant(label, "kmeans_multi_dense", params), testbed.moe, calib, work / "kmeans-moe", stats, calibration)
+            rows.append((label, "kmeans", score(moe, documents, seq_len, max_tokens, label)))
+        print(f"  kmeans k={k}: done", file=sys.stderr)
+    return rows
+
+
+def oracle(results: List[EvalResult]) -> EvalResult:
+    """Per domain the best of the cluster models; overall the token-weighted mean NLL."""
+    import math
+
+    per_source, nll, tokens = {}, 0.0, 0
+    for source in results[0].per_source:
+        best = min((r.per_source[source] for r in results), key=lambda p: p["perplexity"])
+        per_source[source] = best
+        nll += math.log(best["perplexity"]) * best["tokens"]
+        tokens += best["tokens"]
+    return EvalResult(model="oracle", perplexity=math.exp(nll / tokens), tokens=tokens, per_source=per_source)
 
 
 def build_variant(variant: Variant, moe: Path, calib: Path, out: Path, stats: Optional[Path], calibration: dict) -> Path:
@@ -122,7 +170,7 @@ def run(preset: str, cache_dir: Optional[str], grid: bool, max_tokens: int, writ
     moe_config = json.loads((testbed.moe / "config.json").read_text())
     num_experts, top_k = moe_config["num_local_experts"], moe_config["num_experts_per_tok"]
     seq_len = min(256, moe_config.get("max_position_embeddings", 256))
-    calibration = {"num_samples": 128, "seq_len": seq_len, "batch_size": 8, "max_token_samples": 16384}
+    calibration = {"num_samples": 128, "seq_len": seq_len, "batch_size": 8, "max_token_samples": 16384, "record_router_inputs": True}
     documents = load_documents(testbed.test_dir)
     domains = sorted({doc.source for doc in documents})
 
@@ -146,6 +194,8 @@ def run(preset: str, cache_dir: Optional[str], grid: bool, max_tokens: int, writ
                 shutil.copy(out / WEIGHTS_FILE, keep)
                 weight_files[variant.label] = keep
             print(f"  {variant.label}: ppl {rows[-1][2].perplexity:.2f}", file=sys.stderr)
+        if grid:
+            rows += kmeans_rows(testbed, testbed.calib_dir, stats, calibration, work, documents, seq_len, max_tokens, top_k)
 
         reference = rows[0][2].perplexity
         table = format_table(rows, reference, domains)
@@ -163,11 +213,16 @@ def run(preset: str, cache_dir: Optional[str], grid: bool, max_tokens: int, writ
 
 
 def summarize(rows, best_single) -> str:
-    methods = [r for r in rows if r[1] == "method"]
+    methods = [r for r in rows if r[1] in ("method", "activation-aware")]
     uniform = next(r for r in rows if r[0] == "expert_uniform")
     best = min(methods, key=lambda r: r[2].perplexity) if methods else None
+    moe = rows[0][2].perplexity
     lines = [f"Best single expert: {best_single[0]} (ppl {best_single[2].perplexity:.2f}); plain average: ppl {uniform[2].perplexity:.2f}."]
     if best:
+        lines.append(
+            f"Best retraining-free dense model at single-expert width: {best[0]}, "
+            f"{100 * (best[2].perplexity / moe - 1):+.1f}% perplexity vs the MoE (target: within +20%)."
+        )
         beats = best[2].perplexity < min(best_single[2].perplexity, uniform[2].perplexity)
         lines.append(
             f"Best calibrated method: {best[0]} (ppl {best[2].perplexity:.2f}), which "

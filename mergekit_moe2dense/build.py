@@ -16,16 +16,14 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 import torch
-from mergekit.common import ModelReference, dtype_from_name
+from mergekit.common import dtype_from_name
 from mergekit.graph import Executor
 from mergekit.io.tasks import LoaderCache
 from mergekit.options import MergeOptions
-from safetensors.torch import save_file
 
 from mergekit_moe2dense.calibration import (
     RouterStatistics,
@@ -40,7 +38,7 @@ from mergekit_moe2dense.card import write_model_card
 from mergekit_moe2dense.checkpoint import SourceModel
 from mergekit_moe2dense.config import ConfigError, Moe2DenseConfig
 from mergekit_moe2dense.errors import Moe2DenseError
-from mergekit_moe2dense.graph import plan_dense_merge
+from mergekit_moe2dense.graph import plan_dense_merge, stash_tensors
 from mergekit_moe2dense.methods import MethodError, get_method
 from mergekit_moe2dense.plan import with_family_scales
 
@@ -270,17 +268,13 @@ def refit(source, config, plans, params, staging, options):
         spill_dir=config.calibration.spill_dir,
         progress=not options.quiet,
     )
-    # A fresh name each time: mergekit's LoaderCache keeps an index per path.
-    path = tempfile.mkdtemp(prefix=REFIT_DIR, dir=staging)
     for index, (before, after) in sorted(result.errors.items()):
         LOG.info("layer %d: relative MLP reconstruction error %.4g -> %.4g after refit", index, before, after)
-    tensors = {name: tensor.contiguous() for name, tensor in result.tensors.items()}
-    save_file(tensors, os.path.join(path, "model.safetensors"))
     fitted = (("gate", "up") if params["refit_gate_up"] == "regmean" else ()) + (
         ("down",) if params["refit"] != "none" else ()
     )
     plans = [dataclasses.replace(plan, fitted=fitted) for plan in plans]
-    return plans, ModelReference.parse(path)
+    return plans, stash_tensors(result.tensors, staging, REFIT_DIR)
 
 
 def _write_dense(source, config, plans, staging, options, fitted_model=None) -> None:

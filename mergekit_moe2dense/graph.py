@@ -13,9 +13,12 @@ their last use, which keeps memory near one layer's experts.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+from safetensors.torch import save_file
 from mergekit.common import ModelReference
 from mergekit.graph import Task
 from mergekit.io.tasks import FinalizeModel, LoadTensor, SaveTensor, TensorWriterTask
@@ -205,6 +208,22 @@ def _padded(task: Task, projection: str, width: Optional[int]) -> Task:
     if width is None:
         return task
     return PadIntermediate(tensor=task, dim=1 if projection == "down" else 0, size=width)
+
+
+def stash_tensors(tensors: Dict[str, torch.Tensor], parent: str, prefix: str) -> ModelReference:
+    """Tensors computed in memory (fitted projections, new routers) as a checkpoint
+    that LoadTensor tasks read, so every output tensor is written by the graph.
+
+    A fresh directory each time: mergekit's LoaderCache keeps one index per path,
+    so reusing a path within a process would read stale tensors.
+    """
+    path = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    save_file(
+        {name: tensor.contiguous() for name, tensor in tensors.items()},
+        os.path.join(path, "model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    return ModelReference.parse(path)
 
 
 def _save(name: str, task: Task, writer: TensorWriterTask, out_dtype: Optional[str]) -> SaveTensor:

@@ -20,13 +20,12 @@ import json
 import os
 import shutil
 
-from mergekit.common import ModelReference
 from mergekit.io.tasks import LoaderCache
-from safetensors.torch import save_file
 
 from mergekit_moe2dense import build
 from mergekit_moe2dense.card import write_moe_card
 from mergekit_moe2dense.methods import MethodError
+from mergekit_moe2dense.graph import stash_tensors
 from mergekit_moe2dense.plan import single_block_plans, with_family_scales
 from mergekit_moe2dense.reassemble import closed_form_router, fitted_router, plan_moe_merge
 
@@ -75,19 +74,16 @@ def write_outputs(source, config, params, layers, clusters, stats, staging, opti
 def _write_moe(source, config, params, layers, clusters, stats, staging, options) -> None:
     family, k = source.family, params["num_clusters"]
     routers = _routers(source, params, layers, clusters, stats)
-    router_dir = os.path.join(staging, ".routers")  # removed before the directory is published
-    os.makedirs(router_dir)
-    save_file(
-        {family.moe_router_name(layer.index): router.float().contiguous() for layer, router in zip(layers, routers)},
-        os.path.join(router_dir, "model.safetensors"),
-        metadata={"format": "pt"},
+    # removed before the directory is published
+    router_model = stash_tensors(
+        {family.moe_router_name(layer.index): router.float() for layer, router in zip(layers, routers)}, staging, ".routers-"
     )
     out_dtype = config.out_dtype or config.dtype
     loader_cache = LoaderCache()
     loader_cache.setup(options=options)
     targets = plan_moe_merge(
         model=source.reference,
-        routers=ModelReference.parse(router_dir),
+        routers=router_model,
         family=family,
         tensor_names=source.tensor_names,
         layers=layers,
@@ -102,7 +98,7 @@ def _write_moe(source, config, params, layers, clusters, stats, staging, options
     try:
         build.run_graph(targets, options)
     finally:
-        shutil.rmtree(router_dir, ignore_errors=True)
+        shutil.rmtree(router_model.model.path, ignore_errors=True)
     moe_config = family.moe_config(source.config, k, params["moe_top_k"])
     if out_dtype:
         moe_config.dtype = out_dtype

@@ -34,7 +34,7 @@ def write_config(path: Path, model, calib_dir, method="router_weighted", **param
     return path
 
 
-def run_cli(*args) -> "Result":
+def run_cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from conftest import logits_of
 from mergekit_moe2dense.build import STATS_FILE, build_dense
-from mergekit_moe2dense.calibration import RouterStatistics, StatisticsError
+from mergekit_moe2dense.calibration import RouterStatistics
 from mergekit_moe2dense.config import Moe2DenseConfig
 from mergekit_moe2dense.methods import MethodError, get_method
 
