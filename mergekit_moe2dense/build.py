@@ -30,6 +30,7 @@ from mergekit_moe2dense.calibration import (
     load_calibration_batches,
     load_moe,
 )
+from mergekit_moe2dense.calibration.distributed import Ranks, collect_router_statistics_distributed
 from mergekit_moe2dense.card import write_model_card
 from mergekit_moe2dense.checkpoint import SourceModel
 from mergekit_moe2dense.config import ConfigError, Moe2DenseConfig
@@ -87,17 +88,20 @@ def calibrate(
         raise ConfigError(f"{config.merge_method} needs a calibration: block (dataset, num_samples, ...)")
     calibration = config.calibration
     _, batches = load_calibration_batches(source.path, calibration)
-    device = options.device or "cpu"
+    ranks = Ranks.from_env()
+    device = ranks.device(options.device or "cpu")
+    ranks.init_process_group(device)
+    collect = collect_router_statistics_distributed if ranks.distributed else collect_router_statistics
     model = load_moe(source.path, device=device, dtype=calibration_dtype(config, device))
     try:
-        stats = collect_router_statistics(
+        stats = collect(
             model,
             source.family,
             batches,
             max_token_samples=calibration.max_token_samples,
             seed=calibration.seed,
             device=device,
-            progress=not options.quiet,
+            progress=not options.quiet and ranks.is_main,
         )
     finally:
         del model
@@ -138,6 +142,8 @@ def build_dense(
 
     weights = method.layer_weights(stats, params, num_layers=len(layers), num_experts=num_experts)
     _check_weights(weights, len(layers), num_experts)
+    if not Ranks.from_env().is_main:  # under torchrun, rank 0 alone writes the model
+        return BuildResult(out_path, weights, params, stats)
 
     staging = _staging_dir(out_path)
     try:
