@@ -27,6 +27,7 @@ from mergekit.options import MergeOptions
 from mergekit_moe2dense.calibration import (
     RouterStatistics,
     collect_router_statistics,
+    collect_router_statistics_layerwise,
     load_calibration_batches,
     load_moe,
 )
@@ -81,6 +82,20 @@ def calibration_dtype(config: Moe2DenseConfig, device: str) -> torch.dtype:
     return dtype_from_name(name or ("bfloat16" if device.startswith("cuda") else "float32"))
 
 
+def calibration_engine(source: SourceModel, calibration, device: str) -> str:
+    """`auto` streams layers when the checkpoint would take over half the free memory."""
+    if calibration.engine != "auto":
+        return calibration.engine
+    size = sum(
+        os.path.getsize(os.path.join(source.index.base_path, shard.filename)) for shard in source.index.shards
+    )
+    if device.startswith("cuda"):
+        free = torch.cuda.mem_get_info(torch.device(device))[0]
+    else:
+        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    return "full" if size < free / 2 else "layerwise"
+
+
 def calibrate(
     source: SourceModel, config: Moe2DenseConfig, fingerprint: Dict[str, Any], options: MergeOptions
 ) -> RouterStatistics:
@@ -90,21 +105,39 @@ def calibrate(
     _, batches = load_calibration_batches(source.path, calibration)
     ranks = Ranks.from_env()
     device = ranks.device(options.device or "cpu")
-    ranks.init_process_group(device)
-    collect = collect_router_statistics_distributed if ranks.distributed else collect_router_statistics
-    model = load_moe(source.path, device=device, dtype=calibration_dtype(config, device))
-    try:
-        stats = collect(
-            model,
-            source.family,
+    dtype = calibration_dtype(config, device)
+    engine = calibration_engine(source, calibration, device)
+    if engine == "layerwise" and ranks.distributed:
+        raise ConfigError(
+            "calibration engine layerwise runs in one process; under torchrun set calibration.engine: full"
+        )
+    if engine == "layerwise":
+        stats = collect_router_statistics_layerwise(
+            source,
             batches,
             max_token_samples=calibration.max_token_samples,
             seed=calibration.seed,
             device=device,
-            progress=not options.quiet and ranks.is_main,
+            dtype=dtype,
+            spill_dir=calibration.spill_dir,
+            progress=not options.quiet,
         )
-    finally:
-        del model
+    else:
+        ranks.init_process_group(device)
+        collect = collect_router_statistics_distributed if ranks.distributed else collect_router_statistics
+        model = load_moe(source.path, device=device, dtype=dtype)
+        try:
+            stats = collect(
+                model,
+                source.family,
+                batches,
+                max_token_samples=calibration.max_token_samples,
+                seed=calibration.seed,
+                device=device,
+                progress=not options.quiet and ranks.is_main,
+            )
+        finally:
+            del model
     stats.metadata.update(
         model=str(source.reference),
         model_fingerprint=fingerprint,

@@ -36,6 +36,14 @@ class CalibrationConfig(BaseModel):
     dtype: Optional[Literal["float32", "bfloat16", "float16"]] = Field(
         None, description="dtype of the calibration forward (default: float32 on CPU, bfloat16 on GPU)"
     )
+    engine: Literal["auto", "full", "layerwise"] = Field(
+        "auto",
+        description="full: the whole model in memory; layerwise: streamed from the checkpoint one "
+        "decoder layer at a time; auto: full when the checkpoint fits in half the free memory",
+    )
+    spill_dir: Optional[str] = Field(
+        None, description="layerwise engine: keep the carried activations on disk under this directory"
+    )
 
 
 class InputModel(BaseModel):

@@ -3,21 +3,26 @@
 """Calibration: text -> token batches -> router hooks -> RouterStatistics."""
 
 from mergekit_moe2dense.calibration.batches import TokenBatch, calibration_sequences, pad_batches
+from mergekit_moe2dense.calibration.layerwise import LayerStream, LayerStreamError
 from mergekit_moe2dense.calibration.runner import (
     RouterRecorder,
     collect_router_statistics,
+    collect_router_statistics_layerwise,
     load_calibration_batches,
     load_moe,
 )
 from mergekit_moe2dense.calibration.stats import RouterStatistics, StatisticsError
 
 __all__ = [
+    "LayerStream",
+    "LayerStreamError",
     "RouterRecorder",
     "RouterStatistics",
     "StatisticsError",
     "TokenBatch",
     "calibration_sequences",
     "collect_router_statistics",
+    "collect_router_statistics_layerwise",
     "load_calibration_batches",
     "load_moe",
     "pad_batches",

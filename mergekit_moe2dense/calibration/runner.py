@@ -11,6 +11,7 @@ import torch
 import tqdm
 import transformers
 
+from mergekit_moe2dense.calibration.layerwise import LayerStream
 from mergekit_moe2dense.calibration.batches import TokenBatch, calibration_sequences, pad_batches
 from mergekit_moe2dense.calibration.stats import RouterStatistics
 from mergekit_moe2dense.data import DataError, load_documents
@@ -35,6 +36,7 @@ class RouterRecorder:
         self._keep: Optional[torch.Tensor] = None
         self._rows = self._slots = None
         self._handles = []
+        self._counting = True
 
     def __enter__(self) -> "RouterRecorder":
         for position, layer in enumerate(self.stats.layers):
@@ -54,6 +56,12 @@ class RouterRecorder:
 
         return hook
 
+    def rewind(self) -> None:
+        """Start the same batches again at the next layer (the layer-streamed pass
+        runs every batch once per layer); tokens are counted on the first pass only."""
+        self.offset = 0
+        self._counting = False
+
     def begin_batch(self, batch: TokenBatch) -> None:
         self._keep = batch.attention_mask.reshape(-1).bool()
         kept = int(self._keep.sum())
@@ -62,7 +70,8 @@ class RouterRecorder:
         self._slots = torch.arange(lo, hi)
         self._rows = self.sample_ids[lo:hi] - self.offset
         self.offset += kept
-        self.stats.tokens += kept
+        if self._counting:
+            self.stats.tokens += kept
 
 
 def load_calibration_batches(model_path: str, calibration, tokenizer=None) -> tuple:
@@ -96,6 +105,18 @@ def sample_token_ids(kept_per_batch: List[int], max_token_samples: int, seed: in
     return torch.randperm(sum(kept_per_batch), generator=generator)[:max_token_samples].sort().values
 
 
+def _empty_statistics(config, family: MoEFamily, batches, max_token_samples: int, seed: int):
+    stats = RouterStatistics(
+        layers=family.moe_layer_indices(config),
+        num_experts=family.num_experts(config),
+        top_k=family.top_k(config),
+    )
+    total = sum(int(b.attention_mask.sum()) for b in batches)
+    sample_ids = sample_token_ids([total], max_token_samples, seed)
+    stats.samples = torch.zeros((len(stats.layers), len(sample_ids), stats.num_experts))
+    return stats, sample_ids, total
+
+
 def collect_router_statistics(
     model: torch.nn.Module,
     family: MoEFamily,
@@ -107,15 +128,7 @@ def collect_router_statistics(
     progress: bool = True,
 ) -> RouterStatistics:
     """One forward pass of `model` over `batches`, recording every router."""
-    config = model.config
-    stats = RouterStatistics(
-        layers=family.moe_layer_indices(config),
-        num_experts=family.num_experts(config),
-        top_k=family.top_k(config),
-    )
-    total = sum(int(b.attention_mask.sum()) for b in batches)
-    sample_ids = sample_token_ids([total], max_token_samples, seed)
-    stats.samples = torch.zeros((len(stats.layers), len(sample_ids), stats.num_experts))
+    stats, sample_ids, total = _empty_statistics(model.config, family, batches, max_token_samples, seed)
     model.eval()
     with RouterRecorder(model, family, stats, sample_ids) as recorder, torch.inference_mode():
         with tqdm.tqdm(total=total, desc="Calibrating", unit="tok", disable=not progress) as bar:
@@ -127,6 +140,31 @@ def collect_router_statistics(
                     use_cache=False,
                 )
                 bar.update(int(batch.attention_mask.sum()))
+    return stats
+
+
+def collect_router_statistics_layerwise(
+    source,
+    batches: List[TokenBatch],
+    *,
+    max_token_samples: int,
+    seed: int = 0,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    spill_dir: Optional[str] = None,
+    progress: bool = True,
+) -> RouterStatistics:
+    """The same statistics as `collect_router_statistics`, streaming the checkpoint
+    (`checkpoint.SourceModel`) one decoder layer at a time (see layerwise.py)."""
+    family = source.family
+    stats, sample_ids, _ = _empty_statistics(source.config, family, batches, max_token_samples, seed)
+    with LayerStream(source, batches, device=device, dtype=dtype, spill_dir=spill_dir) as stream:
+        with RouterRecorder(stream.model, family, stats, sample_ids) as recorder:
+            for index in tqdm.tqdm(stream.layer_indices, desc="Calibrating", unit="layer", disable=not progress):
+                layer = stream.load_layer(index)
+                stream.forward(layer, before_batch=lambda b: recorder.begin_batch(batches[b]))
+                stream.free_layer(index)
+                recorder.rewind()
     return stats
 
 

@@ -87,6 +87,11 @@ class MoEFamily(ABC):
     def router_module(self, layer: int) -> str:
         """Module path of the router in the transformers model, for hooks."""
 
+    def experts_module(self, layer: int) -> str:
+        """Module path of the fused experts (transformers 5 keeps `gate_up_proj`
+        [E, 2I, H], gate rows first, and `down_proj` [E, H, I]), a sibling of the router."""
+        return self.router_module(layer).rsplit(".", 1)[0] + ".experts"
+
     @abstractmethod
     def router_outputs(
         self, output

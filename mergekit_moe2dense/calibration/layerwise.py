@@ -1,0 +1,249 @@
+# Copyright (C) 2026 the mergekit-moe2dense authors
+# SPDX-License-Identifier: LGPL-3.0-only
+"""The layer-streaming engine: run calibration batches through a checkpoint one
+decoder layer at a time, never instantiating the whole model.
+
+The sequential pattern of GPTQ and llm-compressor's sequential pipeline:
+
+1. Build the model skeleton from its config on the meta device (transformers'
+   own classes, so attention, masks and rotary embeddings are the family's).
+2. Materialise only the token embeddings and the rotary embedding, and run the
+   base model's own forward over each batch with decoder layer 0 replaced by a
+   catcher that stores its inputs (hidden states and the keyword arguments the
+   model passes: causal mask, position ids, position embeddings) and stops.
+3. For each decoder layer in turn: materialise it in place from the checkpoint
+   (lazily read; expert tensors of either layout stacked into the fused
+   in-memory `gate_up_proj` [E, 2I, H] (gate rows first) / `down_proj` [E, H, I]
+   through the family's `resolve_layer` slices), run every batch through it,
+   replace the carried hidden states by its outputs, and free it.
+
+Peak memory is one layer's weights plus the carried activations, which stay on
+the device or are spilled to disk (`spill_dir`). Because the streamed layer is
+the very module object of the skeleton, forward hooks registered on the
+skeleton (e.g. `RouterRecorder`) fire on it unchanged.
+
+Usage::
+
+    with LayerStream(source, batches, device="cpu", dtype=torch.float32) as stream:
+        for index in stream.layer_indices:
+            layer = stream.load_layer(index)
+            stream.forward(layer, before_batch=lambda b: ...)  # carried states advance
+            stream.free_layer(index)
+
+`stream.forward(module, advance=False)` runs the batches without replacing the
+carried states (to look at a layer without committing to its output), and
+`stream.inputs(b)` / `stream.kwargs(b)` give a batch's carried states and layer
+arguments, for runs of other modules (e.g. a re-fitted dense layer).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Callable, Dict, Iterator, List, Optional
+
+import torch
+import transformers
+
+from mergekit_moe2dense.calibration.batches import TokenBatch
+from mergekit_moe2dense.errors import Moe2DenseError
+from mergekit_moe2dense.families import MoELayer
+
+__all__ = ["LayerStream", "LayerStreamError"]
+
+
+class LayerStreamError(Moe2DenseError, ValueError):
+    """The checkpoint lacks a tensor the streamed layer needs."""
+
+
+class _Caught(Exception):
+    pass
+
+
+class _Catcher(torch.nn.Module):
+    """Stands in for decoder layer 0: records what the model passes it, then stops."""
+
+    def __init__(self, layer: torch.nn.Module):
+        super().__init__()
+        # Sliding-window families pick the mask by the layer's attention type.
+        if hasattr(layer, "attention_type"):
+            self.attention_type = layer.attention_type
+        self.caught = None
+
+    def forward(self, hidden_states, **kwargs):
+        self.caught = (hidden_states, kwargs)
+        raise _Caught
+
+
+class LayerStream:
+    """Carries calibration activations through a checkpoint, one decoder layer at a time.
+
+    `source` is a `checkpoint.SourceModel`; `batches` the padded token batches
+    (the same `TokenBatch`es the full forward takes, so masks and position ids
+    are identical). `spill_dir` keeps the carried hidden states on disk instead
+    of on the device (a temporary directory under it, removed on exit).
+    """
+
+    def __init__(
+        self,
+        source,
+        batches: List[TokenBatch],
+        *,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        spill_dir: Optional[str] = None,
+    ):
+        self.source = source
+        self.batches = batches
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.family = source.family
+        self._spill_root = spill_dir
+        self._spill: Optional[str] = None
+        self._hidden: List[Optional[torch.Tensor]] = [None] * len(batches)
+        self._kwargs: List[Dict] = []
+        self._loader = source.reference.lazy_loader()
+        self._moe_layers: Dict[int, MoELayer] = {layer.index: layer for layer in source.moe_layers()}
+        config = source.config
+        with torch.device("meta"):
+            self.model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+        self.model.eval()
+        self.base = self.model.get_decoder()
+        self.layers = self.base.layers
+        modules = {id(module): name for name, module in self.model.named_modules()}
+        self._layers_path = modules[id(self.layers)]
+
+    @property
+    def layer_indices(self) -> range:
+        return range(len(self.layers))
+
+    # -- lifecycle -----------------------------------------------------------------
+    def __enter__(self) -> "LayerStream":
+        if self._spill_root is not None:
+            os.makedirs(self._spill_root, exist_ok=True)
+            self._spill = tempfile.mkdtemp(prefix="moe2dense-acts-", dir=self._spill_root)
+        self._embed()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._spill is not None:
+            shutil.rmtree(self._spill, ignore_errors=True)
+        self._hidden = [None] * len(self.batches)
+        self._kwargs = []
+
+    # -- carried activations ---------------------------------------------------------
+    def inputs(self, batch: int) -> torch.Tensor:
+        """Hidden states entering the current layer for one batch [B, T, H], on the device."""
+        if self._spill is None:
+            return self._hidden[batch]
+        return torch.load(self._spill_path(batch), map_location=self.device)
+
+    def kwargs(self, batch: int) -> Dict:
+        """Keyword arguments the model passes its decoder layers for one batch."""
+        return self._kwargs[batch]
+
+    def set_inputs(self, batch: int, hidden: torch.Tensor) -> None:
+        if self._spill is None:
+            self._hidden[batch] = hidden
+        else:
+            torch.save(hidden.cpu(), self._spill_path(batch))
+
+    def _spill_path(self, batch: int) -> str:
+        return os.path.join(self._spill, f"batch{batch:06d}.pt")
+
+    def _embed(self) -> None:
+        """Layer-0 inputs of every batch, from the model's own forward up to layer 0."""
+        embed = self.base.get_input_embeddings()
+        self._materialise(embed, self._module_name(embed))
+        rotary = getattr(self.base, "rotary_emb", None)
+        if rotary is not None:  # buffers computed from the config, not stored
+            with torch.device(self.device):
+                self.base.rotary_emb = type(rotary)(config=self.model.config)
+        first = self.layers[0]
+        catcher = _Catcher(first)
+        self.layers[0] = catcher
+        try:
+            with torch.inference_mode():
+                for b, batch in enumerate(self.batches):
+                    try:
+                        self.base(
+                            input_ids=batch.input_ids.to(self.device),
+                            attention_mask=batch.attention_mask.to(self.device),
+                            use_cache=False,
+                        )
+                    except _Caught:
+                        pass
+                    hidden, kwargs = catcher.caught
+                    self._kwargs.append(kwargs)
+                    self.set_inputs(b, hidden)
+        finally:
+            self.layers[0] = first
+            embed.to_empty(device="meta")
+
+    # -- layers --------------------------------------------------------------------
+    def load_layer(self, index: int) -> torch.nn.Module:
+        """Materialise decoder layer `index` in place from the checkpoint."""
+        layer = self.layers[index]
+        self._materialise(layer, f"{self._layers_path}.{index}", self._moe_layers.get(index))
+        return layer
+
+    def free_layer(self, index: int) -> None:
+        self.layers[index].to_empty(device="meta")
+
+    def forward(
+        self,
+        module: torch.nn.Module,
+        *,
+        advance: bool = True,
+        before_batch: Optional[Callable[[int], None]] = None,
+    ) -> None:
+        """Run every batch through `module` (a decoder layer); with `advance`, its
+        outputs become the carried hidden states."""
+        with torch.inference_mode():
+            for b in range(len(self.batches)):
+                if before_batch is not None:
+                    before_batch(b)
+                out = module(self.inputs(b), **self.kwargs(b))
+                if isinstance(out, tuple):  # older layer classes return (hidden, ...)
+                    out = out[0]
+                if advance:
+                    self.set_inputs(b, out)
+
+    def iter_batches(self) -> Iterator[int]:
+        return iter(range(len(self.batches)))
+
+    # -- loading -------------------------------------------------------------------
+    def _module_name(self, module: torch.nn.Module) -> str:
+        for name, candidate in self.model.named_modules():
+            if candidate is module:
+                return name
+        raise RuntimeError("module is not part of the model")
+
+    def _materialise(self, module: torch.nn.Module, prefix: str, moe: Optional[MoELayer] = None) -> None:
+        module.to_empty(device=self.device)
+        state = {}
+        fused = self._moe_tensors(moe) if moe is not None else {}
+        names = dict(module.named_parameters())
+        names.update({k: v for k, v in module.named_buffers()})
+        for name in names:
+            full = f"{prefix}.{name}" if prefix else name
+            if full in fused:
+                state[name] = fused[full]
+            elif full in self.source.index.tensor_paths:
+                state[name] = self._loader.get_tensor(full)
+            else:
+                raise LayerStreamError(f"cannot stream {full}: the checkpoint has no such tensor")
+        module.load_state_dict({k: v.to(self.dtype) for k, v in state.items()}, strict=False, assign=False)
+
+    def _moe_tensors(self, moe: MoELayer) -> Dict[str, torch.Tensor]:
+        """The sparse block's tensors under their in-memory (fused) names."""
+        get = lambda piece: piece.take(self._loader.get_tensor(piece.tensor))  # noqa: E731
+        gate_up = torch.stack([torch.cat([get(e["gate"]), get(e["up"])], dim=0) for e in moe.experts])
+        down = torch.stack([get(e["down"]) for e in moe.experts])
+        experts = self.family.experts_module(moe.index)
+        return {
+            f"{self.family.router_module(moe.index)}.weight": self._loader.get_tensor(moe.router),
+            f"{experts}.gate_up_proj": gate_up,
+            f"{experts}.down_proj": down,
+        }
