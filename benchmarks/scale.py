@@ -169,17 +169,24 @@ def write_calibration_text(path: Path, vocab: int, tokens: int, seed: int = 0) -
 class Measured:
     wall_s: float
     peak_rss_bytes: int
+    peak_anon_rss_bytes: int  # sampled every 50 ms
     report: dict
 
 
 def measure(command: List[str]) -> Measured:
-    """Runs `command`; its wall time, its peak RSS (ru_maxrss of this child only) and
-    the JSON object it printed last on stdout, if any."""
+    """Runs `command`; its wall time, its peak RSS (ru_maxrss of this child only), its
+    peak anonymous RSS, and the JSON object it printed last on stdout, if any."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
         child = subprocess.Popen(command, stdout=out, stderr=err, env=env, text=True)
-        _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage
+        peak_anon = 0
+        while True:  # this child's own rusage; its anonymous RSS sampled meanwhile
+            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+            if pid:
+                break
+            peak_anon = max(peak_anon, anonymous_rss(child.pid))
+            time.sleep(0.05)
         wall = time.perf_counter() - start
         child.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0), err.seek(0)
@@ -187,7 +194,20 @@ def measure(command: List[str]) -> Measured:
     if child.returncode != 0:
         raise SystemExit(f"failed ({child.returncode}): {' '.join(command)}\n{err[-3000:]}")
     lines = [line for line in out.splitlines() if line.startswith("{")]
-    return Measured(wall, usage.ru_maxrss * 1024, json.loads(lines[-1]) if lines else {})
+    return Measured(wall, usage.ru_maxrss * 1024, peak_anon, json.loads(lines[-1]) if lines else {})
+
+
+def anonymous_rss(pid: int) -> int:
+    """RssAnon: resident memory not backed by files. ru_maxrss also counts the pages
+    of safetensors shards mapped with mmap, which the kernel can drop at will."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # the child exited between wait4 and the read
+        pass
+    return 0
 
 
 def drop_page_cache(path: Path) -> None:
@@ -277,10 +297,12 @@ def run(args) -> dict:
                 "tokens_per_s": m.report["tokens"] / m.report["seconds"],
                 "peak_rss_bytes": m.peak_rss_bytes,
                 "peak_rss_vs_checkpoint": m.peak_rss_bytes / on_disk,
+                "peak_anon_rss_bytes": m.peak_anon_rss_bytes,
+                "peak_anon_rss_vs_checkpoint": m.peak_anon_rss_bytes / on_disk,
                 "mean_probs": m.report["mean_probs"],
             }
             print(f"calibration {engine}: {calib[engine]['tokens_per_s']:.1f} tok/s, "
-                  f"peak RSS {m.peak_rss_bytes / GB:.2f} GB", flush=True)
+                  f"peak RSS {m.peak_rss_bytes / GB:.2f} GB (anonymous {m.peak_anon_rss_bytes / GB:.2f} GB)", flush=True)
         if "layerwise" in calib:
             import torch
 
@@ -288,6 +310,7 @@ def run(args) -> dict:
             calib["ratios"] = {
                 "throughput_layerwise_vs_full": layerwise["tokens_per_s"] / full["tokens_per_s"],
                 "peak_rss_layerwise_vs_full": layerwise["peak_rss_bytes"] / full["peak_rss_bytes"],
+                "peak_anon_rss_layerwise_vs_full": layerwise["peak_anon_rss_bytes"] / full["peak_anon_rss_bytes"],
                 "max_abs_mean_prob_diff": float(
                     (torch.tensor(layerwise["mean_probs"]) - torch.tensor(full["mean_probs"])).abs().max()
                 ),
@@ -315,9 +338,11 @@ def run(args) -> dict:
             drop_page_cache(model)
             m = measure([str(BIN / command), str(path), str(out), "--quiet", *cuda])
             written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-            merges[name] = {"wall_s": m.wall_s, "peak_rss_bytes": m.peak_rss_bytes, "written_bytes": written}
+            merges[name] = {"wall_s": m.wall_s, "peak_rss_bytes": m.peak_rss_bytes,
+                            "peak_anon_rss_bytes": m.peak_anon_rss_bytes, "written_bytes": written}
             shutil.rmtree(out)
-            print(f"merge {name}: {m.wall_s:.1f} s, peak RSS {m.peak_rss_bytes / GB:.2f} GB, "
+            print(f"merge {name}: {m.wall_s:.1f} s, peak RSS {m.peak_rss_bytes / GB:.2f} GB "
+                  f"(anonymous {m.peak_anon_rss_bytes / GB:.2f} GB), "
                   f"wrote {written / GB:.2f} GB", flush=True)
         merges["ratios"] = {
             "moe2dense_vs_mergekit_linear": merges["moe2dense"]["wall_s"] / merges["mergekit_linear"]["wall_s"],
