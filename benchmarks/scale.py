@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -157,10 +157,8 @@ def write_tokenizer(path: Path, vocab: int) -> None:
 
 
 def write_calibration_text(path: Path, vocab: int, tokens: int, seed: int = 0) -> None:
-    import torch
-
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(4, vocab, (tokens,), generator=generator).tolist()
+    rng = random.Random(seed)
+    ids = [rng.randrange(4, vocab) for _ in range(tokens)]
     path.write_text(" ".join(f"w{i}" for i in ids) + "\n")
 
 
@@ -272,13 +270,15 @@ def run(args) -> dict:
     results: dict = {"command": " ".join(["python", "benchmarks/scale.py", *sys.argv[1:]])}
     me = [sys.executable, os.fspath(Path(__file__).resolve())]
     try:
-        start = time.perf_counter()
-        on_disk = generate_checkpoint(model, size, shape)
+        # in a child: Linux carries a parent's RSS at fork into the child's ru_maxrss,
+        # so this process stays small (no torch) and measures nothing itself
+        m = measure([*me, "_generate", str(model), str(size), "smoke" if args.smoke else "full"])
+        on_disk = m.report["bytes"]
         results["checkpoint"] = {
             "bytes": on_disk,
             "layers": shape.layers_for(size),
             "shape": shape.__dict__,
-            "generate_s": time.perf_counter() - start,
+            "generate_s": m.wall_s,
         }
         print(f"checkpoint: {on_disk / GB:.2f} GB, {shape.layers_for(size)} layers, "
               f"written in {results['checkpoint']['generate_s']:.1f} s", flush=True)
@@ -288,7 +288,7 @@ def run(args) -> dict:
         write_calibration_text(data, shape.vocab, num_samples * args.seq_len * 2)
         calib = {}
         device = "cuda" if args.cuda else "cpu"
-        for engine in available_engines():
+        for engine in measure([*me, "_engines"]).report["engines"]:
             drop_page_cache(model)
             m = measure([*me, "_calibrate", str(model), str(data), engine, str(args.seq_len), str(num_samples), device])
             calib[engine] = {
@@ -304,15 +304,15 @@ def run(args) -> dict:
             print(f"calibration {engine}: {calib[engine]['tokens_per_s']:.1f} tok/s, "
                   f"peak RSS {m.peak_rss_bytes / GB:.2f} GB (anonymous {m.peak_anon_rss_bytes / GB:.2f} GB)", flush=True)
         if "layerwise" in calib:
-            import torch
-
             full, layerwise = calib["full"], calib["layerwise"]
             calib["ratios"] = {
                 "throughput_layerwise_vs_full": layerwise["tokens_per_s"] / full["tokens_per_s"],
                 "peak_rss_layerwise_vs_full": layerwise["peak_rss_bytes"] / full["peak_rss_bytes"],
                 "peak_anon_rss_layerwise_vs_full": layerwise["peak_anon_rss_bytes"] / full["peak_anon_rss_bytes"],
-                "max_abs_mean_prob_diff": float(
-                    (torch.tensor(layerwise["mean_probs"]) - torch.tensor(full["mean_probs"])).abs().max()
+                "max_abs_mean_prob_diff": max(
+                    abs(a - b)
+                    for row_a, row_b in zip(layerwise["mean_probs"], full["mean_probs"])
+                    for a, b in zip(row_a, row_b)
                 ),
             }
         for entry in calib.values():
@@ -363,6 +363,11 @@ def main(argv: Optional[List[str]] = None) -> None:
         return child_calibrate(model, data, engine, int(seq_len), int(samples), device)
     if argv and argv[0] == "_read":
         return child_read(argv[1])
+    if argv and argv[0] == "_generate":
+        shape = SMOKE_SHAPE if argv[3] == "smoke" else FULL_SHAPE
+        return print(json.dumps({"bytes": generate_checkpoint(Path(argv[1]), float(argv[2]), shape)}))
+    if argv and argv[0] == "_engines":
+        return print(json.dumps({"engines": available_engines()}))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-gb", type=float, default=4.0, help="checkpoint size on disk")
     parser.add_argument("--tokens", type=int, default=512, help="calibration tokens")
