@@ -273,7 +273,7 @@ def run(args) -> dict:
         # in a child: Linux carries a parent's RSS at fork into the child's ru_maxrss,
         # so this process stays small (no torch) and measures nothing itself
         m = measure([*me, "_generate", str(model), str(size), "smoke" if args.smoke else "full"])
-        on_disk = m.report["bytes"]
+        on_disk, engines = m.report["bytes"], m.report["engines"]
         results["checkpoint"] = {
             "bytes": on_disk,
             "layers": shape.layers_for(size),
@@ -288,7 +288,7 @@ def run(args) -> dict:
         write_calibration_text(data, shape.vocab, num_samples * args.seq_len * 2)
         calib = {}
         device = "cuda" if args.cuda else "cpu"
-        for engine in measure([*me, "_engines"]).report["engines"]:
+        for engine in engines:
             drop_page_cache(model)
             m = measure([*me, "_calibrate", str(model), str(data), engine, str(args.seq_len), str(num_samples), device])
             calib[engine] = {
@@ -365,9 +365,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         return child_read(argv[1])
     if argv and argv[0] == "_generate":
         shape = SMOKE_SHAPE if argv[3] == "smoke" else FULL_SHAPE
-        return print(json.dumps({"bytes": generate_checkpoint(Path(argv[1]), float(argv[2]), shape)}))
-    if argv and argv[0] == "_engines":
-        return print(json.dumps({"engines": available_engines()}))
+        written = generate_checkpoint(Path(argv[1]), float(argv[2]), shape)
+        return print(json.dumps({"bytes": written, "engines": available_engines()}))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-gb", type=float, default=4.0, help="checkpoint size on disk")
     parser.add_argument("--tokens", type=int, default=512, help="calibration tokens")
