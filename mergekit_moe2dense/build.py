@@ -34,6 +34,7 @@ from mergekit_moe2dense.calibration import (
     load_moe,
 )
 from mergekit_moe2dense.calibration.sequential import refit_layers
+from mergekit_moe2dense.calibration.distributed import Ranks, collect_router_statistics_distributed
 from mergekit_moe2dense.card import write_model_card
 from mergekit_moe2dense.checkpoint import SourceModel
 from mergekit_moe2dense.config import ConfigError, Moe2DenseConfig
@@ -114,9 +115,15 @@ def calibrate(
         raise ConfigError(f"{config.merge_method} needs a calibration: block (dataset, num_samples, ...)")
     calibration = config.calibration
     _, batches = load_calibration_batches(source.path, calibration)
-    device = options.device or "cpu"
+    ranks = Ranks.from_env()
+    device = ranks.device(options.device or "cpu")
     dtype = calibration_dtype(config, device)
-    if calibration_engine(source, calibration, device) == "layerwise":
+    engine = calibration_engine(source, calibration, device)
+    if engine == "layerwise" and ranks.distributed:
+        raise ConfigError(
+            "calibration engine layerwise runs in one process; under torchrun set calibration.engine: full"
+        )
+    if engine == "layerwise":
         stats = collect_router_statistics_layerwise(
             source,
             batches,
@@ -129,16 +136,18 @@ def calibrate(
             record_router_inputs=record_router_inputs or calibration.record_router_inputs,
         )
     else:
+        ranks.init_process_group(device)
+        collect = collect_router_statistics_distributed if ranks.distributed else collect_router_statistics
         model = load_moe(source.path, device=device, dtype=dtype)
         try:
-            stats = collect_router_statistics(
+            stats = collect(
                 model,
                 source.family,
                 batches,
                 max_token_samples=calibration.max_token_samples,
                 seed=calibration.seed,
                 device=device,
-                progress=not options.quiet,
+                progress=not options.quiet and ranks.is_main,
                 record_router_inputs=record_router_inputs or calibration.record_router_inputs,
             )
         finally:
@@ -199,6 +208,8 @@ def build_dense(
             "(the dense weights are scaled by calibrated router/shared-gate means)"
         )
 
+    if not Ranks.from_env().is_main:  # under torchrun, rank 0 alone writes the model
+        return BuildResult(out_path, None, params, stats)
     if method.multi_output:
         clusters = method.cluster_weights(stats, params)
         weights = clusters.weights

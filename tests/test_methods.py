@@ -151,3 +151,18 @@ def test_kernel_is_a_mergekit_method_with_equal_shapes():
         [TensorGroup.from_tensors(tensors, ids=(0, 1, 2))], parameters={"expert_weight": {0: 0.2, 1: 0.0, 2: 0.8}}
     )
     torch.testing.assert_close(merged, 0.2 * tensors[0] + 0.8 * tensors[2])
+
+
+def test_kernel_accumulates_bf16_experts_in_float32():
+    from mergekit.merge_methods.base import TensorGroup
+
+    tensors = [torch.randn(64, 32).to(torch.bfloat16) for _ in range(3)]
+    weights = {0: 0.3, 1: 0.45, 2: 0.25}
+    (merged,) = METHODS["router_weighted"](
+        [TensorGroup.from_tensors(tensors, ids=(0, 1, 2))], parameters={"expert_weight": weights}
+    )
+    expected = torch.zeros(64, 32)
+    for e, tensor in enumerate(tensors):
+        expected += weights[e] * tensor.float()
+    assert merged.dtype == torch.float32
+    torch.testing.assert_close(merged, expected, rtol=0, atol=1e-6)

@@ -3,6 +3,7 @@
 """Calibration: text -> token batches -> router hooks -> RouterStatistics."""
 
 from mergekit_moe2dense.calibration.batches import TokenBatch, calibration_sequences, pad_batches
+from mergekit_moe2dense.calibration.distributed import Ranks, collect_router_statistics_distributed
 from mergekit_moe2dense.calibration.layerwise import LayerStream, LayerStreamError
 from mergekit_moe2dense.calibration.runner import (
     RouterRecorder,
@@ -16,12 +17,14 @@ from mergekit_moe2dense.calibration.stats import RouterStatistics, StatisticsErr
 __all__ = [
     "LayerStream",
     "LayerStreamError",
+    "Ranks",
     "RouterRecorder",
     "RouterStatistics",
     "StatisticsError",
     "TokenBatch",
     "calibration_sequences",
     "collect_router_statistics",
+    "collect_router_statistics_distributed",
     "collect_router_statistics_layerwise",
     "load_calibration_batches",
     "load_moe",

@@ -127,6 +127,16 @@ def load_calibration_batches(model_path: str, calibration, tokenizer=None) -> tu
     return sequences, list(pad_batches(sequences, calibration.batch_size, pad_id))
 
 
+def sample_token_ids(kept_per_batch: List[int], max_token_samples: int, seed: int) -> torch.Tensor:
+    """Sorted global indices (over all batches' non-padding tokens) of the sampled tokens.
+
+    Defined on the whole calibration set, so any split of the batches across
+    processes samples the same tokens.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(sum(kept_per_batch), generator=generator)[:max_token_samples].sort().values
+
+
 def _empty_statistics(config, family: MoEFamily, batches, max_token_samples: int, seed: int):
     stats = RouterStatistics(
         layers=family.moe_layer_indices(config),
@@ -134,8 +144,7 @@ def _empty_statistics(config, family: MoEFamily, batches, max_token_samples: int
         top_k=family.top_k(config),
     )
     total = sum(int(b.attention_mask.sum()) for b in batches)
-    generator = torch.Generator().manual_seed(seed)
-    sample_ids = torch.randperm(total, generator=generator)[:max_token_samples].sort().values
+    sample_ids = sample_token_ids([total], max_token_samples, seed)
     stats.samples = torch.zeros((len(stats.layers), len(sample_ids), stats.num_experts))
     return stats, sample_ids, total
 

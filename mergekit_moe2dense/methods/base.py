@@ -75,12 +75,17 @@ class ExpertMergeMethod(GroupMergeMethod):
     def merge_group(
         self, group: TensorGroup, /, expert_weight: PerInputValues, **_params: Any
     ) -> torch.Tensor:
-        """sum_e w_e W_e, accumulated in float32 (float64 if the inputs are)."""
+        """sum_e w_e W_e, accumulated in float32 (float64 if the inputs are).
+
+        In-place mixed-dtype ops upcast each expert inside the kernel: no float32
+        copy of every expert, one pass over its memory (the merge is memory-bound).
+        """
         first = group.entries[0].tensor
         dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+        # not torch.mul(..., out=result): that computes in the inputs' bf16
         result = torch.zeros(first.shape, dtype=dtype, device=first.device)
         for entry in group.entries:
-            result.add_(entry.tensor.to(dtype), alpha=float(expert_weight[entry.id]))
+            result.add_(entry.tensor, alpha=float(expert_weight[entry.id]))
         return result
 
     # -- parameters ----------------------------------------------------------------

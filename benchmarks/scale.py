@@ -1,0 +1,389 @@
+# Copyright (C) 2026 the mergekit-moe2dense authors
+# SPDX-License-Identifier: LGPL-3.0-only
+"""Scale benchmark: calibration memory/throughput and merge speed on a generated MoE.
+
+    python benchmarks/scale.py [--size-gb 4] [--tokens 512] [--cuda] [--workdir DIR] [--keep]
+    python benchmarks/scale.py --smoke          # a few MB, seconds: keeps the script working
+
+1. Writes a random Mixtral-architecture checkpoint of about --size-gb on disk
+   (bf16, legacy per-expert layout, 1 GB shards), one layer at a time, with a
+   word-level tokenizer whose words map 1:1 to token ids.
+2. Calibration: every available engine (`full`: transformers forward of the whole
+   model with router hooks; `layerwise`: the layer-streaming engine) on the same
+   tokens, through the library's `calibrate`. Tokens/s counts load + forward.
+3. Merge: `mergekit-moe2dense` (expert_uniform, bf16 out) vs stock mergekit's
+   `linear` merge of the same checkpoint (reads the same bytes), vs reading every
+   shard once. The page cache is dropped for the checkpoint (posix_fadvise)
+   before each, so each one reads from disk.
+
+Every measurement runs in its own subprocess; its peak RSS is that child's
+`ru_maxrss` from `os.wait4`. Figures and ratios are printed from this one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    experts: int
+    vocab: int
+
+    def layer_bytes(self) -> int:
+        head_dim = self.hidden // self.heads
+        attention = 2 * self.hidden * self.hidden + 2 * self.hidden * self.kv_heads * head_dim
+        experts = self.experts * 3 * self.hidden * self.intermediate
+        return 2 * (attention + experts + self.experts * self.hidden + 2 * self.hidden)
+
+    def layers_for(self, size_bytes: float) -> int:
+        fixed = 2 * (2 * self.vocab * self.hidden + self.hidden)
+        return max(1, round((size_bytes - fixed) / self.layer_bytes()))
+
+
+# Mixtral-8x7B's proportions (I = 3.5 H, 8 experts, GQA), scaled down.
+FULL_SHAPE = Shape(hidden=1024, intermediate=3584, heads=16, kv_heads=8, experts=8, vocab=32000)
+SMOKE_SHAPE = Shape(hidden=64, intermediate=224, heads=4, kv_heads=2, experts=4, vocab=512)
+
+
+# -- checkpoint generation -------------------------------------------------------
+def generate_checkpoint(path: Path, size_bytes: float, shape: Shape, seed: int = 0, shard_bytes: float = 1 * GB) -> int:
+    """Writes config, tokenizer and shards; holds at most one shard in memory. Returns bytes written."""
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+
+    layers = shape.layers_for(size_bytes)
+    config = transformers.MixtralConfig(
+        vocab_size=shape.vocab,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        num_local_experts=shape.experts,
+        num_experts_per_tok=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    config.architectures = ["MixtralForCausalLM"]
+    config.dtype = "bfloat16"
+    path.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(path)
+    write_tokenizer(path, shape.vocab)
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*size, std=0.02):
+        return (torch.randn(*size, generator=generator) * std).to(torch.bfloat16)
+
+    head_dim = shape.hidden // shape.heads
+    shard: Dict[str, torch.Tensor] = {}
+    weight_map: Dict[str, str] = {}
+    shards: List[Dict[str, torch.Tensor]] = []
+
+    def flush():
+        nonlocal shard
+        if shard:
+            name = f"shard-{len(shards):05d}.safetensors"
+            save_file(shard, os.fspath(path / name), metadata={"format": "pt"})
+            weight_map.update({key: name for key in shard})
+            shards.append({})
+            shard = {}
+
+    def add(name: str, tensor: torch.Tensor):
+        if shard and sum(t.numel() * 2 for t in shard.values()) + tensor.numel() * 2 > shard_bytes:
+            flush()
+        shard[name] = tensor
+
+    add("model.embed_tokens.weight", randn(shape.vocab, shape.hidden))
+    for layer in range(layers):
+        prefix = f"model.layers.{layer}"
+        add(f"{prefix}.input_layernorm.weight", torch.ones(shape.hidden, dtype=torch.bfloat16))
+        add(f"{prefix}.post_attention_layernorm.weight", torch.ones(shape.hidden, dtype=torch.bfloat16))
+        for proj, rows in (("q", shape.hidden), ("k", shape.kv_heads * head_dim), ("v", shape.kv_heads * head_dim)):
+            add(f"{prefix}.self_attn.{proj}_proj.weight", randn(rows, shape.hidden))
+        add(f"{prefix}.self_attn.o_proj.weight", randn(shape.hidden, shape.hidden))
+        moe = f"{prefix}.block_sparse_moe"
+        add(f"{moe}.gate.weight", randn(shape.experts, shape.hidden, std=0.5))
+        for e in range(shape.experts):
+            add(f"{moe}.experts.{e}.w1.weight", randn(shape.intermediate, shape.hidden))
+            add(f"{moe}.experts.{e}.w3.weight", randn(shape.intermediate, shape.hidden))
+            add(f"{moe}.experts.{e}.w2.weight", randn(shape.hidden, shape.intermediate))
+    add("model.norm.weight", torch.ones(shape.hidden, dtype=torch.bfloat16))
+    add("lm_head.weight", randn(shape.vocab, shape.hidden))
+    flush()
+    total = sum(f.stat().st_size for f in path.glob("shard-*.safetensors"))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    return total
+
+
+def write_tokenizer(path: Path, vocab: int) -> None:
+    """Word-level: token i is the word `w{i}`, so generated text has an exact token count."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    words.update({f"w{i}": i for i in range(4, vocab)})
+    tokenizer = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    fast.save_pretrained(path)
+
+
+def write_calibration_text(path: Path, vocab: int, tokens: int, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    ids = [rng.randrange(4, vocab) for _ in range(tokens)]
+    path.write_text(" ".join(f"w{i}" for i in ids) + "\n")
+
+
+# -- measurement -----------------------------------------------------------------
+@dataclass
+class Measured:
+    wall_s: float
+    peak_rss_bytes: int
+    peak_anon_rss_bytes: int  # sampled every 50 ms
+    report: dict
+
+
+def measure(command: List[str]) -> Measured:
+    """Runs `command`; its wall time, its peak RSS (ru_maxrss of this child only), its
+    peak anonymous RSS, and the JSON object it printed last on stdout, if any."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        child = subprocess.Popen(command, stdout=out, stderr=err, env=env, text=True)
+        peak_anon = 0
+        while True:  # this child's own rusage; its anonymous RSS sampled meanwhile
+            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+            if pid:
+                break
+            peak_anon = max(peak_anon, anonymous_rss(child.pid))
+            time.sleep(0.05)
+        wall = time.perf_counter() - start
+        child.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        out, err = out.read(), err.read()
+    if child.returncode != 0:
+        raise SystemExit(f"failed ({child.returncode}): {' '.join(command)}\n{err[-3000:]}")
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    return Measured(wall, usage.ru_maxrss * 1024, peak_anon, json.loads(lines[-1]) if lines else {})
+
+
+def anonymous_rss(pid: int) -> int:
+    """RssAnon: resident memory not backed by files. ru_maxrss also counts the pages
+    of safetensors shards mapped with mmap, which the kernel can drop at will."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # the child exited between wait4 and the read
+        pass
+    return 0
+
+
+def drop_page_cache(path: Path) -> None:
+    """Evicts the checkpoint's pages so the next reader hits the disk (no root needed)."""
+    for file in path.iterdir():
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def available_engines() -> List[str]:
+    from mergekit_moe2dense.config import CalibrationConfig
+
+    engine = CalibrationConfig.model_fields.get("engine")
+    if engine is None:
+        return ["full"]
+    return [name for name in ("full", "layerwise") if name in str(engine.annotation)]
+
+
+# -- subprocess entry points -----------------------------------------------------
+def child_calibrate(model: str, data: str, engine: str, tokens_per_seq: int, num_samples: int, device: str) -> None:
+    from mergekit.options import MergeOptions
+
+    from mergekit_moe2dense.build import calibrate
+    from mergekit_moe2dense.checkpoint import SourceModel
+    from mergekit_moe2dense.config import Moe2DenseConfig
+
+    calibration = {"dataset": data, "num_samples": num_samples, "seq_len": tokens_per_seq, "batch_size": 4}
+    if len(available_engines()) > 1:  # the config has an `engine` key
+        calibration["engine"] = engine
+    config = Moe2DenseConfig.model_validate(
+        {"merge_method": "router_weighted", "models": [{"model": model}], "calibration": calibration}
+    )
+    source = SourceModel.open(config.model)
+    start = time.perf_counter()
+    stats = calibrate(source, config, {}, MergeOptions(quiet=True, device=device))
+    seconds = time.perf_counter() - start
+    print(json.dumps({"seconds": seconds, "tokens": stats.tokens, "mean_probs": stats.mean_probs.tolist()}))
+
+
+def child_read(model: str) -> None:
+    buffer = bytearray(64 << 20)
+    total = 0
+    start = time.perf_counter()
+    for file in sorted(Path(model).glob("*.safetensors")):
+        with open(file, "rb", buffering=0) as handle:
+            while count := handle.readinto(buffer):
+                total += count
+    print(json.dumps({"seconds": time.perf_counter() - start, "bytes": total}))
+
+
+# -- the benchmark ---------------------------------------------------------------
+def run(args) -> dict:
+    shape = SMOKE_SHAPE if args.smoke else FULL_SHAPE
+    size = args.size_gb * GB
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="moe2dense-scale-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    model = workdir / "moe"
+    results: dict = {"command": " ".join(["python", "benchmarks/scale.py", *sys.argv[1:]])}
+    me = [sys.executable, os.fspath(Path(__file__).resolve())]
+    try:
+        # in a child: Linux carries a parent's RSS at fork into the child's ru_maxrss,
+        # so this process stays small (no torch) and measures nothing itself
+        m = measure([*me, "_generate", str(model), str(size), "smoke" if args.smoke else "full"])
+        on_disk, engines = m.report["bytes"], m.report["engines"]
+        results["checkpoint"] = {
+            "bytes": on_disk,
+            "layers": shape.layers_for(size),
+            "shape": shape.__dict__,
+            "generate_s": m.wall_s,
+        }
+        print(f"checkpoint: {on_disk / GB:.2f} GB, {shape.layers_for(size)} layers, "
+              f"written in {results['checkpoint']['generate_s']:.1f} s", flush=True)
+
+        data = workdir / "calib.txt"
+        num_samples = max(1, args.tokens // args.seq_len)
+        write_calibration_text(data, shape.vocab, num_samples * args.seq_len * 2)
+        calib = {}
+        device = "cuda" if args.cuda else "cpu"
+        for engine in engines:
+            drop_page_cache(model)
+            m = measure([*me, "_calibrate", str(model), str(data), engine, str(args.seq_len), str(num_samples), device])
+            calib[engine] = {
+                "tokens": m.report["tokens"],
+                "seconds": m.report["seconds"],
+                "tokens_per_s": m.report["tokens"] / m.report["seconds"],
+                "peak_rss_bytes": m.peak_rss_bytes,
+                "peak_rss_vs_checkpoint": m.peak_rss_bytes / on_disk,
+                "peak_anon_rss_bytes": m.peak_anon_rss_bytes,
+                "peak_anon_rss_vs_checkpoint": m.peak_anon_rss_bytes / on_disk,
+                "mean_probs": m.report["mean_probs"],
+            }
+            print(f"calibration {engine}: {calib[engine]['tokens_per_s']:.1f} tok/s, "
+                  f"peak RSS {m.peak_rss_bytes / GB:.2f} GB (anonymous {m.peak_anon_rss_bytes / GB:.2f} GB)", flush=True)
+        if "layerwise" in calib:
+            full, layerwise = calib["full"], calib["layerwise"]
+            calib["ratios"] = {
+                "throughput_layerwise_vs_full": layerwise["tokens_per_s"] / full["tokens_per_s"],
+                "peak_rss_layerwise_vs_full": layerwise["peak_rss_bytes"] / full["peak_rss_bytes"],
+                "peak_anon_rss_layerwise_vs_full": layerwise["peak_anon_rss_bytes"] / full["peak_anon_rss_bytes"],
+                "max_abs_mean_prob_diff": max(
+                    abs(a - b)
+                    for row_a, row_b in zip(layerwise["mean_probs"], full["mean_probs"])
+                    for a, b in zip(row_a, row_b)
+                ),
+            }
+        for entry in calib.values():
+            entry.pop("mean_probs", None)
+        results["calibration"] = calib
+
+        merges = {}
+        drop_page_cache(model)
+        m = measure([*me, "_read", str(model)])
+        merges["raw_read"] = {"wall_s": m.report["seconds"], "peak_rss_bytes": m.peak_rss_bytes,
+                              "read_gb_per_s": m.report["bytes"] / GB / m.report["seconds"]}
+        cuda = ["--cuda"] if args.cuda else []
+        for name, config, command in (
+            ("moe2dense", {"merge_method": "expert_uniform"}, "mergekit-moe2dense"),
+            ("mergekit_linear", {"merge_method": "linear"}, "mergekit-yaml"),
+        ):
+            spec = {**config, "models": [{"model": str(model)}], "dtype": "bfloat16"}
+            if name == "mergekit_linear":
+                spec["models"][0]["parameters"] = {"weight": 1.0}
+            path = workdir / f"{name}.yml"
+            path.write_text(json.dumps(spec))
+            out = workdir / f"out-{name}"
+            drop_page_cache(model)
+            m = measure([str(BIN / command), str(path), str(out), "--quiet", *cuda])
+            written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+            merges[name] = {"wall_s": m.wall_s, "peak_rss_bytes": m.peak_rss_bytes,
+                            "peak_anon_rss_bytes": m.peak_anon_rss_bytes, "written_bytes": written}
+            shutil.rmtree(out)
+            print(f"merge {name}: {m.wall_s:.1f} s, peak RSS {m.peak_rss_bytes / GB:.2f} GB "
+                  f"(anonymous {m.peak_anon_rss_bytes / GB:.2f} GB), "
+                  f"wrote {written / GB:.2f} GB", flush=True)
+        merges["ratios"] = {
+            "moe2dense_vs_mergekit_linear": merges["moe2dense"]["wall_s"] / merges["mergekit_linear"]["wall_s"],
+            "moe2dense_vs_raw_read": merges["moe2dense"]["wall_s"] / merges["raw_read"]["wall_s"],
+            "peak_rss_moe2dense_vs_mergekit_linear": merges["moe2dense"]["peak_rss_bytes"] / merges["mergekit_linear"]["peak_rss_bytes"],
+        }
+        results["merge"] = merges
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return results
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "_calibrate":
+        model, data, engine, seq_len, samples, device = argv[1:]
+        return child_calibrate(model, data, engine, int(seq_len), int(samples), device)
+    if argv and argv[0] == "_read":
+        return child_read(argv[1])
+    if argv and argv[0] == "_generate":
+        shape = SMOKE_SHAPE if argv[3] == "smoke" else FULL_SHAPE
+        written = generate_checkpoint(Path(argv[1]), float(argv[2]), shape)
+        return print(json.dumps({"bytes": written, "engines": available_engines()}))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-gb", type=float, default=4.0, help="checkpoint size on disk")
+    parser.add_argument("--tokens", type=int, default=512, help="calibration tokens")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--cuda", action="store_true", help="calibrate and merge on the GPU")
+    parser.add_argument("--smoke", action="store_true", help="tiny model and token count (seconds)")
+    parser.add_argument("--workdir", help="where to generate (default: a temporary directory)")
+    parser.add_argument("--keep", action="store_true", help="keep the generated checkpoint")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.size_gb, args.tokens, args.seq_len = min(args.size_gb, 0.004), min(args.tokens, 64), min(args.seq_len, 16)
+    results = run(args)
+    print(json.dumps(results, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
