@@ -208,8 +208,6 @@ def build_dense(
             "(the dense weights are scaled by calibrated router/shared-gate means)"
         )
 
-    if not Ranks.from_env().is_main:  # under torchrun, rank 0 alone writes the model
-        return BuildResult(out_path, None, params, stats)
     if method.multi_output:
         clusters = method.cluster_weights(stats, params)
         weights = clusters.weights
@@ -234,6 +232,8 @@ def build_dense(
             if fitted_model is not None:
                 shutil.rmtree(fitted_model.model.path)
 
+    if not Ranks.from_env().is_main:  # under torchrun, rank 0 alone writes the model
+        return BuildResult(out_path, weights, params, stats)
     staging = _staging_dir(out_path)
     try:
         write(staging)
