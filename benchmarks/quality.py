@@ -37,6 +37,14 @@ from mergekit_moe2dense.evaluate import EvalResult, evaluate_perplexity  # noqa:
 from mergekit_moe2dense.methods import METHODS  # noqa: E402
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
+# Variants whose per-layer expert weights are plotted (those present in a run).
+PLOTTED = (
+    "router_weighted mean_logit",
+    "router_weighted selection_frequency",
+    "top_k_tempered T=0.1 k=1",
+    "top_k_tempered T=0.5 k=2",
+    "single_expert (most selected)",
+)
 
 
 @dataclass
@@ -152,13 +160,15 @@ def plot_weights(weight_files: Dict[str, Path], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(weight_files), figsize=(3.2 * len(weight_files), 2.8), squeeze=False)
-    for ax, (label, file) in zip(axes[0], weight_files.items()):
-        weights = json.loads(file.read_text())["layers"]
-        image = ax.imshow(weights, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    tables = {label: json.loads(file.read_text())["layers"] for label, file in weight_files.items()}
+    top = max(max(max(row) for row in table) for table in tables.values())
+    fig, axes = plt.subplots(1, len(tables), figsize=(3.2 * len(tables), 2.8), squeeze=False)
+    for ax, (label, weights) in zip(axes[0], tables.items()):
+        image = ax.imshow(weights, vmin=0, vmax=top, cmap="viridis", aspect="auto")
         ax.set_title(label, fontsize=8)
         ax.set_xlabel("expert")
         ax.set_ylabel("layer")
+        ax.set_yticks(range(len(weights)))
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -189,7 +199,7 @@ def run(preset: str, cache_dir: Optional[str], grid: bool, max_tokens: int, writ
         for variant in variants(num_experts, top_k, grid):
             out = build_variant(variant, testbed.moe, testbed.calib_dir, work / "model", stats, calibration)
             rows.append((variant.label, variant.group, score(out, documents, seq_len, max_tokens, variant.label)))
-            if variant.group == "method" and len(weight_files) < 4 and variant.label not in weight_files:
+            if variant.label in PLOTTED:
                 keep = work / f"weights-{len(weight_files)}.json"
                 shutil.copy(out / WEIGHTS_FILE, keep)
                 weight_files[variant.label] = keep
@@ -250,7 +260,7 @@ Calibration: 128 sequences of the calib split, one pass shared by every method.
 
 {summary}
 
-Per-layer expert weights of the first calibrated methods: ![weights](expert_weights_{preset}.png)
+Per-layer expert weights of the main methods (colour scale up to the largest weight shown): ![weights](expert_weights_{preset}.png)
 {end}"""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     if begin in text:
