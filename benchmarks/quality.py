@@ -9,6 +9,10 @@ models are scored on the held-out test split, per domain and overall.
     python benchmarks/quality.py --preset example            # the README's first command
     python benchmarks/quality.py --preset benchmark --write-docs   # docs/benchmarks.md + plot
     python benchmarks/quality.py --preset smoke              # seconds; run by the tests
+    python benchmarks/quality.py --preset scratch            # Qwen3-MoE trained from scratch
+
+The `scratch` presets (docs/scratch_testbed.md) have no ancestor (its row is left out) and a
+dense twin of the MoE's active size; kmeans' `output: moe` rebuild is Mixtral-only.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.testbed import build_testbed  # noqa: E402
+from benchmarks.testbed import PRESETS, build_testbed  # noqa: E402
 from mergekit.options import MergeOptions  # noqa: E402
 from mergekit_moe2dense.build import STATS_FILE, WEIGHTS_FILE, build_dense  # noqa: E402
 from mergekit_moe2dense.config import Moe2DenseConfig  # noqa: E402
@@ -90,7 +94,7 @@ def variants(num_experts: int, top_k: int, grid: bool) -> List[Variant]:
     return [v for v in out if v.method in METHODS]
 
 
-def kmeans_rows(testbed, calib, stats, calibration, work, documents, seq_len, max_tokens, top_k) -> List[tuple]:
+def kmeans_rows(testbed, calib, stats, calibration, work, documents, seq_len, max_tokens, top_k, rebuild_moe) -> List[tuple]:
     """k complementary dense models per k (each scored per domain, plus the best-per-domain
     oracle), and the k-expert MoE rebuilt from them."""
     if "kmeans_multi_dense" not in METHODS:
@@ -105,7 +109,7 @@ def kmeans_rows(testbed, calib, stats, calibration, work, documents, seq_len, ma
             results.append(score(out / f"cluster_{j}", documents, seq_len, max_tokens, label))
             rows.append((label, "kmeans", results[-1]))
         rows.append((f"kmeans k={k} best cluster per domain (oracle)", "kmeans", oracle(results)))
-        for router in ("closed_form", "fitted"):
+        for router in ("closed_form", "fitted") if rebuild_moe else ():
             params = {"num_clusters": k, "output": "moe", "moe_top_k": min(top_k, k), "router": router}
             label = f"kmeans k={k} -> MoE top-{min(top_k, k)} ({router} router)"
             moe = build_variant(Variant(label, "kmeans_multi_dense", params), testbed.moe, calib, work / "kmeans-moe", stats, calibration)
@@ -178,7 +182,8 @@ def run(preset: str, cache_dir: Optional[str], grid: bool, max_tokens: int, writ
     started = time.time()
     testbed = build_testbed(preset, cache_dir=cache_dir)
     moe_config = json.loads((testbed.moe / "config.json").read_text())
-    num_experts, top_k = moe_config["num_local_experts"], moe_config["num_experts_per_tok"]
+    num_experts = moe_config.get("num_local_experts") or moe_config["num_experts"]  # Mixtral / Qwen3-MoE
+    top_k = moe_config["num_experts_per_tok"]
     seq_len = min(256, moe_config.get("max_position_embeddings", 256))
     calibration = {"num_samples": 128, "seq_len": seq_len, "batch_size": 8, "max_token_samples": 16384, "record_router_inputs": True}
     documents = load_documents(testbed.test_dir)
@@ -194,6 +199,8 @@ def run(preset: str, cache_dir: Optional[str], grid: bool, max_tokens: int, writ
 
         rows = []
         for label, path, group in ((f"MoE ({num_experts} experts, top-{top_k})", testbed.moe, "reference"), ("ancestor (dense)", testbed.ancestor, "reference"), ("dense twin", testbed.twin, "reference")):
+            if path is None:  # trained from scratch: no ancestor
+                continue
             rows.append((label, group, score(path, documents, seq_len, max_tokens, label)))
         weight_files = {}
         for variant in variants(num_experts, top_k, grid):
@@ -205,7 +212,7 @@ def run(preset: str, cache_dir: Optional[str], grid: bool, max_tokens: int, writ
                 weight_files[variant.label] = keep
             print(f"  {variant.label}: ppl {rows[-1][2].perplexity:.2f}", file=sys.stderr)
         if grid:
-            rows += kmeans_rows(testbed, testbed.calib_dir, stats, calibration, work, documents, seq_len, max_tokens, top_k)
+            rows += kmeans_rows(testbed, testbed.calib_dir, stats, calibration, work, documents, seq_len, max_tokens, top_k, moe_config["model_type"] == "mixtral")
 
         reference = rows[0][2].perplexity
         table = format_table(rows, reference, domains)
@@ -272,7 +279,7 @@ Per-layer expert weights of the main methods (colour scale up to the largest wei
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="example", choices=["smoke", "example", "benchmark"])
+    parser.add_argument("--preset", default="example", choices=sorted(PRESETS))
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--grid", action="store_true", help="the full temperature x top-k grid")
     parser.add_argument("--max-tokens", type=int, default=20000, help="scored tokens per test domain")
