@@ -5,6 +5,12 @@
 from __future__ import annotations
 
 import os
+
+# One thread per process: several tests start child processes (console scripts,
+# torchrun ranks) on a 2-core CI machine, and oversubscribed OpenMP threads slow
+# tiny models down by an order of magnitude. Set before torch is imported.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 from pathlib import Path
 
 import pytest
