@@ -249,6 +249,24 @@ def summarize(rows, best_single) -> str:
     return "\n".join(lines)
 
 
+def describe_testbed(report: dict) -> str:
+    p, drift = report["preset"], report.get("drift", {})
+    text = (
+        f"`{p['name']}` preset of benchmarks/testbed.py ({report['recipe_hash']}): {p['num_layers']} layers, "
+        f"hidden {p['hidden_size']}, {p['num_experts']} experts of width {p['intermediate_size']}, "
+        f"top-{p['experts_per_token']}, vocabulary {p['vocab_size']}; "
+    )
+    if p.get("ancestor_steps"):
+        text += (
+            f"a dense ancestor trained {p['ancestor_steps']} steps, upcycled, then {p['further_steps']} steps "
+            f"with the load-balancing loss (the dense twin: the same {p['further_steps']} steps densely)"
+        )
+    cosine = drift.get("expert_pairwise_cosine")
+    if cosine:
+        text += "; mean pairwise expert cosine per layer " + ", ".join(f"{c:.3f}" for c in cosine)
+    return text
+
+
 def write_quality_docs(preset, table, summary, report, elapsed, grid, max_tokens) -> None:
     """Replace the quality section of docs/benchmarks.md, keeping other sections."""
     path = DOCS / "benchmarks.md"
@@ -259,7 +277,7 @@ def write_quality_docs(preset, table, summary, report, elapsed, grid, max_tokens
 
 Command: `{command}` ({elapsed / 60:.1f} min on 2 CPU cores, including the testbed build if not cached).
 
-Testbed: {report.get('recipe_summary', 'see benchmarks/testbed.py')}. Perplexity on the held-out test split
+Testbed: {describe_testbed(report)}. Perplexity on the held-out test split
 (documents disjoint from the calibration split), per domain and overall; ratio = ppl / MoE ppl.
 Calibration: 128 sequences of the calib split, one pass shared by every method.
 

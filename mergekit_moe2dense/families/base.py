@@ -76,19 +76,21 @@ class MoEFamily(ABC):
     def supports(self, config: transformers.PretrainedConfig) -> bool:
         return getattr(config, "model_type", None) in self.model_types
 
-    @abstractmethod
+    # Defaults below fit the transformers 5 MoE classes (router `mlp.gate`, returning
+    # logits, top-k weights and indices); families override what differs.
     def moe_layer_indices(self, config: transformers.PretrainedConfig) -> List[int]:
         """Decoder layers whose MLP is sparse."""
+        return list(range(config.num_hidden_layers))
 
     @abstractmethod
     def num_experts(self, config: transformers.PretrainedConfig) -> int: ...
 
-    @abstractmethod
-    def top_k(self, config: transformers.PretrainedConfig) -> int: ...
+    def top_k(self, config: transformers.PretrainedConfig) -> int:
+        return config.num_experts_per_tok
 
-    @abstractmethod
     def router_module(self, layer: int) -> str:
         """Module path of the router in the transformers model, for hooks."""
+        return f"model.layers.{layer}.mlp.gate"
 
     def experts_module(self, layer: int) -> str:
         """Module path of the fused experts (transformers 5 keeps `gate_up_proj`
@@ -101,11 +103,10 @@ class MoEFamily(ABC):
         gate, up = torch.nn.functional.linear(hidden, experts.gate_up_proj[expert]).chunk(2, dim=-1)
         return torch.nn.functional.linear(experts.act_fn(gate) * up, experts.down_proj[expert])
 
-    @abstractmethod
-    def router_outputs(
-        self, output
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def router_outputs(self, output) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(logits [T, E], top-k weights [T, k], top-k indices [T, k]) from the router's output."""
+        logits, top_k_weights, top_k_index = output
+        return logits, top_k_weights, top_k_index
 
     @abstractmethod
     def resolve_layer(

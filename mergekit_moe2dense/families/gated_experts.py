@@ -16,8 +16,6 @@ from __future__ import annotations
 
 from typing import ClassVar, Collection, Dict, List, Optional, Tuple
 
-import torch
-
 from mergekit_moe2dense.families.base import ExpertSlice, MoEFamily, MoELayer, _missing
 
 _PROJ = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
@@ -31,24 +29,11 @@ class GatedExpertsFamily(MoEFamily):
     # Further tensors of the sparse block under `mlp` (router bias, shared gate): not copied.
     extra_tensors: ClassVar[Tuple[str, ...]] = ()
 
-    def moe_layer_indices(self, config) -> List[int]:
-        return list(range(config.num_hidden_layers))
-
     def num_experts(self, config) -> int:
         return config.num_experts
 
-    def top_k(self, config) -> int:
-        return config.num_experts_per_tok
-
     def expert_width(self, config) -> int:
         return config.moe_intermediate_size
-
-    def router_module(self, layer: int) -> str:
-        return f"model.layers.{layer}.mlp.gate"
-
-    def router_outputs(self, output) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        logits, top_k_weights, top_k_index = output
-        return logits, top_k_weights, top_k_index
 
     def resolve_layer(self, config, layer: int, tensor_names: Collection[str]) -> MoELayer:
         prefix = f"model.layers.{layer}.mlp"

@@ -13,9 +13,8 @@ Checkpoint layouts:
 
 from __future__ import annotations
 
-from typing import Collection, Dict, List, Tuple
+from typing import Collection, Dict
 
-import torch
 import transformers
 
 from mergekit_moe2dense.families.base import ExpertSlice, MoEFamily, MoELayer, _missing
@@ -34,21 +33,8 @@ class MixtralFamily(MoEFamily):
     name = "mixtral"
     model_types = ("mixtral",)
 
-    def moe_layer_indices(self, config) -> List[int]:
-        return list(range(config.num_hidden_layers))
-
     def num_experts(self, config) -> int:
         return config.num_local_experts
-
-    def top_k(self, config) -> int:
-        return config.num_experts_per_tok
-
-    def router_module(self, layer: int) -> str:
-        return f"model.layers.{layer}.mlp.gate"
-
-    def router_outputs(self, output) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        logits, top_k_weights, top_k_index = output
-        return logits, top_k_weights, top_k_index
 
     def resolve_layer(self, config, layer: int, tensor_names: Collection[str]) -> MoELayer:
         num_experts = self.num_experts(config)
