@@ -186,6 +186,8 @@ class LayerStream:
         """Materialise decoder layer `index` in place from the checkpoint."""
         layer = self.layers[index]
         self._materialise(layer, f"{self._layers_path}.{index}", self._moe_layers.get(index))
+        # Close the memory-mapped shard: its touched pages would otherwise stay in RSS.
+        self._loader.flush()
         return layer
 
     def free_layer(self, index: int) -> None:
