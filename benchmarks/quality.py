@@ -8,7 +8,7 @@ models are scored on the held-out test split, per domain and overall.
 
     python benchmarks/quality.py --preset example            # the README's first command
     python benchmarks/quality.py --preset benchmark --write-docs   # docs/benchmarks.md + plot
-    python benchmarks/quality.py --preset smoke              # seconds; run by the tests
+    python benchmarks/quality.py --smoke                     # seconds; run by the tests
     python benchmarks/quality.py --preset scratch            # Qwen3-MoE trained from scratch
 
 The `scratch` presets (docs/scratch_testbed.md) have no ancestor (its row is left out) and a
@@ -298,12 +298,15 @@ Per-layer expert weights of the main methods (colour scale up to the largest wei
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="example", choices=sorted(PRESETS))
+    parser.add_argument("--smoke", action="store_true", help="the tiny smoke testbed (seconds): same as --preset smoke")
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--grid", action="store_true", help="the full temperature x top-k grid")
     parser.add_argument("--max-tokens", type=int, default=20000, help="scored tokens per test domain")
     parser.add_argument("--write-docs", action="store_true", help="update docs/benchmarks.md and the weights plot")
     parser.add_argument("--work-dir", default=None, help="keep built models here (default: a temp dir, removed)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.preset = "smoke"
     torch.manual_seed(0)
     transformers.utils.logging.disable_progress_bar()
     print(run(args.preset, args.cache_dir, args.grid, args.max_tokens, args.write_docs, args.work_dir))

@@ -15,3 +15,10 @@ def test_quality_benchmark_smoke(smoke_testbed, tmp_path):
     moe_row = next(line for line in lines if line.startswith("| MoE"))
     assert "| 1.000 |" in moe_row
     assert "Best calibrated method" in report
+
+
+def test_smoke_flag_selects_the_smoke_preset(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(quality, "run", lambda preset, *args: seen.setdefault("preset", preset) or "")
+    quality.main(["--smoke"])
+    assert seen["preset"] == "smoke"
