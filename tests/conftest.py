@@ -101,15 +101,21 @@ def make_mixtral(
                 experts.down_proj[:] = experts.down_proj[0].clone()
             for weight in (experts.gate_up_proj, experts.down_proj):
                 weight.add_(upcycle_noise * weight.std() * torch.randn_like(weight))
+    return save_model(model, tokenizer, path, layout)
+
+
+def save_model(model, tokenizer, path: Path, layout: str) -> Path:
+    """`legacy`: what save_pretrained writes (per-expert names); `fused`: the names
+    transformers 5 keeps in memory, as some checkpoints store them."""
     path.mkdir(parents=True, exist_ok=True)
     if layout == "legacy":
         model.save_pretrained(path)
-    else:  # the fused names transformers 5 keeps in memory
+    else:
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
-        if config.tie_word_embeddings:
+        if model.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
         save_file(state, os.fspath(path / "model.safetensors"), metadata={"format": "pt"})
-        config.save_pretrained(path)
+        model.config.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 

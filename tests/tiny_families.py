@@ -4,12 +4,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 import transformers
-from safetensors.torch import save_file
+from conftest import save_model
 
 COMMON = dict(
     hidden_size=32,
@@ -107,14 +106,4 @@ def make_family_moe(
                 mlp.experts.down_proj[:] = mlp.experts.down_proj[0].clone()
                 if hasattr(mlp, "shared_expert_gate"):
                     mlp.shared_expert_gate.weight.zero_()
-    path.mkdir(parents=True, exist_ok=True)
-    if layout == "legacy":
-        model.save_pretrained(path)
-    else:  # the fused names transformers 5 keeps in memory
-        state = {k: v.contiguous() for k, v in model.state_dict().items()}
-        if config.tie_word_embeddings:
-            state.pop("lm_head.weight", None)
-        save_file(state, os.fspath(path / "model.safetensors"), metadata={"format": "pt"})
-        config.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_model(model, tokenizer, path, layout)
