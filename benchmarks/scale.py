@@ -229,14 +229,16 @@ def available_engines() -> List[str]:
 
 
 # -- subprocess entry points -----------------------------------------------------
-def child_calibrate(model: str, data: str, engine: str, tokens_per_seq: int, num_samples: int, device: str) -> None:
+def child_calibrate(
+    model: str, data: str, engine: str, tokens_per_seq: int, num_samples: int, device: str, dtype: str
+) -> None:
     from mergekit.options import MergeOptions
 
     from mergekit_moe2dense.build import calibrate
     from mergekit_moe2dense.checkpoint import SourceModel
     from mergekit_moe2dense.config import Moe2DenseConfig
 
-    calibration = {"dataset": data, "num_samples": num_samples, "seq_len": tokens_per_seq, "batch_size": 4}
+    calibration = {"dataset": data, "num_samples": num_samples, "seq_len": tokens_per_seq, "batch_size": 4, "dtype": dtype}
     if len(available_engines()) > 1:  # the config has an `engine` key
         calibration["engine"] = engine
     config = Moe2DenseConfig.model_validate(
@@ -290,7 +292,9 @@ def run(args) -> dict:
         device = "cuda" if args.cuda else "cpu"
         for engine in engines:
             drop_page_cache(model)
-            m = measure([*me, "_calibrate", str(model), str(data), engine, str(args.seq_len), str(num_samples), device])
+            m = measure(
+                [*me, "_calibrate", str(model), str(data), engine, str(args.seq_len), str(num_samples), device, args.calibration_dtype]
+            )
             calib[engine] = {
                 "tokens": m.report["tokens"],
                 "seconds": m.report["seconds"],
@@ -359,8 +363,8 @@ def run(args) -> dict:
 def main(argv: Optional[List[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "_calibrate":
-        model, data, engine, seq_len, samples, device = argv[1:]
-        return child_calibrate(model, data, engine, int(seq_len), int(samples), device)
+        model, data, engine, seq_len, samples, device, dtype = argv[1:]
+        return child_calibrate(model, data, engine, int(seq_len), int(samples), device, dtype)
     if argv and argv[0] == "_read":
         return child_read(argv[1])
     if argv and argv[0] == "_generate":
@@ -372,6 +376,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--tokens", type=int, default=512, help="calibration tokens")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--cuda", action="store_true", help="calibrate and merge on the GPU")
+    parser.add_argument(
+        "--calibration-dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of both calibration engines"
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny model and token count (seconds)")
     parser.add_argument("--workdir", help="where to generate (default: a temporary directory)")
     parser.add_argument("--keep", action="store_true", help="keep the generated checkpoint")

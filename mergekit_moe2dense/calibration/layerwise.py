@@ -232,29 +232,40 @@ class LayerStream:
         raise RuntimeError("module is not part of the model")
 
     def _materialise(self, module: torch.nn.Module, prefix: str, moe: Optional[MoELayer] = None) -> None:
+        """Fill `module`'s parameters in place, one checkpoint tensor at a time, so the
+        peak is the layer itself plus one tensor (no second copy of the layer)."""
         module.to_empty(device=self.device)
-        state = {}
-        fused = self._moe_tensors(moe) if moe is not None else {}
-        names = dict(module.named_parameters())
-        names.update({k: v for k, v in module.named_buffers()})
-        for name in names:
-            full = f"{prefix}.{name}" if prefix else name
-            if full in fused:
-                state[name] = fused[full]
-            elif full in self.source.index.tensor_paths:
-                state[name] = self._loader.get_tensor(full)
-            else:
-                raise LayerStreamError(f"cannot stream {full}: the checkpoint has no such tensor")
-        module.load_state_dict({k: v.to(self.dtype) for k, v in state.items()}, strict=False, assign=False)
+        targets = dict(module.named_parameters())
+        targets.update(dict(module.named_buffers()))
+        fill_experts = self._expert_fillers(moe) if moe is not None else {}
+        with torch.no_grad():
+            for name, target in targets.items():
+                full = f"{prefix}.{name}" if prefix else name
+                if full in fill_experts:
+                    fill_experts[full](target)
+                elif full in self.source.index.tensor_paths:
+                    target.copy_(self._loader.get_tensor(full))
+                else:
+                    raise LayerStreamError(f"cannot stream {full}: the checkpoint has no such tensor")
 
-    def _moe_tensors(self, moe: MoELayer) -> Dict[str, torch.Tensor]:
-        """The sparse block's tensors under their in-memory (fused) names."""
+    def _expert_fillers(self, moe: MoELayer) -> Dict[str, Callable[[torch.Tensor], None]]:
+        """Writers of the sparse block's fused in-memory tensors (`gate_up_proj` [E, 2I, H],
+        gate rows first; `down_proj` [E, H, I]) from either checkpoint layout, expert by expert."""
         get = self.slice_reader()
-        gate_up = torch.stack([torch.cat([get(e["gate"]), get(e["up"])], dim=0) for e in moe.experts])
-        down = torch.stack([get(e["down"]) for e in moe.experts])
+
+        def gate_up(target: torch.Tensor) -> None:
+            for e, expert in enumerate(moe.experts):
+                gate = get(expert["gate"])
+                target[e, : gate.shape[0]].copy_(gate)
+                target[e, gate.shape[0] :].copy_(get(expert["up"]))
+
+        def down(target: torch.Tensor) -> None:
+            for e, expert in enumerate(moe.experts):
+                target[e].copy_(get(expert["down"]))
+
         experts = self.family.experts_module(moe.index)
         return {
-            f"{self.family.router_module(moe.index)}.weight": self._loader.get_tensor(moe.router),
+            f"{self.family.router_module(moe.index)}.weight": lambda t: t.copy_(self._loader.get_tensor(moe.router)),
             f"{experts}.gate_up_proj": gate_up,
             f"{experts}.down_proj": down,
         }
