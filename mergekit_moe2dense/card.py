@@ -29,69 +29,60 @@ def write_model_card(
     experts = weights.shape[1]
     header = "| layer | " + " | ".join(f"e{e}" for e in range(experts)) + " |"
     rule = "|---" * (experts + 1) + "|"
-    param_text = ", ".join(f"`{k}={v}`" for k, v in params.items()) or "none"
     extra_text = "\n".join(f"- {key}: `{value}`" for key, value in (extra or {}).items())
     extra_text = f"\n\n{extra_text}" if extra_text else ""
-    yaml_text = config_source if config_source is not None else config.to_yaml()
-    text = f"""---
-library_name: transformers
-tags:
-- mergekit
-- moe2dense
-- merge
-base_model: {config.model}
----
-# {os.path.basename(os.path.normpath(out_dir)).split('.incomplete-')[0]}
-
-A dense model made from the Mixture-of-Experts model `{config.model}` with
+    body = f"""A dense model made from the Mixture-of-Experts model `{config.model}` with
 [mergekit-moe2dense](https://github.com/arcee-ai/mergekit): every MoE layer's experts
 were merged into one MLP with the **{method.pretty_name}** method (`{method.name}`)
-and parameters {param_text}. Everything outside the MoE blocks is copied unchanged.{extra_text}
+and parameters {_parameters(params)}. Everything outside the MoE blocks is copied unchanged.{extra_text}
 
 ## Per-layer expert weights
 
 {header}
 {rule}
-{rows}
-
-## Configuration
-
-```yaml
-{yaml_text.strip()}
-```
-"""
-    with open(os.path.join(out_dir, "README.md"), "w", encoding="utf-8") as handle:
-        handle.write(text)
+{rows}"""
+    _write_card(out_dir, config, "merge", body, config_source)
 
 
 def write_moe_card(out_dir: str, config, params: Dict[str, Any], shares, config_source: Optional[str]) -> None:
     """Card of an MoE rebuilt from k merged MLPs; the weights are in expert_weights.json."""
     method = get_method(config.merge_method)
     rows = "\n".join(f"| {j} | {share:.4f} |" for j, share in enumerate(shares))
-    param_text = ", ".join(f"`{k}={v}`" for k, v in params.items()) or "none"
-    yaml_text = config_source if config_source is not None else config.to_yaml()
-    text = f"""---
-library_name: transformers
-tags:
-- mergekit
-- moe2dense
-- moe
-base_model: {config.model}
----
-# {os.path.basename(os.path.normpath(out_dir)).split('.incomplete-')[0]}
-
-A Mixture-of-Experts model with {len(shares)} experts per layer made from `{config.model}` with
+    router = "by a fitted logistic regression" if params["router"] == "fitted" else "in closed form from the clusters' weights"
+    body = f"""A Mixture-of-Experts model with {len(shares)} experts per layer made from `{config.model}` with
 [mergekit-moe2dense](https://github.com/arcee-ai/mergekit): calibration tokens were clustered by
 their router vectors with the **{method.pretty_name}** method (`{method.name}`), parameters
-{param_text}; expert j of every layer merges the original experts with cluster j's weights
-(`expert_weights.json`), and the router was set {"by a fitted logistic regression" if params["router"] == "fitted" else "in closed form from the clusters' weights"}.
+{_parameters(params)}; expert j of every layer merges the original experts with cluster j's weights
+(`expert_weights.json`), and the router was set {router}.
 Everything outside the MoE blocks is copied unchanged.
 
 ## Experts
 
 | expert | token share |
 |---|---|
-{rows}
+{rows}"""
+    _write_card(out_dir, config, "moe", body, config_source)
+
+
+def _parameters(params: Dict[str, Any]) -> str:
+    return ", ".join(f"`{k}={v}`" for k, v in params.items()) or "none"
+
+
+def _write_card(out_dir: str, config, tag: str, body: str, config_source: Optional[str]) -> None:
+    """Front matter, title (the output's name), `body`, and the config that made it."""
+    yaml_text = config_source if config_source is not None else config.to_yaml()
+    name = os.path.basename(os.path.normpath(out_dir)).split(".incomplete-")[0]
+    text = f"""---
+library_name: transformers
+tags:
+- mergekit
+- moe2dense
+- {tag}
+base_model: {config.model}
+---
+# {name}
+
+{body}
 
 ## Configuration
 
