@@ -9,14 +9,16 @@ import json
 import os
 import struct
 from dataclasses import dataclass
-from typing import Any, Dict, List
+from math import prod
+from typing import Any, Dict, List, Optional, Tuple
 
+import torch
 import transformers
 from mergekit.common import ModelReference
-from mergekit.io.lazy_tensor_loader import ShardedTensorIndex
+from mergekit.io.lazy_tensor_loader import LazyTensorLoader, ShardedTensorIndex
 
 from mergekit_moe2dense.errors import Moe2DenseError
-from mergekit_moe2dense.families import MoEFamily, MoELayer, get_family
+from mergekit_moe2dense.families import ExpertSlice, MoEFamily, MoELayer, get_family
 
 
 class CheckpointError(Moe2DenseError, ValueError):
@@ -75,6 +77,82 @@ class SourceModel:
         }
 
 
+# safetensors' dtype names (the format's spec)
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+class TensorReader:
+    """Reads checkpoint tensors, or one expert's rows of a fused tensor, with plain
+    reads straight into the caller's memory.
+
+    mergekit's lazy loader maps whole shards with mmap: every page touched stays in
+    the process's RSS until the shard is closed, and a fused `[E, ...]` tensor is
+    read whole to use one expert. Here a tensor (or an `ExpertSlice`, a contiguous
+    byte range) is `pread` into `out` when dtypes match, else into one temporary of
+    the stored dtype. The bytes pass through the page cache, which the kernel owns.
+    Shards in pickle format (`.bin`) fall back to mergekit's loader.
+    """
+
+    def __init__(self, index: ShardedTensorIndex):
+        self.index = index
+        self._headers: Dict[str, Tuple[int, Dict[str, Any]]] = {}
+        self._fallback = None if index.is_safetensors else LazyTensorLoader(index)
+
+    def read(self, name: str, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The whole tensor `name`, written into `out` (any dtype, device) if given."""
+        return self.read_slice(ExpertSlice(name), out)
+
+    def read_slice(self, piece: ExpertSlice, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One expert's projection (`piece.take` of its tensor), into `out` if given."""
+        if self._fallback is not None:
+            value = piece.take(self._fallback.get_tensor(piece.tensor))
+            return value if out is None else out.copy_(value)
+        path, start, dtype, shape = self._locate(piece)
+        direct = out is not None and out.dtype == dtype and out.device.type == "cpu" and out.is_contiguous()
+        if direct and tuple(out.shape) != shape:
+            raise CheckpointError(f"{piece.tensor}: checkpoint shape {list(shape)}, model expects {list(out.shape)}")
+        target = out if direct else torch.empty(shape, dtype=dtype)
+        buffer = memoryview(target.view(-1).view(torch.uint8).numpy())
+        with open(path, "rb", buffering=0) as handle:
+            done = 0
+            while done < len(buffer):
+                count = os.preadv(handle.fileno(), [buffer[done:]], start + done)
+                if count == 0:
+                    raise CheckpointError(f"shard {path} ended inside tensor {piece.tensor}")
+                done += count
+        if out is None or direct:
+            return target
+        return out.copy_(target)
+
+    def _locate(self, piece: ExpertSlice) -> Tuple[str, int, torch.dtype, Tuple[int, ...]]:
+        """The shard, absolute byte offset, dtype and shape of `piece`."""
+        if piece.tensor not in self.index.tensor_paths:
+            raise KeyError(piece.tensor)
+        path = os.path.join(self.index.base_path, self.index.tensor_paths[piece.tensor])
+        if path not in self._headers:
+            self._headers[path] = _read_header(path)
+        data_start, header = self._headers[path]
+        entry = header[piece.tensor]
+        if entry["dtype"] not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{piece.tensor}: unsupported dtype {entry['dtype']}")
+        dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+        shape = tuple(entry["shape"])
+        offset = data_start + entry["data_offsets"][0]
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if piece.expert is not None:  # dim 0 of a fused tensor: a contiguous block
+            shape = shape[1:]
+            offset += piece.expert * prod(shape) * itemsize
+        if piece.rows is not None:  # a row range: contiguous too
+            first, last = piece.rows
+            offset += first * prod(shape[1:]) * itemsize
+            shape = (last - first, *shape[1:])
+        return path, offset, dtype, shape
+
+
 def _refuse_remote_code(path: str) -> None:
     """A config transformers cannot read natively because it names remote code (auto_map)."""
     try:
@@ -109,7 +187,8 @@ def check_shards(index: ShardedTensorIndex) -> None:
             _check_safetensors_size(path)
 
 
-def _check_safetensors_size(path: str) -> None:
+def _read_header(path: str) -> Tuple[int, Dict[str, Any]]:
+    """A safetensors shard's header, and the offset where its data starts."""
     size = os.path.getsize(path)
     try:
         with open(path, "rb") as handle:
@@ -119,8 +198,13 @@ def _check_safetensors_size(path: str) -> None:
             header = json.loads(handle.read(header_len))
     except (struct.error, ValueError, UnicodeDecodeError):
         raise CheckpointError(f"shard {path} is truncated or corrupt (unreadable header)") from None
+    return 8 + header_len, header
+
+
+def _check_safetensors_size(path: str) -> None:
+    data_start, header = _read_header(path)
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if size < 8 + header_len + end:
+    if os.path.getsize(path) < data_start + end:
         raise CheckpointError(
-            f"shard {path} is truncated: {size} bytes, its header needs {8 + header_len + end}"
+            f"shard {path} is truncated: {os.path.getsize(path)} bytes, its header needs {data_start + end}"
         )

@@ -30,9 +30,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
-from sklearn.cluster import KMeans
-from threadpoolctl import threadpool_limits
 
 __all__ = [
     "Decomposition",
@@ -70,6 +67,11 @@ def kmeans(points: np.ndarray, k: int, *, seed: int, n_init: int) -> tuple:
     """(labels [N], centroids [k, D]) of scikit-learn's k-means."""
     # One OpenMP thread: the problems are small (N <= max_token_samples), and on a
     # loaded machine scikit-learn's spinning threads made a 1024 x 8 fit take 12 s, not 0.08 s.
+    # imported here: scikit-learn (and pandas under it) costs ~0.1 GB of RSS, which
+    # every other method (and layer-streamed calibration's memory budget) would pay
+    from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_limits
+
     with threadpool_limits(limits=1, user_api="openmp"):
         model = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(points)
     return model.labels_.astype(np.int64), model.cluster_centers_.astype(np.float64)
@@ -96,6 +98,8 @@ def svd_poles(points: np.ndarray, k: int) -> tuple:
 
 def match_labels(reference: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
     """`perm` with perm[c] = the reference cluster that cluster c overlaps most (a bijection)."""
+    from scipy.optimize import linear_sum_assignment
+
     overlap = np.zeros((k, k), dtype=np.int64)
     np.add.at(overlap, (labels, reference), 1)
     rows, cols = linear_sum_assignment(-overlap)

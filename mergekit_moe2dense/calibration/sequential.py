@@ -174,8 +174,7 @@ def _routed_grams(stream, layer, sparse, router, family, batches, num_experts: i
 
 def _dense_tensors(stream, plan: LayerPlan, grams, damping: float) -> Dict[str, torch.Tensor]:
     """The plan's dense projections on the device; gate/up by RegMean when `grams` are given."""
-    read = stream.slice_reader()  # freed on return
-    load = lambda piece: read(piece).to(stream.device)  # noqa: E731
+    load = lambda piece: stream.read_slice(piece).to(stream.device)  # noqa: E731
     tensors = assemble(plan, load)
     if grams is not None:
         for projection in ("gate", "up"):

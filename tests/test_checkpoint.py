@@ -1,0 +1,83 @@
+# Copyright (C) 2026 the mergekit-moe2dense authors
+# SPDX-License-Identifier: LGPL-3.0-only
+"""TensorReader: plain reads of whole tensors and expert slices, either shard format."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from mergekit.io.lazy_tensor_loader import ShardedTensorIndex
+from safetensors.torch import save_file
+
+from mergekit_moe2dense.checkpoint import CheckpointError, TensorReader
+from mergekit_moe2dense.families import ExpertSlice
+
+E, I, H = 3, 5, 4
+
+
+@pytest.fixture
+def tensors():
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "fused.gate_up_proj": torch.randn(E, 2 * I, H, generator=generator).to(torch.bfloat16),
+        "fused.down_proj": torch.randn(E, H, I, generator=generator).to(torch.bfloat16),
+        "norm.weight": torch.randn(H, generator=generator),
+        "step": torch.tensor([7], dtype=torch.int64),  # (mergekit cannot lazy-unpickle 0-d tensors)
+    }
+
+
+def write(path, tensors, fmt):
+    path.mkdir()
+    if fmt == "safetensors":
+        save_file(tensors, os.fspath(path / "model.safetensors"))
+    else:
+        torch.save(tensors, path / "pytorch_model.bin")
+    return TensorReader(ShardedTensorIndex.from_disk(os.fspath(path)))
+
+
+PIECES = [
+    ExpertSlice("fused.gate_up_proj", expert=1, rows=(0, I)),
+    ExpertSlice("fused.gate_up_proj", expert=2, rows=(I, 2 * I)),
+    ExpertSlice("fused.down_proj", expert=0),
+    ExpertSlice("fused.down_proj", expert=2, rows=(1, 3)),
+    ExpertSlice("norm.weight"),
+    ExpertSlice("step"),
+]
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_reads_equal_the_stored_tensors(tmp_path, tensors, fmt):
+    reader = write(tmp_path / "model", tensors, fmt)
+    for name, value in tensors.items():
+        assert torch.equal(reader.read(name), value)
+    for piece in PIECES:
+        expected = piece.take(tensors[piece.tensor])
+        got = reader.read_slice(piece)
+        assert got.dtype == expected.dtype and torch.equal(got, expected), piece
+        into = torch.full(expected.shape, -1.0, dtype=torch.float64)  # another dtype: converted
+        assert reader.read_slice(piece, out=into) is into
+        torch.testing.assert_close(into, expected.double(), rtol=0, atol=0)
+
+
+def test_reads_into_a_view_of_a_larger_tensor(tmp_path, tensors):
+    reader = write(tmp_path / "model", tensors, "safetensors")
+    target = torch.zeros(E, 2 * I, H, dtype=torch.bfloat16)
+    for e in range(E):  # the layer-streaming engine's fill of a fused parameter
+        reader.read_slice(ExpertSlice("fused.gate_up_proj", expert=e, rows=(0, I)), out=target[e, :I])
+        reader.read_slice(ExpertSlice("fused.gate_up_proj", expert=e, rows=(I, 2 * I)), out=target[e, I:])
+    assert torch.equal(target, tensors["fused.gate_up_proj"])
+
+
+def test_shape_mismatch_and_truncation_are_errors(tmp_path, tensors):
+    reader = write(tmp_path / "model", tensors, "safetensors")
+    with pytest.raises(CheckpointError, match="checkpoint shape"):
+        reader.read("fused.down_proj", out=torch.empty(E, H, I + 1, dtype=torch.bfloat16))
+    with pytest.raises(KeyError):
+        reader.read("missing")
+    shard = tmp_path / "model" / "model.safetensors"
+    os.truncate(shard, os.path.getsize(shard) - 8)  # after the reader saw a whole shard
+    last = max(tensors, key=lambda name: reader._locate(ExpertSlice(name))[1])
+    with pytest.raises(CheckpointError, match="ended inside"):
+        reader.read(last)
