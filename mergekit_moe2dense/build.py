@@ -30,11 +30,16 @@ from mergekit_moe2dense.calibration import (
     StatisticsError,
     collect_router_statistics,
     collect_router_statistics_layerwise,
+    input_device,
     load_calibration_batches,
     load_moe,
 )
 from mergekit_moe2dense.calibration.sequential import refit_layers
-from mergekit_moe2dense.calibration.distributed import Ranks, collect_router_statistics_distributed
+from mergekit_moe2dense.calibration.distributed import (
+    Ranks,
+    collect_router_statistics_distributed,
+    collect_router_statistics_layerwise_distributed,
+)
 from mergekit_moe2dense.card import write_model_card
 from mergekit_moe2dense.checkpoint import SourceModel
 from mergekit_moe2dense.config import ConfigError, Moe2DenseConfig
@@ -88,9 +93,12 @@ def calibration_dtype(config: Moe2DenseConfig, device: str) -> torch.dtype:
 
 
 def calibration_engine(source: SourceModel, calibration, device: str) -> str:
-    """`auto` streams layers when the checkpoint would take over half the free memory."""
+    """`auto` streams layers when the checkpoint would take over half the free memory
+    (unless a device map places the whole model)."""
     if calibration.engine != "auto":
         return calibration.engine
+    if calibration.device_map is not None:
+        return "full"
     size = sum(
         os.path.getsize(os.path.join(source.index.base_path, shard.filename)) for shard in source.index.shards
     )
@@ -119,12 +127,17 @@ def calibrate(
     device = ranks.device(options.device or "cpu")
     dtype = calibration_dtype(config, device)
     engine = calibration_engine(source, calibration, device)
-    if engine == "layerwise" and ranks.distributed:
+    if calibration.device_map is not None and (engine == "layerwise" or ranks.distributed):
         raise ConfigError(
-            "calibration engine layerwise runs in one process; under torchrun set calibration.engine: full"
+            "calibration.device_map places one whole model: it needs engine: full, in one process "
+            "(the layerwise engine holds one layer at a time; under torchrun each rank has its own GPU)"
         )
+    ranks.init_process_group(device)
     if engine == "layerwise":
-        stats = collect_router_statistics_layerwise(
+        streamed = (
+            collect_router_statistics_layerwise_distributed if ranks.distributed else collect_router_statistics_layerwise
+        )
+        stats = streamed(
             source,
             batches,
             max_token_samples=calibration.max_token_samples,
@@ -132,13 +145,12 @@ def calibrate(
             device=device,
             dtype=dtype,
             spill_dir=calibration.spill_dir,
-            progress=not options.quiet,
+            progress=not options.quiet and ranks.is_main,
             record_router_inputs=record_router_inputs or calibration.record_router_inputs,
         )
     else:
-        ranks.init_process_group(device)
         collect = collect_router_statistics_distributed if ranks.distributed else collect_router_statistics
-        model = load_moe(source.path, device=device, dtype=dtype)
+        model = load_moe(source.path, device=device, dtype=dtype, device_map=calibration.device_map)
         try:
             stats = collect(
                 model,
@@ -146,7 +158,7 @@ def calibrate(
                 batches,
                 max_token_samples=calibration.max_token_samples,
                 seed=calibration.seed,
-                device=device,
+                device=str(input_device(model)),
                 progress=not options.quiet and ranks.is_main,
                 record_router_inputs=record_router_inputs or calibration.record_router_inputs,
             )

@@ -8,7 +8,7 @@ misspelt option must not be silently ignored on a multi-hour run.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Literal, Optional
+from typing import Any, Dict, List, Literal, Optional, Union
 
 import yaml
 from mergekit.common import ModelReference
@@ -20,6 +20,10 @@ from mergekit_moe2dense.errors import Moe2DenseError
 
 class ConfigError(Moe2DenseError, ValueError):
     """The YAML config is malformed."""
+
+
+# accelerate's placement strategies, or an explicit {module name: device} map
+DeviceMap = Union[Literal["auto", "balanced", "balanced_low_0", "sequential"], Dict[str, Union[int, str]]]
 
 
 class CalibrationConfig(BaseModel):
@@ -46,6 +50,11 @@ class CalibrationConfig(BaseModel):
     )
     spill_dir: Optional[str] = Field(
         None, description="layerwise engine: keep the carried activations on disk under this directory"
+    )
+    device_map: Optional[DeviceMap] = Field(
+        None,
+        description="full engine: let accelerate place the model (every visible GPU, then CPU RAM) "
+        "instead of putting it all on --device; for a model that no single device holds",
     )
 
 

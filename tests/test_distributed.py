@@ -28,12 +28,16 @@ def test_rank_batches_cover_every_batch_once():
     assert shares[0] == [0, 3, 6]
 
 
-def test_torchrun_two_processes_match_one(random_moe, calib_dir, tmp_path):
+@pytest.mark.parametrize("engine", ["full", "layerwise"])
+def test_torchrun_two_processes_match_one(random_moe, calib_dir, tmp_path, engine):
     config = {
         "merge_method": "router_weighted",
         "models": [{"model": str(random_moe["legacy"])}],
         # 5 batches: uneven across 2 ranks; samples span every batch
-        "calibration": {"dataset": str(calib_dir), "num_samples": 9, "seq_len": 24, "batch_size": 2, "max_token_samples": 60},
+        "calibration": {
+            "dataset": str(calib_dir), "num_samples": 9, "seq_len": 24, "batch_size": 2, "max_token_samples": 60,
+            "engine": engine,
+        },
         "dtype": "float32",
     }
     path = tmp_path / "c.yml"
@@ -61,20 +65,3 @@ def test_torchrun_two_processes_match_one(random_moe, calib_dir, tmp_path):
         assert torch.equal(two[name], ref[name]), name
     dense_two, dense_one = load_file(out / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
     assert all(torch.equal(dense_two[k], dense_one[k]) for k in dense_one)
-
-
-def test_layerwise_engine_under_torchrun_is_a_config_error(random_moe, calib_dir, tmp_path, monkeypatch):
-    from mergekit_moe2dense.config import ConfigError
-
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "0")
-    config = Moe2DenseConfig.model_validate(
-        {
-            "merge_method": "router_weighted",
-            "models": [{"model": str(random_moe["legacy"])}],
-            "calibration": {"dataset": str(calib_dir), "num_samples": 4, "seq_len": 16, "engine": "layerwise"},
-        }
-    )
-    with pytest.raises(ConfigError, match="torchrun"):
-        build_dense(config, str(tmp_path / "out"), MergeOptions(quiet=True))
-    assert not (tmp_path / "out").exists()

@@ -62,3 +62,46 @@ def test_build_with_layerwise_engine_matches_full(random_moe, calib_dir, tmp_pat
         )
         results[engine] = build_dense(config, str(tmp_path / engine), MergeOptions(quiet=True)).layer_weights
     torch.testing.assert_close(results["layerwise"], results["full"], rtol=1e-6, atol=1e-9)
+
+
+def test_device_map_places_the_full_model_with_accelerate(random_moe, calib_dir, tmp_path, monkeypatch):
+    """`device_map` goes to from_pretrained (accelerate; here everything lands on the CPU) and
+    gives the same statistics; it is refused where it cannot apply."""
+    from mergekit.options import MergeOptions
+
+    from mergekit_moe2dense.build import build_dense, calibration_engine, calibrate
+    from mergekit_moe2dense.calibration import runner
+    from mergekit_moe2dense.config import ConfigError, Moe2DenseConfig
+
+    def config(**calibration):
+        return Moe2DenseConfig.model_validate(
+            {
+                "merge_method": "router_weighted",
+                "models": [{"model": str(random_moe["legacy"])}],
+                "calibration": {"dataset": str(calib_dir), "num_samples": 6, "seq_len": 24, **calibration},
+            }
+        )
+
+    maps = []
+    load = runner.load_moe
+
+    def spy(path, **kwargs):
+        maps.append(kwargs["device_map"])
+        return load(path, **kwargs)
+
+    monkeypatch.setattr("mergekit_moe2dense.build.load_moe", spy)
+    source = SourceModel.open(ModelReference.parse(str(random_moe["legacy"])))
+    options = MergeOptions(quiet=True)
+    placed = calibrate(source, config(device_map="auto"), {}, options)
+    plain = calibrate(source, config(engine="full"), {}, options)
+    assert maps == ["auto", None]
+    for name in ("prob_sum", "selected", "gate_sum", "samples"):
+        torch.testing.assert_close(getattr(placed, name), getattr(plain, name), rtol=1e-6, atol=1e-6)
+    assert calibration_engine(source, config(device_map="auto").calibration, "cpu") == "full"
+
+    with pytest.raises(ConfigError, match="device_map"):
+        build_dense(config(device_map="auto", engine="layerwise"), str(tmp_path / "a"), options)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="device_map"):
+        build_dense(config(device_map="auto"), str(tmp_path / "b"), options)
+    assert not list(tmp_path.iterdir())

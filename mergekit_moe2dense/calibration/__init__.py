@@ -9,6 +9,7 @@ from mergekit_moe2dense.calibration.runner import (
     RouterRecorder,
     collect_router_statistics,
     collect_router_statistics_layerwise,
+    input_device,
     load_calibration_batches,
     load_moe,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "collect_router_statistics",
     "collect_router_statistics_distributed",
     "collect_router_statistics_layerwise",
+    "input_device",
     "load_calibration_batches",
     "load_moe",
     "pad_batches",

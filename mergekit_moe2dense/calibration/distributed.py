@@ -16,28 +16,37 @@ deterministic kernels:
   then added in batch order, the order one process adds them in; reducing the
   per-rank totals instead would round differently.
 
-Rank and world size come from the environment torchrun sets (RANK, WORLD_SIZE,
-LOCAL_RANK). A model that does not fit one device is placed with accelerate's
-device maps (`device_map="auto"` in `from_pretrained`), not sharded here.
+Both engines split this way; with the layer-streaming one every rank streams
+every layer through its own batches. Rank and world size come from the
+environment torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK). A model that no one
+device holds is placed by accelerate in one process (`calibration.device_map`),
+not sharded here.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 import tqdm
 
 from mergekit_moe2dense.calibration.batches import TokenBatch
+from mergekit_moe2dense.calibration.layerwise import LayerStream
 from mergekit_moe2dense.calibration.runner import RouterRecorder, sample_token_ids
 from mergekit_moe2dense.calibration.stats import SUMS, RouterStatistics
 from mergekit_moe2dense.config import ConfigError
 from mergekit_moe2dense.families import MoEFamily
 
-__all__ = ["SUM_FIELDS", "Ranks", "collect_router_statistics_distributed", "rank_batches"]
+__all__ = [
+    "SUM_FIELDS",
+    "Ranks",
+    "collect_router_statistics_distributed",
+    "collect_router_statistics_layerwise_distributed",
+    "rank_batches",
+]
 
 SUM_FIELDS = SUMS  # every [L, E] running sum of RouterStatistics
 
@@ -79,6 +88,58 @@ def rank_batches(num_batches: int, rank: int, world_size: int) -> List[int]:
     return list(range(rank, num_batches, world_size))
 
 
+class _RankShare:
+    """This rank's batches, each recording into its own statistics, all sharing one
+    sample buffer; `reduce` assembles what one process would have recorded."""
+
+    def __init__(self, config, family: MoEFamily, batches: Sequence[TokenBatch], max_token_samples: int, seed: int):
+        self.layers, self.num_experts, self.top_k = (
+            family.moe_layer_indices(config), family.num_experts(config), family.top_k(config)
+        )
+        self.batches = batches
+        kept = [int(batch.attention_mask.sum()) for batch in batches]
+        self.tokens = sum(kept)
+        self.offsets = [sum(kept[:i]) for i in range(len(kept))]
+        self.sample_ids = sample_token_ids(kept, max_token_samples, seed)
+        self.samples = torch.zeros((len(self.layers), len(self.sample_ids), self.num_experts))
+        self.mine = rank_batches(len(batches), dist.get_rank(), dist.get_world_size())
+        self.parts = {i: self._statistics() for i in self.mine}
+
+    def _statistics(self) -> RouterStatistics:
+        return RouterStatistics(self.layers, self.num_experts, self.top_k, samples=self.samples)
+
+    def recorder(self, model: torch.nn.Module, family: MoEFamily) -> RouterRecorder:
+        first = self.parts[self.mine[0]] if self.mine else self._statistics()
+        return RouterRecorder(model, family, first, self.sample_ids)
+
+    def begin(self, recorder: RouterRecorder, i: int) -> None:
+        """Points `recorder` at batch `i` (its statistics, its place in the token order)."""
+        recorder.stats = self.parts[i]
+        recorder.offset = self.offsets[i]
+        recorder.begin_batch(self.batches[i])
+
+    def reduce(self, comm_device: str) -> RouterStatistics:
+        size = (len(self.batches), len(self.layers), self.num_experts)
+        per_batch = torch.zeros((len(SUM_FIELDS), *size), dtype=torch.float64)
+        shared_gate = torch.zeros(size[:2], dtype=torch.float64)
+        for i, part in self.parts.items():
+            for f, name in enumerate(SUM_FIELDS):
+                per_batch[f, i] = getattr(part, name)
+            shared_gate[i] = part.shared_gate_sum
+        per_batch, shared_gate, samples = (_all_reduce(t, comm_device) for t in (per_batch, shared_gate, self.samples))
+        stats = RouterStatistics(self.layers, self.num_experts, self.top_k, tokens=self.tokens, samples=samples)
+        for i in range(len(self.batches)):  # one process's summation order
+            for f, name in enumerate(SUM_FIELDS):
+                getattr(stats, name).add_(per_batch[f, i])
+            stats.shared_gate_sum.add_(shared_gate[i])
+        return stats
+
+
+def _refuse_router_inputs(record_router_inputs: bool) -> None:
+    if record_router_inputs:
+        raise ConfigError("recording router inputs is not supported under torchrun; calibrate in one process")
+
+
 def collect_router_statistics_distributed(
     model: torch.nn.Module,
     family: MoEFamily,
@@ -94,46 +155,51 @@ def collect_router_statistics_distributed(
 
     Every rank returns the full statistics. Needs an initialized process group.
     """
-    if record_router_inputs:
-        raise ConfigError("recording router inputs is not supported under torchrun; calibrate in one process")
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    config = model.config
-    layers, num_experts, top_k = family.moe_layer_indices(config), family.num_experts(config), family.top_k(config)
-    kept = [int(batch.attention_mask.sum()) for batch in batches]
-    offsets = [sum(kept[:i]) for i in range(len(kept))]
-    sample_ids = sample_token_ids(kept, max_token_samples, seed)
-    samples = torch.zeros((len(layers), len(sample_ids), num_experts))
-    per_batch = torch.zeros((len(SUM_FIELDS), len(batches), len(layers), num_experts), dtype=torch.float64)
-    shared_gate = torch.zeros((len(batches), len(layers)), dtype=torch.float64)
-    # gloo reduces CPU tensors, nccl device tensors
-    comm_device = device if dist.get_backend() == "nccl" else "cpu"
-
-    mine = rank_batches(len(batches), rank, world_size)
+    _refuse_router_inputs(record_router_inputs)
+    share = _RankShare(model.config, family, batches, max_token_samples, seed)
     model.eval()
-    with torch.inference_mode():
-        with tqdm.tqdm(total=len(mine), desc=f"Calibrating (rank {rank})", unit="batch", disable=not progress) as bar:
-            for i in mine:
-                part = RouterStatistics(layers, num_experts, top_k, samples=samples)
-                with RouterRecorder(model, family, part, sample_ids) as recorder:
-                    recorder.offset = offsets[i]
-                    recorder.begin_batch(batches[i])
-                    model(
-                        input_ids=batches[i].input_ids.to(device),
-                        attention_mask=batches[i].attention_mask.to(device),
-                        use_cache=False,
-                    )
-                for f, name in enumerate(SUM_FIELDS):
-                    per_batch[f, i] = getattr(part, name)
-                shared_gate[i] = part.shared_gate_sum
-                bar.update()
+    with share.recorder(model, family) as recorder, torch.inference_mode():
+        desc = f"Calibrating (rank {dist.get_rank()})"
+        for i in tqdm.tqdm(share.mine, desc=desc, unit="batch", disable=not progress):
+            share.begin(recorder, i)
+            model(
+                input_ids=batches[i].input_ids.to(device),
+                attention_mask=batches[i].attention_mask.to(device),
+                use_cache=False,
+            )
+    return share.reduce(_comm_device(device))
 
-    per_batch, shared_gate, samples = (_all_reduce(t, comm_device) for t in (per_batch, shared_gate, samples))
-    stats = RouterStatistics(layers, num_experts, top_k, tokens=sum(kept), samples=samples)
-    for i in range(len(batches)):  # one process's summation order
-        for f, name in enumerate(SUM_FIELDS):
-            getattr(stats, name).add_(per_batch[f, i])
-        stats.shared_gate_sum.add_(shared_gate[i])
-    return stats
+
+def collect_router_statistics_layerwise_distributed(
+    source,
+    batches: Sequence[TokenBatch],
+    *,
+    max_token_samples: int,
+    seed: int = 0,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    spill_dir: Optional[str] = None,
+    progress: bool = True,
+    record_router_inputs: bool = False,
+) -> RouterStatistics:
+    """`collect_router_statistics_layerwise` over this rank's batches, reduced over the
+    default group: every rank streams every layer through its own share of the tokens."""
+    _refuse_router_inputs(record_router_inputs)
+    share = _RankShare(source.config, source.family, batches, max_token_samples, seed)
+    mine = [batches[i] for i in share.mine]
+    with LayerStream(source, mine, device=device, dtype=dtype, spill_dir=spill_dir) as stream:
+        with share.recorder(stream.model, source.family) as recorder:
+            desc = f"Calibrating (rank {dist.get_rank()})"
+            for index in tqdm.tqdm(stream.layer_indices, desc=desc, unit="layer", disable=not progress):
+                layer = stream.load_layer(index)
+                stream.forward(layer, before_batch=lambda b: share.begin(recorder, share.mine[b]))
+                stream.free_layer(index)
+    return share.reduce(_comm_device(device))
+
+
+def _comm_device(device: str) -> str:
+    """gloo reduces CPU tensors, nccl device tensors."""
+    return device if dist.get_backend() == "nccl" else "cpu"
 
 
 def _all_reduce(tensor: torch.Tensor, device: str) -> torch.Tensor:

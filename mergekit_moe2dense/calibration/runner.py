@@ -207,6 +207,15 @@ def collect_router_statistics_layerwise(
     return stats
 
 
-def load_moe(model_path: str, *, device: str, dtype: torch.dtype) -> torch.nn.Module:
+def load_moe(model_path: str, *, device: str, dtype: torch.dtype, device_map=None) -> torch.nn.Module:
+    """The whole MoE on `device`, or placed by accelerate's `device_map` (layers spread over
+    the visible GPUs, then CPU; accelerate's hooks move activations between them)."""
+    if device_map is not None:
+        return transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, device_map=device_map)
     model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
     return model.to(device)
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where the token ids go: the embeddings' device (the first device of a device map)."""
+    return model.get_input_embeddings().weight.device
