@@ -10,7 +10,7 @@ Expert j of layer l is the merge of the layer's old experts with weights w_jl
   logit under w_jl); with `features: logits`, T = 1 this is softmax(c_j) as in
   arcee-ai/mergekit#267;
 - fitted: multinomial logistic regression (scikit-learn, L2, no intercept since a
-  Mixtral router has no bias) of the cluster id on the router's recorded inputs
+  the routers of the families that rebuild have no bias) of the cluster id on the router's recorded inputs
   (the hidden states of the sampled calibration tokens). No gradient step
   touches the rest of the model.
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 from typing import ClassVar, Collection, Dict, List, Optional, Tuple
 
-from mergekit_moe2dense.families.base import ExpertSlice, MoEFamily, MoELayer, _missing
+import transformers
+
+from mergekit_moe2dense.families.base import ExpertSlice, MoEFamily, MoELayer, UnsupportedModelError, _missing
 
 _PROJ = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 
@@ -75,6 +77,31 @@ class GatedExpertsFamily(MoEFamily):
     def dense_layer_width(self, config) -> Optional[int]:
         dense = len(self.moe_layer_indices(config)) < config.num_hidden_layers
         return config.intermediate_size if dense else None
+
+    # -- a smaller MoE of the same family (kmeans_multi_dense, output: moe) -----------
+    def moe_config(self, config, num_experts: int, top_k: int) -> transformers.PretrainedConfig:
+        if self.has_shared(config) or self.extra_tensors:
+            # the new experts would need their own shared-expert and router-bias semantics
+            raise UnsupportedModelError(
+                f"{self.name}: rebuilding a smaller MoE is supported for families without shared experts "
+                "or router biases (mixtral, qwen3_moe, olmoe)"
+            )
+        values = config.to_dict()
+        for key in ("model_type", "transformers_version"):
+            values.pop(key, None)
+        moe = type(config)(**values)
+        # set as attributes: each config class's attribute_map names the stored key
+        # (Qwen3-MoE stores num_local_experts, OLMoE num_experts)
+        moe.num_experts, moe.num_experts_per_tok = num_experts, top_k
+        return moe
+
+    # Written in the legacy per-expert layout, as `save_pretrained` does.
+    def moe_expert_names(self, layer: int, expert: int) -> Dict[str, str]:
+        prefix = f"model.layers.{layer}.mlp.experts.{expert}"
+        return {p: f"{prefix}.{name}.weight" for p, name in _PROJ.items()}
+
+    def moe_router_name(self, layer: int) -> str:
+        return f"model.layers.{layer}.mlp.gate.weight"
 
     # -- the routed mixture's total weight -----------------------------------------
     def renormalizes(self, config) -> bool:
