@@ -2,7 +2,7 @@
 # SPDX-License-Identifier: LGPL-3.0-only
 """Scale benchmark: calibration memory/throughput and merge speed on a generated MoE.
 
-    python benchmarks/scale.py [--size-gb 4] [--tokens 512] [--cuda] [--workdir DIR] [--keep]
+    python benchmarks/scale.py [--size-gb 4] [--tokens 512] [--cuda] [--engines full,layerwise] [--workdir DIR] [--keep]
     python benchmarks/scale.py --smoke          # a few MB, seconds: keeps the script working
 
 1. Writes a random Mixtral-architecture checkpoint of about --size-gb on disk
@@ -290,7 +290,7 @@ def run(args) -> dict:
         write_calibration_text(data, shape.vocab, num_samples * args.seq_len * 2)
         calib = {}
         device = "cuda" if args.cuda else "cpu"
-        for engine in engines:
+        for engine in [e for e in engines if e in args.engines]:
             drop_page_cache(model)
             m = measure(
                 [*me, "_calibrate", str(model), str(data), engine, str(args.seq_len), str(num_samples), device, args.calibration_dtype]
@@ -307,7 +307,7 @@ def run(args) -> dict:
             }
             print(f"calibration {engine}: {calib[engine]['tokens_per_s']:.1f} tok/s, "
                   f"peak RSS {m.peak_rss_bytes / GB:.2f} GB (anonymous {m.peak_anon_rss_bytes / GB:.2f} GB)", flush=True)
-        if "layerwise" in calib:
+        if "layerwise" in calib and "full" in calib:
             full, layerwise = calib["full"], calib["layerwise"]
             calib["ratios"] = {
                 "throughput_layerwise_vs_full": layerwise["tokens_per_s"] / full["tokens_per_s"],
@@ -379,11 +379,18 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument(
         "--calibration-dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of both calibration engines"
     )
+    parser.add_argument(
+        "--engines", default="full,layerwise",
+        help="calibration engines to measure, comma-separated (leave out full for a checkpoint larger than RAM)",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny model and token count (seconds)")
     parser.add_argument("--workdir", help="where to generate (default: a temporary directory)")
     parser.add_argument("--keep", action="store_true", help="keep the generated checkpoint")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
+    args.engines = [name.strip() for name in args.engines.split(",") if name.strip()]
+    if not set(args.engines) <= {"full", "layerwise"}:
+        parser.error(f"--engines: full and/or layerwise, got {','.join(args.engines)}")
     if args.smoke:
         args.size_gb, args.tokens, args.seq_len = min(args.size_gb, 0.004), min(args.tokens, 64), min(args.seq_len, 16)
     results = run(args)

@@ -12,9 +12,10 @@ The sequential pattern of GPTQ and llm-compressor's sequential pipeline:
    catcher that stores its inputs (hidden states and the keyword arguments the
    model passes: causal mask, position ids, position embeddings) and stops.
 3. For each decoder layer in turn: materialise it in place from the checkpoint
-   (lazily read; expert tensors of either layout stacked into the fused
-   in-memory `gate_up_proj` [E, 2I, H] (gate rows first) / `down_proj` [E, H, I]
-   through the family's `resolve_layer` slices), run every batch through it,
+   (each tensor, or one expert's rows of either checkpoint layout, read by
+   `checkpoint.TensorReader` straight into the fused in-memory `gate_up_proj`
+   [E, 2I, H] (gate rows first) / `down_proj` [E, H, I] through the family's
+   `resolve_layer` slices), run every batch through it,
    replace the carried hidden states by its outputs, and free it.
 
 Peak memory is one layer's weights plus the carried activations, which stay on
