@@ -44,7 +44,7 @@ from mergekit_moe2dense.card import write_model_card
 from mergekit_moe2dense.checkpoint import SourceModel
 from mergekit_moe2dense.config import ConfigError, Moe2DenseConfig
 from mergekit_moe2dense.errors import Moe2DenseError
-from mergekit_moe2dense.graph import plan_dense_merge, stash_tensors
+from mergekit_moe2dense.graph import open_readers, plan_dense_merge, stash_tensors
 from mergekit_moe2dense.methods import MethodError, get_method
 from mergekit_moe2dense.plan import with_family_scales
 
@@ -342,8 +342,11 @@ def run_graph(targets, options) -> None:
         math_device=device,
         storage_device=device if options.low_cpu_memory else "cpu",
     )
-    for _ in executor.run(quiet=options.quiet, desc="Merging experts"):
-        pass
+    try:
+        for _ in executor.run(quiet=options.quiet, desc="Merging experts"):
+            pass
+    finally:
+        open_readers.close_all()
 
 
 def copy_tokenizer(source, staging, options) -> None:
@@ -355,10 +358,7 @@ def copy_tokenizer(source, staging, options) -> None:
 
 
 def _expert_width(source: SourceModel, gate) -> int:
-    if gate.rows is not None:  # a fused gate_up slice: no need to read it
-        return gate.rows[1] - gate.rows[0]
-    loader = source.reference.lazy_loader()
-    return int(gate.take(loader.get_tensor(gate.tensor)).shape[0])
+    return source.reader.shape(gate)[0]
 
 
 def _plan_width(source: SourceModel, plan) -> int:

@@ -30,7 +30,7 @@ from mergekit.graph import Task
 from mergekit.io.tasks import FinalizeModel, LoadTensor, SaveTensor, TensorWriterTask
 
 from mergekit_moe2dense.families import PROJECTIONS, MoEFamily, MoELayer
-from mergekit_moe2dense.graph import projection_task
+from mergekit_moe2dense.graph import ReadTensor, projection_task
 from mergekit_moe2dense.plan import Block, LayerPlan
 
 __all__ = ["closed_form_router", "fitted_router", "plan_moe_merge"]
@@ -98,5 +98,5 @@ def plan_moe_merge(
         saves.append(save(router, LoadTensor(model=routers, tensor=router, dtype=dtype)))
     for name in tensor_names:
         if name not in consumed:
-            saves.append(save(name, LoadTensor(model=model, tensor=name, dtype=dtype)))
+            saves.append(save(name, ReadTensor(model=model, tensor=name, dtype=dtype)))
     return [FinalizeModel(tensor_save_tasks=tuple(saves), writer_task=writer)]

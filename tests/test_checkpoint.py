@@ -56,6 +56,7 @@ def test_reads_equal_the_stored_tensors(tmp_path, tensors, fmt):
         expected = piece.take(tensors[piece.tensor])
         got = reader.read_slice(piece)
         assert got.dtype == expected.dtype and torch.equal(got, expected), piece
+        assert reader.shape(piece) == tuple(expected.shape)
         into = torch.full(expected.shape, -1.0, dtype=torch.float64)  # another dtype: converted
         assert reader.read_slice(piece, out=into) is into
         torch.testing.assert_close(into, expected.double(), rtol=0, atol=0)
@@ -81,3 +82,13 @@ def test_shape_mismatch_and_truncation_are_errors(tmp_path, tensors):
     last = max(tensors, key=lambda name: reader._locate(ExpertSlice(name))[1])
     with pytest.raises(CheckpointError, match="ended inside"):
         reader.read(last)
+
+
+def test_read_ahead_reads_the_same_and_stops_on_close(tmp_path, tensors):
+    plain = write(tmp_path / "model", tensors, "safetensors")
+    index = plain.index
+    with TensorReader(index, readahead=64) as ahead:  # a window smaller than one tensor, too
+        thread = ahead._ahead.thread
+        for piece in PIECES:
+            assert torch.equal(ahead.read_slice(piece), plain.read_slice(piece))
+    assert not thread.is_alive()

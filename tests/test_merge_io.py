@@ -8,19 +8,19 @@ import weakref
 from collections import Counter
 
 import pytest
-from mergekit.io.tasks import LoadTensor
 from mergekit.options import MergeOptions
 
 from mergekit_moe2dense.build import build_dense
 from mergekit_moe2dense.checkpoint import SourceModel
 from mergekit_moe2dense.config import Moe2DenseConfig
+from mergekit_moe2dense.graph import ReadTensor, open_readers
 
 
 @pytest.mark.parametrize("layout", ["legacy", "fused"])
 def test_each_tensor_read_once_and_experts_freed_per_layer(random_moe, tmp_path, monkeypatch, layout):
     moe = random_moe[layout]
     loads, alive, peak = Counter(), set(), [0]
-    original = LoadTensor.execute
+    original = ReadTensor.execute
 
     def counting(self):
         value = original(self)
@@ -32,7 +32,7 @@ def test_each_tensor_read_once_and_experts_freed_per_layer(random_moe, tmp_path,
             peak[0] = max(peak[0], len(alive))
         return value
 
-    monkeypatch.setattr(LoadTensor, "execute", counting)
+    monkeypatch.setattr(ReadTensor, "execute", counting)
     config = Moe2DenseConfig.model_validate(
         {"merge_method": "expert_uniform", "models": [{"model": str(moe)}], "dtype": "float32"}
     )
@@ -45,3 +45,4 @@ def test_each_tensor_read_once_and_experts_freed_per_layer(random_moe, tmp_path,
     per_layer = len([name for name in layers[0].consumed if ".experts." in name])
     assert per_layer == (2 if layout == "fused" else 12)
     assert peak[0] <= per_layer  # the previous layer's experts are gone before the next loads
+    assert not open_readers._readers  # the run's readers (and read-ahead threads) are closed

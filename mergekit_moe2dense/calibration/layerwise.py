@@ -50,7 +50,7 @@ import torch
 import transformers
 
 from mergekit_moe2dense.calibration.batches import TokenBatch
-from mergekit_moe2dense.checkpoint import TensorReader
+from mergekit_moe2dense.checkpoint import READAHEAD_BYTES, TensorReader
 from mergekit_moe2dense.errors import Moe2DenseError
 from mergekit_moe2dense.families import ExpertSlice, MoELayer
 
@@ -130,7 +130,8 @@ class LayerStream:
         self._spill: Optional[str] = None
         self._hidden: List[Optional[torch.Tensor]] = [None] * len(batches)
         self._kwargs: List[Dict] = []
-        self._reader = TensorReader(source.index)
+        # reads the next layer's bytes while this one computes
+        self._reader = TensorReader(source.index, readahead=READAHEAD_BYTES)
         self._moe_layers: Dict[int, MoELayer] = {layer.index: layer for layer in source.moe_layers()}
         config = source.config
         with torch.device("meta"):
@@ -154,6 +155,7 @@ class LayerStream:
         return self
 
     def __exit__(self, *exc) -> None:
+        self._reader.close()
         if self._spill is not None:
             shutil.rmtree(self._spill, ignore_errors=True)
         self._hidden = [None] * len(self.batches)
