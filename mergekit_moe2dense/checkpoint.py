@@ -198,7 +198,7 @@ class _ReadAhead:
     position, across shard boundaries (shards in name order). Plain reads into one
     scratch buffer: only the page cache holds what it reads."""
 
-    CHUNK = 16 << 20
+    CHUNK = 4 << 20  # the scratch buffer is RSS: the layer stream budgets memory tightly
 
     def __init__(self, shards: List[str], window: int):
         self.shards, self.window = shards, window

@@ -9,14 +9,14 @@ Expert j of layer l is the merge of the layer's old experts with weights w_jl
   the old experts, so its logit is the same mix of theirs (the expected old
   logit under w_jl); with `features: logits`, T = 1 this is softmax(c_j) as in
   arcee-ai/mergekit#267;
-- fitted: multinomial logistic regression (scikit-learn, L2, no intercept since a
-  the routers of the families that rebuild have no bias) of the cluster id on the router's recorded inputs
-  (the hidden states of the sampled calibration tokens). No gradient step
-  touches the rest of the model.
+- fitted: multinomial logistic regression (scikit-learn, L2, no intercept since
+  the routers of the families that rebuild have no bias) of the cluster id on the
+  router's recorded inputs (the hidden states of the sampled calibration tokens).
+  No gradient step touches the rest of the model.
 
 The routers are computed tensors; they are saved to a safetensors file and read
 back by mergekit's `LoadTensor`, so the whole output is still written by one
-task graph (`LoadTensor` -> merge -> `SaveTensor` -> `FinalizeModel`).
+task graph (read -> merge -> `SaveTensor` -> `FinalizeModel`).
 """
 
 from __future__ import annotations
