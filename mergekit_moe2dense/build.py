@@ -312,8 +312,6 @@ def _write_dense(source, config, plans, staging, options, fitted_model=None) -> 
     out_dtype = config.out_dtype or config.dtype
     if out_dtype:
         dense_config.dtype = out_dtype
-    loader_cache = LoaderCache()
-    loader_cache.setup(options=options)
     targets = plan_dense_merge(
         model=source.reference,
         family=family,
@@ -336,6 +334,7 @@ def _write_dense(source, config, plans, staging, options, fitted_model=None) -> 
 
 
 def run_graph(targets, options) -> None:
+    LoaderCache().setup(options=options)  # for the LoadTensor tasks (computed tensors)
     device = options.device or "cpu"
     executor = Executor(
         targets=targets,

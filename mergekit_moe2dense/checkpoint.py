@@ -182,7 +182,7 @@ class TensorReader:
         dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
         shape = tuple(entry["shape"])
         offset = data_start + entry["data_offsets"][0]
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         if piece.expert is not None:  # dim 0 of a fused tensor: a contiguous block
             shape = shape[1:]
             offset += piece.expert * prod(shape) * itemsize

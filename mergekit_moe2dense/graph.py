@@ -250,13 +250,13 @@ def plan_dense_merge(
             else:
                 task = projection_task(model, method, plan, projection, dtype)
             task = _padded(task, projection, width)
-            saves.append(_save(names[projection], task, writer, out_dtype))
+            saves.append(save_tensor(names[projection], task, writer, out_dtype))
     for name, shape in (zero_tensors or {}).items():
-        saves.append(_save(name, ZeroTensor(name=name, shape=tuple(shape)), writer, out_dtype))
+        saves.append(save_tensor(name, ZeroTensor(name=name, shape=tuple(shape)), writer, out_dtype))
     for name in tensor_names:
         if name not in consumed:
             task = padded.get(name) or ReadTensor(model=model, tensor=name, dtype=dtype)
-            saves.append(_save(name, task, writer, out_dtype))
+            saves.append(save_tensor(name, task, writer, out_dtype))
     return [FinalizeModel(tensor_save_tasks=tuple(saves), writer_task=writer)]
 
 
@@ -282,5 +282,5 @@ def stash_tensors(tensors: Dict[str, torch.Tensor], parent: str, prefix: str) ->
     return ModelReference.parse(path)
 
 
-def _save(name: str, task: Task, writer: TensorWriterTask, out_dtype: Optional[str]) -> SaveTensor:
+def save_tensor(name: str, task: Task, writer: TensorWriterTask, out_dtype: Optional[str]) -> SaveTensor:
     return SaveTensor(tensor_name=name, tensor_task=task, writer_task=writer, clone=False, dtype=out_dtype)

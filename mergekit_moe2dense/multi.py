@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 
-from mergekit.io.tasks import LoaderCache
 
 from mergekit_moe2dense import build
 from mergekit_moe2dense.card import write_moe_card
@@ -79,8 +78,6 @@ def _write_moe(source, config, params, layers, clusters, stats, staging, options
         {family.moe_router_name(layer.index): router.float() for layer, router in zip(layers, routers)}, staging, ".routers-"
     )
     out_dtype = config.out_dtype or config.dtype
-    loader_cache = LoaderCache()
-    loader_cache.setup(options=options)
     targets = plan_moe_merge(
         model=source.reference,
         routers=router_model,

@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from mergekit.common import ModelReference
 from mergekit.graph import Task
-from mergekit.io.tasks import FinalizeModel, LoadTensor, SaveTensor, TensorWriterTask
+from mergekit.io.tasks import FinalizeModel, LoadTensor, TensorWriterTask
 
 from mergekit_moe2dense.families import PROJECTIONS, MoEFamily, MoELayer
-from mergekit_moe2dense.graph import ReadTensor, projection_task
+from mergekit_moe2dense.graph import ReadTensor, projection_task, save_tensor
 from mergekit_moe2dense.plan import Block, LayerPlan
 
 __all__ = ["closed_form_router", "fitted_router", "plan_moe_merge"]
@@ -83,9 +83,6 @@ def plan_moe_merge(
     """
     writer = TensorWriterTask(out_path=out_path, max_shard_size=max_shard_size, safe_serialization=safe_serialization)
 
-    def save(name: str, task: Task) -> SaveTensor:
-        return SaveTensor(tensor_name=name, tensor_task=task, writer_task=writer, clone=False, dtype=out_dtype)
-
     saves, consumed = [], set()
     for position, layer in enumerate(layers):
         consumed.update(layer.consumed)
@@ -93,10 +90,11 @@ def plan_moe_merge(
             plan = LayerPlan(layer, (Block(tuple(row)),))
             names = family.moe_expert_names(layer.index, expert)
             for projection in PROJECTIONS:
-                saves.append(save(names[projection], projection_task(model, method, plan, projection, dtype)))
+                task = projection_task(model, method, plan, projection, dtype)
+                saves.append(save_tensor(names[projection], task, writer, out_dtype))
         router = family.moe_router_name(layer.index)
-        saves.append(save(router, LoadTensor(model=routers, tensor=router, dtype=dtype)))
+        saves.append(save_tensor(router, LoadTensor(model=routers, tensor=router, dtype=dtype), writer, out_dtype))
     for name in tensor_names:
         if name not in consumed:
-            saves.append(save(name, ReadTensor(model=model, tensor=name, dtype=dtype)))
+            saves.append(save_tensor(name, ReadTensor(model=model, tensor=name, dtype=dtype), writer, out_dtype))
     return [FinalizeModel(tensor_save_tasks=tuple(saves), writer_task=writer)]

@@ -189,11 +189,11 @@ def collect_router_statistics_layerwise_distributed(
     mine = [batches[i] for i in share.mine]
     with LayerStream(source, mine, device=device, dtype=dtype, spill_dir=spill_dir) as stream:
         with share.recorder(stream.model, source.family) as recorder:
-            desc = f"Calibrating (rank {dist.get_rank()})"
-            for index in tqdm.tqdm(stream.layer_indices, desc=desc, unit="layer", disable=not progress):
-                layer = stream.load_layer(index)
-                stream.forward(layer, before_batch=lambda b: share.begin(recorder, share.mine[b]))
-                stream.free_layer(index)
+            stream.run_layers(
+                lambda b: share.begin(recorder, share.mine[b]),
+                desc=f"Calibrating (rank {dist.get_rank()})",
+                progress=progress,
+            )
     return share.reduce(_comm_device(device))
 
 

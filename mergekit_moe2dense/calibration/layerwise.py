@@ -47,6 +47,7 @@ import tempfile
 from typing import Callable, Dict, List, Optional
 
 import torch
+import tqdm
 import transformers
 
 from mergekit_moe2dense.calibration.batches import TokenBatch
@@ -220,6 +221,23 @@ class LayerStream:
     def free_layer(self, index: int) -> None:
         self.layers[index].to_empty(device="meta")
         _release_freed_memory()
+
+    def run_layers(
+        self,
+        before_batch: Callable[[int], None],
+        *,
+        after_layer: Optional[Callable[[], None]] = None,
+        desc: str = "Calibrating",
+        progress: bool = True,
+    ) -> None:
+        """Every decoder layer in turn: load it, run every batch through it (the carried
+        states advance), free it."""
+        for index in tqdm.tqdm(self.layer_indices, desc=desc, unit="layer", disable=not progress):
+            layer = self.load_layer(index)
+            self.forward(layer, before_batch=before_batch)
+            self.free_layer(index)
+            if after_layer is not None:
+                after_layer()
 
     def forward(
         self,

@@ -199,11 +199,9 @@ def collect_router_statistics_layerwise(
         stats.router_inputs = torch.zeros((len(stats.layers), len(sample_ids), 0))
     with LayerStream(source, batches, device=device, dtype=dtype, spill_dir=spill_dir) as stream:
         with RouterRecorder(stream.model, family, stats, sample_ids) as recorder:
-            for index in tqdm.tqdm(stream.layer_indices, desc="Calibrating", unit="layer", disable=not progress):
-                layer = stream.load_layer(index)
-                stream.forward(layer, before_batch=lambda b: recorder.begin_batch(batches[b]))
-                stream.free_layer(index)
-                recorder.rewind()
+            stream.run_layers(
+                lambda b: recorder.begin_batch(batches[b]), after_layer=recorder.rewind, progress=progress
+            )
     return stats
 
 
