@@ -9,19 +9,11 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from mergekit_moe2dense.methods import get_method
 
 
-def write_model_card(
-    out_dir: str,
-    config,
-    params: Dict[str, Any],
-    layers,
-    weights: torch.Tensor,
-    config_source: Optional[str],
-    extra: Optional[Dict[str, Any]] = None,
-) -> None:
-    method = get_method(config.merge_method)
+def write_model_card(out_dir: str, job, weights: torch.Tensor, extra: Optional[Dict[str, Any]] = None) -> None:
+    """Card of one dense model (`job` a `job.ConversionJob`); `extra` adds lines (e.g. a cluster's share)."""
+    config, method, layers = job.config, job.method, job.layers
     rows = "\n".join(
         f"| {layer.index} | " + " | ".join(f"{w:.4f}" for w in row) + " |"
         for layer, row in zip(layers, weights.tolist())
@@ -34,21 +26,21 @@ def write_model_card(
     body = f"""A dense model made from the Mixture-of-Experts model `{config.model}` with
 [mergekit-moe2dense](https://github.com/arcee-ai/mergekit): every MoE layer's experts
 were merged into one MLP with the **{method.pretty_name}** method (`{method.name}`)
-and parameters {_parameters(params)}. Everything outside the MoE blocks is copied unchanged.{extra_text}
+and parameters {_parameters(job.params)}. Everything outside the MoE blocks is copied unchanged.{extra_text}
 
 ## Per-layer expert weights
 
 {header}
 {rule}
 {rows}"""
-    _write_card(out_dir, config, "merge", body, config_source)
+    _write_card(out_dir, config, "merge", body, job.config_source)
 
 
-def write_moe_card(out_dir: str, config, params: Dict[str, Any], shares, config_source: Optional[str]) -> None:
+def write_moe_card(out_dir: str, job, shares) -> None:
     """Card of an MoE rebuilt from k merged MLPs; the weights are in expert_weights.json."""
-    method = get_method(config.merge_method)
+    config, method, params = job.config, job.method, job.params
     rows = "\n".join(f"| {j} | {share:.4f} |" for j, share in enumerate(shares))
-    router = "by a fitted logistic regression" if params["router"] == "fitted" else "in closed form from the clusters' weights"
+    router = "by a fitted logistic regression" if params.router == "fitted" else "in closed form from the clusters' weights"
     body = f"""A Mixture-of-Experts model with {len(shares)} experts per layer made from `{config.model}` with
 [mergekit-moe2dense](https://github.com/arcee-ai/mergekit): calibration tokens were clustered by
 their router vectors with the **{method.pretty_name}** method (`{method.name}`), parameters
@@ -61,11 +53,11 @@ Everything outside the MoE blocks is copied unchanged.
 | expert | token share |
 |---|---|
 {rows}"""
-    _write_card(out_dir, config, "moe", body, config_source)
+    _write_card(out_dir, config, "moe", body, job.config_source)
 
 
-def _parameters(params: Dict[str, Any]) -> str:
-    return ", ".join(f"`{k}={v}`" for k, v in params.items()) or "none"
+def _parameters(params) -> str:
+    return ", ".join(f"`{k}={v}`" for k, v in params.model_dump(mode="json").items()) or "none"
 
 
 def _write_card(out_dir: str, config, tag: str, body: str, config_source: Optional[str]) -> None:

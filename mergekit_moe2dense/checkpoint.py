@@ -73,9 +73,8 @@ class SourceModel:
     def fingerprint(self, layers: List[MoELayer]) -> Dict[str, Any]:
         """Identifies the model by its routers, so statistics can't be reused on another."""
         digest = hashlib.sha256()
-        loader = self.reference.lazy_loader()
         for layer in layers:
-            digest.update(loader.get_tensor(layer.router).float().numpy().tobytes())
+            digest.update(self.reader.read(layer.router).float().numpy().tobytes())
         return {
             "model_type": self.config.model_type,
             "layers": [layer.index for layer in layers],
@@ -143,6 +142,11 @@ class TensorReader:
         if self._fallback is not None:
             return tuple(piece.take(self._fallback.get_tensor(piece.tensor)).shape)
         return self._locate(piece)[3]
+
+    def nbytes(self, piece: ExpertSlice) -> int:
+        """Stored size of `piece` in bytes, from a safetensors shard's header."""
+        _, _, dtype, shape = self._locate(piece)
+        return prod(shape) * dtype.itemsize
 
     def read_slice(self, piece: ExpertSlice, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """One expert's projection (`piece.take` of its tensor), into `out` if given."""

@@ -13,17 +13,16 @@ their last use, which keeps memory near one layer's experts.
 
 from __future__ import annotations
 
-import os
-import tempfile
+import contextlib
 import threading
-from typing import Dict, List, Optional, Sequence, Tuple
+import uuid
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
-from safetensors.torch import save_file
 from mergekit.common import ModelReference, dtype_from_name
-from mergekit.graph import Task
-from mergekit.io.tasks import FinalizeModel, LoadTensor, SaveTensor, TensorWriterTask
-from mergekit.merge_methods.base import TensorGroup
+from mergekit.graph import Executor, Task
+from mergekit.io.tasks import FinalizeModel, SaveTensor, TensorWriterTask
 
 from mergekit_moe2dense.checkpoint import READAHEAD_BYTES, TensorReader, read_index
 from mergekit_moe2dense.families import PROJECTIONS, ExpertSlice, MoEFamily
@@ -85,12 +84,10 @@ open_readers = _OpenReaders()
 
 
 class MergeExperts(Task[torch.Tensor]):
-    """One dense projection: the method's kernel over one layer's expert slices."""
+    """One dense projection: sum_e w_e W_e over one layer's expert slices."""
 
-    method: str
     sources: Tuple[ReadTensor, ...]  # distinct checkpoint tensors
     slices: Tuple[ExpertSlice, ...]  # one per contributing expert
-    expert_ids: Tuple[int, ...]
     weights: Tuple[float, ...]
 
     def arguments(self) -> Dict[str, Task]:
@@ -103,15 +100,22 @@ class MergeExperts(Task[torch.Tensor]):
         return self.sources[0].group_label()
 
     def execute(self, **kwargs) -> torch.Tensor:
-        from mergekit_moe2dense.methods import get_method
-
         by_name = {task.tensor: kwargs[f"source_{i}"] for i, task in enumerate(self.sources)}
-        tensors = [piece.take(by_name[piece.tensor]) for piece in self.slices]
-        group = TensorGroup.from_tensors(tensors, ids=self.expert_ids)
-        (merged,) = get_method(self.method)(
-            [group], parameters={"expert_weight": dict(zip(self.expert_ids, self.weights))}
-        )
-        return merged
+        return weighted_sum([piece.take(by_name[piece.tensor]) for piece in self.slices], self.weights)
+
+
+def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """sum_e w_e W_e, accumulated in float32 (float64 if the inputs are).
+
+    In-place mixed-dtype adds upcast each expert inside the kernel: no float32 copy
+    of every expert, one pass over its memory (the merge is memory-bound).
+    """
+    first = tensors[0]
+    dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+    result = torch.zeros(first.shape, dtype=dtype, device=first.device)
+    for tensor, weight in zip(tensors, weights):
+        result.add_(tensor, alpha=float(weight))
+    return result
 
 
 class ConcatBlocks(Task[torch.Tensor]):
@@ -173,7 +177,6 @@ class ZeroTensor(Task[torch.Tensor]):
 
 def merge_experts_task(
     model: ModelReference,
-    method: str,
     slices: Sequence[ExpertSlice],
     weights: Sequence[float],
     dtype: Optional[str] = None,
@@ -183,17 +186,13 @@ def merge_experts_task(
     pieces = tuple(slices[e] for e in used)
     names = sorted({piece.tensor for piece in pieces})
     return MergeExperts(
-        method=method,
         sources=tuple(ReadTensor(model=model, tensor=name, dtype=dtype) for name in names),
         slices=pieces,
-        expert_ids=tuple(used),
         weights=tuple(float(weights[e]) for e in used),
     )
 
 
-def projection_task(
-    model: ModelReference, method: str, plan: LayerPlan, projection: str, dtype: Optional[str]
-) -> Task:
+def projection_task(model: ModelReference, plan: LayerPlan, projection: str, dtype: Optional[str]) -> Task:
     """One dense projection of a layer: its blocks merged, scaled and concatenated."""
     parts, scales = [], []
     for block in plan.blocks:
@@ -201,62 +200,125 @@ def projection_task(
             slices, weights = [plan.layer.shared_experts[block.shared][projection]], [1.0]
         else:
             slices, weights = [expert[projection] for expert in plan.layer.experts], block.weights
-        parts.append(merge_experts_task(model, method, slices, weights, dtype))
+        parts.append(merge_experts_task(model, slices, weights, dtype))
         scales.append(block.down_scale if projection == "down" else 1.0)
     if len(parts) == 1 and scales[0] == 1.0:
         return parts[0]
     return ConcatBlocks(parts=tuple(parts), dim=1 if projection == "down" else 0, scales=tuple(scales))
 
 
-def plan_dense_merge(
-    *,
-    model: ModelReference,
-    family: MoEFamily,
-    tensor_names: Sequence[str],
-    plans: Sequence[LayerPlan],
-    method: str,
-    out_path: str,
-    out_dtype: Optional[str],
-    dtype: Optional[str],
-    max_shard_size: int,
-    safe_serialization: bool = True,
-    width: Optional[int] = None,
-    dense_layers: Sequence[int] = (),
-    zero_tensors: Optional[Dict[str, Tuple[int, ...]]] = None,
-    fitted_model: Optional[ModelReference] = None,
-) -> List[Task]:
-    """Tasks that write the dense checkpoint: merged MLPs, everything else copied.
+@dataclass(frozen=True)
+class TensorIO:
+    """How a graph reads the source checkpoint and writes the output: the config's dtypes
+    and mergekit's output options, in one place."""
 
-    With `width`, every merged MLP and the MLPs of `dense_layers` (dense already
-    in the MoE) are zero-padded to that intermediate size. Projections a plan
-    lists in `fitted` are loaded from `fitted_model` (the re-fit's safetensors,
-    under their dense names) instead of being merged.
+    model: ModelReference
+    dtype: Optional[str] = None  # of the merge arithmetic's inputs (None: as stored)
+    out_dtype: Optional[str] = None
+    max_shard_size: int = 5 * 10**9
+    safe_serialization: bool = True
+    async_write: bool = False
+    write_threads: int = 1
+    clone_tensors: bool = False
+
+    @classmethod
+    def from_options(cls, model: ModelReference, dtype, out_dtype, options) -> "TensorIO":
+        return cls(
+            model=model,
+            dtype=dtype,
+            out_dtype=out_dtype,
+            max_shard_size=options.out_shard_size,
+            safe_serialization=options.safe_serialization,
+            async_write=options.async_write,
+            write_threads=options.write_threads,
+            clone_tensors=options.clone_tensors,
+        )
+
+    def read(self, name: str) -> ReadTensor:
+        return ReadTensor(model=self.model, tensor=name, dtype=self.dtype)
+
+    def writer(self, out_path: str) -> TensorWriterTask:
+        return TensorWriterTask(
+            out_path=out_path,
+            max_shard_size=self.max_shard_size,
+            safe_serialization=self.safe_serialization,
+            use_async=self.async_write,
+            write_threads=self.write_threads,
+        )
+
+    def save(self, name: str, task: Task, writer: TensorWriterTask) -> SaveTensor:
+        return SaveTensor(
+            tensor_name=name, tensor_task=task, writer_task=writer, clone=self.clone_tensors, dtype=self.out_dtype
+        )
+
+
+class ComputedTensor(Task[torch.Tensor]):
+    """A tensor the pipeline computed in memory (a fitted projection, a new router),
+    handed to the graph without a round trip through the disk (`computed_tensors`)."""
+
+    store: str
+    name: str
+
+    def arguments(self) -> Dict[str, Task]:
+        return {}
+
+    def execute(self) -> torch.Tensor:
+        return _STORES[self.store][self.name]
+
+
+_STORES: Dict[str, Dict[str, torch.Tensor]] = {}
+
+
+@contextlib.contextmanager
+def computed_tensors(tensors: Dict[str, torch.Tensor]) -> Iterator[Dict[str, ComputedTensor]]:
+    """One `ComputedTensor` task per named tensor, valid inside the block."""
+    store = uuid.uuid4().hex
+    _STORES[store] = tensors
+    try:
+        yield {name: ComputedTensor(store=store, name=name) for name in tensors}
+    finally:
+        del _STORES[store]
+
+
+def plan_dense_merge(
+    io: TensorIO,
+    source,
+    plans: Sequence[LayerPlan],
+    out_path: str,
+    *,
+    width: Optional[int] = None,
+    fitted: Optional[Dict[str, Task]] = None,
+) -> List[Task]:
+    """Tasks that write the dense checkpoint of `source` (a `checkpoint.SourceModel`):
+    merged MLPs, everything else copied.
+
+    With `width`, every merged MLP and the MLPs of the decoder layers that are dense
+    already are zero-padded to that intermediate size. Projections a plan lists in
+    `fitted` come from the `fitted` tasks (by dense tensor name) instead of a merge.
     """
-    writer = TensorWriterTask(
-        out_path=out_path, max_shard_size=max_shard_size, safe_serialization=safe_serialization
-    )
-    saves = []
-    consumed = set()
-    padded = {}
-    for layer in dense_layers:
-        for projection, name in family.dense_mlp_names(layer).items():
-            padded[name] = _padded(ReadTensor(model=model, tensor=name, dtype=dtype), projection, width)
+    family, config = source.family, source.config
+    writer = io.writer(out_path)
+    saves, consumed, padded = [], set(), {}
+    converted = {plan.layer.index for plan in plans}
+    if width is not None and family.dense_layer_width(config) is not None:
+        for layer in range(config.num_hidden_layers):
+            if layer not in converted:
+                for projection, name in family.dense_mlp_names(layer).items():
+                    padded[name] = _padded(io.read(name), projection, width)
     for plan in plans:
         consumed.update(plan.layer.consumed)
         names = family.dense_mlp_names(plan.layer.index)
         for projection in PROJECTIONS:
             if projection in plan.fitted:
-                task = LoadTensor(model=fitted_model, tensor=names[projection], dtype=dtype)
+                task = fitted[names[projection]]
             else:
-                task = projection_task(model, method, plan, projection, dtype)
-            task = _padded(task, projection, width)
-            saves.append(save_tensor(names[projection], task, writer, out_dtype))
-    for name, shape in (zero_tensors or {}).items():
-        saves.append(save_tensor(name, ZeroTensor(name=name, shape=tuple(shape)), writer, out_dtype))
-    for name in tensor_names:
+                task = projection_task(io.model, plan, projection, io.dtype)
+            saves.append(io.save(names[projection], _padded(task, projection, width), writer))
+        for name, shape in family.dense_zero_tensors(config, plan.layer.index).items():
+            saves.append(io.save(name, ZeroTensor(name=name, shape=tuple(shape)), writer))
+    for name in source.tensor_names:
         if name not in consumed:
-            task = padded.get(name) or ReadTensor(model=model, tensor=name, dtype=dtype)
-            saves.append(save_tensor(name, task, writer, out_dtype))
+            saves.append(io.save(name, padded.get(name) or io.read(name), writer))
     return [FinalizeModel(tensor_save_tasks=tuple(saves), writer_task=writer)]
 
 
@@ -266,21 +328,14 @@ def _padded(task: Task, projection: str, width: Optional[int]) -> Task:
     return PadIntermediate(tensor=task, dim=1 if projection == "down" else 0, size=width)
 
 
-def stash_tensors(tensors: Dict[str, torch.Tensor], parent: str, prefix: str) -> ModelReference:
-    """Tensors computed in memory (fitted projections, new routers) as a checkpoint
-    that LoadTensor tasks read, so every output tensor is written by the graph.
-
-    A fresh directory each time: mergekit's LoaderCache keeps one index per path,
-    so reusing a path within a process would read stale tensors.
-    """
-    path = tempfile.mkdtemp(prefix=prefix, dir=parent)
-    save_file(
-        {name: tensor.contiguous() for name, tensor in tensors.items()},
-        os.path.join(path, "model.safetensors"),
-        metadata={"format": "pt"},
+def run_graph(targets: List[Task], options, desc: str = "Merging experts") -> None:
+    """Execute the write graph with mergekit's executor; the run's readers are closed after."""
+    device = options.device or "cpu"
+    executor = Executor(
+        targets=targets, math_device=device, storage_device=device if options.low_cpu_memory else "cpu"
     )
-    return ModelReference.parse(path)
-
-
-def save_tensor(name: str, task: Task, writer: TensorWriterTask, out_dtype: Optional[str]) -> SaveTensor:
-    return SaveTensor(tensor_name=name, tensor_task=task, writer_task=writer, clone=False, dtype=out_dtype)
+    try:
+        for _ in executor.run(quiet=options.quiet, desc=desc):
+            pass
+    finally:
+        open_readers.close_all()

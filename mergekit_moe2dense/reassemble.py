@@ -14,23 +14,22 @@ Expert j of layer l is the merge of the layer's old experts with weights w_jl
   router's recorded inputs (the hidden states of the sampled calibration tokens).
   No gradient step touches the rest of the model.
 
-The routers are computed tensors; they are saved to a safetensors file and read
-back by mergekit's `LoadTensor`, so the whole output is still written by one
-task graph (read -> merge -> `SaveTensor` -> `FinalizeModel`).
+The routers are computed in memory and enter the graph as `graph.ComputedTensor`
+tasks, so the whole output is still written by one task graph (read -> merge ->
+`SaveTensor` -> `FinalizeModel`).
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import numpy as np
 import torch
-from mergekit.common import ModelReference
 from mergekit.graph import Task
-from mergekit.io.tasks import FinalizeModel, LoadTensor, TensorWriterTask
+from mergekit.io.tasks import FinalizeModel
 
-from mergekit_moe2dense.families import PROJECTIONS, MoEFamily, MoELayer
-from mergekit_moe2dense.graph import ReadTensor, projection_task, save_tensor
+from mergekit_moe2dense.families import PROJECTIONS, MoELayer
+from mergekit_moe2dense.graph import TensorIO, projection_task
 from mergekit_moe2dense.plan import Block, LayerPlan
 
 __all__ = ["closed_form_router", "fitted_router", "plan_moe_merge"]
@@ -63,26 +62,19 @@ def fitted_router(inputs: torch.Tensor, labels: np.ndarray, k: int, *, seed: int
 
 
 def plan_moe_merge(
-    *,
-    model: ModelReference,
-    routers: ModelReference,
-    family: MoEFamily,
-    tensor_names: Sequence[str],
+    io: TensorIO,
+    source,
     layers: Sequence[MoELayer],
     weights: torch.Tensor,
-    method: str,
+    routers: Dict[str, Task],
     out_path: str,
-    out_dtype: Optional[str],
-    dtype: Optional[str],
-    max_shard_size: int,
-    safe_serialization: bool = True,
 ) -> List[Task]:
-    """Tasks that write the k-expert MoE: merged experts, routers from `routers`, the rest copied.
+    """Tasks that write the k-expert MoE: merged experts, the new routers, the rest copied.
 
-    `weights` [k, L, E]; `routers` holds `family.moe_router_name(l)` for every layer.
+    `weights` [k, L, E]; `routers` holds a task for `family.moe_router_name(l)` of every layer.
     """
-    writer = TensorWriterTask(out_path=out_path, max_shard_size=max_shard_size, safe_serialization=safe_serialization)
-
+    family = source.family
+    writer = io.writer(out_path)
     saves, consumed = [], set()
     for position, layer in enumerate(layers):
         consumed.update(layer.consumed)
@@ -90,11 +82,10 @@ def plan_moe_merge(
             plan = LayerPlan(layer, (Block(tuple(row)),))
             names = family.moe_expert_names(layer.index, expert)
             for projection in PROJECTIONS:
-                task = projection_task(model, method, plan, projection, dtype)
-                saves.append(save_tensor(names[projection], task, writer, out_dtype))
+                saves.append(io.save(names[projection], projection_task(io.model, plan, projection, io.dtype), writer))
         router = family.moe_router_name(layer.index)
-        saves.append(save_tensor(router, LoadTensor(model=routers, tensor=router, dtype=dtype), writer, out_dtype))
-    for name in tensor_names:
+        saves.append(io.save(router, routers[router], writer))
+    for name in source.tensor_names:
         if name not in consumed:
-            saves.append(save_tensor(name, ReadTensor(model=model, tensor=name, dtype=dtype), writer, out_dtype))
+            saves.append(io.save(name, io.read(name), writer))
     return [FinalizeModel(tensor_save_tasks=tuple(saves), writer_task=writer)]

@@ -1,0 +1,155 @@
+# Copyright (C) 2026 the mergekit-moe2dense authors
+# SPDX-License-Identifier: LGPL-3.0-only
+"""One conversion: everything a run carries, validated before any expensive step.
+
+`ConversionJob.prepare` does every cheap check (options, output directory, model,
+shapes, method parameters, statistics file, calibration settings) and returns the
+job that the calibration, the method and the output strategy all read from,
+instead of long argument lists. The calibration text is tokenized once per job
+(`job.batches`) and shared by the statistics pass and the re-fit.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, List, Optional
+
+import torch
+from mergekit.common import dtype_from_name
+from mergekit.options import MergeOptions
+
+from mergekit_moe2dense.calibration import RouterStatistics, StatisticsError, load_calibration_batches
+from mergekit_moe2dense.calibration.distributed import Ranks
+from mergekit_moe2dense.checkpoint import SourceModel
+from mergekit_moe2dense.config import ConfigError, Moe2DenseConfig
+from mergekit_moe2dense.families import MoELayer
+from mergekit_moe2dense.graph import TensorIO
+from mergekit_moe2dense.methods import ExpertMergeMethod, get_method
+from mergekit_moe2dense.options import check_options
+from mergekit_moe2dense.output_dir import OutputDirectory
+from mergekit_moe2dense.outputs import Output, output_for
+
+__all__ = ["ConversionJob"]
+
+
+@dataclass
+class ConversionJob:
+    config: Moe2DenseConfig
+    source: SourceModel
+    layers: List[MoELayer]
+    method: ExpertMergeMethod
+    params: Any  # the method's resolved parameters
+    output: Output
+    out: OutputDirectory
+    options: MergeOptions
+    ranks: Ranks
+    stats_path: Optional[str] = None
+    config_source: Optional[str] = None  # the YAML text, recorded in the model card
+
+    @classmethod
+    def prepare(
+        cls,
+        config: Moe2DenseConfig,
+        out_path: str,
+        options: Optional[MergeOptions] = None,
+        *,
+        stats_path: Optional[str] = None,
+        overwrite: bool = False,
+        config_source: Optional[str] = None,
+    ) -> "ConversionJob":
+        options = options or MergeOptions()
+        check_options(options)
+        method = get_method(config.merge_method)
+        calibration = config.calibration
+        out = OutputDirectory(
+            out_path,
+            overwrite=overwrite,
+            inputs={
+                "the source model": config.model.model.path,
+                "the calibration data": calibration.dataset if calibration else None,
+                "the --stats file": stats_path,
+            },
+        )
+        out.check()
+        source = SourceModel.open(config.model, trust_remote_code=options.trust_remote_code)
+        family, moe = source.family, source.config
+        params = method.resolve_parameters(
+            config.method_parameters, num_experts=family.num_experts(moe), top_k=family.top_k(moe)
+        )
+        output = output_for(method, params)
+        job = cls(
+            config=config,
+            source=source,
+            layers=source.moe_layers(),
+            method=method,
+            params=params,
+            output=output,
+            out=out,
+            options=options,
+            ranks=Ranks.from_env(),
+            stats_path=stats_path,
+            config_source=config_source,
+        )
+        job._check_statistics_source()
+        output.check(job)
+        out.check_space(output.estimated_bytes(job))
+        return job
+
+    def _check_statistics_source(self) -> None:
+        """Where the statistics will come from is settled, and a --stats file fits, before any work."""
+        config, method, params = self.config, self.method, self.params
+        if self.stats_path:
+            stats = self.loaded_statistics
+            if method.needs_router_inputs(params) and not stats.has_router_inputs:
+                raise StatisticsError(
+                    f"{config.merge_method} needs router inputs and {self.stats_path} has none; "
+                    "recalibrate without --stats (or with calibration.record_router_inputs: true)"
+                )
+        elif config.calibration is None:
+            if method.needs_statistics(params):
+                raise ConfigError(f"{config.merge_method} needs a calibration: block (dataset, num_samples, ...)")
+            if self.source.family.needs_statistics(self.source.config):
+                raise ConfigError(
+                    f"{self.source.family.name} models need a calibration: block even for {config.merge_method} "
+                    "(the dense weights are scaled by calibrated router/shared-gate means)"
+                )
+
+    # -- what the steps read -------------------------------------------------------------
+    @property
+    def device(self) -> str:
+        return self.ranks.device(self.options.device or "cpu")
+
+    @property
+    def progress(self) -> bool:
+        return not self.options.quiet and self.ranks.is_main
+
+    @property
+    def out_dtype(self) -> Optional[str]:
+        return self.config.out_dtype or self.config.dtype
+
+    @functools.cached_property
+    def io(self) -> TensorIO:
+        return TensorIO.from_options(self.source.reference, self.config.dtype, self.out_dtype, self.options)
+
+    @functools.cached_property
+    def fingerprint(self) -> dict:
+        return self.source.fingerprint(self.layers)
+
+    @functools.cached_property
+    def loaded_statistics(self) -> RouterStatistics:
+        stats = RouterStatistics.load(self.stats_path)
+        stats.check_model(self.fingerprint, self.stats_path)
+        return stats
+
+    @functools.cached_property
+    def batches(self) -> list:
+        """The calibration token batches, tokenized once for every pass of the run."""
+        if self.config.calibration is None:
+            raise ConfigError(f"{self.config.merge_method} needs a calibration: block (dataset, num_samples, ...)")
+        return load_calibration_batches(self.source.path, self.config.calibration)[1]
+
+    @property
+    def calibration_dtype(self) -> torch.dtype:
+        name = self.config.calibration.dtype if self.config.calibration else None
+        return dtype_from_name(name or ("bfloat16" if self.device.startswith("cuda") else "float32"))

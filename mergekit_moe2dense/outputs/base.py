@@ -1,0 +1,78 @@
+# Copyright (C) 2026 the mergekit-moe2dense authors
+# SPDX-License-Identifier: LGPL-3.0-only
+"""The interface of an output strategy, and the files every output shares."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from abc import ABC, abstractmethod
+from math import prod
+from typing import TYPE_CHECKING, Any, Dict, Optional
+
+from mergekit.common import dtype_from_name
+
+from mergekit_moe2dense.families import ExpertSlice
+
+if TYPE_CHECKING:
+    from mergekit_moe2dense.job import ConversionJob
+
+WEIGHTS_FILE = "expert_weights.json"
+# Tokenizer and generation files copied from the MoE (mergekit's list).
+TAGALONG_FILES = (
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+
+
+class Output(ABC):
+    """One kind of output. `check` runs before any work; `plan` turns the method's
+    result into what is written (it may run the re-fit); `write` writes it into the
+    staging directory, which the job publishes."""
+
+    def check(self, job: "ConversionJob") -> None:
+        """Refusals that need only the config and the model (before calibration)."""
+
+    @abstractmethod
+    def weights(self, job: "ConversionJob", stats) -> Any:
+        """The method's result for this output (per-layer weights, or clusters)."""
+
+    @abstractmethod
+    def plan(self, job: "ConversionJob", result: Any, stats) -> Any:
+        """What the graph will write."""
+
+    @abstractmethod
+    def write(self, job: "ConversionJob", planned: Any, staging: str) -> None:
+        """A complete output in `staging`."""
+
+    def estimated_bytes(self, job: "ConversionJob") -> Optional[int]:
+        """At least what the output will hold (None: unknown): by default one dense model
+        whose MLPs are one expert wide (concatenations are wider)."""
+        return output_bytes(job, experts_per_layer=1)
+
+
+def output_bytes(job: "ConversionJob", experts_per_layer: int) -> Optional[int]:
+    """Bytes of the source's tensors outside the sparse blocks, plus `experts_per_layer`
+    experts (and the shared experts) per MoE layer, in the output dtype (None for pickle
+    checkpoints, whose sizes only a full read tells)."""
+    reader = job.source.reader
+    if not reader.index.is_safetensors:
+        return None
+    consumed = {name for layer in job.layers for name in layer.consumed}
+    pieces = [ExpertSlice(name) for name in job.source.tensor_names if name not in consumed]
+    for layer in job.layers:
+        blocks = [layer.experts[0]] * experts_per_layer + list(layer.shared_experts)
+        pieces += [piece for block in blocks for piece in block.values()]
+    if job.out_dtype is None:
+        return sum(reader.nbytes(piece) for piece in pieces)
+    itemsize = dtype_from_name(job.out_dtype).itemsize
+    return sum(prod(reader.shape(piece)) * itemsize for piece in pieces)

@@ -1,0 +1,104 @@
+# Copyright (C) 2026 the mergekit-moe2dense authors
+# SPDX-License-Identifier: LGPL-3.0-only
+"""One dense model: every MoE layer's sparse block becomes one MLP (plan.py), optionally
+re-fitted layer by layer on the calibration tokens (calibration/sequential.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+
+from mergekit_moe2dense.calibration.sequential import refit_layers
+from mergekit_moe2dense.card import write_model_card
+from mergekit_moe2dense.config import ConfigError
+from mergekit_moe2dense.graph import computed_tensors, plan_dense_merge, run_graph
+from mergekit_moe2dense.outputs.base import Output, write_model_files, write_weights_file
+from mergekit_moe2dense.plan import LayerPlan, with_family_scales
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass
+class DensePlan:
+    weights: torch.Tensor  # [L, E], what expert_weights.json reports
+    layers: List[LayerPlan]
+    fitted: Dict[str, torch.Tensor] = field(default_factory=dict)  # dense tensor name -> re-fitted value
+    extra: Optional[dict] = None  # more keys for expert_weights.json and the card (e.g. a cluster's share)
+
+
+def needs_refit(params) -> bool:
+    return params.refit != "none" or params.refit_gate_up != "merge"
+
+
+class DenseModel(Output):
+    def check(self, job) -> None:
+        if needs_refit(job.params) and job.config.calibration is None:
+            raise ConfigError(
+                f"the re-fit (refit: {job.params.refit}, refit_gate_up: {job.params.refit_gate_up}) needs a "
+                "calibration: block (its data is what is fitted)"
+            )
+
+    def weights(self, job, stats):
+        return job.method.plan(stats, job.params, job.layers)
+
+    def plan(self, job, result, stats) -> DensePlan:
+        source = job.source
+        plans = with_family_scales(result.plans, source.family, source.config, stats)
+        planned = DensePlan(result.weights, plans)
+        if needs_refit(job.params):
+            planned = self._refit(job, planned)
+        return planned
+
+    def _refit(self, job, planned: DensePlan) -> DensePlan:
+        """Fit every layer's projections on the layer-sequential engine (refit.py)."""
+        params = job.params
+        result = refit_layers(
+            job.source,
+            planned.layers,
+            job.batches,
+            mode=params.refit,
+            damping=params.refit_damping,
+            gate_up=params.refit_gate_up,
+            device=job.device,
+            dtype=job.calibration_dtype,
+            spill_dir=job.config.calibration.spill_dir,
+            progress=job.progress,
+        )
+        for index, (before, after) in sorted(result.errors.items()):
+            LOG.info("layer %d: relative MLP reconstruction error %.4g -> %.4g after refit", index, before, after)
+        fitted = (("gate", "up") if params.refit_gate_up == "regmean" else ()) + (
+            ("down",) if params.refit != "none" else ()
+        )
+        layers = [dataclasses.replace(plan, fitted=fitted) for plan in planned.layers]
+        return dataclasses.replace(planned, layers=layers, fitted=result.tensors)
+
+    def write(self, job, planned: DensePlan, staging: str) -> None:
+        source = job.source
+        family = source.family
+        widths = [_plan_width(source, plan) for plan in planned.layers]
+        dense_width = family.dense_layer_width(source.config)
+        width = max(widths + [dense_width or 0])
+        padded = set(widths) != {width} or (dense_width is not None and dense_width != width)
+        with computed_tensors(planned.fitted) as fitted:
+            run_graph(
+                plan_dense_merge(job.io, source, planned.layers, staging, width=width if padded else None, fitted=fitted),
+                job.options,
+            )
+        write_model_files(staging, job, family.dense_config(source.config, intermediate_size=width))
+        write_weights_file(staging, job, {"layers": planned.weights.tolist(), **(planned.extra or {})})
+        if job.options.write_model_card:
+            write_model_card(staging, job, planned.weights, planned.extra)
+
+
+def _plan_width(source, plan: LayerPlan) -> int:
+    """Intermediate size of a layer's dense MLP: the sum of its blocks' widths."""
+    layer = plan.layer
+    return sum(
+        source.reader.shape((layer.shared_experts[b.shared] if b.shared is not None else layer.experts[0])["gate"])[0]
+        for b in plan.blocks
+    )
+

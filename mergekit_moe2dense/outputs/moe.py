@@ -1,0 +1,70 @@
+# Copyright (C) 2026 the mergekit-moe2dense authors
+# SPDX-License-Identifier: LGPL-3.0-only
+"""One MoE of the same family with k experts, each a merge of the original experts
+(`kmeans_multi_dense`, `output: moe`); the new routers are computed in memory
+(reassemble.py). expert_weights.json holds every expert's weights (`experts`
+[k][L][E]) and token shares."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict
+
+import torch
+
+from mergekit_moe2dense.card import write_moe_card
+from mergekit_moe2dense.graph import computed_tensors, run_graph
+from mergekit_moe2dense.outputs.base import Output, output_bytes, write_model_files, write_weights_file
+from mergekit_moe2dense.outputs.clusters import check_clusters
+from mergekit_moe2dense.reassemble import closed_form_router, fitted_router, plan_moe_merge
+
+
+@dataclass
+class MoEPlan:
+    clusters: object  # methods.kmeans_multi_dense.ClusterWeights
+    routers: Dict[str, torch.Tensor]  # the new router [k, H] of every MoE layer, by output name
+
+    @property
+    def weights(self) -> torch.Tensor:
+        return self.clusters.weights
+
+
+class RebuiltMoE(Output):
+    def check(self, job) -> None:
+        check_clusters(job)
+        family, config, params = job.source.family, job.source.config, job.params
+        family.moe_config(config, params.num_clusters, params.moe_top_k)  # raises where the family cannot
+        family.moe_router_name(job.layers[0].index)
+
+    def weights(self, job, stats):
+        return job.method.cluster_weights(stats, job.params)
+
+    def estimated_bytes(self, job):
+        return output_bytes(job, experts_per_layer=job.params.num_clusters)
+
+    def plan(self, job, clusters, stats) -> MoEPlan:
+        family, params = job.source.family, job.params
+        if params.router == "fitted":
+            labels = clusters.decomposition.labels
+            routers = [
+                fitted_router(stats.router_inputs[p], labels[p], params.num_clusters, seed=params.seed)
+                for p in range(len(job.layers))
+            ]
+        else:
+            reader = job.source.reader
+            routers = [
+                closed_form_router(reader.read(layer.router), clusters.weights[:, p])
+                for p, layer in enumerate(job.layers)
+            ]
+        names = [family.moe_router_name(layer.index) for layer in job.layers]
+        return MoEPlan(clusters, {name: router.float() for name, router in zip(names, routers)})
+
+    def write(self, job, planned: MoEPlan, staging: str) -> None:
+        source, params = job.source, job.params
+        with computed_tensors(planned.routers) as routers:
+            run_graph(plan_moe_merge(job.io, source, job.layers, planned.weights, routers, staging), job.options)
+        write_model_files(staging, job, source.family.moe_config(source.config, params.num_clusters, params.moe_top_k))
+        shares = planned.clusters.shares
+        write_weights_file(staging, job, {"experts": planned.weights.tolist(), "token_share": shares})
+        if job.options.write_model_card:
+            write_moe_card(staging, job, shares)
