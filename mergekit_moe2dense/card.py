@@ -24,7 +24,7 @@ def write_model_card(out_dir: str, job, weights: torch.Tensor, extra: Optional[D
     extra_text = "\n".join(f"- {key}: `{value}`" for key, value in (extra or {}).items())
     extra_text = f"\n\n{extra_text}" if extra_text else ""
     body = f"""A dense model made from the Mixture-of-Experts model `{config.model}` with
-[mergekit-moe2dense](https://github.com/arcee-ai/mergekit): every MoE layer's experts
+mergekit-moe2dense, a plugin for [mergekit](https://github.com/arcee-ai/mergekit): every MoE layer's experts
 were merged into one MLP with the **{method.pretty_name}** method (`{method.name}`)
 and parameters {_parameters(job.params)}. Everything outside the MoE blocks is copied unchanged.{extra_text}
 
@@ -42,7 +42,7 @@ def write_moe_card(out_dir: str, job, shares) -> None:
     rows = "\n".join(f"| {j} | {share:.4f} |" for j, share in enumerate(shares))
     router = "by a fitted logistic regression" if params.router == "fitted" else "in closed form from the clusters' weights"
     body = f"""A Mixture-of-Experts model with {len(shares)} experts per layer made from `{config.model}` with
-[mergekit-moe2dense](https://github.com/arcee-ai/mergekit): calibration tokens were clustered by
+mergekit-moe2dense, a plugin for [mergekit](https://github.com/arcee-ai/mergekit): calibration tokens were clustered by
 their router vectors with the **{method.pretty_name}** method (`{method.name}`), parameters
 {_parameters(params)}; expert j of every layer merges the original experts with cluster j's weights
 (`expert_weights.json`), and the router was set {router}.
@@ -64,14 +64,16 @@ def _write_card(out_dir: str, config, tag: str, body: str, config_source: Option
     """Front matter, title (the output's name), `body`, and the config that made it."""
     yaml_text = config_source if config_source is not None else config.to_yaml()
     name = os.path.basename(os.path.normpath(out_dir)).split(".incomplete-")[0]
+    # A Hub id only: a local path is no base model to a Hub page or a GGUF's metadata.
+    local = os.path.exists(os.path.expanduser(config.model.model.path))
+    base_model = "" if local else f"base_model: {config.model}\n"
     text = f"""---
 library_name: transformers
 tags:
 - mergekit
 - moe2dense
 - {tag}
-base_model: {config.model}
----
+{base_model}---
 # {name}
 
 {body}
