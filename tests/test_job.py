@@ -1,0 +1,62 @@
+# Copyright (C) 2026 the mergekit-moe2dense authors
+# SPDX-License-Identifier: LGPL-3.0-only
+"""One run, one pipeline: the calibration text is tokenized once, and computed tensors
+(re-fitted projections, new routers) reach the output without a round trip through disk."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import safetensors.torch
+from mergekit.options import MergeOptions
+
+from mergekit_moe2dense import job as job_module
+from mergekit_moe2dense.build import build_dense
+from mergekit_moe2dense.config import Moe2DenseConfig
+
+
+def _config(moe, calib_dir, method, **params):
+    return Moe2DenseConfig.model_validate(
+        {
+            "merge_method": method,
+            "models": [{"model": str(moe)}],
+            "parameters": params,
+            "calibration": {"dataset": str(calib_dir), "num_samples": 8, "seq_len": 32, "batch_size": 4},
+            "dtype": "float32",
+        }
+    )
+
+
+def test_refit_run_tokenizes_the_calibration_text_once(random_moe, calib_dir, tmp_path, monkeypatch):
+    calls = []
+    original = job_module.load_calibration_batches
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(job_module, "load_calibration_batches", counting)
+    config = _config(random_moe["legacy"], calib_dir, "router_weighted", refit="down_proj", refit_gate_up="regmean")
+    build_dense(config, str(tmp_path / "out"), MergeOptions(quiet=True))
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize(
+    "method, params",
+    [("concat", {"refit": "down_proj"}), ("kmeans_multi_dense", {"output": "moe", "num_clusters": 2})],
+)
+def test_computed_tensors_are_not_written_to_be_read_back(random_moe, calib_dir, tmp_path, monkeypatch, method, params):
+    written = []
+    original = safetensors.torch.save_file
+
+    def recording(tensors, filename, *args, **kwargs):
+        written.append(os.path.basename(filename))
+        return original(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", recording)
+    out = tmp_path / "out"
+    build_dense(_config(random_moe["legacy"], calib_dir, method, **params), str(out), MergeOptions(quiet=True))
+    # mergekit's writer names a single shard model-1.safetensors before renaming it
+    assert sorted(written) == ["model-1.safetensors", "router_stats.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
