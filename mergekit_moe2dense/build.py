@@ -45,7 +45,7 @@ from mergekit_moe2dense.checkpoint import SourceModel
 from mergekit_moe2dense.config import ConfigError, Moe2DenseConfig
 from mergekit_moe2dense.errors import Moe2DenseError
 from mergekit_moe2dense.graph import open_readers, plan_dense_merge, stash_tensors
-from mergekit_moe2dense.methods import MethodError, get_method
+from mergekit_moe2dense.methods import MethodError, MethodParameters, get_method
 from mergekit_moe2dense.plan import with_family_scales
 
 LOG = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ class OutputExistsError(Moe2DenseError, FileExistsError):
 class BuildResult:
     out_path: str
     layer_weights: torch.Tensor  # [L, E]; [k, L, E] for a method with several outputs
-    parameters: Dict[str, Any]
+    parameters: MethodParameters
     statistics: Optional[RouterStatistics]
 
 
@@ -191,7 +191,7 @@ def build_dense(
     params = method.resolve_parameters(config.method_parameters, num_experts=num_experts, top_k=top_k)
     if needs_refit(params) and config.calibration is None:
         raise ConfigError(
-            f"the re-fit (refit: {params['refit']}, refit_gate_up: {params['refit_gate_up']}) needs a "
+            f"the re-fit (refit: {params.refit}, refit_gate_up: {params.refit_gate_up}) needs a "
             "calibration: block (its data is what is fitted)"
         )
     layers = source.moe_layers()
@@ -220,21 +220,19 @@ def build_dense(
             "(the dense weights are scaled by calibrated router/shared-gate means)"
         )
 
+    planned = method.plan(stats, params, layers)  # weights and layer plans, contract checked
     if method.multi_output:
-        clusters = method.cluster_weights(stats, params)
+        clusters = planned.clusters
         weights = clusters.weights
-        for cluster in weights:
-            _check_weights(cluster, len(layers), num_experts)
 
         def write(staging):
             multi.write_outputs(source, config, params, layers, clusters, stats, staging, options, config_source)
 
     else:
-        weights = method.layer_weights(stats, params, num_layers=len(layers), num_experts=num_experts)
-        _check_weights(weights, len(layers), num_experts)
+        weights = planned.weights
 
         def write(staging):
-            plans = with_family_scales(method.layer_plans(layers, weights, stats, params), family, moe_config, stats)
+            plans = with_family_scales(planned.layers, family, moe_config, stats)
             fitted_model = None
             if needs_refit(params):
                 plans, fitted_model = refit(source, config, plans, params, staging, options)
@@ -271,7 +269,7 @@ def write_dense_model(
 
 
 def needs_refit(params) -> bool:
-    return params["refit"] != "none" or params["refit_gate_up"] != "merge"
+    return params.needs_refit
 
 
 def refit(source, config, plans, params, staging, options):
@@ -283,9 +281,9 @@ def refit(source, config, plans, params, staging, options):
         source,
         plans,
         batches,
-        mode=params["refit"],
-        damping=params["refit_damping"],
-        gate_up=params["refit_gate_up"],
+        mode=params.refit,
+        damping=params.refit_damping,
+        gate_up=params.refit_gate_up,
         device=device,
         dtype=calibration_dtype(config, device),
         spill_dir=config.calibration.spill_dir,
@@ -293,8 +291,8 @@ def refit(source, config, plans, params, staging, options):
     )
     for index, (before, after) in sorted(result.errors.items()):
         LOG.info("layer %d: relative MLP reconstruction error %.4g -> %.4g after refit", index, before, after)
-    fitted = (("gate", "up") if params["refit_gate_up"] == "regmean" else ()) + (
-        ("down",) if params["refit"] != "none" else ()
+    fitted = (("gate", "up") if params.refit_gate_up == "regmean" else ()) + (
+        ("down",) if params.refit != "none" else ()
     )
     plans = [dataclasses.replace(plan, fitted=fitted) for plan in plans]
     return plans, stash_tensors(result.tensors, staging, REFIT_DIR)
@@ -369,20 +367,10 @@ def _plan_width(source: SourceModel, plan) -> int:
     )
 
 
-def _check_weights(weights: torch.Tensor, num_layers: int, num_experts: int) -> None:
-    """Guard every method's contract: finite, non-negative rows summing to one."""
-    if weights.shape != (num_layers, num_experts):
-        raise RuntimeError(f"method returned weights of shape {tuple(weights.shape)}")
-    if not torch.isfinite(weights).all() or (weights < 0).any():
-        raise RuntimeError("method returned non-finite or negative expert weights")
-    if not torch.allclose(weights.sum(-1), torch.ones(num_layers, dtype=weights.dtype), atol=1e-6):
-        raise RuntimeError("method returned expert weights that do not sum to 1 per layer")
-
-
 def _write_weights(staging: str, method: str, params, layers, weights: torch.Tensor, extra=None) -> None:
     payload = {
         "method": method,
-        "parameters": params,
+        "parameters": params.model_dump(mode="json"),
         "layer_indices": [layer.index for layer in layers],
         "layers": weights.tolist(),
         **(extra or {}),

@@ -9,13 +9,13 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from mergekit_moe2dense.methods import get_method
+from mergekit_moe2dense.methods import MethodParameters, get_method
 
 
 def write_model_card(
     out_dir: str,
     config,
-    params: Dict[str, Any],
+    params: MethodParameters,
     layers,
     weights: torch.Tensor,
     config_source: Optional[str],
@@ -44,11 +44,11 @@ and parameters {_parameters(params)}. Everything outside the MoE blocks is copie
     _write_card(out_dir, config, "merge", body, config_source)
 
 
-def write_moe_card(out_dir: str, config, params: Dict[str, Any], shares, config_source: Optional[str]) -> None:
+def write_moe_card(out_dir: str, config, params: MethodParameters, shares, config_source: Optional[str]) -> None:
     """Card of an MoE rebuilt from k merged MLPs; the weights are in expert_weights.json."""
     method = get_method(config.merge_method)
     rows = "\n".join(f"| {j} | {share:.4f} |" for j, share in enumerate(shares))
-    router = "by a fitted logistic regression" if params["router"] == "fitted" else "in closed form from the clusters' weights"
+    router = "by a fitted logistic regression" if params.router == "fitted" else "in closed form from the clusters' weights"
     body = f"""A Mixture-of-Experts model with {len(shares)} experts per layer made from `{config.model}` with
 [mergekit-moe2dense](https://github.com/arcee-ai/mergekit): calibration tokens were clustered by
 their router vectors with the **{method.pretty_name}** method (`{method.name}`), parameters
@@ -64,8 +64,8 @@ Everything outside the MoE blocks is copied unchanged.
     _write_card(out_dir, config, "moe", body, config_source)
 
 
-def _parameters(params: Dict[str, Any]) -> str:
-    return ", ".join(f"`{k}={v}`" for k, v in params.items()) or "none"
+def _parameters(params: MethodParameters) -> str:
+    return ", ".join(f"`{k}={v}`" for k, v in params.model_dump(mode="json").items()) or "none"
 
 
 def _write_card(out_dir: str, config, tag: str, body: str, config_source: Optional[str]) -> None:

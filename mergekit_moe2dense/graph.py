@@ -23,10 +23,10 @@ from safetensors.torch import save_file
 from mergekit.common import ModelReference, dtype_from_name
 from mergekit.graph import Task
 from mergekit.io.tasks import FinalizeModel, LoadTensor, SaveTensor, TensorWriterTask
-from mergekit.merge_methods.base import TensorGroup
 
 from mergekit_moe2dense.checkpoint import READAHEAD_BYTES, TensorReader, read_index
 from mergekit_moe2dense.families import PROJECTIONS, ExpertSlice, MoEFamily
+from mergekit_moe2dense.methods.kernel import weighted_sum
 from mergekit_moe2dense.plan import LayerPlan
 
 
@@ -85,9 +85,10 @@ open_readers = _OpenReaders()
 
 
 class MergeExperts(Task[torch.Tensor]):
-    """One dense projection: the method's kernel over one layer's expert slices."""
+    """One dense projection: sum_e w_e W_e over one layer's expert slices
+    (`methods.kernel.weighted_sum`, the same kernel for every method)."""
 
-    method: str
+    method: str  # the method's name, a label only: every method merges with this one kernel
     sources: Tuple[ReadTensor, ...]  # distinct checkpoint tensors
     slices: Tuple[ExpertSlice, ...]  # one per contributing expert
     expert_ids: Tuple[int, ...]
@@ -103,15 +104,8 @@ class MergeExperts(Task[torch.Tensor]):
         return self.sources[0].group_label()
 
     def execute(self, **kwargs) -> torch.Tensor:
-        from mergekit_moe2dense.methods import get_method
-
         by_name = {task.tensor: kwargs[f"source_{i}"] for i, task in enumerate(self.sources)}
-        tensors = [piece.take(by_name[piece.tensor]) for piece in self.slices]
-        group = TensorGroup.from_tensors(tensors, ids=self.expert_ids)
-        (merged,) = get_method(self.method)(
-            [group], parameters={"expert_weight": dict(zip(self.expert_ids, self.weights))}
-        )
-        return merged
+        return weighted_sum([piece.take(by_name[piece.tensor]) for piece in self.slices], self.weights)
 
 
 class ConcatBlocks(Task[torch.Tensor]):

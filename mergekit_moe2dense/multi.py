@@ -37,19 +37,19 @@ def cluster_dir(index: int) -> str:
 
 def check_output(source, config, params, stats_path) -> None:
     """Fail before calibration if too few tokens will be sampled or the family cannot rebuild an MoE."""
-    k = params["num_clusters"]
+    k = params.num_clusters
     if stats_path is None and config.calibration is not None and config.calibration.max_token_samples < k:
         raise MethodError(
             f"{config.merge_method}: {k} clusters need calibration.max_token_samples >= {k} "
             f"(got {config.calibration.max_token_samples})"
         )
-    if params["output"] == "moe":
-        source.family.moe_config(source.config, params["num_clusters"], params["moe_top_k"])
+    if params.output == "moe":
+        source.family.moe_config(source.config, params.num_clusters, params.moe_top_k)
         source.family.moe_router_name(source.moe_layers()[0].index)
 
 
 def write_outputs(source, config, params, layers, clusters, stats, staging, options, config_source=None) -> None:
-    if params["output"] == "moe":
+    if params.output == "moe":
         _write_moe(source, config, params, layers, clusters, stats, staging, options)
         if options.write_model_card:
             write_moe_card(staging, config, params, clusters.shares, config_source)
@@ -63,7 +63,7 @@ def write_outputs(source, config, params, layers, clusters, stats, staging, opti
         build.write_dense_model(source, config, params, layers, weights, plans, target, options, config_source, extra)
     summary = {
         "method": config.merge_method,
-        "parameters": params,
+        "parameters": params.model_dump(mode="json"),
         "clusters": [{"path": cluster_dir(i), "token_share": share} for i, share in enumerate(shares)],
     }
     with open(os.path.join(staging, SUMMARY_FILE), "w", encoding="utf-8") as handle:
@@ -71,7 +71,7 @@ def write_outputs(source, config, params, layers, clusters, stats, staging, opti
 
 
 def _write_moe(source, config, params, layers, clusters, stats, staging, options) -> None:
-    family, k = source.family, params["num_clusters"]
+    family, k = source.family, params.num_clusters
     routers = _routers(source, params, layers, clusters, stats)
     # removed before the directory is published
     router_model = stash_tensors(
@@ -96,14 +96,14 @@ def _write_moe(source, config, params, layers, clusters, stats, staging, options
         build.run_graph(targets, options)
     finally:
         shutil.rmtree(router_model.model.path, ignore_errors=True)
-    moe_config = family.moe_config(source.config, k, params["moe_top_k"])
+    moe_config = family.moe_config(source.config, k, params.moe_top_k)
     if out_dtype:
         moe_config.dtype = out_dtype
     moe_config.save_pretrained(staging)
     build.copy_tokenizer(source, staging, options)
     payload = {
         "method": config.merge_method,
-        "parameters": params,
+        "parameters": params.model_dump(mode="json"),
         "layer_indices": [layer.index for layer in layers],
         "experts": clusters.weights.tolist(),
         "token_share": clusters.shares,
@@ -114,10 +114,10 @@ def _write_moe(source, config, params, layers, clusters, stats, staging, options
 
 def _routers(source, params, layers, clusters, stats) -> list:
     """One new router [k, H] per layer (see reassemble.py)."""
-    if params["router"] == "fitted":
+    if params.router == "fitted":
         labels = clusters.decomposition.labels
         return [
-            fitted_router(stats.router_inputs[position], labels[position], params["num_clusters"], seed=params["seed"])
+            fitted_router(stats.router_inputs[position], labels[position], params.num_clusters, seed=params.seed)
             for position in range(len(layers))
         ]
     loader = source.reference.lazy_loader()
