@@ -93,13 +93,12 @@ def main():
             method = get_method(name)
             for refit in ("none", "scale", "down_proj"):
                 params = method.resolve_parameters({**raw, "refit": refit}, num_experts=E, top_k=k)
-                weights = method.layer_weights(stats, params, num_layers=len(layers), num_experts=E)
-                plans = method.layer_plans(layers, weights, stats, params)
+                plans = method.plan(stats, params, layers).layers
                 fitted, err = {}, "n/a"
-                if refit != "none" or params["refit_gate_up"] == "regmean":
+                if params.needs_refit:
                     result = refit_layers(
-                        source, plans, calib, mode=refit, damping=params["refit_damping"],
-                        gate_up=params["refit_gate_up"], progress=False,
+                        source, plans, calib, mode=refit, damping=params.refit_damping,
+                        gate_up=params.refit_gate_up, progress=False,
                     )
                     before = sum(b for b, _ in result.errors.values()) / len(result.errors)
                     after = sum(a for _, a in result.errors.values()) / len(result.errors)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from mergekit.options import MergeOptions
@@ -23,6 +23,7 @@ from mergekit_moe2dense.calibration import RouterStatistics, collect_statistics
 from mergekit_moe2dense.config import Moe2DenseConfig
 from mergekit_moe2dense.errors import Moe2DenseError
 from mergekit_moe2dense.job import ConversionJob
+from mergekit_moe2dense.methods import MethodParameters
 from mergekit_moe2dense.outputs import WEIGHTS_FILE
 
 __all__ = ["STATS_FILE", "WEIGHTS_FILE", "BuildResult", "build_dense", "build_from_mergekit", "calibrate"]
@@ -34,7 +35,7 @@ STATS_FILE = "router_stats.safetensors"
 class BuildResult:
     out_path: str
     layer_weights: torch.Tensor  # [L, E]; [k, L, E] for a method with several outputs
-    parameters: Any  # the method's resolved parameters
+    parameters: MethodParameters
     statistics: Optional[RouterStatistics]
 
 
@@ -54,14 +55,14 @@ def build_dense(
     # Under torchrun every rank calibrates its share; rank 0 alone writes.
     with job.out if job.ranks.is_main else contextlib.nullcontext():
         stats = calibrate(job)
-        result = job.output.weights(job, stats)
+        result = job.method.plan(stats, job.params, job.layers)
         if job.ranks.is_main:
             planned = job.output.plan(job, result, stats)
             job.output.write(job, planned, job.out.staging)
             if stats is not None:
                 stats.save(os.path.join(job.out.staging, STATS_FILE))
             job.out.publish()
-    return BuildResult(job.out.path, result.weights, job.params, stats)
+    return BuildResult(job.out.path, job.output.reported_weights(result), job.params, stats)
 
 
 def calibrate(job: ConversionJob) -> Optional[RouterStatistics]:

@@ -26,6 +26,7 @@ from mergekit.io.tasks import FinalizeModel, SaveTensor, TensorWriterTask
 
 from mergekit_moe2dense.checkpoint import READAHEAD_BYTES, TensorReader, read_index
 from mergekit_moe2dense.families import PROJECTIONS, ExpertSlice, MoEFamily
+from mergekit_moe2dense.methods.kernel import weighted_sum
 from mergekit_moe2dense.plan import LayerPlan
 
 
@@ -84,7 +85,8 @@ open_readers = _OpenReaders()
 
 
 class MergeExperts(Task[torch.Tensor]):
-    """One dense projection: sum_e w_e W_e over one layer's expert slices."""
+    """One dense projection: sum_e w_e W_e over one layer's expert slices
+    (`methods.kernel.weighted_sum`, the same kernel for every method)."""
 
     sources: Tuple[ReadTensor, ...]  # distinct checkpoint tensors
     slices: Tuple[ExpertSlice, ...]  # one per contributing expert
@@ -102,20 +104,6 @@ class MergeExperts(Task[torch.Tensor]):
     def execute(self, **kwargs) -> torch.Tensor:
         by_name = {task.tensor: kwargs[f"source_{i}"] for i, task in enumerate(self.sources)}
         return weighted_sum([piece.take(by_name[piece.tensor]) for piece in self.slices], self.weights)
-
-
-def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """sum_e w_e W_e, accumulated in float32 (float64 if the inputs are).
-
-    In-place mixed-dtype adds upcast each expert inside the kernel: no float32 copy
-    of every expert, one pass over its memory (the merge is memory-bound).
-    """
-    first = tensors[0]
-    dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
-    result = torch.zeros(first.shape, dtype=dtype, device=first.device)
-    for tensor, weight in zip(tensors, weights):
-        result.add_(tensor, alpha=float(weight))
-    return result
 
 
 class ConcatBlocks(Task[torch.Tensor]):

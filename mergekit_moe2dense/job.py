@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import List, Optional
 
 import torch
 from mergekit.common import dtype_from_name
@@ -25,7 +25,7 @@ from mergekit_moe2dense.checkpoint import SourceModel
 from mergekit_moe2dense.config import ConfigError, Moe2DenseConfig
 from mergekit_moe2dense.families import MoELayer
 from mergekit_moe2dense.graph import TensorIO
-from mergekit_moe2dense.methods import ExpertMergeMethod, get_method
+from mergekit_moe2dense.methods import ExpertMethod, MethodParameters, get_method
 from mergekit_moe2dense.options import check_options
 from mergekit_moe2dense.output_dir import OutputDirectory
 from mergekit_moe2dense.outputs import Output, output_for
@@ -38,8 +38,8 @@ class ConversionJob:
     config: Moe2DenseConfig
     source: SourceModel
     layers: List[MoELayer]
-    method: ExpertMergeMethod
-    params: Any  # the method's resolved parameters
+    method: ExpertMethod
+    params: MethodParameters
     output: Output
     out: OutputDirectory
     options: MergeOptions

@@ -89,14 +89,21 @@ def test_k1_is_router_weighted_and_top_k_tempered():
     stats = _stats(logits)
     method = get_method("kmeans_multi_dense")
     ours = method.cluster_weights(stats, _params(num_clusters=1, temperature=0.7)).weights[0]
-    theirs = get_method("router_weighted").layer_weights(
-        stats, {"aggregate": "mean_logit", "temperature": 0.7}, num_layers=LAYERS, num_experts=EXPERTS
+    router_weighted = get_method("router_weighted")
+    theirs = router_weighted.layer_weights(
+        stats,
+        router_weighted.resolve_parameters({"aggregate": "mean_logit", "temperature": 0.7}, num_experts=EXPERTS, top_k=2),
+        num_layers=LAYERS,
+        num_experts=EXPERTS,
     )
     torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=0)
     ours = method.cluster_weights(stats, _params(num_clusters=1, features="probs", temperature=0.5)).weights[0]
-    theirs = get_method("top_k_tempered").layer_weights(
+    top_k_tempered = get_method("top_k_tempered")
+    theirs = top_k_tempered.layer_weights(
         stats,
-        {"temperature": 0.5, "top_k": 2, "renormalize": True, "aggregate": "mean"},
+        top_k_tempered.resolve_parameters(
+            {"temperature": 0.5, "top_k": 2, "renormalize": True, "aggregate": "mean"}, num_experts=EXPERTS, top_k=2
+        ),
         num_layers=LAYERS,
         num_experts=EXPERTS,
     )

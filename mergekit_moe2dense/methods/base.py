@@ -2,167 +2,185 @@
 # SPDX-License-Identifier: LGPL-3.0-only
 """What every expert-merging method shares.
 
-A method is a mergekit `MergeMethod`: registered by name, its YAML parameters
-declared in its spec and validated by mergekit's own machinery, and its kernel a
-weighted linear combination of one layer's experts (input and output shapes
-equal, as mergekit requires). What differs between methods is only where the
-per-layer expert weights come from: `layer_weights(stats, params)`.
+A method is a *weight strategy*: it declares its YAML parameters as a frozen
+pydantic model (`Parameters`, `extra="forbid"`) and turns router statistics
+into a `MethodPlan`, computed once per build: the per-layer expert weights
+[L, E] (what expert_weights.json reports) and the `LayerPlan`s that say how each
+dense MLP is assembled from the experts (plan.py). The arithmetic of the merge
+itself is one function for every method (`kernel.weighted_sum`).
 
 Every method also accepts the re-fit parameters (`refit: none | scale |
-down_proj`, `refit_damping`, `refit_gate_up: merge | regmean`), declared once here; build.py runs the re-fit
-(calibration/sequential.py) on whatever plan the method produced.
+down_proj`, `refit_damping`, `refit_gate_up: merge | regmean`), declared once in
+`MethodParameters`; build.py runs the re-fit (calibration/sequential.py) on
+whatever plan the method produced.
 """
 
 from __future__ import annotations
 
-from abc import abstractmethod
-from typing import Any, ClassVar, Dict, Literal, Mapping, Optional, Sequence, Tuple
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Mapping, Optional, Sequence, Tuple, Type
 
 import pydantic
 import torch
-from pydantic import Field
+from pydantic import ConfigDict, Field, model_serializer
 from typing_extensions import Annotated
-from mergekit.merge_methods.base import (
-    MISSING,
-    GroupMergeMethod,
-    InputContract,
-    MergeMethodSpec,
-    ParameterScope,
-    ParameterSpec,
-    PerInputValues,
-    TensorGroup,
-)
 
 from mergekit_moe2dense.calibration.stats import RouterStatistics
 from mergekit_moe2dense.errors import Moe2DenseError
-from mergekit_moe2dense.plan import single_block_plans
+from mergekit_moe2dense.families import MoELayer
+from mergekit_moe2dense.plan import LayerPlan, single_block_plans
+
+if TYPE_CHECKING:
+    from mergekit_moe2dense.methods.kmeans_multi_dense import ClusterWeights
+
+PositiveInt = Annotated[int, Field(ge=1)]
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+Temperature = PositiveFloat
+Refit = Literal["none", "scale", "down_proj"]
 
 
 class MethodError(Moe2DenseError, ValueError):
     """Bad method name or parameters; raised before anything expensive runs."""
 
 
-def parameter(name: str, value_type: Any, default: Any = MISSING, description: str = "") -> ParameterSpec:
-    return ParameterSpec(name, value_type, ParameterScope.SHARED, default, description)
+class MethodParameters(pydantic.BaseModel):
+    """The parameters every method accepts: the re-fit options (see refit.py).
+
+    Subclasses add their own fields; a new re-fit option is one more field here.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    refit: Refit = Field(
+        "none", description="re-fit the merged down projection to the MoE layer output, layer by layer"
+    )
+    refit_damping: PositiveFloat = Field(
+        1e-4, description="ridge strength of refit: down_proj and regmean, relative to the mean activation energy"
+    )
+    refit_gate_up: Literal["merge", "regmean"] = Field(
+        "merge", description="gate/up: the method's weighted sum, or RegMean over the routed tokens' Gram matrices"
+    )
+
+    @property
+    def needs_refit(self) -> bool:
+        return self.refit != "none" or self.refit_gate_up != "merge"
+
+    @model_serializer(mode="wrap")
+    def _method_parameters_first(self, handler):
+        # The layout expert_weights.json and model cards have always had: the
+        # method's own parameters, then the re-fit ones, then fixed values.
+        data = handler(self)
+        common = MethodParameters.model_fields
+        fixed = type(self).model_computed_fields
+        own = {k: v for k, v in data.items() if k not in common and k not in fixed}
+        return {**own, **{k: data[k] for k in common}, **{k: data[k] for k in fixed if k in data}}
 
 
-class ExpertMergeMethod(GroupMergeMethod):
-    """Merge a layer's experts linearly with weights learnt from calibration."""
+@dataclass(frozen=True)
+class MethodPlan:
+    """What a method decided for a whole model, from one pass over the statistics.
 
-    name: str
-    pretty_name: str
-    reference_url: Optional[str] = None
-    parameters: Tuple[ParameterSpec, ...] = ()
-    # Several outputs (k models or a rebuilt MoE): the method has `cluster_weights`
+    `weights` [L, E] float64 is what expert_weights.json and the model card report;
+    `layers` holds one `LayerPlan` per MoE layer (before the family's scales,
+    `plan.with_family_scales`). A method with several outputs also keeps its
+    `clusters` (`kmeans_multi_dense.ClusterWeights`, weights [k, L, E]); `weights`
+    and `layers` are then its first cluster's.
+    """
+
+    weights: torch.Tensor
+    layers: Tuple[LayerPlan, ...]
+    clusters: Optional[ClusterWeights] = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "layers", tuple(self.layers))
+        num_layers = len(self.layers)
+        num_experts = self.layers[0].layer.num_experts if self.layers else self.weights.shape[-1]
+        check_weights(self.weights, num_layers, num_experts)
+        if self.clusters is not None:
+            check_weights(self.clusters.weights, num_layers, num_experts)
+
+
+def check_weights(weights: torch.Tensor, num_layers: int, num_experts: int) -> None:
+    """Every method's contract: [..., L, E], finite, non-negative rows summing to one.
+
+    A violation is a bug in the method, not bad input, hence RuntimeError.
+    """
+    if weights.dim() < 2 or tuple(weights.shape[-2:]) != (num_layers, num_experts):
+        raise RuntimeError(f"method returned weights of shape {tuple(weights.shape)}")
+    if not torch.isfinite(weights).all() or (weights < 0).any():
+        raise RuntimeError("method returned non-finite or negative expert weights")
+    sums = weights.sum(-1)
+    if not torch.allclose(sums, torch.ones_like(sums), atol=1e-6):
+        raise RuntimeError("method returned expert weights that do not sum to 1 per layer")
+
+
+class ExpertMethod(ABC):
+    """A way of turning calibration statistics into dense MLPs."""
+
+    name: ClassVar[str]
+    pretty_name: ClassVar[str]
+    reference_url: ClassVar[Optional[str]] = None
+    Parameters: ClassVar[Type[MethodParameters]] = MethodParameters
+    # Several outputs (k models or a rebuilt MoE): the plan carries `clusters`
     # and `multi.write_outputs` writes them.
     multi_output: ClassVar[bool] = False
-    default_refit: str = "none"
-
-    def __init__(self):
-        self.all_parameters = self.parameters + refit_parameters(self.default_refit)
-        weight = ParameterSpec(
-            "expert_weight", float, ParameterScope.INPUT, MISSING, "set by the planner"
-        )
-        self.spec = MergeMethodSpec(
-            name=self.name,
-            pretty_name=self.pretty_name,
-            reference_url=self.reference_url,
-            parameters=self.all_parameters + (weight,),
-            contract=InputContract(min_inputs=1),
-        )
-
-    # -- the mergekit kernel -----------------------------------------------------
-    def merge_group(
-        self, group: TensorGroup, /, expert_weight: PerInputValues, **_params: Any
-    ) -> torch.Tensor:
-        """sum_e w_e W_e, accumulated in float32 (float64 if the inputs are).
-
-        In-place mixed-dtype ops upcast each expert inside the kernel: no float32
-        copy of every expert, one pass over its memory (the merge is memory-bound).
-        """
-        first = group.entries[0].tensor
-        dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
-        # not torch.mul(..., out=result): that computes in the inputs' bf16
-        result = torch.zeros(first.shape, dtype=dtype, device=first.device)
-        for entry in group.entries:
-            result.add_(entry.tensor, alpha=float(expert_weight[entry.id]))
-        return result
 
     # -- parameters ----------------------------------------------------------------
     def resolve_parameters(
         self, raw: Optional[Mapping[str, Any]], *, num_experts: int, top_k: int
-    ) -> Dict[str, Any]:
-        """Validate YAML parameters (types, ranges, unknown names) and fill defaults."""
+    ) -> MethodParameters:
+        """YAML parameters as a typed `Parameters`, with model-dependent defaults filled."""
         raw = dict(raw or {})
-        known = {p.name for p in self.all_parameters}
-        unknown = sorted(set(raw) - known)
+        accepted = set(self.Parameters.model_fields)
+        unknown = sorted(set(raw) - accepted)
         if unknown:
             raise MethodError(
                 f"unknown parameter(s) for {self.name}: {', '.join(unknown)}; "
-                f"accepted: {', '.join(sorted(known)) or 'none'}"
+                f"accepted: {', '.join(sorted(accepted)) or 'none'}"
             )
-        values = {}
-        for spec in self.all_parameters:
-            if spec.name not in raw:
-                if spec.required:
-                    raise MethodError(f"{self.name} needs parameter {spec.name!r}")
-                values[spec.name] = spec.default
-                continue
-            try:
-                values[spec.name] = spec.validate(raw[spec.name])
-            except pydantic.ValidationError as error:
-                message = error.errors()[0]["msg"]
-                raise MethodError(
-                    f"{self.name}: parameter {spec.name}={raw[spec.name]!r}: {message}"
-                ) from None
-        self.check_parameters(values, num_experts=num_experts, top_k=top_k)
-        return values
+        try:
+            params = self.Parameters.model_validate(raw)
+        except pydantic.ValidationError as error:
+            first = error.errors()[0]
+            name = str(first["loc"][0]) if first["loc"] else "?"
+            raise MethodError(f"{self.name}: parameter {name}={raw.get(name)!r}: {first['msg']}") from None
+        return self.complete(params, num_experts=num_experts, top_k=top_k)
 
-    def check_parameters(self, params: Dict[str, Any], *, num_experts: int, top_k: int) -> None:
-        """Cross-checks that need the model's shape; fills model-dependent defaults."""
+    def complete(self, params: MethodParameters, *, num_experts: int, top_k: int) -> MethodParameters:
+        """Cross-checks that need the model's shape; model-dependent defaults are
+        filled in a new object (`params.model_copy(update=...)`), never in place."""
+        return params
 
-    # -- weights -------------------------------------------------------------------
-    def needs_statistics(self, params: Mapping[str, Any]) -> bool:
-        """Whether `layer_weights` reads router statistics (most methods do)."""
+    # -- what the build needs before calibrating ----------------------------------------
+    def needs_statistics(self, params: MethodParameters) -> bool:
+        """Whether `plan` reads router statistics (most methods do)."""
         return True
 
-    def needs_router_inputs(self, params: Mapping[str, Any]) -> bool:
+    def needs_router_inputs(self, params: MethodParameters) -> bool:
         """Whether the method reads the routers' recorded inputs (`RouterStatistics.router_inputs`)."""
         return False
 
-    def layer_plans(self, layers, weights: torch.Tensor, stats, params) -> list:
-        """How each layer's dense MLP is assembled; by default one merged block."""
-        return single_block_plans(layers, weights)
+    # -- the plan --------------------------------------------------------------------
+    @abstractmethod
+    def plan(
+        self, stats: Optional[RouterStatistics], params: MethodParameters, layers: Sequence[MoELayer]
+    ) -> MethodPlan:
+        """Expert weights and layer plans for every MoE layer, from one selection."""
+
+
+class WeightedMerge(ExpertMethod):
+    """A method whose dense MLP is one block: each projection is sum_e w_e W_e."""
+
+    def plan(self, stats, params, layers) -> MethodPlan:
+        weights = self.layer_weights(stats, params, num_layers=len(layers), num_experts=layers[0].num_experts)
+        return MethodPlan(weights, single_block_plans(layers, weights))
 
     @abstractmethod
     def layer_weights(
-        self, stats: Optional[RouterStatistics], params: Mapping[str, Any], *, num_layers: int, num_experts: int
+        self, stats: Optional[RouterStatistics], params: MethodParameters, *, num_layers: int, num_experts: int
     ) -> torch.Tensor:
         """[num_layers, num_experts] float64; each row non-negative, summing to 1."""
-
-
-def refit_parameters(default: str) -> Tuple[ParameterSpec, ...]:
-    """The re-fit options every method accepts (see refit.py)."""
-    return (
-        parameter(
-            "refit",
-            Literal["none", "scale", "down_proj"],
-            default,
-            "re-fit the merged down projection to the MoE layer output, layer by layer",
-        ),
-        parameter(
-            "refit_damping",
-            Annotated[float, Field(gt=0, allow_inf_nan=False)],
-            1e-4,
-            "ridge strength of refit: down_proj and regmean, relative to the mean activation energy",
-        ),
-        parameter(
-            "refit_gate_up",
-            Literal["merge", "regmean"],
-            "merge",
-            "gate/up: the method's weighted sum, or RegMean over the routed tokens' Gram matrices",
-        ),
-    )
 
 
 def normalize_rows(weights: torch.Tensor) -> torch.Tensor:
@@ -173,12 +191,15 @@ def normalize_rows(weights: torch.Tensor) -> torch.Tensor:
     return weights / total
 
 
-def check_top_k(params: Dict[str, Any], *, num_experts: int, top_k: int, key: str = "top_k") -> None:
+def model_top_k(params: MethodParameters, key: str, *, num_experts: int, top_k: int) -> MethodParameters:
     """`None` means the model's own top-k; anything else must be in 1..E."""
-    if params.get(key) is None:
-        params[key] = top_k
-    if not 1 <= params[key] <= num_experts:
-        raise MethodError(f"{key}={params[key]} is out of range: the model has {num_experts} experts")
+    value = getattr(params, key)
+    if value is None:
+        value = top_k
+        params = params.model_copy(update={key: value})
+    if not 1 <= value <= num_experts:
+        raise MethodError(f"{key}={value} is out of range: the model has {num_experts} experts")
+    return params
 
 
 def one_hot_rows(indices: Sequence[int], num_experts: int) -> torch.Tensor:

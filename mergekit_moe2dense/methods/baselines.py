@@ -15,10 +15,10 @@ import torch
 from pydantic import Field
 from typing_extensions import Annotated
 
-from mergekit_moe2dense.methods.base import ExpertMergeMethod, MethodError, one_hot_rows, parameter
+from mergekit_moe2dense.methods.base import MethodError, MethodParameters, WeightedMerge, one_hot_rows
 
 
-class ExpertUniform(ExpertMergeMethod):
+class ExpertUniform(WeightedMerge):
     name = "expert_uniform"
     pretty_name = "Uniform expert average"
 
@@ -29,21 +29,24 @@ class ExpertUniform(ExpertMergeMethod):
         return torch.full((num_layers, num_experts), 1.0 / num_experts, dtype=torch.float64)
 
 
-class SingleExpert(ExpertMergeMethod):
+class SingleExpert(WeightedMerge):
     name = "single_expert"
     pretty_name = "Single expert"
-    parameters = (
-        parameter("expert", Optional[Annotated[int, Field(ge=0)]], None, "expert index (default: the most selected per layer)"),
-    )
 
-    def check_parameters(self, params, *, num_experts, top_k):
-        if params["expert"] is not None and params["expert"] >= num_experts:
-            raise MethodError(f"expert={params['expert']} is out of range: the model has {num_experts} experts")
+    class Parameters(MethodParameters):
+        expert: Optional[Annotated[int, Field(ge=0)]] = Field(
+            None, description="expert index (default: the most selected per layer)"
+        )
+
+    def complete(self, params, *, num_experts, top_k):
+        if params.expert is not None and params.expert >= num_experts:
+            raise MethodError(f"expert={params.expert} is out of range: the model has {num_experts} experts")
+        return params
 
     def needs_statistics(self, params):
-        return params["expert"] is None
+        return params.expert is None
 
     def layer_weights(self, stats, params, *, num_layers, num_experts):
-        if params["expert"] is not None:
-            return one_hot_rows([params["expert"]] * num_layers, num_experts)
+        if params.expert is not None:
+            return one_hot_rows([params.expert] * num_layers, num_experts)
         return one_hot_rows(stats.selection_frequency.argmax(-1).tolist(), num_experts)

@@ -4,9 +4,12 @@
 
 Per layer, experts are scored on calibration tokens by
 
-    contribution:  c_e = mean_t g_te ||f_e(x_t)||   (g_te the model's top-k gate
-                   weight, zero when e is not selected: REAP's saliency,
-                   arXiv:2510.13999, recorded during calibration)
+    contribution:  c_e = (1/N) sum_t g_te ||f_e(x_t)||   over all N calibration
+                   tokens, g_te the model's top-k gate weight (zero when e is not
+                   selected). This is REAP's saliency (arXiv:2510.13999) times
+                   e's selection frequency: REAP averages over the tokens routed
+                   to e only, so a rarely chosen expert with large outputs scores
+                   higher there than here.
     frequency:     the fraction of tokens that select e.
 
 `concat` keeps the m best experts and places them side by side along the
@@ -16,7 +19,8 @@ gbar_e = mean_t g_te (`gates: mean`) or by 1/m (`gates: equal`). The result is
     y = sum_e s_e f_e(x),
 
 which is exactly the MoE with its router replaced by the fixed gates s_e (not
-an approximation); the dense intermediate size is m x the expert's.
+an approximation); the dense intermediate size is m x the expert's. The
+reported expert weights are the kept experts' gates s_e, normalised.
 
 `max_contribution` is `concat` with m = 1 followed by a re-fit of the down
 projection to the MoE's output (`refit: scale` by default; see refit.py).
@@ -24,13 +28,21 @@ projection to the MoE's output (`refit: scale` by default; see refit.py).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
-from pydantic import Field
-from typing_extensions import Annotated
+from pydantic import Field, computed_field
 
-from mergekit_moe2dense.methods.base import ExpertMergeMethod, check_top_k, normalize_rows, parameter
+from mergekit_moe2dense.methods.base import (
+    ExpertMethod,
+    MethodParameters,
+    MethodPlan,
+    PositiveInt,
+    Refit,
+    model_top_k,
+    normalize_rows,
+)
 from mergekit_moe2dense.plan import Block, LayerPlan
 
 Score = Literal["contribution", "frequency"]
@@ -46,52 +58,71 @@ def top_experts(stats, score: str, m: int) -> torch.Tensor:
     return expert_scores(stats, score).topk(m, dim=-1).indices
 
 
-class Concat(ExpertMergeMethod):
+@dataclass(frozen=True)
+class Selection:
+    """The experts kept in each layer and their fixed gates."""
+
+    experts: torch.Tensor  # [L, m] indices, best first
+    gates: torch.Tensor  # [L, m] float64, the down projections' scales s_e
+
+
+class Concat(ExpertMethod):
     name = "concat"
     pretty_name = "Concatenated top experts"
     reference_url = "https://arxiv.org/abs/2510.13999"
-    parameters = (
-        parameter("num_experts", Optional[Annotated[int, Field(ge=1)]], None, "experts kept per layer, m (default: the model's top-k)"),
-        parameter("score", Score, "contribution", "how experts are ranked"),
-        parameter("gates", Literal["mean", "equal"], "mean", "down projection scale: mean gate weight, or 1/m"),
-    )
 
-    def check_parameters(self, params, *, num_experts, top_k):
-        check_top_k(params, num_experts=num_experts, top_k=top_k, key="num_experts")
+    class Parameters(MethodParameters):
+        num_experts: Optional[PositiveInt] = Field(
+            None, description="experts kept per layer, m (default: the model's top-k)"
+        )
+        score: Score = Field("contribution", description="how experts are ranked")
+        gates: Literal["mean", "equal"] = Field("mean", description="down projection scale: mean gate weight, or 1/m")
 
-    def layer_weights(self, stats, params, *, num_layers, num_experts):
-        """The kept experts' fixed gates, normalised (what the weights file reports)."""
-        kept = top_experts(stats, params["score"], params["num_experts"])
-        gates = self._gates(stats, params, kept)
-        weights = torch.zeros(num_layers, num_experts, dtype=torch.float64)
-        weights.scatter_(1, kept, gates.clamp_min(1e-12))
-        return normalize_rows(weights)
+    def complete(self, params, *, num_experts, top_k):
+        return model_top_k(params, "num_experts", num_experts=num_experts, top_k=top_k)
 
-    def layer_plans(self, layers, weights, stats, params):
-        kept = top_experts(stats, params["score"], params["num_experts"])
-        gates = self._gates(stats, params, kept)
+    def select(self, stats, params) -> Selection:
+        kept = top_experts(stats, params.score, params.num_experts)
+        if params.gates == "equal":
+            gates = torch.full(kept.shape, 1.0 / kept.shape[1], dtype=torch.float64)
+        else:
+            gates = stats.mean_gate.gather(1, kept).double()
+        return Selection(kept, gates)
+
+    def plan(self, stats, params, layers) -> MethodPlan:
+        selection = self.select(stats, params)
+        num_experts = layers[0].num_experts
+        weights = torch.zeros(len(layers), num_experts, dtype=torch.float64)
+        weights.scatter_(1, selection.experts, selection.gates.clamp_min(1e-12))
         plans = []
-        for layer, experts, scales in zip(layers, kept.tolist(), gates.tolist()):
+        for layer, experts, scales in zip(layers, selection.experts.tolist(), selection.gates.tolist()):
             blocks = []
             for expert, scale in zip(experts, scales):
                 one_hot = [0.0] * layer.num_experts
                 one_hot[expert] = 1.0
                 blocks.append(Block(tuple(one_hot), down_scale=scale))
             plans.append(LayerPlan(layer, tuple(blocks)))
-        return plans
-
-    @staticmethod
-    def _gates(stats, params, kept: torch.Tensor) -> torch.Tensor:
-        if params["gates"] == "equal":
-            return torch.full(kept.shape, 1.0 / kept.shape[1], dtype=torch.float64)
-        return stats.mean_gate.gather(1, kept)
+        return MethodPlan(normalize_rows(weights), plans)
 
 
 class MaxContribution(Concat):
     name = "max_contribution"
     pretty_name = "Most contributing expert, re-fitted"
-    default_refit = "scale"
-    parameters = (parameter("score", Score, "contribution", "how experts are ranked"),)
 
-    def check_parameters(self, params, *, num_experts, top_k):
-        params.update(num_experts=1, gates="mean")
+    class Parameters(MethodParameters):
+        refit: Refit = Field("scale", description=MethodParameters.model_fields["refit"].description)
+        score: Score = Field("contribution", description="how experts are ranked")
+
+        # Fixed by the method, not settable; recorded with the parameters.
+        @computed_field
+        @property
+        def num_experts(self) -> int:
+            return 1
+
+        @computed_field
+        @property
+        def gates(self) -> str:
+            return "mean"
+
+    def complete(self, params, *, num_experts, top_k):
+        return params

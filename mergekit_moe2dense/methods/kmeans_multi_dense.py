@@ -20,7 +20,8 @@ Representative c_j of group j in layer l gives that layer's expert weights
 so with k = 1 (c = the mean over tokens) the method is `router_weighted`
 (`mean_logit`, temperature T) or `top_k_tempered` (`mean`) on the same tokens.
 Clusters are numbered by the share of tokens they cover, largest first; the
-plain `layer_weights` are cluster 0's. See `multi.py` for the outputs.
+plan's `weights` and `layers` are cluster 0's, its `clusters` all k. See
+`multi.py` for the outputs.
 """
 
 from __future__ import annotations
@@ -30,14 +31,20 @@ from typing import Literal, Optional
 
 import torch
 from pydantic import Field
-from typing_extensions import Annotated
 
 from mergekit_moe2dense.clustering import Decomposition, decompose
-from mergekit_moe2dense.methods.base import ExpertMergeMethod, MethodError, check_top_k, normalize_rows, parameter
-from mergekit_moe2dense.methods.router_weighted import Temperature
+from mergekit_moe2dense.methods.base import (
+    ExpertMethod,
+    MethodError,
+    MethodParameters,
+    MethodPlan,
+    PositiveInt,
+    Temperature,
+    model_top_k,
+    normalize_rows,
+)
 from mergekit_moe2dense.methods.top_k_tempered import tempered_top_k
-
-PositiveInt = Annotated[int, Field(ge=1)]
+from mergekit_moe2dense.plan import single_block_plans
 
 
 @dataclass
@@ -50,67 +57,73 @@ class ClusterWeights:
         return [float(s) for s in self.decomposition.shares]
 
 
-class KMeansMultiDense(ExpertMergeMethod):
+class KMeansMultiDense(ExpertMethod):
     name = "kmeans_multi_dense"
     pretty_name = "Clustered multi-dense expert merge"
     reference_url = "https://github.com/arcee-ai/mergekit/issues/267"
     multi_output = True
-    parameters = (
-        parameter("num_clusters", PositiveInt, 2, "k: number of dense models (or experts of the rebuilt MoE)"),
-        parameter("decomposition", Literal["kmeans", "svd"], "kmeans", "k-means centroids or SVD poles"),
-        parameter("clustering", Literal["joint", "per_layer"], "joint", "cluster all layers at once, or each and match"),
-        parameter("features", Literal["logits", "probs"], "logits", "router vectors clustered per token"),
-        parameter("temperature", Temperature, 1.0, "softmax temperature over experts"),
-        parameter("top_k", Optional[PositiveInt], None, "probs: experts kept per token (default: the model's)"),
-        parameter("renormalize", bool, True, "probs: renormalise the kept k probabilities per token"),
-        parameter("n_init", PositiveInt, 4, "k-means restarts"),
-        parameter("seed", int, 0, "k-means seed"),
-        parameter("output", Literal["dense", "moe"], "dense", "k dense models in cluster_j/, or one k-expert MoE"),
-        parameter("moe_top_k", Optional[PositiveInt], None, "moe: experts per token (default: min(2, k))"),
-        parameter("router", Literal["closed_form", "fitted"], "closed_form", "moe: how the new router is set"),
-    )
 
-    def check_parameters(self, params, *, num_experts, top_k):
-        check_top_k(params, num_experts=num_experts, top_k=top_k)
-        k = params["num_clusters"]
-        if params["moe_top_k"] is None:
-            params["moe_top_k"] = min(2, k)
-        if params["moe_top_k"] > k:
-            raise MethodError(f"moe_top_k={params['moe_top_k']} is out of range: the rebuilt MoE has {k} experts")
-        if params["decomposition"] == "svd" and (k + 1) // 2 > num_experts and params["clustering"] == "per_layer":
+    class Parameters(MethodParameters):
+        num_clusters: PositiveInt = Field(2, description="k: number of dense models (or experts of the rebuilt MoE)")
+        decomposition: Literal["kmeans", "svd"] = Field("kmeans", description="k-means centroids or SVD poles")
+        clustering: Literal["joint", "per_layer"] = Field(
+            "joint", description="cluster all layers at once, or each and match"
+        )
+        features: Literal["logits", "probs"] = Field("logits", description="router vectors clustered per token")
+        temperature: Temperature = Field(1.0, description="softmax temperature over experts")
+        top_k: Optional[PositiveInt] = Field(None, description="probs: experts kept per token (default: the model's)")
+        renormalize: bool = Field(True, description="probs: renormalise the kept k probabilities per token")
+        n_init: PositiveInt = Field(4, description="k-means restarts")
+        seed: int = Field(0, description="k-means seed")
+        output: Literal["dense", "moe"] = Field(
+            "dense", description="k dense models in cluster_j/, or one k-expert MoE"
+        )
+        moe_top_k: Optional[PositiveInt] = Field(None, description="moe: experts per token (default: min(2, k))")
+        router: Literal["closed_form", "fitted"] = Field("closed_form", description="moe: how the new router is set")
+
+    def complete(self, params, *, num_experts, top_k):
+        params = model_top_k(params, "top_k", num_experts=num_experts, top_k=top_k)
+        k = params.num_clusters
+        if params.moe_top_k is None:
+            params = params.model_copy(update={"moe_top_k": min(2, k)})
+        if params.moe_top_k > k:
+            raise MethodError(f"moe_top_k={params.moe_top_k} is out of range: the rebuilt MoE has {k} experts")
+        if params.decomposition == "svd" and (k + 1) // 2 > num_experts and params.clustering == "per_layer":
             raise MethodError(f"svd with {k} clusters needs {(k + 1) // 2} directions; a layer has {num_experts}")
+        return params
 
     def needs_router_inputs(self, params) -> bool:
-        return params["output"] == "moe" and params["router"] == "fitted"
+        return params.output == "moe" and params.router == "fitted"
 
     def cluster_weights(self, stats, params) -> ClusterWeights:
         """Decompose the sampled tokens and turn each group's representative into expert weights."""
-        k = params["num_clusters"]
+        k = params.num_clusters
         if stats.samples.shape[1] < k:
             raise MethodError(
                 f"{self.name}: {k} clusters need at least {k} sampled tokens, the statistics have "
                 f"{stats.samples.shape[1]} (raise calibration.max_token_samples)"
             )
         logits = stats.samples.double()
-        if params["features"] == "probs":
-            vectors = tempered_top_k(logits, params["temperature"], params["top_k"], params["renormalize"])
+        if params.features == "probs":
+            vectors = tempered_top_k(logits, params.temperature, params.top_k, params.renormalize)
         else:
             vectors = logits
         found = decompose(
             vectors.numpy(),
             k,
-            method=params["decomposition"],
-            scope=params["clustering"],
-            seed=params["seed"],
-            n_init=params["n_init"],
+            method=params.decomposition,
+            scope=params.clustering,
+            seed=params.seed,
+            n_init=params.n_init,
         ).sorted_by_share()
         centroids = torch.from_numpy(found.centroids).transpose(0, 1)  # [k, L, E]
-        if params["features"] == "probs":
+        if params.features == "probs":
             weights = torch.stack([normalize_rows(c) for c in centroids])
         else:
-            weights = torch.softmax(centroids / params["temperature"], dim=-1)
+            weights = torch.softmax(centroids / params.temperature, dim=-1)
         return ClusterWeights(weights, found)
 
-    def layer_weights(self, stats, params, *, num_layers, num_experts):
-        return self.cluster_weights(stats, params).weights[0]
-
+    def plan(self, stats, params, layers) -> MethodPlan:
+        clusters = self.cluster_weights(stats, params)
+        first = clusters.weights[0]
+        return MethodPlan(first, single_block_plans(layers, first), clusters=clusters)

@@ -20,13 +20,11 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-
-from mergekit_moe2dense.methods.base import ExpertMergeMethod, MethodError, parameter
 from pydantic import Field
-from typing_extensions import Annotated
+
+from mergekit_moe2dense.methods.base import MethodError, MethodParameters, Temperature, WeightedMerge
 
 Aggregate = Literal["mean_logit", "mean_prob", "median_prob", "selection_frequency"]
-Temperature = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
 def aggregate_scores(stats, aggregate: str) -> torch.Tensor:
@@ -44,15 +42,15 @@ def aggregate_scores(stats, aggregate: str) -> torch.Tensor:
     return scores.double().log()
 
 
-class RouterWeighted(ExpertMergeMethod):
+class RouterWeighted(WeightedMerge):
     name = "router_weighted"
     pretty_name = "Router-weighted expert merge"
     reference_url = "https://github.com/arcee-ai/mergekit/issues/267"
-    parameters = (
-        parameter("aggregate", Aggregate, "mean_logit", "how router scores are aggregated over tokens"),
-        parameter("temperature", Temperature, 1.0, "softmax temperature over experts"),
-    )
+
+    class Parameters(MethodParameters):
+        aggregate: Aggregate = Field("mean_logit", description="how router scores are aggregated over tokens")
+        temperature: Temperature = Field(1.0, description="softmax temperature over experts")
 
     def layer_weights(self, stats, params, *, num_layers, num_experts):
-        scores = aggregate_scores(stats, params["aggregate"])
-        return torch.softmax(scores / params["temperature"], dim=-1)
+        scores = aggregate_scores(stats, params.aggregate)
+        return torch.softmax(scores / params.temperature, dim=-1)

@@ -12,8 +12,7 @@ Mixtral. For every calibration token t (the recorded subsample):
 Median caveat: after the mask an expert chosen by fewer than half the tokens has
 median 0, and every expert can have median 0 (e.g. 8 experts, top-2, balanced
 routing). Where a layer's medians are all zero the method falls back to the mean
-for that layer, which is never all-zero; the fallback is recorded in the output's
-metadata (`fallback_layers`).
+for that layer, which is never all-zero, and logs a warning naming those layers.
 """
 
 from __future__ import annotations
@@ -23,16 +22,16 @@ from typing import Literal, Optional
 
 import torch
 from pydantic import Field
-from typing_extensions import Annotated
 
 from mergekit_moe2dense.methods.base import (
-    ExpertMergeMethod,
     MethodError,
-    check_top_k,
+    MethodParameters,
+    PositiveInt,
+    Temperature,
+    WeightedMerge,
+    model_top_k,
     normalize_rows,
-    parameter,
 )
-from mergekit_moe2dense.methods.router_weighted import Temperature
 
 LOG = logging.getLogger(__name__)
 
@@ -47,26 +46,26 @@ def tempered_top_k(logits: torch.Tensor, temperature: float, top_k: int, renorma
     return probs
 
 
-class TopKTempered(ExpertMergeMethod):
+class TopKTempered(WeightedMerge):
     name = "top_k_tempered"
     pretty_name = "Tempered top-k router merge"
     reference_url = "https://github.com/arcee-ai/mergekit/issues/267"
-    parameters = (
-        parameter("temperature", Temperature, 0.5, "softmax temperature before the mask"),
-        parameter("top_k", Optional[Annotated[int, Field(ge=1)]], None, "experts kept per token (default: the model's)"),
-        parameter("renormalize", bool, True, "renormalise the kept k probabilities per token"),
-        parameter("aggregate", Literal["mean", "median"], "mean", "how tokens are aggregated per layer"),
-    )
 
-    def check_parameters(self, params, *, num_experts, top_k):
-        check_top_k(params, num_experts=num_experts, top_k=top_k)
+    class Parameters(MethodParameters):
+        temperature: Temperature = Field(0.5, description="softmax temperature before the mask")
+        top_k: Optional[PositiveInt] = Field(None, description="experts kept per token (default: the model's)")
+        renormalize: bool = Field(True, description="renormalise the kept k probabilities per token")
+        aggregate: Literal["mean", "median"] = Field("mean", description="how tokens are aggregated per layer")
+
+    def complete(self, params, *, num_experts, top_k):
+        return model_top_k(params, "top_k", num_experts=num_experts, top_k=top_k)
 
     def layer_weights(self, stats, params, *, num_layers, num_experts):
         if stats.samples.shape[1] == 0:
             raise MethodError("top_k_tempered needs per-token samples; the statistics have none")
-        probs = tempered_top_k(stats.samples, params["temperature"], params["top_k"], params["renormalize"])
+        probs = tempered_top_k(stats.samples, params.temperature, params.top_k, params.renormalize)
         weights = probs.mean(dim=1)
-        if params["aggregate"] == "median":
+        if params.aggregate == "median":
             median = probs.median(dim=1).values
             empty = median.sum(-1) <= 0
             if bool(empty.any()):

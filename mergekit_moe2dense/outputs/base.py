@@ -11,12 +11,14 @@ from abc import ABC, abstractmethod
 from math import prod
 from typing import TYPE_CHECKING, Any, Dict, Optional
 
+import torch
 from mergekit.common import dtype_from_name
 
 from mergekit_moe2dense.families import ExpertSlice
 
 if TYPE_CHECKING:
     from mergekit_moe2dense.job import ConversionJob
+    from mergekit_moe2dense.methods import MethodPlan
 
 WEIGHTS_FILE = "expert_weights.json"
 # Tokenizer and generation files copied from the MoE (mergekit's list).
@@ -36,18 +38,18 @@ TAGALONG_FILES = (
 
 class Output(ABC):
     """One kind of output. `check` runs before any work; `plan` turns the method's
-    result into what is written (it may run the re-fit); `write` writes it into the
-    staging directory, which the job publishes."""
+    `MethodPlan` into what is written (it may run the re-fit); `write` writes that into
+    the staging directory, which the job publishes."""
 
     def check(self, job: "ConversionJob") -> None:
         """Refusals that need only the config and the model (before calibration)."""
 
-    @abstractmethod
-    def weights(self, job: "ConversionJob", stats) -> Any:
-        """The method's result for this output (per-layer weights, or clusters)."""
+    def reported_weights(self, result: "MethodPlan") -> torch.Tensor:
+        """The expert weights the library's result reports: [L, E], or [k, L, E]."""
+        return result.weights
 
     @abstractmethod
-    def plan(self, job: "ConversionJob", result: Any, stats) -> Any:
+    def plan(self, job: "ConversionJob", result: "MethodPlan", stats) -> Any:
         """What the graph will write."""
 
     @abstractmethod

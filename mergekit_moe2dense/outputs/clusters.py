@@ -14,7 +14,7 @@ import os
 
 from mergekit_moe2dense.methods import MethodError
 from mergekit_moe2dense.outputs.base import Output, output_bytes
-from mergekit_moe2dense.outputs.dense import DenseModel, DensePlan, needs_refit
+from mergekit_moe2dense.outputs.dense import DenseModel, DensePlan
 from mergekit_moe2dense.plan import single_block_plans, with_family_scales
 
 SUMMARY_FILE = "clusters.json"
@@ -28,14 +28,15 @@ class DenseModels(Output):
     def check(self, job) -> None:
         check_clusters(job)
 
-    def weights(self, job, stats):
-        return job.method.cluster_weights(stats, job.params)
+    def reported_weights(self, result):
+        return result.clusters.weights
 
     def estimated_bytes(self, job):
         one = output_bytes(job, experts_per_layer=1)
         return None if one is None else job.params.num_clusters * one
 
-    def plan(self, job, clusters, stats) -> list:
+    def plan(self, job, result, stats) -> list:
+        clusters = result.clusters
         shares = clusters.shares
         source = job.source
         return [
@@ -64,7 +65,7 @@ class DenseModels(Output):
 def check_clusters(job) -> None:
     """Fail before calibration if the re-fit is asked for or too few tokens will be sampled."""
     params, calibration = job.params, job.config.calibration
-    if needs_refit(params):
+    if params.needs_refit:
         raise MethodError(f"{job.config.merge_method} writes several models and does not support refit")
     k = params.num_clusters
     if job.stats_path is None and calibration is not None and calibration.max_token_samples < k:

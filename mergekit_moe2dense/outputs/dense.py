@@ -30,26 +30,19 @@ class DensePlan:
     extra: Optional[dict] = None  # more keys for expert_weights.json and the card (e.g. a cluster's share)
 
 
-def needs_refit(params) -> bool:
-    return params.refit != "none" or params.refit_gate_up != "merge"
-
-
 class DenseModel(Output):
     def check(self, job) -> None:
-        if needs_refit(job.params) and job.config.calibration is None:
+        if job.params.needs_refit and job.config.calibration is None:
             raise ConfigError(
                 f"the re-fit (refit: {job.params.refit}, refit_gate_up: {job.params.refit_gate_up}) needs a "
                 "calibration: block (its data is what is fitted)"
             )
 
-    def weights(self, job, stats):
-        return job.method.plan(stats, job.params, job.layers)
-
     def plan(self, job, result, stats) -> DensePlan:
         source = job.source
-        plans = with_family_scales(result.plans, source.family, source.config, stats)
+        plans = with_family_scales(result.layers, source.family, source.config, stats)
         planned = DensePlan(result.weights, plans)
-        if needs_refit(job.params):
+        if job.params.needs_refit:
             planned = self._refit(job, planned)
         return planned
 

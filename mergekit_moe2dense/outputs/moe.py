@@ -36,14 +36,14 @@ class RebuiltMoE(Output):
         family.moe_config(config, params.num_clusters, params.moe_top_k)  # raises where the family cannot
         family.moe_router_name(job.layers[0].index)
 
-    def weights(self, job, stats):
-        return job.method.cluster_weights(stats, job.params)
+    def reported_weights(self, result):
+        return result.clusters.weights
 
     def estimated_bytes(self, job):
         return output_bytes(job, experts_per_layer=job.params.num_clusters)
 
-    def plan(self, job, clusters, stats) -> MoEPlan:
-        family, params = job.source.family, job.params
+    def plan(self, job, result, stats) -> MoEPlan:
+        clusters, family, params = result.clusters, job.source.family, job.params
         if params.router == "fitted":
             labels = clusters.decomposition.labels
             routers = [
