@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 import torch
-from mergekit.common import dtype_from_name
 from mergekit.graph import Executor
 from mergekit.io.tasks import LoaderCache
 from mergekit.options import MergeOptions
@@ -28,18 +27,12 @@ from mergekit.options import MergeOptions
 from mergekit_moe2dense.calibration import (
     RouterStatistics,
     StatisticsError,
-    collect_router_statistics,
-    collect_router_statistics_layerwise,
-    input_device,
+    calibration_dtype,
+    collect_statistics,
     load_calibration_batches,
-    load_moe,
 )
 from mergekit_moe2dense.calibration.sequential import refit_layers
-from mergekit_moe2dense.calibration.distributed import (
-    Ranks,
-    collect_router_statistics_distributed,
-    collect_router_statistics_layerwise_distributed,
-)
+from mergekit_moe2dense.calibration.distributed import Ranks
 from mergekit_moe2dense.card import write_model_card
 from mergekit_moe2dense.checkpoint import SourceModel
 from mergekit_moe2dense.config import ConfigError, Moe2DenseConfig
@@ -87,83 +80,29 @@ def check_output_dir(out_path: str, overwrite: bool) -> None:
         raise OutputExistsError(f"output directory {out_path} is not empty; pass --overwrite to replace it")
 
 
-def calibration_dtype(config: Moe2DenseConfig, device: str) -> torch.dtype:
-    name = config.calibration.dtype if config.calibration else None
-    return dtype_from_name(name or ("bfloat16" if device.startswith("cuda") else "float32"))
-
-
-def calibration_engine(source: SourceModel, calibration, device: str) -> str:
-    """`auto` streams layers when the checkpoint would take over half the free memory
-    (unless a device map places the whole model)."""
-    if calibration.engine != "auto":
-        return calibration.engine
-    if calibration.device_map is not None:
-        return "full"
-    size = sum(
-        os.path.getsize(os.path.join(source.index.base_path, shard.filename)) for shard in source.index.shards
-    )
-    try:
-        if device.startswith("cuda"):
-            free = torch.cuda.mem_get_info(torch.device(device))[0]
-        else:
-            free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    except (AttributeError, ValueError, OSError):  # no free-memory query on this platform
-        return "full"
-    return "full" if size < free / 2 else "layerwise"
-
-
 def calibrate(
     source: SourceModel,
     config: Moe2DenseConfig,
     fingerprint: Dict[str, Any],
     options: MergeOptions,
     record_router_inputs: bool = False,
+    batches=None,
 ) -> RouterStatistics:
+    """Router statistics on `config.calibration` (`batches`: its token batches, where the
+    caller has tokenized already, to hand the same ones to the re-fit)."""
     if config.calibration is None:
         raise ConfigError(f"{config.merge_method} needs a calibration: block (dataset, num_samples, ...)")
     calibration = config.calibration
-    _, batches = load_calibration_batches(source.path, calibration)
-    ranks = Ranks.from_env()
-    device = ranks.device(options.device or "cpu")
-    dtype = calibration_dtype(config, device)
-    engine = calibration_engine(source, calibration, device)
-    if calibration.device_map is not None and (engine == "layerwise" or ranks.distributed):
-        raise ConfigError(
-            "calibration.device_map places one whole model: it needs engine: full, in one process "
-            "(the layerwise engine holds one layer at a time; under torchrun each rank has its own GPU)"
-        )
-    ranks.init_process_group(device)
-    if engine == "layerwise":
-        streamed = (
-            collect_router_statistics_layerwise_distributed if ranks.distributed else collect_router_statistics_layerwise
-        )
-        stats = streamed(
-            source,
-            batches,
-            max_token_samples=calibration.max_token_samples,
-            seed=calibration.seed,
-            device=device,
-            dtype=dtype,
-            spill_dir=calibration.spill_dir,
-            progress=not options.quiet and ranks.is_main,
-            record_router_inputs=record_router_inputs or calibration.record_router_inputs,
-        )
-    else:
-        collect = collect_router_statistics_distributed if ranks.distributed else collect_router_statistics
-        model = load_moe(source.path, device=device, dtype=dtype, device_map=calibration.device_map)
-        try:
-            stats = collect(
-                model,
-                source.family,
-                batches,
-                max_token_samples=calibration.max_token_samples,
-                seed=calibration.seed,
-                device=str(input_device(model)),
-                progress=not options.quiet and ranks.is_main,
-                record_router_inputs=record_router_inputs or calibration.record_router_inputs,
-            )
-        finally:
-            del model
+    if batches is None:
+        _, batches = load_calibration_batches(source.path, calibration)
+    stats = collect_statistics(
+        source,
+        batches,
+        calibration,
+        device=options.device or "cpu",
+        progress=not options.quiet,
+        record_router_inputs=record_router_inputs,
+    )
     stats.metadata.update(
         model=str(source.reference),
         model_fingerprint=fingerprint,
@@ -287,7 +226,7 @@ def refit(source, config, plans, params, staging, options):
         damping=params["refit_damping"],
         gate_up=params["refit_gate_up"],
         device=device,
-        dtype=calibration_dtype(config, device),
+        dtype=calibration_dtype(config.calibration, device),
         spill_dir=config.calibration.spill_dir,
         progress=not options.quiet,
     )
