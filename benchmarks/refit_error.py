@@ -19,10 +19,11 @@ import torch
 import transformers
 from mergekit.common import ModelReference
 
-from mergekit_moe2dense.calibration import collect_router_statistics
+from mergekit_moe2dense.calibration import collect_statistics
 from mergekit_moe2dense.calibration.batches import TokenBatch
 from mergekit_moe2dense.calibration.sequential import DenseMLP, refit_layers
 from mergekit_moe2dense.checkpoint import SourceModel
+from mergekit_moe2dense.config import CalibrationConfig
 from mergekit_moe2dense.methods import get_method
 from mergekit_moe2dense.plan import assemble
 
@@ -76,7 +77,8 @@ def main():
         source = SourceModel.open(ModelReference.parse(path))
         calib = random_batches(args.tokens // (4 * 128), 128, 4, 512, seed=1)
         held = random_batches(4, 128, 4, 512, seed=2)
-        stats = collect_router_statistics(moe, source.family, calib, max_token_samples=4096, progress=False)
+        calibration = CalibrationConfig(dataset="random tokens", max_token_samples=4096, engine="full")
+        stats = collect_statistics(source, calib, calibration, progress=False)
         layers, loader = source.moe_layers(), source.reference.lazy_loader()
         E, k = args.experts, config.num_experts_per_tok
         rows = [("max_contribution", {}), ("concat", {"num_experts": k}), ("concat", {"num_experts": E}),

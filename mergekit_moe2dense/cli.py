@@ -101,11 +101,13 @@ def evaluate(models, data_paths, seq_len, stride, batch_size, max_tokens, device
 @click.option("--num-samples", default=32, show_default=True, help="Calibration sequences (with --data).")
 @click.option("--seq-len", default=256, show_default=True, help="Tokens per calibration sequence (with --data).")
 @click.option("--device", default="cpu", show_default=True, help="Device of the unit-matching products and of the calibration forward.")
+@click.option("--engine", type=click.Choice(["auto", "full", "layerwise"]), default="auto", show_default=True, help="Calibration engine (with --data), as calibration.engine: the whole model, or streamed one decoder layer at a time.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None, help="Dtype of the calibration forward (with --data; default: float32 on CPU, bfloat16 on GPU).")
 @click.option("--max-units", default=512, show_default=True, help="Hidden units per expert matched (a random subsample when wider).")
 @click.option("--heatmap", "heatmap_path", type=click.Path(dir_okay=False), default=None, help="Write per-layer expert cosine heatmaps to this PNG.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON.")
 @one_line_errors
-def inspect(model, stats_path, data, num_samples, seq_len, device, max_units, heatmap_path, json_path):
+def inspect(model, stats_path, data, num_samples, seq_len, device, engine, dtype, max_units, heatmap_path, json_path):
     """Whether merging MOE's experts by averaging can work: expert similarity, router usage, verdict."""
     from mergekit_moe2dense.inspection import inspect_moe
 
@@ -116,6 +118,8 @@ def inspect(model, stats_path, data, num_samples, seq_len, device, max_units, he
         num_samples=num_samples,
         seq_len=seq_len,
         device=device,
+        engine=engine,
+        dtype=dtype,
         max_units=max_units,
         heatmap_path=heatmap_path,
         json_path=json_path,

@@ -52,12 +52,7 @@ from mergekit.common import ModelReference
 from pydantic import ValidationError
 from scipy.optimize import linear_sum_assignment
 
-from mergekit_moe2dense.calibration import (
-    RouterStatistics,
-    collect_router_statistics,
-    load_calibration_batches,
-    load_moe,
-)
+from mergekit_moe2dense.calibration import RouterStatistics, collect_statistics, load_calibration_batches
 from mergekit_moe2dense.checkpoint import SourceModel
 from mergekit_moe2dense.config import CalibrationConfig
 from mergekit_moe2dense.errors import Moe2DenseError
@@ -333,13 +328,9 @@ def _calibration_config(data: str, **values):
 
 
 def _calibrate(source, calibration, device: str):
+    """A short calibration through the build's entry point: same engine choice and dtype rule."""
     _, batches = load_calibration_batches(source.path, calibration)
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model = load_moe(source.path, device=device, dtype=dtype)
-    try:
-        return collect_router_statistics(model, source.family, batches, max_token_samples=0, device=device, progress=False)
-    finally:
-        del model
+    return collect_statistics(source, batches, calibration, device=device, progress=False)
 
 
 def inspect_moe(
@@ -352,12 +343,15 @@ def inspect_moe(
     seq_len: int = 256,
     batch_size: int = 4,
     device: str = "cpu",
+    engine: str = "auto",
+    dtype: Optional[str] = None,
     heatmap_path: Optional[str] = None,
     json_path: Optional[str] = None,
     seed: int = 0,
     progress: bool = False,
 ) -> InspectionReport:
-    """Inspect the MoE at `model_path`; router usage from `stats_path` or a calibration on `data`.
+    """Inspect the MoE at `model_path`; router usage from `stats_path` or a calibration on `data`
+    (on `engine`, in `dtype`: as `calibration.engine` / `calibration.dtype` of a build).
 
     Expert tensors are read lazily, one layer at a time. Outputs are validated before
     any tensor is read and written only at the end.
@@ -366,8 +360,20 @@ def inspect_moe(
         raise InspectionError("give --stats or --data, not both")
     if max_units < 1:
         raise InspectionError(f"max_units must be at least 1 (got {max_units})")
+    if not data and (engine != "auto" or dtype is not None):
+        raise InspectionError("--engine and --dtype set the calibration of --data; give --data")
     calibration = (
-        _calibration_config(data, num_samples=num_samples, seq_len=seq_len, batch_size=batch_size) if data else None
+        _calibration_config(
+            data,
+            num_samples=num_samples,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            max_token_samples=0,  # only the sums are reported
+            engine=engine,
+            dtype=dtype,
+        )
+        if data
+        else None
     )
     _check_output(heatmap_path, "heatmap")
     _check_output(json_path, "JSON output")

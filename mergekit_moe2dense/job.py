@@ -16,10 +16,14 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
-from mergekit.common import dtype_from_name
 from mergekit.options import MergeOptions
 
-from mergekit_moe2dense.calibration import RouterStatistics, StatisticsError, load_calibration_batches
+from mergekit_moe2dense.calibration import (
+    RouterStatistics,
+    StatisticsError,
+    calibration_dtype,
+    load_calibration_batches,
+)
 from mergekit_moe2dense.calibration.distributed import Ranks
 from mergekit_moe2dense.checkpoint import SourceModel
 from mergekit_moe2dense.config import ConfigError, Moe2DenseConfig
@@ -151,5 +155,4 @@ class ConversionJob:
 
     @property
     def calibration_dtype(self) -> torch.dtype:
-        name = self.config.calibration.dtype if self.config.calibration else None
-        return dtype_from_name(name or ("bfloat16" if self.device.startswith("cuda") else "float32"))
+        return calibration_dtype(self.config.calibration, self.device)

@@ -18,7 +18,7 @@ merging experts.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -66,21 +66,55 @@ def with_family_scales(plans: Sequence[LayerPlan], family: MoEFamily, config, st
     return finished
 
 
+@dataclass(frozen=True)
+class BlockTerms:
+    """One block of one projection: sum_i weights[i] * (tensor of slices[i]), times `scale`."""
+
+    slices: Tuple[ExpertSlice, ...]  # the contributing experts' slices (zero weights left out)
+    experts: Tuple[int, ...]  # their indices into MoELayer.experts; () for a shared expert
+    weights: Tuple[float, ...]
+    scale: float  # the block's down_scale for `down`, 1.0 for gate and up
+    shared: Optional[int] = None  # index into MoELayer.shared_experts
+
+
+def block_terms(plan: LayerPlan, projection: str) -> List[BlockTerms]:
+    """The terms of each block of `plan`'s `projection`, in block order (the order in which
+    the blocks are concatenated, along `block_dim(projection)`)."""
+    terms = []
+    for block in plan.blocks:
+        scale = block.down_scale if projection == "down" else 1.0
+        if block.shared is not None:
+            piece = plan.layer.shared_experts[block.shared][projection]
+            terms.append(BlockTerms((piece,), (), (1.0,), scale, shared=block.shared))
+            continue
+        used = [e for e, w in enumerate(block.weights) if w != 0.0]
+        terms.append(
+            BlockTerms(
+                tuple(plan.layer.experts[e][projection] for e in used),
+                tuple(used),
+                tuple(float(block.weights[e]) for e in used),
+                scale,
+            )
+        )
+    return terms
+
+
+def block_dim(projection: str) -> int:
+    """The intermediate dimension, along which blocks are concatenated: 1 for down [H, I], 0 for gate/up [I, H]."""
+    return 1 if projection == "down" else 0
+
+
 def assemble(plan: LayerPlan, load: Callable[[ExpertSlice], torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """The dense projections of `plan` in memory, in float32 (the graph's MergeExperts
-    and ConcatBlocks compute the same: sum_e w_e W_e per block, down scaled, concatenated)."""
+    """The dense projections of `plan` in memory, in float32: per block sum_e w_e W_e
+    (`block_terms`), scaled, concatenated."""
     result = {}
     for projection in PROJECTIONS:
         parts = []
-        for block in plan.blocks:
-            if block.shared is not None:
-                part = load(plan.layer.shared_experts[block.shared][projection]).float()
+        for terms in block_terms(plan, projection):
+            if terms.shared is not None:
+                part = load(terms.slices[0]).float()
             else:
-                part = sum(
-                    w * load(expert[projection]).float()
-                    for w, expert in zip(block.weights, plan.layer.experts)
-                    if w != 0.0
-                )
-            parts.append(part * block.down_scale if projection == "down" else part)
-        result[projection] = torch.cat(parts, dim=1 if projection == "down" else 0)
+                part = sum(w * load(piece).float() for w, piece in zip(terms.weights, terms.slices))
+            parts.append(part if terms.scale == 1.0 else part * terms.scale)
+        result[projection] = torch.cat(parts, dim=block_dim(projection))
     return result

@@ -14,11 +14,12 @@ from mergekit.options import MergeOptions
 
 from conftest import logits_of
 from mergekit_moe2dense.build import WEIGHTS_FILE, build_dense
-from mergekit_moe2dense.calibration import collect_router_statistics, load_calibration_batches, load_moe
+from mergekit_moe2dense.calibration import collect_statistics, load_calibration_batches, load_moe
 from mergekit_moe2dense.calibration.sequential import DenseMLP, refit_layers
 from mergekit_moe2dense.checkpoint import SourceModel
 from mergekit_moe2dense.config import CalibrationConfig, ConfigError, Moe2DenseConfig
-from mergekit_moe2dense.plan import Block, LayerPlan, assemble
+from mergekit_moe2dense.families import ExpertSlice, MoELayer
+from mergekit_moe2dense.plan import Block, LayerPlan, assemble, block_terms
 from mergekit_moe2dense.refit import LeastSquaresStats, fit_down_proj
 
 OPTIONS = MergeOptions(quiet=True)
@@ -82,10 +83,11 @@ def test_max_contribution_keeps_the_most_contributing_expert(random_moe, calib_d
 def test_contributions_match_a_direct_computation(random_moe, calib_dir):
     """sum over tokens of gate x ||expert output||, from the legacy per-expert tensors."""
     path = random_moe["legacy"]
-    _, batches = load_calibration_batches(str(path), CalibrationConfig(dataset=str(calib_dir), **CALIB))
+    calibration = CalibrationConfig(dataset=str(calib_dir), max_token_samples=0, engine="full", **CALIB)
+    _, batches = load_calibration_batches(str(path), calibration)
     model = load_moe(str(path), device="cpu", dtype=torch.float32)
     source = SourceModel.open(ModelReference.parse(str(path)))
-    stats = collect_router_statistics(model, source.family, batches, max_token_samples=0, progress=False)
+    stats = collect_statistics(source, batches, calibration, progress=False)
     seen = []
     handle = model.model.layers[1].mlp.register_forward_hook(lambda m, i, o: seen.append(i[0]))
     with torch.no_grad():
@@ -104,6 +106,28 @@ def test_contributions_match_a_direct_computation(random_moe, calib_dir):
             y = (torch.nn.functional.silu(x @ w(e, "w1").T) * (x @ w(e, "w3").T)) @ w(e, "w2").T
             expected[e] += float((top * (index == e)).sum(-1).double() @ y.double().norm(dim=-1))
     torch.testing.assert_close(stats.contribution_sum[1], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_block_terms_and_assemble(random_moe):
+    """Each block's contributing experts (zero weights left out), weights and scale (down only),
+    and `assemble` built on them: blocks merged, scaled, concatenated along the intermediate dim."""
+    source = SourceModel.open(ModelReference.parse(str(random_moe["legacy"])))
+    layer = source.moe_layers()[0]
+    plan = LayerPlan(layer, (Block((0.5, 0.0, 0.5, 0.0), down_scale=2.0), Block((0.0, 0.0, 0.0, 1.0), down_scale=0.5)))
+    gate, down = block_terms(plan, "gate"), block_terms(plan, "down")
+    assert [t.experts for t in gate] == [(0, 2), (3,)] and [t.weights for t in gate] == [(0.5, 0.5), (1.0,)]
+    assert [t.scale for t in gate] == [1.0, 1.0] and [t.scale for t in down] == [2.0, 0.5]
+    assert down[0].slices == (layer.experts[0]["down"], layer.experts[2]["down"])
+    loader = source.reference.lazy_loader()
+    tensors = assemble(plan, lambda piece: piece.take(loader.get_tensor(piece.tensor)))
+    w = lambda e, n: loader.get_tensor(f"model.layers.0.block_sparse_moe.experts.{e}.{n}.weight")  # noqa: E731
+    torch.testing.assert_close(tensors["gate"], torch.cat([0.5 * w(0, "w1") + 0.5 * w(2, "w1"), w(3, "w1")]))
+    torch.testing.assert_close(tensors["down"], torch.cat([w(0, "w2") + w(2, "w2"), 0.5 * w(3, "w2")], dim=1))
+
+    shared = {p: ExpertSlice(f"shared.{p}") for p in ("gate", "up", "down")}
+    with_shared = MoELayer(0, layer.experts, layer.router, (), shared_experts=(shared,))
+    terms = block_terms(LayerPlan(with_shared, (Block(shared=0, down_scale=0.25),)), "down")
+    assert [(t.slices, t.experts, t.weights, t.scale, t.shared) for t in terms] == [((shared["down"],), (), (1.0,), 0.25, 0)]
 
 
 def test_refit_needs_calibration_data(random_moe, tmp_path):

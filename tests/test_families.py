@@ -10,12 +10,15 @@ import json
 import pytest
 import torch
 import transformers
+from mergekit.common import ModelReference
 from mergekit.options import MergeOptions
 
 from conftest import logits_of
 from mergekit_moe2dense.build import build_dense
-from mergekit_moe2dense.calibration import collect_router_statistics
+from mergekit_moe2dense.calibration import collect_statistics
 from mergekit_moe2dense.calibration.batches import TokenBatch
+from mergekit_moe2dense.checkpoint import SourceModel
+from mergekit_moe2dense.config import CalibrationConfig
 from mergekit_moe2dense.families import UnsupportedModelError, get_family
 from mergekit_moe2dense.families.qwen3_moe import MOE_CONFIG_KEYS
 from test_build import METHOD_PARAMS, make_config
@@ -139,9 +142,9 @@ def _batch() -> TokenBatch:
 
 
 def _stats(path):
-    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
-    family = get_family(model.config)
-    return collect_router_statistics(model, family, [_batch()], max_token_samples=16, progress=False)
+    source = SourceModel.open(ModelReference.parse(str(path)))
+    calibration = CalibrationConfig(dataset="unused: the batch is given", max_token_samples=16, engine="full")
+    return collect_statistics(source, [_batch()], calibration, progress=False)
 
 
 @pytest.mark.parametrize(

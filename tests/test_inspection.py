@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from mergekit.common import ModelReference
 
 from conftest import make_mixtral
-from mergekit_moe2dense.calibration import collect_router_statistics, load_calibration_batches, load_moe
+from mergekit_moe2dense.calibration import collect_statistics, load_calibration_batches
 from mergekit_moe2dense.checkpoint import SourceModel
 from mergekit_moe2dense.cli import main
 from mergekit_moe2dense.config import CalibrationConfig
@@ -132,11 +132,11 @@ def test_router_usage_from_data_and_from_stats_agree(random_moe, calib_dir, tmp_
     path = str(random_moe["legacy"])
     from_data = inspect_moe(path, data=str(calib_dir), num_samples=4, seq_len=32)
     source = SourceModel.open(ModelReference.parse(path))
-    calibration = CalibrationConfig(dataset=str(calib_dir), num_samples=4, seq_len=32, batch_size=4)
-    _, batches = load_calibration_batches(path, calibration)
-    stats = collect_router_statistics(
-        load_moe(path, device="cpu", dtype=torch.float32), source.family, batches, max_token_samples=0, progress=False
+    calibration = CalibrationConfig(
+        dataset=str(calib_dir), num_samples=4, seq_len=32, batch_size=4, max_token_samples=0, engine="full"
     )
+    _, batches = load_calibration_batches(path, calibration)
+    stats = collect_statistics(source, batches, calibration, progress=False)
     stats.metadata["model_fingerprint"] = source.fingerprint(source.moe_layers())
     stats.save(tmp_path / "router_stats.safetensors")
     from_stats = inspect_moe(path, stats_path=str(tmp_path / "router_stats.safetensors"))
@@ -146,6 +146,28 @@ def test_router_usage_from_data_and_from_stats_agree(random_moe, calib_dir, tmp_
         assert a.selection_share == pytest.approx(b.selection_share)
         assert 0 < a.routing_entropy <= 1 and a.routing_entropy == pytest.approx(b.routing_entropy)
     assert inspect_moe(path).layers[0].selection_share is None
+
+
+def test_layerwise_engine_gives_the_same_report_as_full(random_moe, calib_dir, tmp_path, monkeypatch):
+    """`inspect --engine layerwise` calibrates on the layer stream (the spy) and reports what
+    the whole-model engine reports."""
+    from mergekit_moe2dense.calibration import engine
+
+    path = str(random_moe["fused"])
+    full = inspect_moe(path, data=str(calib_dir), num_samples=4, seq_len=32, engine="full").to_dict()
+    streamed_runs = []
+    streamed = engine._collect_layerwise
+    monkeypatch.setattr(engine, "_collect_layerwise", lambda *a, **k: streamed_runs.append(k["dtype"]) or streamed(*a, **k))
+    result = run_cli(path, "--data", calib_dir, "--num-samples", 4, "--seq-len", 32, "--engine", "layerwise", "--json", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    assert streamed_runs == [torch.float32]
+    layerwise = json.loads((tmp_path / "r.json").read_text())
+    assert layerwise["router_tokens"] == full["router_tokens"] > 0
+    for a, b in zip(layerwise.pop("layers"), full.pop("layers")):
+        assert a.pop("selection_share") == pytest.approx(b.pop("selection_share"), abs=1e-9)
+        assert a.pop("routing_entropy") == pytest.approx(b.pop("routing_entropy"), abs=1e-6)
+        assert a == b
+    assert layerwise == full
 
 
 # -- command line -----------------------------------------------------------------------
@@ -174,6 +196,7 @@ def test_cli_prints_table_and_writes_png_and_json(upcycled_moe, calib_dir, tmp_p
         (["--stats", "missing.safetensors"], "statistics file not found"),
         (["--data", "x.txt", "--num-samples", "0"], "num_samples"),
         (["--max-units", "0"], "max_units"),
+        (["--engine", "layerwise"], "give --data"),
     ],
 )
 def test_cli_errors_are_one_line(random_moe, args, fragment):

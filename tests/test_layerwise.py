@@ -8,33 +8,27 @@ import pytest
 import torch
 from mergekit.common import ModelReference
 
-from mergekit_moe2dense.calibration import load_calibration_batches, load_moe
-from mergekit_moe2dense.calibration.runner import (
-    collect_router_statistics,
-    collect_router_statistics_layerwise,
-)
+from mergekit_moe2dense.calibration import collect_statistics, load_calibration_batches
 from mergekit_moe2dense.checkpoint import SourceModel
 from mergekit_moe2dense.config import CalibrationConfig
 
 
-def calibration(calib_dir):
-    return CalibrationConfig(dataset=str(calib_dir), num_samples=7, seq_len=24, batch_size=3, max_token_samples=50)
+def calibration(calib_dir, **values):
+    return CalibrationConfig(
+        dataset=str(calib_dir), num_samples=7, seq_len=24, batch_size=3, max_token_samples=50, seed=3, **values
+    )
 
 
 @pytest.mark.parametrize("layout, spill", [("legacy", False), ("fused", True)])
 def test_layerwise_statistics_equal_full_forward(random_moe, calib_dir, tmp_path, layout, spill):
     path = random_moe[layout]
-    calib = calibration(calib_dir)
-    _, batches = load_calibration_batches(str(path), calib)
+    _, batches = load_calibration_batches(str(path), calibration(calib_dir))
     assert any(bool((b.attention_mask == 0).any()) for b in batches)  # padding is exercised
     source = SourceModel.open(ModelReference.parse(str(path)))
-    full = collect_router_statistics(
-        load_moe(str(path), device="cpu", dtype=torch.float32), source.family, batches,
-        max_token_samples=50, seed=3, progress=False,
-    )
-    streamed = collect_router_statistics_layerwise(
-        source, batches, max_token_samples=50, seed=3, progress=False,
-        spill_dir=str(tmp_path / "acts") if spill else None,
+    full = collect_statistics(source, batches, calibration(calib_dir, engine="full"), progress=False)
+    spill_dir = str(tmp_path / "acts") if spill else None
+    streamed = collect_statistics(
+        source, batches, calibration(calib_dir, engine="layerwise", spill_dir=spill_dir), progress=False
     )
     assert streamed.tokens == full.tokens > 0
     for name in ("logit_sum", "prob_sum", "selected", "gate_sum", "contribution_sum", "samples"):
@@ -69,8 +63,8 @@ def test_device_map_places_the_full_model_with_accelerate(random_moe, calib_dir,
     gives the same statistics; it is refused where it cannot apply."""
     from mergekit.options import MergeOptions
 
-    from mergekit_moe2dense.build import build_dense, calibration_engine, calibrate
-    from mergekit_moe2dense.calibration import runner
+    from mergekit_moe2dense.build import build_dense, calibrate
+    from mergekit_moe2dense.calibration import calibration_engine, runner
     from mergekit_moe2dense.config import ConfigError, Moe2DenseConfig
 
     def config(**calibration):
@@ -89,7 +83,7 @@ def test_device_map_places_the_full_model_with_accelerate(random_moe, calib_dir,
         maps.append(kwargs["device_map"])
         return load(path, **kwargs)
 
-    monkeypatch.setattr("mergekit_moe2dense.build.load_moe", spy)
+    monkeypatch.setattr("mergekit_moe2dense.calibration.engine.load_moe", spy)
     source = SourceModel.open(ModelReference.parse(str(random_moe["legacy"])))
     options = MergeOptions(quiet=True)
     placed = calibrate(source, config(device_map="auto"), {}, options)
@@ -105,3 +99,73 @@ def test_device_map_places_the_full_model_with_accelerate(random_moe, calib_dir,
     with pytest.raises(ConfigError, match="device_map"):
         build_dense(config(device_map="auto"), str(tmp_path / "b"), options)
     assert not list(tmp_path.iterdir())
+
+
+def test_layer_loop_calls_back_in_order_and_carries_the_converted_states(random_moe, calib_dir):
+    """`LayerStream.run`: prepare_layer sees the loaded layer and its inputs, extra passes leave
+    the carried states alone, swaps hold only for the advancing forward, after_layer sees the
+    freed layer and its outputs; and with every sparse block swapped for a dense MLP the carried
+    states are those of a full forward of the converted dense model (what the re-fit relies on)."""
+    from mergekit_moe2dense.calibration import LayerStream, LayerVisitor, load_moe
+    from mergekit_moe2dense.calibration.sequential import DenseMLP
+    from mergekit_moe2dense.plan import Block, LayerPlan, assemble
+
+    path = random_moe["fused"]
+    source = SourceModel.open(ModelReference.parse(str(path)))
+    _, batches = load_calibration_batches(str(path), calibration(calib_dir))
+    family, loader = source.family, source.reference.lazy_loader()
+    block_path = {i: family.router_module(i).rsplit(".", 1)[0] for i in range(2)}
+
+    def dense_mlp(layer):
+        tensors = assemble(LayerPlan(layer, (Block((0.1, 0.2, 0.3, 0.4)),)), lambda p: p.take(loader.get_tensor(p.tensor)))
+        return DenseMLP(tensors["gate"], tensors["up"], tensors["down"], torch.nn.functional.silu)
+
+    dense = {layer.index: dense_mlp(layer) for layer in source.moe_layers()}
+
+    class Converting(LayerVisitor):
+        def __init__(self):
+            self.events, self.inputs, self.outputs = [], {}, {}
+
+        def prepare_layer(self, stream, index, layer):
+            self.events.append(("prepare", index))
+            assert not any(p.is_meta for p in layer.parameters())
+            self.inputs[index] = [stream.inputs(b).clone() for b in range(len(batches))]
+            seen = []
+            stream.forward(layer, advance=False, before_batch=seen.append)
+            assert seen == list(range(len(batches)))
+            assert all(torch.equal(stream.inputs(b), x) for b, x in enumerate(self.inputs[index]))
+            return {block_path[index]: dense[index]}
+
+        def before_batch(self, batch):
+            self.events.append(("batch", batch))
+
+        def after_layer(self, stream, index):
+            self.events.append(("after", index))
+            assert all(p.is_meta for p in stream.layers[index].parameters())
+            assert not isinstance(stream.model.get_submodule(block_path[index]), DenseMLP)
+            self.outputs[index] = [stream.inputs(b).clone() for b in range(len(batches))]
+
+    visitor = Converting()
+    with LayerStream(source, batches) as stream:
+        stream.run(visitor, progress=False)
+    n = len(batches)
+    assert visitor.events == [
+        event for i in range(2) for event in [("prepare", i), *(("batch", b) for b in range(n)), ("after", i)]
+    ]
+
+    model = load_moe(str(path), device="cpu", dtype=torch.float32).eval()
+    outputs = {i: [] for i in range(2)}
+    for i, layer in enumerate(model.model.layers):
+        model.set_submodule(block_path[i], dense[i])
+        layer.register_forward_hook(lambda m, a, out, i=i: outputs[i].append(out[0] if isinstance(out, tuple) else out))
+    with torch.no_grad():
+        for batch in batches:
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    for b in range(n):
+        torch.testing.assert_close(visitor.inputs[1][b], outputs[0][b], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(visitor.outputs[1][b], outputs[1][b], rtol=1e-5, atol=1e-5)
+    # the dense swap changed the carried states: the MoE's own layer 0 gives other inputs to layer 1
+    with LayerStream(source, batches) as stream:
+        stream.run(LayerVisitor(), progress=False)
+        moe_out = stream.inputs(0)
+    assert (moe_out - visitor.outputs[1][0]).abs().max() > 1e-3

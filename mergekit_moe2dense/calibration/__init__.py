@@ -1,33 +1,32 @@
 # Copyright (C) 2026 the mergekit-moe2dense authors
 # SPDX-License-Identifier: LGPL-3.0-only
-"""Calibration: text -> token batches -> router hooks -> RouterStatistics."""
+"""Calibration: text -> token batches -> router hooks -> RouterStatistics.
+
+`load_calibration_batches` tokenizes once; `collect_statistics` is the one entry
+point of the statistics pass (engine, dtype and torchrun ranks chosen there);
+`LayerStream.run` is the one layer loop (statistics, re-fit).
+"""
 
 from mergekit_moe2dense.calibration.batches import TokenBatch, calibration_sequences, pad_batches
-from mergekit_moe2dense.calibration.distributed import Ranks, collect_router_statistics_distributed
-from mergekit_moe2dense.calibration.layerwise import LayerStream, LayerStreamError
-from mergekit_moe2dense.calibration.runner import (
-    RouterRecorder,
-    collect_router_statistics,
-    collect_router_statistics_layerwise,
-    input_device,
-    load_calibration_batches,
-    load_moe,
-)
+from mergekit_moe2dense.calibration.distributed import Ranks
+from mergekit_moe2dense.calibration.engine import calibration_dtype, calibration_engine, collect_statistics
+from mergekit_moe2dense.calibration.layerwise import LayerStream, LayerStreamError, LayerVisitor
+from mergekit_moe2dense.calibration.runner import RouterRecorder, load_calibration_batches, load_moe
 from mergekit_moe2dense.calibration.stats import RouterStatistics, StatisticsError
 
 __all__ = [
     "LayerStream",
     "LayerStreamError",
+    "LayerVisitor",
     "Ranks",
     "RouterRecorder",
     "RouterStatistics",
     "StatisticsError",
     "TokenBatch",
+    "calibration_dtype",
+    "calibration_engine",
     "calibration_sequences",
-    "collect_router_statistics",
-    "collect_router_statistics_distributed",
-    "collect_router_statistics_layerwise",
-    "input_device",
+    "collect_statistics",
     "load_calibration_batches",
     "load_moe",
     "pad_batches",

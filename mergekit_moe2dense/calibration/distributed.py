@@ -35,20 +35,12 @@ import tqdm
 
 from mergekit_moe2dense.calibration.batches import TokenBatch
 from mergekit_moe2dense.calibration.layerwise import LayerStream
-from mergekit_moe2dense.calibration.runner import RouterRecorder, sample_token_ids
+from mergekit_moe2dense.calibration.runner import RouterRecorder, RecorderVisitor, sample_token_ids
 from mergekit_moe2dense.calibration.stats import SUMS, RouterStatistics
 from mergekit_moe2dense.config import ConfigError
 from mergekit_moe2dense.families import MoEFamily
 
-__all__ = [
-    "SUM_FIELDS",
-    "Ranks",
-    "collect_router_statistics_distributed",
-    "collect_router_statistics_layerwise_distributed",
-    "rank_batches",
-]
-
-SUM_FIELDS = SUMS  # every [L, E] running sum of RouterStatistics
+__all__ = ["Ranks", "rank_batches"]
 
 
 @dataclass(frozen=True)
@@ -120,16 +112,16 @@ class _RankShare:
 
     def reduce(self, comm_device: str) -> RouterStatistics:
         size = (len(self.batches), len(self.layers), self.num_experts)
-        per_batch = torch.zeros((len(SUM_FIELDS), *size), dtype=torch.float64)
+        per_batch = torch.zeros((len(SUMS), *size), dtype=torch.float64)
         shared_gate = torch.zeros(size[:2], dtype=torch.float64)
         for i, part in self.parts.items():
-            for f, name in enumerate(SUM_FIELDS):
+            for f, name in enumerate(SUMS):
                 per_batch[f, i] = getattr(part, name)
             shared_gate[i] = part.shared_gate_sum
         per_batch, shared_gate, samples = (_all_reduce(t, comm_device) for t in (per_batch, shared_gate, self.samples))
         stats = RouterStatistics(self.layers, self.num_experts, self.top_k, tokens=self.tokens, samples=samples)
         for i in range(len(self.batches)):  # one process's summation order
-            for f, name in enumerate(SUM_FIELDS):
+            for f, name in enumerate(SUMS):
                 getattr(stats, name).add_(per_batch[f, i])
             stats.shared_gate_sum.add_(shared_gate[i])
         return stats
@@ -140,7 +132,7 @@ def _refuse_router_inputs(record_router_inputs: bool) -> None:
         raise ConfigError("recording router inputs is not supported under torchrun; calibrate in one process")
 
 
-def collect_router_statistics_distributed(
+def _collect_full_distributed(
     model: torch.nn.Module,
     family: MoEFamily,
     batches: Sequence[TokenBatch],
@@ -151,7 +143,7 @@ def collect_router_statistics_distributed(
     progress: bool = True,
     record_router_inputs: bool = False,
 ) -> RouterStatistics:
-    """`collect_router_statistics` over this rank's batches, reduced over the default group.
+    """`runner._collect_full` over this rank's batches, reduced over the default group.
 
     Every rank returns the full statistics. Needs an initialized process group.
     """
@@ -170,7 +162,7 @@ def collect_router_statistics_distributed(
     return share.reduce(_comm_device(device))
 
 
-def collect_router_statistics_layerwise_distributed(
+def _collect_layerwise_distributed(
     source,
     batches: Sequence[TokenBatch],
     *,
@@ -182,15 +174,15 @@ def collect_router_statistics_layerwise_distributed(
     progress: bool = True,
     record_router_inputs: bool = False,
 ) -> RouterStatistics:
-    """`collect_router_statistics_layerwise` over this rank's batches, reduced over the
+    """`runner._collect_layerwise` over this rank's batches, reduced over the
     default group: every rank streams every layer through its own share of the tokens."""
     _refuse_router_inputs(record_router_inputs)
     share = _RankShare(source.config, source.family, batches, max_token_samples, seed)
     mine = [batches[i] for i in share.mine]
     with LayerStream(source, mine, device=device, dtype=dtype, spill_dir=spill_dir) as stream:
         with share.recorder(stream.model, source.family) as recorder:
-            stream.run_layers(
-                lambda b: share.begin(recorder, share.mine[b]),
+            stream.run(
+                RecorderVisitor(recorder, lambda b: share.begin(recorder, share.mine[b])),
                 desc=f"Calibrating (rank {dist.get_rank()})",
                 progress=progress,
             )

@@ -23,18 +23,27 @@ the device or are spilled to disk (`spill_dir`). Because the streamed layer is
 the very module object of the skeleton, forward hooks registered on the
 skeleton (e.g. `RouterRecorder`) fire on it unchanged.
 
-Usage::
+One loop over the decoder layers, several users (router statistics, the
+re-fit, `inspect`'s short calibration): `LayerStream.run(visitor)` calls a
+`LayerVisitor`'s callbacks in this order, for each decoder layer l::
 
-    with LayerStream(source, batches, device="cpu", dtype=torch.float32) as stream:
-        for index in stream.layer_indices:
-            layer = stream.load_layer(index)
-            stream.forward(layer, before_batch=lambda b: ...)  # carried states advance
-            stream.free_layer(index)
+    layer = stream.load_layer(l)                     # materialised from the checkpoint
+    swaps = visitor.prepare_layer(stream, l, layer)  # may run stream.forward(layer, advance=False)
+    with the modules of `swaps` in place of theirs:  # e.g. a dense MLP for the sparse block
+        for each batch b:
+            visitor.before_batch(b)
+            carried states of b <- layer(carried states of b)
+    stream.free_layer(l)                             # the swapped-out modules are back first
+    visitor.after_layer(stream, l)                   # stream.inputs(b): layer l's outputs
 
-`stream.forward(module, advance=False)` runs the batches without replacing the
-carried states (to look at a layer without committing to its output), and
+So in `prepare_layer` the carried states are layer l's inputs: the outputs of
+layers 0..l-1 *as converted* by earlier swaps. Forward hooks registered on the
+skeleton (e.g. `RouterRecorder`) fire on the streamed layer unchanged, since it
+is the very module object of the skeleton. `stream.forward(module, advance=False)`
+runs the batches without replacing the carried states (to look at a layer
+without committing to its output; `before_batch` is not called for it), and
 `stream.inputs(b)` / `stream.kwargs(b)` give a batch's carried states and layer
-arguments, for runs of other modules (e.g. a re-fitted dense layer).
+arguments.
 """
 
 from __future__ import annotations
@@ -55,7 +64,7 @@ from mergekit_moe2dense.checkpoint import READAHEAD_BYTES, TensorReader
 from mergekit_moe2dense.errors import Moe2DenseError
 from mergekit_moe2dense.families import ExpertSlice, MoELayer
 
-__all__ = ["LayerStream", "LayerStreamError"]
+__all__ = ["LayerStream", "LayerStreamError", "LayerVisitor"]
 
 
 class LayerStreamError(Moe2DenseError, ValueError):
@@ -83,6 +92,26 @@ def _find_malloc_trim():
 
 
 _malloc_trim = _find_malloc_trim()
+
+
+class LayerVisitor:
+    """Per-layer callbacks of `LayerStream.run` (see the module docstring for their order).
+
+    Every callback is optional: the defaults do nothing and swap nothing.
+    """
+
+    def prepare_layer(self, stream: "LayerStream", index: int, layer: torch.nn.Module) -> Dict[str, torch.nn.Module]:
+        """Decoder layer `index` is loaded and the carried states are its inputs. Extra
+        passes may run here (`stream.forward(layer, advance=False)`); the returned
+        {module path in `stream.model`: module} replace those submodules during the
+        advancing forward only, so the carried states come from the swapped layer."""
+        return {}
+
+    def before_batch(self, batch: int) -> None:
+        """Before batch `batch` of the advancing forward through each layer."""
+
+    def after_layer(self, stream: "LayerStream", index: int) -> None:
+        """Layer `index` has run and is freed; the carried states are its outputs."""
 
 
 class _Caught(Exception):
@@ -222,22 +251,22 @@ class LayerStream:
         self.layers[index].to_empty(device="meta")
         _release_freed_memory()
 
-    def run_layers(
-        self,
-        before_batch: Callable[[int], None],
-        *,
-        after_layer: Optional[Callable[[], None]] = None,
-        desc: str = "Calibrating",
-        progress: bool = True,
-    ) -> None:
-        """Every decoder layer in turn: load it, run every batch through it (the carried
-        states advance), free it."""
+    def run(self, visitor: LayerVisitor, *, desc: str = "Calibrating", progress: bool = True) -> None:
+        """The layer loop: every decoder layer in turn is loaded, shown to `visitor`, run
+        on every batch (the carried states advance, through the visitor's swaps), freed."""
         for index in tqdm.tqdm(self.layer_indices, desc=desc, unit="layer", disable=not progress):
             layer = self.load_layer(index)
-            self.forward(layer, before_batch=before_batch)
+            swaps = visitor.prepare_layer(self, index, layer) or {}
+            originals = {path: self.model.get_submodule(path) for path in swaps}
+            try:
+                for path, module in swaps.items():
+                    self.model.set_submodule(path, module)
+                self.forward(layer, before_batch=visitor.before_batch)
+            finally:  # the skeleton keeps its own modules, to be freed and reloaded
+                for path, module in originals.items():
+                    self.model.set_submodule(path, module)
             self.free_layer(index)
-            if after_layer is not None:
-                after_layer()
+            visitor.after_layer(self, index)
 
     def forward(
         self,

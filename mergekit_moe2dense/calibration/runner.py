@@ -1,18 +1,23 @@
 # Copyright (C) 2026 the mergekit-moe2dense authors
 # SPDX-License-Identifier: LGPL-3.0-only
-"""The calibration pass: run the MoE on calibration text with hooks on its routers."""
+"""The calibration pass: run the MoE on calibration text with hooks on its routers.
+
+The two single-process engines live here (`_collect_full`: the whole model's
+forward; `_collect_layerwise`: the same hooks on `LayerStream`'s layer loop);
+`engine.collect_statistics` is the entry point that picks one.
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 import tqdm
 import transformers
 
 from mergekit_moe2dense.calibration.batches import TokenBatch, calibration_sequences, pad_batches
-from mergekit_moe2dense.calibration.layerwise import LayerStream
+from mergekit_moe2dense.calibration.layerwise import LayerStream, LayerVisitor
 from mergekit_moe2dense.calibration.stats import RouterStatistics
 from mergekit_moe2dense.data import DataError, load_documents
 from mergekit_moe2dense.families import MoEFamily
@@ -106,7 +111,24 @@ class RouterRecorder:
             self.stats.tokens += kept
 
 
+class RecorderVisitor(LayerVisitor):
+    """Router statistics on the layer loop: the recorder's hooks fire in each layer's
+    advancing forward; `begin(b)` points the recorder at batch b."""
+
+    def __init__(self, recorder: RouterRecorder, begin: Callable[[int], None]):
+        self.recorder = recorder
+        self.begin = begin
+
+    def before_batch(self, batch: int) -> None:
+        self.begin(batch)
+
+    def after_layer(self, stream, index: int) -> None:
+        self.recorder.rewind()
+
+
 def load_calibration_batches(model_path: str, calibration, tokenizer=None) -> tuple:
+    """(sequences, padded batches) of `calibration`'s text; tokenize once per run and give
+    the same batches to the statistics and the re-fit."""
     tokenizer = tokenizer or transformers.AutoTokenizer.from_pretrained(model_path)
     try:
         documents = load_documents(
@@ -149,7 +171,7 @@ def _empty_statistics(config, family: MoEFamily, batches, max_token_samples: int
     return stats, sample_ids, total
 
 
-def collect_router_statistics(
+def _collect_full(
     model: torch.nn.Module,
     family: MoEFamily,
     batches: List[TokenBatch],
@@ -179,7 +201,7 @@ def collect_router_statistics(
     return stats
 
 
-def collect_router_statistics_layerwise(
+def _collect_layerwise(
     source,
     batches: List[TokenBatch],
     *,
@@ -191,7 +213,7 @@ def collect_router_statistics_layerwise(
     progress: bool = True,
     record_router_inputs: bool = False,
 ) -> RouterStatistics:
-    """The same statistics as `collect_router_statistics`, streaming the checkpoint
+    """The same statistics as `_collect_full`, streaming the checkpoint
     (`checkpoint.SourceModel`) one decoder layer at a time (see layerwise.py)."""
     family = source.family
     stats, sample_ids, _ = _empty_statistics(source.config, family, batches, max_token_samples, seed)
@@ -199,9 +221,7 @@ def collect_router_statistics_layerwise(
         stats.router_inputs = torch.zeros((len(stats.layers), len(sample_ids), 0))
     with LayerStream(source, batches, device=device, dtype=dtype, spill_dir=spill_dir) as stream:
         with RouterRecorder(stream.model, family, stats, sample_ids) as recorder:
-            stream.run_layers(
-                lambda b: recorder.begin_batch(batches[b]), after_layer=recorder.rewind, progress=progress
-            )
+            stream.run(RecorderVisitor(recorder, lambda b: recorder.begin_batch(batches[b])), progress=progress)
     return stats
 
 

@@ -2,30 +2,36 @@
 # SPDX-License-Identifier: LGPL-3.0-only
 """The layer-sequential re-fit: convert the model layer by layer on the streaming engine.
 
-For each decoder layer l, in order (GPTQ's / llm-compressor's sequential loop):
-the carried hidden states are the outputs of the *already converted* dense
-layers 0..l-1; the MoE layer l runs on them while a hook records its sparse
-block's input x (post-attention-norm hidden states) and output y (the target);
-the dense MLP of the plan is evaluated on the same x, its down projection is
-re-fitted to y (refit.py), and the dense layer l (the MoE layer with its sparse
-block swapped for the fitted dense MLP) produces the next layer's inputs.
-With `gate_up="regmean"` a first run over the batches gathers the Gram matrix
-of the tokens routed to each expert, and every block's gate/up is the RegMean
-merge of its experts instead of the plain weighted sum.
+For each decoder layer l, in order (GPTQ's / llm-compressor's sequential loop,
+here `LayerStream.run` with the `_Converting` visitor): the carried hidden
+states are the outputs of the *already converted* dense layers 0..l-1; the
+per-layer step (a `LayerFitter`) gets layer l's `SparseBlock` and its plan and
+returns the dense MLP that replaces the block (`LayerFit`); the dense layer l
+(the MoE layer with its sparse block swapped for that MLP) produces the next
+layer's inputs.
+
+The step here is `closed_form_fit`: the MoE layer runs on the carried states
+while a hook records its sparse block's input x (post-attention-norm hidden
+states) and output y (the target); the dense MLP of the plan is evaluated on
+the same x and its down projection re-fitted to y (refit.py). With
+`gate_up="regmean"` a first pass gathers the Gram matrix of the tokens routed
+to each expert, and every block's gate/up is the RegMean merge of its experts
+instead of the plain weighted sum. Another fit (e.g. by gradient descent) is
+another `LayerFitter` given to `fit_layers`.
 Only one layer's weights and the calibration activations are in memory.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import tqdm
 
 from mergekit_moe2dense.calibration.batches import TokenBatch
-from mergekit_moe2dense.calibration.layerwise import LayerStream
-from mergekit_moe2dense.plan import LayerPlan, assemble
+from mergekit_moe2dense.calibration.layerwise import LayerStream, LayerVisitor
+from mergekit_moe2dense.plan import LayerPlan, assemble, block_dim, block_terms
 from mergekit_moe2dense.refit import (
     LeastSquaresStats,
     fit_channel_scale,
@@ -34,7 +40,7 @@ from mergekit_moe2dense.refit import (
     squared_error,
 )
 
-__all__ = ["DenseMLP", "RefitResult", "refit_layers"]
+__all__ = ["DenseMLP", "LayerFit", "LayerFitter", "RefitResult", "SparseBlock", "closed_form_fit", "fit_layers", "refit_layers"]
 
 REFIT_MODES = ("none", "scale", "down_proj")
 
@@ -54,11 +60,119 @@ class DenseMLP(torch.nn.Module):
 
 
 @dataclass
+class SparseBlock:
+    """Layer l's sparse block as the per-layer step sees it: loaded, inside its MoE
+    layer, whose carried inputs are the outputs of the converted layers 0..l-1."""
+
+    stream: LayerStream
+    index: int  # decoder layer
+    layer: torch.nn.Module  # the MoE decoder layer
+    path: str  # the block's module path in stream.model
+    module: torch.nn.Module
+    router: torch.nn.Module
+    act: Callable[[torch.Tensor], torch.Tensor]  # the experts' activation
+    keep: Optional[torch.Tensor] = None  # during `run`: the current batch's non-padding tokens [B*T], on the device
+
+    @classmethod
+    def of(cls, stream: LayerStream, index: int, layer: torch.nn.Module) -> "SparseBlock":
+        family = stream.family
+        path = family.router_module(index).rsplit(".", 1)[0]
+        return cls(
+            stream,
+            index,
+            layer,
+            path,
+            stream.model.get_submodule(path),
+            stream.model.get_submodule(family.router_module(index)),
+            stream.model.get_submodule(family.experts_module(index)).act_fn,
+        )
+
+    def run(self, *handles) -> None:
+        """One pass of every batch through the MoE layer (the carried states stay);
+        `keep` is set for each batch before its forward; `handles` (hooks) are removed after."""
+
+        def before(b: int) -> None:
+            self.keep = self.stream.batches[b].attention_mask.reshape(-1).bool().to(self.stream.device)
+
+        try:
+            self.stream.forward(self.layer, advance=False, before_batch=before)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def record(self, on_tokens: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
+        """One pass: `on_tokens(x, y)` per batch with the block's input x and output y
+        [N, H] of the non-padding tokens, in float32."""
+
+        def hook(_module, inputs, output):
+            x = inputs[0].reshape(-1, inputs[0].shape[-1])[self.keep].float()
+            y = output.reshape(-1, output.shape[-1])[self.keep].float()
+            on_tokens(x, y)
+
+        self.run(self.module.register_forward_hook(hook))
+
+    def load(self, piece) -> torch.Tensor:
+        """One expert's projection from the checkpoint, on the device."""
+        return self.stream.read_slice(piece).to(self.stream.device)
+
+
+@dataclass
+class LayerFit:
+    """What a per-layer step returns."""
+
+    dense: DenseMLP  # replaces the sparse block; its outputs are the next layer's inputs
+    tensors: Dict[str, torch.Tensor]  # projection ("gate", "up", "down") -> fitted tensor, to be written
+    error: Tuple[float, float]  # relative squared error of the block's output before, after the fit
+
+
+# The per-layer step: (layer l's sparse block, its plan) -> the dense MLP replacing it.
+LayerFitter = Callable[[SparseBlock, LayerPlan], LayerFit]
+
+
+@dataclass
 class RefitResult:
     tensors: Dict[str, torch.Tensor] = field(default_factory=dict)  # dense name -> fitted [H, I]
     # decoder layer -> (relative squared error of the sparse block's output before, after the fit),
     # sum_t ||y_t - D h_t||^2 / sum_t ||y_t||^2 on the calibration tokens
     errors: Dict[int, Tuple[float, float]] = field(default_factory=dict)
+
+
+class _Converting(LayerVisitor):
+    """Runs the per-layer step on every planned layer and swaps in its dense MLP."""
+
+    def __init__(self, plans: Sequence[LayerPlan], fitter: LayerFitter, result: RefitResult):
+        self.plans = {plan.layer.index: plan for plan in plans}
+        self.fitter = fitter
+        self.result = result
+
+    def prepare_layer(self, stream, index, layer):
+        plan = self.plans.get(index)
+        if plan is None:
+            return {}
+        block = SparseBlock.of(stream, index, layer)
+        fit = self.fitter(block, plan)
+        names = stream.family.dense_mlp_names(index)
+        self.result.tensors.update({names[p]: tensor.cpu() for p, tensor in fit.tensors.items()})
+        self.result.errors[index] = fit.error
+        return {block.path: fit.dense}
+
+
+def fit_layers(
+    source,
+    plans: Sequence[LayerPlan],
+    batches: List[TokenBatch],
+    fitter: LayerFitter,
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    spill_dir=None,
+    progress: bool = True,
+) -> RefitResult:
+    """Every planned layer converted in order by `fitter`, on the layer stream."""
+    result = RefitResult()
+    with LayerStream(source, batches, device=device, dtype=dtype, spill_dir=spill_dir) as stream:
+        stream.run(_Converting(plans, fitter, result), desc="Re-fitting", progress=progress)
+    return result
 
 
 def refit_layers(
@@ -78,60 +192,36 @@ def refit_layers(
     up with `gate_up="regmean"`), and the layers' reconstruction errors."""
     if mode not in REFIT_MODES:
         raise ValueError(f"unknown refit mode {mode!r}")
-    family = source.family
-    by_index = {plan.layer.index: plan for plan in plans}
-    result = RefitResult()
-    with LayerStream(source, batches, device=device, dtype=dtype, spill_dir=spill_dir) as stream:
-        for index in tqdm.tqdm(stream.layer_indices, desc="Re-fitting", unit="layer", disable=not progress):
-            layer = stream.load_layer(index)
-            plan = by_index.get(index)
-            if plan is not None:
-                block_path = family.router_module(index).rsplit(".", 1)[0]
-                sparse = stream.model.get_submodule(block_path)
-                act = stream.model.get_submodule(family.experts_module(index)).act_fn
-                names = family.dense_mlp_names(index)
-                grams = None
-                if gate_up == "regmean":
-                    router = stream.model.get_submodule(family.router_module(index))
-                    grams = _routed_grams(stream, layer, sparse, router, family, batches, plan.layer.num_experts)
-                tensors = _dense_tensors(stream, plan, grams, damping)
-                if grams is not None:
-                    result.tensors.update({names[p]: tensors[p].cpu() for p in ("gate", "up")})
-                dense = DenseMLP(tensors["gate"], tensors["up"], tensors["down"], act)
-                down, result.errors[index] = _fit(stream, layer, sparse, dense, batches, mode, damping)
-                if mode != "none":
-                    result.tensors[names["down"]] = down.cpu()
-                dense.down = down
-                stream.model.set_submodule(block_path, dense)
-                try:
-                    stream.forward(layer)
-                finally:
-                    stream.model.set_submodule(block_path, sparse)
-            else:
-                stream.forward(layer)
-            stream.free_layer(index)
-    return result
+    fitter = functools.partial(closed_form_fit, mode=mode, damping=damping, gate_up=gate_up)
+    return fit_layers(source, plans, batches, fitter, device=device, dtype=dtype, spill_dir=spill_dir, progress=progress)
 
 
-def _fit(stream, layer, sparse, dense: DenseMLP, batches, mode: str, damping: float):
+def closed_form_fit(block: SparseBlock, plan: LayerPlan, *, mode: str, damping: float, gate_up: str = "merge") -> LayerFit:
+    """The plan's dense MLP (gate/up by RegMean with `gate_up="regmean"`), its down
+    projection re-fitted by least squares (`mode`: none, scale, down_proj)."""
+    grams = _routed_grams(block, plan.layer.num_experts) if gate_up == "regmean" else None
+    tensors = assemble(plan, block.load)
+    if grams is not None:
+        for projection in ("gate", "up"):
+            tensors[projection] = _regmean_projection(plan, projection, grams, block.load, damping)
+    dense = DenseMLP(tensors["gate"], tensors["up"], tensors["down"], block.act)
+    down, error = _fit_down(block, dense, mode, damping)
+    fitted = {p: tensors[p] for p in ("gate", "up")} if grams is not None else {}
+    if mode != "none":
+        fitted["down"] = down
+    dense.down = down
+    return LayerFit(dense, fitted, error)
+
+
+def _fit_down(block: SparseBlock, dense: DenseMLP, mode: str, damping: float):
     """Run the MoE layer on the carried states, recording its block's (x, y); solve."""
     stats = LeastSquaresStats()
-    keep = {}
 
-    def hook(_module, inputs, output):
-        x = inputs[0].reshape(-1, inputs[0].shape[-1])[keep["mask"]].float()
-        y = output.reshape(-1, output.shape[-1])[keep["mask"]].float()
+    def add(x: torch.Tensor, y: torch.Tensor) -> None:
         h = dense.intermediate(x)
         stats.add_batch(h, y, output=h @ dense.down.T if mode == "scale" else None)
 
-    def before(b: int) -> None:
-        keep["mask"] = batches[b].attention_mask.reshape(-1).bool().to(stream.device)
-
-    handle = sparse.register_forward_hook(hook)
-    try:
-        stream.forward(layer, advance=False, before_batch=before)
-    finally:
-        handle.remove()
+    block.record(add)
     if mode == "scale":
         down = (fit_channel_scale(stats)[:, None] * dense.down.double()).float()
     elif mode == "down_proj":
@@ -142,17 +232,18 @@ def _fit(stream, layer, sparse, dense: DenseMLP, batches, mode: str, damping: fl
     return down, (squared_error(stats, dense.down) / total, squared_error(stats, down) / total)
 
 
-def _routed_grams(stream, layer, sparse, router, family, batches, num_experts: int) -> List[torch.Tensor]:
+def _routed_grams(block: SparseBlock, num_experts: int) -> List[torch.Tensor]:
     """Per expert, X_e^T X_e over the (non-padding) tokens the router sends to it."""
     grams: List[torch.Tensor] = []
     state = {}
+    family = block.stream.family
 
     def take_input(_module, inputs):
-        state["x"] = inputs[0].reshape(-1, inputs[0].shape[-1])[state["keep"]].double()
+        state["x"] = inputs[0].reshape(-1, inputs[0].shape[-1])[block.keep].double()
 
     def take_routing(_module, _inputs, output):
         _, _, index = family.router_outputs(output)
-        index = index.reshape(state["keep"].shape[0], -1)[state["keep"]]
+        index = index.reshape(block.keep.shape[0], -1)[block.keep]
         x = state["x"]
         if not grams:
             grams.extend(x.new_zeros(x.shape[1], x.shape[1]) for _ in range(num_experts))
@@ -160,35 +251,17 @@ def _routed_grams(stream, layer, sparse, router, family, batches, num_experts: i
             routed = x[(index == expert).any(-1)]
             grams[expert] += routed.T @ routed
 
-    def before(b: int) -> None:
-        state["keep"] = batches[b].attention_mask.reshape(-1).bool().to(stream.device)
-
-    handles = [sparse.register_forward_pre_hook(take_input), router.register_forward_hook(take_routing)]
-    try:
-        stream.forward(layer, advance=False, before_batch=before)
-    finally:
-        for handle in handles:
-            handle.remove()
+    block.run(block.module.register_forward_pre_hook(take_input), block.router.register_forward_hook(take_routing))
     return grams
-
-
-def _dense_tensors(stream, plan: LayerPlan, grams, damping: float) -> Dict[str, torch.Tensor]:
-    """The plan's dense projections on the device; gate/up by RegMean when `grams` are given."""
-    load = lambda piece: stream.read_slice(piece).to(stream.device)  # noqa: E731
-    tensors = assemble(plan, load)
-    if grams is not None:
-        for projection in ("gate", "up"):
-            tensors[projection] = _regmean_projection(plan, projection, grams, load, damping)
-    return tensors
 
 
 def _regmean_projection(plan: LayerPlan, projection: str, grams, load, damping: float) -> torch.Tensor:
     """A block's gate or up projection as the RegMean merge of its experts, blocks concatenated."""
     parts = []
-    for block in plan.blocks:
-        if block.shared is not None:
-            parts.append(load(plan.layer.shared_experts[block.shared][projection]).float())
+    for terms in block_terms(plan, projection):
+        if terms.shared is not None:
+            parts.append(load(terms.slices[0]).float())
             continue
-        projections = [load(expert[projection]) if w != 0.0 else None for w, expert in zip(block.weights, plan.layer.experts)]
-        parts.append(regmean_merge(block.weights, projections, grams, damping).float())
-    return torch.cat(parts, dim=0)
+        projections = [load(piece) for piece in terms.slices]
+        parts.append(regmean_merge(terms.weights, projections, [grams[e] for e in terms.experts], damping).float())
+    return torch.cat(parts, dim=block_dim(projection))

@@ -154,19 +154,6 @@ class RouterStatistics:
     def has_router_inputs(self) -> bool:
         return self.router_inputs is not None and self.router_inputs.shape[1] == self.samples.shape[1] > 0
 
-    def merge_(self, other: "RouterStatistics") -> None:
-        """Add another pass over disjoint data (e.g. another rank's shard)."""
-        if other.layers != self.layers or other.num_experts != self.num_experts:
-            raise StatisticsError("cannot combine statistics of different models")
-        self.tokens += other.tokens
-        for name in SUMS + ("shared_gate_sum",):
-            getattr(self, name).add_(getattr(other, name))
-        self.samples = torch.cat([self.samples, other.samples], dim=1)
-        if self.router_inputs is not None or other.router_inputs is not None:
-            if not (self.has_router_inputs and other.has_router_inputs):
-                raise StatisticsError("cannot combine statistics with and without router inputs")
-            self.router_inputs = torch.cat([self.router_inputs, other.router_inputs], dim=1)
-
     # -- persistence -----------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
         tensors = {

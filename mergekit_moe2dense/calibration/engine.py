@@ -1,0 +1,99 @@
+# Copyright (C) 2026 the mergekit-moe2dense authors
+# SPDX-License-Identifier: LGPL-3.0-only
+"""The one calibration entry point: token batches -> RouterStatistics.
+
+`collect_statistics` decides, in one place, everything a calibration run
+depends on besides its batches: the dtype of the forward (`calibration_dtype`),
+the engine (`calibration_engine`: the whole model, placed on one device or by
+accelerate's `device_map`; or the layer stream), and the torchrun ranks (each
+rank runs its share of the batches, the statistics are reduced). The build,
+`inspect` and the benchmarks all calibrate through it; the caller tokenizes
+once (`load_calibration_batches`) and passes the same batches to the re-fit.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List, Optional
+
+import torch
+from mergekit.common import dtype_from_name
+
+from mergekit_moe2dense.calibration.batches import TokenBatch
+from mergekit_moe2dense.calibration.distributed import Ranks, _collect_full_distributed, _collect_layerwise_distributed
+from mergekit_moe2dense.calibration.runner import _collect_full, _collect_layerwise, input_device, load_moe
+from mergekit_moe2dense.calibration.stats import RouterStatistics
+from mergekit_moe2dense.config import CalibrationConfig, ConfigError
+
+__all__ = ["calibration_dtype", "calibration_engine", "collect_statistics"]
+
+
+def calibration_dtype(calibration: Optional[CalibrationConfig], device: str) -> torch.dtype:
+    """The calibration's `dtype`, else bfloat16 on a GPU and float32 on the CPU (for the
+    statistics forward and the re-fit alike)."""
+    name = calibration.dtype if calibration is not None else None
+    return dtype_from_name(name or ("bfloat16" if device.startswith("cuda") else "float32"))
+
+
+def calibration_engine(source, calibration: CalibrationConfig, device: str) -> str:
+    """`full` or `layerwise`. `auto` streams layers when the checkpoint would take over
+    half the free memory (unless a device map places the whole model)."""
+    if calibration.engine != "auto":
+        return calibration.engine
+    if calibration.device_map is not None:
+        return "full"
+    size = sum(
+        os.path.getsize(os.path.join(source.index.base_path, shard.filename)) for shard in source.index.shards
+    )
+    try:
+        if device.startswith("cuda"):
+            free = torch.cuda.mem_get_info(torch.device(device))[0]
+        else:
+            free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no free-memory query on this platform
+        return "full"
+    return "full" if size < free / 2 else "layerwise"
+
+
+def collect_statistics(
+    source,
+    batches: List[TokenBatch],
+    calibration: CalibrationConfig,
+    *,
+    device: str = "cpu",
+    progress: bool = True,
+    record_router_inputs: bool = False,
+    ranks: Optional[Ranks] = None,
+) -> RouterStatistics:
+    """Router statistics of `source` (a `checkpoint.SourceModel`) over `batches`.
+
+    `calibration` gives the engine, dtype, token sample (`max_token_samples`, `seed`),
+    `spill_dir` and `device_map`; `record_router_inputs` (or the calibration's own)
+    also keeps the routers' inputs of the sampled tokens. Under torchrun (`ranks`,
+    by default from the environment) every rank gets the same, full statistics.
+    """
+    ranks = ranks or Ranks.from_env()
+    device = ranks.device(device)
+    dtype = calibration_dtype(calibration, device)
+    engine = calibration_engine(source, calibration, device)
+    if calibration.device_map is not None and (engine == "layerwise" or ranks.distributed):
+        raise ConfigError(
+            "calibration.device_map places one whole model: it needs engine: full, in one process "
+            "(the layerwise engine holds one layer at a time; under torchrun each rank has its own GPU)"
+        )
+    ranks.init_process_group(device)
+    common = dict(
+        max_token_samples=calibration.max_token_samples,
+        seed=calibration.seed,
+        progress=progress and ranks.is_main,
+        record_router_inputs=record_router_inputs or calibration.record_router_inputs,
+    )
+    if engine == "layerwise":
+        streamed = _collect_layerwise_distributed if ranks.distributed else _collect_layerwise
+        return streamed(source, batches, device=device, dtype=dtype, spill_dir=calibration.spill_dir, **common)
+    collect = _collect_full_distributed if ranks.distributed else _collect_full
+    model = load_moe(source.path, device=device, dtype=dtype, device_map=calibration.device_map)
+    try:
+        return collect(model, source.family, batches, device=str(input_device(model)), **common)
+    finally:
+        del model  # the whole model: free it before the merge starts
