@@ -54,7 +54,7 @@ def build_dense(
     )
     # Under torchrun every rank calibrates its share; rank 0 alone writes.
     with job.out if job.ranks.is_main else contextlib.nullcontext():
-        stats = calibrate(job)
+        stats = job.loaded_statistics if job.stats_path else calibrate(job)
         result = job.method.plan(stats, job.params, job.layers)
         if job.ranks.is_main:
             planned = job.output.plan(job, result, stats)
@@ -66,10 +66,8 @@ def build_dense(
 
 
 def calibrate(job: ConversionJob) -> Optional[RouterStatistics]:
-    """The router statistics: from --stats, from a calibration pass, or none (a method
-    and family that need none, without a calibration block)."""
-    if job.stats_path:
-        return job.loaded_statistics
+    """The router statistics from a calibration pass, or none (a method and family that
+    need none, without a calibration block)."""
     if job.config.calibration is None:
         return None
     stats = collect_statistics(

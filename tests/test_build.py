@@ -146,13 +146,14 @@ def test_sharded_output_loads(random_moe, calib_dir, tmp_path):
 
 
 def test_interrupted_merge_leaves_no_complete_output(random_moe, calib_dir, tmp_path, monkeypatch):
-    import mergekit_moe2dense.build as build
+    from mergekit_moe2dense.outputs import dense
 
     def explode(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(build, "write_model_card", explode)
+    monkeypatch.setattr(dense, "write_model_card", explode)  # the last file of the output
     out = tmp_path / "dense"
     with pytest.raises(KeyboardInterrupt):
         build_dense(make_config(random_moe["legacy"], "expert_uniform", calib_dir), str(out), OPTIONS)
     assert not out.exists() and not list(tmp_path.glob("dense.incomplete-*"))
+    assert not (tmp_path / "dense.lock").exists()

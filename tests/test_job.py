@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import safetensors.torch
@@ -54,7 +55,10 @@ def test_computed_tensors_are_not_written_to_be_read_back(random_moe, calib_dir,
         written.append(os.path.basename(filename))
         return original(tensors, filename, *args, **kwargs)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", recording)
+    # every module that bound the function by name, too (`from safetensors.torch import save_file`)
+    for module in [safetensors.torch] + [m for n, m in sys.modules.items() if n.startswith(("mergekit", "safetensors"))]:
+        if getattr(module, "save_file", None) is original:
+            monkeypatch.setattr(module, "save_file", recording)
     out = tmp_path / "out"
     build_dense(_config(random_moe["legacy"], calib_dir, method, **params), str(out), MergeOptions(quiet=True))
     # mergekit's writer names a single shard model-1.safetensors before renaming it

@@ -78,3 +78,27 @@ def output_bytes(job: "ConversionJob", experts_per_layer: int) -> Optional[int]:
         return sum(reader.nbytes(piece) for piece in pieces)
     itemsize = dtype_from_name(job.out_dtype).itemsize
     return sum(prod(reader.shape(piece)) * itemsize for piece in pieces)
+
+
+def write_weights_file(directory: str, job: "ConversionJob", payload: Dict[str, Any]) -> None:
+    """expert_weights.json: the method, its parameters, the MoE layers, and `payload`."""
+    content = {
+        "method": job.config.merge_method,
+        "parameters": job.params.model_dump(mode="json"),
+        "layer_indices": [layer.index for layer in job.layers],
+        **payload,
+    }
+    with open(os.path.join(directory, WEIGHTS_FILE), "w", encoding="utf-8") as handle:
+        json.dump(content, handle, indent=1)
+
+
+def write_model_files(directory: str, job: "ConversionJob", config) -> None:
+    """config.json (in the output dtype) and the tokenizer files, beside the weights."""
+    if job.out_dtype:
+        config.dtype = job.out_dtype
+    config.save_pretrained(directory)
+    if job.options.copy_tokenizer:
+        for name in TAGALONG_FILES:
+            path = os.path.join(job.source.path, name)
+            if os.path.isfile(path):
+                shutil.copy(path, os.path.join(directory, name))
