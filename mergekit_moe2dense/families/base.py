@@ -14,7 +14,7 @@ calibration) is family-agnostic.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Collection, Dict, List, Mapping, Optional, Set, Tuple, Union
+from typing import TYPE_CHECKING, Collection, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import transformers
@@ -213,25 +213,31 @@ class MoEFamily:
         consumed = {s.tensor for block in experts + shared for s in block.values()} | {router, *extra}
         return MoELayer(layer, experts, router, tuple(sorted(consumed)), shared_experts=shared)
 
-    def expected_shapes(self, config: transformers.PretrainedConfig, layer: MoELayer, tensor_names: Collection[str]) -> Dict[str, Tuple[int, ...]]:
-        """Every tensor of a resolved sparse layer with the full shape config.json implies."""
+    def expected_shapes(
+        self, config: transformers.PretrainedConfig, layer: MoELayer, tensor_names: Collection[str]
+    ) -> Dict[str, Tuple[int, ...]]:
+        """Every tensor of a resolved sparse layer with the full shape config.json implies
+        (experts first, then router, shared experts, extras)."""
         layout = self.layout_of(layer.index, tensor_names)
         num_experts = self.num_experts(config)
-        shapes: Dict[str, Shape] = {layer.router: ("E", "H")}
-        shapes.update(layout.expert_shapes(layer.index, num_experts))
+        shapes: Dict[str, Shape] = dict(layout.expert_shapes(layer.index, num_experts))
+        shapes[layer.router] = ("E", "H")
         if layer.shared_experts:
             block = layer.shared_experts[0]
-            shapes.update({block["gate"].tensor: ("S", "H"), block["up"].tensor: ("S", "H"), block["down"].tensor: ("H", "S")})
+            shapes.update({block["gate"].tensor: ("S", "H"), block["up"].tensor: ("S", "H")})
+            shapes[block["down"].tensor] = ("H", "S")
         shapes.update({layout.tensor(t, layer.index): shape for t, shape in self.extra_tensors.items()})
         dims = self.dims(config)
         return {name: tuple(dims[d] if isinstance(d, str) else d for d in shape) for name, shape in shapes.items()}
 
-    def stored_experts(self, tensor_names: Collection[str]) -> Dict[int, Set[int]]:
-        """layer -> expert indices stored in a per-expert layout (fused layouts: see the E dim)."""
-        found: Dict[int, Set[int]] = {}
+    def stored_experts(self, tensor_names: Collection[str]) -> Dict[int, Dict[int, str]]:
+        """layer -> expert index -> one of its tensors, for experts stored under per-expert
+        names (fused layouts: their E dim says, checked with their shapes)."""
+        found: Dict[int, Dict[int, str]] = {}
         for layout in self.layouts:
             for layer, experts in layout.stored_experts(tensor_names).items():
-                found.setdefault(layer, set()).update(experts)
+                for expert, name in experts.items():
+                    found.setdefault(layer, {}).setdefault(expert, name)
         return found
 
     def dims(self, config: transformers.PretrainedConfig) -> Dict[str, int]:

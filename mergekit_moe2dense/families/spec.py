@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Collection, Dict, Mapping, Optional, Set, Tuple, Union
+from typing import Any, Callable, ClassVar, Collection, Dict, Mapping, Optional, Tuple, Union
 
 import transformers
 
@@ -92,15 +92,15 @@ class PerExpertLayout(_Layout):
             self.tensor(t, layer, e): shapes[p] for e in range(num_experts) for p, t in self._projections().items()
         }
 
-    def stored_experts(self, tensor_names: Collection[str]) -> Dict[int, Set[int]]:
-        """layer -> the expert indices with any tensor stored under these names (one pass)."""
+    def stored_experts(self, tensor_names: Collection[str]) -> Dict[int, Dict[int, str]]:
+        """layer -> expert index -> one tensor stored for it under these names (one pass)."""
         patterns = [_template_regex(t.replace("{block}", self.block)) for t in self._projections().values()]
-        found: Dict[int, Set[int]] = {}
-        for name in tensor_names:
+        found: Dict[int, Dict[int, str]] = {}
+        for name in sorted(tensor_names):
             for pattern in patterns:
                 match = pattern.fullmatch(name)
                 if match:
-                    found.setdefault(int(match["layer"]), set()).add(int(match["expert"]))
+                    found.setdefault(int(match["layer"]), {}).setdefault(int(match["expert"]), name)
                     break
         return found
 
@@ -136,7 +136,7 @@ class FusedLayout(_Layout):
     def expert_shapes(self, layer: int, num_experts: int) -> Dict[str, Shape]:
         return {self.tensor(self.gate_up, layer): ("E", "2I", "H"), self.tensor(self.down, layer): ("E", "H", "I")}
 
-    def stored_experts(self, tensor_names: Collection[str]) -> Dict[int, Set[int]]:
+    def stored_experts(self, tensor_names: Collection[str]) -> Dict[int, Dict[int, str]]:
         return {}  # the E dim of the fused tensors says, checked with their shapes
 
 
