@@ -25,6 +25,7 @@ from mergekit_moe2dense.families.spec import (
     DenseTarget,
     ExpertSlice,
     Layout,
+    PerExpertLayout,
     Refusal,
     Shape,
     SharedExperts,
@@ -298,16 +299,16 @@ class MoEFamily:
         """Output tensor names of one expert of the smaller MoE, keyed by projection
         (the first per-expert layout: what `save_pretrained` writes)."""
         layout = self._rebuild_layout()
-        return {p: expert_slice.tensor for p, expert_slice in layout.slices(layer, expert + 1, 0)[expert].items()}
+        return {p: layout.tensor(template, layer, expert) for p, template in layout.projections().items()}
 
     def moe_router_name(self, layer: int) -> str:
         """Output tensor name of the smaller MoE's router weight [E, H]."""
         layout = self._rebuild_layout()
         return layout.tensor(layout.router, layer)
 
-    def _rebuild_layout(self) -> Layout:
+    def _rebuild_layout(self) -> PerExpertLayout:
         self._check_rebuild()
-        return next(layout for layout in self.layouts if layout.kind == "legacy")
+        return next(layout for layout in self.layouts if isinstance(layout, PerExpertLayout))
 
     def _check_rebuild(self) -> None:
         if self.shared is not None or self.extra_tensors:
@@ -316,7 +317,7 @@ class MoEFamily:
                 f"{self.name}: rebuilding a smaller MoE is supported for families without shared experts "
                 "or router biases (mixtral, qwen3_moe, olmoe)"
             )
-        if self.moe_architecture is None or not any(layout.kind == "legacy" for layout in self.layouts):
+        if self.moe_architecture is None or not any(isinstance(layout, PerExpertLayout) for layout in self.layouts):
             raise UnsupportedModelError(f"{self.name}: rebuilding a smaller MoE is not supported")
 
 

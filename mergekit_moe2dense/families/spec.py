@@ -81,7 +81,7 @@ class PerExpertLayout(_Layout):
 
     def slices(self, layer: int, num_experts: int, width: int) -> Tuple[Dict[str, ExpertSlice], ...]:
         return tuple(
-            {p: ExpertSlice(self.tensor(t, layer, e)) for p, t in self._projections().items()}
+            {p: ExpertSlice(self.tensor(t, layer, e)) for p, t in self.projections().items()}
             for e in range(num_experts)
         )
 
@@ -89,12 +89,12 @@ class PerExpertLayout(_Layout):
         """Every expert tensor of `layer` with its full stored shape."""
         shapes = {"gate": ("I", "H"), "up": ("I", "H"), "down": ("H", "I")}
         return {
-            self.tensor(t, layer, e): shapes[p] for e in range(num_experts) for p, t in self._projections().items()
+            self.tensor(t, layer, e): shapes[p] for e in range(num_experts) for p, t in self.projections().items()
         }
 
     def stored_experts(self, tensor_names: Collection[str]) -> Dict[int, Dict[int, str]]:
         """layer -> expert index -> one tensor stored for it under these names (one pass)."""
-        patterns = [_template_regex(t.replace("{block}", self.block)) for t in self._projections().values()]
+        patterns = [_template_regex(t.replace("{block}", self.block)) for t in self.projections().values()]
         found: Dict[int, Dict[int, str]] = {}
         for name in sorted(tensor_names):
             for pattern in patterns:
@@ -104,7 +104,7 @@ class PerExpertLayout(_Layout):
                     break
         return found
 
-    def _projections(self) -> Dict[str, str]:
+    def projections(self) -> Dict[str, str]:
         return {"gate": self.gate, "up": self.up, "down": self.down}
 
 
