@@ -28,6 +28,10 @@ class CheckpointError(Moe2DenseError, ValueError):
     """The model directory is missing files, or a shard is truncated."""
 
 
+class ShapeMismatchError(CheckpointError):
+    """The tensors' shapes (or expert count) contradict config.json."""
+
+
 @dataclass
 class SourceModel:
     """The MoE to convert: config, family adapter, and where every tensor lives."""
@@ -53,6 +57,7 @@ class SourceModel:
         family = get_family(config)
         index = read_index(path)
         check_shards(index)
+        check_shapes(config, family, index)
         return cls(reference, path, config, family, index)
 
     @functools.cached_property
@@ -291,6 +296,59 @@ def check_shards(index: ShardedTensorIndex) -> None:
             raise CheckpointError(f"missing shard {shard.filename} in {index.base_path}")
         if index.is_safetensors:
             _check_safetensors_size(path)
+
+
+def check_shapes(config: transformers.PretrainedConfig, family: MoEFamily, index: ShardedTensorIndex) -> None:
+    """Every shape the conversion relies on agrees with config.json: per MoE layer the
+    stored experts (per-expert names, or the E dim of fused tensors), each expert's
+    gate/up [I, H] and down [H, I], the router [E, H], shared experts and router
+    extras; the MLPs of layers that are dense already. Read from the shard headers
+    only, before any work (pickle `.bin` shards have no headers: not checked).
+    """
+    if not index.is_safetensors:
+        return
+    names = set(index.tensor_paths)
+    reader = TensorReader(index)
+    declared = family.num_experts(config)
+    context = family.describe_dims(config)
+    stored = family.stored_experts(names)
+    moe_layers = family.moe_layer_indices(config)
+    for layer_index in moe_layers:
+        layer = family.resolve_layer(config, layer_index, names)
+        experts = stored.get(layer_index)
+        if experts is not None:
+            extra = sorted(set(experts) - set(range(declared)))
+            if extra:
+                raise ShapeMismatchError(
+                    f"{experts[extra[0]]} is in the checkpoint, but config.json declares {declared} experts "
+                    f"({context}); layer {layer_index} stores {len(experts)}"
+                )
+        expected = family.expected_shapes(config, layer, names)
+        for name in expected:
+            if name not in names:
+                have = f"; layer {layer_index} stores {len(experts)}" if experts is not None else ""
+                raise ShapeMismatchError(
+                    f"{name} is missing from the checkpoint: config.json declares {declared} experts ({context}){have}"
+                )
+        for name, shape in expected.items():
+            _check_shape(reader, name, shape, context)
+    dense_width = family.dense_layer_width(config)
+    if dense_width is not None:
+        hidden = family.dims(config)["H"]
+        implied = {"gate": (dense_width, hidden), "up": (dense_width, hidden), "down": (hidden, dense_width)}
+        keys = f"{family.keys.dense_width}: {dense_width}, {family.keys.hidden}: {hidden}"
+        for layer_index in sorted(set(range(config.num_hidden_layers)) - set(moe_layers)):
+            for projection, name in family.dense_mlp_names(layer_index).items():
+                if name in names:  # a missing dense MLP is reported by the merge, naming it
+                    _check_shape(reader, name, implied[projection], keys)
+
+
+def _check_shape(reader: "TensorReader", name: str, shape: Tuple[int, ...], context: str) -> None:
+    found = reader.shape(ExpertSlice(name))
+    if tuple(found) != tuple(shape):
+        raise ShapeMismatchError(
+            f"{name} has shape {list(found)} in the checkpoint, config.json implies {list(shape)} ({context})"
+        )
 
 
 def _read_header(path: str) -> Tuple[int, Dict[str, Any]]:

@@ -13,7 +13,7 @@ import transformers
 from mergekit.common import ModelReference
 from mergekit.options import MergeOptions
 
-from conftest import logits_of
+from conftest import logits_of, make_mixtral
 from mergekit_moe2dense.build import build_dense
 from mergekit_moe2dense.calibration import collect_statistics
 from mergekit_moe2dense.calibration.batches import TokenBatch
@@ -172,9 +172,9 @@ def test_remote_code_model_is_refused_before_any_output(tmp_path, calib_dir):
         json.dumps({"model_type": "my_moe", "auto_map": {"AutoConfig": "x.MyConfig"}, "num_experts": 8})
     )
     out = tmp_path / "dense"
-    with pytest.raises(Exception) as error:
+    with pytest.raises(UnsupportedModelError, match=r"model_type 'my_moe' is a remote-code model \(auto_map") as error:
         build_dense(make_config(moe, "expert_uniform", calib_dir), str(out), OPTIONS)
-    assert "my_moe" in str(error.value) and "\n" not in str(error.value)
+    assert "\n" not in str(error.value)
     assert not out.exists()
 
 
@@ -189,3 +189,28 @@ def test_calibrated_scales_need_a_calibration_block(family_moes, tmp_path):
     with pytest.raises(ConfigError, match="qwen2_moe models need a calibration: block"):
         build_dense(config, str(out), OPTIONS)
     assert not out.exists()
+
+
+REMOTE = {"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XForCausalLM"}
+
+
+@pytest.mark.parametrize("family", ["mixtral", *FAMILY_SPECS])
+def test_dense_config_keeps_only_what_the_target_knows(calib_dir, tmp_path, tokenizer_dir, family):
+    """auto_map (remote code) and keys the target class does not know never reach the dense config.json."""
+    if family == "mixtral":
+        moe = make_mixtral(tmp_path / "moe", tokenizer_dir)
+    else:
+        moe = make_family_moe(family, tmp_path / "moe", tokenizer_dir)
+    raw = json.loads((moe / "config.json").read_text())
+    raw.update(auto_map=REMOTE, junk_key_from_elsewhere=123)
+    (moe / "config.json").write_text(json.dumps(raw))
+    out = tmp_path / "dense"
+    build_dense(make_config(moe, "expert_uniform", calib_dir), str(out), OPTIONS)
+    config = json.loads((out / "config.json").read_text())
+    assert "auto_map" not in config and "junk_key_from_elsewhere" not in config
+    target = {"mixtral": "MistralForCausalLM", **TARGETS}[family]
+    assert config["architectures"] == [target]
+    dense = transformers.AutoModelForCausalLM.from_pretrained(out)  # still loads, natively
+    assert type(dense).__name__ == target
+    kept = {"hidden_size", "num_attention_heads", "rms_norm_eps", "vocab_size", "eos_token_id"}
+    assert {key: config[key] for key in kept} == {key: raw[key] for key in kept}

@@ -1,6 +1,6 @@
 # Copyright (C) 2026 the mergekit-moe2dense authors
 # SPDX-License-Identifier: LGPL-3.0-only
-"""MoE family adapters, and the one plain list of them."""
+"""MoE family adapters (one table each, `MoEFamily(...)`), and the one plain list of them."""
 
 from __future__ import annotations
 
@@ -8,27 +8,15 @@ from typing import List
 
 import transformers
 
-from mergekit_moe2dense.families.base import (
-    PROJECTIONS,
-    ExpertSlice,
-    MoEFamily,
-    MoELayer,
-    UnsupportedModelError,
-)
-from mergekit_moe2dense.families.deepseek import DeepseekV2Family, DeepseekV3Family
-from mergekit_moe2dense.families.mixtral import MixtralFamily
-from mergekit_moe2dense.families.olmoe import OlmoeFamily
-from mergekit_moe2dense.families.qwen2_moe import Qwen2MoeFamily
-from mergekit_moe2dense.families.qwen3_moe import Qwen3MoeFamily
+from mergekit_moe2dense.families.base import PROJECTIONS, MoEFamily, MoELayer, UnsupportedModelError
+from mergekit_moe2dense.families.deepseek import DEEPSEEK_V2, DEEPSEEK_V3
+from mergekit_moe2dense.families.mixtral import MIXTRAL
+from mergekit_moe2dense.families.olmoe import OLMOE
+from mergekit_moe2dense.families.qwen2_moe import QWEN2_MOE
+from mergekit_moe2dense.families.qwen3_moe import QWEN3_MOE
+from mergekit_moe2dense.families.spec import ExpertSlice
 
-FAMILIES: List[MoEFamily] = [
-    MixtralFamily(),
-    Qwen3MoeFamily(),
-    Qwen2MoeFamily(),
-    DeepseekV2Family(),
-    DeepseekV3Family(),
-    OlmoeFamily(),
-]
+FAMILIES: List[MoEFamily] = [MIXTRAL, QWEN3_MOE, QWEN2_MOE, DEEPSEEK_V2, DEEPSEEK_V3, OLMOE]
 
 # Sparse model types we know of but cannot convert yet, with the reason.
 KNOWN_UNSUPPORTED = {

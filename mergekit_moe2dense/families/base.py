@@ -1,23 +1,38 @@
 # Copyright (C) 2026 the mergekit-moe2dense authors
 # SPDX-License-Identifier: LGPL-3.0-only
-"""The interface every MoE family adapter implements.
+"""A family adapter: one declarative table (`MoEFamily(...)`) read by generic code.
 
-A family knows three things about its checkpoints: where each expert's
-projections live (in both the per-expert and the fused layout), where the router
-module sits for calibration hooks, and how to build the dense target config.
-Everything else (methods, planning, calibration) is family-agnostic.
+A family knows where each expert's projections live (in every checkpoint layout
+it has), where the router module sits for calibration hooks, what its top-k
+weights sum to, and how to build the dense target config. All of that is data
+(`spec.py`); the methods below are the one implementation every family shares.
+A family whose computation differs (an activation, a router output) subclasses
+`MoEFamily` and overrides only that method. Everything else (methods, planning,
+calibration) is family-agnostic.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Collection, Dict, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Collection, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import transformers
 
 from mergekit_moe2dense.errors import Moe2DenseError
+from mergekit_moe2dense.families.spec import (
+    ConfigKeys,
+    DenseTarget,
+    ExpertSlice,
+    Layout,
+    PerExpertLayout,
+    Refusal,
+    Shape,
+    SharedExperts,
+    SparseLayers,
+    copied_values,
+    target_values,
+)
 
 if TYPE_CHECKING:
     from mergekit_moe2dense.calibration.stats import RouterStatistics
@@ -27,26 +42,6 @@ PROJECTIONS = ("gate", "up", "down")
 
 class UnsupportedModelError(Moe2DenseError, ValueError):
     """The model is not an MoE, or its family has no adapter yet."""
-
-
-@dataclass(frozen=True)
-class ExpertSlice:
-    """One expert's projection inside a checkpoint tensor.
-
-    `expert` indexes dim 0 of a fused `[E, ...]` tensor (None: the tensor holds
-    one expert); `rows` selects a row range (fused gate_up keeps gate rows first).
-    """
-
-    tensor: str
-    expert: Optional[int] = None
-    rows: Optional[Tuple[int, int]] = None
-
-    def take(self, value: torch.Tensor) -> torch.Tensor:
-        if self.expert is not None:
-            value = value[self.expert]
-        if self.rows is not None:
-            value = value[self.rows[0] : self.rows[1]]
-        return value
 
 
 @dataclass(frozen=True)
@@ -67,35 +62,112 @@ class MoELayer:
         return len(self.experts)
 
 
-class MoEFamily(ABC):
-    """Adapter for one MoE architecture family."""
+@dataclass(frozen=True, eq=False)
+class MoEFamily:
+    """Adapter for one MoE architecture family, as a table.
 
-    name: ClassVar[str]
-    model_types: ClassVar[Tuple[str, ...]]
+    `layouts` are tried in order per layer (the first whose marker tensor is
+    stored wins); the first `PerExpertLayout` also names the experts of a rebuilt
+    smaller MoE. `renormalize` says whether the router divides its top-k weights by
+    their sum: always (True), never (False) or per config key; `routed_scaling` is
+    the config key of a factor the router multiplies them by (DeepSeek).
+    """
+
+    name: str
+    model_types: Tuple[str, ...]
+    keys: ConfigKeys
+    layouts: Tuple[Layout, ...]
+    dense: DenseTarget
+    renormalize: Union[bool, str] = "norm_topk_prob"
+    routed_scaling: Optional[str] = None
+    sparse_layers: SparseLayers = SparseLayers()
+    shared: Optional[SharedExperts] = None
+    # further tensors of the sparse block (router bias, shared gate) with their shapes: not copied
+    extra_tensors: Mapping[str, Shape] = field(default_factory=dict)
+    refusals: Tuple[Refusal, ...] = ()
+    # module path ({layer}) of the router in the transformers model, for hooks
+    router_module_path: str = "model.layers.{layer}.mlp.gate"
+    # the MoE class a smaller rebuilt MoE is saved as (None: rebuilding is not supported)
+    moe_architecture: Optional[str] = None
 
     def supports(self, config: transformers.PretrainedConfig) -> bool:
         return getattr(config, "model_type", None) in self.model_types
 
-    # Defaults below fit the transformers 5 MoE classes (router `mlp.gate`, returning
-    # logits, top-k weights and indices); families override what differs.
-    def moe_layer_indices(self, config: transformers.PretrainedConfig) -> List[int]:
-        """Decoder layers whose MLP is sparse."""
-        return list(range(config.num_hidden_layers))
-
-    @abstractmethod
-    def num_experts(self, config: transformers.PretrainedConfig) -> int: ...
+    # -- config semantics -------------------------------------------------------------
+    def num_experts(self, config: transformers.PretrainedConfig) -> int:
+        return getattr(config, self.keys.experts) or 0
 
     def top_k(self, config: transformers.PretrainedConfig) -> int:
-        return config.num_experts_per_tok
+        return getattr(config, self.keys.top_k)
 
+    def expert_width(self, config: transformers.PretrainedConfig) -> int:
+        return getattr(config, self.keys.expert_width)
+
+    def moe_layer_indices(self, config: transformers.PretrainedConfig) -> List[int]:
+        """Decoder layers whose MLP is sparse."""
+        return self.sparse_layers.layers(config, self.num_experts(config))
+
+    def has_shared(self, config: transformers.PretrainedConfig) -> bool:
+        return self.shared is not None and self.shared.present(config)
+
+    def unsupported_reason(self, config: transformers.PretrainedConfig) -> Optional[str]:
+        """Why this particular config of the family cannot be converted exactly (None: it can)."""
+        return next((refusal.reason for refusal in self.refusals if refusal.applies(config)), None)
+
+    def renormalizes(self, config: transformers.PretrainedConfig) -> bool:
+        """Whether the router divides its top-k weights by their sum."""
+        if isinstance(self.renormalize, bool):
+            return self.renormalize
+        return bool(getattr(config, self.renormalize, False))
+
+    def needs_statistics(self, config: transformers.PretrainedConfig) -> bool:
+        """Whether the dense weights need calibration whatever the method (calibrated scales)."""
+        gated = self.has_shared(config) and self.shared.gate_module is not None
+        return gated or not self.renormalizes(config)
+
+    def routed_scale(
+        self, config: transformers.PretrainedConfig, stats: Optional["RouterStatistics"], position: int
+    ) -> float:
+        """Mean per-token total weight of the routed mixture in MoE layer `position`.
+
+        The MoE adds sum_k g_k E_k(x); a merged block stands for sum_k g_k with
+        weights summing to 1, so its down projection is scaled by E_t[sum_k g_k].
+        With renormalised top-k weights that is 1 (Mixtral), or the routed scaling
+        factor (DeepSeek-V3); otherwise its mean as recorded from the router's own
+        top-k weights (which include any scaling factor).
+        """
+        if self.renormalizes(config):
+            return float(getattr(config, self.routed_scaling)) if self.routed_scaling else 1.0
+        return float(stats.mean_gate[position].sum())
+
+    def shared_scale(
+        self, config: transformers.PretrainedConfig, stats: Optional["RouterStatistics"], position: int
+    ) -> float:
+        """Scale of the shared experts' down projection: 1, or the calibrated mean of their gate."""
+        if self.shared_gate_module(0) is None:
+            return 1.0
+        return float(stats.mean_shared_gate[position])
+
+    def dense_layer_width(self, config: transformers.PretrainedConfig) -> Optional[int]:
+        """Intermediate size of decoder layers that are dense already (None: there are none)."""
+        dense = len(self.moe_layer_indices(config)) < config.num_hidden_layers
+        return getattr(config, self.keys.dense_width) if dense else None
+
+    # -- the transformers model, for calibration hooks ----------------------------------
     def router_module(self, layer: int) -> str:
         """Module path of the router in the transformers model, for hooks."""
-        return f"model.layers.{layer}.mlp.gate"
+        return self.router_module_path.format(layer=layer)
 
     def experts_module(self, layer: int) -> str:
         """Module path of the fused experts (transformers 5 keeps `gate_up_proj`
         [E, 2I, H], gate rows first, and `down_proj` [E, H, I]), a sibling of the router."""
         return self.router_module(layer).rsplit(".", 1)[0] + ".experts"
+
+    def shared_gate_module(self, layer: int) -> Optional[str]:
+        """Module path of a per-token gate on the shared experts, for hooks (None: ungated)."""
+        if self.shared is None or self.shared.gate_module is None:
+            return None
+        return self.shared.gate_module.format(layer=layer)
 
     def expert_output(self, experts: torch.nn.Module, hidden: torch.Tensor, expert: int) -> torch.Tensor:
         """One expert's output [T, H] on tokens [T, H], from the fused experts module:
@@ -108,82 +180,145 @@ class MoEFamily(ABC):
         logits, top_k_weights, top_k_index = output
         return logits, top_k_weights, top_k_index
 
-    @abstractmethod
-    def resolve_layer(
-        self,
-        config: transformers.PretrainedConfig,
-        layer: int,
-        tensor_names: Collection[str],
-    ) -> MoELayer:
-        """Locate a layer's expert tensors in whichever layout the checkpoint uses."""
-
-    @abstractmethod
-    def dense_mlp_names(self, layer: int) -> Dict[str, str]:
-        """Output tensor names of the dense MLP, keyed by projection."""
-
-    @abstractmethod
-    def dense_config(
-        self, config: transformers.PretrainedConfig, intermediate_size: int
-    ) -> transformers.PretrainedConfig:
-        """The dense target config: every attention/norm setting kept, no MoE keys."""
-
-    # -- optional: what differs between families beyond tensor names --------------
-    def unsupported_reason(self, config: transformers.PretrainedConfig) -> Optional[str]:
-        """Why this particular config of the family cannot be converted exactly (None: it can)."""
-        return None
-
-    def needs_statistics(self, config: transformers.PretrainedConfig) -> bool:
-        """Whether the dense weights need calibration whatever the method (calibrated scales)."""
-        return False
-
-    def routed_scale(
-        self, config: transformers.PretrainedConfig, stats: Optional["RouterStatistics"], position: int
-    ) -> float:
-        """Mean per-token total weight of the routed mixture in MoE layer `position`.
-
-        The MoE adds sum_k g_k E_k(x); a merged block stands for sum_k g_k with
-        weights summing to 1, so its down projection is scaled by E_t[sum_k g_k].
-        That is 1 where top-k weights are renormalised (Mixtral).
-        """
-        return 1.0
-
-    def shared_gate_module(self, layer: int) -> Optional[str]:
-        """Module path of a per-token gate on the shared experts, for hooks (None: ungated)."""
-        return None
-
     def shared_gate_values(self, output: torch.Tensor) -> torch.Tensor:
         """Per-token multiplier of the shared experts from the gate module's output (a sigmoid gate)."""
         return torch.sigmoid(output.float()).reshape(-1)
 
-    def shared_scale(
-        self, config: transformers.PretrainedConfig, stats: Optional["RouterStatistics"], position: int
-    ) -> float:
-        """Scale of the shared experts' down projection: 1, or the calibrated mean of their gate."""
-        return 1.0
+    # -- the checkpoint -------------------------------------------------------------
+    def layout_of(self, layer: int, tensor_names: Collection[str]) -> Layout:
+        """The layout `layer` is stored in."""
+        for layout in self.layouts:
+            if layout.marker(layer) in tensor_names:
+                return layout
+        raise _missing(layer, f"{self.name} expert tensors", tensor_names)
 
-    def dense_layer_width(self, config: transformers.PretrainedConfig) -> Optional[int]:
-        """Intermediate size of decoder layers that are dense already (None: there are none)."""
-        return None
+    def resolve_layer(
+        self, config: transformers.PretrainedConfig, layer: int, tensor_names: Collection[str]
+    ) -> MoELayer:
+        """Locate a layer's expert tensors in whichever layout the checkpoint uses.
+
+        Only the marker, router, shared and extra tensors are checked here; every
+        expert tensor and every shape is checked against the shard headers when the
+        source is opened (`checkpoint.check_shapes`)."""
+        layout = self.layout_of(layer, tensor_names)
+        experts = layout.slices(layer, self.num_experts(config), self.expert_width(config))
+        router = layout.tensor(layout.router, layer)
+        shared: Tuple[Dict[str, ExpertSlice], ...] = ()
+        if self.has_shared(config):
+            templates = {"gate": self.shared.gate, "up": self.shared.up, "down": self.shared.down}
+            shared = ({p: ExpertSlice(layout.tensor(t, layer)) for p, t in templates.items()},)
+        extra = [layout.tensor(t, layer) for t in self.extra_tensors]
+        for name in [router, *(s.tensor for block in shared for s in block.values()), *extra]:
+            if name not in tensor_names:
+                raise _missing(layer, name, tensor_names)
+        consumed = {s.tensor for block in experts + shared for s in block.values()} | {router, *extra}
+        return MoELayer(layer, experts, router, tuple(sorted(consumed)), shared_experts=shared)
+
+    def expected_shapes(
+        self, config: transformers.PretrainedConfig, layer: MoELayer, tensor_names: Collection[str]
+    ) -> Dict[str, Tuple[int, ...]]:
+        """Every tensor of a resolved sparse layer with the full shape config.json implies
+        (experts first, then router, shared experts, extras)."""
+        layout = self.layout_of(layer.index, tensor_names)
+        num_experts = self.num_experts(config)
+        shapes: Dict[str, Shape] = dict(layout.expert_shapes(layer.index, num_experts))
+        shapes[layer.router] = ("E", "H")
+        if layer.shared_experts:
+            block = layer.shared_experts[0]
+            shapes.update({block["gate"].tensor: ("S", "H"), block["up"].tensor: ("S", "H")})
+            shapes[block["down"].tensor] = ("H", "S")
+        shapes.update({layout.tensor(t, layer.index): shape for t, shape in self.extra_tensors.items()})
+        dims = self.dims(config)
+        return {name: tuple(dims[d] if isinstance(d, str) else d for d in shape) for name, shape in shapes.items()}
+
+    def stored_experts(self, tensor_names: Collection[str]) -> Dict[int, Dict[int, str]]:
+        """layer -> expert index -> one of its tensors, for experts stored under per-expert
+        names (fused layouts: their E dim says, checked with their shapes)."""
+        found: Dict[int, Dict[int, str]] = {}
+        for layout in self.layouts:
+            for layer, experts in layout.stored_experts(tensor_names).items():
+                for expert, name in experts.items():
+                    found.setdefault(layer, {}).setdefault(expert, name)
+        return found
+
+    def dims(self, config: transformers.PretrainedConfig) -> Dict[str, int]:
+        """The symbolic dims of the table's shapes, from config.json."""
+        width = self.expert_width(config)
+        dims = {"E": self.num_experts(config), "H": getattr(config, self.keys.hidden), "I": width, "2I": 2 * width}
+        if self.has_shared(config):
+            dims["S"] = self.shared.total_width(config)
+        return dims
+
+    def describe_dims(self, config: transformers.PretrainedConfig) -> str:
+        """The config keys behind the dims, for error messages."""
+        keys = [self.keys.experts, self.keys.expert_width, self.keys.hidden]
+        if self.has_shared(config):
+            keys += [k for k in (self.shared.width, self.shared.count) if k]
+        return ", ".join(f"{key}: {getattr(config, key)}" for key in keys)
+
+    # -- the dense target -------------------------------------------------------------
+    def dense_mlp_names(self, layer: int) -> Dict[str, str]:
+        """Output tensor names of the dense MLP, keyed by projection (also the source names
+        of the MLPs of layers that are dense already)."""
+        return {p: self.dense.mlp[p].format(layer=layer) for p in PROJECTIONS}
 
     def dense_zero_tensors(self, config: transformers.PretrainedConfig, layer: int) -> Dict[str, Tuple[int, ...]]:
         """Extra all-zero tensors the dense target needs per converted layer (name -> shape)."""
-        return {}
+        dims = self.dims(config)
+        return {
+            name.format(layer=layer): tuple(dims[d] if isinstance(d, str) else d for d in shape)
+            for name, shape in self.dense.zero_tensors.items()
+        }
 
+    def dense_config(
+        self, config: transformers.PretrainedConfig, intermediate_size: int
+    ) -> transformers.PretrainedConfig:
+        """The dense target config: every setting the target class knows, kept; no MoE keys,
+        no remote code (`auto_map`), nothing the target class does not know."""
+        values = target_values(config, self.dense.config_class, drop=self.dense.moe_keys)
+        values.update(self.dense.overrides(config))
+        values["intermediate_size"] = intermediate_size
+        dense = self.dense.config_class(**values)
+        dense.architectures = [self.dense.architecture]
+        return dense
+
+    # -- a smaller MoE of the same family (kmeans_multi_dense, output: moe) -----------
     def moe_config(
         self, config: transformers.PretrainedConfig, num_experts: int, top_k: int
     ) -> transformers.PretrainedConfig:
         """A smaller MoE of the same family (used to reassemble merged experts)."""
-        raise UnsupportedModelError(
-            f"{self.name}: rebuilding a smaller MoE is not supported"
-        )
+        self._check_rebuild()
+        moe = type(config)(**copied_values(config))
+        # set as attributes: each config class's attribute_map names the stored key
+        setattr(moe, self.keys.experts, num_experts)
+        setattr(moe, self.keys.top_k, top_k)
+        moe.architectures = [self.moe_architecture]
+        return moe
 
     def moe_expert_names(self, layer: int, expert: int) -> Dict[str, str]:
-        """Output tensor names of one expert of the smaller MoE, keyed by projection."""
-        raise UnsupportedModelError(f"{self.name}: rebuilding a smaller MoE is not supported")
+        """Output tensor names of one expert of the smaller MoE, keyed by projection
+        (the first per-expert layout: what `save_pretrained` writes)."""
+        layout = self._rebuild_layout()
+        return {p: layout.tensor(template, layer, expert) for p, template in layout.projections().items()}
 
     def moe_router_name(self, layer: int) -> str:
         """Output tensor name of the smaller MoE's router weight [E, H]."""
-        raise UnsupportedModelError(f"{self.name}: rebuilding a smaller MoE is not supported")
+        layout = self._rebuild_layout()
+        return layout.tensor(layout.router, layer)
+
+    def _rebuild_layout(self) -> PerExpertLayout:
+        self._check_rebuild()
+        return next(layout for layout in self.layouts if isinstance(layout, PerExpertLayout))
+
+    def _check_rebuild(self) -> None:
+        if self.shared is not None or self.extra_tensors:
+            # the new experts would need their own shared-expert and router-bias semantics
+            raise UnsupportedModelError(
+                f"{self.name}: rebuilding a smaller MoE is supported for families without shared experts "
+                "or router biases (mixtral, qwen3_moe, olmoe)"
+            )
+        if self.moe_architecture is None or not any(isinstance(layout, PerExpertLayout) for layout in self.layouts):
+            raise UnsupportedModelError(f"{self.name}: rebuilding a smaller MoE is not supported")
 
 
 def _missing(layer: int, what: str, names: Collection[str]) -> UnsupportedModelError:

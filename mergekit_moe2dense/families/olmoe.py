@@ -11,34 +11,28 @@ stored as expert 0 in the per-expert names `save_pretrained` writes.
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
-
 import transformers
 
-from mergekit_moe2dense.families.gated_experts import GatedExpertsFamily
+from mergekit_moe2dense.families.base import MoEFamily
+from mergekit_moe2dense.families.common import MLP_EXPERTS
+from mergekit_moe2dense.families.spec import ConfigKeys, DenseTarget
 
 
-class OlmoeFamily(GatedExpertsFamily):
-    name = "olmoe"
-    model_types = ("olmoe",)
+def _one_expert(config) -> dict:
+    return {"num_experts": 1, "num_experts_per_tok": 1, "norm_topk_prob": False}
 
-    def expert_width(self, config) -> int:
-        return config.intermediate_size
 
-    def dense_mlp_names(self, layer: int) -> Dict[str, str]:
-        prefix = f"model.layers.{layer}.mlp.experts.0"
-        return {p: f"{prefix}.{p}_proj.weight" for p in ("gate", "up", "down")}
-
-    def dense_zero_tensors(self, config, layer: int) -> Dict[str, Tuple[int, ...]]:
-        return {f"model.layers.{layer}.mlp.gate.weight": (1, config.hidden_size)}
-
-    def dense_config(self, config, intermediate_size: int) -> transformers.PretrainedConfig:
-        values = config.to_dict()
-        for key in ("model_type", "architectures", "transformers_version"):
-            values.pop(key, None)
-        values.update(
-            num_experts=1, num_experts_per_tok=1, norm_topk_prob=False, intermediate_size=intermediate_size
-        )
-        dense = transformers.OlmoeConfig(**values)
-        dense.architectures = ["OlmoeForCausalLM"]
-        return dense
+OLMOE = MoEFamily(
+    name="olmoe",
+    model_types=("olmoe",),
+    keys=ConfigKeys(experts="num_experts", expert_width="intermediate_size"),
+    layouts=MLP_EXPERTS,
+    dense=DenseTarget(
+        transformers.OlmoeConfig,
+        "OlmoeForCausalLM",
+        {p: f"model.layers.{{layer}}.mlp.experts.0.{p}_proj.weight" for p in ("gate", "up", "down")},
+        overrides=_one_expert,
+        zero_tensors={"model.layers.{layer}.mlp.gate.weight": (1, "H")},
+    ),
+    moe_architecture="OlmoeForCausalLM",
+)

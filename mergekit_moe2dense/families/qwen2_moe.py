@@ -7,48 +7,34 @@ to the routed mixture. The shared expert becomes one more block of the dense
 MLP, its down projection scaled by the calibrated mean of that sigmoid gate
 (recorded per MoE layer by a hook on `mlp.shared_expert_gate`). Dense layers
 (`mlp_only_layers`, `decoder_sparse_step`) pass through, zero-padded if narrower.
+layer_types, sliding_window and max_window_layers are carried as they are.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional
-
 import transformers
 
-from mergekit_moe2dense.families.gated_experts import GatedExpertsFamily
-from mergekit_moe2dense.families.qwen3_moe import dense_values, qwen_sparse_layers
+from mergekit_moe2dense.families.base import MoEFamily
+from mergekit_moe2dense.families.common import DENSE_MLP, MLP_EXPERTS, QWEN_SPARSE_LAYERS, shared_mlp
+from mergekit_moe2dense.families.qwen3_moe import MOE_CONFIG_KEYS, QWEN_KEYS
+from mergekit_moe2dense.families.spec import DenseTarget, Refusal
 
 SHARED_KEYS = ("shared_expert_intermediate_size", "qkv_bias")
 
-
-class Qwen2MoeFamily(GatedExpertsFamily):
-    name = "qwen2_moe"
-    model_types = ("qwen2_moe",)
-    shared_module = "shared_expert"
-    extra_tensors = ("shared_expert_gate.weight",)
-
-    def unsupported_reason(self, config) -> Optional[str]:
-        if not config.qkv_bias:
-            return "Qwen2-MoE with qkv_bias: false has no Qwen2 equivalent (Qwen2 always has q/k/v biases)"
-        return None
-
-    def moe_layer_indices(self, config) -> List[int]:
-        return qwen_sparse_layers(config)
-
-    def needs_statistics(self, config) -> bool:
-        return True  # the shared expert's gate is calibrated
-
-    def shared_gate_module(self, layer: int) -> Optional[str]:
-        return f"model.layers.{layer}.mlp.shared_expert_gate"
-
-    def shared_scale(self, config, stats, position: int) -> float:
-        return float(stats.mean_shared_gate[position])
-
-    def dense_config(self, config, intermediate_size: int) -> transformers.PretrainedConfig:
-        values = dense_values(config, intermediate_size)
-        for key in SHARED_KEYS:
-            values.pop(key, None)
-        # layer_types, sliding_window and max_window_layers are carried as they are.
-        dense = transformers.Qwen2Config(**values)
-        dense.architectures = ["Qwen2ForCausalLM"]
-        return dense
+QWEN2_MOE = MoEFamily(
+    name="qwen2_moe",
+    model_types=("qwen2_moe",),
+    keys=QWEN_KEYS,
+    layouts=MLP_EXPERTS,
+    sparse_layers=QWEN_SPARSE_LAYERS,
+    shared=shared_mlp(
+        "shared_expert", width="shared_expert_intermediate_size", gate_module="model.layers.{layer}.mlp.shared_expert_gate"
+    ),
+    extra_tensors={"{block}.shared_expert_gate.weight": (1, "H")},
+    refusals=(
+        Refusal(
+            "qkv_bias", False, "Qwen2-MoE with qkv_bias: false has no Qwen2 equivalent (Qwen2 always has q/k/v biases)"
+        ),
+    ),
+    dense=DenseTarget(transformers.Qwen2Config, "Qwen2ForCausalLM", DENSE_MLP, moe_keys=MOE_CONFIG_KEYS + SHARED_KEYS),
+)

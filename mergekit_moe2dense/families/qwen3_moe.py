@@ -11,13 +11,13 @@ and its zero down column add nothing). Top-k weights are renormalised only with
 
 from __future__ import annotations
 
-from typing import List
-
 import transformers
 
-from mergekit_moe2dense.families.gated_experts import GatedExpertsFamily, sparse_layers
+from mergekit_moe2dense.families.base import MoEFamily
+from mergekit_moe2dense.families.common import DENSE_MLP, MLP_EXPERTS, QWEN_SPARSE_LAYERS
+from mergekit_moe2dense.families.spec import ConfigKeys, DenseTarget
 
-# Config keys that only make sense for a sparse model.
+# Config keys that only make sense for a sparse model (Qwen2-MoE's too).
 MOE_CONFIG_KEYS = (
     "decoder_sparse_step",
     "moe_intermediate_size",
@@ -30,39 +30,29 @@ MOE_CONFIG_KEYS = (
     "mlp_only_layers",
 )
 
-
-def qwen_sparse_layers(config) -> List[int]:
-    """Qwen2/3-MoE's rule (`Qwen2MoeDecoderLayer.__init__`)."""
-    if not config.num_experts:
-        return []
-    return sparse_layers(config, step=config.decoder_sparse_step, dense=config.mlp_only_layers or ())
+QWEN_KEYS = ConfigKeys(experts="num_experts", expert_width="moe_intermediate_size")
 
 
-def dense_values(config, intermediate_size: int) -> dict:
-    """The MoE config minus its MoE keys, with the merged width."""
-    values = config.to_dict()
-    for key in MOE_CONFIG_KEYS + ("model_type", "architectures", "transformers_version"):
-        values.pop(key, None)
-    values["intermediate_size"] = intermediate_size
-    return values
+def _qwen3_values(config) -> dict:
+    # Qwen3's defaults differ (head_dim 128); Qwen3-MoE attends with
+    # hidden/heads unless head_dim is set, and slides its window in every
+    # layer when it has one, where Qwen3 slides only from max_window_layers on.
+    sliding = config.sliding_window is not None
+    return {
+        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+        "layer_types": ["sliding_attention" if sliding else "full_attention"] * config.num_hidden_layers,
+        "max_window_layers": 0 if sliding else config.num_hidden_layers,
+    }
 
 
-class Qwen3MoeFamily(GatedExpertsFamily):
-    name = "qwen3_moe"
-    model_types = ("qwen3_moe",)
-
-    def moe_layer_indices(self, config) -> List[int]:
-        return qwen_sparse_layers(config)
-
-    def dense_config(self, config, intermediate_size: int) -> transformers.PretrainedConfig:
-        values = dense_values(config, intermediate_size)
-        # Qwen3's defaults differ (head_dim 128); Qwen3-MoE attends with
-        # hidden/heads unless head_dim is set, and slides its window in every
-        # layer when it has one, where Qwen3 slides only from max_window_layers on.
-        values["head_dim"] = values.get("head_dim") or config.hidden_size // config.num_attention_heads
-        sliding = config.sliding_window is not None
-        values["layer_types"] = ["sliding_attention" if sliding else "full_attention"] * config.num_hidden_layers
-        values["max_window_layers"] = 0 if sliding else config.num_hidden_layers
-        dense = transformers.Qwen3Config(**values)
-        dense.architectures = ["Qwen3ForCausalLM"]
-        return dense
+QWEN3_MOE = MoEFamily(
+    name="qwen3_moe",
+    model_types=("qwen3_moe",),
+    keys=QWEN_KEYS,
+    layouts=MLP_EXPERTS,
+    sparse_layers=QWEN_SPARSE_LAYERS,
+    dense=DenseTarget(
+        transformers.Qwen3Config, "Qwen3ForCausalLM", DENSE_MLP, moe_keys=MOE_CONFIG_KEYS, overrides=_qwen3_values
+    ),
+    moe_architecture="Qwen3MoeForCausalLM",
+)

@@ -1,0 +1,243 @@
+# Copyright (C) 2026 the mergekit-moe2dense authors
+# SPDX-License-Identifier: LGPL-3.0-only
+"""The declarative parts of a family adapter: where tensors live and what config keys mean.
+
+Tensor names are templates formatted with `layer`, `block` (the sparse block's
+prefix in the layout found, e.g. `model.layers.3.mlp`) and, for per-expert
+tensors, `expert`. Shapes use symbolic dims: "E" (routed experts), "H" (hidden
+size), "I" (one routed expert's width), "2I", "S" (the shared
+experts' width), or ints. Everything here is data; the
+one generic resolver and the shape expectations are in `base.MoEFamily`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Collection, Dict, Mapping, Optional, Tuple, Union
+
+import transformers
+
+Dim = Union[int, str]
+Shape = Tuple[Dim, ...]
+
+
+@dataclass(frozen=True)
+class ExpertSlice:
+    """One expert's projection inside a checkpoint tensor.
+
+    `expert` indexes dim 0 of a fused `[E, ...]` tensor (None: the tensor holds
+    one expert); `rows` selects a row range (fused gate_up keeps gate rows first).
+    """
+
+    tensor: str
+    expert: Optional[int] = None
+    rows: Optional[Tuple[int, int]] = None
+
+    def take(self, value):
+        if self.expert is not None:
+            value = value[self.expert]
+        if self.rows is not None:
+            value = value[self.rows[0] : self.rows[1]]
+        return value
+
+
+@dataclass(frozen=True)
+class ConfigKeys:
+    """config.json keys the conversion reads (names differ per family)."""
+
+    experts: str  # number of routed experts E
+    expert_width: str  # one routed expert's intermediate size I
+    top_k: str = "num_experts_per_tok"
+    dense_width: str = "intermediate_size"  # MLP width of layers that are dense in the MoE
+    hidden: str = "hidden_size"
+
+
+class _Layout:
+    block: str  # the sparse block's prefix, from {layer}
+    router: str  # [E, H]
+
+    def tensor(self, template: str, layer: int, expert: Optional[int] = None) -> str:
+        """A tensor name of `layer` (and `expert`) from a template of this layout or the family."""
+        return template.format(layer=layer, block=self.block.format(layer=layer), expert=expert)
+
+
+@dataclass(frozen=True)
+class PerExpertLayout(_Layout):
+    """One tensor per expert and projection (what `save_pretrained` writes for most
+    families, and most hub checkpoints), as nn.Linear weights: gate/up [I, H], down [H, I]."""
+
+    block: str
+    gate: str
+    up: str
+    down: str
+    router: str
+    kind: ClassVar[str] = "legacy"
+
+    def marker(self, layer: int) -> str:
+        """The tensor whose presence says `layer` is stored in this layout."""
+        return self.tensor(self.gate, layer, 0)
+
+    def slices(self, layer: int, num_experts: int, width: int) -> Tuple[Dict[str, ExpertSlice], ...]:
+        return tuple(
+            {p: ExpertSlice(self.tensor(t, layer, e)) for p, t in self.projections().items()}
+            for e in range(num_experts)
+        )
+
+    def expert_shapes(self, layer: int, num_experts: int) -> Dict[str, Shape]:
+        """Every expert tensor of `layer` with its full stored shape."""
+        shapes = {"gate": ("I", "H"), "up": ("I", "H"), "down": ("H", "I")}
+        return {
+            self.tensor(t, layer, e): shapes[p] for e in range(num_experts) for p, t in self.projections().items()
+        }
+
+    def stored_experts(self, tensor_names: Collection[str]) -> Dict[int, Dict[int, str]]:
+        """layer -> expert index -> one tensor stored for it under these names (one pass)."""
+        patterns = [_template_regex(t.replace("{block}", self.block)) for t in self.projections().values()]
+        found: Dict[int, Dict[int, str]] = {}
+        for name in sorted(tensor_names):
+            for pattern in patterns:
+                match = pattern.fullmatch(name)
+                if match:
+                    found.setdefault(int(match["layer"]), {}).setdefault(int(match["expert"]), name)
+                    break
+        return found
+
+    def projections(self) -> Dict[str, str]:
+        return {"gate": self.gate, "up": self.up, "down": self.down}
+
+
+@dataclass(frozen=True)
+class FusedLayout(_Layout):
+    """All experts of a block in two tensors (transformers 5's in-memory layout, which some
+    checkpoints store): gate_up [E, 2I, H] with gate rows first, down [E, H, I]."""
+
+    block: str
+    gate_up: str
+    down: str
+    router: str
+    kind: ClassVar[str] = "fused"
+
+    def marker(self, layer: int) -> str:
+        return self.tensor(self.gate_up, layer)
+
+    def slices(self, layer: int, num_experts: int, width: int) -> Tuple[Dict[str, ExpertSlice], ...]:
+        gate_up, down = self.tensor(self.gate_up, layer), self.tensor(self.down, layer)
+        return tuple(
+            {
+                "gate": ExpertSlice(gate_up, e, (0, width)),
+                "up": ExpertSlice(gate_up, e, (width, 2 * width)),
+                "down": ExpertSlice(down, e),
+            }
+            for e in range(num_experts)
+        )
+
+    def expert_shapes(self, layer: int, num_experts: int) -> Dict[str, Shape]:
+        return {self.tensor(self.gate_up, layer): ("E", "2I", "H"), self.tensor(self.down, layer): ("E", "H", "I")}
+
+    def stored_experts(self, tensor_names: Collection[str]) -> Dict[int, Dict[int, str]]:
+        return {}  # the E dim of the fused tensors says, checked with their shapes
+
+
+Layout = Union[PerExpertLayout, FusedLayout]
+
+
+@dataclass(frozen=True)
+class SharedExperts:
+    """Always-on experts added to the routed mixture, stored as one SwiGLU MLP
+    (DeepSeek's n shared experts are one MLP n times as wide)."""
+
+    gate: str
+    up: str
+    down: str
+    width: str  # config key: one shared expert's width
+    count: Optional[str] = None  # config key: how many (0 or None: this config has none); None: always one
+    # module path ({layer}) of a per-token sigmoid gate on their output, for hooks (None: ungated)
+    gate_module: Optional[str] = None
+
+    def present(self, config) -> bool:
+        return self.count is None or bool(getattr(config, self.count, None))
+
+    def total_width(self, config) -> int:
+        return getattr(config, self.width) * (getattr(config, self.count) if self.count else 1)
+
+
+@dataclass(frozen=True)
+class SparseLayers:
+    """Which decoder layers are sparse, by config keys (None: that rule does not apply).
+    No layer is sparse when the expert count is 0 (some families' dense variants)."""
+
+    first_dense: Optional[str] = None  # layers below config[key] are dense (DeepSeek's first_k_dense_replace)
+    step: Optional[str] = None  # sparse only where (i + 1) % config[key] == 0 (Qwen's decoder_sparse_step)
+    dense_list: Optional[str] = None  # config[key] lists dense layers (Qwen's mlp_only_layers)
+
+    def layers(self, config, num_experts: int):
+        if not num_experts:
+            return []
+        first = (getattr(config, self.first_dense) or 0) if self.first_dense else 0
+        step = (getattr(config, self.step) or 1) if self.step else 1
+        dense = set((getattr(config, self.dense_list) or ()) if self.dense_list else ())
+        return [
+            i for i in range(config.num_hidden_layers) if i >= first and (i + 1) % step == 0 and i not in dense
+        ]
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A config value of the family that has no exact dense equivalent."""
+
+    key: str
+    value: bool
+    reason: str
+
+    def applies(self, config) -> bool:
+        return bool(getattr(config, self.key, False)) == self.value
+
+
+def _no_overrides(config) -> Dict[str, Any]:
+    return {}
+
+
+@dataclass(frozen=True)
+class DenseTarget:
+    """The dense model a converted MoE becomes.
+
+    The config keeps the source's values for every key `config_class` knows (its
+    defaults plus its attribute_map) except `moe_keys`; `overrides` computes the
+    values that differ (the code where a family's target differs).
+    """
+
+    config_class: type
+    architecture: str
+    mlp: Mapping[str, str]  # projection -> output tensor name template ({layer})
+    moe_keys: Tuple[str, ...] = ()  # dropped even where config_class knows them
+    overrides: Callable[[transformers.PretrainedConfig], Dict[str, Any]] = _no_overrides
+    zero_tensors: Mapping[str, Shape] = field(default_factory=dict)  # all-zero tensors per converted layer
+
+
+# Keys of a source config that never belong in an output config.
+NEVER_COPIED = ("model_type", "architectures", "transformers_version", "auto_map", "quantization_config")
+
+
+def target_values(config: transformers.PretrainedConfig, config_class: type, drop: Collection[str] = ()) -> dict:
+    """The source config's values that `config_class` knows (its defaults, its
+    constructor's parameters and its attribute_map), minus `drop`: remote-code
+    pointers (`auto_map`) and keys of other architectures never reach an output config."""
+    known = set(config_class().to_dict()) | set(getattr(config_class, "attribute_map", {}))
+    known |= set(inspect.signature(config_class.__init__).parameters) - {"self", "args", "kwargs"}
+    return {k: v for k, v in copied_values(config).items() if k in known and k not in drop}
+
+
+def copied_values(config: transformers.PretrainedConfig) -> dict:
+    """The source config's values, less those that never belong in an output config
+    (for an output of the source's own class: a rebuilt smaller MoE)."""
+    return {k: v for k, v in config.to_dict().items() if k not in NEVER_COPIED}
+
+
+def _template_regex(template: str) -> "re.Pattern[str]":
+    parts = re.split(r"(\{layer\}|\{expert\})", template)
+    pattern = "".join(
+        {"{layer}": r"(?P<layer>\d+)", "{expert}": r"(?P<expert>\d+)"}.get(part, re.escape(part)) for part in parts
+    )
+    return re.compile(pattern)
