@@ -12,13 +12,12 @@ import torch
 import transformers
 from mergekit.options import MergeOptions
 
-from conftest import logits_of
+from helpers import METHOD_PARAMS, logits_of, make_config
 from mergekit_moe2dense.build import build_dense
 from mergekit_moe2dense.calibration import collect_router_statistics
 from mergekit_moe2dense.calibration.batches import TokenBatch
 from mergekit_moe2dense.families import UnsupportedModelError, get_family
 from mergekit_moe2dense.families.qwen3_moe import MOE_CONFIG_KEYS
-from test_build import METHOD_PARAMS, make_config
 from tiny_families import FAMILY_SPECS, make_family_moe
 
 OPTIONS = MergeOptions(quiet=True)
