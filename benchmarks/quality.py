@@ -1,3 +1,5 @@
+# Copyright (C) 2026 the mergekit-moe2dense authors
+# SPDX-License-Identifier: LGPL-3.0-only
 """Quality benchmark: every method against the MoE, its ancestor and its dense twin.
 
 On the trained testbed (benchmarks/testbed.py: a Mistral ancestor upcycled into an

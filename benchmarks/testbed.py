@@ -1,3 +1,5 @@
+# Copyright (C) 2026 the mergekit-moe2dense authors
+# SPDX-License-Identifier: LGPL-3.0-only
 """A small *trained* Mixtral-architecture MoE, built offline from text on any machine.
 
 Why: merging experts is only meaningful on experts that differ, and random tiny models have no

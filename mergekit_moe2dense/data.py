@@ -1,3 +1,5 @@
+# Copyright (C) 2026 the mergekit-moe2dense authors
+# SPDX-License-Identifier: LGPL-3.0-only
 """Text loading shared by calibration and evaluation.
 
 A *source* is one labelled stream of documents (a file, or a hub dataset), so

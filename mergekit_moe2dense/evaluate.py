@@ -1,3 +1,5 @@
+# Copyright (C) 2026 the mergekit-moe2dense authors
+# SPDX-License-Identifier: LGPL-3.0-only
 """Perplexity of a causal LM over labelled documents, overall and per source.
 
 Each source's documents are tokenized and concatenated into one stream, and the

@@ -12,30 +12,10 @@ import transformers
 from mergekit.options import MergeOptions
 from safetensors import safe_open
 
-from conftest import logits_of
+from helpers import METHOD_PARAMS, logits_of, make_config, make_mixtral
 from mergekit_moe2dense.build import STATS_FILE, WEIGHTS_FILE, build_dense
-from mergekit_moe2dense.config import Moe2DenseConfig
 
 OPTIONS = MergeOptions(quiet=True)
-METHOD_PARAMS = {
-    "router_weighted": {"aggregate": "mean_logit"},
-    "top_k_tempered": {"temperature": 0.5},
-    "expert_uniform": {},
-    "single_expert": {},
-}
-
-
-def make_config(model, method, calib_dir, **params) -> Moe2DenseConfig:
-    return Moe2DenseConfig.model_validate(
-        {
-            "merge_method": method,
-            "models": [{"model": str(model)}],
-            "parameters": params,
-            "calibration": {"dataset": str(calib_dir), "num_samples": 8, "seq_len": 32, "batch_size": 3},
-            "dtype": "float32",
-        }
-    )
-
 
 
 @pytest.mark.parametrize("layout", ["legacy", "fused"])
@@ -51,8 +31,6 @@ def test_identical_experts_give_moe_logits(identical_moe, calib_dir, tmp_path, l
 
 
 def test_dense_config_carries_attention_settings(identical_moe, calib_dir, tmp_path, tokenizer_dir):
-    from conftest import make_mixtral
-
     moe = make_mixtral(
         tmp_path / "odd",
         tokenizer_dir,

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -16,35 +15,12 @@ import transformers
 import yaml
 from click.testing import CliRunner
 
-from conftest import make_mixtral
-from mergekit_moe2dense.cli import main
+from helpers import assert_one_line_error, make_mixtral, run_cli, write_config
 
 BIN = Path(sys.executable).parent
 
 
-def write_config(path: Path, model, calib_dir, method="router_weighted", **params) -> Path:
-    config = {
-        "merge_method": method,
-        "models": [{"model": str(model)}],
-        "parameters": params,
-        "calibration": {"dataset": str(calib_dir), "num_samples": 6, "seq_len": 32, "batch_size": 2},
-        "dtype": "float32",
-    }
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def run_cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def assert_one_line_error(result, fragment: str):
-    assert result.exit_code != 0, result.output
-    assert "Traceback" not in result.output
-    assert re.search(fragment, result.output), result.output
-    assert len([line for line in result.output.strip().splitlines() if line.startswith("Error")]) == 1
-
-
+@pytest.mark.slow  # a console script in a subprocess
 @pytest.mark.parametrize("script", ["mergekit-moe2dense", "mergekit-yaml"])
 def test_console_scripts_end_to_end(script, random_moe, calib_dir, tmp_path):
     config = write_config(tmp_path / "c.yml", random_moe["legacy"], calib_dir, method="top_k_tempered")

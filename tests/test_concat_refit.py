@@ -12,7 +12,7 @@ import transformers
 from mergekit.common import ModelReference
 from mergekit.options import MergeOptions
 
-from conftest import logits_of
+from helpers import logits_of
 from mergekit_moe2dense.build import WEIGHTS_FILE, build_dense
 from mergekit_moe2dense.calibration import collect_statistics, load_calibration_batches, load_moe
 from mergekit_moe2dense.calibration.sequential import DenseMLP, refit_layers
@@ -174,7 +174,8 @@ def test_sequential_refit_equals_whole_model_fit(random_moe, calib_dir):
         dense = DenseMLP(tensors["gate"], tensors["up"], tensors["down"], torch.nn.functional.silu)
         stats, keep = LeastSquaresStats(), {}
 
-        def hook(_module, inputs, output):
+        # bound now: the hook is removed before the next layer's loop rebinds these
+        def hook(_module, inputs, output, stats=stats, dense=dense, keep=keep):
             x = inputs[0].reshape(-1, inputs[0].shape[-1])[keep["mask"]]
             stats.add_batch(dense.intermediate(x), output.reshape(-1, output.shape[-1])[keep["mask"]])
 

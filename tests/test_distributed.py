@@ -28,6 +28,7 @@ def test_rank_batches_cover_every_batch_once():
     assert shares[0] == [0, 3, 6]
 
 
+@pytest.mark.slow  # torchrun starts 2 worker processes
 @pytest.mark.parametrize("engine", ["full", "layerwise"])
 def test_torchrun_two_processes_match_one(random_moe, calib_dir, tmp_path, engine):
     config = {

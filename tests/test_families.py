@@ -13,7 +13,7 @@ import transformers
 from mergekit.common import ModelReference
 from mergekit.options import MergeOptions
 
-from conftest import logits_of, make_mixtral
+from helpers import METHOD_PARAMS, logits_of, make_config, make_mixtral
 from mergekit_moe2dense.build import build_dense
 from mergekit_moe2dense.calibration import collect_statistics
 from mergekit_moe2dense.calibration.batches import TokenBatch
@@ -21,7 +21,6 @@ from mergekit_moe2dense.checkpoint import SourceModel
 from mergekit_moe2dense.config import CalibrationConfig
 from mergekit_moe2dense.families import UnsupportedModelError, get_family
 from mergekit_moe2dense.families.qwen3_moe import MOE_CONFIG_KEYS
-from test_build import METHOD_PARAMS, make_config
 from tiny_families import FAMILY_SPECS, make_family_moe
 
 OPTIONS = MergeOptions(quiet=True)

@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 from mergekit.common import ModelReference
 
-from conftest import make_mixtral
+from helpers import make_mixtral
 from mergekit_moe2dense.calibration import collect_statistics, load_calibration_batches
 from mergekit_moe2dense.checkpoint import SourceModel
 from mergekit_moe2dense.cli import main

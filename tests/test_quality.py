@@ -2,9 +2,12 @@
 # SPDX-License-Identifier: LGPL-3.0-only
 """The quality benchmark runs end to end on the smoke testbed, so it cannot rot."""
 
+import pytest
+
 from benchmarks import quality
 
 
+@pytest.mark.slow  # trains the smoke testbed
 def test_quality_benchmark_smoke(smoke_testbed, tmp_path):
     report = quality.run(
         "smoke", cache_dir=str(smoke_testbed.root.parent), grid=False, max_tokens=500, write_docs=False, work_dir=str(tmp_path)

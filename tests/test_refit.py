@@ -36,13 +36,13 @@ def test_channel_scale_recovers_known_scales():
 
 def test_fits_are_never_worse_than_the_unfitted_projection():
     g = torch.Generator().manual_seed(2)
-    for trial in range(5):
+    for _ in range(5):
         h = torch.randn(80, 12, generator=g, dtype=torch.float64)
         down = torch.randn(5, 12, generator=g, dtype=torch.float64)
         y = torch.tanh(h @ torch.randn(12, 5, generator=g, dtype=torch.float64)) + 0.1 * torch.randn(80, 5, generator=g, dtype=torch.float64)
         stats = LeastSquaresStats()
         stats.add_batch(h, y, output=h @ down.T)
-        error = lambda d: float(((y - h @ d.T) ** 2).sum())  # noqa: E731
+        error = lambda d, y=y, h=h: float(((y - h @ d.T) ** 2).sum())  # noqa: E731
         scaled = fit_channel_scale(stats)[:, None] * down
         assert error(fit_down_proj(stats, damping=1e-6)) <= error(scaled) + 1e-9
         assert error(scaled) <= error(down) + 1e-9

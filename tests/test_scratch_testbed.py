@@ -1,14 +1,17 @@
 # Copyright (C) 2026 the mergekit-moe2dense authors
 # SPDX-License-Identifier: LGPL-3.0-only
-"""The quality benchmark runs end to end on the smoke testbed, so it cannot rot."""
 """The `scratch-smoke` preset: a Qwen3-MoE trained from random init (no ancestor) and a dense
 Qwen3 twin of its active size, both of which learned the data."""
 
 import math
 
+import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from benchmarks.testbed import PRESETS, build_testbed, encode, perplexity
+
+# trains a tiny MoE and its dense twin
+pytestmark = pytest.mark.slow
 
 PRESET = PRESETS["scratch-smoke"]
 

@@ -1,17 +1,22 @@
+# Copyright (C) 2026 the mergekit-moe2dense authors
+# SPDX-License-Identifier: LGPL-3.0-only
 """The smoke testbed builds, learns, caches, and reports sane drift statistics."""
 
 import json
-import time
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from benchmarks import testbed as recipe
 from benchmarks.testbed import (
     DOMAINS,
     PRESETS,
     build_testbed,
     split_of,
 )
+
+# trains the smoke testbed (once per session)
+pytestmark = pytest.mark.slow
 
 PRESET = PRESETS["smoke"]
 
@@ -63,11 +68,16 @@ def test_splits_are_disjoint_by_document(testbed):
         assert all(split_of(domain, n) == split for split in sets for n in sets[split])
 
 
-def test_second_call_hits_cache(testbed):
-    start = time.time()
+def test_second_call_hits_cache(testbed, monkeypatch):
+    def no_build(*args, **kwargs):
+        raise AssertionError("a cached testbed was built again")
+
+    monkeypatch.setattr(recipe, "_build", no_build)
+    monkeypatch.setattr(recipe, "train", no_build)
+    before = {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in testbed.root.rglob("*")}
     again = build_testbed("smoke", cache_dir=testbed.root.parent)
-    assert time.time() - start < 2
     assert again == testbed
+    assert {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in testbed.root.rglob("*")} == before
     assert not [p for p in testbed.root.parent.iterdir() if ".partial-" in p.name]
 
 
@@ -76,7 +86,7 @@ def test_report_drift(testbed):
     for key in ("expert_pairwise_cosine", "expert_to_ancestor_cosine"):
         assert len(drift[key]) == PRESET.num_layers
         assert all(-1 <= v <= 1 for v in drift[key]), key
-    for domain, layers in testbed.report["router_frequency"].items():
+    for layers in testbed.report["router_frequency"].values():
         for freq in layers:
             assert len(freq) == PRESET.num_experts
             assert sum(freq) == pytest.approx(1.0)

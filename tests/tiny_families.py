@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 import transformers
-from conftest import save_model
+
+from helpers import save_model
 
 COMMON = dict(
     hidden_size=32,
