@@ -16,13 +16,11 @@ from mergekit.common import ModelReference
 from mergekit.options import MergeOptions
 from safetensors.torch import load_file, save_file
 
-from conftest import make_mixtral
-from mergekit_moe2dense import build
+from helpers import make_config, make_mixtral, write_config
+from mergekit_moe2dense import build, job
 from mergekit_moe2dense.build import build_dense
 from mergekit_moe2dense.checkpoint import ShapeMismatchError, SourceModel
 from mergekit_moe2dense.cli import main
-from test_build import make_config
-from test_cli import write_config
 from tiny_families import make_family_moe
 
 LEGACY = "model.layers.0.block_sparse_moe"
@@ -128,8 +126,8 @@ def test_build_fails_before_calibration(eight_experts, calib_dir, tmp_path, monk
     def no_calibration(*args, **kwargs):
         raise AssertionError("calibration started")
 
-    monkeypatch.setattr(build, "load_calibration_batches", no_calibration)
-    monkeypatch.setattr(build, "load_moe", no_calibration)
+    monkeypatch.setattr(build, "calibrate", no_calibration)
+    monkeypatch.setattr(job, "load_calibration_batches", no_calibration)
     out = tmp_path / "dense"
     with pytest.raises(ShapeMismatchError, match=message):
         build_dense(make_config(moe, "router_weighted", calib_dir), str(out), MergeOptions(quiet=True))
