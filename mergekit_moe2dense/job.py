@@ -24,6 +24,7 @@ from mergekit_moe2dense.calibration import (
     calibration_dtype,
     load_calibration_batches,
 )
+from mergekit_moe2dense.calibration.engine import check_engine
 from mergekit_moe2dense.calibration.distributed import Ranks
 from mergekit_moe2dense.checkpoint import SourceModel
 from mergekit_moe2dense.config import ConfigError, Moe2DenseConfig
@@ -96,6 +97,8 @@ class ConversionJob:
             config_source=config_source,
         )
         job._check_statistics_source()
+        if calibration is not None and not stats_path:
+            check_engine(source, calibration, job.device, job.ranks)
         output.check(job)
         out.check_space(output.estimated_bytes(job))
         return job

@@ -63,8 +63,8 @@ def test_device_map_places_the_full_model_with_accelerate(random_moe, calib_dir,
     gives the same statistics; it is refused where it cannot apply."""
     from mergekit.options import MergeOptions
 
-    from mergekit_moe2dense.build import build_dense, calibrate
-    from mergekit_moe2dense.calibration import calibration_engine, runner
+    from mergekit_moe2dense.build import build_dense
+    from mergekit_moe2dense.calibration import calibration_engine, collect_statistics, load_calibration_batches, runner
     from mergekit_moe2dense.config import ConfigError, Moe2DenseConfig
 
     def config(**calibration):
@@ -86,8 +86,9 @@ def test_device_map_places_the_full_model_with_accelerate(random_moe, calib_dir,
     monkeypatch.setattr("mergekit_moe2dense.calibration.engine.load_moe", spy)
     source = SourceModel.open(ModelReference.parse(str(random_moe["legacy"])))
     options = MergeOptions(quiet=True)
-    placed = calibrate(source, config(device_map="auto"), {}, options)
-    plain = calibrate(source, config(engine="full"), {}, options)
+    _, batches = load_calibration_batches(source.path, config().calibration)
+    placed = collect_statistics(source, batches, config(device_map="auto").calibration, progress=False)
+    plain = collect_statistics(source, batches, config(engine="full").calibration, progress=False)
     assert maps == ["auto", None]
     for name in ("prob_sum", "selected", "gate_sum", "samples"):
         torch.testing.assert_close(getattr(placed, name), getattr(plain, name), rtol=1e-6, atol=1e-6)

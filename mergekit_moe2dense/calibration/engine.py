@@ -55,6 +55,18 @@ def calibration_engine(source, calibration: CalibrationConfig, device: str) -> s
     return "full" if size < free / 2 else "layerwise"
 
 
+def check_engine(source, calibration: CalibrationConfig, device: str, ranks: Ranks) -> str:
+    """The engine this calibration will run on, refusing combinations that cannot work
+    (cheap: called before any work, and again when the pass starts)."""
+    engine = calibration_engine(source, calibration, device)
+    if calibration.device_map is not None and (engine == "layerwise" or ranks.distributed):
+        raise ConfigError(
+            "calibration.device_map places one whole model: it needs engine: full, in one process "
+            "(the layerwise engine holds one layer at a time; under torchrun each rank has its own GPU)"
+        )
+    return engine
+
+
 def collect_statistics(
     source,
     batches: List[TokenBatch],
@@ -75,12 +87,7 @@ def collect_statistics(
     ranks = ranks or Ranks.from_env()
     device = ranks.device(device)
     dtype = calibration_dtype(calibration, device)
-    engine = calibration_engine(source, calibration, device)
-    if calibration.device_map is not None and (engine == "layerwise" or ranks.distributed):
-        raise ConfigError(
-            "calibration.device_map places one whole model: it needs engine: full, in one process "
-            "(the layerwise engine holds one layer at a time; under torchrun each rank has its own GPU)"
-        )
+    engine = check_engine(source, calibration, device, ranks)
     ranks.init_process_group(device)
     common = dict(
         max_token_samples=calibration.max_token_samples,
