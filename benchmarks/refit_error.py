@@ -36,11 +36,11 @@ def random_batches(n, seq_len, batch_size, vocab, seed):
     ]
 
 
-def held_out_kl(moe, plans, loader, fitted, batches) -> float:
+def held_out_kl(moe, plans, reader, fitted, batches) -> float:
     dense = transformers.MixtralForCausalLM(moe.config).eval()
     dense.load_state_dict(moe.state_dict())
     for plan in plans:
-        t = assemble(plan, lambda piece: piece.take(loader.get_tensor(piece.tensor)))
+        t = assemble(plan, reader.read_slice)
         names = {p: f"model.layers.{plan.layer.index}.mlp.{p}_proj.weight" for p in t}
         t = {p: fitted.get(names[p], t[p]) for p in t}
         dense.model.layers[plan.layer.index].mlp = DenseMLP(t["gate"], t["up"], t["down"], torch.nn.functional.silu)
@@ -79,7 +79,7 @@ def main():
         held = random_batches(4, 128, 4, 512, seed=2)
         calibration = CalibrationConfig(dataset="random tokens", max_token_samples=4096, engine="full")
         stats = collect_statistics(source, calib, calibration, progress=False)
-        layers, loader = source.moe_layers(), source.reference.lazy_loader()
+        layers, reader = source.moe_layers(), source.reader
         E, k = args.experts, config.num_experts_per_tok
         rows = [("max_contribution", {}), ("concat", {"num_experts": k}), ("concat", {"num_experts": E}),
                 ("router_weighted", {}), ("router_weighted", {"refit_gate_up": "regmean"}),
@@ -105,7 +105,7 @@ def main():
                     before = sum(b for b, _ in result.errors.values()) / len(result.errors)
                     after = sum(a for _, a in result.errors.values()) / len(result.errors)
                     fitted, err = result.tensors, f"{before:.3f} -> {after:.3f}"
-                kl = held_out_kl(moe, plans, loader, fitted, held)
+                kl = held_out_kl(moe, plans, reader, fitted, held)
                 label = f"{name} {raw}" if raw else name
                 print(f"| {label} | {refit} | {err} | {kl:.4f} |", flush=True)
 

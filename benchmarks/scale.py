@@ -10,7 +10,7 @@
    word-level tokenizer whose words map 1:1 to token ids.
 2. Calibration: every available engine (`full`: transformers forward of the whole
    model with router hooks; `layerwise`: the layer-streaming engine) on the same
-   tokens, through the library's `calibrate`. Tokens/s counts load + forward.
+   tokens, through the library's `collect_statistics`. Tokens/s counts load + forward.
 3. Merge: `mergekit-moe2dense` (expert_uniform, bf16 out) vs stock mergekit's
    `linear` merge of the same checkpoint (reads the same bytes), vs reading every
    shard once. The page cache is dropped for the checkpoint (posix_fadvise)
@@ -232,9 +232,7 @@ def available_engines() -> List[str]:
 def child_calibrate(
     model: str, data: str, engine: str, tokens_per_seq: int, num_samples: int, device: str, dtype: str
 ) -> None:
-    from mergekit.options import MergeOptions
-
-    from mergekit_moe2dense.build import calibrate
+    from mergekit_moe2dense.calibration import collect_statistics, load_calibration_batches
     from mergekit_moe2dense.checkpoint import SourceModel
     from mergekit_moe2dense.config import Moe2DenseConfig
 
@@ -246,7 +244,8 @@ def child_calibrate(
     )
     source = SourceModel.open(config.model)
     start = time.perf_counter()
-    stats = calibrate(source, config, {}, MergeOptions(quiet=True, device=device))
+    _, batches = load_calibration_batches(source.path, config.calibration)  # timed, as in a run
+    stats = collect_statistics(source, batches, config.calibration, device=device, progress=False)
     seconds = time.perf_counter() - start
     print(json.dumps({"seconds": seconds, "tokens": stats.tokens, "mean_probs": stats.mean_probs.tolist()}))
 

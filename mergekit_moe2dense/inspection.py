@@ -261,16 +261,9 @@ def _check_output(path: Optional[str], what: str) -> None:
         raise InspectionError(f"{what} {path} is a directory")
 
 
-def _layer_tensors(loader, layer) -> Dict[str, torch.Tensor]:
-    """{proj: [E, ...]} for one layer; a fused tensor is read once, not once per expert."""
-    cache: Dict[str, torch.Tensor] = {}
-
-    def read(piece):
-        if piece.tensor not in cache:
-            cache[piece.tensor] = loader.get_tensor(piece.tensor)
-        return piece.take(cache[piece.tensor]).float()
-
-    return {p: torch.stack([read(expert[p]) for expert in layer.experts]) for p in PROJECTIONS}
+def _layer_tensors(reader, layer) -> Dict[str, torch.Tensor]:
+    """{proj: [E, ...]} for one layer, each expert's slice read on its own (`TensorReader`)."""
+    return {p: torch.stack([reader.read_slice(expert[p]).float() for expert in layer.experts]) for p in PROJECTIONS}
 
 
 def expert_pairs(num_experts: int) -> List[tuple[int, int]]:
@@ -386,10 +379,9 @@ def inspect_moe(
     elif data:
         stats = _calibrate(source, calibration, device)
 
-    loader = source.reference.lazy_loader()
     results = []
     for layer in tqdm.tqdm(layers, desc="Inspecting", unit="layer", disable=not progress):
-        results.append(inspect_layer(_layer_tensors(loader, layer), layer.index, max_units, seed, device))
+        results.append(inspect_layer(_layer_tensors(source.reader, layer), layer.index, max_units, seed, device))
     if stats is not None:
         share = stats.selection_frequency / stats.top_k
         entropy = normalized_entropy(stats.mean_probs)
