@@ -42,7 +42,7 @@ from mergekit_moe2dense.calibration.distributed import (
 )
 from mergekit_moe2dense.card import write_model_card
 from mergekit_moe2dense.checkpoint import SourceModel
-from mergekit_moe2dense.config import ConfigError, Moe2DenseConfig
+from mergekit_moe2dense.config import ConfigError, Moe2DenseConfig, check_seq_len
 from mergekit_moe2dense.errors import Moe2DenseError
 from mergekit_moe2dense.graph import open_readers, plan_dense_merge, stash_tensors
 from mergekit_moe2dense.methods import MethodError, get_method
@@ -186,6 +186,7 @@ def build_dense(
     method = get_method(config.merge_method)
     check_output_dir(out_path, overwrite)
     source = SourceModel.open(config.model, trust_remote_code=options.trust_remote_code)
+    check_seq_len(config.calibration, source.config)
     family, moe_config = source.family, source.config
     num_experts, top_k = family.num_experts(moe_config), family.top_k(moe_config)
     params = method.resolve_parameters(config.method_parameters, num_experts=num_experts, top_k=top_k)

@@ -369,7 +369,7 @@ def _conversion_command(shard: str) -> str:
             f"d = {directory!r}; m = json.load(open(d + '/pytorch_model.bin.index.json'))['weight_map']; "
             "new = {n: n.replace('pytorch_model', 'model').removesuffix('.bin') + '.safetensors' for n in set(m.values())}; "
             f"[save_file({each}, f'{{d}}/{{s}}', metadata={{'format': 'pt'}}) for n, s in new.items()]; "
-            "json.dump({'weight_map': {k: new[n] for k, n in m.items()}}, open(d + '/model.safetensors.index.json', 'w'))"
+            "json.dump({'metadata': {}, 'weight_map': {k: new[n] for k, n in m.items()}}, open(d + '/model.safetensors.index.json', 'w'))"
         )
     return f'python -c "{code}"'
 
