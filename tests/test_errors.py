@@ -19,7 +19,7 @@ import torch
 import yaml
 
 import mergekit_moe2dense.cli as cli
-from mergekit_moe2dense.checkpoint import CheckpointError, SourceModel
+from mergekit_moe2dense.checkpoint import SourceModel
 from mergekit_moe2dense.config import ConfigError, Moe2DenseConfig, check_seq_len
 from mergekit_moe2dense.data import DataError, load_documents
 from test_cli import BIN, assert_one_line_error, run_cli, write_config
