@@ -8,7 +8,9 @@ import functools
 import hashlib
 import json
 import os
+import pickle
 import queue
+import re
 import struct
 import threading
 from dataclasses import dataclass
@@ -44,9 +46,7 @@ class SourceModel:
 
     @classmethod
     def open(cls, reference: ModelReference, trust_remote_code: bool = False) -> "SourceModel":
-        path = reference.local_path()
-        if not os.path.isdir(path):
-            raise CheckpointError(f"model not found: {reference} (no such directory {path})")
+        path = local_model_path(reference)
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise CheckpointError(f"{path} has no config.json")
         try:
@@ -264,6 +264,37 @@ class _ReadAhead:
         return read
 
 
+def local_model_path(reference: ModelReference) -> str:
+    """The model's directory: the local path, or mergekit's download of a hub id.
+
+    mergekit sends every path that does not exist to the hub, where a local path
+    fails with a repo-id validation traceback and an unreachable hub with a network
+    one; both become one line naming the path.
+    """
+    if reference.lora is not None:  # mergekit's local_path() asserts on one
+        raise CheckpointError(f"{reference}: a model+LoRA reference is not supported; merge the LoRA first")
+    path = reference.model.path
+    if not os.path.exists(path):
+        from huggingface_hub.errors import HFValidationError
+        from huggingface_hub.utils import validate_repo_id
+
+        try:
+            validate_repo_id(path)
+        except HFValidationError:  # not a hub id: a local path
+            raise CheckpointError(f"model not found: no such directory {path}") from None
+        try:
+            path = reference.local_path()
+        except Exception as error:  # hub, HTTP, offline-mode and OS errors alike
+            reason = (str(error).strip() or type(error).__name__).splitlines()[0]
+            raise CheckpointError(
+                f"model not found: {path} is not a local directory, and the Hugging Face hub "
+                f"could not provide it ({reason})"
+            ) from None
+    if not os.path.isdir(path):
+        raise CheckpointError(f"model not found: {path} is not a directory")
+    return path
+
+
 def _refuse_remote_code(path: str) -> None:
     """A config transformers cannot read natively because it names remote code (auto_map)."""
     try:
@@ -279,10 +310,83 @@ def read_index(path: str) -> ShardedTensorIndex:
     single = os.path.join(path, "model.safetensors")
     if os.path.isfile(single) and not os.path.isfile(single + ".index.json"):
         _check_safetensors_size(single)  # before safetensors itself fails on it
+    if not os.path.exists(single) and not os.path.exists(single + ".index.json"):
+        for shard in _pickle_shards(path):
+            check_pickle_shard(shard)  # before mergekit's loader unpickles it
     try:
         return ShardedTensorIndex.from_disk(path)
     except RuntimeError:
         raise CheckpointError(f"{path} has no model.safetensors or pytorch_model.bin") from None
+
+
+def _pickle_shards(path: str) -> List[str]:
+    """The `.bin` files of a pickle checkpoint (one file, or those its index names)."""
+    single = os.path.join(path, "pytorch_model.bin")
+    try:
+        with open(single + ".index.json", encoding="utf-8") as handle:
+            names = sorted(set(json.load(handle)["weight_map"].values()))
+    except FileNotFoundError:
+        return [single] if os.path.isfile(single) else []
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise CheckpointError(f"{single}.index.json is not a valid checkpoint index") from None
+    # a missing shard is reported by check_shards
+    return [os.path.join(path, name) for name in names if os.path.isfile(os.path.join(path, name))]
+
+
+def check_pickle_shard(shard: str) -> None:
+    """A pickle shard holds only tensors (and plain containers), and is readable.
+
+    Loaded with torch's restricted unpickler (`weights_only`) onto the meta device, so
+    nothing is executed and no tensor data is read. mergekit lists a single-file
+    checkpoint with a bare `torch.load`, which on torch < 2.6 would run any code in
+    the pickle; after this check every loader only meets what the safe one accepted.
+    """
+    try:
+        torch.load(shard, map_location="meta", weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        reason = f"it names {found.group(1)}" if found else _first_sentence(error)
+        raise CheckpointError(
+            f"{shard}: refused: this pickle-format checkpoint holds more than tensors ({reason}), and "
+            f"unpickling it could run code. If you trust it, convert it to safetensors: {_conversion_command(shard)}"
+        ) from None
+    except (RuntimeError, OSError, EOFError, ValueError) as error:  # torch's zip reader raises RuntimeError
+        raise CheckpointError(
+            f"{shard}: pickle-format checkpoint is truncated or corrupt ({_first_sentence(error)})"
+        ) from None
+
+
+def _conversion_command(shard: str) -> str:
+    """A shell command that writes the safetensors twin of the pickle checkpoint
+    holding `shard`; safetensors files are read in preference to `.bin` ones.
+    (transformers 5 cannot do it: `from_pretrained` ignores `weights_only=False`.)"""
+    directory = os.path.dirname(shard)
+
+    def tensors(file: str) -> str:
+        return (
+            f"{{k: v.contiguous().clone() for k, v in torch.load({file}, weights_only=False).items() "
+            "if isinstance(v, torch.Tensor)}"
+        )
+
+    code = "import json, torch; from safetensors.torch import save_file; "
+    if os.path.basename(shard) == "pytorch_model.bin":
+        target = os.path.join(directory, "model.safetensors")
+        code += f"save_file({tensors(repr(shard))}, {target!r}, metadata={{'format': 'pt'}})"
+    else:  # sharded: every shard, then the index
+        each = tensors("f'{d}/{n}'")
+        code += (
+            f"d = {directory!r}; m = json.load(open(d + '/pytorch_model.bin.index.json'))['weight_map']; "
+            "new = {n: n.replace('pytorch_model', 'model').removesuffix('.bin') + '.safetensors' for n in set(m.values())}; "
+            f"[save_file({each}, f'{{d}}/{{s}}', metadata={{'format': 'pt'}}) for n, s in new.items()]; "
+            "json.dump({'metadata': {}, 'weight_map': {k: new[n] for k, n in m.items()}}, open(d + '/model.safetensors.index.json', 'w'))"
+        )
+    return f'python -c "{code}"'
+
+
+def _first_sentence(error: BaseException) -> str:
+    """torch's messages run to several sentences and lines of advice."""
+    text = (str(error).strip() or type(error).__name__).splitlines()[0]
+    return re.split(r"\.\s", text)[0].rstrip(".")
 
 
 def check_shards(index: ShardedTensorIndex) -> None:

@@ -6,17 +6,39 @@
     mergekit-moe2dense eval MODEL [MODEL ...] --data PATH [--seq-len N] [--json FILE]
     mergekit-moe2dense inspect MOE [--stats FILE | --data PATH] [--heatmap PNG] [--json FILE]
 
-Library errors (`Moe2DenseError`) become one-line messages and exit status 1.
+Library errors (`Moe2DenseError`) become one-line messages and exit status 1;
+Ctrl-C, at any moment after this module is imported, "Error: interrupted" and 130.
+This module imports only click: torch and mergekit (seconds to import) load inside
+the command group, where an interrupt is caught too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import click
-from mergekit.options import MergeOptions, add_merge_options
 
 from mergekit_moe2dense.errors import Moe2DenseError
+
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what shells report for a process killed by Ctrl-C
+
+
+class Interrupted(click.ClickException):
+    """Ctrl-C: one line and status 130 instead of a traceback (or click's "Aborted!" and 1)."""
+
+    exit_code = INTERRUPTED_EXIT_CODE
+
+    def __init__(self):
+        super().__init__("interrupted")
+
+
+@contextlib.contextmanager
+def interrupts_as_errors():
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted() from None
 
 
 def one_line_errors(command):
@@ -31,14 +53,35 @@ def one_line_errors(command):
 
 
 class DefaultCommandGroup(click.Group):
-    """Runs `merge` when the first argument is not a subcommand name."""
+    """Runs `merge` when the first argument is not a subcommand name.
+
+    `merge` is built on first use (`merge_command`): its options come from
+    mergekit, whose import loads torch. Parsing and running a command happen
+    inside `interrupts_as_errors`.
+    """
 
     default_command = "merge"
 
+    def list_commands(self, ctx):
+        return sorted({*self.commands, self.default_command})
+
+    def get_command(self, ctx, name):
+        if name == self.default_command and name not in self.commands:
+            self.add_command(merge_command())
+        return super().get_command(ctx, name)
+
     def parse_args(self, ctx, args):
-        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+        if args and args[0] not in self.list_commands(ctx) and args[0] not in ("--help", "-h"):
             args = [self.default_command, *args]
         return super().parse_args(ctx, args)
+
+    def make_context(self, *args, **kwargs):
+        with interrupts_as_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):
+        with interrupts_as_errors():
+            return super().invoke(ctx)
 
 
 @click.group(cls=DefaultCommandGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -46,27 +89,33 @@ def main():
     """Merge the experts of a Mixture-of-Experts model into a dense model."""
 
 
-@main.command("merge")
-@click.argument("config_file", type=click.Path(dir_okay=False))
-@click.argument("out_path", type=click.Path(file_okay=False))
-@click.option("--stats", "stats_path", type=click.Path(dir_okay=False), help="Reuse router statistics from an earlier run (skips calibration).")
-@click.option("--overwrite", is_flag=True, help="Replace OUT_PATH if it is not empty.")
-@add_merge_options
-@one_line_errors
-def merge(merge_options: MergeOptions, config_file, out_path, stats_path, overwrite):
-    """Calibrate the MoE's routers, merge its experts, write a dense model to OUT_PATH."""
-    from mergekit_moe2dense.build import build_dense
-    from mergekit_moe2dense.config import Moe2DenseConfig, read_config_text
+def merge_command() -> click.Command:
+    """The `merge` command; building it imports mergekit (and torch) for its options."""
+    from mergekit.options import MergeOptions, add_merge_options
 
-    merge_options.apply_global_options()
-    source = read_config_text(config_file)
-    config = Moe2DenseConfig.from_yaml(source, source=config_file)
-    result = build_dense(
-        config, out_path, merge_options, stats_path=stats_path, overwrite=overwrite, config_source=source
-    )
-    weights = result.layer_weights  # [L, E], or [k, L, E] for k clusters
-    clusters = f", {weights.shape[0]} clusters" if weights.dim() == 3 else ""
-    click.echo(f"Wrote {result.out_path} ({config.merge_method}, {weights.shape[-2]} layers{clusters})")
+    @click.command("merge")
+    @click.argument("config_file", type=click.Path(dir_okay=False))
+    @click.argument("out_path", type=click.Path(file_okay=False))
+    @click.option("--stats", "stats_path", type=click.Path(dir_okay=False), help="Reuse router statistics from an earlier run (skips calibration).")
+    @click.option("--overwrite", is_flag=True, help="Replace OUT_PATH if it is not empty.")
+    @add_merge_options
+    @one_line_errors
+    def merge(merge_options: MergeOptions, config_file, out_path, stats_path, overwrite):
+        """Calibrate the MoE's routers, merge its experts, write a dense model to OUT_PATH."""
+        from mergekit_moe2dense.build import build_dense
+        from mergekit_moe2dense.config import Moe2DenseConfig, read_config_text
+
+        merge_options.apply_global_options()
+        source = read_config_text(config_file)
+        config = Moe2DenseConfig.from_yaml(source, source=config_file)
+        result = build_dense(
+            config, out_path, merge_options, stats_path=stats_path, overwrite=overwrite, config_source=source
+        )
+        weights = result.layer_weights  # [L, E], or [k, L, E] for k clusters
+        clusters = f", {weights.shape[0]} clusters" if weights.dim() == 3 else ""
+        click.echo(f"Wrote {result.out_path} ({config.merge_method}, {weights.shape[-2]} layers{clusters})")
+
+    return merge
 
 
 @main.command("eval")
@@ -84,7 +133,9 @@ def evaluate(models, data_paths, seq_len, stride, batch_size, max_tokens, device
     """Perplexity of one or more causal LMs, overall and per source file."""
     from mergekit_moe2dense.data import load_documents
     from mergekit_moe2dense.evaluate import evaluate_models, format_results_table, write_results_json
+    from mergekit_moe2dense.report_files import check_report_file
 
+    check_report_file(json_path, "JSON output")  # before any model is scored
     documents = [doc for path in data_paths for doc in load_documents(path)]
     results = evaluate_models(
         list(models), documents, seq_len=seq_len, stride=stride, batch_size=batch_size, max_tokens=max_tokens, device=device

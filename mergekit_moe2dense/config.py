@@ -13,7 +13,8 @@ from typing import Any, Dict, List, Literal, Optional, Union
 import yaml
 from mergekit.common import ModelReference
 from mergekit.config import ParameterSetting
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from typing_extensions import Annotated
 
 from mergekit_moe2dense.errors import Moe2DenseError
 
@@ -21,6 +22,23 @@ from mergekit_moe2dense.errors import Moe2DenseError
 class ConfigError(Moe2DenseError, ValueError):
     """The YAML config is malformed."""
 
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def dtype_name(value: str) -> str:
+    """One of DTYPES; mergekit's `torch.` prefix is accepted and dropped.
+
+    Checked at parse time: mergekit's own lookup fails on anything else only when the
+    first tensor is cast, after calibration.
+    """
+    name = value[len("torch.") :] if value.startswith("torch.") else value
+    if name not in DTYPES:
+        raise ValueError(f"unsupported dtype {value!r} (accepted: {', '.join(DTYPES)})")
+    return name
+
+
+DType = Annotated[str, AfterValidator(dtype_name)]
 
 # accelerate's placement strategies, or an explicit {module name: device} map
 DeviceMap = Union[Literal["auto", "balanced", "balanced_low_0", "sequential"], Dict[str, Union[int, str]]]
@@ -40,7 +58,7 @@ class CalibrationConfig(BaseModel):
     record_router_inputs: bool = Field(
         False, description="also keep the routers' inputs of the sampled tokens (L x N x hidden floats)"
     )
-    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = Field(
+    dtype: Optional[DType] = Field(
         None, description="dtype of the calibration forward (default: float32 on CPU, bfloat16 on GPU)"
     )
     engine: Literal["auto", "full", "layerwise"] = Field(
@@ -72,8 +90,8 @@ class Moe2DenseConfig(BaseModel):
     models: List[InputModel]
     parameters: Dict[str, Any] = Field(default_factory=dict)
     calibration: Optional[CalibrationConfig] = None
-    dtype: Optional[str] = None
-    out_dtype: Optional[str] = None
+    dtype: Optional[DType] = None
+    out_dtype: Optional[DType] = None
 
     @field_validator("models")
     @classmethod
@@ -104,7 +122,8 @@ class Moe2DenseConfig(BaseModel):
         except ValidationError as error:
             first = error.errors()[0]
             where = ".".join(str(part) for part in first["loc"]) or "config"
-            raise ConfigError(f"{source}: {where}: {first['msg']}") from None
+            message = first["msg"].removeprefix("Value error, ")  # pydantic's prefix for our validators
+            raise ConfigError(f"{source}: {where}: {message}") from None
 
     @classmethod
     def from_file(cls, path: str) -> "Moe2DenseConfig":
@@ -120,3 +139,19 @@ def read_config_text(path: str) -> str:
             return handle.read()
     except (FileNotFoundError, IsADirectoryError):
         raise ConfigError(f"config file not found: {path}") from None
+
+
+def check_seq_len(calibration: Optional[CalibrationConfig], model_config, option: str = "calibration.seq_len") -> None:
+    """Refuses calibration sequences longer than the model has positions for.
+
+    Longer sequences run without an error in most families and calibrate the
+    routers on positions the model never saw; `option` names the setting in the message.
+    """
+    if calibration is None:
+        return
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if isinstance(limit, int) and calibration.seq_len > limit:
+        raise ConfigError(
+            f"{option} {calibration.seq_len} is more than the model's max_position_embeddings {limit}; "
+            f"lower {option} to at most {limit}"
+        )

@@ -140,7 +140,7 @@ def _local_documents(path: Path, text_field: str) -> Iterator[Document]:
 
 def _file_documents(path: Path, label: str, text_field: str) -> Iterator[Document]:
     if path.suffix == ".txt":
-        text = path.read_text(encoding="utf-8").replace("\r\n", "\n")
+        text = _decode(path.read_bytes(), path).replace("\r\n", "\n")
         for chunk in _TXT_SEPARATOR.split(text):
             yield Document(label, chunk.strip())
     elif path.suffix == ".jsonl":
@@ -155,8 +155,9 @@ def _file_documents(path: Path, label: str, text_field: str) -> Iterator[Documen
 
 
 def _jsonl_documents(path: Path, label: str, text_field: str) -> Iterator[Document]:
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            line = _decode(raw, path, number)
             if not line.strip():
                 continue
             try:
@@ -199,6 +200,23 @@ def _dataset_documents(name: str, text_field: str, split: str) -> Iterator[Docum
         )
     for row in dataset.select_columns([text_field]):
         yield Document(name, _as_text(row[text_field], f"dataset {name!r}"))
+
+
+def _decode(data: bytes, path: Path, first_line: int = 1) -> str:
+    """UTF-8 text, or a DataError naming the file and line: a binary file (or text in
+    another encoding) passed as data would otherwise fail with a UnicodeDecodeError."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = first_line + data.count(b"\n", 0, e.start)
+        raise DataError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}): "
+            "a binary file, or text in another encoding (convert it to UTF-8)"
+        ) from None
+    if "\x00" in text:  # valid UTF-8, but text files hold no NUL bytes
+        line = first_line + text.count("\n", 0, text.index("\x00"))
+        raise DataError(f"{path}:{line}: NUL byte: a binary file, not text")
+    return text
 
 
 def _as_text(value, where: str) -> str:

@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from mergekit_moe2dense.data import Document, tokenize_documents
 from mergekit_moe2dense.errors import Moe2DenseError
@@ -31,6 +31,7 @@ __all__ = [
     "EvaluationError",
     "EvalResult",
     "Window",
+    "check_seq_len",
     "evaluate_models",
     "evaluate_perplexity",
     "format_results_table",
@@ -41,6 +42,9 @@ __all__ = [
 
 class EvaluationError(Moe2DenseError, ValueError):
     """Bad evaluation input: a missing model, no tokenizer, bad window sizes."""
+
+
+DEFAULT_SEQ_LEN = 512
 
 
 @dataclass
@@ -93,7 +97,7 @@ def evaluate_perplexity(
     documents: list[Document],
     *,
     tokenizer=None,
-    seq_len: int = 512,
+    seq_len: int = DEFAULT_SEQ_LEN,
     stride: int | None = None,
     batch_size: int = 4,
     device: str = "cpu",
@@ -109,19 +113,20 @@ def evaluate_perplexity(
     from the model directory (or ``model.name_or_path``) unless given.
     ``max_tokens`` caps the scored tokens of each source (not of the total),
     so that every source keeps its share. Document-initial BOS tokens are
-    scored like any other token. Arguments are checked before loading.
+    scored like any other token. Arguments are checked before loading; a
+    ``seq_len`` beyond the model's ``max_position_embeddings`` is refused.
     """
     if batch_size < 1:
         raise EvaluationError(f"batch_size must be at least 1, got {batch_size}")
     plan_windows(0, seq_len, stride)  # raises on a bad seq_len or stride
     if isinstance(model, PreTrainedModel):
         name = name or model.name_or_path or type(model).__name__
+        check_seq_len(model.config, seq_len, name)
         tokenizer = tokenizer or _load_tokenizer(model.name_or_path)
     else:
         path = Path(model)
-        if not path.is_dir():
-            raise EvaluationError(f"model directory not found: {model}")
         name = name or str(model)
+        check_seq_len(_model_config(model), seq_len, name)
         tokenizer = tokenizer or _load_tokenizer(path)
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype if dtype is not None else "auto"
@@ -156,6 +161,8 @@ def evaluate_models(models: list[str], documents: list[Document], **kwargs) -> l
     """Evaluate model directories one at a time, freeing each before the next."""
     if "name" in kwargs:
         raise TypeError("evaluate_models names each result after its model; drop name=")
+    for model in models:  # every model before the first is scored
+        check_seq_len(_model_config(model), kwargs.get("seq_len", DEFAULT_SEQ_LEN), str(model))
     results = []
     for model in models:
         results.append(evaluate_perplexity(model, documents, **kwargs))
@@ -192,6 +199,27 @@ def format_results_table(results: list[EvalResult], reference: str | None = None
 def write_results_json(results: list[EvalResult], path: str | os.PathLike) -> None:
     """Write ``[{"model", "perplexity", "tokens", "per_source"}, ...]`` as JSON."""
     Path(path).write_text(json.dumps([r.to_dict() for r in results], indent=2) + "\n")
+
+
+def check_seq_len(config, seq_len: int, name: str) -> None:
+    """Refuses windows longer than the model has positions for: most families run
+    them without an error and score positions the model was never trained on."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and seq_len > limit:
+        raise EvaluationError(
+            f"--seq-len {seq_len} is more than the max_position_embeddings {limit} of {name}; "
+            f"use --seq-len {limit} or less"
+        )
+
+
+def _model_config(model: str | os.PathLike):
+    if not Path(model).is_dir():
+        raise EvaluationError(f"model directory not found: {model}")
+    try:
+        return AutoConfig.from_pretrained(model)
+    except (OSError, ValueError) as e:
+        reason = (str(e).strip() or type(e).__name__).splitlines()[0]
+        raise EvaluationError(f"{model}: cannot read the model's config.json ({reason})") from None
 
 
 def _load_tokenizer(path):

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
@@ -54,10 +53,11 @@ from scipy.optimize import linear_sum_assignment
 
 from mergekit_moe2dense.calibration import RouterStatistics, collect_statistics, load_calibration_batches
 from mergekit_moe2dense.checkpoint import SourceModel
-from mergekit_moe2dense.config import CalibrationConfig
+from mergekit_moe2dense.config import CalibrationConfig, check_seq_len
 from mergekit_moe2dense.errors import Moe2DenseError
 from mergekit_moe2dense.families import PROJECTIONS
 from mergekit_moe2dense.methods import METHODS
+from mergekit_moe2dense.report_files import check_report_file
 
 __all__ = [
     "ALIGNED_RATIO",
@@ -87,7 +87,7 @@ SELECTION_METHODS = ("single_expert", "max_contribution", "concat")
 
 
 class InspectionError(Moe2DenseError, ValueError):
-    """Bad inspection input: conflicting options, unwritable output, mismatched statistics."""
+    """Bad inspection input: conflicting options, mismatched statistics."""
 
 
 # -- pure math ---------------------------------------------------------------------
@@ -251,16 +251,6 @@ def plot_heatmap(report: InspectionReport, path: str) -> None:
 # -- reading a model -----------------------------------------------------------------
 
 
-def _check_output(path: Optional[str], what: str) -> None:
-    if path is None:
-        return
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise InspectionError(f"{what} {path}: directory {parent} does not exist")
-    if os.path.isdir(path):
-        raise InspectionError(f"{what} {path} is a directory")
-
-
 def _layer_tensors(reader, layer) -> Dict[str, torch.Tensor]:
     """{proj: [E, ...]} for one layer, each expert's slice read on its own (`TensorReader`)."""
     return {p: torch.stack([reader.read_slice(expert[p]).float() for expert in layer.experts]) for p in PROJECTIONS}
@@ -368,9 +358,10 @@ def inspect_moe(
         if data
         else None
     )
-    _check_output(heatmap_path, "heatmap")
-    _check_output(json_path, "JSON output")
+    check_report_file(heatmap_path, "heatmap")
+    check_report_file(json_path, "JSON output")
     source = SourceModel.open(ModelReference.parse(model_path))
+    check_seq_len(calibration, source.config, option="--seq-len")
     layers = source.moe_layers()
     stats = None
     if stats_path:

@@ -27,7 +27,7 @@ from mergekit_moe2dense.calibration import (
 from mergekit_moe2dense.calibration.engine import check_engine
 from mergekit_moe2dense.calibration.distributed import Ranks
 from mergekit_moe2dense.checkpoint import SourceModel
-from mergekit_moe2dense.config import ConfigError, Moe2DenseConfig
+from mergekit_moe2dense.config import ConfigError, Moe2DenseConfig, check_seq_len
 from mergekit_moe2dense.families import MoELayer
 from mergekit_moe2dense.graph import TensorIO
 from mergekit_moe2dense.methods import ExpertMethod, MethodParameters, get_method
@@ -78,6 +78,7 @@ class ConversionJob:
         )
         out.check()
         source = SourceModel.open(config.model, trust_remote_code=options.trust_remote_code)
+        check_seq_len(config.calibration, source.config)
         family, moe = source.family, source.config
         params = method.resolve_parameters(
             config.method_parameters, num_experts=family.num_experts(moe), top_k=family.top_k(moe)

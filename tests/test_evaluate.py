@@ -260,7 +260,7 @@ def test_max_tokens_truncates_each_source(model, tokenizer):
 
 def test_nothing_to_score(model, tokenizer):
     with pytest.raises(ValueError, match="nothing to score"):
-        run(model, docs(("x", "a")), tokenizer, max_tokens=0)
+        run(model, docs(("x", "a")), tokenizer, seq_len=32, max_tokens=0)
 
 
 def test_invalid_batch_size(model, tokenizer):
@@ -283,7 +283,7 @@ def test_model_directory_matches_loaded_model(model, model_dirs):
 
 def test_dtype_and_name(model_dirs):
     result = evaluate_perplexity(
-        model_dirs[0], long_docs(1), dtype=torch.bfloat16, name="a-bf16", progress=True
+        model_dirs[0], long_docs(1), seq_len=32, dtype=torch.bfloat16, name="a-bf16", progress=True
     )
     assert result.model == "a-bf16"
     assert math.isfinite(result.perplexity)
@@ -296,9 +296,9 @@ def test_missing_model_directory(tmp_path):
 
 def test_model_without_tokenizer(model_dirs, tokenizer):
     with pytest.raises(ValueError, match=r"no tokenizer could be loaded from .*bare"):
-        evaluate_perplexity(model_dirs[2], long_docs(1), progress=False)
+        evaluate_perplexity(model_dirs[2], long_docs(1), seq_len=32, progress=False)
     # a tokenizer given explicitly is enough
-    result = evaluate_perplexity(model_dirs[2], long_docs(1), tokenizer=tokenizer, progress=False)
+    result = evaluate_perplexity(model_dirs[2], long_docs(1), seq_len=32, tokenizer=tokenizer, progress=False)
     assert result.tokens > 0
 
 
@@ -351,3 +351,18 @@ def test_write_results_json(tmp_path):
         "tokens": 100,
         "per_source": {"code": {"perplexity": 12.5, "tokens": 100}},
     }
+
+
+def test_seq_len_beyond_max_position_embeddings_is_refused(model, model_dirs, tokenizer, monkeypatch):
+    """Windows longer than the model's positions are refused, for a loaded model and a
+    directory alike, and the directory's weights are never loaded."""
+    with pytest.raises(ValueError, match="--seq-len 257 is more than the max_position_embeddings 256"):
+        run(model, long_docs(1), tokenizer, seq_len=257)
+    run(model, long_docs(1), tokenizer, seq_len=256)  # the limit itself is fine
+
+    def never(*args, **kwargs):
+        raise AssertionError("weights loaded before seq_len was checked")
+
+    monkeypatch.setattr(evaluate_module.AutoModelForCausalLM, "from_pretrained", never)
+    with pytest.raises(ValueError, match="max_position_embeddings 256"):
+        evaluate_models(model_dirs[:2], long_docs(1), seq_len=300, progress=False)
