@@ -9,6 +9,7 @@ tiny models of the other families, in tiny_families.py), never in conftest or a 
 from __future__ import annotations
 
 import os
+import sys
 import re
 from pathlib import Path
 
@@ -120,6 +121,10 @@ def make_config(model, method, calib_dir, **params) -> Moe2DenseConfig:
             "dtype": "float32",
         }
     )
+
+
+# The console scripts of the running interpreter's environment.
+BIN = Path(sys.executable).parent
 
 
 def write_config(path: Path, model, calib_dir, method="router_weighted", **params) -> Path:

@@ -15,9 +15,8 @@ import transformers
 import yaml
 from click.testing import CliRunner
 
-from helpers import assert_one_line_error, make_mixtral, run_cli, write_config
+from helpers import BIN, assert_one_line_error, make_mixtral, run_cli, write_config
 
-BIN = Path(sys.executable).parent
 
 
 @pytest.mark.slow  # a console script in a subprocess

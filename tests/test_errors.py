@@ -22,7 +22,7 @@ import mergekit_moe2dense.cli as cli
 from mergekit_moe2dense.checkpoint import SourceModel
 from mergekit_moe2dense.config import ConfigError, Moe2DenseConfig, check_seq_len
 from mergekit_moe2dense.data import DataError, load_documents
-from test_cli import BIN, assert_one_line_error, run_cli, write_config
+from helpers import BIN, assert_one_line_error, run_cli, write_config
 
 # conftest's tiny Mixtral has max_position_embeddings 256
 
@@ -385,8 +385,10 @@ def test_sigint_during_startup_imports(random_moe, calib_dir, tmp_path):
 
 def test_seq_len_beyond_positions_is_refused_before_calibration(random_moe, calib_dir, tmp_path, monkeypatch):
     import mergekit_moe2dense.build as build
+    import mergekit_moe2dense.job as job
 
-    monkeypatch.setattr(build, "load_calibration_batches", fail_if_called)
+    monkeypatch.setattr(build, "calibrate", fail_if_called)
+    monkeypatch.setattr(job, "load_calibration_batches", fail_if_called)
     out = tmp_path / "out"
     config = edit_config(write_config(tmp_path / "c.yml", random_moe["legacy"], calib_dir), **{"calibration.seq_len": 300})
     assert_one_line_error(run_cli(config, out), "calibration.seq_len 300 is more than the model's max_position_embeddings 256")
