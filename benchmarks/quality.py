@@ -27,15 +27,15 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
 
 import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.testbed import PRESETS, build_testbed  # noqa: E402
 from mergekit.options import MergeOptions  # noqa: E402
+
+from benchmarks.testbed import PRESETS, build_testbed  # noqa: E402
 from mergekit_moe2dense.build import STATS_FILE, WEIGHTS_FILE, build_dense  # noqa: E402
 from mergekit_moe2dense.config import Moe2DenseConfig  # noqa: E402
 from mergekit_moe2dense.data import load_documents  # noqa: E402
@@ -57,11 +57,11 @@ PLOTTED = (
 class Variant:
     label: str
     method: str
-    parameters: Dict = field(default_factory=dict)
+    parameters: dict = field(default_factory=dict)
     group: str = "method"
 
 
-def variants(num_experts: int, top_k: int, grid: bool) -> List[Variant]:
+def variants(num_experts: int, top_k: int, grid: bool) -> list[Variant]:
     """Everything the table compares; methods added later appear when registered."""
     out = [Variant(f"expert {e}", "single_expert", {"expert": e}, "single expert") for e in range(num_experts)]
     out += [
@@ -80,30 +80,62 @@ def variants(num_experts: int, top_k: int, grid: bool) -> List[Variant]:
         for k in ks
     ]
     if grid:
-        out.append(Variant(f"top_k_tempered T=0.5 k={top_k} median", "top_k_tempered", {"temperature": 0.5, "top_k": top_k, "aggregate": "median"}))
+        out.append(
+            Variant(
+                f"top_k_tempered T=0.5 k={top_k} median",
+                "top_k_tempered",
+                {"temperature": 0.5, "top_k": top_k, "aggregate": "median"},
+            )
+        )
     # Activation-aware methods (single-expert width, then the MoE's active width m = top-k).
     out += [
         Variant("max_contribution (refit: none)", "max_contribution", {"refit": "none"}, "activation-aware"),
         Variant("max_contribution (refit: scale)", "max_contribution", {"refit": "scale"}, "activation-aware"),
         Variant("max_contribution (refit: down_proj)", "max_contribution", {"refit": "down_proj"}, "activation-aware"),
-        Variant("concat m=1 (refit: down_proj)", "concat", {"num_experts": 1, "refit": "down_proj"}, "activation-aware"),
+        Variant(
+            "concat m=1 (refit: down_proj)", "concat", {"num_experts": 1, "refit": "down_proj"}, "activation-aware"
+        ),
         Variant(f"concat m={top_k}", "concat", {"num_experts": top_k}, f"{top_k}x width"),
-        Variant(f"concat m={top_k} (refit: down_proj)", "concat", {"num_experts": top_k, "refit": "down_proj"}, f"{top_k}x width"),
-        Variant(f"concat m={num_experts} (all, fixed mean gates)", "concat", {"num_experts": num_experts}, f"{num_experts}x width"),
-        Variant("router_weighted mean_logit (refit: down_proj)", "router_weighted", {"refit": "down_proj"}, "activation-aware"),
+        Variant(
+            f"concat m={top_k} (refit: down_proj)",
+            "concat",
+            {"num_experts": top_k, "refit": "down_proj"},
+            f"{top_k}x width",
+        ),
+        Variant(
+            f"concat m={num_experts} (all, fixed mean gates)",
+            "concat",
+            {"num_experts": num_experts},
+            f"{num_experts}x width",
+        ),
+        Variant(
+            "router_weighted mean_logit (refit: down_proj)",
+            "router_weighted",
+            {"refit": "down_proj"},
+            "activation-aware",
+        ),
         Variant("expert_uniform (refit: down_proj)", "expert_uniform", {"refit": "down_proj"}, "activation-aware"),
     ]
     return [v for v in out if v.method in METHODS]
 
 
-def kmeans_rows(testbed, calib, stats, calibration, work, documents, seq_len, max_tokens, top_k, rebuild_moe) -> List[tuple]:
+def kmeans_rows(
+    testbed, calib, stats, calibration, work, documents, seq_len, max_tokens, top_k, rebuild_moe
+) -> list[tuple]:
     """k complementary dense models per k (each scored per domain, plus the best-per-domain
     oracle), and the k-expert MoE rebuilt from them."""
     if "kmeans_multi_dense" not in METHODS:
         return []
     rows = []
     for k in (2, 4):
-        out = build_variant(Variant("", "kmeans_multi_dense", {"num_clusters": k}), testbed.moe, calib, work / f"kmeans{k}", stats, calibration)
+        out = build_variant(
+            Variant("", "kmeans_multi_dense", {"num_clusters": k}),
+            testbed.moe,
+            calib,
+            work / f"kmeans{k}",
+            stats,
+            calibration,
+        )
         results = []
         for j in range(k):
             share = json.loads((out / f"cluster_{j}" / WEIGHTS_FILE).read_text())["token_share"]
@@ -114,13 +146,20 @@ def kmeans_rows(testbed, calib, stats, calibration, work, documents, seq_len, ma
         for router in ("closed_form", "fitted") if rebuild_moe else ():
             params = {"num_clusters": k, "output": "moe", "moe_top_k": min(top_k, k), "router": router}
             label = f"kmeans k={k} -> MoE top-{min(top_k, k)} ({router} router)"
-            moe = build_variant(Variant(label, "kmeans_multi_dense", params), testbed.moe, calib, work / "kmeans-moe", stats, calibration)
+            moe = build_variant(
+                Variant(label, "kmeans_multi_dense", params),
+                testbed.moe,
+                calib,
+                work / "kmeans-moe",
+                stats,
+                calibration,
+            )
             rows.append((label, "kmeans", score(moe, documents, seq_len, max_tokens, label)))
         print(f"  kmeans k={k}: done", file=sys.stderr)
     return rows
 
 
-def oracle(results: List[EvalResult]) -> EvalResult:
+def oracle(results: list[EvalResult]) -> EvalResult:
     """Per domain the best of the cluster models; overall the token-weighted mean NLL."""
     import math
 
@@ -133,7 +172,7 @@ def oracle(results: List[EvalResult]) -> EvalResult:
     return EvalResult(model="oracle", perplexity=math.exp(nll / tokens), tokens=tokens, per_source=per_source)
 
 
-def build_variant(variant: Variant, moe: Path, calib: Path, out: Path, stats: Optional[Path], calibration: dict) -> Path:
+def build_variant(variant: Variant, moe: Path, calib: Path, out: Path, stats: Path | None, calibration: dict) -> Path:
     config = Moe2DenseConfig.model_validate(
         {
             "merge_method": variant.method,
@@ -148,19 +187,25 @@ def build_variant(variant: Variant, moe: Path, calib: Path, out: Path, stats: Op
 
 
 def score(path: Path, documents, seq_len: int, max_tokens: int, label: str) -> EvalResult:
-    return evaluate_perplexity(str(path), documents, seq_len=seq_len, batch_size=8, max_tokens=max_tokens, progress=False, name=label)
+    return evaluate_perplexity(
+        str(path), documents, seq_len=seq_len, batch_size=8, max_tokens=max_tokens, progress=False, name=label
+    )
 
 
-def format_table(rows: List[tuple], reference: float, domains: List[str]) -> str:
+def format_table(rows: list[tuple], reference: float, domains: list[str]) -> str:
     header = ["model", "group", "ppl", "ratio to MoE", *domains]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, group, result in rows:
         per = [f"{result.per_source[d]['perplexity']:.2f}" for d in domains]
-        lines.append(f"| {label} | {group} | {result.perplexity:.2f} | {result.perplexity / reference:.3f} | " + " | ".join(per) + " |")
+        lines.append(
+            f"| {label} | {group} | {result.perplexity:.2f} | {result.perplexity / reference:.3f} | "
+            + " | ".join(per)
+            + " |"
+        )
     return "\n".join(lines)
 
 
-def plot_weights(weight_files: Dict[str, Path], path: Path) -> None:
+def plot_weights(weight_files: dict[str, Path], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -180,14 +225,20 @@ def plot_weights(weight_files: Dict[str, Path], path: Path) -> None:
     plt.close(fig)
 
 
-def run(preset: str, cache_dir: Optional[str], grid: bool, max_tokens: int, write_docs: bool, work_dir: Optional[str]) -> str:
+def run(preset: str, cache_dir: str | None, grid: bool, max_tokens: int, write_docs: bool, work_dir: str | None) -> str:
     started = time.time()
     testbed = build_testbed(preset, cache_dir=cache_dir)
     moe_config = json.loads((testbed.moe / "config.json").read_text())
     num_experts = moe_config.get("num_local_experts") or moe_config["num_experts"]  # Mixtral / Qwen3-MoE
     top_k = moe_config["num_experts_per_tok"]
     seq_len = min(256, moe_config.get("max_position_embeddings", 256))
-    calibration = {"num_samples": 128, "seq_len": seq_len, "batch_size": 8, "max_token_samples": 16384, "record_router_inputs": True}
+    calibration = {
+        "num_samples": 128,
+        "seq_len": seq_len,
+        "batch_size": 8,
+        "max_token_samples": 16384,
+        "record_router_inputs": True,
+    }
     documents = load_documents(testbed.test_dir)
     domains = sorted({doc.source for doc in documents})
 
@@ -195,12 +246,23 @@ def run(preset: str, cache_dir: Optional[str], grid: bool, max_tokens: int, writ
     work.mkdir(parents=True, exist_ok=True)
     try:
         # One calibration pass, reused by every variant through --stats.
-        first = build_variant(Variant("calibration", "router_weighted"), testbed.moe, testbed.calib_dir, work / "calibrated", None, calibration)
+        first = build_variant(
+            Variant("calibration", "router_weighted"),
+            testbed.moe,
+            testbed.calib_dir,
+            work / "calibrated",
+            None,
+            calibration,
+        )
         stats = work / "router_stats.safetensors"
         shutil.copy(first / STATS_FILE, stats)
 
         rows = []
-        for label, path, group in ((f"MoE ({num_experts} experts, top-{top_k})", testbed.moe, "reference"), ("ancestor (dense)", testbed.ancestor, "reference"), ("dense twin", testbed.twin, "reference")):
+        for label, path, group in (
+            (f"MoE ({num_experts} experts, top-{top_k})", testbed.moe, "reference"),
+            ("ancestor (dense)", testbed.ancestor, "reference"),
+            ("dense twin", testbed.twin, "reference"),
+        ):
             if path is None:  # trained from scratch: no ancestor
                 continue
             rows.append((label, group, score(path, documents, seq_len, max_tokens, label)))
@@ -214,7 +276,18 @@ def run(preset: str, cache_dir: Optional[str], grid: bool, max_tokens: int, writ
                 weight_files[variant.label] = keep
             print(f"  {variant.label}: ppl {rows[-1][2].perplexity:.2f}", file=sys.stderr)
         if grid:
-            rows += kmeans_rows(testbed, testbed.calib_dir, stats, calibration, work, documents, seq_len, max_tokens, top_k, moe_config["model_type"] == "mixtral")
+            rows += kmeans_rows(
+                testbed,
+                testbed.calib_dir,
+                stats,
+                calibration,
+                work,
+                documents,
+                seq_len,
+                max_tokens,
+                top_k,
+                moe_config["model_type"] == "mixtral",
+            )
 
         reference = rows[0][2].perplexity
         table = format_table(rows, reference, domains)
@@ -236,7 +309,9 @@ def summarize(rows, best_single) -> str:
     uniform = next(r for r in rows if r[0] == "expert_uniform")
     best = min(methods, key=lambda r: r[2].perplexity) if methods else None
     moe = rows[0][2].perplexity
-    lines = [f"Best single expert: {best_single[0]} (ppl {best_single[2].perplexity:.2f}); plain average: ppl {uniform[2].perplexity:.2f}."]
+    lines = [
+        f"Best single expert: {best_single[0]} (ppl {best_single[2].perplexity:.2f}); plain average: ppl {uniform[2].perplexity:.2f}."
+    ]
     if best:
         lines.append(
             f"Best retraining-free dense model at single-expert width: {best[0]}, "

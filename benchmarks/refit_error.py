@@ -31,7 +31,10 @@ from mergekit_moe2dense.plan import assemble
 def random_batches(n, seq_len, batch_size, vocab, seed):
     g = torch.Generator().manual_seed(seed)
     return [
-        TokenBatch(torch.randint(0, vocab, (batch_size, seq_len), generator=g), torch.ones(batch_size, seq_len, dtype=torch.long))
+        TokenBatch(
+            torch.randint(0, vocab, (batch_size, seq_len), generator=g),
+            torch.ones(batch_size, seq_len, dtype=torch.long),
+        )
         for _ in range(n)
     ]
 
@@ -63,8 +66,14 @@ def main():
     args = parser.parse_args()
     torch.manual_seed(0)
     config = transformers.MixtralConfig(
-        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=args.layers,
-        num_attention_heads=4, num_key_value_heads=2, num_local_experts=args.experts, num_experts_per_tok=2,
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=args.layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=args.experts,
+        num_experts_per_tok=2,
     )
     moe = transformers.MixtralForCausalLM(config).eval()
     with torch.no_grad():
@@ -81,12 +90,20 @@ def main():
         stats = collect_statistics(source, calib, calibration, progress=False)
         layers, reader = source.moe_layers(), source.reader
         E, k = args.experts, config.num_experts_per_tok
-        rows = [("max_contribution", {}), ("concat", {"num_experts": k}), ("concat", {"num_experts": E}),
-                ("router_weighted", {}), ("router_weighted", {"refit_gate_up": "regmean"}),
-                ("expert_uniform", {}), ("expert_uniform", {"refit_gate_up": "regmean"})]
-        print(f"random Mixtral: {args.layers} layers, {E} experts (top-{k}), hidden 64, expert width 128; "
-              f"{sum(int(b.attention_mask.sum()) for b in calib)} calibration tokens, "
-              f"{sum(int(b.attention_mask.sum()) for b in held)} held-out tokens\n")
+        rows = [
+            ("max_contribution", {}),
+            ("concat", {"num_experts": k}),
+            ("concat", {"num_experts": E}),
+            ("router_weighted", {}),
+            ("router_weighted", {"refit_gate_up": "regmean"}),
+            ("expert_uniform", {}),
+            ("expert_uniform", {"refit_gate_up": "regmean"}),
+        ]
+        print(
+            f"random Mixtral: {args.layers} layers, {E} experts (top-{k}), hidden 64, expert width 128; "
+            f"{sum(int(b.attention_mask.sum()) for b in calib)} calibration tokens, "
+            f"{sum(int(b.attention_mask.sum()) for b in held)} held-out tokens\n"
+        )
         print("| method | refit | mean rel. MLP error before -> after (calibration) | held-out KL(MoE || dense) |")
         print("|---|---|---|---|")
         for name, raw in rows:
@@ -99,8 +116,13 @@ def main():
                 fitted, err = {}, "n/a"
                 if params.needs_refit:
                     result = refit_layers(
-                        source, plans, calib, mode=refit, damping=params.refit_damping,
-                        gate_up=params.refit_gate_up, progress=False,
+                        source,
+                        plans,
+                        calib,
+                        mode=refit,
+                        damping=params.refit_damping,
+                        gate_up=params.refit_gate_up,
+                        progress=False,
                     )
                     before = sum(b for b, _ in result.errors.values()) / len(result.errors)
                     after = sum(a for _, a in result.errors.values()) / len(result.errors)

@@ -33,7 +33,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -100,9 +99,9 @@ def generate_checkpoint(path: Path, size_bytes: float, shape: Shape, seed: int =
         return (torch.randn(*size, generator=generator) * std).to(torch.bfloat16)
 
     head_dim = shape.hidden // shape.heads
-    shard: Dict[str, torch.Tensor] = {}
-    weight_map: Dict[str, str] = {}
-    shards: List[Dict[str, torch.Tensor]] = []
+    shard: dict[str, torch.Tensor] = {}
+    weight_map: dict[str, str] = {}
+    shards: list[dict[str, torch.Tensor]] = []
 
     def flush():
         nonlocal shard
@@ -171,7 +170,7 @@ class Measured:
     report: dict
 
 
-def measure(command: List[str]) -> Measured:
+def measure(command: list[str]) -> Measured:
     """Runs `command`; its wall time, its peak RSS (ru_maxrss of this child only), its
     peak anonymous RSS, and the JSON object it printed last on stdout, if any."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
@@ -219,7 +218,7 @@ def drop_page_cache(path: Path) -> None:
             os.close(fd)
 
 
-def available_engines() -> List[str]:
+def available_engines() -> list[str]:
     from mergekit_moe2dense.config import CalibrationConfig
 
     engine = CalibrationConfig.model_fields.get("engine")
@@ -236,7 +235,13 @@ def child_calibrate(
     from mergekit_moe2dense.checkpoint import SourceModel
     from mergekit_moe2dense.config import Moe2DenseConfig
 
-    calibration = {"dataset": data, "num_samples": num_samples, "seq_len": tokens_per_seq, "batch_size": 4, "dtype": dtype}
+    calibration = {
+        "dataset": data,
+        "num_samples": num_samples,
+        "seq_len": tokens_per_seq,
+        "batch_size": 4,
+        "dtype": dtype,
+    }
     if len(available_engines()) > 1:  # the config has an `engine` key
         calibration["engine"] = engine
     config = Moe2DenseConfig.model_validate(
@@ -281,8 +286,11 @@ def run(args) -> dict:
             "shape": shape.__dict__,
             "generate_s": m.wall_s,
         }
-        print(f"checkpoint: {on_disk / GB:.2f} GB, {shape.layers_for(size)} layers, "
-              f"written in {results['checkpoint']['generate_s']:.1f} s", flush=True)
+        print(
+            f"checkpoint: {on_disk / GB:.2f} GB, {shape.layers_for(size)} layers, "
+            f"written in {results['checkpoint']['generate_s']:.1f} s",
+            flush=True,
+        )
 
         data = workdir / "calib.txt"
         num_samples = max(1, args.tokens // args.seq_len)
@@ -292,7 +300,17 @@ def run(args) -> dict:
         for engine in [e for e in engines if e in args.engines]:
             drop_page_cache(model)
             m = measure(
-                [*me, "_calibrate", str(model), str(data), engine, str(args.seq_len), str(num_samples), device, args.calibration_dtype]
+                [
+                    *me,
+                    "_calibrate",
+                    str(model),
+                    str(data),
+                    engine,
+                    str(args.seq_len),
+                    str(num_samples),
+                    device,
+                    args.calibration_dtype,
+                ]
             )
             calib[engine] = {
                 "tokens": m.report["tokens"],
@@ -304,8 +322,11 @@ def run(args) -> dict:
                 "peak_anon_rss_vs_checkpoint": m.peak_anon_rss_bytes / on_disk,
                 "mean_probs": m.report["mean_probs"],
             }
-            print(f"calibration {engine}: {calib[engine]['tokens_per_s']:.1f} tok/s, "
-                  f"peak RSS {m.peak_rss_bytes / GB:.2f} GB (anonymous {m.peak_anon_rss_bytes / GB:.2f} GB)", flush=True)
+            print(
+                f"calibration {engine}: {calib[engine]['tokens_per_s']:.1f} tok/s, "
+                f"peak RSS {m.peak_rss_bytes / GB:.2f} GB (anonymous {m.peak_anon_rss_bytes / GB:.2f} GB)",
+                flush=True,
+            )
         if "layerwise" in calib and "full" in calib:
             full, layerwise = calib["full"], calib["layerwise"]
             calib["ratios"] = {
@@ -325,8 +346,11 @@ def run(args) -> dict:
         merges = {}
         drop_page_cache(model)
         m = measure([*me, "_read", str(model)])
-        merges["raw_read"] = {"wall_s": m.report["seconds"], "peak_rss_bytes": m.peak_rss_bytes,
-                              "read_gb_per_s": m.report["bytes"] / GB / m.report["seconds"]}
+        merges["raw_read"] = {
+            "wall_s": m.report["seconds"],
+            "peak_rss_bytes": m.peak_rss_bytes,
+            "read_gb_per_s": m.report["bytes"] / GB / m.report["seconds"],
+        }
         cuda = ["--cuda"] if args.cuda else []
         for name, config, command in (
             ("moe2dense", {"merge_method": "expert_uniform"}, "mergekit-moe2dense"),
@@ -341,16 +365,24 @@ def run(args) -> dict:
             drop_page_cache(model)
             m = measure([str(BIN / command), str(path), str(out), "--quiet", *cuda])
             written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-            merges[name] = {"wall_s": m.wall_s, "peak_rss_bytes": m.peak_rss_bytes,
-                            "peak_anon_rss_bytes": m.peak_anon_rss_bytes, "written_bytes": written}
+            merges[name] = {
+                "wall_s": m.wall_s,
+                "peak_rss_bytes": m.peak_rss_bytes,
+                "peak_anon_rss_bytes": m.peak_anon_rss_bytes,
+                "written_bytes": written,
+            }
             shutil.rmtree(out)
-            print(f"merge {name}: {m.wall_s:.1f} s, peak RSS {m.peak_rss_bytes / GB:.2f} GB "
-                  f"(anonymous {m.peak_anon_rss_bytes / GB:.2f} GB), "
-                  f"wrote {written / GB:.2f} GB", flush=True)
+            print(
+                f"merge {name}: {m.wall_s:.1f} s, peak RSS {m.peak_rss_bytes / GB:.2f} GB "
+                f"(anonymous {m.peak_anon_rss_bytes / GB:.2f} GB), "
+                f"wrote {written / GB:.2f} GB",
+                flush=True,
+            )
         merges["ratios"] = {
             "moe2dense_vs_mergekit_linear": merges["moe2dense"]["wall_s"] / merges["mergekit_linear"]["wall_s"],
             "moe2dense_vs_raw_read": merges["moe2dense"]["wall_s"] / merges["raw_read"]["wall_s"],
-            "peak_rss_moe2dense_vs_mergekit_linear": merges["moe2dense"]["peak_rss_bytes"] / merges["mergekit_linear"]["peak_rss_bytes"],
+            "peak_rss_moe2dense_vs_mergekit_linear": merges["moe2dense"]["peak_rss_bytes"]
+            / merges["mergekit_linear"]["peak_rss_bytes"],
         }
         results["merge"] = merges
     finally:
@@ -359,7 +391,7 @@ def run(args) -> dict:
     return results
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "_calibrate":
         model, data, engine, seq_len, samples, device, dtype = argv[1:]
@@ -376,10 +408,14 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--cuda", action="store_true", help="calibrate and merge on the GPU")
     parser.add_argument(
-        "--calibration-dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of both calibration engines"
+        "--calibration-dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="dtype of both calibration engines",
     )
     parser.add_argument(
-        "--engines", default="full,layerwise",
+        "--engines",
+        default="full,layerwise",
         help="calibration engines to measure, comma-separated (leave out full for a checkpoint larger than RAM)",
     )
     parser.add_argument("--smoke", action="store_true", help="tiny model and token count (seconds)")

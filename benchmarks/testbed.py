@@ -129,35 +129,107 @@ class Preset:
 
 PRESETS = {  # build times: see the module docstring
     "smoke": Preset(
-        name="smoke", vocab_size=512, hidden_size=32, intermediate_size=64, num_layers=2,
-        num_heads=4, num_kv_heads=2, num_experts=4, experts_per_token=2, seq_len=64,
-        batch_size=12, ancestor_steps=150, further_steps=40, ancestor_lr=3e-3, further_lr=1e-3,
-        aux_loss_coef=0.02, train_chars=150_000, eval_chars=20_000,
+        name="smoke",
+        vocab_size=512,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        num_experts=4,
+        experts_per_token=2,
+        seq_len=64,
+        batch_size=12,
+        ancestor_steps=150,
+        further_steps=40,
+        ancestor_lr=3e-3,
+        further_lr=1e-3,
+        aux_loss_coef=0.02,
+        train_chars=150_000,
+        eval_chars=20_000,
     ),
     "example": Preset(
-        name="example", vocab_size=1024, hidden_size=64, intermediate_size=192, num_layers=2,
-        num_heads=4, num_kv_heads=2, num_experts=8, experts_per_token=2, seq_len=128,
-        batch_size=12, ancestor_steps=300, further_steps=150, ancestor_lr=3e-3, further_lr=1e-3,
-        aux_loss_coef=0.02, train_chars=600_000, eval_chars=60_000,
+        name="example",
+        vocab_size=1024,
+        hidden_size=64,
+        intermediate_size=192,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        num_experts=8,
+        experts_per_token=2,
+        seq_len=128,
+        batch_size=12,
+        ancestor_steps=300,
+        further_steps=150,
+        ancestor_lr=3e-3,
+        further_lr=1e-3,
+        aux_loss_coef=0.02,
+        train_chars=600_000,
+        eval_chars=60_000,
     ),
     "benchmark": Preset(
-        name="benchmark", vocab_size=2048, hidden_size=128, intermediate_size=384, num_layers=4,
-        num_heads=4, num_kv_heads=2, num_experts=8, experts_per_token=2, seq_len=256,
-        batch_size=8, ancestor_steps=1000, further_steps=500, ancestor_lr=2e-3, further_lr=1.5e-3,
-        aux_loss_coef=0.02, train_chars=3_000_000, eval_chars=150_000,
+        name="benchmark",
+        vocab_size=2048,
+        hidden_size=128,
+        intermediate_size=384,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        num_experts=8,
+        experts_per_token=2,
+        seq_len=256,
+        batch_size=8,
+        ancestor_steps=1000,
+        further_steps=500,
+        ancestor_lr=2e-3,
+        further_lr=1.5e-3,
+        aux_loss_coef=0.02,
+        train_chars=3_000_000,
+        eval_chars=150_000,
     ),
     # From scratch: as many steps as the example's ancestor + further, all at the ancestor's lr.
     "scratch": Preset(
-        name="scratch", vocab_size=1024, hidden_size=64, intermediate_size=192, num_layers=2,
-        num_heads=4, num_kv_heads=2, num_experts=8, experts_per_token=2, seq_len=128,
-        batch_size=12, ancestor_steps=0, further_steps=450, ancestor_lr=3e-3, further_lr=3e-3,
-        aux_loss_coef=0.02, train_chars=600_000, eval_chars=60_000, family="qwen3_moe",
+        name="scratch",
+        vocab_size=1024,
+        hidden_size=64,
+        intermediate_size=192,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        num_experts=8,
+        experts_per_token=2,
+        seq_len=128,
+        batch_size=12,
+        ancestor_steps=0,
+        further_steps=450,
+        ancestor_lr=3e-3,
+        further_lr=3e-3,
+        aux_loss_coef=0.02,
+        train_chars=600_000,
+        eval_chars=60_000,
+        family="qwen3_moe",
     ),
     "scratch-smoke": Preset(
-        name="scratch-smoke", vocab_size=512, hidden_size=32, intermediate_size=64, num_layers=2,
-        num_heads=4, num_kv_heads=2, num_experts=4, experts_per_token=2, seq_len=64,
-        batch_size=12, ancestor_steps=0, further_steps=150, ancestor_lr=3e-3, further_lr=3e-3,
-        aux_loss_coef=0.02, train_chars=150_000, eval_chars=20_000, family="qwen3_moe",
+        name="scratch-smoke",
+        vocab_size=512,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        num_experts=4,
+        experts_per_token=2,
+        seq_len=64,
+        batch_size=12,
+        ancestor_steps=0,
+        further_steps=150,
+        ancestor_lr=3e-3,
+        further_lr=3e-3,
+        aux_loss_coef=0.02,
+        train_chars=150_000,
+        eval_chars=20_000,
+        family="qwen3_moe",
     ),
 }
 
@@ -186,9 +258,7 @@ def collect_documents() -> dict[str, Documents]:
     paths = sysconfig.get_paths()
     stdlib, include = Path(paths["stdlib"]), Path(paths["include"])
     skip = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
-    code = [
-        p for p in stdlib.rglob("*.py") if not skip & set(p.relative_to(stdlib).parts[:-1])
-    ]
+    code = [p for p in stdlib.rglob("*.py") if not skip & set(p.relative_to(stdlib).parts[:-1])]
     return {
         "code": sorted((str(p.relative_to(stdlib)), _read(p)) for p in code),
         "docs": sorted(topics.items()),
@@ -206,9 +276,7 @@ def split_of(domain: str, name: str) -> str:
     return "train" if bucket < 8 else "calib" if bucket == 8 else "test"
 
 
-def split_documents(
-    documents: dict[str, Documents], preset: Preset
-) -> dict[str, dict[str, Documents]]:
+def split_documents(documents: dict[str, Documents], preset: Preset) -> dict[str, dict[str, Documents]]:
     """``splits[split][domain]`` -> documents, in hash order, capped at the preset's size.
 
     Hash order (not name order) so that a cap samples the whole domain, not its first folders.
@@ -248,7 +316,10 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     )
     tok.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
         unk_token="<unk>",
     )
 
@@ -308,9 +379,19 @@ def ancestor_config(preset: Preset, tokenizer) -> MistralConfig:
 def moe_config(preset: Preset, dense: MistralConfig) -> MixtralConfig:
     """The ancestor's config with its MLP replaced by ``num_experts`` experts of the same size."""
     keys = (
-        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-        "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
-        "sliding_window", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id",
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "max_position_embeddings",
+        "sliding_window",
+        "tie_word_embeddings",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
     )
     return MixtralConfig(
         **{k: getattr(dense, k) for k in keys},
@@ -324,9 +405,17 @@ def moe_config(preset: Preset, dense: MistralConfig) -> MixtralConfig:
 def scratch_configs(preset: Preset, dense: MistralConfig) -> tuple[Qwen3MoeConfig, Qwen3Config]:
     """A Qwen3-MoE with every layer sparse, and the dense Qwen3 of its active size."""
     keys = (
-        "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-        "num_key_value_heads", "head_dim", "max_position_embeddings", "tie_word_embeddings",
-        "bos_token_id", "eos_token_id", "pad_token_id",
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "max_position_embeddings",
+        "tie_word_embeddings",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
     )
     shared = {k: getattr(dense, k) for k in keys}
     moe = Qwen3MoeConfig(
@@ -413,9 +502,7 @@ def perplexity(model, ids: torch.Tensor, seq_len: int, batch_size: int = 16) -> 
     for start in range(0, len(data), batch_size):
         batch = data[start : start + batch_size]
         logits = model(input_ids=batch).logits[:, :-1].float()
-        nll += F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-        ).item()
+        nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum").item()
         count += batch[:, 1:].numel()
     return math.exp(nll / count)
 
@@ -443,8 +530,9 @@ def expert_drift(moe, ancestor: MistralForCausalLM | None) -> dict:
         if ancestor is None:
             continue
         mlp = ancestor.model.layers[layer].mlp
-        dense = torch.cat([mlp.gate_proj.weight.flatten(), mlp.up_proj.weight.flatten(),
-                           mlp.down_proj.weight.flatten()])
+        dense = torch.cat(
+            [mlp.gate_proj.weight.flatten(), mlp.up_proj.weight.flatten(), mlp.down_proj.weight.flatten()]
+        )
         to_ancestor.append(F.cosine_similarity(flat, dense[None], dim=1).mean().item())
     drift = {"expert_pairwise_cosine": pairwise}
     if ancestor is not None:
@@ -485,16 +573,18 @@ def default_cache_dir() -> Path:
 
 def _testbed(root: Path) -> Testbed:
     return Testbed(
-        root=root, tokenizer=root / "tokenizer",
-        ancestor=root / "ancestor" if (root / "ancestor").exists() else None, moe=root / "moe",
-        twin=root / "twin", calib_dir=root / "data" / "calib", test_dir=root / "data" / "test",
+        root=root,
+        tokenizer=root / "tokenizer",
+        ancestor=root / "ancestor" if (root / "ancestor").exists() else None,
+        moe=root / "moe",
+        twin=root / "twin",
+        calib_dir=root / "data" / "calib",
+        test_dir=root / "data" / "test",
         report=json.loads((root / "testbed_report.json").read_text()),
     )
 
 
-def build_testbed(
-    preset: str | Preset, cache_dir: str | Path | None = None, force: bool = False
-) -> Testbed:
+def build_testbed(preset: str | Preset, cache_dir: str | Path | None = None, force: bool = False) -> Testbed:
     """Build (or reuse) the testbed at ``<cache_dir>/<preset>-<recipe hash>``.
 
     The build goes to a temporary sibling directory that is renamed into place only when
@@ -540,17 +630,14 @@ def _build(preset: Preset, out: Path) -> None:
     tokenizer = train_tokenizer(train_docs, preset.vocab_size)
     tokenizer.save_pretrained(out / "tokenizer")
     ids = {key: encode(tokenizer, text) for key, text in texts.items()}
-    batches = Batches([windows(ids["train", d], preset.seq_len) for d in DOMAINS],
-                      preset.batch_size, preset.seed)
+    batches = Batches([windows(ids["train", d], preset.seq_len) for d in DOMAINS], preset.batch_size, preset.seed)
 
     seconds["data_and_tokenizer"] = time.time() - start
 
     losses = {}
     if preset.family == "mixtral":
         ancestor = MistralForCausalLM(ancestor_config(preset, tokenizer))
-        losses["ancestor"] = train(
-            ancestor, batches, 0, preset.ancestor_steps, preset.ancestor_lr, "ancestor"
-        )
+        losses["ancestor"] = train(ancestor, batches, 0, preset.ancestor_steps, preset.ancestor_lr, "ancestor")
         seconds["ancestor"] = time.time() - start - sum(seconds.values())
         moe = upcycle(ancestor, preset)
         twin = MistralForCausalLM(ancestor.config)
@@ -562,8 +649,7 @@ def _build(preset: Preset, out: Path) -> None:
     else:
         raise ValueError(f"preset {preset.name}: unknown family {preset.family!r} or ancestor steps")
     for name, model in (("moe", moe), ("twin", twin)):
-        losses[name] = train(model, batches, preset.ancestor_steps, preset.further_steps,
-                             preset.further_lr, name)
+        losses[name] = train(model, batches, preset.ancestor_steps, preset.further_steps, preset.further_lr, name)
         seconds[name] = time.time() - start - sum(seconds.values())
     models = {"ancestor": ancestor, "moe": moe, "twin": twin}
     models = {name: model for name, model in models.items() if model is not None}
@@ -575,15 +661,10 @@ def _build(preset: Preset, out: Path) -> None:
         "preset": dataclasses.asdict(preset),
         "recipe_hash": recipe_hash(preset),
         "vocab_size": len(tokenizer),
-        "data": {
-            s: {d: {"documents": len(splits[s][d]), "tokens": len(ids[s, d])} for d in DOMAINS}
-            for s in SPLITS
-        },
+        "data": {s: {d: {"documents": len(splits[s][d]), "tokens": len(ids[s, d])} for d in DOMAINS} for s in SPLITS},
         "final_train_loss": losses,
         "drift": expert_drift(moe, ancestor),
-        "router_frequency": {
-            d: router_frequency(moe, ids["calib", d], preset.seq_len) for d in DOMAINS
-        },
+        "router_frequency": {d: router_frequency(moe, ids["calib", d], preset.seq_len) for d in DOMAINS},
         "perplexity": {
             name: {d: perplexity(model, ids["test", d], preset.seq_len) for d in DOMAINS}
             for name, model in models.items()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from mergekit.options import MergeOptions
@@ -36,17 +35,17 @@ class BuildResult:
     out_path: str
     layer_weights: torch.Tensor  # [L, E]; [k, L, E] for a method with several outputs
     parameters: MethodParameters
-    statistics: Optional[RouterStatistics]
+    statistics: RouterStatistics | None
 
 
 def build_dense(
     config: Moe2DenseConfig,
     out_path: str,
-    options: Optional[MergeOptions] = None,
+    options: MergeOptions | None = None,
     *,
-    stats_path: Optional[str] = None,
+    stats_path: str | None = None,
     overwrite: bool = False,
-    config_source: Optional[str] = None,
+    config_source: str | None = None,
 ) -> BuildResult:
     """Convert the MoE named in `config` into the output its method asks for, at `out_path`."""
     job = ConversionJob.prepare(
@@ -65,7 +64,7 @@ def build_dense(
     return BuildResult(job.out.path, job.output.reported_weights(result), job.params, stats)
 
 
-def calibrate(job: ConversionJob) -> Optional[RouterStatistics]:
+def calibrate(job: ConversionJob) -> RouterStatistics | None:
     """The router statistics from a calibration pass, or none (a method and family that
     need none, without a calibration block)."""
     if job.config.calibration is None:
@@ -86,7 +85,9 @@ def calibrate(job: ConversionJob) -> Optional[RouterStatistics]:
     return stats
 
 
-def build_from_mergekit(merge_config, out_path: str, options: MergeOptions, config_source: Optional[str] = None) -> BuildResult:
+def build_from_mergekit(
+    merge_config, out_path: str, options: MergeOptions, config_source: str | None = None
+) -> BuildResult:
     """Entry for stock `mergekit-yaml` (see plugin/mergekit_moe2dense_hook.py).
 
     mergekit's config model drops keys it does not know, our `calibration:` block

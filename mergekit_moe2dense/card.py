@@ -5,13 +5,12 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Optional
+from typing import Any
 
 import torch
 
 
-
-def write_model_card(out_dir: str, job, weights: torch.Tensor, extra: Optional[Dict[str, Any]] = None) -> None:
+def write_model_card(out_dir: str, job, weights: torch.Tensor, extra: dict[str, Any] | None = None) -> None:
     """Card of one dense model (`job` a `job.ConversionJob`); `extra` adds lines (e.g. a cluster's share)."""
     config, method, layers = job.config, job.method, job.layers
     rows = "\n".join(
@@ -40,7 +39,9 @@ def write_moe_card(out_dir: str, job, shares) -> None:
     """Card of an MoE rebuilt from k merged MLPs; the weights are in expert_weights.json."""
     config, method, params = job.config, job.method, job.params
     rows = "\n".join(f"| {j} | {share:.4f} |" for j, share in enumerate(shares))
-    router = "by a fitted logistic regression" if params.router == "fitted" else "in closed form from the clusters' weights"
+    router = (
+        "by a fitted logistic regression" if params.router == "fitted" else "in closed form from the clusters' weights"
+    )
     body = f"""A Mixture-of-Experts model with {len(shares)} experts per layer made from `{config.model}` with
 mergekit-moe2dense, a plugin for [mergekit](https://github.com/arcee-ai/mergekit): calibration tokens were clustered by
 their router vectors with the **{method.pretty_name}** method (`{method.name}`), parameters
@@ -60,7 +61,7 @@ def _parameters(params) -> str:
     return ", ".join(f"`{k}={v}`" for k, v in params.model_dump(mode="json").items()) or "none"
 
 
-def _write_card(out_dir: str, config, tag: str, body: str, config_source: Optional[str]) -> None:
+def _write_card(out_dir: str, config, tag: str, body: str, config_source: str | None) -> None:
     """Front matter, title (the output's name), `body`, and the config that made it."""
     yaml_text = config_source if config_source is not None else config.to_yaml()
     name = os.path.basename(os.path.normpath(out_dir)).split(".incomplete-")[0]

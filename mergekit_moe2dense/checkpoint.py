@@ -15,7 +15,7 @@ import struct
 import threading
 from dataclasses import dataclass
 from math import prod
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import torch
 import transformers
@@ -45,7 +45,7 @@ class SourceModel:
     index: ShardedTensorIndex
 
     @classmethod
-    def open(cls, reference: ModelReference, trust_remote_code: bool = False) -> "SourceModel":
+    def open(cls, reference: ModelReference, trust_remote_code: bool = False) -> SourceModel:
         path = local_model_path(reference)
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise CheckpointError(f"{path} has no config.json")
@@ -61,21 +61,20 @@ class SourceModel:
         return cls(reference, path, config, family, index)
 
     @functools.cached_property
-    def reader(self) -> "TensorReader":
+    def reader(self) -> TensorReader:
         return TensorReader(self.index)
 
     @property
-    def tensor_names(self) -> List[str]:
+    def tensor_names(self) -> list[str]:
         return list(self.index.tensor_paths)
 
-    def moe_layers(self) -> List[MoELayer]:
+    def moe_layers(self) -> list[MoELayer]:
         names = set(self.index.tensor_paths)
         return [
-            self.family.resolve_layer(self.config, layer, names)
-            for layer in self.family.moe_layer_indices(self.config)
+            self.family.resolve_layer(self.config, layer, names) for layer in self.family.moe_layer_indices(self.config)
         ]
 
-    def fingerprint(self, layers: List[MoELayer]) -> Dict[str, Any]:
+    def fingerprint(self, layers: list[MoELayer]) -> dict[str, Any]:
         """Identifies the model by its routers, so statistics can't be reused on another."""
         digest = hashlib.sha256()
         for layer in layers:
@@ -119,11 +118,11 @@ class TensorReader:
 
     def __init__(self, index: ShardedTensorIndex, readahead: int = 0):
         self.index = index
-        self._headers: Dict[str, Tuple[int, Dict[str, Any]]] = {}
+        self._headers: dict[str, tuple[int, dict[str, Any]]] = {}
         self._fallback = None if index.is_safetensors else LazyTensorLoader(index)
         self._ahead = _ReadAhead(self._shard_paths(), readahead) if readahead and self._fallback is None else None
 
-    def __enter__(self) -> "TensorReader":
+    def __enter__(self) -> TensorReader:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -135,14 +134,14 @@ class TensorReader:
             self._ahead.close()
             self._ahead = None
 
-    def _shard_paths(self) -> List[str]:
+    def _shard_paths(self) -> list[str]:
         return sorted(os.path.join(self.index.base_path, shard.filename) for shard in self.index.shards)
 
-    def read(self, name: str, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """The whole tensor `name`, written into `out` (any dtype, device) if given."""
         return self.read_slice(ExpertSlice(name), out)
 
-    def shape(self, piece: ExpertSlice) -> Tuple[int, ...]:
+    def shape(self, piece: ExpertSlice) -> tuple[int, ...]:
         """The shape of `piece`, from the shard's header (no tensor data is read)."""
         if self._fallback is not None:
             return tuple(piece.take(self._fallback.get_tensor(piece.tensor)).shape)
@@ -153,7 +152,7 @@ class TensorReader:
         _, _, dtype, shape = self._locate(piece)
         return prod(shape) * dtype.itemsize
 
-    def read_slice(self, piece: ExpertSlice, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def read_slice(self, piece: ExpertSlice, out: torch.Tensor | None = None) -> torch.Tensor:
         """One expert's projection (`piece.take` of its tensor), into `out` if given."""
         if self._fallback is not None:
             value = piece.take(self._fallback.get_tensor(piece.tensor))
@@ -177,7 +176,7 @@ class TensorReader:
             return target
         return out.copy_(target)
 
-    def _locate(self, piece: ExpertSlice) -> Tuple[str, int, torch.dtype, Tuple[int, ...]]:
+    def _locate(self, piece: ExpertSlice) -> tuple[str, int, torch.dtype, tuple[int, ...]]:
         """The shard, absolute byte offset, dtype and shape of `piece`."""
         if piece.tensor not in self.index.tensor_paths:
             raise KeyError(piece.tensor)
@@ -209,10 +208,10 @@ class _ReadAhead:
 
     CHUNK = 4 << 20  # the scratch buffer is RSS: the layer stream budgets memory tightly
 
-    def __init__(self, shards: List[str], window: int):
+    def __init__(self, shards: list[str], window: int):
         self.shards, self.window = shards, window
         self.sizes = [os.path.getsize(shard) for shard in shards]
-        self.positions: "queue.Queue[Optional[Tuple[str, int]]]" = queue.Queue()
+        self.positions: queue.Queue[tuple[str, int] | None] = queue.Queue()
         self.thread = threading.Thread(target=self._run, name="moe2dense-readahead", daemon=True)
         self.thread.start()
 
@@ -225,7 +224,7 @@ class _ReadAhead:
 
     def _run(self) -> None:
         scratch = memoryview(bytearray(self.CHUNK))
-        done: Dict[str, int] = {}  # per shard: read up to here
+        done: dict[str, int] = {}  # per shard: read up to here
         while True:
             position = self.positions.get()
             while position is not None and not self.positions.empty():
@@ -319,7 +318,7 @@ def read_index(path: str) -> ShardedTensorIndex:
         raise CheckpointError(f"{path} has no model.safetensors or pytorch_model.bin") from None
 
 
-def _pickle_shards(path: str) -> List[str]:
+def _pickle_shards(path: str) -> list[str]:
     """The `.bin` files of a pickle checkpoint (one file, or those its index names)."""
     single = os.path.join(path, "pytorch_model.bin")
     try:
@@ -447,7 +446,7 @@ def check_shapes(config: transformers.PretrainedConfig, family: MoEFamily, index
                     _check_shape(reader, name, implied[projection], keys)
 
 
-def _check_shape(reader: "TensorReader", name: str, shape: Tuple[int, ...], context: str) -> None:
+def _check_shape(reader: TensorReader, name: str, shape: tuple[int, ...], context: str) -> None:
     found = reader.shape(ExpertSlice(name))
     if tuple(found) != tuple(shape):
         raise ShapeMismatchError(
@@ -455,7 +454,7 @@ def _check_shape(reader: "TensorReader", name: str, shape: Tuple[int, ...], cont
         )
 
 
-def _read_header(path: str) -> Tuple[int, Dict[str, Any]]:
+def _read_header(path: str) -> tuple[int, dict[str, Any]]:
     """A safetensors shard's header, and the offset where its data starts."""
     size = os.path.getsize(path)
     try:

@@ -96,7 +96,12 @@ def merge_command() -> click.Command:
     @click.command("merge")
     @click.argument("config_file", type=click.Path(dir_okay=False))
     @click.argument("out_path", type=click.Path(file_okay=False))
-    @click.option("--stats", "stats_path", type=click.Path(dir_okay=False), help="Reuse router statistics from an earlier run (skips calibration).")
+    @click.option(
+        "--stats",
+        "stats_path",
+        type=click.Path(dir_okay=False),
+        help="Reuse router statistics from an earlier run (skips calibration).",
+    )
     @click.option("--overwrite", is_flag=True, help="Replace OUT_PATH if it is not empty.")
     @add_merge_options
     @one_line_errors
@@ -120,7 +125,13 @@ def merge_command() -> click.Command:
 
 @main.command("eval")
 @click.argument("models", nargs=-1, required=True)
-@click.option("--data", "data_paths", multiple=True, required=True, help="Text to score: .txt/.jsonl/.parquet, a directory of them, or a datasets name (repeatable).")
+@click.option(
+    "--data",
+    "data_paths",
+    multiple=True,
+    required=True,
+    help="Text to score: .txt/.jsonl/.parquet, a directory of them, or a datasets name (repeatable).",
+)
 @click.option("--seq-len", default=512, show_default=True, help="Tokens per window.")
 @click.option("--stride", type=int, default=None, help="Window step (default: seq-len, non-overlapping).")
 @click.option("--batch-size", default=4, show_default=True)
@@ -138,7 +149,13 @@ def evaluate(models, data_paths, seq_len, stride, batch_size, max_tokens, device
     check_report_file(json_path, "JSON output")  # before any model is scored
     documents = [doc for path in data_paths for doc in load_documents(path)]
     results = evaluate_models(
-        list(models), documents, seq_len=seq_len, stride=stride, batch_size=batch_size, max_tokens=max_tokens, device=device
+        list(models),
+        documents,
+        seq_len=seq_len,
+        stride=stride,
+        batch_size=batch_size,
+        max_tokens=max_tokens,
+        device=device,
     )
     click.echo(format_results_table(results, reference=reference or models[0]))
     if json_path:
@@ -147,15 +164,52 @@ def evaluate(models, data_paths, seq_len, stride, batch_size, max_tokens, device
 
 @main.command("inspect")
 @click.argument("model")
-@click.option("--stats", "stats_path", type=click.Path(dir_okay=False), default=None, help="Router usage from a router_stats.safetensors of an earlier run.")
-@click.option("--data", default=None, help="Router usage from a short calibration on this text (.txt/.jsonl/.parquet, a directory, or a datasets name).")
+@click.option(
+    "--stats",
+    "stats_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Router usage from a router_stats.safetensors of an earlier run.",
+)
+@click.option(
+    "--data",
+    default=None,
+    help="Router usage from a short calibration on this text (.txt/.jsonl/.parquet, a directory, or a datasets name).",
+)
 @click.option("--num-samples", default=32, show_default=True, help="Calibration sequences (with --data).")
 @click.option("--seq-len", default=256, show_default=True, help="Tokens per calibration sequence (with --data).")
-@click.option("--device", default="cpu", show_default=True, help="Device of the unit-matching products and of the calibration forward.")
-@click.option("--engine", type=click.Choice(["auto", "full", "layerwise"]), default="auto", show_default=True, help="Calibration engine (with --data), as calibration.engine: the whole model, or streamed one decoder layer at a time.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None, help="Dtype of the calibration forward (with --data; default: float32 on CPU, bfloat16 on GPU).")
-@click.option("--max-units", default=512, show_default=True, help="Hidden units per expert matched (a random subsample when wider).")
-@click.option("--heatmap", "heatmap_path", type=click.Path(dir_okay=False), default=None, help="Write per-layer expert cosine heatmaps to this PNG.")
+@click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    help="Device of the unit-matching products and of the calibration forward.",
+)
+@click.option(
+    "--engine",
+    type=click.Choice(["auto", "full", "layerwise"]),
+    default="auto",
+    show_default=True,
+    help="Calibration engine (with --data), as calibration.engine: the whole model, or streamed one decoder layer at a time.",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    default=None,
+    help="Dtype of the calibration forward (with --data; default: float32 on CPU, bfloat16 on GPU).",
+)
+@click.option(
+    "--max-units",
+    default=512,
+    show_default=True,
+    help="Hidden units per expert matched (a random subsample when wider).",
+)
+@click.option(
+    "--heatmap",
+    "heatmap_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write per-layer expert cosine heatmaps to this PNG.",
+)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON.")
 @one_line_errors
 def inspect(model, stats_path, data, num_samples, seq_len, device, engine, dtype, max_units, heatmap_path, json_path):

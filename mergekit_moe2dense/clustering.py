@@ -55,7 +55,7 @@ class Decomposition:
         counts = np.stack([np.bincount(row, minlength=self.num_clusters) for row in self.labels])
         return counts.mean(0) / self.labels.shape[1]
 
-    def sorted_by_share(self) -> "Decomposition":
+    def sorted_by_share(self) -> Decomposition:
         """Clusters renumbered so that cluster 0 covers the most tokens (ties: old order)."""
         order = np.argsort(-self.shares, kind="stable")
         rank = np.empty_like(order)

@@ -8,13 +8,12 @@ misspelt option must not be silently ignored on a multi-hour run.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Literal, Optional, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from mergekit.common import ModelReference
 from mergekit.config import ParameterSetting
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
-from typing_extensions import Annotated
 
 from mergekit_moe2dense.errors import Moe2DenseError
 
@@ -41,7 +40,7 @@ def dtype_name(value: str) -> str:
 DType = Annotated[str, AfterValidator(dtype_name)]
 
 # accelerate's placement strategies, or an explicit {module name: device} map
-DeviceMap = Union[Literal["auto", "balanced", "balanced_low_0", "sequential"], Dict[str, Union[int, str]]]
+DeviceMap = Literal["auto", "balanced", "balanced_low_0", "sequential"] | dict[str, int | str]
 
 
 class CalibrationConfig(BaseModel):
@@ -58,7 +57,7 @@ class CalibrationConfig(BaseModel):
     record_router_inputs: bool = Field(
         False, description="also keep the routers' inputs of the sampled tokens (L x N x hidden floats)"
     )
-    dtype: Optional[DType] = Field(
+    dtype: DType | None = Field(
         None, description="dtype of the calibration forward (default: float32 on CPU, bfloat16 on GPU)"
     )
     engine: Literal["auto", "full", "layerwise"] = Field(
@@ -66,10 +65,10 @@ class CalibrationConfig(BaseModel):
         description="full: the whole model in memory; layerwise: streamed from the checkpoint one "
         "decoder layer at a time; auto: full when the checkpoint fits in half the free memory",
     )
-    spill_dir: Optional[str] = Field(
+    spill_dir: str | None = Field(
         None, description="layerwise engine: keep the carried activations on disk under this directory"
     )
-    device_map: Optional[DeviceMap] = Field(
+    device_map: DeviceMap | None = Field(
         None,
         description="full engine: let accelerate place the model (every visible GPU, then CPU RAM) "
         "instead of putting it all on --device; for a model that no single device holds",
@@ -80,18 +79,18 @@ class InputModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: ModelReference
-    parameters: Optional[Dict[str, ParameterSetting]] = None
+    parameters: dict[str, ParameterSetting] | None = None
 
 
 class Moe2DenseConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     merge_method: str
-    models: List[InputModel]
-    parameters: Dict[str, Any] = Field(default_factory=dict)
-    calibration: Optional[CalibrationConfig] = None
-    dtype: Optional[DType] = None
-    out_dtype: Optional[DType] = None
+    models: list[InputModel]
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    calibration: CalibrationConfig | None = None
+    dtype: DType | None = None
+    out_dtype: DType | None = None
 
     @field_validator("models")
     @classmethod
@@ -105,12 +104,12 @@ class Moe2DenseConfig(BaseModel):
         return self.models[0].model
 
     @property
-    def method_parameters(self) -> Dict[str, Any]:
+    def method_parameters(self) -> dict[str, Any]:
         """Top-level parameters, overridden by the model entry's own."""
         return {**self.parameters, **(self.models[0].parameters or {})}
 
     @classmethod
-    def from_yaml(cls, text: str, source: str = "config") -> "Moe2DenseConfig":
+    def from_yaml(cls, text: str, source: str = "config") -> Moe2DenseConfig:
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as error:
@@ -126,7 +125,7 @@ class Moe2DenseConfig(BaseModel):
             raise ConfigError(f"{source}: {where}: {message}") from None
 
     @classmethod
-    def from_file(cls, path: str) -> "Moe2DenseConfig":
+    def from_file(cls, path: str) -> Moe2DenseConfig:
         return cls.from_yaml(read_config_text(path), source=path)
 
     def to_yaml(self) -> str:
@@ -141,7 +140,7 @@ def read_config_text(path: str) -> str:
         raise ConfigError(f"config file not found: {path}") from None
 
 
-def check_seq_len(calibration: Optional[CalibrationConfig], model_config, option: str = "calibration.seq_len") -> None:
+def check_seq_len(calibration: CalibrationConfig | None, model_config, option: str = "calibration.seq_len") -> None:
     """Refuses calibration sequences longer than the model has positions for.
 
     Longer sequences run without an error in most families and calibrate the

@@ -124,13 +124,9 @@ def _local_documents(path: Path, text_field: str) -> Iterator[Document]:
     if not path.exists():
         raise DataError(f"{path}: no such file or directory")
     if path.is_dir():
-        files = sorted(
-            p for p in path.rglob("*") if p.is_file() and p.suffix in SUPPORTED_EXTENSIONS
-        )
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUPPORTED_EXTENSIONS)
         if not files:
-            raise DataError(
-                f"{path}: directory has no {'/'.join(SUPPORTED_EXTENSIONS)} files"
-            )
+            raise DataError(f"{path}: directory has no {'/'.join(SUPPORTED_EXTENSIONS)} files")
         for file in files:
             label = file.relative_to(path).with_suffix("").as_posix()
             yield from _file_documents(file, label, text_field)
@@ -190,14 +186,10 @@ def _dataset_documents(name: str, text_field: str, split: str) -> Iterator[Docum
     except Exception as e:  # offline, unknown name, bad split: all end up here
         reason = (str(e).strip() or type(e).__name__).splitlines()[0]
         raise DataError(
-            f"dataset {name!r} (split {split!r}) could not be loaded and is not a "
-            f"local path: {reason}"
+            f"dataset {name!r} (split {split!r}) could not be loaded and is not a local path: {reason}"
         ) from e
     if text_field not in dataset.column_names:
-        raise DataError(
-            f"dataset {name!r}: no column {text_field!r} "
-            f"(columns: {', '.join(dataset.column_names)})"
-        )
+        raise DataError(f"dataset {name!r}: no column {text_field!r} (columns: {', '.join(dataset.column_names)})")
     for row in dataset.select_columns([text_field]):
         yield Document(name, _as_text(row[text_field], f"dataset {name!r}"))
 

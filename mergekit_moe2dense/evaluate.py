@@ -128,9 +128,7 @@ def evaluate_perplexity(
         name = name or str(model)
         check_seq_len(_model_config(model), seq_len, name)
         tokenizer = tokenizer or _load_tokenizer(path)
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype if dtype is not None else "auto"
-        ).to(device)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype is not None else "auto").to(device)
     model.eval()
 
     streams: dict[str, list[int]] = {}
@@ -184,15 +182,13 @@ def format_results_table(results: list[EvalResult], reference: str | None = None
     rows = [header]
     for r in results:
         row = [r.model, str(r.tokens), f"{r.perplexity:.3f}"]
-        row += [f"{r.per_source[s]['perplexity']:.3f}" if s in r.per_source else "-"
-                for s in sources]
+        row += [f"{r.per_source[s]['perplexity']:.3f}" if s in r.per_source else "-" for s in sources]
         if reference is not None:
             row.append(f"{r.perplexity / ref.perplexity:.4f}")
         rows.append(row)
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join(
-        "  ".join([row[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(row[1:], widths[1:]))])
-        for row in rows
+        "  ".join([row[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(row[1:], widths[1:]))]) for row in rows
     )
 
 

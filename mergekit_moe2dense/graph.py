@@ -16,8 +16,8 @@ from __future__ import annotations
 import contextlib
 import threading
 import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from mergekit.common import ModelReference, dtype_from_name
@@ -25,7 +25,7 @@ from mergekit.graph import Executor, Task
 from mergekit.io.tasks import FinalizeModel, SaveTensor, TensorWriterTask
 
 from mergekit_moe2dense.checkpoint import READAHEAD_BYTES, TensorReader, read_index
-from mergekit_moe2dense.families import PROJECTIONS, ExpertSlice, MoEFamily
+from mergekit_moe2dense.families import PROJECTIONS, ExpertSlice
 from mergekit_moe2dense.methods.kernel import weighted_sum
 from mergekit_moe2dense.plan import LayerPlan
 
@@ -41,15 +41,15 @@ class ReadTensor(Task[torch.Tensor]):
 
     model: ModelReference
     tensor: str
-    dtype: Optional[str] = None
+    dtype: str | None = None
 
-    def arguments(self) -> Dict[str, Task]:
+    def arguments(self) -> dict[str, Task]:
         return {}
 
     def priority(self) -> int:
         return -1000  # as LoadTensor: read as late as possible, freed soon after
 
-    def group_label(self) -> Optional[str]:
+    def group_label(self) -> str | None:
         return self.tensor
 
     def execute(self) -> torch.Tensor:
@@ -64,7 +64,7 @@ class _OpenReaders:
     `LoaderCache` plays this part for `LoadTensor`); `close_all` when the run ends."""
 
     def __init__(self):
-        self._readers: Dict[str, TensorReader] = {}
+        self._readers: dict[str, TensorReader] = {}
         self._lock = threading.Lock()
 
     def get(self, model: ModelReference) -> TensorReader:
@@ -88,17 +88,17 @@ class MergeExperts(Task[torch.Tensor]):
     """One dense projection: sum_e w_e W_e over one layer's expert slices
     (`methods.kernel.weighted_sum`, the same kernel for every method)."""
 
-    sources: Tuple[ReadTensor, ...]  # distinct checkpoint tensors
-    slices: Tuple[ExpertSlice, ...]  # one per contributing expert
-    weights: Tuple[float, ...]
+    sources: tuple[ReadTensor, ...]  # distinct checkpoint tensors
+    slices: tuple[ExpertSlice, ...]  # one per contributing expert
+    weights: tuple[float, ...]
 
-    def arguments(self) -> Dict[str, Task]:
+    def arguments(self) -> dict[str, Task]:
         return {f"source_{i}": task for i, task in enumerate(self.sources)}
 
     def uses_accelerator(self) -> bool:
         return True
 
-    def group_label(self) -> Optional[str]:
+    def group_label(self) -> str | None:
         return self.sources[0].group_label()
 
     def execute(self, **kwargs) -> torch.Tensor:
@@ -109,11 +109,11 @@ class MergeExperts(Task[torch.Tensor]):
 class ConcatBlocks(Task[torch.Tensor]):
     """Blocks side by side along the intermediate dimension, each scaled."""
 
-    parts: Tuple[Task, ...]
+    parts: tuple[Task, ...]
     dim: int  # 0 for gate/up [I, H], 1 for down [H, I]
-    scales: Tuple[float, ...]
+    scales: tuple[float, ...]
 
-    def arguments(self) -> Dict[str, Task]:
+    def arguments(self) -> dict[str, Task]:
         return {f"part_{i}": task for i, task in enumerate(self.parts)}
 
     def uses_accelerator(self) -> bool:
@@ -121,7 +121,9 @@ class ConcatBlocks(Task[torch.Tensor]):
 
     def execute(self, **kwargs) -> torch.Tensor:
         parts = [kwargs[f"part_{i}"] for i in range(len(self.parts))]
-        return torch.cat([part * scale if scale != 1.0 else part for part, scale in zip(parts, self.scales)], dim=self.dim)
+        return torch.cat(
+            [part * scale if scale != 1.0 else part for part, scale in zip(parts, self.scales)], dim=self.dim
+        )
 
 
 class PadIntermediate(Task[torch.Tensor]):
@@ -136,7 +138,7 @@ class PadIntermediate(Task[torch.Tensor]):
     dim: int  # 0 for gate/up [I, H], 1 for down [H, I]
     size: int
 
-    def arguments(self) -> Dict[str, Task]:
+    def arguments(self) -> dict[str, Task]:
         return {"tensor": self.tensor}
 
     def execute(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -154,9 +156,9 @@ class ZeroTensor(Task[torch.Tensor]):
     """An all-zero tensor the dense target needs (e.g. a one-expert router)."""
 
     name: str  # one task per output tensor: equal tasks would be saved as one shared tensor
-    shape: Tuple[int, ...]
+    shape: tuple[int, ...]
 
-    def arguments(self) -> Dict[str, Task]:
+    def arguments(self) -> dict[str, Task]:
         return {}
 
     def execute(self) -> torch.Tensor:
@@ -167,7 +169,7 @@ def merge_experts_task(
     model: ModelReference,
     slices: Sequence[ExpertSlice],
     weights: Sequence[float],
-    dtype: Optional[str] = None,
+    dtype: str | None = None,
 ) -> MergeExperts:
     """Experts with zero weight are left out, so e.g. `single_expert` reads one expert."""
     used = [e for e, w in enumerate(weights) if w != 0.0]
@@ -180,7 +182,7 @@ def merge_experts_task(
     )
 
 
-def projection_task(model: ModelReference, plan: LayerPlan, projection: str, dtype: Optional[str]) -> Task:
+def projection_task(model: ModelReference, plan: LayerPlan, projection: str, dtype: str | None) -> Task:
     """One dense projection of a layer: its blocks merged, scaled and concatenated."""
     parts, scales = [], []
     for block in plan.blocks:
@@ -201,8 +203,8 @@ class TensorIO:
     and mergekit's output options, in one place."""
 
     model: ModelReference
-    dtype: Optional[str] = None  # of the merge arithmetic's inputs (None: as stored)
-    out_dtype: Optional[str] = None
+    dtype: str | None = None  # of the merge arithmetic's inputs (None: as stored)
+    out_dtype: str | None = None
     max_shard_size: int = 5 * 10**9
     safe_serialization: bool = True
     async_write: bool = False
@@ -210,7 +212,7 @@ class TensorIO:
     clone_tensors: bool = False
 
     @classmethod
-    def from_options(cls, model: ModelReference, dtype, out_dtype, options) -> "TensorIO":
+    def from_options(cls, model: ModelReference, dtype, out_dtype, options) -> TensorIO:
         return cls(
             model=model,
             dtype=dtype,
@@ -247,18 +249,18 @@ class ComputedTensor(Task[torch.Tensor]):
     store: str
     name: str
 
-    def arguments(self) -> Dict[str, Task]:
+    def arguments(self) -> dict[str, Task]:
         return {}
 
     def execute(self) -> torch.Tensor:
         return _STORES[self.store][self.name]
 
 
-_STORES: Dict[str, Dict[str, torch.Tensor]] = {}
+_STORES: dict[str, dict[str, torch.Tensor]] = {}
 
 
 @contextlib.contextmanager
-def computed_tensors(tensors: Dict[str, torch.Tensor]) -> Iterator[Dict[str, ComputedTensor]]:
+def computed_tensors(tensors: dict[str, torch.Tensor]) -> Iterator[dict[str, ComputedTensor]]:
     """One `ComputedTensor` task per named tensor, valid inside the block."""
     store = uuid.uuid4().hex
     _STORES[store] = tensors
@@ -274,9 +276,9 @@ def plan_dense_merge(
     plans: Sequence[LayerPlan],
     out_path: str,
     *,
-    width: Optional[int] = None,
-    fitted: Optional[Dict[str, Task]] = None,
-) -> List[Task]:
+    width: int | None = None,
+    fitted: dict[str, Task] | None = None,
+) -> list[Task]:
     """Tasks that write the dense checkpoint of `source` (a `checkpoint.SourceModel`):
     merged MLPs, everything else copied.
 
@@ -310,18 +312,16 @@ def plan_dense_merge(
     return [FinalizeModel(tensor_save_tasks=tuple(saves), writer_task=writer)]
 
 
-def _padded(task: Task, projection: str, width: Optional[int]) -> Task:
+def _padded(task: Task, projection: str, width: int | None) -> Task:
     if width is None:
         return task
     return PadIntermediate(tensor=task, dim=1 if projection == "down" else 0, size=width)
 
 
-def run_graph(targets: List[Task], options, desc: str = "Merging experts") -> None:
+def run_graph(targets: list[Task], options, desc: str = "Merging experts") -> None:
     """Execute the write graph with mergekit's executor; the run's readers are closed after."""
     device = options.device or "cpu"
-    executor = Executor(
-        targets=targets, math_device=device, storage_device=device if options.low_cpu_memory else "cpu"
-    )
+    executor = Executor(targets=targets, math_device=device, storage_device=device if options.low_cpu_memory else "cpu")
     try:
         for _ in executor.run(quiet=options.quiet, desc=desc):
             pass

@@ -43,7 +43,6 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional
 
 import torch
 import tqdm
@@ -157,15 +156,15 @@ def layer_verdict(identity: float, matched: float, chance: float) -> str:
 @dataclass
 class LayerInspection:
     layer: int
-    weight_cosine: Dict[str, float]  # mean off-diagonal cosine per projection and "all"
-    expert_cosine: List[List[float]]  # [E, E], all three projections together
+    weight_cosine: dict[str, float]  # mean off-diagonal cosine per projection and "all"
+    expert_cosine: list[list[float]]  # [E, E], all three projections together
     unit_identity: float
     unit_matched: float
     unit_chance: float
     verdict: str
     units_compared: int  # units of each expert matched (a subsample when wider than max_units)
-    selection_share: Optional[List[float]] = None  # per expert, sums to 1
-    routing_entropy: Optional[float] = None
+    selection_share: list[float] | None = None  # per expert, sums to 1
+    routing_entropy: float | None = None
 
 
 @dataclass
@@ -173,12 +172,12 @@ class InspectionReport:
     model: str
     num_experts: int
     top_k: int
-    layers: List[LayerInspection]
+    layers: list[LayerInspection]
     verdict: str
-    suggested_methods: List[str]
+    suggested_methods: list[str]
     message: str
-    router_tokens: Optional[int] = None
-    thresholds: Dict[str, float] = field(
+    router_tokens: int | None = None
+    thresholds: dict[str, float] = field(
         default_factory=lambda: {"min_excess": MIN_EXCESS, "aligned_ratio": ALIGNED_RATIO}
     )
 
@@ -198,7 +197,12 @@ class InspectionReport:
         for layer in self.layers:
             cos = layer.weight_cosine
             row = [str(layer.layer)] + [f"{cos[p]:.3f}" for p in PROJECTIONS]
-            row += [f"{layer.unit_identity:.3f}", f"{layer.unit_matched:.3f}", f"{layer.unit_chance:.3f}", layer.verdict]
+            row += [
+                f"{layer.unit_identity:.3f}",
+                f"{layer.unit_matched:.3f}",
+                f"{layer.unit_chance:.3f}",
+                layer.verdict,
+            ]
             if routed:
                 share = layer.selection_share
                 row += [f"{layer.routing_entropy:.3f}", f"{min(share):.3f}", f"{max(share):.3f}"]
@@ -206,22 +210,37 @@ class InspectionReport:
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
         lines = ["  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
-        lines += ["", f"verdict: {self.verdict}", self.message, f"suggested methods: {', '.join(self.suggested_methods)}"]
+        lines += [
+            "",
+            f"verdict: {self.verdict}",
+            self.message,
+            f"suggested methods: {', '.join(self.suggested_methods)}",
+        ]
         return "\n".join(lines)
 
 
-def _suggest(verdict: str) -> tuple[List[str], str]:
+def _suggest(verdict: str) -> tuple[list[str], str]:
     if verdict == "aligned":
-        names, message = AVERAGING_METHODS + SELECTION_METHODS, (
-            "experts share an ancestor with aligned hidden units (as in sparse upcycling): "
-            "averaging-based methods can work"
+        names, message = (
+            AVERAGING_METHODS + SELECTION_METHODS,
+            (
+                "experts share an ancestor with aligned hidden units (as in sparse upcycling): "
+                "averaging-based methods can work"
+            ),
         )
     else:
-        names, message = SELECTION_METHODS, (
-            "WARNING: experts are not aligned"
-            + (" (related only up to a permutation of their hidden units)" if verdict == "permuted" else " (no shared ancestor)")
-            + "; averaging them (router_weighted, top_k_tempered) would destroy the model: "
-            "select or concatenate experts instead"
+        names, message = (
+            SELECTION_METHODS,
+            (
+                "WARNING: experts are not aligned"
+                + (
+                    " (related only up to a permutation of their hidden units)"
+                    if verdict == "permuted"
+                    else " (no shared ancestor)"
+                )
+                + "; averaging them (router_weighted, top_k_tempered) would destroy the model: "
+                "select or concatenate experts instead"
+            ),
         )
     return [name for name in names if name in METHODS], message
 
@@ -251,12 +270,12 @@ def plot_heatmap(report: InspectionReport, path: str) -> None:
 # -- reading a model -----------------------------------------------------------------
 
 
-def _layer_tensors(reader, layer) -> Dict[str, torch.Tensor]:
+def _layer_tensors(reader, layer) -> dict[str, torch.Tensor]:
     """{proj: [E, ...]} for one layer, each expert's slice read on its own (`TensorReader`)."""
     return {p: torch.stack([reader.read_slice(expert[p]).float() for expert in layer.experts]) for p in PROJECTIONS}
 
 
-def expert_pairs(num_experts: int) -> List[tuple[int, int]]:
+def expert_pairs(num_experts: int) -> list[tuple[int, int]]:
     """The ring (e, e+1 mod E): E matchings per layer instead of E(E-1)/2, each expert in two."""
     if num_experts == 2:
         return [(0, 1)]
@@ -264,7 +283,7 @@ def expert_pairs(num_experts: int) -> List[tuple[int, int]]:
 
 
 def inspect_layer(
-    tensors: Dict[str, torch.Tensor], index: int, max_units: int, seed: int, device: str = "cpu"
+    tensors: dict[str, torch.Tensor], index: int, max_units: int, seed: int, device: str = "cpu"
 ) -> LayerInspection:
     """Weight cosine, unit similarity and verdict of one layer's experts {proj: [E, ...]}."""
     num_experts = tensors["gate"].shape[0]
@@ -319,17 +338,17 @@ def _calibrate(source, calibration, device: str):
 def inspect_moe(
     model_path: str,
     *,
-    stats_path: Optional[str] = None,
-    data: Optional[str] = None,
+    stats_path: str | None = None,
+    data: str | None = None,
     max_units: int = 512,
     num_samples: int = 32,
     seq_len: int = 256,
     batch_size: int = 4,
     device: str = "cpu",
     engine: str = "auto",
-    dtype: Optional[str] = None,
-    heatmap_path: Optional[str] = None,
-    json_path: Optional[str] = None,
+    dtype: str | None = None,
+    heatmap_path: str | None = None,
+    json_path: str | None = None,
     seed: int = 0,
     progress: bool = False,
 ) -> InspectionReport:
@@ -397,4 +416,3 @@ def inspect_moe(
     if json_path:
         report.write_json(json_path)
     return report
-

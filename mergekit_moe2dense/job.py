@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import List, Optional
 
 import torch
 from mergekit.options import MergeOptions
@@ -24,8 +23,8 @@ from mergekit_moe2dense.calibration import (
     calibration_dtype,
     load_calibration_batches,
 )
-from mergekit_moe2dense.calibration.engine import check_engine
 from mergekit_moe2dense.calibration.distributed import Ranks
+from mergekit_moe2dense.calibration.engine import check_engine
 from mergekit_moe2dense.checkpoint import SourceModel
 from mergekit_moe2dense.config import ConfigError, Moe2DenseConfig, check_seq_len
 from mergekit_moe2dense.families import MoELayer
@@ -42,27 +41,27 @@ __all__ = ["ConversionJob"]
 class ConversionJob:
     config: Moe2DenseConfig
     source: SourceModel
-    layers: List[MoELayer]
+    layers: list[MoELayer]
     method: ExpertMethod
     params: MethodParameters
     output: Output
     out: OutputDirectory
     options: MergeOptions
     ranks: Ranks
-    stats_path: Optional[str] = None
-    config_source: Optional[str] = None  # the YAML text, recorded in the model card
+    stats_path: str | None = None
+    config_source: str | None = None  # the YAML text, recorded in the model card
 
     @classmethod
     def prepare(
         cls,
         config: Moe2DenseConfig,
         out_path: str,
-        options: Optional[MergeOptions] = None,
+        options: MergeOptions | None = None,
         *,
-        stats_path: Optional[str] = None,
+        stats_path: str | None = None,
         overwrite: bool = False,
-        config_source: Optional[str] = None,
-    ) -> "ConversionJob":
+        config_source: str | None = None,
+    ) -> ConversionJob:
         options = options or MergeOptions()
         check_options(options)
         method = get_method(config.merge_method)
@@ -133,7 +132,7 @@ class ConversionJob:
         return not self.options.quiet and self.ranks.is_main
 
     @property
-    def out_dtype(self) -> Optional[str]:
+    def out_dtype(self) -> str | None:
         return self.config.out_dtype or self.config.dtype
 
     @functools.cached_property

@@ -24,7 +24,7 @@ import fcntl
 import os
 import re
 import shutil
-from typing import Dict, List, Mapping, Optional, Tuple
+from collections.abc import Mapping
 
 from mergekit_moe2dense.errors import Moe2DenseError
 
@@ -51,7 +51,7 @@ class DiskFullError(OutputError):
     """The file system holding OUT ran out of space."""
 
 
-Snapshot = Optional[List[Tuple[str, bool, int, int, int]]]  # None: OUT did not exist
+Snapshot = list[tuple[str, bool, int, int, int]] | None  # None: OUT did not exist
 
 
 class OutputDirectory:
@@ -71,16 +71,16 @@ class OutputDirectory:
         path: str,
         *,
         overwrite: bool = False,
-        inputs: Optional[Mapping[str, Optional[str]]] = None,
+        inputs: Mapping[str, str | None] | None = None,
     ):
         self.path = os.path.abspath(path)
         self.overwrite = overwrite
         self.inputs = {label: value for label, value in (inputs or {}).items() if value}
-        self.needed_bytes: Optional[int] = None  # a lower bound of the output's size (`check_space`)
+        self.needed_bytes: int | None = None  # a lower bound of the output's size (`check_space`)
         self.parent = os.path.dirname(self.path)
         self.staging = f"{self.path}{STAGING_INFIX}{os.getpid()}"
         self._snapshot: Snapshot = None
-        self._lock_fd: Optional[int] = None
+        self._lock_fd: int | None = None
         self._published = False
 
     # -- before any work ---------------------------------------------------------------
@@ -108,14 +108,14 @@ class OutputDirectory:
         if not os.access(existing, os.W_OK | os.X_OK):
             raise OutputError(f"cannot write to {existing} (no permission): choose another OUT")
 
-    def check_space(self, needed_bytes: Optional[int]) -> None:
+    def check_space(self, needed_bytes: int | None) -> None:
         """Refuse before any work when the output cannot fit (`needed_bytes` a lower bound)."""
         self.needed_bytes = needed_bytes
         if needed_bytes and needed_bytes > shutil.disk_usage(_nearest_existing(self.parent)).free:
             raise DiskFullError(self._disk_full_message())
 
     # -- the run -----------------------------------------------------------------------
-    def __enter__(self) -> "OutputDirectory":
+    def __enter__(self) -> OutputDirectory:
         self.check()
         os.makedirs(self.parent, exist_ok=True)
         self._lock()
@@ -253,7 +253,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _read_pid(fd: int) -> Optional[int]:
+def _read_pid(fd: int) -> int | None:
     try:
         text = os.pread(fd, 32, 0).decode().strip()
     except OSError:
@@ -263,7 +263,7 @@ def _read_pid(fd: int) -> Optional[int]:
 
 def _is_disk_full(exc: BaseException) -> bool:
     """ENOSPC anywhere in the chain; safetensors reports it as text (`StorageFull`, code 28)."""
-    seen: Dict[int, bool] = {}
+    seen: dict[int, bool] = {}
     while exc is not None and id(exc) not in seen:
         seen[id(exc)] = True
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -274,5 +274,5 @@ def _is_disk_full(exc: BaseException) -> bool:
     return False
 
 
-def _gb(size: Optional[int]) -> str:
+def _gb(size: int | None) -> str:
     return f"{(size or 0) / 1e9:.2f} GB"

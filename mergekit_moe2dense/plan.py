@@ -17,8 +17,8 @@ merging experts.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -27,16 +27,16 @@ from mergekit_moe2dense.families import PROJECTIONS, ExpertSlice, MoEFamily, MoE
 
 @dataclass(frozen=True)
 class Block:
-    weights: Tuple[float, ...] = ()  # over the routed experts (unused when `shared` is set)
-    shared: Optional[int] = None  # index into MoELayer.shared_experts
+    weights: tuple[float, ...] = ()  # over the routed experts (unused when `shared` is set)
+    shared: int | None = None  # index into MoELayer.shared_experts
     down_scale: float = 1.0
 
 
 @dataclass(frozen=True)
 class LayerPlan:
     layer: MoELayer
-    blocks: Tuple[Block, ...]
-    fitted: Tuple[str, ...] = ()  # projections read from the re-fit file instead of merged
+    blocks: tuple[Block, ...]
+    fitted: tuple[str, ...] = ()  # projections read from the re-fit file instead of merged
 
 
 def single_block_plans(layers: Sequence[MoELayer], weights: torch.Tensor) -> list:
@@ -70,14 +70,14 @@ def with_family_scales(plans: Sequence[LayerPlan], family: MoEFamily, config, st
 class BlockTerms:
     """One block of one projection: sum_i weights[i] * (tensor of slices[i]), times `scale`."""
 
-    slices: Tuple[ExpertSlice, ...]  # the contributing experts' slices (zero weights left out)
-    experts: Tuple[int, ...]  # their indices into MoELayer.experts; () for a shared expert
-    weights: Tuple[float, ...]
+    slices: tuple[ExpertSlice, ...]  # the contributing experts' slices (zero weights left out)
+    experts: tuple[int, ...]  # their indices into MoELayer.experts; () for a shared expert
+    weights: tuple[float, ...]
     scale: float  # the block's down_scale for `down`, 1.0 for gate and up
-    shared: Optional[int] = None  # index into MoELayer.shared_experts
+    shared: int | None = None  # index into MoELayer.shared_experts
 
 
-def block_terms(plan: LayerPlan, projection: str) -> List[BlockTerms]:
+def block_terms(plan: LayerPlan, projection: str) -> list[BlockTerms]:
     """The terms of each block of `plan`'s `projection`, in block order (the order in which
     the blocks are concatenated, along `block_dim(projection)`)."""
     terms = []
@@ -104,7 +104,7 @@ def block_dim(projection: str) -> int:
     return 1 if projection == "down" else 0
 
 
-def assemble(plan: LayerPlan, load: Callable[[ExpertSlice], torch.Tensor]) -> Dict[str, torch.Tensor]:
+def assemble(plan: LayerPlan, load: Callable[[ExpertSlice], torch.Tensor]) -> dict[str, torch.Tensor]:
     """The dense projections of `plan` in memory, in float32: per block sum_e w_e W_e
     (`block_terms`), scaled, concatenated."""
     result = {}

@@ -21,7 +21,7 @@ tasks, so the whole output is still written by one task graph (read -> merge ->
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -66,9 +66,9 @@ def plan_moe_merge(
     source,
     layers: Sequence[MoELayer],
     weights: torch.Tensor,
-    routers: Dict[str, Task],
+    routers: dict[str, Task],
     out_path: str,
-) -> List[Task]:
+) -> list[Task]:
     """Tasks that write the k-expert MoE: merged experts, the new routers, the rest copied.
 
     `weights` [k, L, E]; `routers` holds a task for `family.moe_router_name(l)` of every layer.

@@ -28,8 +28,8 @@ sum_e w_e ||X_e W^T - X_e W_e^T||^2 is
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
 
 import torch
 
@@ -40,14 +40,14 @@ __all__ = ["LeastSquaresStats", "fit_channel_scale", "fit_down_proj", "regmean_m
 class LeastSquaresStats:
     """Running sums for the re-fit of one layer, in float64."""
 
-    gram: Optional[torch.Tensor] = None  # H^T H [I, I]
-    cross: Optional[torch.Tensor] = None  # H^T Y [I, H]
-    zy: Optional[torch.Tensor] = None  # sum_t z_tj y_tj [H]
-    zz: Optional[torch.Tensor] = None  # sum_t z_tj^2 [H]
+    gram: torch.Tensor | None = None  # H^T H [I, I]
+    cross: torch.Tensor | None = None  # H^T Y [I, H]
+    zy: torch.Tensor | None = None  # sum_t z_tj y_tj [H]
+    zz: torch.Tensor | None = None  # sum_t z_tj^2 [H]
     yy: float = 0.0  # sum_t ||y_t||^2
     tokens: int = field(default=0)
 
-    def add_batch(self, hidden: torch.Tensor, target: torch.Tensor, output: Optional[torch.Tensor] = None) -> None:
+    def add_batch(self, hidden: torch.Tensor, target: torch.Tensor, output: torch.Tensor | None = None) -> None:
         """hidden: intermediate activations [N, I]; target: MoE output [N, H];
         output: the current dense output D h [N, H] (needed for `scale`)."""
         h, y = hidden.double(), target.double()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Optional
 
 from mergekit_moe2dense.errors import Moe2DenseError
 
@@ -19,7 +18,7 @@ class ReportFileError(Moe2DenseError, ValueError):
     """A report file cannot be written where asked."""
 
 
-def check_report_file(path: Optional[str], what: str) -> None:
+def check_report_file(path: str | None, what: str) -> None:
     """Refuses a `path` (None: nothing to check) whose directory is missing or not
     writable, or that is a directory or a read-only file. `what` names it in the message."""
     if path is None:

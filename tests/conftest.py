@@ -61,10 +61,7 @@ def identical_moe(tmp_path_factory, tokenizer_dir):
 @pytest.fixture(scope="session")
 def random_moe(tmp_path_factory, tokenizer_dir):
     root = tmp_path_factory.mktemp("random")
-    return {
-        layout: make_mixtral(root / layout, tokenizer_dir, layout=layout, seed=1)
-        for layout in ("legacy", "fused")
-    }
+    return {layout: make_mixtral(root / layout, tokenizer_dir, layout=layout, seed=1) for layout in ("legacy", "fused")}
 
 
 @pytest.fixture(scope="session")

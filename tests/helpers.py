@@ -9,8 +9,8 @@ tiny models of the other families, in tiny_families.py), never in conftest or a 
 from __future__ import annotations
 
 import os
-import sys
 import re
+import sys
 from pathlib import Path
 
 import torch

@@ -22,8 +22,19 @@ def test_scale_benchmark_smoke(tmp_path):
     workdir, report = tmp_path / "work", tmp_path / "scale.json"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "scale.py"), "--smoke", "--workdir", str(workdir), "--json", str(report)],
-        capture_output=True, text=True, timeout=600, env=env,
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "scale.py"),
+            "--smoke",
+            "--workdir",
+            str(workdir),
+            "--json",
+            str(report),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(report.read_text())
@@ -33,7 +44,9 @@ def test_scale_benchmark_smoke(tmp_path):
     assert calibration["ratios"]["max_abs_mean_prob_diff"] < 1e-5  # both engines saw the same tokens
     merge = results["merge"]
     assert set(merge["ratios"]) == {
-        "moe2dense_vs_mergekit_linear", "moe2dense_vs_raw_read", "peak_rss_moe2dense_vs_mergekit_linear"
+        "moe2dense_vs_mergekit_linear",
+        "moe2dense_vs_raw_read",
+        "peak_rss_moe2dense_vs_mergekit_linear",
     }
     assert 0 < merge["moe2dense"]["written_bytes"] < merge["mergekit_linear"]["written_bytes"]
     assert not workdir.exists()  # generated checkpoints are cleaned up

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,6 @@ import yaml
 from click.testing import CliRunner
 
 from helpers import BIN, assert_one_line_error, make_mixtral, run_cli, write_config
-
 
 
 @pytest.mark.slow  # a console script in a subprocess
@@ -38,7 +36,9 @@ def test_mergekit_yaml_leaves_other_methods_to_mergekit(random_moe, tmp_path):
 
     config = tmp_path / "linear.yml"
     model = str(random_moe["legacy"])
-    config.write_text(yaml.safe_dump({"merge_method": "linear", "models": [{"model": model, "parameters": {"weight": 1.0}}]}))
+    config.write_text(
+        yaml.safe_dump({"merge_method": "linear", "models": [{"model": model, "parameters": {"weight": 1.0}}]})
+    )
     result = CliRunner().invoke(mergekit_yaml, [str(config), str(tmp_path / "out"), "--quiet"])
     assert result.exit_code == 0, result.output
     assert transformers.AutoConfig.from_pretrained(tmp_path / "out").model_type == "mixtral"
@@ -55,7 +55,14 @@ def test_mergekit_yaml_reports_errors_in_one_line(random_moe, calib_dir, tmp_pat
 @pytest.fixture(scope="module")
 def dense_model(tmp_path_factory, tokenizer_dir):
     path = tmp_path_factory.mktemp("dense")
-    config = transformers.MistralConfig(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    config = transformers.MistralConfig(
+        vocab_size=300,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     transformers.MistralForCausalLM(config).save_pretrained(path)
     return path
 
@@ -97,10 +104,22 @@ def test_errors_are_one_line_and_write_nothing(random_moe, calib_dir, dense_mode
         (write_config(tmp_path / "c.yml", moe, calib_dir, method="frankenmerge"), [], "unknown merge_method"),
         (write_config(tmp_path / "d.yml", moe, calib_dir, temprature=1.0), [], "unknown parameter"),
         (write_config(tmp_path / "e.yml", moe, calib_dir, temperature=0), [], "temperature"),
-        (write_config(tmp_path / "f.yml", moe, calib_dir, method="top_k_tempered", top_k=9), [], "top_k=9 is out of range"),
+        (
+            write_config(tmp_path / "f.yml", moe, calib_dir, method="top_k_tempered", top_k=9),
+            [],
+            "top_k=9 is out of range",
+        ),
         (write_config(tmp_path / "g.yml", moe, empty), [], "(no|empty).*(text|documents)|empty"),
-        (write_config(tmp_path / "h.yml", moe, tmp_path / "nowhere"), [], "calibration dataset.*(no such file|not found)"),
-        (write_config(tmp_path / "i.yml", moe, calib_dir), ["--stats", stats_dir / "router_stats.safetensors"], "not on this model"),
+        (
+            write_config(tmp_path / "h.yml", moe, tmp_path / "nowhere"),
+            [],
+            "calibration dataset.*(no such file|not found)",
+        ),
+        (
+            write_config(tmp_path / "i.yml", moe, calib_dir),
+            ["--stats", stats_dir / "router_stats.safetensors"],
+            "not on this model",
+        ),
         (write_config(tmp_path / "j.yml", truncate_shard(tmp_path, moe), calib_dir), [], "truncated"),
         (write_config(tmp_path / "k.yml", missing_shard(tmp_path, moe), calib_dir), [], "missing shard"),
         (tmp_path / "no-such-config.yml", [], "config file not found"),

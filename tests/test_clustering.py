@@ -92,7 +92,9 @@ def test_k1_is_router_weighted_and_top_k_tempered():
     router_weighted = get_method("router_weighted")
     theirs = router_weighted.layer_weights(
         stats,
-        router_weighted.resolve_parameters({"aggregate": "mean_logit", "temperature": 0.7}, num_experts=EXPERTS, top_k=2),
+        router_weighted.resolve_parameters(
+            {"aggregate": "mean_logit", "temperature": 0.7}, num_experts=EXPERTS, top_k=2
+        ),
         num_layers=LAYERS,
         num_experts=EXPERTS,
     )

@@ -127,12 +127,18 @@ def test_block_terms_and_assemble(random_moe):
     shared = {p: ExpertSlice(f"shared.{p}") for p in ("gate", "up", "down")}
     with_shared = MoELayer(0, layer.experts, layer.router, (), shared_experts=(shared,))
     terms = block_terms(LayerPlan(with_shared, (Block(shared=0, down_scale=0.25),)), "down")
-    assert [(t.slices, t.experts, t.weights, t.scale, t.shared) for t in terms] == [((shared["down"],), (), (1.0,), 0.25, 0)]
+    assert [(t.slices, t.experts, t.weights, t.scale, t.shared) for t in terms] == [
+        ((shared["down"],), (), (1.0,), 0.25, 0)
+    ]
 
 
 def test_refit_needs_calibration_data(random_moe, tmp_path):
     bare = Moe2DenseConfig.model_validate(
-        {"merge_method": "expert_uniform", "models": [{"model": str(random_moe["legacy"])}], "parameters": {"refit": "scale"}}
+        {
+            "merge_method": "expert_uniform",
+            "models": [{"model": str(random_moe["legacy"])}],
+            "parameters": {"refit": "scale"},
+        }
     )
     with pytest.raises(ConfigError, match=r"re-fit \(refit: scale, refit_gate_up: merge\) needs a calibration"):
         build_dense(bare, str(tmp_path / "out"), OPTIONS)
@@ -143,9 +149,7 @@ def _plans(source, weights):
     return [LayerPlan(layer, (Block(tuple(weights)),)) for layer in source.moe_layers()]
 
 
-@pytest.mark.parametrize(
-    "weights, mode", [((0.0, 1.0, 0.0, 0.0), "scale"), ((0.25, 0.25, 0.25, 0.25), "down_proj")]
-)
+@pytest.mark.parametrize("weights, mode", [((0.0, 1.0, 0.0, 0.0), "scale"), ((0.25, 0.25, 0.25, 0.25), "down_proj")])
 def test_refit_never_increases_the_layer_error(random_moe, calib_dir, weights, mode):
     path = random_moe["fused"]
     source = SourceModel.open(ModelReference.parse(str(path)))
@@ -226,5 +230,7 @@ def test_statistics_without_contributions_ask_for_recalibration(random_moe, cali
         save_file(tensors, str(old), metadata=handle.metadata())
     with pytest.raises(StatisticsError, match="no expert contributions.*recalibrate"):
         build_dense(config(moe, "concat", calib_dir), str(tmp_path / "out"), OPTIONS, stats_path=str(old))
-    build_dense(config(moe, "concat", calib_dir, score="frequency"), str(tmp_path / "freq"), OPTIONS, stats_path=str(old))
+    build_dense(
+        config(moe, "concat", calib_dir, score="frequency"), str(tmp_path / "freq"), OPTIONS, stats_path=str(old)
+    )
     assert not (tmp_path / "out").exists()

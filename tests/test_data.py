@@ -187,9 +187,7 @@ def test_dataset_that_cannot_be_loaded(monkeypatch):
         raise ConnectionError("Couldn't reach the Hugging Face Hub\nmore detail")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(
-        DataError, match=r"dataset 'org/corpus' .*could not be loaded.*Couldn't reach"
-    ) as info:
+    with pytest.raises(DataError, match=r"dataset 'org/corpus' .*could not be loaded.*Couldn't reach") as info:
         load_documents("org/corpus")
     assert "\n" not in str(info.value)
 

@@ -36,7 +36,11 @@ def test_torchrun_two_processes_match_one(random_moe, calib_dir, tmp_path, engin
         "models": [{"model": str(random_moe["legacy"])}],
         # 5 batches: uneven across 2 ranks; samples span every batch
         "calibration": {
-            "dataset": str(calib_dir), "num_samples": 9, "seq_len": 24, "batch_size": 2, "max_token_samples": 60,
+            "dataset": str(calib_dir),
+            "num_samples": 9,
+            "seq_len": 24,
+            "batch_size": 2,
+            "max_token_samples": 60,
             "engine": engine,
         },
         "dtype": "float32",
@@ -46,9 +50,22 @@ def test_torchrun_two_processes_match_one(random_moe, calib_dir, tmp_path, engin
     out = tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         str(BIN / "mergekit-moe2dense"), str(path), str(out), "--quiet"],
-        capture_output=True, text=True, timeout=300, env=env,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(BIN / "mergekit-moe2dense"),
+            str(path),
+            str(out),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert not list(tmp_path.glob("*.incomplete-*"))

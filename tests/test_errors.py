@@ -19,10 +19,10 @@ import torch
 import yaml
 
 import mergekit_moe2dense.cli as cli
+from helpers import BIN, assert_one_line_error, run_cli, write_config
 from mergekit_moe2dense.checkpoint import SourceModel
 from mergekit_moe2dense.config import ConfigError, Moe2DenseConfig, check_seq_len
 from mergekit_moe2dense.data import DataError, load_documents
-from helpers import BIN, assert_one_line_error, run_cli, write_config
 
 # conftest's tiny Mixtral has max_position_embeddings 256
 
@@ -131,7 +131,9 @@ def test_unsupported_dtype_fails_at_parse(key, value, calib_dir, tmp_path):
     # a model that does not exist: the dtype must be refused before the model is looked at
     config = edit_config(write_config(tmp_path / "c.yml", tmp_path / "no-model", calib_dir), **{key: value})
     result = run_cli(config, out)
-    assert_one_line_error(result, rf"{re.escape(key)}: unsupported dtype '{value}' \(accepted: float32, float16, bfloat16\)")
+    assert_one_line_error(
+        result, rf"{re.escape(key)}: unsupported dtype '{value}' \(accepted: float32, float16, bfloat16\)"
+    )
     assert "model not found" not in result.output
     assert_no_output(tmp_path, out)
 
@@ -206,7 +208,10 @@ def test_unsafe_pickle_is_refused_in_one_line_with_a_working_conversion(shards, 
     out = tmp_path / "out"
     config = write_config(tmp_path / "c.yml", moe, calib_dir, method="expert_uniform")
     for result in (run_cli(config, out), run_cli("inspect", moe)):
-        assert_one_line_error(result, r"refused: this pickle-format checkpoint holds more than tensors.*convert it to safetensors: python -c")
+        assert_one_line_error(
+            result,
+            r"refused: this pickle-format checkpoint holds more than tensors.*convert it to safetensors: python -c",
+        )
         assert not marker.exists(), "the pickle's code ran"
     assert_no_output(tmp_path, out)
 
@@ -226,7 +231,9 @@ def test_corrupt_pickle_is_one_line(random_moe, calib_dir, tmp_path):
     shard = moe / "pytorch_model.bin"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     config = write_config(tmp_path / "c.yml", moe, calib_dir, method="expert_uniform")
-    assert_one_line_error(run_cli(config, tmp_path / "out"), r"pytorch_model\.bin: pickle-format checkpoint is truncated or corrupt")
+    assert_one_line_error(
+        run_cli(config, tmp_path / "out"), r"pytorch_model\.bin: pickle-format checkpoint is truncated or corrupt"
+    )
     assert_no_output(tmp_path, tmp_path / "out")
     assert_one_line_error(run_cli("inspect", moe), "truncated or corrupt")
 
@@ -307,7 +314,9 @@ def test_check_report_file_probes_by_creating_a_file(tmp_path, monkeypatch):
 
 def test_inspect_report_paths_are_checked_first(random_moe, tmp_path):
     (tmp_path / "file").write_text("x")
-    assert_one_line_error(run_cli("inspect", random_moe["legacy"], "--json", tmp_path / "file" / "r.json"), "does not exist")
+    assert_one_line_error(
+        run_cli("inspect", random_moe["legacy"], "--json", tmp_path / "file" / "r.json"), "does not exist"
+    )
     assert_one_line_error(run_cli("inspect", random_moe["legacy"], "--heatmap", tmp_path), "is a directory")
 
 
@@ -390,8 +399,12 @@ def test_seq_len_beyond_positions_is_refused_before_calibration(random_moe, cali
     monkeypatch.setattr(build, "calibrate", fail_if_called)
     monkeypatch.setattr(job, "load_calibration_batches", fail_if_called)
     out = tmp_path / "out"
-    config = edit_config(write_config(tmp_path / "c.yml", random_moe["legacy"], calib_dir), **{"calibration.seq_len": 300})
-    assert_one_line_error(run_cli(config, out), "calibration.seq_len 300 is more than the model's max_position_embeddings 256")
+    config = edit_config(
+        write_config(tmp_path / "c.yml", random_moe["legacy"], calib_dir), **{"calibration.seq_len": 300}
+    )
+    assert_one_line_error(
+        run_cli(config, out), "calibration.seq_len 300 is more than the model's max_position_embeddings 256"
+    )
     assert_no_output(tmp_path, out)
 
 

@@ -45,9 +45,7 @@ def tokenizer():
         show_progress=False,
     )
     tok.train_from_iterator(CORPUS, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
 def make_model(seed: int, vocab_size: int) -> MistralForCausalLM:
@@ -246,9 +244,7 @@ def test_batch_size_does_not_change_result(model, tokenizer, monkeypatch):
     assert one.tokens == three.tokens
     assert one.perplexity == pytest.approx(three.perplexity, rel=1e-5)
     for source, stats in one.per_source.items():
-        assert stats["perplexity"] == pytest.approx(
-            three.per_source[source]["perplexity"], rel=1e-5
-        )
+        assert stats["perplexity"] == pytest.approx(three.per_source[source]["perplexity"], rel=1e-5)
 
 
 def test_max_tokens_truncates_each_source(model, tokenizer):

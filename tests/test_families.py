@@ -48,7 +48,11 @@ def family_moes(tmp_path_factory, tokenizer_dir):
     root = tmp_path_factory.mktemp("families")
     return {
         (family, layout): make_family_moe(
-            family, root / f"{family}-{layout}", tokenizer_dir, identical=True, layout=layout,
+            family,
+            root / f"{family}-{layout}",
+            tokenizer_dir,
+            identical=True,
+            layout=layout,
             **IDENTICAL_OVERRIDES.get(family, {}),
         )
         for family in FAMILY_SPECS
@@ -76,9 +80,7 @@ def test_identical_experts_give_moe_logits(family_moes, calib_dir, tmp_path, fam
 @pytest.mark.parametrize("family", ["qwen3_moe", "olmoe"])
 def test_unrenormalised_top_k_is_scaled_by_its_mean(calib_dir, tmp_path, tokenizer_dir, family):
     """norm_topk_prob: false with a constant router: the mixture weighs k/E = 1/2, not 1."""
-    moe = make_family_moe(
-        family, tmp_path / "moe", tokenizer_dir, identical=True, norm_topk_prob=False, router_std=0.0
-    )
+    moe = make_family_moe(family, tmp_path / "moe", tokenizer_dir, identical=True, norm_topk_prob=False, router_std=0.0)
     out = tmp_path / "dense"
     build_dense(make_config(moe, "expert_uniform", calib_dir), str(out), OPTIONS)
     torch.testing.assert_close(logits_of(out, IDS), logits_of(moe, IDS), rtol=0, atol=1e-5)
@@ -130,7 +132,7 @@ def test_hooks_record_moe_layers_only(family_moes, family):
         torch.testing.assert_close(stats.mean_logits[position], logits[layer], rtol=0, atol=1e-5)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _moe_logits(path) -> torch.Tensor:
     return logits_of(path, IDS)
 

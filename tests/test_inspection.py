@@ -157,8 +157,22 @@ def test_layerwise_engine_gives_the_same_report_as_full(random_moe, calib_dir, t
     full = inspect_moe(path, data=str(calib_dir), num_samples=4, seq_len=32, engine="full").to_dict()
     streamed_runs = []
     streamed = engine._collect_layerwise
-    monkeypatch.setattr(engine, "_collect_layerwise", lambda *a, **k: streamed_runs.append(k["dtype"]) or streamed(*a, **k))
-    result = run_cli(path, "--data", calib_dir, "--num-samples", 4, "--seq-len", 32, "--engine", "layerwise", "--json", tmp_path / "r.json")
+    monkeypatch.setattr(
+        engine, "_collect_layerwise", lambda *a, **k: streamed_runs.append(k["dtype"]) or streamed(*a, **k)
+    )
+    result = run_cli(
+        path,
+        "--data",
+        calib_dir,
+        "--num-samples",
+        4,
+        "--seq-len",
+        32,
+        "--engine",
+        "layerwise",
+        "--json",
+        tmp_path / "r.json",
+    )
     assert result.exit_code == 0, result.output
     assert streamed_runs == [torch.float32]
     layerwise = json.loads((tmp_path / "r.json").read_text())
@@ -179,7 +193,19 @@ def run_cli(*args):
 
 def test_cli_prints_table_and_writes_png_and_json(upcycled_moe, calib_dir, tmp_path):
     png, report = tmp_path / "cos.png", tmp_path / "report.json"
-    result = run_cli(upcycled_moe["fused"], "--data", calib_dir, "--num-samples", 4, "--seq-len", 32, "--heatmap", png, "--json", report)
+    result = run_cli(
+        upcycled_moe["fused"],
+        "--data",
+        calib_dir,
+        "--num-samples",
+        4,
+        "--seq-len",
+        32,
+        "--heatmap",
+        png,
+        "--json",
+        report,
+    )
     assert result.exit_code == 0, result.output
     assert "verdict: aligned" in result.output and "router_weighted" in result.output
     assert "entropy" in result.output and result.output.count("aligned") >= 3  # two layer rows and the verdict

@@ -56,7 +56,9 @@ def test_computed_tensors_are_not_written_to_be_read_back(random_moe, calib_dir,
         return original(tensors, filename, *args, **kwargs)
 
     # every module that bound the function by name, too (`from safetensors.torch import save_file`)
-    for module in [safetensors.torch] + [m for n, m in sys.modules.items() if n.startswith(("mergekit", "safetensors"))]:
+    for module in [safetensors.torch] + [
+        m for n, m in sys.modules.items() if n.startswith(("mergekit", "safetensors"))
+    ]:
         if getattr(module, "save_file", None) is original:
             monkeypatch.setattr(module, "save_file", recording)
     out = tmp_path / "out"

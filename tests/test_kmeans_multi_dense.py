@@ -66,9 +66,7 @@ def test_dense_output_holds_one_model_per_cluster(random_moe, calib_dir, tmp_pat
     assert not torch.allclose(result.layer_weights[0], result.layer_weights[1])
 
 
-@pytest.mark.parametrize(
-    "layout,router,k", [("legacy", "closed_form", 2), ("fused", "fitted", 3)]
-)
+@pytest.mark.parametrize("layout,router,k", [("legacy", "closed_form", 2), ("fused", "fitted", 3)])
 def test_rebuilt_moe_of_identical_experts_reproduces_logits(identical_moe, calib_dir, tmp_path, layout, router, k):
     moe, out = identical_moe[layout], tmp_path / "moe"
     build_dense(make_config(moe, calib_dir, num_clusters=k, output="moe", router=router), str(out), OPTIONS)
@@ -125,11 +123,17 @@ def test_fitted_router_is_written_and_routes_calibration_tokens_to_their_cluster
 def test_errors_before_any_output(random_moe, calib_dir, tmp_path):
     moe = random_moe["legacy"]
     with pytest.raises(MethodError, match="moe_top_k=3 is out of range"):
-        build_dense(make_config(moe, calib_dir, num_clusters=2, output="moe", moe_top_k=3), str(tmp_path / "a"), OPTIONS)
+        build_dense(
+            make_config(moe, calib_dir, num_clusters=2, output="moe", moe_top_k=3), str(tmp_path / "a"), OPTIONS
+        )
     with pytest.raises(MethodError, match="unknown parameter"):
         build_dense(make_config(moe, calib_dir, num_cluster=2), str(tmp_path / "a"), OPTIONS)
     with pytest.raises(MethodError, match="svd with 10 clusters needs 5 directions"):
-        build_dense(make_config(moe, calib_dir, num_clusters=10, decomposition="svd", clustering="per_layer"), str(tmp_path / "a"), OPTIONS)
+        build_dense(
+            make_config(moe, calib_dir, num_clusters=10, decomposition="svd", clustering="per_layer"),
+            str(tmp_path / "a"),
+            OPTIONS,
+        )
     with pytest.raises(MethodError, match="max_token_samples >= 4"):
         build_dense(make_config(moe, calib_dir, max_token_samples=3, num_clusters=4), str(tmp_path / "a"), OPTIONS)
     assert not any(p.name.startswith("a") for p in tmp_path.iterdir())
@@ -137,7 +141,9 @@ def test_errors_before_any_output(random_moe, calib_dir, tmp_path):
 
 def test_cli_reports_clusters_and_refuses_stats_without_router_inputs(random_moe, calib_dir, tmp_path):
     first = tmp_path / "first"
-    result = run_cli(write_config(tmp_path / "a.yml", random_moe["legacy"], calib_dir, METHOD, num_clusters=3), first, "--quiet")
+    result = run_cli(
+        write_config(tmp_path / "a.yml", random_moe["legacy"], calib_dir, METHOD, num_clusters=3), first, "--quiet"
+    )
     assert result.exit_code == 0, result.output
     assert "2 layers, 3 clusters" in result.output
     config = write_config(tmp_path / "b.yml", random_moe["legacy"], calib_dir, METHOD, output="moe", router="fitted")

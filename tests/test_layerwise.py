@@ -118,7 +118,9 @@ def test_layer_loop_calls_back_in_order_and_carries_the_converted_states(random_
     block_path = {i: family.router_module(i).rsplit(".", 1)[0] for i in range(2)}
 
     def dense_mlp(layer):
-        tensors = assemble(LayerPlan(layer, (Block((0.1, 0.2, 0.3, 0.4)),)), lambda p: p.take(loader.get_tensor(p.tensor)))
+        tensors = assemble(
+            LayerPlan(layer, (Block((0.1, 0.2, 0.3, 0.4)),)), lambda p: p.take(loader.get_tensor(p.tensor))
+        )
         return DenseMLP(tensors["gate"], tensors["up"], tensors["down"], torch.nn.functional.silu)
 
     dense = {layer.index: dense_mlp(layer) for layer in source.moe_layers()}

@@ -39,14 +39,25 @@ def synthetic_stats(tokens: int = 500, seed: int = 0) -> RouterStatistics:
     for layer in range(L):
         probs = torch.softmax(logits[layer], -1)
         top = probs.topk(K, -1)
-        stats.update(layer, logits[layer], top.values / top.values.sum(-1, keepdim=True), top.indices, keep, torch.arange(tokens), torch.arange(tokens))
+        stats.update(
+            layer,
+            logits[layer],
+            top.values / top.values.sum(-1, keepdim=True),
+            top.indices,
+            keep,
+            torch.arange(tokens),
+            torch.arange(tokens),
+        )
     stats.tokens = tokens
     return stats
 
 
 def fake_layers(num_layers: int = L, num_experts: int = E):
     """MoE layers with no checkpoint behind them: enough for a method's plan."""
-    return [MoELayer(index=i, experts=tuple({} for _ in range(num_experts)), router="", consumed=()) for i in range(num_layers)]
+    return [
+        MoELayer(index=i, experts=tuple({} for _ in range(num_experts)), router="", consumed=())
+        for i in range(num_layers)
+    ]
 
 
 def plan(name, stats=None, **params):
@@ -59,15 +70,17 @@ def weights(name, stats=None, **params):
     return plan(name, stats, **params).weights
 
 
-CASES = [
-    ("router_weighted", {"aggregate": a}) for a in ("mean_logit", "mean_prob", "median_prob", "selection_frequency")
-] + [
-    ("top_k_tempered", {"aggregate": a, "temperature": t, "top_k": k, "renormalize": r})
-    for a in ("mean", "median")
-    for t in (0.1, 1.0)
-    for k in (1, 2, E)
-    for r in (True, False)
-] + [("expert_uniform", {}), ("single_expert", {}), ("single_expert", {"expert": 3})]
+CASES = (
+    [("router_weighted", {"aggregate": a}) for a in ("mean_logit", "mean_prob", "median_prob", "selection_frequency")]
+    + [
+        ("top_k_tempered", {"aggregate": a, "temperature": t, "top_k": k, "renormalize": r})
+        for a in ("mean", "median")
+        for t in (0.1, 1.0)
+        for k in (1, 2, E)
+        for r in (True, False)
+    ]
+    + [("expert_uniform", {}), ("single_expert", {}), ("single_expert", {"expert": 3})]
+)
 
 
 @pytest.mark.parametrize("name,params", CASES)
@@ -195,7 +208,9 @@ def test_parameters_are_frozen_strict_models_with_the_refit_options(name):
         method.Parameters(bogus=1)
     accepted = sorted(method.Parameters.model_fields)
     assert {"refit", "refit_damping", "refit_gate_up"} <= set(accepted)
-    with pytest.raises(MethodError, match=f"unknown parameter\\(s\\) for {name}: bogus; accepted: {', '.join(accepted)}$"):
+    with pytest.raises(
+        MethodError, match=f"unknown parameter\\(s\\) for {name}: bogus; accepted: {', '.join(accepted)}$"
+    ):
         method.resolve_parameters({"bogus": 1}, num_experts=E, top_k=K)
     params = method.resolve_parameters({"refit": "down_proj"}, num_experts=E, top_k=K)
     assert isinstance(params, method.Parameters) and params.refit == "down_proj" and params.needs_refit
@@ -239,9 +254,19 @@ def test_recorded_parameters_keep_their_layout():
     """expert_weights.json and the card list the method's parameters, then the re-fit ones."""
     params = get_method("router_weighted").resolve_parameters({"temperature": 2}, num_experts=E, top_k=K)
     assert params.model_dump(mode="json") == {
-        "aggregate": "mean_logit", "temperature": 2.0, "refit": "none", "refit_damping": 1e-4, "refit_gate_up": "merge",
+        "aggregate": "mean_logit",
+        "temperature": 2.0,
+        "refit": "none",
+        "refit_damping": 1e-4,
+        "refit_gate_up": "merge",
     }
-    assert list(params.model_dump(mode="json")) == ["aggregate", "temperature", "refit", "refit_damping", "refit_gate_up"]
+    assert list(params.model_dump(mode="json")) == [
+        "aggregate",
+        "temperature",
+        "refit",
+        "refit_damping",
+        "refit_gate_up",
+    ]
     fixed = get_method("max_contribution").resolve_parameters({}, num_experts=E, top_k=K).model_dump(mode="json")
     assert list(fixed) == ["score", "refit", "refit_damping", "refit_gate_up", "num_experts", "gates"]
     assert (fixed["refit"], fixed["num_experts"], fixed["gates"]) == ("scale", 1, "mean")

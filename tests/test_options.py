@@ -52,7 +52,17 @@ def test_async_write_and_small_shards_write_the_same_model(random_moe, tmp_path)
     plain = CliRunner().invoke(main, ["merge", str(config), str(tmp_path / "a"), "--quiet"])
     sharded = CliRunner().invoke(
         main,
-        ["merge", str(config), str(tmp_path / "b"), "--quiet", "--async-write", "--write-threads", "2", "--out-shard-size", "20K"],
+        [
+            "merge",
+            str(config),
+            str(tmp_path / "b"),
+            "--quiet",
+            "--async-write",
+            "--write-threads",
+            "2",
+            "--out-shard-size",
+            "20K",
+        ],
     )
     assert plain.exit_code == 0 and sharded.exit_code == 0, sharded.output
     index = json.loads((tmp_path / "b" / "model.safetensors.index.json").read_text())

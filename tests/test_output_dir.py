@@ -59,7 +59,9 @@ def moe_copy(random_moe, tmp_path):
 def test_output_that_overlaps_the_model_is_refused_and_the_model_kept(moe_copy, where):
     out = {"same": moe_copy, "parent": moe_copy.parent, "inside": moe_copy / "dense"}[where]
     before = _tree(moe_copy.parent)
-    result = CliRunner().invoke(main, ["merge", _write(moe_copy.parent.parent, _config(moe_copy)), str(out), "--overwrite"])
+    result = CliRunner().invoke(
+        main, ["merge", _write(moe_copy.parent.parent, _config(moe_copy)), str(out), "--overwrite"]
+    )
     assert result.exit_code == 1
     assert "choose an OUT outside every input" in result.output and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1
@@ -84,7 +86,9 @@ def test_output_overlapping_calibration_data_or_stats_is_refused(moe_copy, calib
     stats.parent.mkdir()
     stats.write_bytes(b"x")
     with pytest.raises(OutputError, match="contains the --stats file"):
-        build_dense(_config(moe_copy), str(stats.parent), MergeOptions(quiet=True), stats_path=str(stats), overwrite=True)
+        build_dense(
+            _config(moe_copy), str(stats.parent), MergeOptions(quiet=True), stats_path=str(stats), overwrite=True
+        )
     assert stats.read_bytes() == b"x" and (data / "mixed.txt").exists()
 
 
@@ -169,13 +173,23 @@ def test_overwrite_replaces_what_was_seen(tmp_path):
 def test_stale_staging_of_dead_runs_is_removed_and_nothing_else(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(dead.stdout)
-    for name in (f"out.incomplete-{dead_pid}", f"out.incomplete-{os.getppid()}", "out.incomplete-x", f"other.incomplete-{dead_pid}"):
+    for name in (
+        f"out.incomplete-{dead_pid}",
+        f"out.incomplete-{os.getppid()}",
+        "out.incomplete-x",
+        f"other.incomplete-{dead_pid}",
+    ):
         (tmp_path / name).mkdir()
     (tmp_path / f"out.unpublished-{dead_pid}").mkdir()
     with OutputDirectory(str(tmp_path / "out")):
         pass
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [f"out.incomplete-{os.getppid()}", "out.incomplete-x", f"other.incomplete-{dead_pid}", f"out.unpublished-{dead_pid}"]
+        [
+            f"out.incomplete-{os.getppid()}",
+            "out.incomplete-x",
+            f"other.incomplete-{dead_pid}",
+            f"out.unpublished-{dead_pid}",
+        ]
     )
 
 
@@ -199,7 +213,9 @@ def test_disk_full_is_one_line_and_leaves_nothing(random_moe, tmp_path, monkeypa
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(dense, "run_graph", full)
-    with pytest.raises(DiskFullError, match=r"not enough space on the device of .*: the output needs at least .* GB is free"):
+    with pytest.raises(
+        DiskFullError, match=r"not enough space on the device of .*: the output needs at least .* GB is free"
+    ):
         build_dense(_config(random_moe["legacy"]), str(tmp_path / "out"), MergeOptions(quiet=True))
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
@@ -210,7 +226,9 @@ def test_real_disk_full_on_a_tiny_file_system(random_moe, tmp_path):
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here")
     try:
-        result = CliRunner().invoke(main, ["merge", _write(tmp_path, _config(random_moe["legacy"])), str(mount / "out")])
+        result = CliRunner().invoke(
+            main, ["merge", _write(tmp_path, _config(random_moe["legacy"])), str(mount / "out")]
+        )
         assert result.exit_code == 1, result.output
         assert "not enough space on the device" in result.output and "Traceback" not in result.output
         assert os.listdir(mount) == []

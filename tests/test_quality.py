@@ -10,10 +10,22 @@ from benchmarks import quality
 @pytest.mark.slow  # trains the smoke testbed
 def test_quality_benchmark_smoke(smoke_testbed, tmp_path):
     report = quality.run(
-        "smoke", cache_dir=str(smoke_testbed.root.parent), grid=False, max_tokens=500, write_docs=False, work_dir=str(tmp_path)
+        "smoke",
+        cache_dir=str(smoke_testbed.root.parent),
+        grid=False,
+        max_tokens=500,
+        write_docs=False,
+        work_dir=str(tmp_path),
     )
     lines = report.splitlines()
-    for label in ("MoE", "ancestor (dense)", "dense twin", "expert_uniform", "router_weighted mean_logit", "top_k_tempered"):
+    for label in (
+        "MoE",
+        "ancestor (dense)",
+        "dense twin",
+        "expert_uniform",
+        "router_weighted mean_logit",
+        "top_k_tempered",
+    ):
         assert any(line.startswith(f"| {label}") for line in lines), label
     moe_row = next(line for line in lines if line.startswith("| MoE"))
     assert "| 1.000 |" in moe_row

@@ -39,7 +39,9 @@ def test_fits_are_never_worse_than_the_unfitted_projection():
     for _ in range(5):
         h = torch.randn(80, 12, generator=g, dtype=torch.float64)
         down = torch.randn(5, 12, generator=g, dtype=torch.float64)
-        y = torch.tanh(h @ torch.randn(12, 5, generator=g, dtype=torch.float64)) + 0.1 * torch.randn(80, 5, generator=g, dtype=torch.float64)
+        y = torch.tanh(h @ torch.randn(12, 5, generator=g, dtype=torch.float64)) + 0.1 * torch.randn(
+            80, 5, generator=g, dtype=torch.float64
+        )
         stats = LeastSquaresStats()
         stats.add_batch(h, y, output=h @ down.T)
         error = lambda d, y=y, h=h: float(((y - h @ d.T) ** 2).sum())  # noqa: E731

@@ -56,47 +56,67 @@ def edited_copy(source, path, config=None, tensors=None):
 # (layout, config edit, tensor edit, the message: tensor, shape found, shape implied)
 CASES = {
     "4 declared, 8 stored, legacy": (
-        "legacy", {"num_local_experts": 4}, None,
+        "legacy",
+        {"num_local_experts": 4},
+        None,
         rf"^{LEGACY}\.experts\.4\.w1\.weight is in the checkpoint, but config\.json declares 4 experts "
         rf"{MIXTRAL_DIMS.format(e=4, i=48, h=32)}; layer 0 stores 8$",
     ),
     "4 declared, 8 stored, fused": (
-        "fused", {"num_local_experts": 4}, None,
+        "fused",
+        {"num_local_experts": 4},
+        None,
         rf"^{FUSED}\.experts\.gate_up_proj has shape \[8, 96, 32\] in the checkpoint, config\.json implies "
         rf"\[4, 96, 32\] {MIXTRAL_DIMS.format(e=4, i=48, h=32)}$",
     ),
     "16 declared, 8 stored, legacy": (
-        "legacy", {"num_local_experts": 16}, None,
+        "legacy",
+        {"num_local_experts": 16},
+        None,
         rf"^{LEGACY}\.experts\.8\.w1\.weight is missing from the checkpoint: config\.json declares 16 experts "
         rf"{MIXTRAL_DIMS.format(e=16, i=48, h=32)}; layer 0 stores 8$",
     ),
     "16 declared, 8 stored, fused": (
-        "fused", {"num_local_experts": 16}, None,
+        "fused",
+        {"num_local_experts": 16},
+        None,
         rf"^{FUSED}\.experts\.gate_up_proj has shape \[8, 96, 32\] in the checkpoint, config\.json implies \[16, 96, 32\]",
     ),
     "expert width, legacy": (
-        "legacy", {"intermediate_size": 64}, None,
+        "legacy",
+        {"intermediate_size": 64},
+        None,
         rf"^{LEGACY}\.experts\.0\.w1\.weight has shape \[48, 32\] in the checkpoint, config\.json implies \[64, 32\]",
     ),
     "expert width, fused": (
-        "fused", {"intermediate_size": 64}, None,
+        "fused",
+        {"intermediate_size": 64},
+        None,
         rf"^{FUSED}\.experts\.gate_up_proj has shape \[8, 96, 32\] in the checkpoint, config\.json implies \[8, 128, 32\]",
     ),
     "one expert's down projection, legacy": (
-        "legacy", None, {f"{LEGACY}.experts.5.w2.weight": lambda t: t[:, :40].contiguous()},
+        "legacy",
+        None,
+        {f"{LEGACY}.experts.5.w2.weight": lambda t: t[:, :40].contiguous()},
         rf"^{LEGACY}\.experts\.5\.w2\.weight has shape \[32, 40\] in the checkpoint, config\.json implies \[32, 48\]",
     ),
     "router rows, legacy": (
-        "legacy", None, {"model.layers.1.block_sparse_moe.gate.weight": lambda t: t[:7].contiguous()},
+        "legacy",
+        None,
+        {"model.layers.1.block_sparse_moe.gate.weight": lambda t: t[:7].contiguous()},
         r"^model\.layers\.1\.block_sparse_moe\.gate\.weight has shape \[7, 32\] in the checkpoint, "
         r"config\.json implies \[8, 32\]",
     ),
     "router rows, fused": (
-        "fused", None, {f"{FUSED}.gate.weight": lambda t: torch.cat([t, t[:1]]).contiguous()},
+        "fused",
+        None,
+        {f"{FUSED}.gate.weight": lambda t: torch.cat([t, t[:1]]).contiguous()},
         rf"^{FUSED}\.gate\.weight has shape \[9, 32\] in the checkpoint, config\.json implies \[8, 32\]",
     ),
     "hidden size, fused": (
-        "fused", {"hidden_size": 64}, None,
+        "fused",
+        {"hidden_size": 64},
+        None,
         rf"^{FUSED}\.experts\.gate_up_proj has shape \[8, 96, 32\] in the checkpoint, config\.json implies \[8, 96, 64\]",
     ),
 }
@@ -118,7 +138,9 @@ def test_the_unedited_checkpoints_open(eight_experts, layout):
     assert [layer.num_experts for layer in source.moe_layers()] == [8, 8]
 
 
-@pytest.mark.parametrize("case", ["4 declared, 8 stored, legacy", "16 declared, 8 stored, fused", "router rows, legacy"])
+@pytest.mark.parametrize(
+    "case", ["4 declared, 8 stored, legacy", "16 declared, 8 stored, fused", "router rows, legacy"]
+)
 def test_build_fails_before_calibration(eight_experts, calib_dir, tmp_path, monkeypatch, case):
     layout, config, tensors, message = CASES[case]
     moe = edited_copy(eight_experts[layout], tmp_path / "moe", config, tensors)
@@ -150,22 +172,34 @@ def test_cli_reports_a_contradicting_header_in_one_line(eight_experts, calib_dir
     "family,edit,message",
     [
         # the shared expert's width
-        ("qwen2_moe", {"shared_expert_intermediate_size": 20},
-         r"^model\.layers\.1\.mlp\.shared_expert\.gate_proj\.weight has shape \[16, 32\] in the checkpoint, "
-         r"config\.json implies \[20, 32\] \(num_experts: 4, moe_intermediate_size: 24, hidden_size: 32, "
-         r"shared_expert_intermediate_size: 20\)$"),
+        (
+            "qwen2_moe",
+            {"shared_expert_intermediate_size": 20},
+            r"^model\.layers\.1\.mlp\.shared_expert\.gate_proj\.weight has shape \[16, 32\] in the checkpoint, "
+            r"config\.json implies \[20, 32\] \(num_experts: 4, moe_intermediate_size: 24, hidden_size: 32, "
+            r"shared_expert_intermediate_size: 20\)$",
+        ),
         # DeepSeek's n shared experts are one MLP n times as wide
-        ("deepseek_v2", {"n_shared_experts": 3},
-         r"^model\.layers\.1\.mlp\.shared_experts\.gate_proj\.weight has shape \[32, 32\] in the checkpoint, "
-         r"config\.json implies \[48, 32\]"),
+        (
+            "deepseek_v2",
+            {"n_shared_experts": 3},
+            r"^model\.layers\.1\.mlp\.shared_experts\.gate_proj\.weight has shape \[32, 32\] in the checkpoint, "
+            r"config\.json implies \[48, 32\]",
+        ),
         # the router's correction bias [E] (fused layout)
-        ("deepseek_v3", {"n_routed_experts": 3, "n_group": 1},
-         r"^model\.layers\.1\.mlp\.experts\.gate_up_proj has shape \[4, 32, 32\] in the checkpoint, "
-         r"config\.json implies \[3, 32, 32\]"),
+        (
+            "deepseek_v3",
+            {"n_routed_experts": 3, "n_group": 1},
+            r"^model\.layers\.1\.mlp\.experts\.gate_up_proj has shape \[4, 32, 32\] in the checkpoint, "
+            r"config\.json implies \[3, 32, 32\]",
+        ),
         # a layer that is dense already (mlp_only_layers: [0]) is padded to the dense width
-        ("qwen3_moe", {"intermediate_size": 44},
-         r"^model\.layers\.0\.mlp\.gate_proj\.weight has shape \[40, 32\] in the checkpoint, config\.json "
-         r"implies \[44, 32\] \(intermediate_size: 44, hidden_size: 32\)$"),
+        (
+            "qwen3_moe",
+            {"intermediate_size": 44},
+            r"^model\.layers\.0\.mlp\.gate_proj\.weight has shape \[40, 32\] in the checkpoint, config\.json "
+            r"implies \[44, 32\] \(intermediate_size: 44, hidden_size: 32\)$",
+        ),
     ],
 )
 def test_other_families_check_their_own_tensors(tokenizer_dir, tmp_path, family, edit, message):
@@ -182,5 +216,7 @@ def test_router_bias_shape_is_checked(tokenizer_dir, tmp_path):
     made = make_family_moe("deepseek_v3", tmp_path / "made", tokenizer_dir, layout="fused")
     bias = "model.layers.2.mlp.gate.e_score_correction_bias"
     moe = edited_copy(made, tmp_path / "moe", tensors={bias: lambda t: t[:3].contiguous()})
-    with pytest.raises(ShapeMismatchError, match=rf"^{re.escape(bias)} has shape \[3\] in the checkpoint, config\.json implies \[4\]"):
+    with pytest.raises(
+        ShapeMismatchError, match=rf"^{re.escape(bias)} has shape \[3\] in the checkpoint, config\.json implies \[4\]"
+    ):
         SourceModel.open(ModelReference.parse(str(moe)))

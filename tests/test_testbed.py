@@ -27,9 +27,7 @@ def testbed(smoke_testbed):
 
 
 def test_models_load_offline(testbed):
-    expected = {
-        "ancestor": "MistralForCausalLM", "moe": "MixtralForCausalLM", "twin": "MistralForCausalLM"
-    }
+    expected = {"ancestor": "MistralForCausalLM", "moe": "MixtralForCausalLM", "twin": "MistralForCausalLM"}
     for name, arch in expected.items():
         path = getattr(testbed, name)
         model = AutoModelForCausalLM.from_pretrained(path)

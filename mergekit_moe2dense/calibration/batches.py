@@ -5,8 +5,8 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, List
 
 import torch
 
@@ -20,8 +20,8 @@ class TokenBatch:
 
 
 def calibration_sequences(
-    documents: List[Document], tokenizer, *, num_samples: int, seq_len: int, seed: int
-) -> List[List[int]]:
+    documents: list[Document], tokenizer, *, num_samples: int, seq_len: int, seed: int
+) -> list[list[int]]:
     """Up to `num_samples` token sequences of at most `seq_len` tokens.
 
     Each document is tokenized (with BOS when the tokenizer has one) and cut into
@@ -40,9 +40,7 @@ def calibration_sequences(
     return pieces[:num_samples]
 
 
-def pad_batches(
-    sequences: List[List[int]], batch_size: int, pad_token_id: int
-) -> Iterator[TokenBatch]:
+def pad_batches(sequences: list[list[int]], batch_size: int, pad_token_id: int) -> Iterator[TokenBatch]:
     """Right-padded batches; sequences are sorted by length to waste little padding."""
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
     for start in range(0, len(order), batch_size):

@@ -26,8 +26,8 @@ not sharded here.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -35,7 +35,7 @@ import tqdm
 
 from mergekit_moe2dense.calibration.batches import TokenBatch
 from mergekit_moe2dense.calibration.layerwise import LayerStream
-from mergekit_moe2dense.calibration.runner import RouterRecorder, RecorderVisitor, sample_token_ids
+from mergekit_moe2dense.calibration.runner import RecorderVisitor, RouterRecorder, sample_token_ids
 from mergekit_moe2dense.calibration.stats import SUMS, RouterStatistics
 from mergekit_moe2dense.config import ConfigError
 from mergekit_moe2dense.families import MoEFamily
@@ -50,7 +50,7 @@ class Ranks:
     local_rank: int = 0
 
     @classmethod
-    def from_env(cls) -> "Ranks":
+    def from_env(cls) -> Ranks:
         return cls(
             rank=int(os.environ.get("RANK", 0)),
             world_size=int(os.environ.get("WORLD_SIZE", 1)),
@@ -75,7 +75,7 @@ class Ranks:
             dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
 
 
-def rank_batches(num_batches: int, rank: int, world_size: int) -> List[int]:
+def rank_batches(num_batches: int, rank: int, world_size: int) -> list[int]:
     """Round-robin: batches come sorted by length, so every rank gets long and short ones."""
     return list(range(rank, num_batches, world_size))
 
@@ -86,7 +86,9 @@ class _RankShare:
 
     def __init__(self, config, family: MoEFamily, batches: Sequence[TokenBatch], max_token_samples: int, seed: int):
         self.layers, self.num_experts, self.top_k = (
-            family.moe_layer_indices(config), family.num_experts(config), family.top_k(config)
+            family.moe_layer_indices(config),
+            family.num_experts(config),
+            family.top_k(config),
         )
         self.batches = batches
         kept = [int(batch.attention_mask.sum()) for batch in batches]
@@ -170,7 +172,7 @@ def _collect_layerwise_distributed(
     seed: int = 0,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
-    spill_dir: Optional[str] = None,
+    spill_dir: str | None = None,
     progress: bool = True,
     record_router_inputs: bool = False,
 ) -> RouterStatistics:

@@ -14,7 +14,6 @@ once (`load_calibration_batches`) and passes the same batches to the re-fit.
 from __future__ import annotations
 
 import os
-from typing import List, Optional
 
 import torch
 from mergekit.common import dtype_from_name
@@ -28,7 +27,7 @@ from mergekit_moe2dense.config import CalibrationConfig, ConfigError
 __all__ = ["calibration_dtype", "calibration_engine", "collect_statistics"]
 
 
-def calibration_dtype(calibration: Optional[CalibrationConfig], device: str) -> torch.dtype:
+def calibration_dtype(calibration: CalibrationConfig | None, device: str) -> torch.dtype:
     """The calibration's `dtype`, else bfloat16 on a GPU and float32 on the CPU (for the
     statistics forward and the re-fit alike)."""
     name = calibration.dtype if calibration is not None else None
@@ -42,9 +41,7 @@ def calibration_engine(source, calibration: CalibrationConfig, device: str) -> s
         return calibration.engine
     if calibration.device_map is not None:
         return "full"
-    size = sum(
-        os.path.getsize(os.path.join(source.index.base_path, shard.filename)) for shard in source.index.shards
-    )
+    size = sum(os.path.getsize(os.path.join(source.index.base_path, shard.filename)) for shard in source.index.shards)
     try:
         if device.startswith("cuda"):
             free = torch.cuda.mem_get_info(torch.device(device))[0]
@@ -69,13 +66,13 @@ def check_engine(source, calibration: CalibrationConfig, device: str, ranks: Ran
 
 def collect_statistics(
     source,
-    batches: List[TokenBatch],
+    batches: list[TokenBatch],
     calibration: CalibrationConfig,
     *,
     device: str = "cpu",
     progress: bool = True,
     record_router_inputs: bool = False,
-    ranks: Optional[Ranks] = None,
+    ranks: Ranks | None = None,
 ) -> RouterStatistics:
     """Router statistics of `source` (a `checkpoint.SourceModel`) over `batches`.
 

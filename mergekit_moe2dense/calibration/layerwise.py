@@ -53,7 +53,7 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import Callable, Dict, List, Optional
+from collections.abc import Callable
 
 import torch
 import tqdm
@@ -100,7 +100,7 @@ class LayerVisitor:
     Every callback is optional: the defaults do nothing and swap nothing.
     """
 
-    def prepare_layer(self, stream: "LayerStream", index: int, layer: torch.nn.Module) -> Dict[str, torch.nn.Module]:
+    def prepare_layer(self, stream: LayerStream, index: int, layer: torch.nn.Module) -> dict[str, torch.nn.Module]:
         """Decoder layer `index` is loaded and the carried states are its inputs. Extra
         passes may run here (`stream.forward(layer, advance=False)`); the returned
         {module path in `stream.model`: module} replace those submodules during the
@@ -110,7 +110,7 @@ class LayerVisitor:
     def before_batch(self, batch: int) -> None:
         """Before batch `batch` of the advancing forward through each layer."""
 
-    def after_layer(self, stream: "LayerStream", index: int) -> None:
+    def after_layer(self, stream: LayerStream, index: int) -> None:
         """Layer `index` has run and is freed; the carried states are its outputs."""
 
 
@@ -145,11 +145,11 @@ class LayerStream:
     def __init__(
         self,
         source,
-        batches: List[TokenBatch],
+        batches: list[TokenBatch],
         *,
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
-        spill_dir: Optional[str] = None,
+        spill_dir: str | None = None,
     ):
         self.source = source
         self.batches = batches
@@ -157,12 +157,12 @@ class LayerStream:
         self.dtype = dtype
         self.family = source.family
         self._spill_root = spill_dir
-        self._spill: Optional[str] = None
-        self._hidden: List[Optional[torch.Tensor]] = [None] * len(batches)
-        self._kwargs: List[Dict] = []
+        self._spill: str | None = None
+        self._hidden: list[torch.Tensor | None] = [None] * len(batches)
+        self._kwargs: list[dict] = []
         # reads the next layer's bytes while this one computes
         self._reader = TensorReader(source.index, readahead=READAHEAD_BYTES)
-        self._moe_layers: Dict[int, MoELayer] = {layer.index: layer for layer in source.moe_layers()}
+        self._moe_layers: dict[int, MoELayer] = {layer.index: layer for layer in source.moe_layers()}
         config = source.config
         with torch.device("meta"):
             self.model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -177,7 +177,7 @@ class LayerStream:
         return range(len(self.layers))
 
     # -- lifecycle -----------------------------------------------------------------
-    def __enter__(self) -> "LayerStream":
+    def __enter__(self) -> LayerStream:
         if self._spill_root is not None:
             os.makedirs(self._spill_root, exist_ok=True)
             self._spill = tempfile.mkdtemp(prefix="moe2dense-acts-", dir=self._spill_root)
@@ -198,7 +198,7 @@ class LayerStream:
             return self._hidden[batch]
         return torch.load(self._spill_path(batch), map_location=self.device)
 
-    def kwargs(self, batch: int) -> Dict:
+    def kwargs(self, batch: int) -> dict:
         """Keyword arguments the model passes its decoder layers for one batch."""
         return self._kwargs[batch]
 
@@ -273,7 +273,7 @@ class LayerStream:
         module: torch.nn.Module,
         *,
         advance: bool = True,
-        before_batch: Optional[Callable[[int], None]] = None,
+        before_batch: Callable[[int], None] | None = None,
     ) -> None:
         """Run every batch through `module` (a decoder layer); with `advance`, its
         outputs become the carried hidden states."""
@@ -298,7 +298,7 @@ class LayerStream:
                 return name
         raise RuntimeError("module is not part of the model")
 
-    def _materialise(self, module: torch.nn.Module, prefix: str, moe: Optional[MoELayer] = None) -> None:
+    def _materialise(self, module: torch.nn.Module, prefix: str, moe: MoELayer | None = None) -> None:
         """Fill `module`'s parameters in place, one checkpoint tensor at a time, so the
         peak is the layer itself plus one tensor (no second copy of the layer)."""
         module.to_empty(device=self.device)
@@ -315,7 +315,7 @@ class LayerStream:
                 else:
                     raise LayerStreamError(f"cannot stream {full}: the checkpoint has no such tensor")
 
-    def _expert_fillers(self, moe: MoELayer) -> Dict[str, Callable[[torch.Tensor], None]]:
+    def _expert_fillers(self, moe: MoELayer) -> dict[str, Callable[[torch.Tensor], None]]:
         """Writers of the sparse block's fused in-memory tensors (`gate_up_proj` [E, 2I, H],
         gate rows first; `down_proj` [E, H, I]) from either checkpoint layout, expert by expert."""
         read = self._reader.read_slice

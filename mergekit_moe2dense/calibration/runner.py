@@ -10,7 +10,7 @@ forward; `_collect_layerwise`: the same hooks on `LayerStream`'s layer loop);
 from __future__ import annotations
 
 import logging
-from typing import Callable, List, Optional
+from collections.abc import Callable
 
 import torch
 import tqdm
@@ -38,12 +38,12 @@ class RouterRecorder:
         self.stats = stats
         self.sample_ids = sample_ids  # sorted global indices of kept tokens to sample
         self.offset = 0  # kept tokens seen before the current batch
-        self._keep: Optional[torch.Tensor] = None
+        self._keep: torch.Tensor | None = None
         self._rows = self._slots = None
         self._handles = []
         self._counting = True
 
-    def __enter__(self) -> "RouterRecorder":
+    def __enter__(self) -> RouterRecorder:
         for position, layer in enumerate(self.stats.layers):
             module = self.model.get_submodule(self.family.router_module(layer))
             self._handles.append(module.register_forward_hook(self._hook(position)))
@@ -131,9 +131,7 @@ def load_calibration_batches(model_path: str, calibration, tokenizer=None) -> tu
     the same batches to the statistics and the re-fit."""
     tokenizer = tokenizer or transformers.AutoTokenizer.from_pretrained(model_path)
     try:
-        documents = load_documents(
-            calibration.dataset, text_field=calibration.text_field, split=calibration.split
-        )
+        documents = load_documents(calibration.dataset, text_field=calibration.text_field, split=calibration.split)
     except DataError as error:
         raise DataError(f"calibration dataset: {error}") from None
     sequences = calibration_sequences(
@@ -149,7 +147,7 @@ def load_calibration_batches(model_path: str, calibration, tokenizer=None) -> tu
     return sequences, list(pad_batches(sequences, calibration.batch_size, pad_id))
 
 
-def sample_token_ids(kept_per_batch: List[int], max_token_samples: int, seed: int) -> torch.Tensor:
+def sample_token_ids(kept_per_batch: list[int], max_token_samples: int, seed: int) -> torch.Tensor:
     """Sorted global indices (over all batches' non-padding tokens) of the sampled tokens.
 
     Defined on the whole calibration set, so any split of the batches across
@@ -174,7 +172,7 @@ def _empty_statistics(config, family: MoEFamily, batches, max_token_samples: int
 def _collect_full(
     model: torch.nn.Module,
     family: MoEFamily,
-    batches: List[TokenBatch],
+    batches: list[TokenBatch],
     *,
     max_token_samples: int,
     seed: int = 0,
@@ -203,13 +201,13 @@ def _collect_full(
 
 def _collect_layerwise(
     source,
-    batches: List[TokenBatch],
+    batches: list[TokenBatch],
     *,
     max_token_samples: int,
     seed: int = 0,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
-    spill_dir: Optional[str] = None,
+    spill_dir: str | None = None,
     progress: bool = True,
     record_router_inputs: bool = False,
 ) -> RouterStatistics:

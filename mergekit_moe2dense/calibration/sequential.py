@@ -24,8 +24,8 @@ Only one layer's weights and the calibration activations are in memory.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -40,7 +40,16 @@ from mergekit_moe2dense.refit import (
     squared_error,
 )
 
-__all__ = ["DenseMLP", "LayerFit", "LayerFitter", "RefitResult", "SparseBlock", "closed_form_fit", "fit_layers", "refit_layers"]
+__all__ = [
+    "DenseMLP",
+    "LayerFit",
+    "LayerFitter",
+    "RefitResult",
+    "SparseBlock",
+    "closed_form_fit",
+    "fit_layers",
+    "refit_layers",
+]
 
 REFIT_MODES = ("none", "scale", "down_proj")
 
@@ -71,10 +80,10 @@ class SparseBlock:
     module: torch.nn.Module
     router: torch.nn.Module
     act: Callable[[torch.Tensor], torch.Tensor]  # the experts' activation
-    keep: Optional[torch.Tensor] = None  # during `run`: the current batch's non-padding tokens [B*T], on the device
+    keep: torch.Tensor | None = None  # during `run`: the current batch's non-padding tokens [B*T], on the device
 
     @classmethod
-    def of(cls, stream: LayerStream, index: int, layer: torch.nn.Module) -> "SparseBlock":
+    def of(cls, stream: LayerStream, index: int, layer: torch.nn.Module) -> SparseBlock:
         family = stream.family
         path = family.router_module(index).rsplit(".", 1)[0]
         return cls(
@@ -121,8 +130,8 @@ class LayerFit:
     """What a per-layer step returns."""
 
     dense: DenseMLP  # replaces the sparse block; its outputs are the next layer's inputs
-    tensors: Dict[str, torch.Tensor]  # projection ("gate", "up", "down") -> fitted tensor, to be written
-    error: Tuple[float, float]  # relative squared error of the block's output before, after the fit
+    tensors: dict[str, torch.Tensor]  # projection ("gate", "up", "down") -> fitted tensor, to be written
+    error: tuple[float, float]  # relative squared error of the block's output before, after the fit
 
 
 # The per-layer step: (layer l's sparse block, its plan) -> the dense MLP replacing it.
@@ -131,10 +140,10 @@ LayerFitter = Callable[[SparseBlock, LayerPlan], LayerFit]
 
 @dataclass
 class RefitResult:
-    tensors: Dict[str, torch.Tensor] = field(default_factory=dict)  # dense name -> fitted [H, I]
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # dense name -> fitted [H, I]
     # decoder layer -> (relative squared error of the sparse block's output before, after the fit),
     # sum_t ||y_t - D h_t||^2 / sum_t ||y_t||^2 on the calibration tokens
-    errors: Dict[int, Tuple[float, float]] = field(default_factory=dict)
+    errors: dict[int, tuple[float, float]] = field(default_factory=dict)
 
 
 class _Converting(LayerVisitor):
@@ -160,7 +169,7 @@ class _Converting(LayerVisitor):
 def fit_layers(
     source,
     plans: Sequence[LayerPlan],
-    batches: List[TokenBatch],
+    batches: list[TokenBatch],
     fitter: LayerFitter,
     *,
     device: str = "cpu",
@@ -178,7 +187,7 @@ def fit_layers(
 def refit_layers(
     source,
     plans: Sequence[LayerPlan],
-    batches: List[TokenBatch],
+    batches: list[TokenBatch],
     *,
     mode: str,
     damping: float,
@@ -193,10 +202,14 @@ def refit_layers(
     if mode not in REFIT_MODES:
         raise ValueError(f"unknown refit mode {mode!r}")
     fitter = functools.partial(closed_form_fit, mode=mode, damping=damping, gate_up=gate_up)
-    return fit_layers(source, plans, batches, fitter, device=device, dtype=dtype, spill_dir=spill_dir, progress=progress)
+    return fit_layers(
+        source, plans, batches, fitter, device=device, dtype=dtype, spill_dir=spill_dir, progress=progress
+    )
 
 
-def closed_form_fit(block: SparseBlock, plan: LayerPlan, *, mode: str, damping: float, gate_up: str = "merge") -> LayerFit:
+def closed_form_fit(
+    block: SparseBlock, plan: LayerPlan, *, mode: str, damping: float, gate_up: str = "merge"
+) -> LayerFit:
     """The plan's dense MLP (gate/up by RegMean with `gate_up="regmean"`), its down
     projection re-fitted by least squares (`mode`: none, scale, down_proj)."""
     grams = _routed_grams(block, plan.layer.num_experts) if gate_up == "regmean" else None
@@ -232,9 +245,9 @@ def _fit_down(block: SparseBlock, dense: DenseMLP, mode: str, damping: float):
     return down, (squared_error(stats, dense.down) / total, squared_error(stats, down) / total)
 
 
-def _routed_grams(block: SparseBlock, num_experts: int) -> List[torch.Tensor]:
+def _routed_grams(block: SparseBlock, num_experts: int) -> list[torch.Tensor]:
     """Per expert, X_e^T X_e over the (non-padding) tokens the router sends to it."""
-    grams: List[torch.Tensor] = []
+    grams: list[torch.Tensor] = []
     state = {}
     family = block.stream.family
 

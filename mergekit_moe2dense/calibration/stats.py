@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -33,24 +33,24 @@ class StatisticsError(Moe2DenseError, ValueError):
 
 @dataclass
 class RouterStatistics:
-    layers: List[int]  # decoder layer index of each MoE layer, in order
+    layers: list[int]  # decoder layer index of each MoE layer, in order
     num_experts: int
     top_k: int
     tokens: int = 0
-    logit_sum: Optional[torch.Tensor] = None  # [L, E] float64
-    prob_sum: Optional[torch.Tensor] = None  # [L, E] float64
-    selected: Optional[torch.Tensor] = None  # [L, E] float64, count of top-k selections
-    gate_sum: Optional[torch.Tensor] = None  # [L, E] float64, the model's top-k gate weights
+    logit_sum: torch.Tensor | None = None  # [L, E] float64
+    prob_sum: torch.Tensor | None = None  # [L, E] float64
+    selected: torch.Tensor | None = None  # [L, E] float64, count of top-k selections
+    gate_sum: torch.Tensor | None = None  # [L, E] float64, the model's top-k gate weights
     # [L, E] float64, sum over routed tokens of gate weight x ||expert output||_2 (REAP's saliency
     # numerator); all zero in files written before it was recorded
-    contribution_sum: Optional[torch.Tensor] = None
-    samples: Optional[torch.Tensor] = None  # [L, N, E] float32, logits of sampled tokens
+    contribution_sum: torch.Tensor | None = None
+    samples: torch.Tensor | None = None  # [L, N, E] float32, logits of sampled tokens
     # [L] float64, per-token multiplier of the shared experts (Qwen2-MoE's sigmoid gate); 0 where ungated
-    shared_gate_sum: Optional[torch.Tensor] = None
+    shared_gate_sum: torch.Tensor | None = None
     # [L, N, H] float32, the routers' inputs (hidden states) of the same sampled tokens;
     # recorded only on request (`record_router_inputs`), for fitting new routers
-    router_inputs: Optional[torch.Tensor] = None
-    metadata: Dict[str, Any] = field(default_factory=dict)
+    router_inputs: torch.Tensor | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         shape = (len(self.layers), self.num_experts)
@@ -100,13 +100,9 @@ class RouterStatistics:
             )
         return self._mean(self.contribution_sum)
 
-    def update_contribution(
-        self, position: int, expert: int, weights: torch.Tensor, outputs: torch.Tensor
-    ) -> None:
+    def update_contribution(self, position: int, expert: int, weights: torch.Tensor, outputs: torch.Tensor) -> None:
         """Add sum_t g_te ||y_te|| for the (non-padding) tokens routed to `expert`."""
-        self.contribution_sum[position, expert] += float(
-            (weights.double() * outputs.double().norm(dim=-1)).sum()
-        )
+        self.contribution_sum[position, expert] += float((weights.double() * outputs.double().norm(dim=-1)).sum())
 
     # -- accumulation ----------------------------------------------------------
     def update_shared_gate(self, position: int, gate: torch.Tensor, keep: torch.Tensor) -> None:
@@ -131,17 +127,18 @@ class RouterStatistics:
         self.logit_sum[position] += logits.sum(0).cpu()
         self.prob_sum[position] += torch.softmax(logits, dim=-1).sum(0).cpu()
         ones = torch.ones_like(weights)
-        self.selected[position] += (
-            torch.zeros_like(logits).scatter_add_(1, index, ones).sum(0).cpu()
-        )
-        self.gate_sum[position] += (
-            torch.zeros_like(logits).scatter_add_(1, index, weights).sum(0).cpu()
-        )
+        self.selected[position] += torch.zeros_like(logits).scatter_add_(1, index, ones).sum(0).cpu()
+        self.gate_sum[position] += torch.zeros_like(logits).scatter_add_(1, index, weights).sum(0).cpu()
         if sample_rows.numel():
             self.samples[position, sample_slots] = logits[sample_rows.to(logits.device)].float().cpu()
 
     def record_inputs(
-        self, position: int, hidden: torch.Tensor, keep: torch.Tensor, sample_rows: torch.Tensor, sample_slots: torch.Tensor
+        self,
+        position: int,
+        hidden: torch.Tensor,
+        keep: torch.Tensor,
+        sample_rows: torch.Tensor,
+        sample_slots: torch.Tensor,
     ) -> None:
         """Keep the router inputs of the sampled tokens of one batch of one layer."""
         hidden = hidden.detach().reshape(keep.shape[0], -1)[keep]
@@ -178,7 +175,7 @@ class RouterStatistics:
         save_file(tensors, str(path), metadata={"moe2dense": json.dumps(header)})
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "RouterStatistics":
+    def load(cls, path: str | os.PathLike) -> RouterStatistics:
         if not os.path.isfile(path):
             raise StatisticsError(f"statistics file not found: {path}")
         try:
@@ -186,9 +183,7 @@ class RouterStatistics:
                 header = json.loads((handle.metadata() or {})["moe2dense"])
                 tensors = {key: handle.get_tensor(key) for key in handle.keys()}
         except (KeyError, json.JSONDecodeError, OSError, Exception) as error:
-            raise StatisticsError(
-                f"{path} is not a mergekit-moe2dense statistics file ({error})"
-            ) from None
+            raise StatisticsError(f"{path} is not a mergekit-moe2dense statistics file ({error})") from None
         if header.get("format_version") != FORMAT_VERSION:
             raise StatisticsError(f"{path}: unsupported statistics format version")
         return cls(
@@ -200,7 +195,7 @@ class RouterStatistics:
             **tensors,
         )
 
-    def check_model(self, fingerprint: Dict[str, Any], path: str) -> None:
+    def check_model(self, fingerprint: dict[str, Any], path: str) -> None:
         """Refuse statistics recorded on another model."""
         recorded = self.metadata.get("model_fingerprint")
         if recorded != fingerprint:

@@ -4,8 +4,6 @@
 
 from __future__ import annotations
 
-from typing import List
-
 import transformers
 
 from mergekit_moe2dense.families.base import PROJECTIONS, MoEFamily, MoELayer, UnsupportedModelError
@@ -16,7 +14,7 @@ from mergekit_moe2dense.families.qwen2_moe import QWEN2_MOE
 from mergekit_moe2dense.families.qwen3_moe import QWEN3_MOE
 from mergekit_moe2dense.families.spec import ExpertSlice
 
-FAMILIES: List[MoEFamily] = [MIXTRAL, QWEN3_MOE, QWEN2_MOE, DEEPSEEK_V2, DEEPSEEK_V3, OLMOE]
+FAMILIES: list[MoEFamily] = [MIXTRAL, QWEN3_MOE, QWEN2_MOE, DEEPSEEK_V2, DEEPSEEK_V3, OLMOE]
 
 # Sparse model types we know of but cannot convert yet, with the reason.
 KNOWN_UNSUPPORTED = {
@@ -31,7 +29,7 @@ KNOWN_UNSUPPORTED = {
 }
 
 
-def supported_families() -> List[str]:
+def supported_families() -> list[str]:
     return [family.name for family in FAMILIES]
 
 
@@ -41,7 +39,9 @@ def get_family(config: transformers.PretrainedConfig) -> MoEFamily:
     supported = ", ".join(supported_families())
     quantization = getattr(config, "quantization_config", None)
     if quantization:
-        method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else type(quantization).__name__
+        method = (
+            quantization.get("quant_method", "?") if isinstance(quantization, dict) else type(quantization).__name__
+        )
         raise UnsupportedModelError(
             f"model_type {model_type!r} has quantized weights (quantization_config: {method}); "
             "experts cannot be merged in quantized or FP8 form: dequantize the checkpoint first"
@@ -59,17 +59,14 @@ def get_family(config: transformers.PretrainedConfig) -> MoEFamily:
         )
     if model_type in KNOWN_UNSUPPORTED:
         raise UnsupportedModelError(
-            f"{KNOWN_UNSUPPORTED[model_type]} (model_type {model_type!r}); "
-            f"supported MoE families: {supported}"
+            f"{KNOWN_UNSUPPORTED[model_type]} (model_type {model_type!r}); supported MoE families: {supported}"
         )
     if not _looks_sparse(config):
         raise UnsupportedModelError(
             f"model_type {model_type!r} is not a Mixture-of-Experts model "
             f"(no expert count in its config); supported MoE families: {supported}"
         )
-    raise UnsupportedModelError(
-        f"MoE family {model_type!r} is not supported yet; supported: {supported}"
-    )
+    raise UnsupportedModelError(f"MoE family {model_type!r} is not supported yet; supported: {supported}")
 
 
 def _looks_sparse(config: transformers.PretrainedConfig) -> bool:

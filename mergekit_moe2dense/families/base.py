@@ -13,8 +13,9 @@ calibration) is family-agnostic.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Collection, Dict, List, Mapping, Optional, Tuple, Union
+from typing import TYPE_CHECKING
 
 import torch
 import transformers
@@ -50,12 +51,12 @@ class MoELayer:
 
     index: int
     # experts[e][proj] for proj in PROJECTIONS, as weights of nn.Linear: gate/up [I, H], down [H, I]
-    experts: Tuple[Dict[str, ExpertSlice], ...]
+    experts: tuple[dict[str, ExpertSlice], ...]
     router: str
     # every checkpoint tensor of the block: none of them is copied to the output
-    consumed: Tuple[str, ...]
+    consumed: tuple[str, ...]
     # always-on experts (Qwen2-MoE, DeepSeek), same projection layout as `experts`
-    shared_experts: Tuple[Dict[str, ExpertSlice], ...] = ()
+    shared_experts: tuple[dict[str, ExpertSlice], ...] = ()
 
     @property
     def num_experts(self) -> int:
@@ -74,21 +75,21 @@ class MoEFamily:
     """
 
     name: str
-    model_types: Tuple[str, ...]
+    model_types: tuple[str, ...]
     keys: ConfigKeys
-    layouts: Tuple[Layout, ...]
+    layouts: tuple[Layout, ...]
     dense: DenseTarget
-    renormalize: Union[bool, str] = "norm_topk_prob"
-    routed_scaling: Optional[str] = None
+    renormalize: bool | str = "norm_topk_prob"
+    routed_scaling: str | None = None
     sparse_layers: SparseLayers = SparseLayers()
-    shared: Optional[SharedExperts] = None
+    shared: SharedExperts | None = None
     # further tensors of the sparse block (router bias, shared gate) with their shapes: not copied
     extra_tensors: Mapping[str, Shape] = field(default_factory=dict)
-    refusals: Tuple[Refusal, ...] = ()
+    refusals: tuple[Refusal, ...] = ()
     # module path ({layer}) of the router in the transformers model, for hooks
     router_module_path: str = "model.layers.{layer}.mlp.gate"
     # the MoE class a smaller rebuilt MoE is saved as (None: rebuilding is not supported)
-    moe_architecture: Optional[str] = None
+    moe_architecture: str | None = None
 
     def supports(self, config: transformers.PretrainedConfig) -> bool:
         return getattr(config, "model_type", None) in self.model_types
@@ -103,14 +104,14 @@ class MoEFamily:
     def expert_width(self, config: transformers.PretrainedConfig) -> int:
         return getattr(config, self.keys.expert_width)
 
-    def moe_layer_indices(self, config: transformers.PretrainedConfig) -> List[int]:
+    def moe_layer_indices(self, config: transformers.PretrainedConfig) -> list[int]:
         """Decoder layers whose MLP is sparse."""
         return self.sparse_layers.layers(config, self.num_experts(config))
 
     def has_shared(self, config: transformers.PretrainedConfig) -> bool:
         return self.shared is not None and self.shared.present(config)
 
-    def unsupported_reason(self, config: transformers.PretrainedConfig) -> Optional[str]:
+    def unsupported_reason(self, config: transformers.PretrainedConfig) -> str | None:
         """Why this particular config of the family cannot be converted exactly (None: it can)."""
         return next((refusal.reason for refusal in self.refusals if refusal.applies(config)), None)
 
@@ -126,7 +127,7 @@ class MoEFamily:
         return gated or not self.renormalizes(config)
 
     def routed_scale(
-        self, config: transformers.PretrainedConfig, stats: Optional["RouterStatistics"], position: int
+        self, config: transformers.PretrainedConfig, stats: RouterStatistics | None, position: int
     ) -> float:
         """Mean per-token total weight of the routed mixture in MoE layer `position`.
 
@@ -141,14 +142,14 @@ class MoEFamily:
         return float(stats.mean_gate[position].sum())
 
     def shared_scale(
-        self, config: transformers.PretrainedConfig, stats: Optional["RouterStatistics"], position: int
+        self, config: transformers.PretrainedConfig, stats: RouterStatistics | None, position: int
     ) -> float:
         """Scale of the shared experts' down projection: 1, or the calibrated mean of their gate."""
         if self.shared_gate_module(0) is None:
             return 1.0
         return float(stats.mean_shared_gate[position])
 
-    def dense_layer_width(self, config: transformers.PretrainedConfig) -> Optional[int]:
+    def dense_layer_width(self, config: transformers.PretrainedConfig) -> int | None:
         """Intermediate size of decoder layers that are dense already (None: there are none)."""
         dense = len(self.moe_layer_indices(config)) < config.num_hidden_layers
         return getattr(config, self.keys.dense_width) if dense else None
@@ -163,7 +164,7 @@ class MoEFamily:
         [E, 2I, H], gate rows first, and `down_proj` [E, H, I]), a sibling of the router."""
         return self.router_module(layer).rsplit(".", 1)[0] + ".experts"
 
-    def shared_gate_module(self, layer: int) -> Optional[str]:
+    def shared_gate_module(self, layer: int) -> str | None:
         """Module path of a per-token gate on the shared experts, for hooks (None: ungated)."""
         if self.shared is None or self.shared.gate_module is None:
             return None
@@ -175,7 +176,7 @@ class MoEFamily:
         gate, up = torch.nn.functional.linear(hidden, experts.gate_up_proj[expert]).chunk(2, dim=-1)
         return torch.nn.functional.linear(experts.act_fn(gate) * up, experts.down_proj[expert])
 
-    def router_outputs(self, output) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def router_outputs(self, output) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(logits [T, E], top-k weights [T, k], top-k indices [T, k]) from the router's output."""
         logits, top_k_weights, top_k_index = output
         return logits, top_k_weights, top_k_index
@@ -203,7 +204,7 @@ class MoEFamily:
         layout = self.layout_of(layer, tensor_names)
         experts = layout.slices(layer, self.num_experts(config), self.expert_width(config))
         router = layout.tensor(layout.router, layer)
-        shared: Tuple[Dict[str, ExpertSlice], ...] = ()
+        shared: tuple[dict[str, ExpertSlice], ...] = ()
         if self.has_shared(config):
             templates = {"gate": self.shared.gate, "up": self.shared.up, "down": self.shared.down}
             shared = ({p: ExpertSlice(layout.tensor(t, layer)) for p, t in templates.items()},)
@@ -216,12 +217,12 @@ class MoEFamily:
 
     def expected_shapes(
         self, config: transformers.PretrainedConfig, layer: MoELayer, tensor_names: Collection[str]
-    ) -> Dict[str, Tuple[int, ...]]:
+    ) -> dict[str, tuple[int, ...]]:
         """Every tensor of a resolved sparse layer with the full shape config.json implies
         (experts first, then router, shared experts, extras)."""
         layout = self.layout_of(layer.index, tensor_names)
         num_experts = self.num_experts(config)
-        shapes: Dict[str, Shape] = dict(layout.expert_shapes(layer.index, num_experts))
+        shapes: dict[str, Shape] = dict(layout.expert_shapes(layer.index, num_experts))
         shapes[layer.router] = ("E", "H")
         if layer.shared_experts:
             block = layer.shared_experts[0]
@@ -231,17 +232,17 @@ class MoEFamily:
         dims = self.dims(config)
         return {name: tuple(dims[d] if isinstance(d, str) else d for d in shape) for name, shape in shapes.items()}
 
-    def stored_experts(self, tensor_names: Collection[str]) -> Dict[int, Dict[int, str]]:
+    def stored_experts(self, tensor_names: Collection[str]) -> dict[int, dict[int, str]]:
         """layer -> expert index -> one of its tensors, for experts stored under per-expert
         names (fused layouts: their E dim says, checked with their shapes)."""
-        found: Dict[int, Dict[int, str]] = {}
+        found: dict[int, dict[int, str]] = {}
         for layout in self.layouts:
             for layer, experts in layout.stored_experts(tensor_names).items():
                 for expert, name in experts.items():
                     found.setdefault(layer, {}).setdefault(expert, name)
         return found
 
-    def dims(self, config: transformers.PretrainedConfig) -> Dict[str, int]:
+    def dims(self, config: transformers.PretrainedConfig) -> dict[str, int]:
         """The symbolic dims of the table's shapes, from config.json."""
         width = self.expert_width(config)
         dims = {"E": self.num_experts(config), "H": getattr(config, self.keys.hidden), "I": width, "2I": 2 * width}
@@ -257,12 +258,12 @@ class MoEFamily:
         return ", ".join(f"{key}: {getattr(config, key)}" for key in keys)
 
     # -- the dense target -------------------------------------------------------------
-    def dense_mlp_names(self, layer: int) -> Dict[str, str]:
+    def dense_mlp_names(self, layer: int) -> dict[str, str]:
         """Output tensor names of the dense MLP, keyed by projection (also the source names
         of the MLPs of layers that are dense already)."""
         return {p: self.dense.mlp[p].format(layer=layer) for p in PROJECTIONS}
 
-    def dense_zero_tensors(self, config: transformers.PretrainedConfig, layer: int) -> Dict[str, Tuple[int, ...]]:
+    def dense_zero_tensors(self, config: transformers.PretrainedConfig, layer: int) -> dict[str, tuple[int, ...]]:
         """Extra all-zero tensors the dense target needs per converted layer (name -> shape)."""
         dims = self.dims(config)
         return {
@@ -295,7 +296,7 @@ class MoEFamily:
         moe.architectures = [self.moe_architecture]
         return moe
 
-    def moe_expert_names(self, layer: int, expert: int) -> Dict[str, str]:
+    def moe_expert_names(self, layer: int, expert: int) -> dict[str, str]:
         """Output tensor names of one expert of the smaller MoE, keyed by projection
         (the first per-expert layout: what `save_pretrained` writes)."""
         layout = self._rebuild_layout()
@@ -323,6 +324,4 @@ class MoEFamily:
 
 def _missing(layer: int, what: str, names: Collection[str]) -> UnsupportedModelError:
     sample = ", ".join(sorted(n for n in names if f".{layer}." in n)[:6])
-    return UnsupportedModelError(
-        f"layer {layer}: cannot find {what} in the checkpoint (found e.g. {sample})"
-    )
+    return UnsupportedModelError(f"layer {layer}: cannot find {what} in the checkpoint (found e.g. {sample})")

@@ -40,9 +40,7 @@ DENSE_MLP = {p: f"model.layers.{{layer}}.mlp.{p}_proj.weight" for p in ("gate", 
 
 def shared_mlp(module: str, **keys) -> SharedExperts:
     """Shared experts stored as one SwiGLU MLP `mlp.{module}.gate_proj/up_proj/down_proj`."""
-    return SharedExperts(
-        **{p: f"{{block}}.{module}.{p}_proj.weight" for p in ("gate", "up", "down")}, **keys
-    )
+    return SharedExperts(**{p: f"{{block}}.{module}.{p}_proj.weight" for p in ("gate", "up", "down")}, **keys)
 
 
 # Qwen2/3-MoE's rule (`Qwen2MoeDecoderLayer.__init__`) and DeepSeek's.

@@ -28,7 +28,9 @@ QWEN2_MOE = MoEFamily(
     layouts=MLP_EXPERTS,
     sparse_layers=QWEN_SPARSE_LAYERS,
     shared=shared_mlp(
-        "shared_expert", width="shared_expert_intermediate_size", gate_module="model.layers.{layer}.mlp.shared_expert_gate"
+        "shared_expert",
+        width="shared_expert_intermediate_size",
+        gate_module="model.layers.{layer}.mlp.shared_expert_gate",
     ),
     extra_tensors={"{block}.shared_expert_gate.weight": (1, "H")},
     refusals=(

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import inspect
 import re
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Collection, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, ClassVar
 
 import transformers
 
-Dim = Union[int, str]
-Shape = Tuple[Dim, ...]
+Dim = int | str
+Shape = tuple[Dim, ...]
 
 
 @dataclass(frozen=True)
@@ -32,8 +33,8 @@ class ExpertSlice:
     """
 
     tensor: str
-    expert: Optional[int] = None
-    rows: Optional[Tuple[int, int]] = None
+    expert: int | None = None
+    rows: tuple[int, int] | None = None
 
     def take(self, value):
         if self.expert is not None:
@@ -58,7 +59,7 @@ class _Layout:
     block: str  # the sparse block's prefix, from {layer}
     router: str  # [E, H]
 
-    def tensor(self, template: str, layer: int, expert: Optional[int] = None) -> str:
+    def tensor(self, template: str, layer: int, expert: int | None = None) -> str:
         """A tensor name of `layer` (and `expert`) from a template of this layout or the family."""
         return template.format(layer=layer, block=self.block.format(layer=layer), expert=expert)
 
@@ -79,23 +80,21 @@ class PerExpertLayout(_Layout):
         """The tensor whose presence says `layer` is stored in this layout."""
         return self.tensor(self.gate, layer, 0)
 
-    def slices(self, layer: int, num_experts: int, width: int) -> Tuple[Dict[str, ExpertSlice], ...]:
+    def slices(self, layer: int, num_experts: int, width: int) -> tuple[dict[str, ExpertSlice], ...]:
         return tuple(
             {p: ExpertSlice(self.tensor(t, layer, e)) for p, t in self.projections().items()}
             for e in range(num_experts)
         )
 
-    def expert_shapes(self, layer: int, num_experts: int) -> Dict[str, Shape]:
+    def expert_shapes(self, layer: int, num_experts: int) -> dict[str, Shape]:
         """Every expert tensor of `layer` with its full stored shape."""
         shapes = {"gate": ("I", "H"), "up": ("I", "H"), "down": ("H", "I")}
-        return {
-            self.tensor(t, layer, e): shapes[p] for e in range(num_experts) for p, t in self.projections().items()
-        }
+        return {self.tensor(t, layer, e): shapes[p] for e in range(num_experts) for p, t in self.projections().items()}
 
-    def stored_experts(self, tensor_names: Collection[str]) -> Dict[int, Dict[int, str]]:
+    def stored_experts(self, tensor_names: Collection[str]) -> dict[int, dict[int, str]]:
         """layer -> expert index -> one tensor stored for it under these names (one pass)."""
         patterns = [_template_regex(t.replace("{block}", self.block)) for t in self.projections().values()]
-        found: Dict[int, Dict[int, str]] = {}
+        found: dict[int, dict[int, str]] = {}
         for name in sorted(tensor_names):
             for pattern in patterns:
                 match = pattern.fullmatch(name)
@@ -104,7 +103,7 @@ class PerExpertLayout(_Layout):
                     break
         return found
 
-    def projections(self) -> Dict[str, str]:
+    def projections(self) -> dict[str, str]:
         return {"gate": self.gate, "up": self.up, "down": self.down}
 
 
@@ -122,7 +121,7 @@ class FusedLayout(_Layout):
     def marker(self, layer: int) -> str:
         return self.tensor(self.gate_up, layer)
 
-    def slices(self, layer: int, num_experts: int, width: int) -> Tuple[Dict[str, ExpertSlice], ...]:
+    def slices(self, layer: int, num_experts: int, width: int) -> tuple[dict[str, ExpertSlice], ...]:
         gate_up, down = self.tensor(self.gate_up, layer), self.tensor(self.down, layer)
         return tuple(
             {
@@ -133,14 +132,14 @@ class FusedLayout(_Layout):
             for e in range(num_experts)
         )
 
-    def expert_shapes(self, layer: int, num_experts: int) -> Dict[str, Shape]:
+    def expert_shapes(self, layer: int, num_experts: int) -> dict[str, Shape]:
         return {self.tensor(self.gate_up, layer): ("E", "2I", "H"), self.tensor(self.down, layer): ("E", "H", "I")}
 
-    def stored_experts(self, tensor_names: Collection[str]) -> Dict[int, Dict[int, str]]:
+    def stored_experts(self, tensor_names: Collection[str]) -> dict[int, dict[int, str]]:
         return {}  # the E dim of the fused tensors says, checked with their shapes
 
 
-Layout = Union[PerExpertLayout, FusedLayout]
+Layout = PerExpertLayout | FusedLayout
 
 
 @dataclass(frozen=True)
@@ -152,9 +151,9 @@ class SharedExperts:
     up: str
     down: str
     width: str  # config key: one shared expert's width
-    count: Optional[str] = None  # config key: how many (0 or None: this config has none); None: always one
+    count: str | None = None  # config key: how many (0 or None: this config has none); None: always one
     # module path ({layer}) of a per-token sigmoid gate on their output, for hooks (None: ungated)
-    gate_module: Optional[str] = None
+    gate_module: str | None = None
 
     def present(self, config) -> bool:
         return self.count is None or bool(getattr(config, self.count, None))
@@ -168,9 +167,9 @@ class SparseLayers:
     """Which decoder layers are sparse, by config keys (None: that rule does not apply).
     No layer is sparse when the expert count is 0 (some families' dense variants)."""
 
-    first_dense: Optional[str] = None  # layers below config[key] are dense (DeepSeek's first_k_dense_replace)
-    step: Optional[str] = None  # sparse only where (i + 1) % config[key] == 0 (Qwen's decoder_sparse_step)
-    dense_list: Optional[str] = None  # config[key] lists dense layers (Qwen's mlp_only_layers)
+    first_dense: str | None = None  # layers below config[key] are dense (DeepSeek's first_k_dense_replace)
+    step: str | None = None  # sparse only where (i + 1) % config[key] == 0 (Qwen's decoder_sparse_step)
+    dense_list: str | None = None  # config[key] lists dense layers (Qwen's mlp_only_layers)
 
     def layers(self, config, num_experts: int):
         if not num_experts:
@@ -178,9 +177,7 @@ class SparseLayers:
         first = (getattr(config, self.first_dense) or 0) if self.first_dense else 0
         step = (getattr(config, self.step) or 1) if self.step else 1
         dense = set((getattr(config, self.dense_list) or ()) if self.dense_list else ())
-        return [
-            i for i in range(config.num_hidden_layers) if i >= first and (i + 1) % step == 0 and i not in dense
-        ]
+        return [i for i in range(config.num_hidden_layers) if i >= first and (i + 1) % step == 0 and i not in dense]
 
 
 @dataclass(frozen=True)
@@ -195,7 +192,7 @@ class Refusal:
         return bool(getattr(config, self.key, False)) == self.value
 
 
-def _no_overrides(config) -> Dict[str, Any]:
+def _no_overrides(config) -> dict[str, Any]:
     return {}
 
 
@@ -211,8 +208,8 @@ class DenseTarget:
     config_class: type
     architecture: str
     mlp: Mapping[str, str]  # projection -> output tensor name template ({layer})
-    moe_keys: Tuple[str, ...] = ()  # dropped even where config_class knows them
-    overrides: Callable[[transformers.PretrainedConfig], Dict[str, Any]] = _no_overrides
+    moe_keys: tuple[str, ...] = ()  # dropped even where config_class knows them
+    overrides: Callable[[transformers.PretrainedConfig], dict[str, Any]] = _no_overrides
     zero_tensors: Mapping[str, Shape] = field(default_factory=dict)  # all-zero tensors per converted layer
 
 
@@ -235,7 +232,7 @@ def copied_values(config: transformers.PretrainedConfig) -> dict:
     return {k: v for k, v in config.to_dict().items() if k not in NEVER_COPIED}
 
 
-def _template_regex(template: str) -> "re.Pattern[str]":
+def _template_regex(template: str) -> re.Pattern[str]:
     parts = re.split(r"(\{layer\}|\{expert\})", template)
     pattern = "".join(
         {"{layer}": r"(?P<layer>\d+)", "{expert}": r"(?P<expert>\d+)"}.get(part, re.escape(part)) for part in parts

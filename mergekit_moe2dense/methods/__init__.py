@@ -9,8 +9,6 @@ mergekit's registry too (through `adapter.MergekitAdapter`).
 
 from __future__ import annotations
 
-from typing import Dict
-
 import mergekit.merge_methods as mergekit_methods
 
 from mergekit_moe2dense.methods.adapter import MergekitAdapter
@@ -21,9 +19,9 @@ from mergekit_moe2dense.methods.kmeans_multi_dense import KMeansMultiDense
 from mergekit_moe2dense.methods.router_weighted import RouterWeighted
 from mergekit_moe2dense.methods.top_k_tempered import TopKTempered
 
-METHODS: Dict[str, ExpertMethod] = {}
+METHODS: dict[str, ExpertMethod] = {}
 # One adapter per method for the life of the process: mergekit's registry holds it.
-ADAPTERS: Dict[str, MergekitAdapter] = {}
+ADAPTERS: dict[str, MergekitAdapter] = {}
 
 
 def register(method: ExpertMethod) -> ExpertMethod:

@@ -16,7 +16,7 @@ whose graph calls `kernel.weighted_sum`.
 
 from __future__ import annotations
 
-from typing import Any, Tuple, Type
+from typing import Annotated, Any
 
 from mergekit.merge_methods.base import (
     MISSING,
@@ -27,12 +27,11 @@ from mergekit.merge_methods.base import (
     ParameterSpec,
     TensorGroup,
 )
-from typing_extensions import Annotated
 
 from mergekit_moe2dense.methods.base import ExpertMethod, MethodError, MethodParameters
 
 
-def parameter_specs(parameters: Type[MethodParameters]) -> Tuple[ParameterSpec, ...]:
+def parameter_specs(parameters: type[MethodParameters]) -> tuple[ParameterSpec, ...]:
     """mergekit parameter specs for every settable field of `parameters`."""
     specs = []
     for name, field in parameters.model_fields.items():

@@ -18,13 +18,13 @@ whatever plan the method produced.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Mapping, Optional, Sequence, Tuple, Type
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import pydantic
 import torch
 from pydantic import ConfigDict, Field, model_serializer
-from typing_extensions import Annotated
 
 from mergekit_moe2dense.calibration.stats import RouterStatistics
 from mergekit_moe2dense.errors import Moe2DenseError
@@ -89,8 +89,8 @@ class MethodPlan:
     """
 
     weights: torch.Tensor
-    layers: Tuple[LayerPlan, ...]
-    clusters: Optional[ClusterWeights] = None
+    layers: tuple[LayerPlan, ...]
+    clusters: ClusterWeights | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -120,16 +120,14 @@ class ExpertMethod(ABC):
 
     name: ClassVar[str]
     pretty_name: ClassVar[str]
-    reference_url: ClassVar[Optional[str]] = None
-    Parameters: ClassVar[Type[MethodParameters]] = MethodParameters
+    reference_url: ClassVar[str | None] = None
+    Parameters: ClassVar[type[MethodParameters]] = MethodParameters
     # Several outputs (k models or a rebuilt MoE): the plan carries `clusters`
     # and `multi.write_outputs` writes them.
     multi_output: ClassVar[bool] = False
 
     # -- parameters ----------------------------------------------------------------
-    def resolve_parameters(
-        self, raw: Optional[Mapping[str, Any]], *, num_experts: int, top_k: int
-    ) -> MethodParameters:
+    def resolve_parameters(self, raw: Mapping[str, Any] | None, *, num_experts: int, top_k: int) -> MethodParameters:
         """YAML parameters as a typed `Parameters`, with model-dependent defaults filled."""
         raw = dict(raw or {})
         accepted = set(self.Parameters.model_fields)
@@ -163,9 +161,7 @@ class ExpertMethod(ABC):
 
     # -- the plan --------------------------------------------------------------------
     @abstractmethod
-    def plan(
-        self, stats: Optional[RouterStatistics], params: MethodParameters, layers: Sequence[MoELayer]
-    ) -> MethodPlan:
+    def plan(self, stats: RouterStatistics | None, params: MethodParameters, layers: Sequence[MoELayer]) -> MethodPlan:
         """Expert weights and layer plans for every MoE layer, from one selection."""
 
 
@@ -178,7 +174,7 @@ class WeightedMerge(ExpertMethod):
 
     @abstractmethod
     def layer_weights(
-        self, stats: Optional[RouterStatistics], params: MethodParameters, *, num_layers: int, num_experts: int
+        self, stats: RouterStatistics | None, params: MethodParameters, *, num_layers: int, num_experts: int
     ) -> torch.Tensor:
         """[num_layers, num_experts] float64; each row non-negative, summing to 1."""
 

@@ -9,11 +9,10 @@ router selects most often on calibration data.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Annotated
 
 import torch
 from pydantic import Field
-from typing_extensions import Annotated
 
 from mergekit_moe2dense.methods.base import MethodError, MethodParameters, WeightedMerge, one_hot_rows
 
@@ -34,7 +33,7 @@ class SingleExpert(WeightedMerge):
     pretty_name = "Single expert"
 
     class Parameters(MethodParameters):
-        expert: Optional[Annotated[int, Field(ge=0)]] = Field(
+        expert: Annotated[int, Field(ge=0)] | None = Field(
             None, description="expert index (default: the most selected per layer)"
         )
 

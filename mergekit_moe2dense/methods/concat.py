@@ -29,7 +29,7 @@ projection to the MoE's output (`refit: scale` by default; see refit.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 from pydantic import Field, computed_field
@@ -72,7 +72,7 @@ class Concat(ExpertMethod):
     reference_url = "https://arxiv.org/abs/2510.13999"
 
     class Parameters(MethodParameters):
-        num_experts: Optional[PositiveInt] = Field(
+        num_experts: PositiveInt | None = Field(
             None, description="experts kept per layer, m (default: the model's top-k)"
         )
         score: Score = Field("contribution", description="how experts are ranked")

@@ -10,7 +10,7 @@ accumulated in float32 (float64 if any input is), whatever the experts' dtype.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -24,7 +24,9 @@ def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> t
     copy of every expert, one pass over its memory (the merge is memory-bound).
     """
     if not tensors or len(tensors) != len(weights):
-        raise ValueError(f"weighted_sum needs one weight per tensor (got {len(tensors)} tensors, {len(weights)} weights)")
+        raise ValueError(
+            f"weighted_sum needs one weight per tensor (got {len(tensors)} tensors, {len(weights)} weights)"
+        )
     first = tensors[0]
     if any(t.shape != first.shape for t in tensors):
         raise ValueError(f"expert shapes differ: {[tuple(t.shape) for t in tensors]}")

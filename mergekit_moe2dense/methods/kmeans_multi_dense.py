@@ -27,7 +27,7 @@ plan's `weights` and `layers` are cluster 0's, its `clusters` all k. See
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -71,14 +71,14 @@ class KMeansMultiDense(ExpertMethod):
         )
         features: Literal["logits", "probs"] = Field("logits", description="router vectors clustered per token")
         temperature: Temperature = Field(1.0, description="softmax temperature over experts")
-        top_k: Optional[PositiveInt] = Field(None, description="probs: experts kept per token (default: the model's)")
+        top_k: PositiveInt | None = Field(None, description="probs: experts kept per token (default: the model's)")
         renormalize: bool = Field(True, description="probs: renormalise the kept k probabilities per token")
         n_init: PositiveInt = Field(4, description="k-means restarts")
         seed: int = Field(0, description="k-means seed")
         output: Literal["dense", "moe"] = Field(
             "dense", description="k dense models in cluster_j/, or one k-expert MoE"
         )
-        moe_top_k: Optional[PositiveInt] = Field(None, description="moe: experts per token (default: min(2, k))")
+        moe_top_k: PositiveInt | None = Field(None, description="moe: experts per token (default: min(2, k))")
         router: Literal["closed_form", "fitted"] = Field("closed_form", description="moe: how the new router is set")
 
     def complete(self, params, *, num_experts, top_k):

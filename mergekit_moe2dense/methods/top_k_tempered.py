@@ -18,7 +18,7 @@ for that layer, which is never all-zero, and logs a warning naming those layers.
 from __future__ import annotations
 
 import logging
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -53,7 +53,7 @@ class TopKTempered(WeightedMerge):
 
     class Parameters(MethodParameters):
         temperature: Temperature = Field(0.5, description="softmax temperature before the mask")
-        top_k: Optional[PositiveInt] = Field(None, description="experts kept per token (default: the model's)")
+        top_k: PositiveInt | None = Field(None, description="experts kept per token (default: the model's)")
         renormalize: bool = Field(True, description="renormalise the kept k probabilities per token")
         aggregate: Literal["mean", "median"] = Field("mean", description="how tokens are aggregated per layer")
 

@@ -9,7 +9,7 @@ import os
 import shutil
 from abc import ABC, abstractmethod
 from math import prod
-from typing import TYPE_CHECKING, Any, Dict, Optional
+from typing import TYPE_CHECKING, Any
 
 import torch
 from mergekit.common import dtype_from_name
@@ -41,28 +41,28 @@ class Output(ABC):
     `MethodPlan` into what is written (it may run the re-fit); `write` writes that into
     the staging directory, which the job publishes."""
 
-    def check(self, job: "ConversionJob") -> None:
+    def check(self, job: ConversionJob) -> None:  # noqa: B027 (optional hook: most outputs need no check)
         """Refusals that need only the config and the model (before calibration)."""
 
-    def reported_weights(self, result: "MethodPlan") -> torch.Tensor:
+    def reported_weights(self, result: MethodPlan) -> torch.Tensor:
         """The expert weights the library's result reports: [L, E], or [k, L, E]."""
         return result.weights
 
     @abstractmethod
-    def plan(self, job: "ConversionJob", result: "MethodPlan", stats) -> Any:
+    def plan(self, job: ConversionJob, result: MethodPlan, stats) -> Any:
         """What the graph will write."""
 
     @abstractmethod
-    def write(self, job: "ConversionJob", planned: Any, staging: str) -> None:
+    def write(self, job: ConversionJob, planned: Any, staging: str) -> None:
         """A complete output in `staging`."""
 
-    def estimated_bytes(self, job: "ConversionJob") -> Optional[int]:
+    def estimated_bytes(self, job: ConversionJob) -> int | None:
         """At least what the output will hold (None: unknown): by default one dense model
         whose MLPs are one expert wide (concatenations are wider)."""
         return output_bytes(job, experts_per_layer=1)
 
 
-def output_bytes(job: "ConversionJob", experts_per_layer: int) -> Optional[int]:
+def output_bytes(job: ConversionJob, experts_per_layer: int) -> int | None:
     """Bytes of the source's tensors outside the sparse blocks, plus `experts_per_layer`
     experts (and the shared experts) per MoE layer, in the output dtype (None for pickle
     checkpoints, whose sizes only a full read tells)."""
@@ -80,7 +80,7 @@ def output_bytes(job: "ConversionJob", experts_per_layer: int) -> Optional[int]:
     return sum(prod(reader.shape(piece)) * itemsize for piece in pieces)
 
 
-def write_weights_file(directory: str, job: "ConversionJob", payload: Dict[str, Any]) -> None:
+def write_weights_file(directory: str, job: ConversionJob, payload: dict[str, Any]) -> None:
     """expert_weights.json: the method, its parameters, the MoE layers, and `payload`."""
     content = {
         "method": job.config.merge_method,
@@ -92,7 +92,7 @@ def write_weights_file(directory: str, job: "ConversionJob", payload: Dict[str, 
         json.dump(content, handle, indent=1)
 
 
-def write_model_files(directory: str, job: "ConversionJob", config) -> None:
+def write_model_files(directory: str, job: ConversionJob, config) -> None:
     """config.json (in the output dtype) and the tokenizer files, beside the weights."""
     if job.out_dtype:
         config.dtype = job.out_dtype

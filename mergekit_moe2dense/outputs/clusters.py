@@ -56,7 +56,9 @@ class DenseModels(Output):
         summary = {
             "method": job.config.merge_method,
             "parameters": job.params.model_dump(mode="json"),
-            "clusters": [{"path": cluster_dir(i), "token_share": m.extra["token_share"]} for i, m in enumerate(planned)],
+            "clusters": [
+                {"path": cluster_dir(i), "token_share": m.extra["token_share"]} for i, m in enumerate(planned)
+            ],
         }
         with open(os.path.join(staging, SUMMARY_FILE), "w", encoding="utf-8") as handle:
             json.dump(summary, handle, indent=1)

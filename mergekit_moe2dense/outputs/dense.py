@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
 
 import torch
 
@@ -25,9 +24,9 @@ LOG = logging.getLogger(__name__)
 @dataclass
 class DensePlan:
     weights: torch.Tensor  # [L, E], what expert_weights.json reports
-    layers: List[LayerPlan]
-    fitted: Dict[str, torch.Tensor] = field(default_factory=dict)  # dense tensor name -> re-fitted value
-    extra: Optional[dict] = None  # more keys for expert_weights.json and the card (e.g. a cluster's share)
+    layers: list[LayerPlan]
+    fitted: dict[str, torch.Tensor] = field(default_factory=dict)  # dense tensor name -> re-fitted value
+    extra: dict | None = None  # more keys for expert_weights.json and the card (e.g. a cluster's share)
 
 
 class DenseModel(Output):
@@ -78,7 +77,9 @@ class DenseModel(Output):
         padded = set(widths) != {width} or (dense_width is not None and dense_width != width)
         with computed_tensors(planned.fitted) as fitted:
             run_graph(
-                plan_dense_merge(job.io, source, planned.layers, staging, width=width if padded else None, fitted=fitted),
+                plan_dense_merge(
+                    job.io, source, planned.layers, staging, width=width if padded else None, fitted=fitted
+                ),
                 job.options,
             )
         write_model_files(staging, job, family.dense_config(source.config, intermediate_size=width))
@@ -94,4 +95,3 @@ def _plan_width(source, plan: LayerPlan) -> int:
         source.reader.shape((layer.shared_experts[b.shared] if b.shared is not None else layer.experts[0])["gate"])[0]
         for b in plan.blocks
     )
-

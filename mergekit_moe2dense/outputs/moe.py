@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict
 
 import torch
 
@@ -22,7 +21,7 @@ from mergekit_moe2dense.reassemble import closed_form_router, fitted_router, pla
 @dataclass
 class MoEPlan:
     clusters: object  # methods.kmeans_multi_dense.ClusterWeights
-    routers: Dict[str, torch.Tensor]  # the new router [k, H] of every MoE layer, by output name
+    routers: dict[str, torch.Tensor]  # the new router [k, H] of every MoE layer, by output name
 
     @property
     def weights(self) -> torch.Tensor:
