@@ -16,6 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import signal
+import sys
+import threading
 
 import click
 
@@ -31,6 +35,27 @@ class Interrupted(click.ClickException):
 
     def __init__(self):
         super().__init__("interrupted")
+
+
+def _interrupted_before_main(_signum, _frame):
+    """Ctrl-C after this module is imported but before the command group starts (the console
+    script's wrapper still runs a few lines): nothing to clean up yet, so exit at once."""
+    sys.stderr.write("Error: interrupted\n")
+    sys.stderr.flush()
+    os._exit(INTERRUPTED_EXIT_CODE)
+
+
+def _started_as_console_script() -> bool:
+    return os.path.basename(sys.argv[0] if sys.argv else "").startswith("mergekit-moe2dense")
+
+
+# Only for the console script: a library or test importing this module keeps Python's handler.
+if (
+    _started_as_console_script()
+    and threading.current_thread() is threading.main_thread()
+    and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+):
+    signal.signal(signal.SIGINT, _interrupted_before_main)
 
 
 @contextlib.contextmanager
@@ -61,6 +86,12 @@ class DefaultCommandGroup(click.Group):
     """
 
     default_command = "merge"
+
+    def main(self, *args, **kwargs):
+        # From here on an interrupt is a KeyboardInterrupt again, so cleanups (staging) run.
+        if signal.getsignal(signal.SIGINT) is _interrupted_before_main:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        return super().main(*args, **kwargs)
 
     def list_commands(self, ctx):
         return sorted({*self.commands, self.default_command})

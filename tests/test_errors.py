@@ -389,6 +389,26 @@ def test_sigint_during_startup_imports(random_moe, calib_dir, tmp_path):
     assert_no_output(tmp_path, out)
 
 
+def test_sigint_between_import_and_main_is_one_line():
+    """The console script's wrapper runs a few lines between importing the CLI and calling it."""
+    script = (
+        "import os, signal, sys, time\n"
+        "sys.argv = ['mergekit-moe2dense']\n"
+        "import mergekit_moe2dense.cli\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "time.sleep(30)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.strip() == "Error: interrupted"
+
+
+def test_importing_the_cli_elsewhere_keeps_pythons_interrupt_handler():
+    script = "import signal\nimport mergekit_moe2dense.cli\nprint(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "True", done.stderr
+
+
 # -- 7. calibration / evaluation windows longer than the model's positions -------------
 
 
