@@ -53,8 +53,9 @@ class ReadTensor(Task[torch.Tensor]):
         return self.tensor
 
     def execute(self) -> torch.Tensor:
-        value = open_readers.get(self.model).read(self.tensor)
-        if self.dtype and (dtype := dtype_from_name(self.dtype)) != value.dtype:
+        dtype = dtype_from_name(self.dtype) if self.dtype else None
+        value = open_readers.get(self.model).read(self.tensor, dtype=dtype)  # quantized: dequantized to dtype
+        if dtype is not None and dtype != value.dtype:
             value = value.to(dtype)
         return value
 

@@ -14,6 +14,9 @@ from mergekit_moe2dense.families.qwen2_moe import QWEN2_MOE
 from mergekit_moe2dense.families.qwen3_moe import QWEN3_MOE
 from mergekit_moe2dense.families.spec import ExpertSlice
 
+# quantization_config.quant_method values the checkpoint reader dequantizes (checkpoint.TensorReader)
+DEQUANTIZED_FORMATS = ("fp8", "mxfp4")
+
 FAMILIES: list[MoEFamily] = [MIXTRAL, QWEN3_MOE, QWEN2_MOE, DEEPSEEK_V2, DEEPSEEK_V3, OLMOE]
 
 # Sparse model types we know of but cannot convert yet, with the reason.
@@ -39,13 +42,14 @@ def get_family(config: transformers.PretrainedConfig) -> MoEFamily:
     supported = ", ".join(supported_families())
     quantization = getattr(config, "quantization_config", None)
     if quantization:
-        method = (
-            quantization.get("quant_method", "?") if isinstance(quantization, dict) else type(quantization).__name__
-        )
-        raise UnsupportedModelError(
-            f"model_type {model_type!r} has quantized weights (quantization_config: {method}); "
-            "experts cannot be merged in quantized or FP8 form: dequantize the checkpoint first"
-        )
+        if not isinstance(quantization, dict):
+            quantization = quantization.to_dict() if hasattr(quantization, "to_dict") else {}
+        method = quantization.get("quant_method", "?")
+        if method not in DEQUANTIZED_FORMATS:
+            raise UnsupportedModelError(
+                f"model_type {model_type!r} has quantized weights (quantization_config: {method}); only block-wise "
+                f"FP8 (fp8, weight_scale_inv) and MXFP4 (mxfp4) are dequantized on read: dequantize the checkpoint first"
+            )
     for family in FAMILIES:
         if family.supports(config):
             reason = family.unsupported_reason(config)
@@ -75,6 +79,7 @@ def _looks_sparse(config: transformers.PretrainedConfig) -> bool:
 
 
 __all__ = [
+    "DEQUANTIZED_FORMATS",
     "FAMILIES",
     "PROJECTIONS",
     "ExpertSlice",

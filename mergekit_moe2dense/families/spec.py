@@ -29,19 +29,35 @@ class ExpertSlice:
     """One expert's projection inside a checkpoint tensor.
 
     `expert` indexes dim 0 of a fused `[E, ...]` tensor (None: the tensor holds
-    one expert); `rows` selects a row range (fused gate_up keeps gate rows first).
+    one expert); `transposed` says the expert's matrix is stored `[in, out]`
+    (GPT-OSS, Llama 4), so it is transposed first; `rows` then selects a row range
+    (fused gate_up keeps gate rows first), every `step`-th row (interleaved gate/up
+    rows: step 2).
     """
 
     tensor: str
     expert: int | None = None
     rows: tuple[int, int] | None = None
+    transposed: bool = False
+    step: int = 1
 
     def take(self, value):
         if self.expert is not None:
             value = value[self.expert]
+        return self.within(value)
+
+    def within(self, value):
+        """The selection inside one expert's tensor (a view)."""
+        if self.transposed:
+            value = value.transpose(0, 1)
         if self.rows is not None:
-            value = value[self.rows[0] : self.rows[1]]
+            value = value[self.rows[0] : self.rows[1] : self.step]
         return value
+
+    @property
+    def contiguous(self) -> bool:
+        """Whether the selected bytes are one contiguous range of the stored tensor."""
+        return not self.transposed and self.step == 1
 
 
 @dataclass(frozen=True)
