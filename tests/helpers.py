@@ -240,3 +240,26 @@ def save_dequantized(source: Path, path: Path, reference: dict) -> Path:
     state.update({name: value.to(state[name].dtype) for name, value in reference.items()})
     save_file(state, os.fspath(path / "model.safetensors"), metadata={"format": "pt"})
     return path
+
+
+def quantize_mxfp4_checkpoint(source: Path, path: Path) -> tuple[Path, dict]:
+    """A copy of a float GPT-OSS checkpoint with its expert matrices in MXFP4, as the release ships
+    them: `mlp.experts.{gate_up,down}_proj` [E, in, out] become `*_blocks` [E, out, in/32, 16] and
+    `*_scales` [E, out, in/32]; `quantization_config` {mxfp4}. Returns the path and the exactly
+    dequantized tensors (name -> [E, in, out] float32), the reference."""
+    from safetensors.torch import load_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    state = load_file(os.fspath(source / "model.safetensors"))
+    out, reference = {}, {}
+    for name, value in state.items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            blocks, scales, exact = mxfp4_quantize(value.transpose(1, 2))
+            out[name + "_blocks"], out[name + "_scales"] = blocks, scales
+            reference[name] = exact.transpose(1, 2).contiguous()
+        else:
+            out[name] = value
+    save_file(out, os.fspath(path / "model.safetensors"), metadata={"format": "pt"})
+    not_converted = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]
+    _copy_with_quantization(source, path, {"quant_method": "mxfp4", "modules_to_not_convert": not_converted})
+    return path, reference

@@ -13,7 +13,14 @@ from mergekit.common import ModelReference
 from mergekit.options import MergeOptions
 from safetensors import safe_open
 
-from helpers import expand_blocks, logits_of, make_config, quantize_fp8_checkpoint, save_dequantized
+from helpers import (
+    expand_blocks,
+    logits_of,
+    make_config,
+    quantize_fp8_checkpoint,
+    quantize_mxfp4_checkpoint,
+    save_dequantized,
+)
 from mergekit_moe2dense.build import build_dense
 from mergekit_moe2dense.checkpoint import ShapeMismatchError, SourceModel, TensorReader, read_index
 from mergekit_moe2dense.config import ConfigError
@@ -103,3 +110,45 @@ def test_other_quantization_formats_are_refused(method):
 
 def _with_engine(config, engine: str):
     return config.model_copy(update={"calibration": config.calibration.model_copy(update={"engine": engine})})
+
+
+@pytest.fixture(scope="module")
+def mxfp4_moe(tmp_path_factory, tokenizer_dir):
+    """(float GPT-OSS, its MXFP4 copy, the exactly dequantized GPT-OSS, the dequantized tensors)."""
+    root = tmp_path_factory.mktemp("mxfp4")
+    moe = make_family_moe("gpt_oss", root / "moe", tokenizer_dir, identical=True)
+    quantized, reference = quantize_mxfp4_checkpoint(moe, root / "mxfp4")
+    return moe, quantized, save_dequantized(moe, root / "deq", reference), reference
+
+
+def test_mxfp4_dequantizes_to_the_reference_within_the_format_error(mxfp4_moe):
+    moe, quantized, _, reference = mxfp4_moe
+    reader = TensorReader(read_index(str(quantized)))
+    assert len(reference) == 2 * 3  # gate_up and down of every layer
+    with safe_open(str(moe / "model.safetensors"), "pt") as original:
+        for name, exact in reference.items():
+            assert name in reader.index.tensor_paths and name + "_blocks" not in reader.index.tensor_paths
+            value = reader.read(name, dtype=torch.float32)
+            torch.testing.assert_close(value, exact, rtol=0, atol=0)  # transformers' dequantization, bit for bit
+            for expert in (0, 3):  # one expert's bytes only, in the model's dtype (config.json: float32)
+                torch.testing.assert_close(reader.read_slice(ExpertSlice(name, expert)), exact[expert], rtol=0, atol=0)
+            torch.testing.assert_close(reader.read(name, dtype=torch.bfloat16), exact.bfloat16(), rtol=0, atol=0)
+            weight = original.get_tensor(name)
+            assert reader.shape(ExpertSlice(name)) == tuple(weight.shape)
+            # E2M1 with a shared power-of-two scale per 32 inputs: error <= half the group's largest magnitude
+            groups = weight.transpose(1, 2).unflatten(-1, (-1, 32))
+            bound = (groups.abs().amax(-1, keepdim=True) / 2).expand_as(groups).flatten(-2).transpose(1, 2)
+            assert bool(((value - weight).abs() <= bound + 1e-12).all()), name
+
+
+@pytest.mark.parametrize("engine", ["auto", "layerwise"])
+def test_mxfp4_gpt_oss_converts_to_the_dequantized_moe(mxfp4_moe, calib_dir, tmp_path, engine):
+    _, quantized, dequantized, _ = mxfp4_moe
+    out = tmp_path / "dense"
+    build_dense(_with_engine(make_config(quantized, "router_weighted", calib_dir), engine), str(out), OPTIONS)
+    written = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in written
+    assert (written["num_local_experts"], written["num_experts_per_tok"]) == (1, 1)
+    with safe_open(str(out / "model.safetensors"), "pt") as handle:
+        assert not any(name.endswith(("_blocks", "_scales")) for name in handle.keys())
+    torch.testing.assert_close(logits_of(out, IDS), logits_of(dequantized, IDS), rtol=0, atol=1e-5)

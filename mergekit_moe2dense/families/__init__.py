@@ -8,6 +8,7 @@ import transformers
 
 from mergekit_moe2dense.families.base import PROJECTIONS, MoEFamily, MoELayer, UnsupportedModelError
 from mergekit_moe2dense.families.deepseek import DEEPSEEK_V2, DEEPSEEK_V3
+from mergekit_moe2dense.families.gpt_oss import GPT_OSS
 from mergekit_moe2dense.families.mixtral import MIXTRAL
 from mergekit_moe2dense.families.olmoe import OLMOE
 from mergekit_moe2dense.families.qwen2_moe import QWEN2_MOE
@@ -17,7 +18,7 @@ from mergekit_moe2dense.families.spec import ExpertSlice
 # quantization_config.quant_method values the checkpoint reader dequantizes (checkpoint.TensorReader)
 DEQUANTIZED_FORMATS = ("fp8", "mxfp4")
 
-FAMILIES: list[MoEFamily] = [MIXTRAL, QWEN3_MOE, QWEN2_MOE, DEEPSEEK_V2, DEEPSEEK_V3, OLMOE]
+FAMILIES: list[MoEFamily] = [MIXTRAL, QWEN3_MOE, QWEN2_MOE, DEEPSEEK_V2, DEEPSEEK_V3, OLMOE, GPT_OSS]
 
 # Sparse model types we know of but cannot convert yet, with the reason.
 KNOWN_UNSUPPORTED = {
@@ -25,7 +26,6 @@ KNOWN_UNSUPPORTED = {
         "PhiMoE's sparsemixer routing has no exact dense equivalent, "
         "and no single-expert PhiMoE target either (its sparsemixer gives NaN with one expert)"
     ),
-    "gpt_oss": "GPT-OSS experts use a clamped SwiGLU with biases and its router has a bias; not supported yet",
     "dbrx": "DBRX stores its experts in its own fused layout and clips qkv in a way no dense target shares; not supported yet",
     "llama4": "Llama 4 interleaves MoE and dense layers with a sigmoid top-1 router applied to the input; not supported yet",
     "jamba": "Jamba is a hybrid Mamba/attention MoE; not supported yet",
