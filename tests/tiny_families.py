@@ -97,6 +97,26 @@ FAMILY_SPECS = {
         transformers.OlmoeForCausalLM,
         dict(intermediate_size=24, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, num_hidden_layers=2),
     ),
+    "qwen3_next": (
+        transformers.Qwen3NextConfig,
+        transformers.Qwen3NextForCausalLM,
+        dict(
+            intermediate_size=40,
+            moe_intermediate_size=24,
+            shared_expert_intermediate_size=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            mlp_only_layers=[0],
+            head_dim=8,
+            layer_types=["linear_attention", "full_attention", "linear_attention"],
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+            linear_key_head_dim=8,
+            linear_value_head_dim=8,
+            linear_conv_kernel_dim=4,
+        ),
+    ),
     "gpt_oss": (
         transformers.GptOssConfig,
         transformers.GptOssForCausalLM,
@@ -160,7 +180,7 @@ def make_family_moe(
             for bias in (getattr(router, "bias", None), *_expert_biases(mlp.experts)):
                 if bias is not None:
                     bias.normal_(0, 0.1 if router_std else 0.0)
-            if hasattr(layer.self_attn, "sinks"):  # GPT-OSS's attention sinks
+            if hasattr(getattr(layer, "self_attn", None), "sinks"):  # GPT-OSS's attention sinks
                 layer.self_attn.sinks.normal_(0, 0.5)
             if hasattr(router, "e_score_correction_bias"):
                 router.e_score_correction_bias.normal_(0, 0.1)

@@ -13,12 +13,13 @@ from mergekit_moe2dense.families.mixtral import MIXTRAL
 from mergekit_moe2dense.families.olmoe import OLMOE
 from mergekit_moe2dense.families.qwen2_moe import QWEN2_MOE
 from mergekit_moe2dense.families.qwen3_moe import QWEN3_MOE
+from mergekit_moe2dense.families.qwen3_next import QWEN3_NEXT
 from mergekit_moe2dense.families.spec import ExpertSlice
 
 # quantization_config.quant_method values the checkpoint reader dequantizes (checkpoint.TensorReader)
 DEQUANTIZED_FORMATS = ("fp8", "mxfp4")
 
-FAMILIES: list[MoEFamily] = [MIXTRAL, QWEN3_MOE, QWEN2_MOE, DEEPSEEK_V2, DEEPSEEK_V3, OLMOE, GPT_OSS]
+FAMILIES: list[MoEFamily] = [MIXTRAL, QWEN3_MOE, QWEN2_MOE, DEEPSEEK_V2, DEEPSEEK_V3, OLMOE, GPT_OSS, QWEN3_NEXT]
 
 # Sparse model types we know of but cannot convert yet, with the reason.
 KNOWN_UNSUPPORTED = {
@@ -28,6 +29,18 @@ KNOWN_UNSUPPORTED = {
     ),
     "dbrx": "DBRX stores its experts in its own fused layout and clips qkv in a way no dense target shares; not supported yet",
     "llama4": "Llama 4 interleaves MoE and dense layers with a sigmoid top-1 router applied to the input; not supported yet",
+    "llama4_text": (
+        "Llama 4's top-1 sigmoid router scales the expert's input, not its output, so no dense MLP computes it "
+        "exactly; not supported yet"
+    ),
+    "qwen3_5_moe": (
+        "Qwen3.5-MoE builds a sparse block in every decoder layer (no mlp_only_layers), so it has no dense form "
+        "of its own, and its dense sibling is not verified yet; not supported yet"
+    ),
+    "qwen3_5_moe_text": (
+        "Qwen3.5-MoE builds a sparse block in every decoder layer (no mlp_only_layers), so it has no dense form "
+        "of its own, and its dense sibling is not verified yet; not supported yet"
+    ),
     "jamba": "Jamba is a hybrid Mamba/attention MoE; not supported yet",
 }
 

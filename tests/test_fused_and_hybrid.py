@@ -1,6 +1,6 @@
 # Copyright (C) 2026 the mergekit-moe2dense authors
 # SPDX-License-Identifier: LGPL-3.0-only
-"""GPT-OSS: transposed, interleaved fused experts with biases, streamed and merged."""
+"""GPT-OSS (transposed, interleaved fused experts with biases) and the hybrid Qwen3-Next, streamed and merged."""
 
 from __future__ import annotations
 
@@ -43,16 +43,19 @@ def test_slices_read_each_expert_as_its_linear_weights(random_gpt_oss):
     assert "model.layers.1.mlp.router.bias" in layer.consumed
 
 
-def test_layerwise_statistics_equal_full_forward(random_gpt_oss, calib_dir):
-    """The stream fills the transposed, interleaved in-memory tensors and biases from the checkpoint."""
+@pytest.mark.parametrize("family", ["gpt_oss", "qwen3_next"])
+def test_layerwise_statistics_equal_full_forward(family, calib_dir, tmp_path, tokenizer_dir):
+    """The stream fills GPT-OSS's transposed, interleaved in-memory tensors and biases from the
+    checkpoint, and passes each layer its own mask (sliding / full; linear / full attention)."""
+    moe = make_family_moe(family, tmp_path / "moe", tokenizer_dir)
 
     def calibration(engine):
         return CalibrationConfig(
             dataset=str(calib_dir), num_samples=6, seq_len=24, batch_size=3, max_token_samples=50, engine=engine
         )
 
-    _, batches = load_calibration_batches(str(random_gpt_oss), calibration("full"))
-    source = SourceModel.open(ModelReference.parse(str(random_gpt_oss)))
+    _, batches = load_calibration_batches(str(moe), calibration("full"))
+    source = SourceModel.open(ModelReference.parse(str(moe)))
     full = collect_statistics(source, batches, calibration("full"), progress=False)
     streamed = collect_statistics(source, batches, calibration("layerwise"), progress=False)
     for name in ("logit_sum", "gate_sum", "contribution_sum", "samples"):
