@@ -13,7 +13,7 @@ import queue
 import re
 import struct
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from math import prod
 from typing import Any
 
@@ -23,7 +23,7 @@ from mergekit.common import ModelReference
 from mergekit.io.lazy_tensor_loader import LazyTensorLoader, ShardedTensorIndex
 
 from mergekit_moe2dense.errors import Moe2DenseError
-from mergekit_moe2dense.families import ExpertSlice, MoEFamily, MoELayer, get_family
+from mergekit_moe2dense.families import DEQUANTIZED_FORMATS, ExpertSlice, MoEFamily, MoELayer, get_family
 
 
 class CheckpointError(Moe2DenseError, ValueError):
@@ -57,6 +57,7 @@ class SourceModel:
         family = get_family(config)
         index = read_index(path)
         check_shards(index)
+        check_quantized(index)
         check_shapes(config, family, index)
         return cls(reference, path, config, family, index)
 
@@ -96,7 +97,41 @@ _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
     "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }  # fmt: skip
+if hasattr(torch, "float8_e8m0fnu"):  # power-of-two FP8 scales (ue8m0)
+    _SAFETENSORS_DTYPES["F8_E8M0"] = torch.float8_e8m0fnu
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """A logical checkpoint tensor stored quantized, dequantized by `TensorReader` on read.
+
+    `fp8`: block-wise FP8 (DeepSeek-V3, Qwen3 FP8): `data` is the FP8 weight, `scales`
+    its `{name}_scale_inv` (one multiplier per `block` of rows x columns, or one per
+    tensor when `block` is None). `mxfp4` (GPT-OSS): `data` is `{name}_blocks`
+    [E, out, in/32, 16] (two FP4 values a byte), `scales` `{name}_scales` [E, out, in/32]
+    (power-of-two exponents + 127); the logical tensor is transformers' in-memory
+    [E, in, out].
+    """
+
+    kind: str
+    data: str
+    scales: str
+    block: tuple[int, int] | None = None
+
+
+@dataclass
+class SourceIndex(ShardedTensorIndex):
+    """mergekit's index of the checkpoint, with quantized tensors under their logical names:
+    `tensor_paths` lists what the model holds (a scale tensor is no tensor of the model, so
+    it is neither resolved nor copied); `stored` maps the raw data and scale tensors to
+    their shards; `dtype` is what quantized tensors dequantize to when the caller names none
+    (the config's `dtype`)."""
+
+    quantized: dict[str, QuantizedTensor] = field(default_factory=dict)
+    stored: dict[str, str] = field(default_factory=dict)
+    dtype: torch.dtype = torch.bfloat16
 
 
 class TensorReader:
@@ -137,26 +172,59 @@ class TensorReader:
     def _shard_paths(self) -> list[str]:
         return sorted(os.path.join(self.index.base_path, shard.filename) for shard in self.index.shards)
 
-    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The whole tensor `name`, written into `out` (any dtype, device) if given."""
-        return self.read_slice(ExpertSlice(name), out)
+    def read(self, name: str, out: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The whole tensor `name`, written into `out` (any dtype, device) if given; a
+        quantized tensor is dequantized to `out`'s dtype, else `dtype`, else the model's."""
+        return self.read_slice(ExpertSlice(name), out, dtype)
 
     def shape(self, piece: ExpertSlice) -> tuple[int, ...]:
         """The shape of `piece`, from the shard's header (no tensor data is read)."""
         if self._fallback is not None:
             return tuple(piece.take(self._fallback.get_tensor(piece.tensor)).shape)
-        return self._locate(piece)[3]
+        if piece.contiguous and piece.tensor not in self._quantized:
+            return self._locate(piece)[3]
+        return tuple(piece.take(torch.empty(self._logical_shape(piece.tensor), device="meta")).shape)
 
     def nbytes(self, piece: ExpertSlice) -> int:
-        """Stored size of `piece` in bytes, from a safetensors shard's header."""
+        """Size of `piece` in bytes as read (stored, or dequantized), from a safetensors shard's header."""
+        if piece.tensor in self._quantized or not piece.contiguous:
+            return prod(self.shape(piece)) * self._logical_dtype(piece.tensor).itemsize
         _, _, dtype, shape = self._locate(piece)
         return prod(shape) * dtype.itemsize
 
-    def read_slice(self, piece: ExpertSlice, out: torch.Tensor | None = None) -> torch.Tensor:
-        """One expert's projection (`piece.take` of its tensor), into `out` if given."""
+    @property
+    def _quantized(self) -> dict[str, QuantizedTensor]:
+        return getattr(self.index, "quantized", {})
+
+    def read_slice(
+        self, piece: ExpertSlice, out: torch.Tensor | None = None, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """One expert's projection (`piece.take` of its tensor), into `out` if given.
+
+        Quantized tensors are read (one expert's bytes and scales, for an expert of a
+        fused tensor) and dequantized with transformers' own code to `out`'s dtype, else
+        `dtype`, else the model's; strided or transposed slices read their expert's
+        contiguous bytes and select from those."""
         if self._fallback is not None:
             value = piece.take(self._fallback.get_tensor(piece.tensor))
             return value if out is None else out.copy_(value)
+        if piece.tensor in self._quantized:
+            target_dtype = out.dtype if out is not None else dtype or self.index.dtype
+            value = piece.within(self._dequantize(piece.tensor, piece.expert, target_dtype))
+        elif not piece.contiguous:
+            value = piece.within(self._read_bytes(ExpertSlice(piece.tensor, piece.expert)))
+        else:
+            return self._read_bytes(piece, out)
+        if out is None:
+            return value.contiguous()
+        if tuple(out.shape) != tuple(value.shape):
+            raise CheckpointError(
+                f"{piece.tensor}: checkpoint shape {list(value.shape)}, model expects {list(out.shape)}"
+            )
+        return out.copy_(value)
+
+    def _read_bytes(self, piece: ExpertSlice, out: torch.Tensor | None = None) -> torch.Tensor:
+        """A contiguous piece as stored, with plain reads (into `out` when dtypes match)."""
         path, start, dtype, shape = self._locate(piece)
         direct = out is not None and out.dtype == dtype and out.device.type == "cpu" and out.is_contiguous()
         if direct and tuple(out.shape) != shape:
@@ -176,20 +244,55 @@ class TensorReader:
             return target
         return out.copy_(target)
 
-    def _locate(self, piece: ExpertSlice) -> tuple[str, int, torch.dtype, tuple[int, ...]]:
-        """The shard, absolute byte offset, dtype and shape of `piece`."""
-        if piece.tensor not in self.index.tensor_paths:
-            raise KeyError(piece.tensor)
-        path = os.path.join(self.index.base_path, self.index.tensor_paths[piece.tensor])
+    def _dequantize(self, name: str, expert: int | None, dtype: torch.dtype) -> torch.Tensor:
+        """The logical tensor `name` (or its expert `expert`) dequantized to `dtype`."""
+        quantized = self._quantized[name]
+        data = self._read_bytes(ExpertSlice(quantized.data, expert))
+        scales = self._read_bytes(ExpertSlice(quantized.scales, expert))
+        if quantized.kind == "fp8":
+            from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
+
+            block = list(quantized.block) if quantized.block is not None else None
+            return _dequantize_fp8_weight(data, scales, block, dtype)
+        from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+        if expert is not None:  # transformers dequantizes [E, out, in/32, 16]: one expert as E = 1
+            return convert_moe_packed_tensors(data[None], scales[None], dtype=dtype)[0]
+        return convert_moe_packed_tensors(data, scales, dtype=dtype)
+
+    def _stored_entry(self, name: str) -> tuple[str, int, torch.dtype, tuple[int, ...]]:
+        """Shard path, absolute data offset, dtype and shape of a stored tensor."""
+        shard = self.index.tensor_paths.get(name) or getattr(self.index, "stored", {}).get(name)
+        if shard is None:
+            raise KeyError(name)
+        path = os.path.join(self.index.base_path, shard)
         if path not in self._headers:
             self._headers[path] = _read_header(path)
         data_start, header = self._headers[path]
-        entry = header[piece.tensor]
+        entry = header[name]
         if entry["dtype"] not in _SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{piece.tensor}: unsupported dtype {entry['dtype']}")
-        dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
-        shape = tuple(entry["shape"])
-        offset = data_start + entry["data_offsets"][0]
+            raise CheckpointError(f"{name}: unsupported dtype {entry['dtype']}")
+        return path, data_start + entry["data_offsets"][0], _SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"])
+
+    def _logical_shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape as the model holds it (a dequantized tensor's, for quantized ones)."""
+        quantized = self._quantized.get(name)
+        if quantized is None:
+            return self._stored_entry(name)[3]
+        shape = self._stored_entry(quantized.data)[3]
+        if quantized.kind == "fp8":
+            return shape
+        *prefix, groups, packed = shape  # mxfp4: [E, out, in/32, 16] holds [E, in, out]
+        return (prefix[0], groups * packed * 2, *prefix[1:])
+
+    def _logical_dtype(self, name: str) -> torch.dtype:
+        return self.index.dtype if name in self._quantized else self._stored_entry(name)[2]
+
+    def _locate(self, piece: ExpertSlice) -> tuple[str, int, torch.dtype, tuple[int, ...]]:
+        """The shard, absolute byte offset, dtype and shape of a contiguous stored `piece`."""
+        if piece.tensor not in self.index.tensor_paths and piece.tensor not in getattr(self.index, "stored", {}):
+            raise KeyError(piece.tensor)
+        path, offset, dtype, shape = self._stored_entry(piece.tensor)
         itemsize = dtype.itemsize
         if piece.expert is not None:  # dim 0 of a fused tensor: a contiguous block
             shape = shape[1:]
@@ -313,9 +416,63 @@ def read_index(path: str) -> ShardedTensorIndex:
         for shard in _pickle_shards(path):
             check_pickle_shard(shard)  # before mergekit's loader unpickles it
     try:
-        return ShardedTensorIndex.from_disk(path)
+        index = ShardedTensorIndex.from_disk(path)
     except RuntimeError:
         raise CheckpointError(f"{path} has no model.safetensors or pytorch_model.bin") from None
+    return _logical_index(index, _raw_config(path))
+
+
+def _raw_config(path: str) -> dict:
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as handle:
+            raw = json.load(handle)
+    except (OSError, ValueError):
+        return {}
+    return raw if isinstance(raw, dict) else {}
+
+
+def _logical_index(index: ShardedTensorIndex, config: dict) -> SourceIndex:
+    """`index` with the quantized tensors of an FP8 or MXFP4 checkpoint under their logical
+    names (`SourceIndex`). Whether a checkpoint is quantized, and how, comes from config.json's
+    `quantization_config`; the families refuse the formats not listed in DEQUANTIZED_FORMATS."""
+    quantization = config.get("quantization_config") or {}
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+    dtype = getattr(torch, str(config.get("dtype") or config.get("torch_dtype") or "bfloat16"), torch.bfloat16)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        dtype = torch.bfloat16
+    paths = dict(index.tensor_paths)
+    quantized, stored = {}, {}
+    if method in DEQUANTIZED_FORMATS and not index.is_safetensors:
+        raise CheckpointError(
+            f"{index.base_path}: a {method} checkpoint in pickle format cannot be dequantized on read (use safetensors)"
+        )
+    if method == "fp8":
+        block = quantization.get("weight_block_size")
+        block = tuple(block) if block else None
+        for name in [n for n in paths if n.endswith("_scale_inv")]:
+            data = name.removesuffix("_scale_inv")
+            if data in paths:
+                quantized[data] = QuantizedTensor("fp8", data, name, block)
+                stored[data], stored[name] = paths[data], paths.pop(name)
+        for name in [n for n in paths if n.endswith(".activation_scale")]:  # static activation scales: unused
+            stored[name] = paths.pop(name)
+    elif method == "mxfp4":
+        for name in [n for n in paths if n.endswith("_blocks")]:
+            data, scales = name, name.removesuffix("_blocks") + "_scales"
+            if scales in paths:
+                logical = name.removesuffix("_blocks")
+                quantized[logical] = QuantizedTensor("mxfp4", data, scales)
+                stored[data], stored[scales] = paths.pop(data), paths.pop(scales)
+                paths[logical] = stored[data]
+    return SourceIndex(
+        base_path=index.base_path,
+        is_safetensors=index.is_safetensors,
+        tensor_paths=paths,
+        shards=index.shards,
+        quantized=quantized,
+        stored=stored,
+        dtype=dtype,
+    )
 
 
 def _pickle_shards(path: str) -> list[str]:
@@ -399,6 +556,38 @@ def check_shards(index: ShardedTensorIndex) -> None:
             raise CheckpointError(f"missing shard {shard.filename} in {index.base_path}")
         if index.is_safetensors:
             _check_safetensors_size(path)
+
+
+def check_quantized(index: ShardedTensorIndex) -> None:
+    """Every quantized tensor's data and scales agree (headers only): FP8 data in an FP8
+    dtype with one scale per block (`weight_block_size`, the last block of a dimension
+    may be partial); MXFP4 blocks [E, out, in/32, 16] bytes with scales [E, out, in/32]."""
+    quantized = getattr(index, "quantized", {})
+    if not quantized:
+        return
+    reader = TensorReader(index)
+    for name, q in quantized.items():
+        _, _, data_dtype, data = reader._stored_entry(q.data)
+        _, _, _, scales = reader._stored_entry(q.scales)
+        if q.kind == "fp8":
+            if data_dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+                raise ShapeMismatchError(f"{name} has a {q.scales} but is stored as {data_dtype}, not FP8")
+            if q.block is None:
+                expected = scales if prod(scales) == 1 else (1,)
+            else:
+                expected = (*data[:-2], *(-(-size // block) for size, block in zip(data[-2:], q.block)))
+            what = f"weight_block_size {list(q.block)}" if q.block else "one scale per tensor"
+        else:
+            expected = data[:-1]
+            what = "one exponent per 32 values"
+            if data_dtype != torch.uint8 or len(data) != 4 or data[-1] != 16:
+                raise ShapeMismatchError(
+                    f"{q.data} has shape {list(data)} ({data_dtype}): MXFP4 experts are uint8 [E, out, in/32, 16]"
+                )
+        if tuple(scales) != tuple(expected):
+            raise ShapeMismatchError(
+                f"{q.scales} has shape {list(scales)}, {list(expected)} expected for {name} {list(data)} ({what})"
+            )
 
 
 def check_shapes(config: transformers.PretrainedConfig, family: MoEFamily, index: ShardedTensorIndex) -> None:

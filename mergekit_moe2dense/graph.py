@@ -26,6 +26,7 @@ from mergekit.io.tasks import FinalizeModel, SaveTensor, TensorWriterTask
 
 from mergekit_moe2dense.checkpoint import READAHEAD_BYTES, TensorReader, read_index
 from mergekit_moe2dense.families import PROJECTIONS, ExpertSlice
+from mergekit_moe2dense.families.spec import FusedLayout
 from mergekit_moe2dense.methods.kernel import weighted_sum
 from mergekit_moe2dense.plan import LayerPlan
 
@@ -53,8 +54,9 @@ class ReadTensor(Task[torch.Tensor]):
         return self.tensor
 
     def execute(self) -> torch.Tensor:
-        value = open_readers.get(self.model).read(self.tensor)
-        if self.dtype and (dtype := dtype_from_name(self.dtype)) != value.dtype:
+        dtype = dtype_from_name(self.dtype) if self.dtype else None
+        value = open_readers.get(self.model).read(self.tensor, dtype=dtype)  # quantized: dequantized to dtype
+        if dtype is not None and dtype != value.dtype:
             value = value.to(dtype)
         return value
 
@@ -147,9 +149,47 @@ class PadIntermediate(Task[torch.Tensor]):
             raise RuntimeError(f"cannot pad width {tensor.shape[self.dim]} down to {self.size}")
         if missing == 0:
             return tensor
-        pad = [0, 0, 0, 0]
-        pad[1 if self.dim == 1 else 3] = missing  # F.pad lists the last dimension first
+        pad = [0, 0] * tensor.dim()
+        pad[2 * (tensor.dim() - 1 - self.dim) + 1] = missing  # F.pad lists the last dimension first
         return torch.nn.functional.pad(tensor, pad)
+
+
+class SumBlocks(Task[torch.Tensor]):
+    """Blocks' down-projection biases, each scaled, summed (each block adds its output)."""
+
+    parts: tuple[Task, ...]
+    scales: tuple[float, ...]
+
+    def arguments(self) -> dict[str, Task]:
+        return {f"part_{i}": task for i, task in enumerate(self.parts)}
+
+    def execute(self, **kwargs) -> torch.Tensor:
+        return sum(kwargs[f"part_{i}"] * scale for i, scale in enumerate(self.scales))
+
+
+class FuseExpert(Task[torch.Tensor]):
+    """One tensor of a fused one-expert target ([1, ...]: GPT-OSS with one expert) from the
+    dense projections: each projection written into its slice of the layout (the inverse of
+    the layout's slices, so interleaving and transposition are the family's own)."""
+
+    layout: FusedLayout
+    layer: int
+    tensor: str  # the output tensor's name
+    projections: tuple[str, ...]
+    parts: tuple[Task, ...]
+
+    def arguments(self) -> dict[str, Task]:
+        return {projection: task for projection, task in zip(self.projections, self.parts)}
+
+    def execute(self, **parts) -> torch.Tensor:
+        width, hidden = parts["gate"].shape
+        dims = {"E": 1, "H": hidden, "I": width, "2I": 2 * width}
+        shapes = self.layout.expert_shapes(self.layer, 1)
+        out = torch.zeros([dims[d] for d in shapes[self.tensor]], dtype=parts["gate"].dtype)
+        for projection, piece in self.layout.slices(self.layer, 1, width)[0].items():
+            if piece.tensor == self.tensor:
+                piece.take(out).copy_(parts[projection])
+        return out
 
 
 class ZeroTensor(Task[torch.Tensor]):
@@ -182,18 +222,27 @@ def merge_experts_task(
     )
 
 
+BIASES = ("gate_bias", "up_bias", "down_bias")
+
+
 def projection_task(model: ModelReference, plan: LayerPlan, projection: str, dtype: str | None) -> Task:
-    """One dense projection of a layer: its blocks merged, scaled and concatenated."""
+    """One dense projection of a layer: its blocks merged, scaled and concatenated. An
+    expert bias (`gate_bias`, ...) merges as its weight does: a merged expert's bias is
+    the same weighted sum; down biases of several blocks add up, each scaled as its block."""
     parts, scales = [], []
+    if projection in BIASES and any(block.shared is not None for block in plan.blocks):
+        raise ValueError("expert biases with shared experts are not supported")
     for block in plan.blocks:
         if block.shared is not None:
             slices, weights = [plan.layer.shared_experts[block.shared][projection]], [1.0]
         else:
             slices, weights = [expert[projection] for expert in plan.layer.experts], block.weights
         parts.append(merge_experts_task(model, slices, weights, dtype))
-        scales.append(block.down_scale if projection == "down" else 1.0)
+        scales.append(block.down_scale if projection in ("down", "down_bias") else 1.0)
     if len(parts) == 1 and scales[0] == 1.0:
         return parts[0]
+    if projection == "down_bias":
+        return SumBlocks(parts=tuple(parts), scales=tuple(scales))
     return ConcatBlocks(parts=tuple(parts), dim=1 if projection == "down" else 0, scales=tuple(scales))
 
 
@@ -298,12 +347,21 @@ def plan_dense_merge(
     for plan in plans:
         consumed.update(plan.layer.consumed)
         names = family.dense_mlp_names(plan.layer.index)
-        for projection in PROJECTIONS:
+        tasks = {}
+        for projection in PROJECTIONS + tuple(b for b in BIASES if b in plan.layer.experts[0]):
             if projection in plan.fitted:
                 task = fitted[names[projection]]
             else:
                 task = projection_task(io.model, plan, projection, io.dtype)
-            saves.append(io.save(names[projection], _padded(task, projection, width), writer))
+            tasks[projection] = _padded(task, projection, width)
+        fused = family.dense.fused
+        if fused is None:
+            saves += [io.save(names[projection], tasks[projection], writer) for projection in PROJECTIONS]
+        for name in fused.expert_shapes(plan.layer.index, 1) if fused is not None else ():
+            task = FuseExpert(
+                layout=fused, layer=plan.layer.index, tensor=name, projections=tuple(tasks), parts=tuple(tasks.values())
+            )
+            saves.append(io.save(name, task, writer))
         for name, shape in family.dense_zero_tensors(config, plan.layer.index).items():
             saves.append(io.save(name, ZeroTensor(name=name, shape=tuple(shape)), writer))
     for name in source.tensor_names:
@@ -313,7 +371,7 @@ def plan_dense_merge(
 
 
 def _padded(task: Task, projection: str, width: int | None) -> Task:
-    if width is None:
+    if width is None or projection == "down_bias":  # [H]: no intermediate dimension
         return task
     return PadIntermediate(tensor=task, dim=1 if projection == "down" else 0, size=width)
 

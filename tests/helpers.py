@@ -149,3 +149,117 @@ def assert_one_line_error(result, fragment: str):
     assert "Traceback" not in result.output
     assert re.search(fragment, result.output), result.output
     assert len([line for line in result.output.strip().splitlines() if line.startswith("Error")]) == 1
+
+
+# -- quantized checkpoints (what FP8 and MXFP4 releases ship), made from a float checkpoint ------------------
+FP8_MAX = 448.0  # float8_e4m3fn
+
+
+def _block_scales(weight: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """Per block of the last two dims (the last block of a dim may be partial): amax / FP8_MAX."""
+    rows, cols = weight.shape[-2:]
+    padded = torch.nn.functional.pad(weight.abs(), (0, -cols % block[1], 0, -rows % block[0]))
+    grid = padded.unflatten(-1, (-1, block[1])).unflatten(-3, (-1, block[0]))  # [..., R, b0, C, b1]
+    amax = grid.amax(dim=(-3, -1))
+    return torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax)).float()
+
+
+def expand_blocks(scales: torch.Tensor, shape, block: tuple[int, int]) -> torch.Tensor:
+    rows, cols = shape[-2:]
+    return scales.repeat_interleave(block[0], dim=-2).repeat_interleave(block[1], dim=-1)[..., :rows, :cols]
+
+
+def fp8_quantize(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-wise FP8 (DeepSeek-V3's format): the e4m3 weight and its `weight_scale_inv`."""
+    scales = _block_scales(weight.float(), block)
+    quantized = (weight.float() / expand_blocks(scales, weight.shape, block)).clamp(-FP8_MAX, FP8_MAX)
+    return quantized.to(torch.float8_e4m3fn), scales
+
+
+FP4_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def mxfp4_quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MXFP4 (OCP microscaling, GPT-OSS's experts) of `weight` [E, out, in]: blocks [E, out, in/32, 16]
+    (two E2M1 values a byte, the even one in the low nibble), scales [E, out, in/32] (exponent + 127),
+    and the exact dequantized value [E, out, in]."""
+    groups = weight.float().unflatten(-1, (-1, 32))  # [E, out, G, 32]
+    amax = groups.abs().amax(-1, keepdim=True).clamp(min=2.0**-126)
+    exponent = torch.floor(torch.log2(amax)) - 2  # the largest FP4 magnitude is 6 = 1.5 * 2**2
+    scaled = groups / torch.exp2(exponent)
+    codes = (scaled[..., None] - FP4_VALUES).abs().argmin(-1)  # nearest E2M1 value (clips at +-6)
+    packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8)
+    dequantized = (FP4_VALUES[codes] * torch.exp2(exponent)).flatten(-2)
+    return packed, (exponent[..., 0] + 127).to(torch.uint8), dequantized
+
+
+def quantize_fp8_checkpoint(source: Path, path: Path, block=(16, 16), quantize=None) -> tuple[Path, dict]:
+    """A copy of a float safetensors checkpoint with its linear weights in block-wise FP8 (every
+    `*_proj.weight` and fused expert tensor; router, norms and embeddings stay as they are, as in
+    DeepSeek-V3's release), and `quantization_config` {fp8, weight_block_size}. Returns the path
+    and the exactly dequantized tensors (name -> float32), the reference."""
+    from safetensors.torch import load_file
+
+    quantize = quantize or (lambda name: name.endswith("_proj.weight") or name.endswith(("gate_up_proj", "down_proj")))
+    path.mkdir(parents=True, exist_ok=True)
+    state = load_file(os.fspath(source / "model.safetensors"))
+    out, reference = {}, {}
+    for name, value in state.items():
+        if quantize(name) and value.dim() >= 2:
+            data, scales = fp8_quantize(value, block)
+            out[name], out[name + "_scale_inv"] = data, scales
+            reference[name] = data.float() * expand_blocks(scales, value.shape, block)
+        else:
+            out[name] = value
+    save_file(out, os.fspath(path / "model.safetensors"), metadata={"format": "pt"})
+    _copy_with_quantization(source, path, {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+                                           "weight_block_size": list(block)})  # fmt: skip
+    return path, reference
+
+
+def _copy_with_quantization(source: Path, path: Path, quantization: dict) -> None:
+    import json
+    import shutil
+
+    for item in source.iterdir():
+        if item.name not in ("model.safetensors", "config.json", "model.safetensors.index.json"):
+            shutil.copy(item, path / item.name)
+    config = json.loads((source / "config.json").read_text())
+    config["quantization_config"] = quantization
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def save_dequantized(source: Path, path: Path, reference: dict) -> Path:
+    """The checkpoint at `source` (float) with the `reference` tensors in place: the dequantized MoE."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    shutil.copytree(source, path)
+    state = load_file(os.fspath(source / "model.safetensors"))
+    state.update({name: value.to(state[name].dtype) for name, value in reference.items()})
+    save_file(state, os.fspath(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+def quantize_mxfp4_checkpoint(source: Path, path: Path) -> tuple[Path, dict]:
+    """A copy of a float GPT-OSS checkpoint with its expert matrices in MXFP4, as the release ships
+    them: `mlp.experts.{gate_up,down}_proj` [E, in, out] become `*_blocks` [E, out, in/32, 16] and
+    `*_scales` [E, out, in/32]; `quantization_config` {mxfp4}. Returns the path and the exactly
+    dequantized tensors (name -> [E, in, out] float32), the reference."""
+    from safetensors.torch import load_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    state = load_file(os.fspath(source / "model.safetensors"))
+    out, reference = {}, {}
+    for name, value in state.items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            blocks, scales, exact = mxfp4_quantize(value.transpose(1, 2))
+            out[name + "_blocks"], out[name + "_scales"] = blocks, scales
+            reference[name] = exact.transpose(1, 2).contiguous()
+        else:
+            out[name] = value
+    save_file(out, os.fspath(path / "model.safetensors"), metadata={"format": "pt"})
+    not_converted = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]
+    _copy_with_quantization(source, path, {"quant_method": "mxfp4", "modules_to_not_convert": not_converted})
+    return path, reference

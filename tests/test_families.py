@@ -30,6 +30,8 @@ TARGETS = {
     "deepseek_v2": "DeepseekV2ForCausalLM",
     "deepseek_v3": "DeepseekV3ForCausalLM",
     "olmoe": "OlmoeForCausalLM",
+    "gpt_oss": "GptOssForCausalLM",
+    "qwen3_next": "Qwen3NextForCausalLM",
 }
 # DeepSeek-V2 never renormalises its top-k weights; with k = E their sum is
 # exactly routed_scaling_factor for every token, so identical experts stay exact.
@@ -71,6 +73,14 @@ def test_identical_experts_give_moe_logits(family_moes, calib_dir, tmp_path, fam
     config = json.loads((out / "config.json").read_text())
     if family == "olmoe":  # the single-expert OLMoE target
         assert (config["num_experts"], config["num_experts_per_tok"]) == (1, 1)
+    elif family == "gpt_oss":  # the single-expert GPT-OSS target, every attention setting kept
+        assert (config["num_local_experts"], config["num_experts_per_tok"]) == (1, 1)
+        raw = json.loads((moe / "config.json").read_text())
+        keys = ("layer_types", "sliding_window", "rope_parameters", "swiglu_limit", "swiglu_alpha", "head_dim")
+        assert {key: config[key] for key in keys} == {key: raw[key] for key in keys}
+    elif family == "qwen3_next":  # same class, every layer dense; linear-attention layers as they were
+        assert config["mlp_only_layers"] == [0, 1, 2]
+        assert config["layer_types"] == ["linear_attention", "full_attention", "linear_attention"]
     elif family.startswith("deepseek"):  # same class: its MoE fields are inert when every layer is dense
         assert config["first_k_dense_replace"] == config["num_hidden_layers"] == 3
     else:
@@ -153,7 +163,9 @@ def _stats(path):
     [
         (transformers.PhimoeConfig(), "sparsemixer gives NaN with one expert"),
         (transformers.DbrxConfig(), "DBRX"),
-        (transformers.Qwen3MoeConfig(quantization_config={"quant_method": "fp8"}), "quantization_config: fp8"),
+        (transformers.Llama4TextConfig(), "scales the expert's input"),
+        (transformers.Qwen3_5MoeTextConfig(), "no mlp_only_layers"),
+        (transformers.Qwen3MoeConfig(quantization_config={"quant_method": "gptq"}), "quantization_config: gptq"),
         (transformers.Qwen2MoeConfig(qkv_bias=False), "qkv_bias"),
         (transformers.DeepseekV2Config(mlp_bias=True), "mlp_bias"),
     ],

@@ -97,6 +97,48 @@ FAMILY_SPECS = {
         transformers.OlmoeForCausalLM,
         dict(intermediate_size=24, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, num_hidden_layers=2),
     ),
+    "qwen3_next": (
+        transformers.Qwen3NextConfig,
+        transformers.Qwen3NextForCausalLM,
+        dict(
+            intermediate_size=40,
+            moe_intermediate_size=24,
+            shared_expert_intermediate_size=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            mlp_only_layers=[0],
+            head_dim=8,
+            layer_types=["linear_attention", "full_attention", "linear_attention"],
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+            linear_key_head_dim=8,
+            linear_value_head_dim=8,
+            linear_conv_kernel_dim=4,
+        ),
+    ),
+    "gpt_oss": (
+        transformers.GptOssConfig,
+        transformers.GptOssForCausalLM,
+        dict(
+            intermediate_size=32,  # MXFP4 packs 32 values a scale: widths are multiples of 32
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            head_dim=8,
+            sliding_window=6,  # shorter than the test sequences: the sliding layers differ from the full ones
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={
+                "rope_type": "yarn",
+                "factor": 2.0,
+                "rope_theta": 10000.0,
+                "original_max_position_embeddings": 128,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+            },
+            swiglu_limit=0.5,  # small enough that the clamps are active on these weights
+            swiglu_alpha=1.3,
+        ),
+    ),
 }
 
 
@@ -133,9 +175,15 @@ def make_family_moe(
             # A larger init than the default 0.02 so that merges that are wrong show.
             mlp.experts.gate_up_proj.normal_(0, 0.2)
             mlp.experts.down_proj.normal_(0, 0.2)
-            mlp.gate.weight.normal_(0, router_std)
-            if hasattr(mlp.gate, "e_score_correction_bias"):
-                mlp.gate.e_score_correction_bias.normal_(0, 0.1)
+            router = mlp.router if hasattr(mlp, "router") else mlp.gate
+            router.weight.normal_(0, router_std)
+            for bias in (getattr(router, "bias", None), *_expert_biases(mlp.experts)):
+                if bias is not None:
+                    bias.normal_(0, 0.1 if router_std else 0.0)
+            if hasattr(getattr(layer, "self_attn", None), "sinks"):  # GPT-OSS's attention sinks
+                layer.self_attn.sinks.normal_(0, 0.5)
+            if hasattr(router, "e_score_correction_bias"):
+                router.e_score_correction_bias.normal_(0, 0.1)
             shared = getattr(mlp, "shared_expert", None) or getattr(mlp, "shared_experts", None)
             if shared is not None:
                 for proj in (shared.gate_proj, shared.up_proj, shared.down_proj):
@@ -143,8 +191,13 @@ def make_family_moe(
             if hasattr(mlp, "shared_expert_gate"):
                 mlp.shared_expert_gate.weight.normal_(0, 0.5)
             if identical:
-                mlp.experts.gate_up_proj[:] = mlp.experts.gate_up_proj[0].clone()
-                mlp.experts.down_proj[:] = mlp.experts.down_proj[0].clone()
+                for tensor in (mlp.experts.gate_up_proj, mlp.experts.down_proj, *_expert_biases(mlp.experts)):
+                    tensor[:] = tensor[0].clone()
                 if hasattr(mlp, "shared_expert_gate"):
                     mlp.shared_expert_gate.weight.zero_()
     return save_model(model, tokenizer, path, layout)
+
+
+def _expert_biases(experts) -> list[torch.Tensor]:
+    """GPT-OSS's expert biases [E, 2I], [E, H] (none elsewhere)."""
+    return [getattr(experts, name) for name in ("gate_up_proj_bias", "down_proj_bias") if hasattr(experts, name)]

@@ -36,9 +36,18 @@ def calibration_dtype(calibration: CalibrationConfig | None, device: str) -> tor
 
 def calibration_engine(source, calibration: CalibrationConfig, device: str) -> str:
     """`full` or `layerwise`. `auto` streams layers when the checkpoint would take over
-    half the free memory (unless a device map places the whole model)."""
+    half the free memory (unless a device map places the whole model), and always for a
+    quantized checkpoint (dequantized on read by the stream's reader, never by transformers)."""
+    quantized = bool(getattr(source.index, "quantized", None))
+    if calibration.engine == "full" and quantized:
+        raise ConfigError(
+            "calibration.engine: full loads the model with transformers, which keeps FP8/MXFP4 weights quantized; "
+            "use engine: layerwise (or auto), which dequantizes them on read"
+        )
     if calibration.engine != "auto":
         return calibration.engine
+    if quantized:
+        return "layerwise"
     if calibration.device_map is not None:
         return "full"
     size = sum(os.path.getsize(os.path.join(source.index.base_path, shard.filename)) for shard in source.index.shards)

@@ -119,18 +119,24 @@ class _Caught(Exception):
 
 
 class _Catcher(torch.nn.Module):
-    """Stands in for decoder layer 0: records what the model passes it, then stops."""
+    """Stands in for a decoder layer: records what the model passes it, then passes its
+    input on unchanged (or, for the last layer, stops). Families that alternate layer
+    types (sliding / full attention, linear attention) pass each layer its own mask."""
 
-    def __init__(self, layer: torch.nn.Module):
+    def __init__(self, layer: torch.nn.Module, last: bool):
         super().__init__()
         # Sliding-window families pick the mask by the layer's attention type.
-        if hasattr(layer, "attention_type"):
-            self.attention_type = layer.attention_type
+        for name in ("attention_type", "layer_type"):
+            if hasattr(layer, name):
+                setattr(self, name, getattr(layer, name))
+        self.last = last
         self.caught = None
 
     def forward(self, hidden_states, **kwargs):
         self.caught = (hidden_states, kwargs)
-        raise _Caught
+        if self.last:
+            raise _Caught
+        return hidden_states
 
 
 class LayerStream:
@@ -159,7 +165,8 @@ class LayerStream:
         self._spill_root = spill_dir
         self._spill: str | None = None
         self._hidden: list[torch.Tensor | None] = [None] * len(batches)
-        self._kwargs: list[dict] = []
+        self._kwargs: list[list[dict]] = []  # [batch][layer]
+        self._current = 0  # the decoder layer loaded last
         # reads the next layer's bytes while this one computes
         self._reader = TensorReader(source.index, readahead=READAHEAD_BYTES)
         self._moe_layers: dict[int, MoELayer] = {layer.index: layer for layer in source.moe_layers()}
@@ -198,9 +205,10 @@ class LayerStream:
             return self._hidden[batch]
         return torch.load(self._spill_path(batch), map_location=self.device)
 
-    def kwargs(self, batch: int) -> dict:
-        """Keyword arguments the model passes its decoder layers for one batch."""
-        return self._kwargs[batch]
+    def kwargs(self, batch: int, layer: int | None = None) -> dict:
+        """Keyword arguments the model passes decoder layer `layer` (default: the one loaded
+        last) for one batch (masks differ per layer where layer types alternate)."""
+        return self._kwargs[batch][self._current if layer is None else layer]
 
     def set_inputs(self, batch: int, hidden: torch.Tensor) -> None:
         if self._spill is None:
@@ -219,9 +227,10 @@ class LayerStream:
         if rotary is not None:  # buffers computed from the config, not stored
             with torch.device(self.device):
                 self.base.rotary_emb = type(rotary)(config=self.model.config)
-        first = self.layers[0]
-        catcher = _Catcher(first)
-        self.layers[0] = catcher
+        layers = list(self.layers)
+        catchers = [_Catcher(layer, last=i == len(layers) - 1) for i, layer in enumerate(layers)]
+        for i, catcher in enumerate(catchers):
+            self.layers[i] = catcher
         try:
             with torch.inference_mode():
                 for b, batch in enumerate(self.batches):
@@ -233,17 +242,18 @@ class LayerStream:
                         )
                     except _Caught:
                         pass
-                    hidden, kwargs = catcher.caught
-                    self._kwargs.append(kwargs)
-                    self.set_inputs(b, hidden)
+                    self._kwargs.append([catcher.caught[1] for catcher in catchers])
+                    self.set_inputs(b, catchers[0].caught[0])
         finally:
-            self.layers[0] = first
+            for i, layer in enumerate(layers):
+                self.layers[i] = layer
             embed.to_empty(device="meta")
 
     # -- layers --------------------------------------------------------------------
     def load_layer(self, index: int) -> torch.nn.Module:
         """Materialise decoder layer `index` in place from the checkpoint."""
         layer = self.layers[index]
+        self._current = index
         self._materialise(layer, f"{self._layers_path}.{index}", self._moe_layers.get(index))
         return layer
 
@@ -316,23 +326,30 @@ class LayerStream:
                     raise LayerStreamError(f"cannot stream {full}: the checkpoint has no such tensor")
 
     def _expert_fillers(self, moe: MoELayer) -> dict[str, Callable[[torch.Tensor], None]]:
-        """Writers of the sparse block's fused in-memory tensors (`gate_up_proj` [E, 2I, H],
-        gate rows first; `down_proj` [E, H, I]) from either checkpoint layout, expert by expert."""
-        read = self._reader.read_slice
-
-        def gate_up(target: torch.Tensor) -> None:
-            rows = target.shape[1] // 2
-            for e, expert in enumerate(moe.experts):
-                read(expert["gate"], out=target[e, :rows])
-                read(expert["up"], out=target[e, rows:])
-
-        def down(target: torch.Tensor) -> None:
-            for e, expert in enumerate(moe.experts):
-                read(expert["down"], out=target[e])
-
+        """Writers of the sparse block's fused in-memory tensors (the family's
+        `memory_layout`: `gate_up_proj` [E, 2I, H], gate rows first, and `down_proj`
+        [E, H, I] for most; transposed and interleaved for GPT-OSS; expert biases) from
+        either checkpoint layout, expert by expert: each stored slice is read into its view
+        of the in-memory tensor."""
         experts = self.family.experts_module(moe.index)
-        return {
-            f"{self.family.router_module(moe.index)}.weight": lambda t: self._reader.read(moe.router, out=t),
-            f"{experts}.gate_up_proj": gate_up,
-            f"{experts}.down_proj": down,
-        }
+        memory = self.family.memory_layout().slices(
+            moe.index, moe.num_experts, self.family.expert_width(self.source.config)
+        )
+        fillers: dict[str, list[tuple[ExpertSlice, ExpertSlice]]] = {}
+        for stored, held in zip(moe.experts, memory):
+            for projection, piece in stored.items():
+                if piece == held[projection]:
+                    continue  # stored as held in memory: read whole, by name
+                name = f"{experts}.{held[projection].tensor.rsplit('.', 1)[-1]}"
+                fillers.setdefault(name, []).append((piece, held[projection]))
+
+        def filler(pairs: list[tuple[ExpertSlice, ExpertSlice]]) -> Callable[[torch.Tensor], None]:
+            def fill(target: torch.Tensor) -> None:
+                for piece, held in pairs:
+                    self._reader.read_slice(piece, out=held.take(target))
+
+            return fill
+
+        result = {name: filler(pairs) for name, pairs in fillers.items()}
+        result[f"{self.family.router_module(moe.index)}.weight"] = lambda t: self._reader.read(moe.router, out=t)
+        return result

@@ -8,13 +8,18 @@ import transformers
 
 from mergekit_moe2dense.families.base import PROJECTIONS, MoEFamily, MoELayer, UnsupportedModelError
 from mergekit_moe2dense.families.deepseek import DEEPSEEK_V2, DEEPSEEK_V3
+from mergekit_moe2dense.families.gpt_oss import GPT_OSS
 from mergekit_moe2dense.families.mixtral import MIXTRAL
 from mergekit_moe2dense.families.olmoe import OLMOE
 from mergekit_moe2dense.families.qwen2_moe import QWEN2_MOE
 from mergekit_moe2dense.families.qwen3_moe import QWEN3_MOE
+from mergekit_moe2dense.families.qwen3_next import QWEN3_NEXT
 from mergekit_moe2dense.families.spec import ExpertSlice
 
-FAMILIES: list[MoEFamily] = [MIXTRAL, QWEN3_MOE, QWEN2_MOE, DEEPSEEK_V2, DEEPSEEK_V3, OLMOE]
+# quantization_config.quant_method values the checkpoint reader dequantizes (checkpoint.TensorReader)
+DEQUANTIZED_FORMATS = ("fp8", "mxfp4")
+
+FAMILIES: list[MoEFamily] = [MIXTRAL, QWEN3_MOE, QWEN2_MOE, DEEPSEEK_V2, DEEPSEEK_V3, OLMOE, GPT_OSS, QWEN3_NEXT]
 
 # Sparse model types we know of but cannot convert yet, with the reason.
 KNOWN_UNSUPPORTED = {
@@ -22,9 +27,20 @@ KNOWN_UNSUPPORTED = {
         "PhiMoE's sparsemixer routing has no exact dense equivalent, "
         "and no single-expert PhiMoE target either (its sparsemixer gives NaN with one expert)"
     ),
-    "gpt_oss": "GPT-OSS experts use a clamped SwiGLU with biases and its router has a bias; not supported yet",
     "dbrx": "DBRX stores its experts in its own fused layout and clips qkv in a way no dense target shares; not supported yet",
     "llama4": "Llama 4 interleaves MoE and dense layers with a sigmoid top-1 router applied to the input; not supported yet",
+    "llama4_text": (
+        "Llama 4's top-1 sigmoid router scales the expert's input, not its output, so no dense MLP computes it "
+        "exactly; not supported yet"
+    ),
+    "qwen3_5_moe": (
+        "Qwen3.5-MoE builds a sparse block in every decoder layer (no mlp_only_layers), so it has no dense form "
+        "of its own, and its dense sibling is not verified yet; not supported yet"
+    ),
+    "qwen3_5_moe_text": (
+        "Qwen3.5-MoE builds a sparse block in every decoder layer (no mlp_only_layers), so it has no dense form "
+        "of its own, and its dense sibling is not verified yet; not supported yet"
+    ),
     "jamba": "Jamba is a hybrid Mamba/attention MoE; not supported yet",
 }
 
@@ -39,13 +55,14 @@ def get_family(config: transformers.PretrainedConfig) -> MoEFamily:
     supported = ", ".join(supported_families())
     quantization = getattr(config, "quantization_config", None)
     if quantization:
-        method = (
-            quantization.get("quant_method", "?") if isinstance(quantization, dict) else type(quantization).__name__
-        )
-        raise UnsupportedModelError(
-            f"model_type {model_type!r} has quantized weights (quantization_config: {method}); "
-            "experts cannot be merged in quantized or FP8 form: dequantize the checkpoint first"
-        )
+        if not isinstance(quantization, dict):
+            quantization = quantization.to_dict() if hasattr(quantization, "to_dict") else {}
+        method = quantization.get("quant_method", "?")
+        if method not in DEQUANTIZED_FORMATS:
+            raise UnsupportedModelError(
+                f"model_type {model_type!r} has quantized weights (quantization_config: {method}); only block-wise "
+                f"FP8 (fp8, weight_scale_inv) and MXFP4 (mxfp4) are dequantized on read: dequantize the checkpoint first"
+            )
     for family in FAMILIES:
         if family.supports(config):
             reason = family.unsupported_reason(config)
@@ -75,6 +92,7 @@ def _looks_sparse(config: transformers.PretrainedConfig) -> bool:
 
 
 __all__ = [
+    "DEQUANTIZED_FORMATS",
     "FAMILIES",
     "PROJECTIONS",
     "ExpertSlice",

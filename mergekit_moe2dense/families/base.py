@@ -25,6 +25,7 @@ from mergekit_moe2dense.families.spec import (
     ConfigKeys,
     DenseTarget,
     ExpertSlice,
+    FusedLayout,
     Layout,
     PerExpertLayout,
     Refusal,
@@ -90,6 +91,9 @@ class MoEFamily:
     router_module_path: str = "model.layers.{layer}.mlp.gate"
     # the MoE class a smaller rebuilt MoE is saved as (None: rebuilding is not supported)
     moe_architecture: str | None = None
+    # why the re-fit (a SwiGLU MLP without biases, act(G x) * (U x) through D) cannot model
+    # this family's experts (None: it can)
+    no_refit: str | None = None
 
     def supports(self, config: transformers.PretrainedConfig) -> bool:
         return getattr(config, "model_type", None) in self.model_types
@@ -163,6 +167,12 @@ class MoEFamily:
         """Module path of the fused experts (transformers 5 keeps `gate_up_proj`
         [E, 2I, H], gate rows first, and `down_proj` [E, H, I]), a sibling of the router."""
         return self.router_module(layer).rsplit(".", 1)[0] + ".experts"
+
+    def memory_layout(self) -> FusedLayout:
+        """The fused layout transformers keeps the experts in (names and orientation, under
+        `experts_module`): what the layer stream fills from whichever layout is stored."""
+        fused = next((layout for layout in self.layouts if isinstance(layout, FusedLayout)), None)
+        return fused or FusedLayout(block="", gate_up="gate_up_proj", down="down_proj", router="")
 
     def shared_gate_module(self, layer: int) -> str | None:
         """Module path of a per-token gate on the shared experts, for hooks (None: ungated)."""

@@ -29,19 +29,35 @@ class ExpertSlice:
     """One expert's projection inside a checkpoint tensor.
 
     `expert` indexes dim 0 of a fused `[E, ...]` tensor (None: the tensor holds
-    one expert); `rows` selects a row range (fused gate_up keeps gate rows first).
+    one expert); `transposed` says the expert's matrix is stored `[in, out]`
+    (GPT-OSS, Llama 4), so it is transposed first; `rows` then selects a row range
+    (fused gate_up keeps gate rows first), every `step`-th row (interleaved gate/up
+    rows: step 2).
     """
 
     tensor: str
     expert: int | None = None
     rows: tuple[int, int] | None = None
+    transposed: bool = False
+    step: int = 1
 
     def take(self, value):
         if self.expert is not None:
             value = value[self.expert]
+        return self.within(value)
+
+    def within(self, value):
+        """The selection inside one expert's tensor (a view)."""
+        if self.transposed:
+            value = value.transpose(0, 1)
         if self.rows is not None:
-            value = value[self.rows[0] : self.rows[1]]
+            value = value[self.rows[0] : self.rows[1] : self.step]
         return value
+
+    @property
+    def contiguous(self) -> bool:
+        """Whether the selected bytes are one contiguous range of the stored tensor."""
+        return not self.transposed and self.step == 1
 
 
 @dataclass(frozen=True)
@@ -110,12 +126,22 @@ class PerExpertLayout(_Layout):
 @dataclass(frozen=True)
 class FusedLayout(_Layout):
     """All experts of a block in two tensors (transformers 5's in-memory layout, which some
-    checkpoints store): gate_up [E, 2I, H] with gate rows first, down [E, H, I]."""
+    checkpoints store): gate_up [E, 2I, H] with gate rows first, down [E, H, I].
+
+    `transposed`: each expert's matrices are stored [in, out] (gate_up [E, H, 2I], down
+    [E, I, H]: GPT-OSS, Llama 4); `interleaved`: gate and up alternate (gate at even
+    positions: GPT-OSS); `gate_up_bias` [E, 2I] / `down_bias` [E, H]: expert biases, laid
+    out as the rows of gate_up / down (the slices' projections `gate_bias`, `up_bias`,
+    `down_bias`)."""
 
     block: str
     gate_up: str
     down: str
     router: str
+    transposed: bool = False
+    interleaved: bool = False
+    gate_up_bias: str | None = None
+    down_bias: str | None = None
     kind: ClassVar[str] = "fused"
 
     def marker(self, layer: int) -> str:
@@ -123,17 +149,31 @@ class FusedLayout(_Layout):
 
     def slices(self, layer: int, num_experts: int, width: int) -> tuple[dict[str, ExpertSlice], ...]:
         gate_up, down = self.tensor(self.gate_up, layer), self.tensor(self.down, layer)
-        return tuple(
-            {
-                "gate": ExpertSlice(gate_up, e, (0, width)),
-                "up": ExpertSlice(gate_up, e, (width, 2 * width)),
-                "down": ExpertSlice(down, e),
-            }
-            for e in range(num_experts)
-        )
+        step = 2 if self.interleaved else 1
+        rows = {
+            "gate": (0, 2 * width) if self.interleaved else (0, width),
+            "up": (1, 2 * width) if self.interleaved else (width, 2 * width),
+        }
+        experts = []
+        for e in range(num_experts):
+            expert = {p: ExpertSlice(gate_up, e, rows[p], self.transposed, step) for p in ("gate", "up")}
+            expert["down"] = ExpertSlice(down, e, transposed=self.transposed)
+            if self.gate_up_bias is not None:
+                bias = self.tensor(self.gate_up_bias, layer)
+                expert.update({f"{p}_bias": ExpertSlice(bias, e, rows[p], step=step) for p in ("gate", "up")})
+            if self.down_bias is not None:
+                expert["down_bias"] = ExpertSlice(self.tensor(self.down_bias, layer), e)
+            experts.append(expert)
+        return tuple(experts)
 
     def expert_shapes(self, layer: int, num_experts: int) -> dict[str, Shape]:
-        return {self.tensor(self.gate_up, layer): ("E", "2I", "H"), self.tensor(self.down, layer): ("E", "H", "I")}
+        gate_up, down = (("E", "H", "2I"), ("E", "I", "H")) if self.transposed else (("E", "2I", "H"), ("E", "H", "I"))
+        shapes = {self.tensor(self.gate_up, layer): gate_up, self.tensor(self.down, layer): down}
+        if self.gate_up_bias is not None:
+            shapes[self.tensor(self.gate_up_bias, layer)] = ("E", "2I")
+        if self.down_bias is not None:
+            shapes[self.tensor(self.down_bias, layer)] = ("E", "H")
+        return shapes
 
     def stored_experts(self, tensor_names: Collection[str]) -> dict[int, dict[int, str]]:
         return {}  # the E dim of the fused tensors says, checked with their shapes
@@ -211,6 +251,8 @@ class DenseTarget:
     moe_keys: tuple[str, ...] = ()  # dropped even where config_class knows them
     overrides: Callable[[transformers.PretrainedConfig], dict[str, Any]] = _no_overrides
     zero_tensors: Mapping[str, Shape] = field(default_factory=dict)  # all-zero tensors per converted layer
+    # the dense MLP is stored as the one expert of this fused layout (its biases too), not under `mlp`'s names
+    fused: FusedLayout | None = None
 
 
 # Keys of a source config that never belong in an output config.

@@ -31,6 +31,12 @@ class DensePlan:
 
 class DenseModel(Output):
     def check(self, job) -> None:
+        family = job.source.family
+        if job.params.needs_refit and family.no_refit:
+            raise ConfigError(
+                f"{family.name}: the re-fit (refit: {job.params.refit}, refit_gate_up: {job.params.refit_gate_up}) "
+                f"fits a SwiGLU MLP without biases, and {family.no_refit}: use refit: none"
+            )
         if job.params.needs_refit and job.config.calibration is None:
             raise ConfigError(
                 f"the re-fit (refit: {job.params.refit}, refit_gate_up: {job.params.refit_gate_up}) needs a "

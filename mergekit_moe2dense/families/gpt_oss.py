@@ -1,0 +1,71 @@
+# Copyright (C) 2026 the mergekit-moe2dense authors
+# SPDX-License-Identifier: LGPL-3.0-only
+"""GPT-OSS -> GPT-OSS with one expert and top-1 routing.
+
+No dense class computes GPT-OSS's MLP: its experts have biases and a clamped SwiGLU,
+(clamp(up, -l, l) + 1) * g * sigmoid(alpha g) with g = clamp(gate, max=l)
+(`swiglu_limit`, `swiglu_alpha`), and its attention has sinks and alternating sliding
+windows (`layer_types`). A GPT-OSS with a single expert, top-1, is exactly that MLP:
+the router's softmax over one top-k logit is 1, whatever the router (written as zeros).
+
+Checkpoint layout (the hub's and transformers' in-memory one; there is no per-expert
+one): `mlp.experts.gate_up_proj` [E, H, 2I], each expert's matrix transposed and gate
+and up interleaved (gate at even columns), `gate_up_proj_bias` [E, 2I] likewise,
+`down_proj` [E, I, H], `down_proj_bias` [E, H]; the router `mlp.router` has a bias. The
+official release stores the expert matrices as MXFP4 (`*_blocks`, `*_scales`), which
+the checkpoint reader dequantizes. Routing takes a softmax over the top-k logits, so
+the weights sum to 1 per token. A merged expert's biases are the same weighted sum
+as its matrices (graph.projection_task).
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+from mergekit_moe2dense.families.base import MoEFamily
+from mergekit_moe2dense.families.spec import ConfigKeys, DenseTarget, FusedLayout
+
+EXPERTS = FusedLayout(
+    block="model.layers.{layer}.mlp",
+    gate_up="{block}.experts.gate_up_proj",
+    down="{block}.experts.down_proj",
+    router="{block}.router.weight",
+    transposed=True,
+    interleaved=True,
+    gate_up_bias="{block}.experts.gate_up_proj_bias",
+    down_bias="{block}.experts.down_proj_bias",
+)
+
+
+def _one_expert(config) -> dict:
+    return {"num_local_experts": 1, "num_experts_per_tok": 1}
+
+
+class GptOssFamily(MoEFamily):
+    def expert_output(self, experts: torch.nn.Module, hidden: torch.Tensor, expert: int) -> torch.Tensor:
+        """GptOssExperts' computation for one expert (its own clamped SwiGLU, `_apply_gate`)."""
+        gate_up = hidden @ experts.gate_up_proj[expert] + experts.gate_up_proj_bias[expert]
+        return experts._apply_gate(gate_up) @ experts.down_proj[expert] + experts.down_proj_bias[expert]
+
+
+GPT_OSS = GptOssFamily(
+    name="gpt_oss",
+    model_types=("gpt_oss",),
+    keys=ConfigKeys(experts="num_local_experts", expert_width="intermediate_size"),
+    layouts=(EXPERTS,),
+    renormalize=True,
+    extra_tensors={"{block}.router.bias": ("E",)},
+    router_module_path="model.layers.{layer}.mlp.router",
+    no_refit="GPT-OSS's experts have biases and a clamped SwiGLU",
+    dense=DenseTarget(
+        transformers.GptOssConfig,
+        "GptOssForCausalLM",
+        # the dense MLP's projections (names of the re-fit's tensors); written as expert 0 of `fused`
+        {p: f"model.layers.{{layer}}.mlp.experts.{p}_proj" for p in ("gate", "up", "down")},
+        overrides=_one_expert,
+        zero_tensors={"model.layers.{layer}.mlp.router.weight": (1, "H"), "model.layers.{layer}.mlp.router.bias": (1,)},
+        fused=EXPERTS,
+    ),
+    moe_architecture="GptOssForCausalLM",
+)
