@@ -330,9 +330,14 @@ class LayerStream:
             for e, expert in enumerate(moe.experts):
                 read(expert["down"], out=target[e])
 
+        def stored(name: str) -> Callable[[torch.Tensor], None]:
+            return lambda target: self._reader.read(name, out=target)
+
         experts = self.family.experts_module(moe.index)
         return {
-            f"{self.family.router_module(moe.index)}.weight": lambda t: self._reader.read(moe.router, out=t),
+            f"{self.family.router_module(moe.index)}.weight": stored(moe.router),
             f"{experts}.gate_up_proj": gate_up,
             f"{experts}.down_proj": down,
+            # extra tensors this layout stores under other names (a router bias)
+            **{memory: stored(name) for memory, name in moe.renamed.items()},
         }
