@@ -42,8 +42,9 @@ skeleton (e.g. `RouterRecorder`) fire on the streamed layer unchanged, since it
 is the very module object of the skeleton. `stream.forward(module, advance=False)`
 runs the batches without replacing the carried states (to look at a layer
 without committing to its output; `before_batch` is not called for it), and
-`stream.inputs(b)` / `stream.kwargs(b)` give a batch's carried states and layer
-arguments.
+`stream.inputs(b)` / `stream.kwargs(b, l)` give a batch's carried states and layer
+l's arguments (per layer: families that mix full and sliding-window attention pass
+each layer the mask of its own type).
 """
 
 from __future__ import annotations
@@ -119,18 +120,22 @@ class _Caught(Exception):
 
 
 class _Catcher(torch.nn.Module):
-    """Stands in for decoder layer 0: records what the model passes it, then stops."""
+    """Stands in for a decoder layer: records what the model passes it, and passes the
+    hidden states on unchanged, or (`stop`, the last layer) stops the forward."""
 
-    def __init__(self, layer: torch.nn.Module):
+    def __init__(self, layer: torch.nn.Module, stop: bool):
         super().__init__()
         # Sliding-window families pick the mask by the layer's attention type.
         if hasattr(layer, "attention_type"):
             self.attention_type = layer.attention_type
+        self.stop = stop
         self.caught = None
 
     def forward(self, hidden_states, **kwargs):
         self.caught = (hidden_states, kwargs)
-        raise _Caught
+        if self.stop:
+            raise _Caught
+        return hidden_states
 
 
 class LayerStream:
@@ -159,7 +164,7 @@ class LayerStream:
         self._spill_root = spill_dir
         self._spill: str | None = None
         self._hidden: list[torch.Tensor | None] = [None] * len(batches)
-        self._kwargs: list[dict] = []
+        self._kwargs: list[list[dict]] = []  # per batch, per decoder layer
         # reads the next layer's bytes while this one computes
         self._reader = TensorReader(source.index, readahead=READAHEAD_BYTES)
         self._moe_layers: dict[int, MoELayer] = {layer.index: layer for layer in source.moe_layers()}
@@ -198,9 +203,9 @@ class LayerStream:
             return self._hidden[batch]
         return torch.load(self._spill_path(batch), map_location=self.device)
 
-    def kwargs(self, batch: int) -> dict:
-        """Keyword arguments the model passes its decoder layers for one batch."""
-        return self._kwargs[batch]
+    def kwargs(self, batch: int, layer: int = 0) -> dict:
+        """Keyword arguments the model passes decoder layer `layer` for one batch."""
+        return self._kwargs[batch][layer]
 
     def set_inputs(self, batch: int, hidden: torch.Tensor) -> None:
         if self._spill is None:
@@ -212,16 +217,18 @@ class LayerStream:
         return os.path.join(self._spill, f"batch{batch:06d}.pt")
 
     def _embed(self) -> None:
-        """Layer-0 inputs of every batch, from the model's own forward up to layer 0."""
+        """Layer-0 inputs of every batch, from the model's own forward up to layer 0, and
+        every layer's arguments (the forward runs on through stand-ins that change nothing)."""
         embed = self.base.get_input_embeddings()
         self._materialise(embed, self._module_name(embed))
         rotary = getattr(self.base, "rotary_emb", None)
         if rotary is not None:  # buffers computed from the config, not stored
             with torch.device(self.device):
                 self.base.rotary_emb = type(rotary)(config=self.model.config)
-        first = self.layers[0]
-        catcher = _Catcher(first)
-        self.layers[0] = catcher
+        layers = list(self.layers)
+        catchers = [_Catcher(layer, stop=i == len(layers) - 1) for i, layer in enumerate(layers)]
+        for i, catcher in enumerate(catchers):
+            self.layers[i] = catcher
         try:
             with torch.inference_mode():
                 for b, batch in enumerate(self.batches):
@@ -233,11 +240,11 @@ class LayerStream:
                         )
                     except _Caught:
                         pass
-                    hidden, kwargs = catcher.caught
-                    self._kwargs.append(kwargs)
-                    self.set_inputs(b, hidden)
+                    self._kwargs.append([catcher.caught[1] for catcher in catchers])
+                    self.set_inputs(b, catchers[0].caught[0])
         finally:
-            self.layers[0] = first
+            for i, layer in enumerate(layers):
+                self.layers[i] = layer
             embed.to_empty(device="meta")
 
     # -- layers --------------------------------------------------------------------
@@ -277,11 +284,12 @@ class LayerStream:
     ) -> None:
         """Run every batch through `module` (a decoder layer); with `advance`, its
         outputs become the carried hidden states."""
+        index = next(i for i, layer in enumerate(self.layers) if layer is module)
         with torch.inference_mode():
             for b in range(len(self.batches)):
                 if before_batch is not None:
                     before_batch(b)
-                out = module(self.inputs(b), **self.kwargs(b))
+                out = module(self.inputs(b), **self.kwargs(b, index))
                 if isinstance(out, tuple):  # older layer classes return (hidden, ...)
                     out = out[0]
                 if advance:
