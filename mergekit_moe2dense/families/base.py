@@ -169,6 +169,13 @@ class MoEFamily:
         [E, 2I, H], gate rows first, and `down_proj` [E, H, I]), a sibling of the router."""
         return self.router_module(layer).rsplit(".", 1)[0] + ".experts"
 
+    def shared_module(self, config: transformers.PretrainedConfig, layer: int) -> str | None:
+        """Module path of shared experts that sit beside the sparse block rather than inside it
+        (their output is part of what the dense MLP replaces; None: inside, or none)."""
+        if not self.has_shared(config) or self.shared.module is None:
+            return None
+        return self.shared.module.format(layer=layer)
+
     def shared_gate_module(self, layer: int) -> str | None:
         """Module path of a per-token gate on the shared experts, for hooks (None: ungated)."""
         if self.shared is None or self.shared.gate_module is None:

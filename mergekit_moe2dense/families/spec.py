@@ -165,6 +165,9 @@ class SharedExperts:
     # module path ({layer}) of a per-token sigmoid gate on their output, for hooks (None: ungated)
     gate_module: str | None = None
     fused_gate_up: bool = False
+    # module path ({layer}) of the shared MLP where it sits beside the sparse block in the decoder
+    # layer, on the same input, rather than inside it (Granite's `shared_mlp`); None: inside
+    module: str | None = None
 
     def present(self, config) -> bool:
         """Whether this config has them: a count and a width that are not 0 (Granite's
