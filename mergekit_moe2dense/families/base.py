@@ -347,7 +347,7 @@ class MoEFamily:
             # the new experts would need their own shared-expert and router-bias semantics
             raise UnsupportedModelError(
                 f"{self.name}: rebuilding a smaller MoE is supported for families without shared experts "
-                "or router biases (mixtral, qwen3_moe, olmoe)"
+                "or router biases (mixtral, qwen3_moe, olmoe, flex_olmo)"
             )
         if self.moe_architecture is None or not any(isinstance(layout, PerExpertLayout) for layout in self.layouts):
             raise UnsupportedModelError(f"{self.name}: rebuilding a smaller MoE is not supported")
