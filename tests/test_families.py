@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
+import re
 
 import pytest
 import torch
@@ -15,12 +17,13 @@ from mergekit.options import MergeOptions
 
 from helpers import METHOD_PARAMS, logits_of, make_config, make_mixtral
 from mergekit_moe2dense.build import build_dense
-from mergekit_moe2dense.calibration import collect_statistics
+from mergekit_moe2dense.calibration import collect_statistics, load_calibration_batches
 from mergekit_moe2dense.calibration.batches import TokenBatch
 from mergekit_moe2dense.checkpoint import SourceModel
-from mergekit_moe2dense.config import CalibrationConfig
+from mergekit_moe2dense.config import CalibrationConfig, ConfigError
 from mergekit_moe2dense.families import UnsupportedModelError, get_family
 from mergekit_moe2dense.families.qwen3_moe import MOE_CONFIG_KEYS
+from mergekit_moe2dense.inspection import inspect_moe
 from tiny_families import FAMILY_SPECS, make_family_moe
 
 OPTIONS = MergeOptions(quiet=True)
@@ -32,7 +35,25 @@ TARGETS = {
     "olmoe": "OlmoeForCausalLM",
     "gpt_oss": "GptOssForCausalLM",
     "qwen3_next": "Qwen3NextForCausalLM",
+    "glm4_moe": "Glm4MoeForCausalLM",
+    "dots1": "Qwen3ForCausalLM",
+    "minimax_m2": "MiniMaxM2ForCausalLM",
+    "ernie4_5_moe": "Ernie4_5ForCausalLM",
+    "hunyuan_v1_moe": "HunYuanDenseV1ForCausalLM",
+    "flex_olmo": "Olmo2ForCausalLM",
+    "granitemoe": "GraniteForCausalLM",
+    "granitemoeshared": "GraniteForCausalLM",
 }
+# Targets that are the family itself: with one expert, top-1 (config keys), or with every layer dense.
+ONE_EXPERT = {
+    "olmoe": ("num_experts", "num_experts_per_tok"),
+    "minimax_m2": ("num_local_experts", "num_experts_per_tok"),
+    "gpt_oss": ("num_local_experts", "num_experts_per_tok"),
+}
+ALL_DENSE = ("deepseek_v2", "deepseek_v3", "glm4_moe")
+# MoE keys of the other families, none of which may reach a dense config
+OTHER_MOE_KEYS = ("shared_expert_intermediate_size", "n_routed_experts", "n_shared_experts", "routed_scaling_factor")
+OTHER_MOE_KEYS += ("moe_num_experts", "moe_k", "moe_num_shared_experts", "moe_topk", "shared_intermediate_size")
 # DeepSeek-V2 never renormalises its top-k weights; with k = E their sum is
 # exactly routed_scaling_factor for every token, so identical experts stay exact.
 IDENTICAL_OVERRIDES = {"deepseek_v2": {"num_experts_per_tok": 4}}
@@ -71,25 +92,25 @@ def test_identical_experts_give_moe_logits(family_moes, calib_dir, tmp_path, fam
     assert type(dense).__name__ == TARGETS[family]
     torch.testing.assert_close(logits_of(out, IDS), _moe_logits(moe), rtol=0, atol=1e-5)
     config = json.loads((out / "config.json").read_text())
-    if family == "olmoe":  # the single-expert OLMoE target
-        assert (config["num_experts"], config["num_experts_per_tok"]) == (1, 1)
-    elif family == "gpt_oss":  # the single-expert GPT-OSS target, every attention setting kept
-        assert (config["num_local_experts"], config["num_experts_per_tok"]) == (1, 1)
-        raw = json.loads((moe / "config.json").read_text())
-        keys = ("layer_types", "sliding_window", "rope_parameters", "swiglu_limit", "swiglu_alpha", "head_dim")
-        assert {key: config[key] for key in keys} == {key: raw[key] for key in keys}
+    if family in ONE_EXPERT:  # the single-expert target
+        assert [config[key] for key in ONE_EXPERT[family]] == [1, 1]
+        if family == "gpt_oss":  # every attention setting kept
+            raw = json.loads((moe / "config.json").read_text())
+            keys = ("layer_types", "sliding_window", "rope_parameters", "swiglu_limit", "swiglu_alpha", "head_dim")
+            assert {key: config[key] for key in keys} == {key: raw[key] for key in keys}
     elif family == "qwen3_next":  # same class, every layer dense; linear-attention layers as they were
         assert config["mlp_only_layers"] == [0, 1, 2]
         assert config["layer_types"] == ["linear_attention", "full_attention", "linear_attention"]
-    elif family.startswith("deepseek"):  # same class: its MoE fields are inert when every layer is dense
+    elif family in ALL_DENSE:  # same class: its MoE fields are inert when every layer is dense
         assert config["first_k_dense_replace"] == config["num_hidden_layers"] == 3
     else:
-        assert not set(MOE_CONFIG_KEYS + ("shared_expert_intermediate_size",)) & set(config)
+        assert not set(MOE_CONFIG_KEYS + OTHER_MOE_KEYS) & set(config)
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "olmoe", "flex_olmo", "glm4_moe", "dots1"])
 def test_unrenormalised_top_k_is_scaled_by_its_mean(calib_dir, tmp_path, tokenizer_dir, family):
-    """norm_topk_prob: false with a constant router: the mixture weighs k/E = 1/2, not 1."""
+    """norm_topk_prob: false with a constant router: the mixture weighs k/E = 1/2 (softmax), or
+    k x sigmoid(0) x routed_scaling_factor (GLM-4.5, dots.llm1), not 1."""
     moe = make_family_moe(family, tmp_path / "moe", tokenizer_dir, identical=True, norm_topk_prob=False, router_std=0.0)
     out = tmp_path / "dense"
     build_dense(make_config(moe, "expert_uniform", calib_dir), str(out), OPTIONS)
@@ -168,6 +189,8 @@ def _stats(path):
         (transformers.Qwen3MoeConfig(quantization_config={"quant_method": "gptq"}), "quantization_config: gptq"),
         (transformers.Qwen2MoeConfig(qkv_bias=False), "qkv_bias"),
         (transformers.DeepseekV2Config(mlp_bias=True), "mlp_bias"),
+        (transformers.Ernie4_5_MoeConfig(use_bias=True), "ERNIE-4.5-MoE with use_bias: true"),
+        (transformers.HunYuanMoEV1Config(num_experts=4, moe_topk=[2, 2]), "per-layer list of moe_topk"),
     ],
 )
 def test_refusals_name_the_family_and_the_supported_list(config, expected):
@@ -227,3 +250,96 @@ def test_dense_config_keeps_only_what_the_target_knows(calib_dir, tmp_path, toke
     assert type(dense).__name__ == target
     kept = {"hidden_size", "num_attention_heads", "rms_norm_eps", "vocab_size", "eos_token_id"}
     assert {key: config[key] for key in kept} == {key: raw[key] for key in kept}
+
+
+# -- every family through every engine and output: inspect, the layer stream, the re-fit, output: moe --
+
+
+@pytest.mark.parametrize("family", FAMILY_SPECS)
+def test_inspect_reads_both_layouts_of_every_family(family_moes, family):
+    """Identical experts: cosine 1 in every MoE layer, the same report from either layout."""
+    legacy, fused = (inspect_moe(str(family_moes[family, layout])) for layout in ("legacy", "fused"))
+    config = transformers.AutoConfig.from_pretrained(family_moes[family, "legacy"])
+    assert [layer.layer for layer in legacy.layers] == get_family(config).moe_layer_indices(config)
+    for layer in legacy.layers:
+        assert all(layer.weight_cosine[p] == pytest.approx(1.0, abs=1e-5) for p in ("gate", "up", "down"))
+    legacy, fused = legacy.to_dict(), fused.to_dict()
+    assert legacy.pop("model") != fused.pop("model")
+    assert legacy == fused
+
+
+@pytest.mark.parametrize("family", FAMILY_SPECS)
+@pytest.mark.parametrize("layout", ["legacy", "fused"])
+def test_layer_stream_gives_the_full_forward_statistics(calib_dir, tmp_path, tokenizer_dir, family, layout):
+    """Every tensor of the family's layers is found and placed in either layout (router biases
+    stored under other names included): the streamed engine records what the whole model does."""
+    path = make_family_moe(family, tmp_path / "moe", tokenizer_dir, layout=layout)
+    values = dict(dataset=str(calib_dir), num_samples=5, seq_len=24, batch_size=3, max_token_samples=40)
+    _, batches = load_calibration_batches(str(path), CalibrationConfig(**values))
+    source = SourceModel.open(ModelReference.parse(str(path)))
+    full, streamed = (
+        collect_statistics(source, batches, CalibrationConfig(**values, engine=engine), progress=False)
+        for engine in ("full", "layerwise")
+    )
+    assert streamed.layers == full.layers == source.family.moe_layer_indices(source.config)
+    assert streamed.tokens == full.tokens > 0
+    for name in ("logit_sum", "gate_sum", "selected", "contribution_sum", "samples"):
+        torch.testing.assert_close(getattr(streamed, name), getattr(full, name), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILY_SPECS)
+def test_refit_on_the_layer_stream_keeps_identical_experts_exact(family_moes, calib_dir, tmp_path, caplog, family):
+    """The re-fit's target is the MoE layer's whole MLP output (shared experts included): with
+    identical experts the merged MLP gives it already (error 0 before the fit), every per-channel
+    scale is 1, and the re-fitted model has the MoE's logits."""
+    moe = family_moes[family, "fused"]
+    out = tmp_path / "dense"
+    if get_family(transformers.AutoConfig.from_pretrained(moe)).no_refit:  # GPT-OSS: refused in one line
+        with pytest.raises(ConfigError, match="use refit: none"):
+            build_dense(make_config(moe, "router_weighted", calib_dir, refit="scale"), str(out), OPTIONS)
+        return
+    with caplog.at_level(logging.INFO, logger="mergekit_moe2dense.outputs.dense"):
+        build_dense(make_config(moe, "router_weighted", calib_dir, refit="scale"), str(out), OPTIONS)
+    errors = {
+        int(match[1]): (float(match[2]), float(match[3]))
+        for match in re.finditer(
+            r"layer (\d+): relative MLP reconstruction error (\S+) -> (\S+) after refit", caplog.text
+        )
+    }
+    config = transformers.AutoConfig.from_pretrained(moe)
+    assert sorted(errors) == get_family(config).moe_layer_indices(config)
+    assert all(before < 1e-9 and after < 1e-9 for before, after in errors.values()), errors
+    torch.testing.assert_close(logits_of(out, IDS), _moe_logits(moe), rtol=0, atol=1e-4)
+
+
+def _rebuilds(family: str) -> bool:
+    """Whether the family writes a smaller MoE (its own refusal decides: biases, shared experts)."""
+    config = FAMILY_SPECS[family][0]()
+    try:
+        get_family(config).moe_config(config, 2, 1)
+    except UnsupportedModelError:
+        return False
+    return True
+
+
+REBUILT = [family for family in FAMILY_SPECS if _rebuilds(family)]
+NOT_REBUILT = [family for family in FAMILY_SPECS if family not in REBUILT]
+
+
+@pytest.mark.parametrize("family", [f for f in REBUILT if f not in ("qwen3_moe", "olmoe")])  # those: kmeans tests
+def test_rebuilt_moe_reproduces_logits(family_moes, calib_dir, tmp_path, family):
+    moe = family_moes[family, "fused"]
+    out = tmp_path / "moe"
+    build_dense(make_config(moe, "kmeans_multi_dense", calib_dir, num_clusters=2, output="moe"), str(out), OPTIONS)
+    rebuilt = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert type(rebuilt).__name__ == type(transformers.AutoModelForCausalLM.from_pretrained(moe)).__name__
+    torch.testing.assert_close(logits_of(out, IDS), _moe_logits(moe), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", NOT_REBUILT)
+def test_rebuilding_is_refused_in_one_line_before_any_output(family_moes, calib_dir, tmp_path, family):
+    out = tmp_path / "moe"
+    config = make_config(family_moes[family, "legacy"], "kmeans_multi_dense", calib_dir, num_clusters=2, output="moe")
+    with pytest.raises(UnsupportedModelError, match="rebuilding a smaller MoE") as error:
+        build_dense(config, str(out), OPTIONS)
+    assert "\n" not in str(error.value) and not out.exists()

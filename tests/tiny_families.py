@@ -139,6 +139,104 @@ FAMILY_SPECS = {
             swiglu_alpha=1.3,
         ),
     ),
+    # partial rotary (0.5, the default), per-head q/k norms and q/k/v biases carried over
+    "glm4_moe": (
+        transformers.Glm4MoeConfig,
+        transformers.Glm4MoeForCausalLM,
+        dict(
+            intermediate_size=40,
+            moe_intermediate_size=16,
+            n_routed_experts=4,
+            n_shared_experts=1,
+            num_experts_per_tok=2,
+            first_k_dense_replace=1,
+            n_group=2,
+            topk_group=1,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+            use_qk_norm=True,
+            attention_bias=True,
+        ),
+    ),
+    # a sliding window in layers 1 and 2 only, biases on q/k/v/o
+    "dots1": (
+        transformers.Dots1Config,
+        transformers.Dots1ForCausalLM,
+        dict(
+            intermediate_size=40,
+            moe_intermediate_size=16,
+            n_routed_experts=4,
+            n_shared_experts=2,
+            num_experts_per_tok=2,
+            first_k_dense_replace=1,
+            n_group=2,
+            topk_group=1,
+            routed_scaling_factor=1.5,
+            norm_topk_prob=True,
+            attention_bias=True,
+            sliding_window=4,
+            max_window_layers=1,
+        ),
+    ),
+    # partial rotary through the legacy rotary_dim field of the hub configs
+    "minimax_m2": (
+        transformers.MiniMaxM2Config,
+        transformers.MiniMaxM2ForCausalLM,
+        dict(intermediate_size=24, num_local_experts=4, num_experts_per_tok=2, head_dim=8, rotary_dim=4),
+    ),
+    # 4 layers: 0 and 3 dense (moe_layer_start_index, moe_layer_end_index), tied embeddings (ERNIE's default)
+    "ernie4_5_moe": (
+        transformers.Ernie4_5_MoeConfig,
+        transformers.Ernie4_5_MoeForCausalLM,
+        dict(
+            num_hidden_layers=4,
+            intermediate_size=40,
+            moe_intermediate_size=16,
+            moe_num_experts=4,
+            moe_k=2,
+            moe_num_shared_experts=2,
+            moe_layer_start_index=1,
+            moe_layer_end_index=2,
+        ),
+    ),
+    "hunyuan_v1_moe": (
+        transformers.HunYuanMoEV1Config,
+        transformers.HunYuanMoEV1ForCausalLM,
+        dict(intermediate_size=24, num_experts=4, moe_topk=2, head_dim=8, attention_bias=True),
+    ),
+    "flex_olmo": (
+        transformers.FlexOlmoConfig,
+        transformers.FlexOlmoForCausalLM,
+        dict(intermediate_size=24, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True),
+    ),
+    # Granite's four multipliers, none of them 1
+    "granitemoe": (
+        transformers.GraniteMoeConfig,
+        transformers.GraniteMoeForCausalLM,
+        dict(
+            intermediate_size=24,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            embedding_multiplier=2.0,
+            residual_multiplier=0.5,
+            attention_multiplier=0.2,
+            logits_scaling=3.0,
+        ),
+    ),
+    "granitemoeshared": (
+        transformers.GraniteMoeSharedConfig,
+        transformers.GraniteMoeSharedForCausalLM,
+        dict(
+            intermediate_size=24,
+            shared_intermediate_size=16,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            embedding_multiplier=2.0,
+            residual_multiplier=0.5,
+            attention_multiplier=0.2,
+            logits_scaling=3.0,
+        ),
+    ),
 }
 
 
@@ -167,7 +265,7 @@ def make_family_moe(
     model = model_class(config).eval()
     with torch.no_grad():
         for layer in model.model.layers:
-            mlp = layer.mlp
+            mlp = layer.mlp if hasattr(layer, "mlp") else layer.block_sparse_moe  # Granite's
             if not hasattr(mlp, "experts"):
                 for proj in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
                     proj.weight.normal_(0, 0.2)
@@ -175,19 +273,31 @@ def make_family_moe(
             # A larger init than the default 0.02 so that merges that are wrong show.
             mlp.experts.gate_up_proj.normal_(0, 0.2)
             mlp.experts.down_proj.normal_(0, 0.2)
-            router = mlp.router if hasattr(mlp, "router") else mlp.gate
-            router.weight.normal_(0, router_std)
+            router = mlp.gate if hasattr(mlp, "gate") else mlp.router
+            (router.wg if hasattr(router, "wg") else router).weight.normal_(0, router_std)  # HunYuan's wg
             for bias in (getattr(router, "bias", None), *_expert_biases(mlp.experts)):
                 if bias is not None:
                     bias.normal_(0, 0.1 if router_std else 0.0)
             if hasattr(getattr(layer, "self_attn", None), "sinks"):  # GPT-OSS's attention sinks
                 layer.self_attn.sinks.normal_(0, 0.5)
-            if hasattr(router, "e_score_correction_bias"):
-                router.e_score_correction_bias.normal_(0, 0.1)
-            shared = getattr(mlp, "shared_expert", None) or getattr(mlp, "shared_experts", None)
+            # DeepSeek-style correction biases, wherever the family keeps them
+            tensors = dict(mlp.named_buffers()) | dict(mlp.named_parameters())
+            for name, tensor in tensors.items():
+                if name.endswith("e_score_correction_bias"):
+                    tensor.normal_(0, 0.1)
+            shared = next(
+                (
+                    module
+                    for module in (
+                        getattr(mlp, name, None) for name in ("shared_expert", "shared_experts", "shared_mlp")
+                    )
+                    if module is not None
+                ),
+                getattr(layer, "shared_mlp", None),  # Granite's, beside the sparse block
+            )
             if shared is not None:
-                for proj in (shared.gate_proj, shared.up_proj, shared.down_proj):
-                    proj.weight.normal_(0, 0.2)
+                for weight in shared.parameters():
+                    weight.normal_(0, 0.2)
             if hasattr(mlp, "shared_expert_gate"):
                 mlp.shared_expert_gate.weight.normal_(0, 0.5)
             if identical:

@@ -42,13 +42,15 @@ skeleton (e.g. `RouterRecorder`) fire on the streamed layer unchanged, since it
 is the very module object of the skeleton. `stream.forward(module, advance=False)`
 runs the batches without replacing the carried states (to look at a layer
 without committing to its output; `before_batch` is not called for it), and
-`stream.inputs(b)` / `stream.kwargs(b)` give a batch's carried states and layer
-arguments.
+`stream.inputs(b)` / `stream.kwargs(b, l)` give a batch's carried states and layer
+l's arguments (per layer: families that mix full and sliding-window attention pass
+each layer the mask of its own type).
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import shutil
 import sys
@@ -220,7 +222,8 @@ class LayerStream:
         return os.path.join(self._spill, f"batch{batch:06d}.pt")
 
     def _embed(self) -> None:
-        """Layer-0 inputs of every batch, from the model's own forward up to layer 0."""
+        """Layer-0 inputs of every batch, from the model's own forward up to layer 0, and
+        every layer's arguments (the forward runs on through stand-ins that change nothing)."""
         embed = self.base.get_input_embeddings()
         self._materialise(embed, self._module_name(embed))
         rotary = getattr(self.base, "rotary_emb", None)
@@ -287,11 +290,12 @@ class LayerStream:
     ) -> None:
         """Run every batch through `module` (a decoder layer); with `advance`, its
         outputs become the carried hidden states."""
+        index = next(i for i, layer in enumerate(self.layers) if layer is module)
         with torch.inference_mode():
             for b in range(len(self.batches)):
                 if before_batch is not None:
                     before_batch(b)
-                out = module(self.inputs(b), **self.kwargs(b))
+                out = module(self.inputs(b), **self.kwargs(b, index))
                 if isinstance(out, tuple):  # older layer classes return (hidden, ...)
                     out = out[0]
                 if advance:
@@ -352,4 +356,7 @@ class LayerStream:
 
         result = {name: filler(pairs) for name, pairs in fillers.items()}
         result[f"{self.family.router_module(moe.index)}.weight"] = lambda t: self._reader.read(moe.router, out=t)
+        # extra tensors this layout stores under other names (a router bias)
+        for memory_name, name in moe.renamed.items():
+            result[memory_name] = functools.partial(lambda stored, t: self._reader.read(stored, out=t), name)
         return result

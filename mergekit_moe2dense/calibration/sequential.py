@@ -54,6 +54,13 @@ __all__ = [
 REFIT_MODES = ("none", "scale", "down_proj")
 
 
+class _Nothing(torch.nn.Module):
+    """Stands in for shared experts that sit beside the sparse block (the dense MLP has them)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+
 class DenseMLP(torch.nn.Module):
     """down(act(gate x) * up x): the dense MLP that replaces a sparse block."""
 
@@ -80,6 +87,8 @@ class SparseBlock:
     module: torch.nn.Module
     router: torch.nn.Module
     act: Callable[[torch.Tensor], torch.Tensor]  # the experts' activation
+    # shared experts beside the block (Granite's `shared_mlp`), on the same input: part of the target
+    shared_path: str | None = None
     keep: torch.Tensor | None = None  # during `run`: the current batch's non-padding tokens [B*T], on the device
 
     @classmethod
@@ -94,7 +103,12 @@ class SparseBlock:
             stream.model.get_submodule(path),
             stream.model.get_submodule(family.router_module(index)),
             stream.model.get_submodule(family.experts_module(index)).act_fn,
+            family.shared_module(stream.source.config, index),
         )
+
+    def swaps(self, dense: torch.nn.Module) -> dict[str, torch.nn.Module]:
+        """What replaces the block (and shared experts beside it) in the dense layer."""
+        return {self.path: dense, **({self.shared_path: _Nothing()} if self.shared_path else {})}
 
     def run(self, *handles) -> None:
         """One pass of every batch through the MoE layer (the carried states stay);
@@ -113,12 +127,24 @@ class SparseBlock:
         """One pass: `on_tokens(x, y)` per batch with the block's input x and output y
         [N, H] of the non-padding tokens, in float32."""
 
+        pending = []
+
         def hook(_module, inputs, output):
             x = inputs[0].reshape(-1, inputs[0].shape[-1])[self.keep].float()
             y = output.reshape(-1, output.shape[-1])[self.keep].float()
-            on_tokens(x, y)
+            if self.shared_path is None:
+                on_tokens(x, y)
+            else:  # completed by the shared experts' output, which comes next
+                pending.append((x, y))
 
-        self.run(self.module.register_forward_hook(hook))
+        def shared_hook(_module, _inputs, output):
+            x, y = pending.pop()
+            on_tokens(x, y + output.reshape(-1, output.shape[-1])[self.keep].float())
+
+        handles = [self.module.register_forward_hook(hook)]
+        if self.shared_path is not None:
+            handles.append(self.stream.model.get_submodule(self.shared_path).register_forward_hook(shared_hook))
+        self.run(*handles)
 
     def load(self, piece) -> torch.Tensor:
         """One expert's projection from the checkpoint, on the device."""
@@ -163,7 +189,7 @@ class _Converting(LayerVisitor):
         names = stream.family.dense_mlp_names(index)
         self.result.tensors.update({names[p]: tensor.cpu() for p, tensor in fit.tensors.items()})
         self.result.errors[index] = fit.error
-        return {block.path: fit.dense}
+        return block.swaps(fit.dense)
 
 
 def fit_layers(

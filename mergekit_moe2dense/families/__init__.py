@@ -8,7 +8,14 @@ import transformers
 
 from mergekit_moe2dense.families.base import PROJECTIONS, MoEFamily, MoELayer, UnsupportedModelError
 from mergekit_moe2dense.families.deepseek import DEEPSEEK_V2, DEEPSEEK_V3
+from mergekit_moe2dense.families.dots1 import DOTS1
+from mergekit_moe2dense.families.ernie4_5_moe import ERNIE4_5_MOE
+from mergekit_moe2dense.families.flex_olmo import FLEX_OLMO
+from mergekit_moe2dense.families.glm4_moe import GLM4_MOE
 from mergekit_moe2dense.families.gpt_oss import GPT_OSS
+from mergekit_moe2dense.families.granitemoe import GRANITEMOE, GRANITEMOE_SHARED
+from mergekit_moe2dense.families.hunyuan_v1_moe import HUNYUAN_V1_MOE
+from mergekit_moe2dense.families.minimax_m2 import MINIMAX_M2
 from mergekit_moe2dense.families.mixtral import MIXTRAL
 from mergekit_moe2dense.families.olmoe import OLMOE
 from mergekit_moe2dense.families.qwen2_moe import QWEN2_MOE
@@ -20,6 +27,7 @@ from mergekit_moe2dense.families.spec import ExpertSlice
 DEQUANTIZED_FORMATS = ("fp8", "mxfp4")
 
 FAMILIES: list[MoEFamily] = [MIXTRAL, QWEN3_MOE, QWEN2_MOE, DEEPSEEK_V2, DEEPSEEK_V3, OLMOE, GPT_OSS, QWEN3_NEXT]
+FAMILIES += [GLM4_MOE, DOTS1, MINIMAX_M2, ERNIE4_5_MOE, HUNYUAN_V1_MOE, FLEX_OLMO, GRANITEMOE, GRANITEMOE_SHARED]
 
 # Sparse model types we know of but cannot convert yet, with the reason.
 KNOWN_UNSUPPORTED = {

@@ -58,6 +58,9 @@ class MoELayer:
     consumed: tuple[str, ...]
     # always-on experts (Qwen2-MoE, DeepSeek), same projection layout as `experts`
     shared_experts: tuple[dict[str, ExpertSlice], ...] = ()
+    # in-memory tensor name -> checkpoint name, for the block's extra tensors stored under
+    # another name in this layout (the layer-streaming engine fills the module from them)
+    renamed: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def num_experts(self) -> int:
@@ -84,7 +87,9 @@ class MoEFamily:
     routed_scaling: str | None = None
     sparse_layers: SparseLayers = SparseLayers()
     shared: SharedExperts | None = None
-    # further tensors of the sparse block (router bias, shared gate) with their shapes: not copied
+    # further tensors of the sparse block (router bias, shared gate) with their shapes: not copied.
+    # Named as in the transformers model ({block}: the router module's parent); a layout whose
+    # names differ maps them (`extras`)
     extra_tensors: Mapping[str, Shape] = field(default_factory=dict)
     refusals: tuple[Refusal, ...] = ()
     # module path ({layer}) of the router in the transformers model, for hooks
@@ -94,6 +99,9 @@ class MoEFamily:
     # why the re-fit (a SwiGLU MLP without biases, act(G x) * (U x) through D) cannot model
     # this family's experts (None: it can)
     no_refit: str | None = None
+    # the fused layout transformers keeps the experts in, where it is not the family's first
+    # stored fused layout (Granite stores `input_linear`, holds `experts.gate_up_proj`)
+    memory: FusedLayout | None = None
 
     def supports(self, config: transformers.PretrainedConfig) -> bool:
         return getattr(config, "model_type", None) in self.model_types
@@ -171,8 +179,15 @@ class MoEFamily:
     def memory_layout(self) -> FusedLayout:
         """The fused layout transformers keeps the experts in (names and orientation, under
         `experts_module`): what the layer stream fills from whichever layout is stored."""
-        fused = next((layout for layout in self.layouts if isinstance(layout, FusedLayout)), None)
+        fused = self.memory or next((layout for layout in self.layouts if isinstance(layout, FusedLayout)), None)
         return fused or FusedLayout(block="", gate_up="gate_up_proj", down="down_proj", router="")
+
+    def shared_module(self, config: transformers.PretrainedConfig, layer: int) -> str | None:
+        """Module path of shared experts that sit beside the sparse block rather than inside it
+        (their output is part of what the dense MLP replaces; None: inside, or none)."""
+        if not self.has_shared(config) or self.shared.module is None:
+            return None
+        return self.shared.module.format(layer=layer)
 
     def shared_gate_module(self, layer: int) -> str | None:
         """Module path of a per-token gate on the shared experts, for hooks (None: ungated)."""
@@ -214,16 +229,31 @@ class MoEFamily:
         layout = self.layout_of(layer, tensor_names)
         experts = layout.slices(layer, self.num_experts(config), self.expert_width(config))
         router = layout.tensor(layout.router, layer)
-        shared: tuple[dict[str, ExpertSlice], ...] = ()
-        if self.has_shared(config):
-            templates = {"gate": self.shared.gate, "up": self.shared.up, "down": self.shared.down}
-            shared = ({p: ExpertSlice(layout.tensor(t, layer)) for p, t in templates.items()},)
-        extra = [layout.tensor(t, layer) for t in self.extra_tensors]
-        for name in [router, *(s.tensor for block in shared for s in block.values()), *extra]:
+        shared = (self._shared_slices(config, layout, layer),) if self.has_shared(config) else ()
+        extra = {self.extra_tensor(t, layer): layout.extra(t, layer) for t in self.extra_tensors}
+        for name in [router, *(s.tensor for block in shared for s in block.values()), *extra.values()]:
             if name not in tensor_names:
                 raise _missing(layer, name, tensor_names)
-        consumed = {s.tensor for block in experts + shared for s in block.values()} | {router, *extra}
-        return MoELayer(layer, experts, router, tuple(sorted(consumed)), shared_experts=shared)
+        consumed = {s.tensor for block in experts + shared for s in block.values()} | {router, *extra.values()}
+        renamed = {memory: stored for memory, stored in extra.items() if memory != stored}
+        return MoELayer(layer, experts, router, tuple(sorted(consumed)), shared_experts=shared, renamed=renamed)
+
+    def _shared_slices(self, config, layout: Layout, layer: int) -> dict[str, ExpertSlice]:
+        shared = self.shared
+        if shared.fused_gate_up:
+            gate_up, width = layout.tensor(shared.gate, layer), shared.total_width(config)
+            return {
+                "gate": ExpertSlice(gate_up, rows=(0, width)),
+                "up": ExpertSlice(gate_up, rows=(width, 2 * width)),
+                "down": ExpertSlice(layout.tensor(shared.down, layer)),
+            }
+        templates = {"gate": shared.gate, "up": shared.up, "down": shared.down}
+        return {p: ExpertSlice(layout.tensor(t, layer)) for p, t in templates.items()}
+
+    def extra_tensor(self, template: str, layer: int) -> str:
+        """The in-memory name of one of the block's extra tensors (the block being the
+        router module's parent in the transformers model)."""
+        return template.format(layer=layer, block=self.router_module(layer).rsplit(".", 1)[0])
 
     def expected_shapes(
         self, config: transformers.PretrainedConfig, layer: MoELayer, tensor_names: Collection[str]
@@ -236,9 +266,12 @@ class MoEFamily:
         shapes[layer.router] = ("E", "H")
         if layer.shared_experts:
             block = layer.shared_experts[0]
-            shapes.update({block["gate"].tensor: ("S", "H"), block["up"].tensor: ("S", "H")})
+            if self.shared.fused_gate_up:
+                shapes[block["gate"].tensor] = ("2S", "H")
+            else:
+                shapes.update({block["gate"].tensor: ("S", "H"), block["up"].tensor: ("S", "H")})
             shapes[block["down"].tensor] = ("H", "S")
-        shapes.update({layout.tensor(t, layer.index): shape for t, shape in self.extra_tensors.items()})
+        shapes.update({layout.extra(t, layer.index): shape for t, shape in self.extra_tensors.items()})
         dims = self.dims(config)
         return {name: tuple(dims[d] if isinstance(d, str) else d for d in shape) for name, shape in shapes.items()}
 
@@ -258,6 +291,7 @@ class MoEFamily:
         dims = {"E": self.num_experts(config), "H": getattr(config, self.keys.hidden), "I": width, "2I": 2 * width}
         if self.has_shared(config):
             dims["S"] = self.shared.total_width(config)
+            dims["2S"] = 2 * dims["S"]
         return dims
 
     def describe_dims(self, config: transformers.PretrainedConfig) -> str:
@@ -326,7 +360,7 @@ class MoEFamily:
             # the new experts would need their own shared-expert and router-bias semantics
             raise UnsupportedModelError(
                 f"{self.name}: rebuilding a smaller MoE is supported for families without shared experts "
-                "or router biases (mixtral, qwen3_moe, olmoe)"
+                "or router biases (mixtral, qwen3_moe, olmoe, flex_olmo)"
             )
         if self.moe_architecture is None or not any(isinstance(layout, PerExpertLayout) for layout in self.layouts):
             raise UnsupportedModelError(f"{self.name}: rebuilding a smaller MoE is not supported")

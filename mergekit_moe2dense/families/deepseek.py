@@ -29,7 +29,7 @@ DEEPSEEK_KEYS = ConfigKeys(experts="n_routed_experts", expert_width="moe_interme
 DEEPSEEK_SHARED = shared_mlp("shared_experts", width="moe_intermediate_size", count="n_shared_experts")
 
 
-def _all_dense(config) -> dict:
+def all_dense(config) -> dict:
     return {"first_k_dense_replace": config.num_hidden_layers}
 
 
@@ -46,7 +46,7 @@ DEEPSEEK_V2 = MoEFamily(
     sparse_layers=DEEPSEEK_SPARSE_LAYERS,
     shared=DEEPSEEK_SHARED,
     refusals=_refusals("deepseek_v2"),
-    dense=DenseTarget(transformers.DeepseekV2Config, "DeepseekV2ForCausalLM", DENSE_MLP, overrides=_all_dense),
+    dense=DenseTarget(transformers.DeepseekV2Config, "DeepseekV2ForCausalLM", DENSE_MLP, overrides=all_dense),
 )
 
 DEEPSEEK_V3 = MoEFamily(
@@ -60,5 +60,5 @@ DEEPSEEK_V3 = MoEFamily(
     shared=DEEPSEEK_SHARED,
     extra_tensors={"{block}.gate.e_score_correction_bias": ("E",)},
     refusals=_refusals("deepseek_v3"),
-    dense=DenseTarget(transformers.DeepseekV3Config, "DeepseekV3ForCausalLM", DENSE_MLP, overrides=_all_dense),
+    dense=DenseTarget(transformers.DeepseekV3Config, "DeepseekV3ForCausalLM", DENSE_MLP, overrides=all_dense),
 )

@@ -74,6 +74,12 @@ class ConfigKeys:
 class _Layout:
     block: str  # the sparse block's prefix, from {layer}
     router: str  # [E, H]
+    # the family's extra tensor templates (in-memory names) -> this layout's, where they differ
+    extras: Mapping[str, str]
+
+    def extra(self, template: str, layer: int) -> str:
+        """The name of one of the family's extra tensors (`MoEFamily.extra_tensors`) in this layout."""
+        return self.tensor(self.extras.get(template, template), layer)
 
     def tensor(self, template: str, layer: int, expert: int | None = None) -> str:
         """A tensor name of `layer` (and `expert`) from a template of this layout or the family."""
@@ -90,6 +96,7 @@ class PerExpertLayout(_Layout):
     up: str
     down: str
     router: str
+    extras: Mapping[str, str] = field(default_factory=dict, hash=False)  # a dict: not hashable
     kind: ClassVar[str] = "legacy"
 
     def marker(self, layer: int) -> str:
@@ -142,6 +149,7 @@ class FusedLayout(_Layout):
     interleaved: bool = False
     gate_up_bias: str | None = None
     down_bias: str | None = None
+    extras: Mapping[str, str] = field(default_factory=dict, hash=False)  # a dict: not hashable
     kind: ClassVar[str] = "fused"
 
     def marker(self, layer: int) -> str:
@@ -185,7 +193,9 @@ Layout = PerExpertLayout | FusedLayout
 @dataclass(frozen=True)
 class SharedExperts:
     """Always-on experts added to the routed mixture, stored as one SwiGLU MLP
-    (DeepSeek's n shared experts are one MLP n times as wide)."""
+    (DeepSeek's n shared experts are one MLP n times as wide). With `fused_gate_up`,
+    `gate` names one tensor [2S, H] whose gate rows come first and `up` is unused
+    (Granite's `shared_mlp.input_linear`)."""
 
     gate: str
     up: str
@@ -194,9 +204,16 @@ class SharedExperts:
     count: str | None = None  # config key: how many (0 or None: this config has none); None: always one
     # module path ({layer}) of a per-token sigmoid gate on their output, for hooks (None: ungated)
     gate_module: str | None = None
+    fused_gate_up: bool = False
+    # module path ({layer}) of the shared MLP where it sits beside the sparse block in the decoder
+    # layer, on the same input, rather than inside it (Granite's `shared_mlp`); None: inside
+    module: str | None = None
 
     def present(self, config) -> bool:
-        return self.count is None or bool(getattr(config, self.count, None))
+        """Whether this config has them: a count and a width that are not 0 (Granite's
+        `shared_intermediate_size: 0` means none)."""
+        counted = self.count is None or bool(getattr(config, self.count, None))
+        return counted and bool(getattr(config, self.width, None))
 
     def total_width(self, config) -> int:
         return getattr(config, self.width) * (getattr(config, self.count) if self.count else 1)
@@ -210,6 +227,7 @@ class SparseLayers:
     first_dense: str | None = None  # layers below config[key] are dense (DeepSeek's first_k_dense_replace)
     step: str | None = None  # sparse only where (i + 1) % config[key] == 0 (Qwen's decoder_sparse_step)
     dense_list: str | None = None  # config[key] lists dense layers (Qwen's mlp_only_layers)
+    last_sparse: str | None = None  # layers above config[key] are dense (ERNIE's moe_layer_end_index; -1: none)
 
     def layers(self, config, num_experts: int):
         if not num_experts:
@@ -217,18 +235,26 @@ class SparseLayers:
         first = (getattr(config, self.first_dense) or 0) if self.first_dense else 0
         step = (getattr(config, self.step) or 1) if self.step else 1
         dense = set((getattr(config, self.dense_list) or ()) if self.dense_list else ())
-        return [i for i in range(config.num_hidden_layers) if i >= first and (i + 1) % step == 0 and i not in dense]
+        last = getattr(config, self.last_sparse) if self.last_sparse else None
+        if last is None or last < 0:
+            last = config.num_hidden_layers - 1
+        return [
+            i for i in range(config.num_hidden_layers) if first <= i <= last and (i + 1) % step == 0 and i not in dense
+        ]
 
 
 @dataclass(frozen=True)
 class Refusal:
-    """A config value of the family that has no exact dense equivalent."""
+    """A config value of the family that has no exact dense equivalent: `value` is the
+    refused truth value of config[key], or a test of the value (a per-layer list, ...)."""
 
     key: str
-    value: bool
+    value: bool | Callable[[Any], bool]
     reason: str
 
     def applies(self, config) -> bool:
+        if callable(self.value):
+            return bool(self.value(getattr(config, self.key, None)))
         return bool(getattr(config, self.key, False)) == self.value
 
 
