@@ -5,7 +5,8 @@
 Importing the package loads nothing heavy, so that the command line starts at once
 and a Ctrl-C while torch loads is caught (cli.py). The merge methods are registered
 with mergekit's registry when `METHODS`, `get_method` or `register_methods` is first
-taken from here, and by the `mergekit-yaml` hook before it routes a config to us.
+taken from here, and by our mergekit plugin (the `mergekit.plugins` entry point, or the
+`.pth` hook where mergekit loads no plugins) before it routes a config to us.
 """
 
 __all__ = ["METHODS", "get_method", "register_methods"]
