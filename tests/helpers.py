@@ -149,3 +149,27 @@ def assert_one_line_error(result, fragment: str):
     assert "Traceback" not in result.output
     assert re.search(fragment, result.output), result.output
     assert len([line for line in result.output.strip().splitlines() if line.startswith("Error")]) == 1
+
+
+def convert_uniform(moe: Path, out: Path, calib_dir) -> Path:
+    """The `expert_uniform` dense conversion of a tiny MoE: a student for `heal` tests."""
+    from mergekit_moe2dense.build import build_dense
+
+    build_dense(make_config(moe, "expert_uniform", calib_dir), str(out))
+    return out
+
+
+class StopAfterSave(transformers.TrainerCallback):
+    """Raises KeyboardInterrupt once the checkpoint of step `step` is written: a crashed run."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            raise KeyboardInterrupt
+
+
+def state_of(path) -> dict[str, torch.Tensor]:
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return {name: value.detach().clone() for name, value in model.state_dict().items()}
