@@ -166,7 +166,7 @@ def collapse(
                 teacher = transformers.AutoModelForCausalLM.from_pretrained(moe, dtype=settings.torch_dtype)
             trainer = DistillTrainer(
                 model=model,
-                args=settings.arguments(os.path.join(work, "trainer"), steps),
+                args=settings.arguments(os.path.join(work, "trainer"), steps, progress),
                 train_dataset=SequenceDataset(sequences),
                 data_collator=default_data_collator,
                 teacher=teacher,
@@ -175,7 +175,8 @@ def collapse(
                 callbacks=[penalty, *(callbacks or [])],
                 extra_logs=penalty.logs,
             )
-            trainer.args.disable_tqdm = not progress
+            if not progress:  # nor the printed log lines that replace the bar
+                trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
             metrics = trainer.train().metrics
             del teacher, trainer.teacher
             spread = expert_deviation(tensors)[1]

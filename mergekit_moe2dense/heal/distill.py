@@ -112,7 +112,7 @@ def heal(
     eval_documents = load_documents(eval_data) if eval_data else None
 
     steps = settings.steps(int(os.environ.get("WORLD_SIZE", "1")))
-    args = settings.arguments(checkpoint_dir, steps)  # initialises torch.distributed under torchrun
+    args = settings.arguments(checkpoint_dir, steps, progress)  # initialises torch.distributed under torchrun
     sequences = training_sequences(
         documents, tokenizer, seq_len=settings.seq_len, count=steps * settings.batch_size * args.world_size,
         seed=settings.seed, label=data,
@@ -146,7 +146,8 @@ def heal(
             lm_weight=settings.lm_weight,
             callbacks=callbacks,
         )
-        trainer.args.disable_tqdm = not progress
+        if not progress:  # nor the printed log lines that replace the bar
+            trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
         metrics = trainer.train(resume_from_checkpoint=last).metrics
         del teacher_model, trainer.teacher
         healed = trainer.accelerator.unwrap_model(trainer.model)
@@ -167,6 +168,8 @@ def heal(
             "mean_loss": metrics.get("train_loss"),
             "train_seconds": metrics.get("train_runtime"),
             "tokens_per_s": tokens / metrics["train_runtime"] if metrics.get("train_runtime") else None,
+            # steady state: each logging interval after the first (which includes start-up)
+            "tokens_per_s_logged": [e["tokens_per_s"] for e in trainer.state.log_history if "tokens_per_s" in e],
             "settings": asdict(settings),
             "lora_rank": lora_rank,
             "lora_alpha": lora_alpha if lora_rank is not None else None,

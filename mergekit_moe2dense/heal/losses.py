@@ -10,8 +10,8 @@ With temperature T, p = softmax(t / T) (teacher), q = softmax(s / T) (student), 
   r = lse_{v not in I} t_v / T of the rest): KL of the two distributions coarsened to the
   k tokens and one "rest" bucket,
   sum_{i in I} p_i (log p_i - log q_i) + p_rest (log p_rest - log q_rest),
-  with log q_rest = lse_{v not in I} s_v / T - lse_v s_v / T. It never exceeds the exact KL
-  (coarsening cannot increase a divergence) and equals it when k is the vocabulary size.
+  with q_rest = 1 - sum_I q_i (floored at 1e-6). It never exceeds the exact KL (coarsening
+  cannot increase a divergence) and equals it when k is the vocabulary size.
 
 Both are multiplied by T^2 (Hinton et al. 2015), so that gradients keep their scale across
 temperatures. `mixed_loss` = (1 - w) * that + w * next-token cross-entropy.
@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+REST_FLOOR = 1e-6  # the smallest rest mass of the student that the cached loss resolves
 
 __all__ = ["TeacherTargets", "cached_kl", "exact_kl", "lm_loss", "mixed_loss", "top_k_targets"]
 
@@ -54,17 +56,19 @@ def exact_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempera
 
 
 def cached_kl(student_logits: torch.Tensor, targets: TeacherTargets, temperature: float = 1.0) -> torch.Tensor:
-    """Mean over tokens of T^2 times the KL of the top-k + rest coarsening (module docstring)."""
-    scaled = student_logits.float() / temperature
-    log_z = scaled.logsumexp(-1)
-    log_q_top = scaled.gather(-1, targets.indices) - log_z[..., None]
-    log_q_rest = scaled.scatter(-1, targets.indices, float("-inf")).logsumexp(-1) - log_z
+    """Mean over tokens of T^2 times the KL of the top-k + rest coarsening (module docstring).
+
+    The student's rest mass is 1 - sum_I q_i, floored at `REST_FLOOR` (one log-softmax and one
+    gather over the vocabulary, as the LM loss costs; no masked copy of the logits)."""
+    log_q_top = (student_logits.float() / temperature).log_softmax(-1).gather(-1, targets.indices)
+    log_q_rest = torch.log1p(-log_q_top.exp().sum(-1).clamp(max=1 - REST_FLOOR))
     teacher_z = torch.cat([targets.logits, targets.rest_lse[..., None]], -1).logsumexp(-1)
     log_p_top = targets.logits - teacher_z[..., None]
     log_p_rest = targets.rest_lse - teacher_z
     kl = (log_p_top.exp() * (log_p_top - log_q_top)).sum(-1)
-    rest_term = log_p_rest.exp() * (log_p_rest - log_q_rest)
-    kl = kl + torch.where(torch.isfinite(log_p_rest), rest_term, torch.zeros_like(rest_term))
+    finite = torch.isfinite(log_p_rest)  # -inf when the cache kept the whole vocabulary
+    log_p_rest = torch.where(finite, log_p_rest, torch.zeros_like(log_p_rest))
+    kl = kl + torch.where(finite, log_p_rest.exp() * (log_p_rest - log_q_rest), torch.zeros_like(log_p_rest))
     return kl.mean() * temperature**2
 
 

@@ -91,7 +91,7 @@ class TrainSettings:
         """Optimiser steps for `max_tokens` (rounded up to whole global batches)."""
         return math.ceil(self.max_tokens / (self.batch_size * world_size * self.seq_len))
 
-    def arguments(self, output_dir: str, steps: int) -> TrainingArguments:
+    def arguments(self, output_dir: str, steps: int, progress: bool = True) -> TrainingArguments:
         mixed = {"bfloat16": {"bf16": True}, "float16": {"fp16": True}}.get(self.dtype, {})
         return TrainingArguments(
             output_dir=output_dir,
@@ -114,6 +114,7 @@ class TrainSettings:
             dataloader_num_workers=0,
             dataloader_pin_memory=self.device != "cpu",
             remove_unused_columns=False,
+            disable_tqdm=not progress,
             **mixed,
         )
 
