@@ -14,7 +14,7 @@ On a trained testbed (benchmarks/testbed.py), rows of held-out perplexity (the t
 4. `collapse` of the MoE at one fraction, LM loss (and KD) plus the expert penalty;
 5. the MoE and the dense twin trained on 100% of the tokens.
 
-The learning rate is chosen on the calib split (a small sweep at the largest fraction), the
+The learning rate is chosen on the calib split (a small sweep at the collapse fraction), the
 table is on the test split. Then the throughput of the heal's `Trainer` (teacher cache, and
 on the fly) against a plain transformers training loop (AdamW, `model(ids, labels=ids)`) on
 the same student, batch and device, measured alternately in one run.
@@ -134,6 +134,15 @@ def run(args) -> str:
     moe_ppl = score(testbed.moe, test_docs, seq_len, limit)
     rows.append(("MoE (teacher)", total_tokens, moe_ppl))
     top_k = json.loads((testbed.moe / "config.json").read_text())["num_experts_per_tok"]
+    if args.throughput_only:
+        method, params = ("concat", {"num_experts": top_k}) if scratch else ("router_weighted", {})
+        student = convert(
+            testbed.moe, testbed.calib_dir, work / "student", method, {**params, "refit": "down_proj"}, seq_len
+        )
+        return measure_throughput(
+            student, testbed.moe, train_dir, work, seq_len, batch, args.lrs[0], args.throughput_steps
+        )["text"]
+    top_k = json.loads((testbed.moe / "config.json").read_text())["num_experts_per_tok"]
     if scratch:
         label, method, params = f"concat m={top_k} + refit: down_proj", "concat", {"num_experts": top_k}
     else:
@@ -213,13 +222,20 @@ def measure_throughput(student, moe, train_dir, work, seq_len, batch, lr, steps)
     sequences = training_sequences(load_documents(train_dir), tokenizer, seq_len=seq_len, count=steps * batch,
                                    seed=0, label="train")  # fmt: skip
     tokens = steps * batch * seq_len
-    best = {"plain transformers loop": 0.0, "heal, teacher cache": 0.0, "heal, teacher on the fly": 0.0}
+    runs = {  # name: (teacher cache, lm_weight)
+        "heal --lm-weight 1 (the Trainer, LM loss only)": (None, 1.0),
+        "heal, teacher cache": (work / "cache", 0.0),
+        "heal, teacher on the fly": (None, 0.0),
+    }
+    best = {"plain transformers loop": 0.0, **dict.fromkeys(runs, 0.0)}
     for round_ in range(2):
         best["plain transformers loop"] = max(
             best["plain transformers loop"], plain_loop_throughput(student, sequences, batch, steps, lr)
         )
-        for name, cache in (("heal, teacher cache", work / "cache"), ("heal, teacher on the fly", None)):
-            settings = TrainSettings(max_tokens=tokens, seq_len=seq_len, batch_size=batch, lr=lr, logging_steps=5)
+        for name, (cache, lm_weight) in runs.items():
+            settings = TrainSettings(
+                max_tokens=tokens, seq_len=seq_len, batch_size=batch, lr=lr, logging_steps=5, lm_weight=lm_weight
+            )
             result = heal(str(student), str(work / f"speed-{round_}"), teacher=str(moe), data=str(train_dir),
                           settings=settings, teacher_cache=str(cache) if cache else None, overwrite=True,
                           progress=False)  # fmt: skip
@@ -289,6 +305,7 @@ def main(argv=None) -> None:
     parser.add_argument("--eval-max-tokens", type=int, default=None)
     parser.add_argument("--plot", default=None, help="write the perplexity-vs-tokens plot (PNG) here")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--throughput-only", action="store_true", help="only the throughput comparison")
     parser.add_argument("--smoke", action="store_true", help="scratch-smoke, two fractions, one lr, few steps")
     args = parser.parse_args(argv)
     transformers.utils.logging.disable_progress_bar()

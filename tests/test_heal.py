@@ -241,8 +241,8 @@ def test_heal_refuses_a_model_that_is_not_a_causal_lm(pair, tmp_path):
     )
     transformers.BertModel(config).save_pretrained(tmp_path / "bert")
     result = run_cli(
-        "heal", tmp_path / "bert", tmp_path / "o", "--teacher", pair["teacher"], "--data", pair["data"], "--max-tokens", 64
-    )
+        "heal", tmp_path / "bert", tmp_path / "o", "--teacher", pair["teacher"], "--data", pair["data"], "--max-tokens", 64,
+    )  # fmt: skip
     assert_one_line_error(result, "not a causal language model")
 
 
