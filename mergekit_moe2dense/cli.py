@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 
 import click
 
@@ -315,6 +316,8 @@ def heal_command(student, out_path, teacher, lora_rank, lora_alpha, teacher_cach
         eval_max_tokens=eval_max_tokens, checkpoint_dir=checkpoint_dir, resume=resume,
         keep_checkpoints=keep_checkpoints, overwrite=overwrite, progress=not quiet,
     )  # fmt: skip
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
+        return
     ppl = ""
     if result.perplexity_before is not None:
         ppl = f"; held-out perplexity {result.perplexity_before:.3f} -> {result.perplexity_after:.3f}"
