@@ -5,6 +5,8 @@
     mergekit-moe2dense CONFIG OUT [--stats FILE] [--overwrite] [mergekit's merge options]
     mergekit-moe2dense eval MODEL [MODEL ...] --data PATH [--seq-len N] [--json FILE]
     mergekit-moe2dense inspect MOE [--stats FILE | --data PATH] [--heatmap PNG] [--json FILE]
+    mergekit-moe2dense heal STUDENT OUT --teacher MOE --data PATH --max-tokens N [...]
+    mergekit-moe2dense collapse MOE OUT --data PATH --max-tokens N [...]
 
 Library errors (`Moe2DenseError`) become one-line messages and exit status 1;
 Ctrl-C, at any moment after this module is imported, "Error: interrupted" and 130.
@@ -262,3 +264,124 @@ def inspect(model, stats_path, data, num_samples, seq_len, device, engine, dtype
         progress=True,
     )
     click.echo(report.format_table())
+
+
+def training_options(*, lr: float, lm_weight: float, lm_weight_help: str):
+    """The flags `heal` and `collapse` share (a `training.TrainSettings` each), with their
+    own defaults of the learning rate and of the LM loss's weight."""
+    options = [
+        click.option("--data", required=True, help="Training text: .txt/.jsonl/.parquet, a directory of them, or a datasets name."),
+        click.option("--max-tokens", type=int, required=True, help="Training tokens (rounded up to whole batches); the data is cycled if shorter."),
+        click.option("--seq-len", default=512, show_default=True, help="Tokens per training sequence."),
+        click.option("--batch-size", default=8, show_default=True, help="Sequences per step (per process under torchrun)."),
+        click.option("--lr", default=lr, show_default=True, help="Peak learning rate (AdamW, warmup then cosine)."),
+        click.option("--temperature", default=1.0, show_default=True, help="Distillation temperature T (the loss is scaled by T^2)."),
+        click.option("--lm-weight", default=lm_weight, show_default=True, help=lm_weight_help),
+        click.option("--warmup", default=0.05, show_default=True, help="Warmup, as a fraction of the steps."),
+        click.option("--seed", default=0, show_default=True),
+        click.option("--device", default="cpu", show_default=True, help="cpu or cuda (under torchrun: each rank's GPU)."),
+        click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True, help="Compute dtype (mixed precision on float32 weights; the teacher is loaded in it)."),
+        click.option("--logging-steps", default=10, show_default=True),
+        click.option("--overwrite", is_flag=True, help="Replace OUT if it is not empty."),
+        click.option("--quiet", is_flag=True, help="No progress bars."),
+    ]  # fmt: skip
+
+    def decorate(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+def _settings(**values):
+    from mergekit_moe2dense.heal import TrainSettings
+
+    return TrainSettings(**values)
+
+
+@main.command("heal")
+@click.argument("student")
+@click.argument("out_path", type=click.Path(file_okay=False))
+@click.option("--teacher", required=True, help="The MoE to distil from (a model directory).")
+@click.option(
+    "--lora-rank",
+    type=int,
+    default=None,
+    help="Train LoRA adapters of this rank (merged into the weights at the end) instead of every weight.",
+)
+@click.option("--lora-alpha", type=float, default=None, help="LoRA alpha (default: 2 x rank).")
+@click.option(
+    "--teacher-cache",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Store the teacher's top-k logits here first (streamed layer by layer), then train without the teacher in memory; reused when it matches.",
+)
+@click.option("--teacher-top-k", default=64, show_default=True, help="Logits per token kept in the teacher cache.")
+@click.option("--eval-data", default=None, help="Held-out text: the student's perplexity before and after.")
+@click.option("--eval-max-tokens", type=int, default=None, help="Score at most this many held-out tokens per source.")
+@click.option("--save-steps", default=0, show_default=True, help="Checkpoint every N steps (0: none).")
+@click.option(
+    "--checkpoint-dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Where checkpoints go (default: OUT.checkpoints, removed after a successful run).",
+)
+@click.option("--resume", is_flag=True, help="Continue from the last checkpoint in the checkpoint directory.")
+@click.option("--keep-checkpoints", is_flag=True, help="Keep the checkpoints after a successful run.")
+@training_options(
+    lr=1e-4, lm_weight=0.0, lm_weight_help="Weight w of the LM loss: (1 - w) x KD + w x LM (0: pure distillation)."
+)
+@one_line_errors
+def heal_command(student, out_path, teacher, lora_rank, lora_alpha, teacher_cache, teacher_top_k, eval_data,
+                 eval_max_tokens, save_steps, checkpoint_dir, resume, keep_checkpoints, overwrite, quiet, **training):  # fmt: skip
+    """Distil the MoE TEACHER into the converted dense model STUDENT (forward KL on next-token
+    distributions, optionally mixed with the LM loss); write the healed model to OUT_PATH."""
+    from mergekit_moe2dense.heal import heal
+
+    result = heal(
+        student, out_path, teacher=teacher, data=training.pop("data"),
+        settings=_settings(save_steps=save_steps, **training), lora_rank=lora_rank, lora_alpha=lora_alpha,
+        teacher_cache=teacher_cache, teacher_top_k=teacher_top_k, eval_data=eval_data,
+        eval_max_tokens=eval_max_tokens, checkpoint_dir=checkpoint_dir, resume=resume,
+        keep_checkpoints=keep_checkpoints, overwrite=overwrite, progress=not quiet,
+    )  # fmt: skip
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
+        return
+    ppl = ""
+    if result.perplexity_before is not None:
+        ppl = f"; held-out perplexity {result.perplexity_before:.3f} -> {result.perplexity_after:.3f}"
+    click.echo(
+        f"Wrote {result.out_path} ({result.steps} steps, {result.tokens} tokens, {result.tokens_per_s:.0f} tokens/s{ppl})"
+    )
+
+
+@main.command("collapse")
+@click.argument("moe")
+@click.argument("out_path", type=click.Path(file_okay=False))
+@click.option("--penalty-max", default=1e4, show_default=True, help="lambda at the end of the schedule.")
+@click.option(
+    "--schedule",
+    type=click.Choice(["linear", "exponential", "constant"]),
+    default="linear",
+    show_default=True,
+    help="How lambda rises over the run.",
+)
+@click.option("--save-moe", default=None, type=click.Path(file_okay=False), help="Also write the collapsed MoE here.")
+@training_options(
+    lr=1e-4, lm_weight=1.0, lm_weight_help="Weight w of the LM loss; 1 - w is KD from the original MoE (1: LM only)."
+)
+@one_line_errors
+def collapse_command(moe, out_path, penalty_max, schedule, save_moe, overwrite, quiet, **training):
+    """Train MOE with its experts pulled together (LM loss, or KD from the original with
+    --lm-weight < 1, plus lambda(t) sum_e ||W_e - mean W||^2), then convert it with
+    expert_uniform; write the dense model to OUT_PATH."""
+    from mergekit_moe2dense.heal import collapse
+
+    result = collapse(
+        moe, out_path, data=training.pop("data"), settings=_settings(**training), penalty_max=penalty_max,
+        schedule=schedule, save_moe=save_moe, overwrite=overwrite, progress=not quiet,
+    )  # fmt: skip
+    click.echo(
+        f"Wrote {result.out_path} ({result.steps} steps, {result.tokens} tokens, expert spread {result.deviation:.3g})"
+    )

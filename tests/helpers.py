@@ -263,3 +263,27 @@ def quantize_mxfp4_checkpoint(source: Path, path: Path) -> tuple[Path, dict]:
     not_converted = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]
     _copy_with_quantization(source, path, {"quant_method": "mxfp4", "modules_to_not_convert": not_converted})
     return path, reference
+
+
+def convert_uniform(moe: Path, out: Path, calib_dir) -> Path:
+    """The `expert_uniform` dense conversion of a tiny MoE: a student for `heal` tests."""
+    from mergekit_moe2dense.build import build_dense
+
+    build_dense(make_config(moe, "expert_uniform", calib_dir), str(out))
+    return out
+
+
+class StopAfterSave(transformers.TrainerCallback):
+    """Raises KeyboardInterrupt once the checkpoint of step `step` is written: a crashed run."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            raise KeyboardInterrupt
+
+
+def state_of(path) -> dict[str, torch.Tensor]:
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return {name: value.detach().clone() for name, value in model.state_dict().items()}

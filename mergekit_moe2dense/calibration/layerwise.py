@@ -301,6 +301,27 @@ class LayerStream:
                 if advance:
                     self.set_inputs(b, out)
 
+    def load_head(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The final norm and the LM head, materialised from the checkpoint: hidden states after
+        the last layer -> logits. A tied head without its own tensor reads the embeddings."""
+        norm, head = self.base.norm, self.model.get_output_embeddings()
+        self._materialise(norm, self._module_name(norm))
+        head_name = self._module_name(head)
+        head.to_empty(device=self.device)
+        stored = f"{head_name}.weight"
+        if stored not in self.source.index.tensor_paths and self.model.config.tie_word_embeddings:
+            stored = f"{self._module_name(self.base.get_input_embeddings())}.weight"
+        if stored not in self.source.index.tensor_paths:
+            raise LayerStreamError(f"cannot stream {head_name}.weight: the checkpoint has no such tensor")
+        with torch.no_grad():
+            self._reader.read(stored, out=head.weight)
+
+        def logits(hidden: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                return head(norm(hidden))
+
+        return logits
+
     # -- loading -------------------------------------------------------------------
     def read_slice(self, piece: ExpertSlice) -> torch.Tensor:
         """One expert's projection from the checkpoint, reading only its bytes."""

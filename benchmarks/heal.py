@@ -1,0 +1,319 @@
+# Copyright (C) 2026 the mergekit-moe2dense authors
+# SPDX-License-Identifier: LGPL-3.0-only
+"""Heal benchmark: how much of the MoE a short retraining recovers, and at what speed.
+
+On a trained testbed (benchmarks/testbed.py), rows of held-out perplexity (the test split,
+`evaluate.py`), as ratios to the MoE's:
+
+1. the best retraining-free dense model of the dense twin's width (`router_weighted` +
+   `refit: down_proj` on the upcycled presets, `concat` of the top-k experts + `refit: down_proj`
+   on the from-scratch ones), the heal's student;
+2. `refit: fit` (the per-layer gradient fit of issue 13 part 1) when this checkout has it;
+3. `heal` of that student at fractions of the MoE's own training tokens (forward KL, on the
+   fly; the training text is the testbed's train split, rebuilt from its recipe);
+4. `collapse` of the MoE at one fraction, LM loss (and KD) plus the expert penalty;
+5. the MoE and the dense twin trained on 100% of the tokens.
+
+The learning rate is chosen on the calib split (a small sweep at the collapse fraction), the
+table is on the test split. Then the throughput of the heal's `Trainer` (teacher cache, and
+on the fly) against a plain transformers training loop (AdamW, `model(ids, labels=ids)`) on
+the same student, batch and device, measured alternately in one run.
+
+    python benchmarks/heal.py --preset scratch [--write-docs]
+    python benchmarks/heal.py --preset example [--write-docs]
+    python benchmarks/heal.py --smoke            # seconds: the mechanics only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+import typing
+from pathlib import Path
+
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mergekit.options import MergeOptions  # noqa: E402
+
+from benchmarks.testbed import DOMAINS, PRESETS, build_testbed, collect_documents, join, split_documents  # noqa: E402
+from mergekit_moe2dense.build import build_dense  # noqa: E402
+from mergekit_moe2dense.config import Moe2DenseConfig  # noqa: E402
+from mergekit_moe2dense.data import load_documents  # noqa: E402
+from mergekit_moe2dense.evaluate import evaluate_perplexity  # noqa: E402
+from mergekit_moe2dense.heal import TrainSettings, collapse, heal  # noqa: E402
+from mergekit_moe2dense.heal.training import training_sequences  # noqa: E402
+from mergekit_moe2dense.methods.base import Refit  # noqa: E402
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def moe_training_tokens(testbed) -> int:
+    """Tokens the MoE trained on (its own phase): the report's field, else steps x batch x seq_len."""
+    report = testbed.report
+    for key in ("moe_train_tokens", "train_tokens", "training_tokens"):
+        value = report.get(key)
+        if isinstance(value, dict):
+            value = value.get("moe")
+        if isinstance(value, int):
+            return value
+    preset = report["preset"]
+    return preset["further_steps"] * preset["batch_size"] * preset["seq_len"]
+
+
+def write_train_split(preset_name: str, out: Path) -> Path:
+    """The testbed's train split as text files (the recipe is deterministic)."""
+    splits = split_documents(collect_documents(), PRESETS[preset_name])
+    out.mkdir(parents=True, exist_ok=True)
+    for domain in DOMAINS:
+        (out / f"{domain}.txt").write_text(join(splits["train"][domain]), encoding="utf-8")
+    return out
+
+
+def convert(moe: Path, calib: Path, out: Path, method: str, parameters: dict, seq_len: int) -> Path:
+    config = Moe2DenseConfig.model_validate(
+        {
+            "merge_method": method,
+            "models": [{"model": str(moe)}],
+            "parameters": parameters,
+            "calibration": {"dataset": str(calib), "num_samples": 128, "seq_len": seq_len, "batch_size": 8},
+            "dtype": "float32",
+        }
+    )
+    build_dense(config, str(out), MergeOptions(quiet=True), overwrite=True)
+    return out
+
+
+def score(model, documents, seq_len: int, max_tokens: int | None):
+    return evaluate_perplexity(
+        str(model), documents, seq_len=seq_len, batch_size=8, max_tokens=max_tokens, progress=False
+    )
+
+
+def plain_loop_throughput(student: Path, sequences: torch.Tensor, batch: int, steps: int, lr: float) -> float:
+    """Tokens/s of the textbook loop: AdamW, LM loss, clip, step; after one warmup step."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    start = None
+    for step in range(steps + 1):
+        if step == 1:
+            start = time.perf_counter()
+        ids = sequences[(step * batch) % len(sequences) :][:batch]
+        if len(ids) < batch:
+            ids = sequences[:batch]
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return steps * batch * sequences.shape[1] / (time.perf_counter() - start)
+
+
+def run(args) -> str:
+    started = time.time()
+    testbed = build_testbed(args.preset, cache_dir=args.cache_dir)
+    preset = testbed.report["preset"]
+    seq_len, batch = preset["seq_len"], preset["batch_size"]
+    scratch = preset.get("family", "mixtral") != "mixtral"
+    total_tokens = moe_training_tokens(testbed)
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="moe2dense-heal-"))
+    work.mkdir(parents=True, exist_ok=True)
+    train_dir = write_train_split(args.preset, work / "train")
+    test_docs, calib_docs = load_documents(testbed.test_dir), load_documents(testbed.calib_dir)
+    domains = sorted({doc.source for doc in test_docs})
+    limit = args.eval_max_tokens
+    rows: list[tuple[str, int | None, typing.Any]] = []
+    notes: list[str] = []
+
+    moe_ppl = score(testbed.moe, test_docs, seq_len, limit)
+    rows.append(("MoE (teacher)", total_tokens, moe_ppl))
+    top_k = json.loads((testbed.moe / "config.json").read_text())["num_experts_per_tok"]
+    if args.throughput_only:
+        method, params = ("concat", {"num_experts": top_k}) if scratch else ("router_weighted", {})
+        student = convert(
+            testbed.moe, testbed.calib_dir, work / "student", method, {**params, "refit": "down_proj"}, seq_len
+        )
+        return measure_throughput(
+            student, testbed.moe, train_dir, work, seq_len, batch, args.lrs[0], args.throughput_steps
+        )["text"]
+    top_k = json.loads((testbed.moe / "config.json").read_text())["num_experts_per_tok"]
+    if scratch:
+        label, method, params = f"concat m={top_k} + refit: down_proj", "concat", {"num_experts": top_k}
+    else:
+        label, method, params = "router_weighted + refit: down_proj", "router_weighted", {}
+    student = convert(
+        testbed.moe, testbed.calib_dir, work / "student", method, {**params, "refit": "down_proj"}, seq_len
+    )
+    rows.append((f"{label} (retraining-free, the student)", 0, score(student, test_docs, seq_len, limit)))
+    if "fit" in typing.get_args(Refit):
+        fit = convert(testbed.moe, testbed.calib_dir, work / "fit", method, {**params, "refit": "fit"}, seq_len)
+        rows.append(
+            (f"{label.replace('down_proj', 'fit')} (retraining-free)", 0, score(fit, test_docs, seq_len, limit))
+        )
+    else:
+        rows.append(("`refit: fit`: not in this checkout (issue 13 part 1, another branch)", None, None))
+
+    def settings(fraction: float, lr: float, **extra) -> TrainSettings:
+        tokens = max(1, round(fraction * total_tokens))
+        return TrainSettings(max_tokens=tokens, seq_len=seq_len, batch_size=batch, lr=lr, logging_steps=5, **extra)
+
+    # learning rate: the best on the calib split at the collapse fraction (the goal's 5%)
+    fractions = sorted(args.fractions)
+    lrs = args.lrs
+    if len(lrs) > 1:
+        sweep = {}
+        for lr in lrs:
+            out = heal(str(student), str(work / f"sweep-{lr}"), teacher=str(testbed.moe), data=str(train_dir),
+                       settings=settings(args.collapse_fraction, lr), overwrite=True, progress=False)  # fmt: skip
+            sweep[lr] = score(out.out_path, calib_docs, seq_len, limit).perplexity
+        notes.append("learning rate sweep (calib split ppl at " + f"{args.collapse_fraction:.0%}): "
+                     + ", ".join(f"{lr:g}: {ppl:.3f}" for lr, ppl in sweep.items()))  # fmt: skip
+        lr = min(sweep, key=sweep.get)
+    else:
+        lr = lrs[0]
+    curve = [(0, rows[1][2].perplexity)]
+    for fraction in fractions:
+        result = heal(str(student), str(work / f"heal-{fraction}"), teacher=str(testbed.moe), data=str(train_dir),
+                      settings=settings(fraction, lr), overwrite=True, progress=False)  # fmt: skip
+        ppl = score(result.out_path, test_docs, seq_len, limit)
+        rows.append((f"heal {fraction:.0%} (KD, lr {lr:g}, {result.steps} steps)", result.tokens, ppl))
+        curve.append((result.tokens, ppl.perplexity))
+    for variant, extra in (("LM", {"lm_weight": 1.0}), ("KD", {"lm_weight": 0.0})):
+        result = collapse(str(testbed.moe), str(work / f"collapse-{variant}"), data=str(train_dir),
+                          settings=settings(args.collapse_fraction, lr, **extra), penalty_max=args.penalty_max,
+                          overwrite=True, progress=False)  # fmt: skip
+        ppl = score(result.out_path, test_docs, seq_len, limit)
+        rows.append((f"collapse {args.collapse_fraction:.0%} ({variant}, then expert_uniform; single-expert width)",
+                     result.tokens, ppl))  # fmt: skip
+        notes.append(f"collapse {variant}: expert spread {result.record['expert_spread_before']:.3g} -> "
+                     f"{result.record['expert_spread_after']:.3g}")  # fmt: skip
+    rows.append(("dense twin (trained on 100%)", total_tokens, score(testbed.twin, test_docs, seq_len, limit)))
+
+    throughput = measure_throughput(student, testbed.moe, train_dir, work, seq_len, batch, lr, args.throughput_steps)
+    table = format_table(rows, moe_ppl.perplexity, domains, total_tokens)
+    elapsed = time.time() - started
+    text = f"""### `{args.preset}` ({"from scratch" if scratch else "upcycled"}; MoE trained on {total_tokens} tokens)
+
+{table}
+
+{chr(10).join("- " + n for n in notes)}
+- throughput ({args.throughput_steps} steps of {batch} x {seq_len} tokens, CPU, best of 2 alternating rounds):
+  {throughput["text"]}
+- benchmark time: {elapsed:.0f} s
+"""
+    if args.plot:
+        plot(curve, moe_ppl.perplexity, rows[-1][2].perplexity, rows, Path(args.plot), args.preset, total_tokens)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": [(r[0], r[1], r[2].perplexity if r[2] else None) for r in rows],
+                                               "curve": curve, "throughput": throughput, "lr": lr}, indent=2))  # fmt: skip
+    if not args.work_dir:
+        shutil.rmtree(work, ignore_errors=True)
+    return text
+
+
+def measure_throughput(student, moe, train_dir, work, seq_len, batch, lr, steps) -> dict:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(student)
+    sequences = training_sequences(load_documents(train_dir), tokenizer, seq_len=seq_len, count=steps * batch,
+                                   seed=0, label="train")  # fmt: skip
+    tokens = steps * batch * seq_len
+    runs = {  # name: (teacher cache, lm_weight)
+        "heal --lm-weight 1 (the Trainer, LM loss only)": (None, 1.0),
+        "heal, teacher cache": (work / "cache", 0.0),
+        "heal, teacher on the fly": (None, 0.0),
+    }
+    best = {"plain transformers loop": 0.0, **dict.fromkeys(runs, 0.0)}
+    for round_ in range(2):
+        best["plain transformers loop"] = max(
+            best["plain transformers loop"], plain_loop_throughput(student, sequences, batch, steps, lr)
+        )
+        for name, (cache, lm_weight) in runs.items():
+            settings = TrainSettings(
+                max_tokens=tokens, seq_len=seq_len, batch_size=batch, lr=lr, logging_steps=5, lm_weight=lm_weight
+            )
+            result = heal(str(student), str(work / f"speed-{round_}"), teacher=str(moe), data=str(train_dir),
+                          settings=settings, teacher_cache=str(cache) if cache else None, overwrite=True,
+                          progress=False)  # fmt: skip
+            rates = result.record["tokens_per_s_logged"]
+            best[name] = max(best[name], sum(rates) / len(rates))
+    plain = best["plain transformers loop"]
+    text = "; ".join(f"{name} {value:.0f} tokens/s ({value / plain:.2f}x)" for name, value in best.items())
+    return {"tokens_per_s": best, "text": text}
+
+
+def format_table(rows, reference: float, domains, total_tokens: int) -> str:
+    header = ["model", "training tokens", "ppl", "ratio to MoE", *domains]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, tokens, result in rows:
+        if result is None:
+            lines.append(f"| {label} | - | - | - |" + " - |" * len(domains))
+            continue
+        share = "" if tokens in (None, 0) else f" ({tokens / total_tokens:.1%})"
+        per = [f"{result.per_source[d]['perplexity']:.2f}" for d in domains]
+        lines.append(f"| {label} | {tokens or 0}{share} | {result.perplexity:.3f} | {result.perplexity / reference:.3f} | "
+                     + " | ".join(per) + " |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def plot(curve, moe: float, twin: float, rows, path: Path, preset: str, total_tokens: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    xs = [max(t, 1) / total_tokens * 100 for t, _ in curve]
+    ax.plot(xs[1:], [p for _, p in curve[1:]], "o-", label="heal (KD) of the retraining-free student")
+    ax.axhline(curve[0][1], color="gray", ls=":", label="student before heal")
+    ax.axhline(moe, color="k", ls="--", label="MoE")
+    ax.axhline(1.1 * moe, color="k", ls=":", lw=0.8, label="MoE + 10% (goal)")
+    ax.axhline(twin, color="tab:green", ls="--", label="dense twin, 100% tokens")
+    for label, tokens, result in rows:
+        if result is not None and label.startswith("collapse"):
+            ax.plot(
+                [tokens / total_tokens * 100],
+                [result.perplexity],
+                "s",
+                label=label.split(" (")[0] + " " + label.split("(")[1].split(",")[0],
+            )
+    ax.set_xscale("log")
+    ax.set_xlabel("heal tokens, % of the MoE's training tokens")
+    ax.set_ylabel("held-out perplexity")
+    ax.set_title(f"testbed `{preset}`")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="scratch", choices=sorted(PRESETS))
+    parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--work-dir", default=None)
+    parser.add_argument(
+        "--fractions", type=lambda s: [float(x) for x in s.split(",")], default=[0.01, 0.02, 0.05, 0.1, 0.2]
+    )
+    parser.add_argument("--lrs", type=lambda s: [float(x) for x in s.split(",")], default=[3e-4, 1e-3, 3e-3])
+    parser.add_argument("--collapse-fraction", type=float, default=0.05)
+    parser.add_argument("--penalty-max", type=float, default=1e4)
+    parser.add_argument("--throughput-steps", type=int, default=20)
+    parser.add_argument("--eval-max-tokens", type=int, default=None)
+    parser.add_argument("--plot", default=None, help="write the perplexity-vs-tokens plot (PNG) here")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--throughput-only", action="store_true", help="only the throughput comparison")
+    parser.add_argument("--smoke", action="store_true", help="scratch-smoke, two fractions, one lr, few steps")
+    args = parser.parse_args(argv)
+    transformers.utils.logging.disable_progress_bar()
+    if args.smoke:
+        args.preset, args.fractions, args.lrs, args.throughput_steps = "scratch-smoke", [0.01, 0.05], [1e-3], 11
+        args.eval_max_tokens = 2000
+    print(run(args))
+
+
+if __name__ == "__main__":
+    main()

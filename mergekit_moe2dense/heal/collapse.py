@@ -1,0 +1,245 @@
+# Copyright (C) 2026 the mergekit-moe2dense authors
+# SPDX-License-Identifier: LGPL-3.0-only
+"""`collapse`: train the MoE with its experts pulled together until they are identical,
+then convert it with `expert_uniform` (exact once the experts are identical, for families
+whose top-k weights sum to one).
+
+The objective is the LM loss (or, with `lm_weight` < 1, KD from the original MoE) plus
+
+    lambda(t) * sum_layers sum_e ||W_e - mean_e W_e||^2      (W: every expert's gate, up, down)
+
+with lambda rising over the run (`schedule`: `linear` 0 -> `penalty_max`, `exponential`
+1e-4 x `penalty_max` -> `penalty_max`, `constant`). The penalty is applied as its proximal
+step after each optimiser step, decoupled from Adam as AdamW decouples weight decay:
+W_e - mean <- (W_e - mean) / (1 + 2 * lr * lambda(t)) with the peak learning rate `lr`.
+Inside Adam the penalty's gradient would be normalised away (a large lambda moves weights no
+faster than a small one), and the cosine schedule's learning rate, near zero at the end,
+would switch it off just when it must be strongest. The mean of the experts is what the
+step keeps, so the dense model the conversion writes is exactly the collapsed MoE's experts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+
+import torch
+import transformers
+from transformers import TrainerCallback, default_data_collator
+
+from mergekit_moe2dense.data import load_documents
+from mergekit_moe2dense.evaluate import check_seq_len
+from mergekit_moe2dense.families import get_family
+from mergekit_moe2dense.heal.distill import check_work_dir
+from mergekit_moe2dense.heal.training import (
+    DistillTrainer,
+    HealError,
+    SequenceDataset,
+    TrainSettings,
+    check_causal_lm,
+    load_tokenizer,
+    model_config,
+    stored_dtype,
+    training_sequences,
+)
+from mergekit_moe2dense.output_dir import OutputDirectory
+
+__all__ = ["COLLAPSE_RECORD", "SCHEDULES", "CollapsePenalty", "CollapseResult", "collapse", "expert_deviation"]
+
+COLLAPSE_RECORD = "collapse.json"
+SCHEDULES = ("linear", "exponential", "constant")
+
+
+@dataclass
+class CollapseResult:
+    out_path: str
+    steps: int
+    tokens: int
+    deviation: float  # sum_e ||W_e - mean||^2 / sum_e ||W_e||^2 at the end, over all layers
+    moe_path: str | None
+    record: dict
+
+
+def expert_tensors(model, family, config) -> list[torch.Tensor]:
+    """The fused expert parameters [E, ...] of every MoE layer (gate_up_proj, down_proj)."""
+    tensors = []
+    for layer in family.moe_layer_indices(config):
+        experts = model.get_submodule(family.experts_module(layer))
+        tensors += [experts.gate_up_proj, experts.down_proj]
+    return tensors
+
+
+@torch.no_grad()
+def expert_deviation(tensors: list[torch.Tensor]) -> tuple[float, float]:
+    """(sum_e ||W_e - mean||^2, the same relative to sum_e ||W_e||^2), over `tensors`."""
+    spread = sum(((w - w.mean(0, keepdim=True)) ** 2).sum().item() for w in tensors)
+    norm = sum((w**2).sum().item() for w in tensors)
+    return spread, spread / norm if norm else 0.0
+
+
+class CollapsePenalty(TrainerCallback):
+    """The penalty's proximal step after every optimiser step (module docstring)."""
+
+    def __init__(self, tensors: list[torch.Tensor], *, penalty_max: float, schedule: str, steps: int, lr: float):
+        self.tensors, self.penalty_max, self.schedule, self.steps, self.lr = tensors, penalty_max, schedule, steps, lr
+        self.current = 0.0
+
+    def strength(self, step: int) -> float:
+        """lambda at optimiser step `step` (1-based)."""
+        fraction = min(1.0, step / self.steps)
+        if self.schedule == "linear":
+            return self.penalty_max * fraction
+        if self.schedule == "exponential":
+            return self.penalty_max * 10 ** (-4 * (1 - fraction))
+        return self.penalty_max
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.current = self.strength(state.global_step + 1)
+        shrink = 1 / (1 + 2 * self.lr * self.current)
+        with torch.no_grad():
+            for w in self.tensors:
+                mean = w.mean(0, keepdim=True)
+                w.sub_(mean).mul_(shrink).add_(mean)
+
+    def logs(self) -> dict[str, float]:
+        spread, relative = expert_deviation(self.tensors)
+        return {"lambda": self.current, "penalty": self.current * spread, "expert_spread": relative}
+
+
+def collapse(
+    moe: str,
+    out_path: str,
+    *,
+    data: str,
+    settings: TrainSettings,
+    penalty_max: float = 1e4,
+    schedule: str = "linear",
+    save_moe: str | None = None,
+    overwrite: bool = False,
+    callbacks: list | None = None,
+    progress: bool = True,
+) -> CollapseResult:
+    """Collapse `moe`'s experts by training, convert it, write the dense model to `out_path`
+    (and the collapsed MoE to `save_moe`, if given)."""
+    from mergekit_moe2dense.build import build_dense
+    from mergekit_moe2dense.config import Moe2DenseConfig
+
+    settings.check()
+    if not penalty_max > 0:
+        raise HealError(f"--penalty-max must be positive, got {penalty_max}")
+    if schedule not in SCHEDULES:
+        raise HealError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    config = model_config(moe, "MoE")
+    check_causal_lm(config, moe, "MoE", dense=False)
+    family = get_family(config)  # an MoE the conversion supports, or one line
+    tokenizer = load_tokenizer(moe, "MoE")
+    check_seq_len(config, settings.seq_len, moe)
+    inputs = {"the MoE": moe, "the data": data}
+    out = OutputDirectory(out_path, overwrite=overwrite, inputs={**inputs, "the collapsed MoE": save_moe})
+    out.check()
+    moe_out = None
+    if save_moe:
+        check_work_dir(save_moe, "--save-moe directory", inputs)
+        moe_out = OutputDirectory(save_moe, overwrite=overwrite, inputs={**inputs, "OUT": out_path})
+        moe_out.check()
+    documents = load_documents(data)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise HealError("collapse runs in one process (it converts the model right after training); drop torchrun")
+    steps = settings.steps()
+    sequences = training_sequences(
+        documents, tokenizer, seq_len=settings.seq_len, count=steps * settings.batch_size, seed=settings.seed,
+        label=data,
+    )  # fmt: skip
+    work = tempfile.mkdtemp(prefix=f".{os.path.basename(out.path)}.collapse-", dir=out.parent)
+    try:
+        with out, moe_out if moe_out is not None else contextlib.nullcontext():
+            model = transformers.AutoModelForCausalLM.from_pretrained(moe, dtype=torch.float32)
+            tensors = expert_tensors(model, family, config)
+            start_spread = expert_deviation(tensors)[1]
+            penalty = CollapsePenalty(tensors, penalty_max=penalty_max, schedule=schedule, steps=steps, lr=settings.lr)
+            teacher = None
+            if settings.lm_weight < 1:
+                teacher = transformers.AutoModelForCausalLM.from_pretrained(moe, dtype=settings.torch_dtype)
+            trainer = DistillTrainer(
+                model=model,
+                args=settings.arguments(os.path.join(work, "trainer"), steps, progress),
+                train_dataset=SequenceDataset(sequences),
+                data_collator=default_data_collator,
+                teacher=teacher,
+                temperature=settings.temperature,
+                lm_weight=settings.lm_weight,
+                callbacks=[penalty, *(callbacks or [])],
+                extra_logs=penalty.logs,
+            )
+            if not progress:  # nor the printed log lines that replace the bar
+                trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
+            metrics = trainer.train().metrics
+            del teacher, trainer.teacher
+            spread = expert_deviation(tensors)[1]
+            collapsed = moe_out.staging if moe_out is not None else os.path.join(work, "moe")
+            model.to(stored_dtype(config)).save_pretrained(collapsed)
+            tokenizer.save_pretrained(collapsed)
+            conversion = {"merge_method": "expert_uniform", "models": [{"model": collapsed}], "parameters": {}}
+            if family.needs_statistics(config):  # the calibrated mixture weight of un-normalised top-k
+                conversion["calibration"] = {
+                    "dataset": data, "num_samples": 32, "seq_len": settings.seq_len,
+                    "batch_size": settings.batch_size,
+                }  # fmt: skip
+            build_dense(Moe2DenseConfig.model_validate(conversion), out.staging)
+            tokens = steps * settings.batch_size * settings.seq_len
+            losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+            record = {
+                "moe": moe,
+                "data": data,
+                "steps": steps,
+                "tokens": tokens,
+                "final_loss": losses[-1] if losses else None,
+                "mean_loss": metrics.get("train_loss"),
+                "train_seconds": metrics.get("train_runtime"),
+                "penalty_max": penalty_max,
+                "schedule": schedule,
+                "expert_spread_before": start_spread,
+                "expert_spread_after": spread,
+                "exact": family.renormalizes(config),
+                "settings": asdict(settings),
+                "collapsed_moe": save_moe,
+            }
+            with open(os.path.join(out.staging, COLLAPSE_RECORD), "w", encoding="utf-8") as handle:
+                json.dump(record, handle, indent=2)
+            _add_card_section(out.staging, record)
+            if moe_out is not None:
+                moe_out.publish()
+            out.publish()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return CollapseResult(out.path, steps, tokens, spread, save_moe, record)
+
+
+def _add_card_section(out_dir: str, record: dict) -> None:
+    """The conversion's card, preceded by how the experts were collapsed."""
+    path = os.path.join(out_dir, "README.md")
+    with open(path, encoding="utf-8") as handle:
+        card = handle.read()
+    settings = record["settings"]
+    loss = (
+        "the LM loss"
+        if settings["lm_weight"] == 1
+        else f"{settings['lm_weight']} x LM + (1 - that) x KD from the original MoE"
+    )
+    section = f"""
+## Collapse
+
+Before the conversion, `{record["moe"]}` was trained with `mergekit-moe2dense collapse` on {record["tokens"]}
+tokens of `{record["data"]}` ({record["steps"]} steps, lr {settings["lr"]}): {loss} plus lambda(t) x
+sum_e ||W_e - mean W||^2 over the experts, lambda rising ({record["schedule"]}) to {record["penalty_max"]}.
+Relative expert spread sum_e ||W_e - mean||^2 / sum_e ||W_e||^2: {record["expert_spread_before"]:.3g} before,
+{record["expert_spread_after"]:.3g} after; final loss {record["final_loss"]}. Record: `{COLLAPSE_RECORD}`.
+"""
+    marker = "\n## Per-layer expert weights"
+    card = card.replace(marker, section + marker, 1) if marker in card else card + section
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(card)
