@@ -154,6 +154,9 @@ class TensorReader:
 
     def read_slice(self, piece: ExpertSlice, out: torch.Tensor | None = None) -> torch.Tensor:
         """One expert's projection (`piece.take` of its tensor), into `out` if given."""
+        if piece.units is not None:  # read as stored, then reorder its hidden units
+            value = piece.permute(self.read_slice(piece.stored))
+            return value if out is None else out.copy_(value)
         if self._fallback is not None:
             value = piece.take(self._fallback.get_tensor(piece.tensor))
             return value if out is None else out.copy_(value)

@@ -18,6 +18,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
 import transformers
 
 Dim = int | str
@@ -30,18 +31,34 @@ class ExpertSlice:
 
     `expert` indexes dim 0 of a fused `[E, ...]` tensor (None: the tensor holds
     one expert); `rows` selects a row range (fused gate_up keeps gate rows first).
+    `units` reorders the expert's hidden units (alignment.py): unit i of the result
+    is stored unit units[i], along dim 0 of gate/up [I, H] and dim 1 of down [H, I]
+    (`unit_dim`). A permuted expert computes the same function.
     """
 
     tensor: str
     expert: int | None = None
     rows: tuple[int, int] | None = None
+    units: tuple[int, ...] | None = None
+    unit_dim: int = 0
 
     def take(self, value):
         if self.expert is not None:
             value = value[self.expert]
         if self.rows is not None:
             value = value[self.rows[0] : self.rows[1]]
-        return value
+        return self.permute(value)
+
+    def permute(self, value):
+        """`value` (this slice as stored) with its hidden units in `units` order."""
+        if self.units is None:
+            return value
+        return value.index_select(self.unit_dim, torch.as_tensor(self.units, device=value.device))
+
+    @property
+    def stored(self) -> ExpertSlice:
+        """The same slice without the permutation (what is read from the checkpoint)."""
+        return ExpertSlice(self.tensor, self.expert, self.rows)
 
 
 @dataclass(frozen=True)

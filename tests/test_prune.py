@@ -1,0 +1,106 @@
+# Copyright (C) 2026 the mergekit-moe2dense authors
+# SPDX-License-Identifier: LGPL-3.0-only
+"""Smaller MoEs: `prune_experts` and `merge_experts` on tiny MoEs of every family."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+from mergekit.options import MergeOptions
+
+from helpers import logits_of, make_config, make_mixtral
+from mergekit_moe2dense.build import build_dense
+from mergekit_moe2dense.methods import MethodError
+from tiny_families import FAMILY_SPECS, make_family_moe
+
+OPTIONS = MergeOptions(quiet=True)
+IDS = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+def load(path):
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    return model.eval()
+
+
+@pytest.mark.parametrize("layout", ["legacy", "fused"])
+@pytest.mark.parametrize("score", ["reap", "frequency", "contribution"])
+def test_pruning_to_every_expert_reproduces_the_moe_exactly(random_moe, calib_dir, tmp_path, layout, score):
+    moe, out = random_moe[layout], tmp_path / "pruned"
+    result = build_dense(make_config(moe, "prune_experts", calib_dir, num_experts=4, score=score), str(out), OPTIONS)
+    model = load(out)
+    assert type(model).__name__ == "MixtralForCausalLM"
+    assert (model.config.num_local_experts, model.config.num_experts_per_tok) == (4, 2)
+    torch.testing.assert_close(logits_of(out, IDS), logits_of(moe, IDS), rtol=0, atol=0)
+    assert result.layer_weights.shape == (4, 2, 4)
+    record = json.loads((out / "expert_weights.json").read_text())
+    assert record["groups"] == [[[0], [1], [2], [3]]] * 2
+
+
+def test_pruning_experts_never_routed_to_reproduces_the_moe(tokenizer_dir, calib_dir, tmp_path):
+    """DeepSeek-V3 selects experts by score + correction bias: a very low bias on experts 2 and 3
+    (group 1 of 2) means no token ever reaches them; keeping 0 and 1 changes nothing."""
+    moe = make_family_moe("deepseek_v3", tmp_path / "src", tokenizer_dir)
+    model = load(moe)
+    with torch.no_grad():
+        for layer in model.model.layers[1:]:
+            layer.mlp.gate.e_score_correction_bias[2:] = -1e4
+    model.save_pretrained(moe)
+    out = tmp_path / "pruned"
+    build_dense(make_config(moe, "prune_experts", calib_dir, num_experts=2), str(out), OPTIONS)
+    pruned = load(out)
+    assert (pruned.config.n_routed_experts, pruned.config.n_group, pruned.config.topk_group) == (2, 1, 1)
+    torch.testing.assert_close(logits_of(out, IDS), logits_of(moe, IDS), rtol=0, atol=1e-5)
+    record = json.loads((out / "expert_weights.json").read_text())
+    assert record["groups"] == [[[0], [1]]] * 2
+
+
+@pytest.mark.parametrize("family", ["mixtral", *FAMILY_SPECS])
+@pytest.mark.parametrize("layout", ["legacy", "fused"])
+def test_a_pruned_moe_of_every_family_loads_with_n_experts(family, layout, tokenizer_dir, calib_dir, tmp_path):
+    if family == "mixtral":
+        moe = make_mixtral(tmp_path / "src", tokenizer_dir, layout=layout, seed=2)
+    else:
+        moe = make_family_moe(family, tmp_path / "src", tokenizer_dir, layout=layout)
+    original = load(moe)
+    out = tmp_path / "pruned"
+    build_dense(make_config(moe, "prune_experts", calib_dir, num_experts=2, moe_top_k=1), str(out), OPTIONS)
+    pruned = load(out)
+    assert type(pruned).__name__ == type(original).__name__
+    config = pruned.config
+    experts_key = {"mixtral": "num_local_experts", "deepseek_v2": "n_routed_experts", "deepseek_v3": "n_routed_experts"}
+    assert getattr(config, experts_key.get(family, "num_experts")) == 2 and config.num_experts_per_tok == 1
+    kept = json.loads((out / "expert_weights.json").read_text())["groups"]
+    sparse = [i for i, layer in enumerate(original.model.layers) if hasattr(layer.mlp, "experts")]
+    assert len(kept) == len(sparse) > 0
+    for position, index in enumerate(sparse):
+        old, new = original.model.layers[index].mlp, pruned.model.layers[index].mlp
+        experts = [group[0] for group in kept[position]]
+        assert new.experts.gate_up_proj.shape[0] == new.gate.weight.shape[0] == 2
+        torch.testing.assert_close(new.experts.gate_up_proj, old.experts.gate_up_proj[experts], rtol=0, atol=0)
+        torch.testing.assert_close(new.experts.down_proj, old.experts.down_proj[experts], rtol=0, atol=0)
+        torch.testing.assert_close(new.gate.weight, old.gate.weight[experts], rtol=0, atol=0)
+        if hasattr(old.gate, "e_score_correction_bias"):
+            torch.testing.assert_close(new.gate.e_score_correction_bias, old.gate.e_score_correction_bias[experts])
+        shared = {k: v for k, v in old.state_dict().items() if k.startswith("shared_expert")}
+        for name, value in shared.items():
+            torch.testing.assert_close(new.state_dict()[name], value, rtol=0, atol=0)
+        assert bool(shared) == (family in ("qwen2_moe", "deepseek_v2", "deepseek_v3"))
+    assert torch.isfinite(logits_of(out, IDS)).all()
+
+
+def test_prune_parameters_are_checked_before_any_work(random_moe, calib_dir, tmp_path):
+    moe = random_moe["legacy"]
+    for params, message in (
+        ({"num_experts": 5}, "num_experts=5 is out of range"),
+        ({"num_experts": 2, "moe_top_k": 3}, "moe_top_k=3 is out of range"),
+        ({}, "num_experts"),
+        ({"num_experts": 2, "refit": "scale"}, "not refit: scale"),
+        ({"num_experts": 2, "score": "size"}, "score"),
+    ):
+        with pytest.raises(MethodError, match=message):
+            build_dense(make_config(moe, "prune_experts", calib_dir, **params), str(tmp_path / "out"), OPTIONS)
+    assert not (tmp_path / "out").exists()
