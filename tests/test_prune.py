@@ -104,3 +104,46 @@ def test_prune_parameters_are_checked_before_any_work(random_moe, calib_dir, tmp
         with pytest.raises(MethodError, match=message):
             build_dense(make_config(moe, "prune_experts", calib_dir, **params), str(tmp_path / "out"), OPTIONS)
     assert not (tmp_path / "out").exists()
+
+
+def permuted_copies(path, tokenizer_dir):
+    """A tiny Mixtral whose experts are one expert with its hidden units in a different random
+    order each: the same function, but averaging them unit by unit mixes unrelated units."""
+    moe = make_mixtral(path, tokenizer_dir, identical=True, seed=3)
+    model = load(moe)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            experts = layer.mlp.experts
+            width = experts.down_proj.shape[-1]
+            for e in range(1, experts.gate_up_proj.shape[0]):
+                order = torch.randperm(width, generator=generator)
+                gate, up = experts.gate_up_proj[e, :width][order], experts.gate_up_proj[e, width:][order]
+                experts.gate_up_proj[e] = torch.cat([gate, up])
+                experts.down_proj[e] = experts.down_proj[e][:, order]
+    model.save_pretrained(moe)
+    return moe
+
+
+@pytest.mark.parametrize("grouping", ["outputs", "router"])
+def test_merging_groups_of_identical_experts_gives_the_moe(identical_moe, calib_dir, tmp_path, grouping):
+    moe, out = identical_moe["fused"], tmp_path / "merged"
+    config = make_config(moe, "merge_experts", calib_dir, num_experts=2, grouping=grouping, align="none")
+    build_dense(config, str(out), OPTIONS)
+    assert load(out).config.num_local_experts == 2
+    torch.testing.assert_close(logits_of(out, IDS), logits_of(moe, IDS), rtol=0, atol=1e-5)
+    record = json.loads((out / "expert_weights.json").read_text())
+    assert all(sorted(sum(layer, [])) == [0, 1, 2, 3] for layer in record["groups"])
+    assert torch.tensor(record["experts"]).sum(-1).allclose(torch.ones(2, 2))
+
+
+@pytest.mark.parametrize("align", ["weights", "activations"])
+def test_aligned_merges_of_permuted_copies_give_the_moe(tokenizer_dir, calib_dir, tmp_path, align):
+    moe = permuted_copies(tmp_path / "src", tokenizer_dir)
+    reference = logits_of(moe, IDS)
+    for method, params in (("merge_experts", {"num_experts": 2}), ("expert_uniform", {}), ("router_weighted", {})):
+        aligned, plain = tmp_path / f"{method}-aligned", tmp_path / f"{method}-plain"
+        build_dense(make_config(moe, method, calib_dir, align=align, **params), str(aligned), OPTIONS)
+        build_dense(make_config(moe, method, calib_dir, align="none", **params), str(plain), OPTIONS)
+        torch.testing.assert_close(logits_of(aligned, IDS), reference, rtol=0, atol=1e-4)
+        assert (logits_of(plain, IDS) - reference).abs().max() > 1e-2, method

@@ -40,6 +40,8 @@ PositiveInt = Annotated[int, Field(ge=1)]
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 Temperature = PositiveFloat
 Refit = Literal["none", "scale", "down_proj"]
+Align = Literal["none", "weights", "activations"]
+ALIGN_DESCRIPTION = "permute each expert's hidden units to the most weighted expert's before averaging (alignment.py)"
 
 
 class MethodError(Moe2DenseError, ValueError):
@@ -181,7 +183,11 @@ class ExpertMethod(ABC):
 
 
 class WeightedMerge(ExpertMethod):
-    """A method whose dense MLP is one block: each projection is sum_e w_e W_e."""
+    """A method whose dense MLP is one block: each projection is sum_e w_e W_e (after the
+    experts' hidden units are aligned to the most weighted one's, with `align`)."""
+
+    def needs_router_inputs(self, params) -> bool:
+        return getattr(params, "align", "none") == "activations"
 
     def plan(self, stats, params, layers) -> MethodPlan:
         weights = self.layer_weights(stats, params, num_layers=len(layers), num_experts=layers[0].num_experts)
