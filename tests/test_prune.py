@@ -147,3 +147,28 @@ def test_aligned_merges_of_permuted_copies_give_the_moe(tokenizer_dir, calib_dir
         build_dense(make_config(moe, method, calib_dir, align="none", **params), str(plain), OPTIONS)
         torch.testing.assert_close(logits_of(aligned, IDS), reference, rtol=0, atol=1e-4)
         assert (logits_of(plain, IDS) - reference).abs().max() > 1e-2, method
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
+def test_block_refit_lowers_each_pruned_blocks_error(family, tokenizer_dir, calib_dir, tmp_path):
+    if family == "mixtral":
+        moe = make_mixtral(tmp_path / "src", tokenizer_dir, seed=4)
+    else:
+        moe = make_family_moe(family, tmp_path / "src", tokenizer_dir)
+    plain, fitted = tmp_path / "plain", tmp_path / "fitted"
+    build_dense(make_config(moe, "prune_experts", calib_dir, num_experts=2), str(plain), OPTIONS)
+    build_dense(make_config(moe, "prune_experts", calib_dir, num_experts=2, refit="down_proj"), str(fitted), OPTIONS)
+    errors = json.loads((fitted / "expert_weights.json").read_text())["refit_errors"]
+    assert errors and all(after < before for before, after in errors.values()), errors
+    # gate/up, routers and shared experts are the plain pruned model's; only the down projections moved
+    ours, theirs = load(fitted).state_dict(), load(plain).state_dict()
+    moved = {name for name in ours if not torch.equal(ours[name], theirs[name])}
+    assert moved and all(name.endswith("experts.down_proj") for name in moved), moved
+
+
+def test_block_refit_of_every_expert_keeps_the_moe(random_moe, calib_dir, tmp_path):
+    moe, out = random_moe["legacy"], tmp_path / "fitted"
+    build_dense(make_config(moe, "prune_experts", calib_dir, num_experts=4, refit="down_proj"), str(out), OPTIONS)
+    errors = json.loads((out / "expert_weights.json").read_text())["refit_errors"]
+    assert all(before < 1e-10 for before, _ in errors.values()), errors
+    torch.testing.assert_close(logits_of(out, IDS), logits_of(moe, IDS), rtol=0, atol=1e-4)

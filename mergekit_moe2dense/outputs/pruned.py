@@ -10,7 +10,7 @@ group's members to its reference (`align`, alignment.py); the new expert-indexed
 tensors of every block in closed form (the router rows: a kept expert's own row, a
 group's saliency-weighted mix); and, with `refit: down_proj`, the layer-sequential
 re-fit of every new expert's down projection to the original block's output
-(`calibration/sequential.py`, `fit_smaller_moe`). The graph then writes the experts
+(`calibration/smaller_moe.py`, on the layer loop). The graph then writes the experts
 (merged from the checkpoint, or fitted), the new rows, the shared experts and every
 other tensor, copied. config.json is the source's with N experts and the new top-k.
 """
@@ -83,7 +83,7 @@ class PrunedMoE(Output):
         return planned
 
     def _refit(self, job, planned: SmallerMoEPlan) -> SmallerMoEPlan:
-        from mergekit_moe2dense.calibration.sequential import fit_smaller_moe
+        from mergekit_moe2dense.calibration.smaller_moe import fit_smaller_moe
 
         source, params = job.source, job.params
         config = source.family.moe_config(source.config, params.num_experts, params.moe_top_k)
@@ -92,7 +92,6 @@ class PrunedMoE(Output):
             config,
             planned.layers,
             planned.weights,
-            planned.rows,
             job.batches,
             damping=params.refit_damping,
             device=job.device,
