@@ -35,7 +35,7 @@ from mergekit_moe2dense.methods import METHODS  # noqa: E402
 
 def variants(num_experts: int, top_k: int, refit: bool) -> list[Variant]:
     out = []
-    for n in (6, 4):
+    for n in (num_experts * 3 // 4, num_experts // 2):  # 8 experts: 6 and 4
         group = f"{n} of {num_experts} experts"
         out += [
             Variant(f"prune {n} by {s}", "prune_experts", {"num_experts": n, "score": s}, group)
@@ -49,7 +49,15 @@ def variants(num_experts: int, top_k: int, refit: bool) -> list[Variant]:
                 out.append(Variant(f"merge {n} by {grouping}, align {align}", "merge_experts", params, group))
         if refit:
             out += [
-                Variant(f"prune {n} by reap + refit", "prune_experts", {"num_experts": n, "refit": "down_proj"}, group),
+                *(
+                    Variant(
+                        f"prune {n} by {s} + refit",
+                        "prune_experts",
+                        {"num_experts": n, "score": s, "refit": "down_proj"},
+                        group,
+                    )
+                    for s in ("reap", "frequency")
+                ),
                 Variant(
                     f"merge {n} by outputs, align weights + refit",
                     "merge_experts",
@@ -77,9 +85,16 @@ def variants(num_experts: int, top_k: int, refit: bool) -> list[Variant]:
     return [v for v in out if v.method in METHODS]
 
 
-def run(preset: str, max_tokens: int, refit: bool, work_dir: str | None) -> str:
+def run(
+    preset: str,
+    max_tokens: int,
+    refit: bool,
+    work_dir: str | None,
+    only: str | None = None,
+    cache_dir: str | None = None,
+) -> str:
     started = time.time()
-    testbed = build_testbed(preset)
+    testbed = build_testbed(preset, cache_dir=cache_dir)
     moe_config = json.loads((testbed.moe / "config.json").read_text())
     num_experts = moe_config.get("num_local_experts") or moe_config["num_experts"]
     top_k = moe_config["num_experts_per_tok"]
@@ -88,7 +103,7 @@ def run(preset: str, max_tokens: int, refit: bool, work_dir: str | None) -> str:
         "num_samples": 128,
         "seq_len": seq_len,
         "batch_size": 8,
-        "max_token_samples": 4096,
+        "max_token_samples": 4096,  # the tokens whose expert outputs group experts
         "record_router_inputs": True,
     }
     documents = load_documents(testbed.test_dir)
@@ -110,6 +125,8 @@ def run(preset: str, max_tokens: int, refit: bool, work_dir: str | None) -> str:
         if testbed.ancestor is not None:
             rows.append(("ancestor (dense)", "reference", score(testbed.ancestor, documents, seq_len, max_tokens, "a")))
         for variant in variants(num_experts, top_k, refit):
+            if only and only not in variant.label:
+                continue
             out = build_variant(variant, testbed.moe, testbed.calib_dir, work / "model", stats, calibration)
             rows.append((variant.label, variant.group, score(out, documents, seq_len, max_tokens, variant.label)))
             print(f"  {variant.label}: ppl {rows[-1][2].perplexity:.2f}", file=sys.stderr)
@@ -130,11 +147,12 @@ def main(argv=None) -> None:
     parser.add_argument("--preset", default="example", choices=sorted(PRESETS))
     parser.add_argument("--max-tokens", type=int, default=20000, help="scored tokens per test domain")
     parser.add_argument("--no-refit", action="store_true", help="leave out the re-fitted variants")
+    parser.add_argument("--only", default=None, help="only the variants whose label contains this text")
     parser.add_argument("--work-dir", default=None, help="keep built models here (default: a temp dir, removed)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     transformers.utils.logging.disable_progress_bar()
-    print(run(args.preset, args.max_tokens, not args.no_refit, args.work_dir))
+    print(run(args.preset, args.max_tokens, not args.no_refit, args.work_dir, args.only))
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ ALIGNED_RATIO = 0.5
 CHANCE_SEED_OFFSET = 982_451_653
 VERDICTS = ("aligned", "permuted", "unrelated")  # best to worst
 AVERAGING_METHODS = ("router_weighted", "top_k_tempered")
-SELECTION_METHODS = ("single_expert", "max_contribution", "concat")
+SELECTION_METHODS = ("single_expert", "max_contribution", "concat", "prune_experts", "merge_experts")
 
 
 class InspectionError(Moe2DenseError, ValueError):
@@ -230,7 +230,9 @@ def _suggest(verdict: str) -> tuple[list[str], str]:
                     else " (no shared ancestor)"
                 )
                 + "; averaging them (router_weighted, top_k_tempered) would destroy the model: "
-                "select or concatenate experts instead"
+                "select or concatenate experts instead, or keep a smaller MoE (prune_experts, merge_experts). "
+                "align: weights|activations helps to merge groups of experts that are alike, "
+                "it is no rescue for averaging all of them (docs/prune.md)"
             ),
         )
     return [name for name in names if name in METHODS], message

@@ -97,7 +97,6 @@ def test_prune_parameters_are_checked_before_any_work(random_moe, calib_dir, tmp
     for params, message in (
         ({"num_experts": 5}, "num_experts=5 is out of range"),
         ({"num_experts": 2, "moe_top_k": 3}, "moe_top_k=3 is out of range"),
-        ({}, "num_experts"),
         ({"num_experts": 2, "refit": "scale"}, "not refit: scale"),
         ({"num_experts": 2, "score": "size"}, "score"),
     ):

@@ -103,7 +103,9 @@ def smaller_moe_plan(experts: ExpertGroups, layers) -> MethodPlan:
 
 
 def check_smaller(params, num_experts: int, top_k: int):
-    """`num_experts` in 1..E; `moe_top_k` defaults to min(the model's top-k, N)."""
+    """`num_experts` in 1..E (default E // 2); `moe_top_k` defaults to min(the model's top-k, N)."""
+    if params.num_experts is None:  # REAP's usual cut: half the experts
+        params = params.model_copy(update={"num_experts": max(1, num_experts // 2)})
     if params.num_experts > num_experts:
         raise MethodError(f"num_experts={params.num_experts} is out of range: the model has {num_experts} experts")
     if params.moe_top_k is None:
@@ -118,7 +120,9 @@ def check_smaller(params, num_experts: int, top_k: int):
 class SmallerMoEParameters(MethodParameters):
     """What every method that writes a smaller MoE takes."""
 
-    num_experts: PositiveInt = Field(description="routed experts per MoE layer of the smaller MoE, N")
+    num_experts: PositiveInt | None = Field(
+        None, description="routed experts per MoE layer of the smaller MoE, N (default: half the model's)"
+    )
     moe_top_k: PositiveInt | None = Field(None, description="experts per token (default: the model's, capped at N)")
     score: Saliency = Field("reap", description="expert saliency: reap, frequency or contribution")
 
