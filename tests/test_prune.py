@@ -14,6 +14,7 @@ from mergekit.options import MergeOptions
 from helpers import logits_of, make_config, make_mixtral
 from mergekit_moe2dense.build import build_dense
 from mergekit_moe2dense.methods import MethodError
+from mergekit_moe2dense.methods.merge_experts import agglomerate, router_similarity
 from tiny_families import FAMILY_SPECS, make_family_moe
 
 OPTIONS = MergeOptions(quiet=True)
@@ -171,3 +172,26 @@ def test_block_refit_of_every_expert_keeps_the_moe(random_moe, calib_dir, tmp_pa
     errors = json.loads((out / "expert_weights.json").read_text())["refit_errors"]
     assert all(before < 1e-10 for before, _ in errors.values()), errors
     torch.testing.assert_close(logits_of(out, IDS), logits_of(moe, IDS), rtol=0, atol=1e-4)
+
+
+def brute_force_average_linkage(similarity, num_groups):
+    groups = [[e] for e in range(similarity.shape[0])]
+    while len(groups) > num_groups:
+        pairs = [(a, b) for a in range(len(groups)) for b in range(a + 1, len(groups))]
+        a, b = max(pairs, key=lambda p: float(similarity[groups[p[0]]][:, groups[p[1]]].mean()))
+        groups[a] = sorted(groups[a] + groups[b])
+        del groups[b]
+    return sorted(groups)
+
+
+def test_agglomerate_is_average_linkage_and_finds_separated_groups():
+    generator = torch.Generator().manual_seed(0)
+    for size, groups in ((8, 4), (12, 3), (6, 1), (5, 5)):
+        x = torch.randn(size, 20, generator=generator, dtype=torch.float64)
+        similarity = torch.nn.functional.normalize(x, dim=1) @ torch.nn.functional.normalize(x, dim=1).T
+        assert sorted(agglomerate(similarity, groups)) == brute_force_average_linkage(similarity, groups)
+    centres = torch.randn(3, 20, generator=generator, dtype=torch.float64)
+    members = torch.tensor([2, 0, 1, 0, 2, 1, 0, 2])
+    points = centres[members] + 0.05 * torch.randn(8, 20, generator=generator, dtype=torch.float64)
+    found = agglomerate(router_similarity(points.T), 3)  # 20 "tokens", correlation of 8 "experts"
+    assert sorted(found) == sorted([[1, 3, 6], [2, 5], [0, 4, 7]])

@@ -46,20 +46,24 @@ CHUNK = 1024  # sampled tokens per batch of expert outputs
 
 def agglomerate(similarity: torch.Tensor, num_groups: int) -> list[list[int]]:
     """Average-linkage agglomerative clustering of E items into exactly `num_groups` groups:
-    repeatedly join the two groups whose mean pairwise similarity is highest (ties: lowest indices)."""
-    sim = similarity.double()
-    groups = [[e] for e in range(sim.shape[0])]
-    while len(groups) > num_groups:
-        best, pair = None, None
-        for a in range(len(groups)):
-            for b in range(a + 1, len(groups)):
-                value = float(sim[groups[a]][:, groups[b]].mean())
-                if best is None or value > best:
-                    best, pair = value, (a, b)
-        a, b = pair
-        groups[a] = sorted(groups[a] + groups[b])
-        del groups[b]
-    return groups
+    repeatedly join the two groups whose mean pairwise similarity is highest (ties: lowest
+    indices). The linkage of a joined group is updated in place (Lance-Williams: the
+    size-weighted mean of its parts'), so each join costs O(E)."""
+    linkage = similarity.double().clone()
+    count = linkage.shape[0]
+    linkage.fill_diagonal_(-torch.inf)
+    sizes = torch.ones(count, dtype=torch.float64)
+    groups: list[list[int] | None] = [[e] for e in range(count)]
+    for _ in range(count - num_groups):
+        a, b = divmod(int(linkage.argmax()), count)
+        a, b = min(a, b), max(a, b)
+        joined = (sizes[a] * linkage[a] + sizes[b] * linkage[b]) / (sizes[a] + sizes[b])
+        linkage[a], linkage[:, a] = joined, joined
+        linkage[a, a] = -torch.inf
+        linkage[b], linkage[:, b] = -torch.inf, -torch.inf
+        sizes[a] += sizes[b]
+        groups[a], groups[b] = sorted(groups[a] + groups[b]), None
+    return [group for group in groups if group is not None]
 
 
 def router_similarity(logits: torch.Tensor) -> torch.Tensor:
