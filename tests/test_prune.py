@@ -11,7 +11,7 @@ import torch
 import transformers
 from mergekit.options import MergeOptions
 
-from helpers import logits_of, make_config, make_mixtral
+from helpers import assert_one_line_error, logits_of, make_config, make_mixtral, run_cli, write_config
 from mergekit_moe2dense.build import build_dense
 from mergekit_moe2dense.methods import MethodError
 from mergekit_moe2dense.methods.merge_experts import agglomerate, router_similarity
@@ -195,3 +195,14 @@ def test_agglomerate_is_average_linkage_and_finds_separated_groups():
     points = centres[members] + 0.05 * torch.randn(8, 20, generator=generator, dtype=torch.float64)
     found = agglomerate(router_similarity(points.T), 3)  # 20 "tokens", correlation of 8 "experts"
     assert sorted(found) == sorted([[1, 3, 6], [2, 5], [0, 4, 7]])
+
+
+def test_cli_writes_a_smaller_moe_and_refuses_bad_parameters_in_one_line(random_moe, calib_dir, tmp_path):
+    config = write_config(tmp_path / "a.yml", random_moe["legacy"], calib_dir, "merge_experts", num_experts=3)
+    result = run_cli(config, tmp_path / "out", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "(merge_experts, 2 layers, 3 experts per layer)" in result.output
+    assert load(tmp_path / "out").config.num_local_experts == 3
+    bad = write_config(tmp_path / "b.yml", random_moe["legacy"], calib_dir, "prune_experts", num_experts=9)
+    assert_one_line_error(run_cli(bad, tmp_path / "bad"), "num_experts=9 is out of range: the model has 4 experts")
+    assert not (tmp_path / "bad").exists()
