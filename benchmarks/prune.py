@@ -47,6 +47,14 @@ def variants(num_experts: int, top_k: int, refit: bool) -> list[Variant]:
                     continue
                 params = {"num_experts": n, "grouping": grouping, "align": align}
                 out.append(Variant(f"merge {n} by {grouping}, align {align}", "merge_experts", params, group))
+        out.append(
+            Variant(
+                f"merge {n} by outputs, align weights, fitted router",
+                "merge_experts",
+                {"num_experts": n, "router": "fitted"},
+                group,
+            )
+        )
         if refit:
             out += [
                 *(

@@ -14,7 +14,7 @@ from mergekit.options import MergeOptions
 from helpers import assert_one_line_error, logits_of, make_config, make_mixtral, run_cli, write_config
 from mergekit_moe2dense.build import build_dense
 from mergekit_moe2dense.methods import MethodError
-from mergekit_moe2dense.methods.merge_experts import agglomerate, router_similarity
+from mergekit_moe2dense.methods.merge_experts import agglomerate, group_labels, router_similarity
 from tiny_families import FAMILY_SPECS, make_family_moe
 
 OPTIONS = MergeOptions(quiet=True)
@@ -206,3 +206,20 @@ def test_cli_writes_a_smaller_moe_and_refuses_bad_parameters_in_one_line(random_
     bad = write_config(tmp_path / "b.yml", random_moe["legacy"], calib_dir, "prune_experts", num_experts=9)
     assert_one_line_error(run_cli(bad, tmp_path / "bad"), "num_experts=9 is out of range: the model has 4 experts")
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_fitted_router_routes_calibration_tokens_to_their_group(random_moe, calib_dir, tmp_path):
+    from mergekit_moe2dense.calibration import RouterStatistics
+
+    out = tmp_path / "merged"
+    config = make_config(random_moe["legacy"], "merge_experts", calib_dir, num_experts=2, router="fitted")
+    build_dense(config, str(out), OPTIONS)
+    stats = RouterStatistics.load(out / "router_stats.safetensors")
+    groups = json.loads((out / "expert_weights.json").read_text())["groups"]
+    merged = load(out)
+    for position, layer in enumerate(merged.model.layers):
+        labels = group_labels(stats.samples[position], groups[position])
+        routed = (stats.router_inputs[position] @ layer.mlp.gate.weight.T).argmax(-1)
+        # a union of two experts' top-1 regions need not be linearly separable: well above chance
+        majority = max((labels == j).mean() for j in range(2))
+        assert (routed.numpy() == labels).mean() > max(0.8, majority + 0.1)

@@ -15,7 +15,10 @@ Each group's members are aligned to its most salient member (`align`: none, weig
 activations; alignment.py), then merged with weights proportional to their saliency
 (`score`, as `prune_experts`: REAP's by default). The new router row is the same mix of
 the members' rows (the closed form of reassemble.py: the merged expert's logit is the
-saliency-weighted mean of its members'). A group of one is that expert, kept.
+saliency-weighted mean of its members'), or, with `router: fitted`, a multinomial logistic
+regression of each sampled token's group (the group of its top-1 expert in the MoE) on its
+router input (`reassemble.fitted_router`, as `kmeans_multi_dense`). A group of one is that
+expert, kept.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from mergekit_moe2dense.methods.prune_experts import (
     smaller_moe_plan,
 )
 
-__all__ = ["MergeExperts", "agglomerate", "output_similarity", "router_similarity"]
+__all__ = ["MergeExperts", "agglomerate", "group_labels", "output_similarity", "router_similarity"]
 
 Align = Literal["none", "weights", "activations"]
 CHUNK = 1024  # sampled tokens per batch of expert outputs
@@ -64,6 +67,14 @@ def agglomerate(similarity: torch.Tensor, num_groups: int) -> list[list[int]]:
         sizes[a] += sizes[b]
         groups[a], groups[b] = sorted(groups[a] + groups[b]), None
     return [group for group in groups if group is not None]
+
+
+def group_labels(logits: torch.Tensor, groups: Sequence[Sequence[int]]):
+    """[N] numpy: the group of each sampled token's top-1 expert (logits [N, E])."""
+    of_expert = torch.empty(logits.shape[1], dtype=torch.long)
+    for j, group in enumerate(groups):
+        of_expert[list(group)] = j
+    return of_expert[logits.argmax(-1)].numpy()
 
 
 def router_similarity(logits: torch.Tensor) -> torch.Tensor:
@@ -100,12 +111,16 @@ class MergeExperts(ExpertMethod):
         align: Align = Field(
             "weights", description="permute each member's hidden units to its group's reference before merging"
         )
+        router: Literal["closed_form", "fitted"] = Field(
+            "closed_form",
+            description="new router rows: the saliency-weighted mix of the members' rows, or a logistic regression",
+        )
 
     def complete(self, params, *, num_experts, top_k):
         return check_smaller(params, num_experts, top_k)
 
     def needs_router_inputs(self, params) -> bool:
-        return params.grouping == "outputs" or params.align == "activations"
+        return params.grouping == "outputs" or params.align == "activations" or params.router == "fitted"
 
     def plan(self, stats, params, layers) -> MethodPlan:
         saliency = expert_saliency(stats, params.score)

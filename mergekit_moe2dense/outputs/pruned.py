@@ -8,7 +8,7 @@ Here, before writing: the method's second step that needs the experts' weights
 (`ExpertMethod.refine`: `merge_experts`' grouping by outputs); the alignment of each
 group's members to its reference (`align`, alignment.py); the new expert-indexed
 tensors of every block in closed form (the router rows: a kept expert's own row, a
-group's saliency-weighted mix); and, with `refit: down_proj`, the layer-sequential
+group's saliency-weighted mix; or, `router: fitted`, a logistic regression); and, with `refit: down_proj`, the layer-sequential
 re-fit of every new expert's down projection to the original block's output
 (`calibration/smaller_moe.py`, on the layer loop). The graph then writes the experts
 (merged from the checkpoint, or fitted), the new rows, the shared experts and every
@@ -30,9 +30,10 @@ from mergekit_moe2dense.config import ConfigError
 from mergekit_moe2dense.families import MoELayer
 from mergekit_moe2dense.graph import computed_tensors, run_graph
 from mergekit_moe2dense.methods import MethodError
+from mergekit_moe2dense.methods.merge_experts import group_labels
 from mergekit_moe2dense.methods.prune_experts import ExpertGroups
 from mergekit_moe2dense.outputs.base import Output, output_bytes, write_model_files, write_weights_file
-from mergekit_moe2dense.reassemble import closed_form_rows, plan_moe_merge
+from mergekit_moe2dense.reassemble import closed_form_rows, fitted_router, plan_moe_merge
 
 LOG = logging.getLogger(__name__)
 
@@ -76,7 +77,11 @@ class PrunedMoE(Output):
         weights = experts.weights
         rows = {}
         for position, layer in enumerate(layers):
-            rows.update(closed_form_rows(source, layer, weights[:, position]))
+            router = None
+            if getattr(params, "router", "closed_form") == "fitted":
+                labels = group_labels(stats.samples[position], experts.groups[position])
+                router = fitted_router(stats.router_inputs[position], labels, experts.num_experts)
+            rows.update(closed_form_rows(source, layer, weights[:, position], router))
         planned = SmallerMoEPlan(experts, layers, rows)
         if params.refit == "down_proj":
             planned = self._refit(job, planned)
