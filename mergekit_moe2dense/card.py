@@ -57,6 +57,31 @@ Everything outside the MoE blocks is copied unchanged.
     _write_card(out_dir, config, "moe", body, job.config_source)
 
 
+def write_smaller_moe_card(out_dir: str, job, experts) -> None:
+    """Card of a smaller MoE (`prune_experts`, `merge_experts`): which old experts make each new one
+    (`experts` a `prune_experts.ExpertGroups`); the merge weights are in expert_weights.json."""
+    config, method = job.config, job.method
+    rows = "\n".join(
+        f"| {layer.index} | " + " | ".join("+".join(map(str, group)) for group in groups) + " |"
+        for layer, groups in zip(job.layers, experts.groups)
+    )
+    count = experts.num_experts
+    header = "| layer | " + " | ".join(f"expert {j}" for j in range(count)) + " |"
+    rule = "|---" * (count + 1) + "|"
+    body = f"""A Mixture-of-Experts model with {count} routed experts per MoE layer made from `{config.model}` with
+mergekit-moe2dense, a plugin for [mergekit](https://github.com/arcee-ai/mergekit), by the **{method.pretty_name}** method
+(`{method.name}`), parameters {_parameters(job.params)}. Each new expert is one kept expert or the saliency-weighted
+merge of a group of the original experts (most salient first); its router row is the same mix of theirs.
+Shared experts and everything outside the MoE blocks are copied unchanged.
+
+## Original experts behind each new expert
+
+{header}
+{rule}
+{rows}"""
+    _write_card(out_dir, config, "moe", body, job.config_source)
+
+
 def _parameters(params) -> str:
     return ", ".join(f"`{k}={v}`" for k, v in params.model_dump(mode="json").items()) or "none"
 

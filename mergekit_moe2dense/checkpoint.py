@@ -204,7 +204,12 @@ class TensorReader:
         Quantized tensors are read (one expert's bytes and scales, for an expert of a
         fused tensor) and dequantized with transformers' own code to `out`'s dtype, else
         `dtype`, else the model's; strided or transposed slices read their expert's
-        contiguous bytes and select from those."""
+        contiguous bytes and select from those.
+
+        `units` (alignment) reorder the hidden units of the slice as stored."""
+        if piece.units is not None:  # read as stored, then reorder its hidden units
+            value = piece.permute(self.read_slice(piece.stored, dtype=out.dtype if out is not None else dtype))
+            return value if out is None else out.copy_(value)
         if self._fallback is not None:
             value = piece.take(self._fallback.get_tensor(piece.tensor))
             return value if out is None else out.copy_(value)

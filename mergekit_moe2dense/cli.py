@@ -149,8 +149,11 @@ def merge_command() -> click.Command:
         result = build_dense(
             config, out_path, merge_options, stats_path=stats_path, overwrite=overwrite, config_source=source
         )
-        weights = result.layer_weights  # [L, E], or [k, L, E] for k clusters
-        clusters = f", {weights.shape[0]} clusters" if weights.dim() == 3 else ""
+        from mergekit_moe2dense.methods import get_method
+
+        weights = result.layer_weights  # [L, E], or [k, L, E] for k clusters (or a smaller MoE's k experts)
+        kind = "experts per layer" if get_method(config.merge_method).writes_moe else "clusters"
+        clusters = f", {weights.shape[0]} {kind}" if weights.dim() == 3 else ""
         click.echo(f"Wrote {result.out_path} ({config.merge_method}, {weights.shape[-2]} layers{clusters})")
 
     return merge

@@ -50,6 +50,7 @@ from mergekit.common import ModelReference
 from pydantic import ValidationError
 from scipy.optimize import linear_sum_assignment
 
+from mergekit_moe2dense.alignment import unit_vectors
 from mergekit_moe2dense.calibration import RouterStatistics, collect_statistics, load_calibration_batches
 from mergekit_moe2dense.checkpoint import SourceModel
 from mergekit_moe2dense.config import CalibrationConfig, check_seq_len
@@ -82,7 +83,7 @@ ALIGNED_RATIO = 0.5
 CHANCE_SEED_OFFSET = 982_451_653
 VERDICTS = ("aligned", "permuted", "unrelated")  # best to worst
 AVERAGING_METHODS = ("router_weighted", "top_k_tempered")
-SELECTION_METHODS = ("single_expert", "max_contribution", "concat")
+SELECTION_METHODS = ("single_expert", "max_contribution", "concat", "prune_experts", "merge_experts")
 
 
 class InspectionError(Moe2DenseError, ValueError):
@@ -102,16 +103,6 @@ def cosine_matrix(vectors: torch.Tensor) -> torch.Tensor:
     """[N, N] pairwise cosine of the rows of [N, ...] (each row flattened), in float64."""
     flat = vectors.reshape(vectors.shape[0], -1).double()
     return gram_cosine(flat @ flat.T)
-
-
-def unit_vectors(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """[I, 3H]: hidden unit i of an expert is (gate[i, :], up[i, :], down[:, i]), unit-normalised.
-
-    A permutation of the hidden units permutes these rows and leaves the expert's
-    function unchanged, so matching rows is matching units.
-    """
-    units = torch.cat([gate, up, down.T], dim=1).float()  # float32: [I, 3H] per expert adds up
-    return units / units.norm(dim=1, keepdim=True).clamp_min(1e-30)
 
 
 def matched_unit_similarity(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
@@ -239,7 +230,9 @@ def _suggest(verdict: str) -> tuple[list[str], str]:
                     else " (no shared ancestor)"
                 )
                 + "; averaging them (router_weighted, top_k_tempered) would destroy the model: "
-                "select or concatenate experts instead"
+                "select or concatenate experts instead, or keep a smaller MoE (prune_experts, merge_experts). "
+                "align: weights|activations helps to merge groups of experts that are alike, "
+                "it is no rescue for averaging all of them (docs/prune.md)"
             ),
         )
     return [name for name in names if name in METHODS], message

@@ -14,6 +14,9 @@ Expert j of layer l is the merge of the layer's old experts with weights w_jl
   router's recorded inputs (the hidden states of the sampled calibration tokens).
   No gradient step touches the rest of the model.
 
+Every other tensor of the block indexed by expert (DeepSeek-V3's correction bias)
+gets the same closed-form rows; shared experts and their gates are copied.
+
 The routers are computed in memory and enter the graph as `graph.ComputedTensor`
 tasks, so the whole output is still written by one task graph (read -> merge ->
 `SaveTensor` -> `FinalizeModel`).
@@ -32,7 +35,7 @@ from mergekit_moe2dense.families import PROJECTIONS, MoELayer
 from mergekit_moe2dense.graph import TensorIO, projection_task
 from mergekit_moe2dense.plan import Block, LayerPlan
 
-__all__ = ["closed_form_router", "fitted_router", "plan_moe_merge"]
+__all__ = ["closed_form_router", "closed_form_rows", "fitted_router", "plan_moe_merge"]
 
 
 def closed_form_router(old_router: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -61,19 +64,41 @@ def fitted_router(inputs: torch.Tensor, labels: np.ndarray, k: int, *, seed: int
     return torch.from_numpy(rows)
 
 
+def closed_form_rows(source, layer: MoELayer, weights: torch.Tensor, router: torch.Tensor | None = None) -> dict:
+    """Every expert-indexed tensor of a smaller MoE's block (the router [k, H], a correction
+    bias [k], ...) by output name: new expert j's row is sum_e weights[j, e] x old row e (a kept
+    expert's own row when weights[j] is one-hot); `router` [k, H] replaces the router's."""
+    rows = {}
+    for name, output, indexed in source.family.moe_block_tensors(source.config, layer.index, source.tensor_names):
+        if not indexed:
+            continue
+        if router is not None and output == source.family.moe_router_name(layer.index):
+            rows[output] = router.float()
+            continue
+        value = source.reader.read(name).double()
+        rows[output] = (weights.double() @ value.reshape(value.shape[0], -1)).reshape(-1, *value.shape[1:]).float()
+    return rows
+
+
 def plan_moe_merge(
     io: TensorIO,
     source,
     layers: Sequence[MoELayer],
     weights: torch.Tensor,
-    routers: dict[str, Task],
+    rows: dict[str, Task],
     out_path: str,
+    *,
+    fitted: dict[str, Task] | None = None,
 ) -> list[Task]:
-    """Tasks that write the k-expert MoE: merged experts, the new routers, the rest copied.
+    """Tasks that write the k-expert MoE: merged experts, the new expert-indexed tensors, the
+    rest copied (shared experts and their gates included).
 
-    `weights` [k, L, E]; `routers` holds a task for `family.moe_router_name(l)` of every layer.
+    `weights` [k, L, E]; `layers` are the source's MoE layers, or the same with permuted
+    expert slices (alignment.py); `rows` holds a task for every expert-indexed tensor of
+    every block (`closed_form_rows`), by output name; `fitted` re-fitted expert projections
+    by output name, used instead of their merge.
     """
-    family = source.family
+    family, fitted = source.family, fitted or {}
     writer = io.writer(out_path)
     saves, consumed = [], set()
     for position, layer in enumerate(layers):
@@ -82,9 +107,10 @@ def plan_moe_merge(
             plan = LayerPlan(layer, (Block(tuple(row)),))
             names = family.moe_expert_names(layer.index, expert)
             for projection in PROJECTIONS:
-                saves.append(io.save(names[projection], projection_task(io.model, plan, projection, io.dtype), writer))
-        router = family.moe_router_name(layer.index)
-        saves.append(io.save(router, routers[router], writer))
+                task = fitted.get(names[projection]) or projection_task(io.model, plan, projection, io.dtype)
+                saves.append(io.save(names[projection], task, writer))
+        for name, output, indexed in family.moe_block_tensors(source.config, layer.index, source.tensor_names):
+            saves.append(io.save(output, rows[output] if indexed else io.read(name), writer))
     for name in source.tensor_names:
         if name not in consumed:
             saves.append(io.save(name, io.read(name), writer))

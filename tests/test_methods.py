@@ -256,6 +256,7 @@ def test_recorded_parameters_keep_their_layout():
     assert params.model_dump(mode="json") == {
         "aggregate": "mean_logit",
         "temperature": 2.0,
+        "align": "none",
         "refit": "none",
         "refit_damping": 1e-4,
         "refit_gate_up": "merge",
@@ -263,6 +264,7 @@ def test_recorded_parameters_keep_their_layout():
     assert list(params.model_dump(mode="json")) == [
         "aggregate",
         "temperature",
+        "align",
         "refit",
         "refit_damping",
         "refit_gate_up",

@@ -100,6 +100,13 @@ class RouterStatistics:
             )
         return self._mean(self.contribution_sum)
 
+    @property
+    def reap_saliency(self) -> torch.Tensor:
+        """REAP's saliency (arXiv:2510.13999): the mean over the tokens *routed to* each expert of
+        gate weight x ||expert output||, i.e. contribution_sum / selected (0 for an expert no token selects)."""
+        self.mean_contribution  # noqa: B018 (refuses files recorded before contributions were)
+        return torch.where(self.selected > 0, self.contribution_sum / self.selected.clamp_min(1), 0.0)
+
     def update_contribution(self, position: int, expert: int, weights: torch.Tensor, outputs: torch.Tensor) -> None:
         """Add sum_t g_te ||y_te|| for the (non-padding) tokens routed to `expert`."""
         self.contribution_sum[position, expert] += float((weights.double() * outputs.double().norm(dim=-1)).sum())

@@ -102,6 +102,9 @@ class MoEFamily:
     # the fused layout transformers keeps the experts in, where it is not the family's first
     # stored fused layout (Granite stores `input_linear`, holds `experts.gate_up_proj`)
     memory: FusedLayout | None = None
+    # config keys of group-limited routing (groups, groups chosen per token; DeepSeek): a smaller MoE
+    # with other experts routes in one group (plain top-k), its experts being in no old group
+    routing_groups: tuple[str, str] | None = None
 
     def supports(self, config: transformers.PretrainedConfig) -> bool:
         return getattr(config, "model_type", None) in self.model_types
@@ -327,16 +330,21 @@ class MoEFamily:
         dense.architectures = [self.dense.architecture]
         return dense
 
-    # -- a smaller MoE of the same family (kmeans_multi_dense, output: moe) -----------
+    # -- a smaller MoE of the same family (prune_experts, merge_experts, kmeans output: moe) ----
     def moe_config(
         self, config: transformers.PretrainedConfig, num_experts: int, top_k: int
     ) -> transformers.PretrainedConfig:
-        """A smaller MoE of the same family (used to reassemble merged experts)."""
+        """The config of a smaller MoE of the same family: `num_experts` routed experts per
+        MoE layer, `top_k` per token, everything else as the source's (shared experts kept).
+        Group-limited routing is reset to one group when the expert count changes."""
         self._check_rebuild()
         moe = type(config)(**copied_values(config))
         # set as attributes: each config class's attribute_map names the stored key
         setattr(moe, self.keys.experts, num_experts)
         setattr(moe, self.keys.top_k, top_k)
+        if self.routing_groups is not None and num_experts != self.num_experts(config):
+            for key in self.routing_groups:
+                setattr(moe, key, 1)
         moe.architectures = [self.moe_architecture]
         return moe
 
@@ -351,19 +359,28 @@ class MoEFamily:
         layout = self._rebuild_layout()
         return layout.tensor(layout.router, layer)
 
+    def moe_block_tensors(
+        self, config: transformers.PretrainedConfig, layer: int, tensor_names: Collection[str]
+    ) -> list[tuple[str, str, bool]]:
+        """The sparse block's tensors other than its routed experts, as (source name, name in the
+        smaller MoE, whether dim 0 indexes the routed experts): the router, the extra tensors
+        (router correction biases, shared-expert gates) and the shared experts. Tensors indexed by
+        expert are rebuilt for the new experts; the others are copied unchanged."""
+        source, target = self.layout_of(layer, tensor_names), self._rebuild_layout()
+        found = [(source.tensor(source.router, layer), target.tensor(target.router, layer), True)]
+        templates = [(t, tuple(shape[:1]) == ("E",)) for t, shape in self.extra_tensors.items()]
+        if self.has_shared(config):
+            templates += [(t, False) for t in (self.shared.gate, self.shared.up, self.shared.down)]
+        found += [(source.tensor(t, layer), target.tensor(t, layer), rows) for t, rows in templates]
+        return found
+
     def _rebuild_layout(self) -> PerExpertLayout:
         self._check_rebuild()
         return next(layout for layout in self.layouts if isinstance(layout, PerExpertLayout))
 
     def _check_rebuild(self) -> None:
-        if self.shared is not None or self.extra_tensors:
-            # the new experts would need their own shared-expert and router-bias semantics
-            raise UnsupportedModelError(
-                f"{self.name}: rebuilding a smaller MoE is supported for families without shared experts "
-                "or router biases (mixtral, qwen3_moe, olmoe, flex_olmo)"
-            )
         if self.moe_architecture is None or not any(isinstance(layout, PerExpertLayout) for layout in self.layouts):
-            raise UnsupportedModelError(f"{self.name}: rebuilding a smaller MoE is not supported")
+            raise UnsupportedModelError(f"{self.name}: writing a smaller MoE is not supported")
 
 
 def _missing(layer: int, what: str, names: Collection[str]) -> UnsupportedModelError:

@@ -47,6 +47,8 @@ DEEPSEEK_V2 = MoEFamily(
     shared=DEEPSEEK_SHARED,
     refusals=_refusals("deepseek_v2"),
     dense=DenseTarget(transformers.DeepseekV2Config, "DeepseekV2ForCausalLM", DENSE_MLP, overrides=all_dense),
+    moe_architecture="DeepseekV2ForCausalLM",
+    routing_groups=("n_group", "topk_group"),
 )
 
 DEEPSEEK_V3 = MoEFamily(
@@ -61,4 +63,6 @@ DEEPSEEK_V3 = MoEFamily(
     extra_tensors={"{block}.gate.e_score_correction_bias": ("E",)},
     refusals=_refusals("deepseek_v3"),
     dense=DenseTarget(transformers.DeepseekV3Config, "DeepseekV3ForCausalLM", DENSE_MLP, overrides=all_dense),
+    moe_architecture="DeepseekV3ForCausalLM",
+    routing_groups=("n_group", "topk_group"),
 )

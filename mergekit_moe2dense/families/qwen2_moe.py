@@ -39,4 +39,5 @@ QWEN2_MOE = MoEFamily(
         ),
     ),
     dense=DenseTarget(transformers.Qwen2Config, "Qwen2ForCausalLM", DENSE_MLP, moe_keys=MOE_CONFIG_KEYS + SHARED_KEYS),
+    moe_architecture="Qwen2MoeForCausalLM",
 )

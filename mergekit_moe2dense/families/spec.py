@@ -12,12 +12,14 @@ one generic resolver and the shape expectations are in `base.MoEFamily`.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import re
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
 import transformers
 
 Dim = int | str
@@ -33,6 +35,9 @@ class ExpertSlice:
     (GPT-OSS, Llama 4), so it is transposed first; `rows` then selects a row range
     (fused gate_up keeps gate rows first), every `step`-th row (interleaved gate/up
     rows: step 2).
+    `units` reorders the expert's hidden units (alignment.py): unit i of the result
+    is stored unit units[i], along dim 0 of gate/up [I, H] and dim 1 of down [H, I]
+    (`unit_dim`). A permuted expert computes the same function.
     """
 
     tensor: str
@@ -40,11 +45,13 @@ class ExpertSlice:
     rows: tuple[int, int] | None = None
     transposed: bool = False
     step: int = 1
+    units: tuple[int, ...] | None = None
+    unit_dim: int = 0
 
     def take(self, value):
         if self.expert is not None:
             value = value[self.expert]
-        return self.within(value)
+        return self.permute(self.within(value))
 
     def within(self, value):
         """The selection inside one expert's tensor (a view)."""
@@ -53,6 +60,17 @@ class ExpertSlice:
         if self.rows is not None:
             value = value[self.rows[0] : self.rows[1] : self.step]
         return value
+
+    def permute(self, value):
+        """`value` (this slice as stored) with its hidden units in `units` order."""
+        if self.units is None:
+            return value
+        return value.index_select(self.unit_dim, torch.as_tensor(self.units, device=value.device))
+
+    @property
+    def stored(self) -> ExpertSlice:
+        """The same slice without the permutation (what is read from the checkpoint)."""
+        return dataclasses.replace(self, units=None, unit_dim=0)
 
     @property
     def contiguous(self) -> bool:

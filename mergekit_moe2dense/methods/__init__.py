@@ -16,6 +16,8 @@ from mergekit_moe2dense.methods.base import ExpertMethod, MethodError, MethodPar
 from mergekit_moe2dense.methods.baselines import ExpertUniform, SingleExpert
 from mergekit_moe2dense.methods.concat import Concat, MaxContribution
 from mergekit_moe2dense.methods.kmeans_multi_dense import KMeansMultiDense
+from mergekit_moe2dense.methods.merge_experts import MergeExperts
+from mergekit_moe2dense.methods.prune_experts import PruneExperts
 from mergekit_moe2dense.methods.router_weighted import RouterWeighted
 from mergekit_moe2dense.methods.top_k_tempered import TopKTempered
 
@@ -40,6 +42,8 @@ for _method in (
     Concat(),
     MaxContribution(),
     KMeansMultiDense(),
+    PruneExperts(),
+    MergeExperts(),
 ):
     register(_method)
 del _method

@@ -32,12 +32,16 @@ from mergekit_moe2dense.families import MoELayer
 from mergekit_moe2dense.plan import LayerPlan, single_block_plans
 
 if TYPE_CHECKING:
+    from mergekit_moe2dense.checkpoint import SourceModel
     from mergekit_moe2dense.methods.kmeans_multi_dense import ClusterWeights
+    from mergekit_moe2dense.methods.prune_experts import ExpertGroups
 
 PositiveInt = Annotated[int, Field(ge=1)]
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 Temperature = PositiveFloat
 Refit = Literal["none", "scale", "down_proj"]
+Align = Literal["none", "weights", "activations"]
+ALIGN_DESCRIPTION = "permute each expert's hidden units to the most weighted expert's before averaging (alignment.py)"
 
 
 class MethodError(Moe2DenseError, ValueError):
@@ -85,12 +89,15 @@ class MethodPlan:
     `layers` holds one `LayerPlan` per MoE layer (before the family's scales,
     `plan.with_family_scales`). A method with several outputs also keeps its
     `clusters` (`kmeans_multi_dense.ClusterWeights`, weights [k, L, E]); `weights`
-    and `layers` are then its first cluster's.
+    and `layers` are then its first cluster's. A method that writes a smaller MoE
+    keeps its `experts` (`prune_experts.ExpertGroups`); `weights` are then the experts'
+    saliencies, normalised per layer.
     """
 
     weights: torch.Tensor
     layers: tuple[LayerPlan, ...]
     clusters: ClusterWeights | None = None
+    experts: ExpertGroups | None = None  # a smaller MoE (`writes_moe`): the new experts of every layer
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -125,6 +132,9 @@ class ExpertMethod(ABC):
     # Several outputs (k models or a rebuilt MoE): the plan carries `clusters`
     # and `multi.write_outputs` writes them.
     multi_output: ClassVar[bool] = False
+    # A smaller MoE of the same family (prune_experts, merge_experts): the plan carries
+    # `experts` and `outputs.PrunedMoE` writes them.
+    writes_moe: ClassVar[bool] = False
 
     # -- parameters ----------------------------------------------------------------
     def resolve_parameters(self, raw: Mapping[str, Any] | None, *, num_experts: int, top_k: int) -> MethodParameters:
@@ -164,9 +174,20 @@ class ExpertMethod(ABC):
     def plan(self, stats: RouterStatistics | None, params: MethodParameters, layers: Sequence[MoELayer]) -> MethodPlan:
         """Expert weights and layer plans for every MoE layer, from one selection."""
 
+    def refine(
+        self, result: MethodPlan, stats: RouterStatistics | None, params: MethodParameters, source: SourceModel
+    ) -> MethodPlan:
+        """A second step for what needs the experts' weights (read from `source`, one layer at
+        a time), called by the output strategy; by default the plan as it is."""
+        return result
+
 
 class WeightedMerge(ExpertMethod):
-    """A method whose dense MLP is one block: each projection is sum_e w_e W_e."""
+    """A method whose dense MLP is one block: each projection is sum_e w_e W_e (after the
+    experts' hidden units are aligned to the most weighted one's, with `align`)."""
+
+    def needs_router_inputs(self, params) -> bool:
+        return getattr(params, "align", "none") == "activations"
 
     def plan(self, stats, params, layers) -> MethodPlan:
         weights = self.layer_weights(stats, params, num_layers=len(layers), num_experts=layers[0].num_experts)

@@ -14,15 +14,25 @@ from typing import Annotated
 import torch
 from pydantic import Field
 
-from mergekit_moe2dense.methods.base import MethodError, MethodParameters, WeightedMerge, one_hot_rows
+from mergekit_moe2dense.methods.base import (
+    ALIGN_DESCRIPTION,
+    Align,
+    MethodError,
+    MethodParameters,
+    WeightedMerge,
+    one_hot_rows,
+)
 
 
 class ExpertUniform(WeightedMerge):
     name = "expert_uniform"
     pretty_name = "Uniform expert average"
 
+    class Parameters(MethodParameters):
+        align: Align = Field("none", description=ALIGN_DESCRIPTION)
+
     def needs_statistics(self, params):
-        return False
+        return params.align == "activations"
 
     def layer_weights(self, stats, params, *, num_layers, num_experts):
         return torch.full((num_layers, num_experts), 1.0 / num_experts, dtype=torch.float64)

@@ -22,7 +22,14 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from mergekit_moe2dense.methods.base import MethodError, MethodParameters, Temperature, WeightedMerge
+from mergekit_moe2dense.methods.base import (
+    ALIGN_DESCRIPTION,
+    Align,
+    MethodError,
+    MethodParameters,
+    Temperature,
+    WeightedMerge,
+)
 
 Aggregate = Literal["mean_logit", "mean_prob", "median_prob", "selection_frequency"]
 
@@ -50,6 +57,7 @@ class RouterWeighted(WeightedMerge):
     class Parameters(MethodParameters):
         aggregate: Aggregate = Field("mean_logit", description="how router scores are aggregated over tokens")
         temperature: Temperature = Field(1.0, description="softmax temperature over experts")
+        align: Align = Field("none", description=ALIGN_DESCRIPTION)
 
     def layer_weights(self, stats, params, *, num_layers, num_experts):
         scores = aggregate_scores(stats, params.aggregate)

@@ -24,6 +24,8 @@ import torch
 from pydantic import Field
 
 from mergekit_moe2dense.methods.base import (
+    ALIGN_DESCRIPTION,
+    Align,
     MethodError,
     MethodParameters,
     PositiveInt,
@@ -56,6 +58,7 @@ class TopKTempered(WeightedMerge):
         top_k: PositiveInt | None = Field(None, description="experts kept per token (default: the model's)")
         renormalize: bool = Field(True, description="renormalise the kept k probabilities per token")
         aggregate: Literal["mean", "median"] = Field("mean", description="how tokens are aggregated per layer")
+        align: Align = Field("none", description=ALIGN_DESCRIPTION)
 
     def complete(self, params, *, num_experts, top_k):
         return model_top_k(params, "top_k", num_experts=num_experts, top_k=top_k)

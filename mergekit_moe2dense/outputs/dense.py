@@ -10,7 +10,9 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
+from transformers.activations import ACT2FN
 
+from mergekit_moe2dense.alignment import align_layer
 from mergekit_moe2dense.calibration.sequential import refit_layers
 from mergekit_moe2dense.card import write_model_card
 from mergekit_moe2dense.config import ConfigError
@@ -46,6 +48,9 @@ class DenseModel(Output):
     def plan(self, job, result, stats) -> DensePlan:
         source = job.source
         plans = with_family_scales(result.layers, source.family, source.config, stats)
+        align = getattr(job.params, "align", "none")
+        if align != "none":
+            plans = aligned_plans(source, plans, stats, align)
         planned = DensePlan(result.weights, plans)
         if job.params.needs_refit:
             planned = self._refit(job, planned)
@@ -92,6 +97,24 @@ class DenseModel(Output):
         write_weights_file(staging, job, {"layers": planned.weights.tolist(), **(planned.extra or {})})
         if job.options.write_model_card:
             write_model_card(staging, job, planned.weights, planned.extra)
+
+
+def aligned_plans(source, plans: list[LayerPlan], stats, mode: str) -> list[LayerPlan]:
+    """Each plan's averaged experts with their hidden units permuted to the most weighted one's
+    (alignment.py); plans whose routed blocks are one expert each are left as they are."""
+    act = ACT2FN[source.config.hidden_act]
+    aligned = []
+    for position, plan in enumerate(plans):
+        routed = [block for block in plan.blocks if block.shared is None]
+        if len(routed) != 1:
+            aligned.append(plan)
+            continue
+        weights = routed[0].weights
+        group = sorted((e for e, w in enumerate(weights) if w != 0.0), key=lambda e: (-weights[e], e))
+        inputs = stats.router_inputs[position] if mode == "activations" else None
+        layer = align_layer(plan.layer, [group], source.reader.read_slice, mode, inputs=inputs, act=act)
+        aligned.append(dataclasses.replace(plan, layer=layer))
+    return aligned
 
 
 def _plan_width(source, plan: LayerPlan) -> int:

@@ -15,13 +15,13 @@ from mergekit_moe2dense.card import write_moe_card
 from mergekit_moe2dense.graph import computed_tensors, run_graph
 from mergekit_moe2dense.outputs.base import Output, output_bytes, write_model_files, write_weights_file
 from mergekit_moe2dense.outputs.clusters import check_clusters
-from mergekit_moe2dense.reassemble import closed_form_router, fitted_router, plan_moe_merge
+from mergekit_moe2dense.reassemble import closed_form_rows, fitted_router, plan_moe_merge
 
 
 @dataclass
 class MoEPlan:
     clusters: object  # methods.kmeans_multi_dense.ClusterWeights
-    routers: dict[str, torch.Tensor]  # the new router [k, H] of every MoE layer, by output name
+    routers: dict[str, torch.Tensor]  # every expert-indexed tensor of every block (router [k, H], ...), by output name
 
     @property
     def weights(self) -> torch.Tensor:
@@ -33,7 +33,6 @@ class RebuiltMoE(Output):
         check_clusters(job)
         family, config, params = job.source.family, job.source.config, job.params
         family.moe_config(config, params.num_clusters, params.moe_top_k)  # raises where the family cannot
-        family.moe_router_name(job.layers[0].index)
 
     def reported_weights(self, result):
         return result.clusters.weights
@@ -42,21 +41,18 @@ class RebuiltMoE(Output):
         return output_bytes(job, experts_per_layer=job.params.num_clusters)
 
     def plan(self, job, result, stats) -> MoEPlan:
-        clusters, family, params = result.clusters, job.source.family, job.params
+        clusters, params = result.clusters, job.params
+        routers = [None] * len(job.layers)
         if params.router == "fitted":
             labels = clusters.decomposition.labels
             routers = [
                 fitted_router(stats.router_inputs[p], labels[p], params.num_clusters, seed=params.seed)
                 for p in range(len(job.layers))
             ]
-        else:
-            reader = job.source.reader
-            routers = [
-                closed_form_router(reader.read(layer.router), clusters.weights[:, p])
-                for p, layer in enumerate(job.layers)
-            ]
-        names = [family.moe_router_name(layer.index) for layer in job.layers]
-        return MoEPlan(clusters, {name: router.float() for name, router in zip(names, routers)})
+        rows = {}
+        for p, layer in enumerate(job.layers):
+            rows.update(closed_form_rows(job.source, layer, clusters.weights[:, p], routers[p]))
+        return MoEPlan(clusters, rows)
 
     def write(self, job, planned: MoEPlan, staging: str) -> None:
         source, params = job.source, job.params

@@ -1,0 +1,225 @@
+# Copyright (C) 2026 the mergekit-moe2dense authors
+# SPDX-License-Identifier: LGPL-3.0-only
+"""Smaller MoEs: `prune_experts` and `merge_experts` on tiny MoEs of every family."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+from mergekit.options import MergeOptions
+
+from helpers import assert_one_line_error, logits_of, make_config, make_mixtral, run_cli, write_config
+from mergekit_moe2dense.build import build_dense
+from mergekit_moe2dense.methods import MethodError
+from mergekit_moe2dense.methods.merge_experts import agglomerate, group_labels, router_similarity
+from tiny_families import FAMILY_SPECS, make_family_moe
+
+OPTIONS = MergeOptions(quiet=True)
+IDS = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+def load(path):
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    return model.eval()
+
+
+@pytest.mark.parametrize("layout", ["legacy", "fused"])
+@pytest.mark.parametrize("score", ["reap", "frequency", "contribution"])
+def test_pruning_to_every_expert_reproduces_the_moe_exactly(random_moe, calib_dir, tmp_path, layout, score):
+    moe, out = random_moe[layout], tmp_path / "pruned"
+    result = build_dense(make_config(moe, "prune_experts", calib_dir, num_experts=4, score=score), str(out), OPTIONS)
+    model = load(out)
+    assert type(model).__name__ == "MixtralForCausalLM"
+    assert (model.config.num_local_experts, model.config.num_experts_per_tok) == (4, 2)
+    torch.testing.assert_close(logits_of(out, IDS), logits_of(moe, IDS), rtol=0, atol=0)
+    assert result.layer_weights.shape == (4, 2, 4)
+    record = json.loads((out / "expert_weights.json").read_text())
+    assert record["groups"] == [[[0], [1], [2], [3]]] * 2
+
+
+def test_pruning_experts_never_routed_to_reproduces_the_moe(tokenizer_dir, calib_dir, tmp_path):
+    """DeepSeek-V3 selects experts by score + correction bias: a very low bias on experts 2 and 3
+    (group 1 of 2) means no token ever reaches them; keeping 0 and 1 changes nothing."""
+    moe = make_family_moe("deepseek_v3", tmp_path / "src", tokenizer_dir)
+    model = load(moe)
+    with torch.no_grad():
+        for layer in model.model.layers[1:]:
+            layer.mlp.gate.e_score_correction_bias[2:] = -1e4
+    model.save_pretrained(moe)
+    out = tmp_path / "pruned"
+    build_dense(make_config(moe, "prune_experts", calib_dir, num_experts=2), str(out), OPTIONS)
+    pruned = load(out)
+    assert (pruned.config.n_routed_experts, pruned.config.n_group, pruned.config.topk_group) == (2, 1, 1)
+    torch.testing.assert_close(logits_of(out, IDS), logits_of(moe, IDS), rtol=0, atol=1e-5)
+    record = json.loads((out / "expert_weights.json").read_text())
+    assert record["groups"] == [[[0], [1]]] * 2
+
+
+@pytest.mark.parametrize("family", ["mixtral", *FAMILY_SPECS])
+@pytest.mark.parametrize("layout", ["legacy", "fused"])
+def test_a_pruned_moe_of_every_family_loads_with_n_experts(family, layout, tokenizer_dir, calib_dir, tmp_path):
+    if family == "mixtral":
+        moe = make_mixtral(tmp_path / "src", tokenizer_dir, layout=layout, seed=2)
+    else:
+        moe = make_family_moe(family, tmp_path / "src", tokenizer_dir, layout=layout)
+    original = load(moe)
+    out = tmp_path / "pruned"
+    build_dense(make_config(moe, "prune_experts", calib_dir, num_experts=2, moe_top_k=1), str(out), OPTIONS)
+    pruned = load(out)
+    assert type(pruned).__name__ == type(original).__name__
+    config = pruned.config
+    experts_key = {"mixtral": "num_local_experts", "deepseek_v2": "n_routed_experts", "deepseek_v3": "n_routed_experts"}
+    assert getattr(config, experts_key.get(family, "num_experts")) == 2 and config.num_experts_per_tok == 1
+    kept = json.loads((out / "expert_weights.json").read_text())["groups"]
+    sparse = [i for i, layer in enumerate(original.model.layers) if hasattr(layer.mlp, "experts")]
+    assert len(kept) == len(sparse) > 0
+    for position, index in enumerate(sparse):
+        old, new = original.model.layers[index].mlp, pruned.model.layers[index].mlp
+        experts = [group[0] for group in kept[position]]
+        assert new.experts.gate_up_proj.shape[0] == new.gate.weight.shape[0] == 2
+        torch.testing.assert_close(new.experts.gate_up_proj, old.experts.gate_up_proj[experts], rtol=0, atol=0)
+        torch.testing.assert_close(new.experts.down_proj, old.experts.down_proj[experts], rtol=0, atol=0)
+        torch.testing.assert_close(new.gate.weight, old.gate.weight[experts], rtol=0, atol=0)
+        if hasattr(old.gate, "e_score_correction_bias"):
+            torch.testing.assert_close(new.gate.e_score_correction_bias, old.gate.e_score_correction_bias[experts])
+        shared = {k: v for k, v in old.state_dict().items() if k.startswith("shared_expert")}
+        for name, value in shared.items():
+            torch.testing.assert_close(new.state_dict()[name], value, rtol=0, atol=0)
+        assert bool(shared) == (family in ("qwen2_moe", "deepseek_v2", "deepseek_v3"))
+    assert torch.isfinite(logits_of(out, IDS)).all()
+
+
+def test_prune_parameters_are_checked_before_any_work(random_moe, calib_dir, tmp_path):
+    moe = random_moe["legacy"]
+    for params, message in (
+        ({"num_experts": 5}, "num_experts=5 is out of range"),
+        ({"num_experts": 2, "moe_top_k": 3}, "moe_top_k=3 is out of range"),
+        ({"num_experts": 2, "refit": "scale"}, "not refit: scale"),
+        ({"num_experts": 2, "score": "size"}, "score"),
+    ):
+        with pytest.raises(MethodError, match=message):
+            build_dense(make_config(moe, "prune_experts", calib_dir, **params), str(tmp_path / "out"), OPTIONS)
+    assert not (tmp_path / "out").exists()
+
+
+def permuted_copies(path, tokenizer_dir):
+    """A tiny Mixtral whose experts are one expert with its hidden units in a different random
+    order each: the same function, but averaging them unit by unit mixes unrelated units."""
+    moe = make_mixtral(path, tokenizer_dir, identical=True, seed=3)
+    model = load(moe)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            experts = layer.mlp.experts
+            width = experts.down_proj.shape[-1]
+            for e in range(1, experts.gate_up_proj.shape[0]):
+                order = torch.randperm(width, generator=generator)
+                gate, up = experts.gate_up_proj[e, :width][order], experts.gate_up_proj[e, width:][order]
+                experts.gate_up_proj[e] = torch.cat([gate, up])
+                experts.down_proj[e] = experts.down_proj[e][:, order]
+    model.save_pretrained(moe)
+    return moe
+
+
+@pytest.mark.parametrize("grouping", ["outputs", "router"])
+def test_merging_groups_of_identical_experts_gives_the_moe(identical_moe, calib_dir, tmp_path, grouping):
+    moe, out = identical_moe["fused"], tmp_path / "merged"
+    config = make_config(moe, "merge_experts", calib_dir, num_experts=2, grouping=grouping, align="none")
+    build_dense(config, str(out), OPTIONS)
+    assert load(out).config.num_local_experts == 2
+    torch.testing.assert_close(logits_of(out, IDS), logits_of(moe, IDS), rtol=0, atol=1e-5)
+    record = json.loads((out / "expert_weights.json").read_text())
+    assert all(sorted(sum(layer, [])) == [0, 1, 2, 3] for layer in record["groups"])
+    assert torch.tensor(record["experts"]).sum(-1).allclose(torch.ones(2, 2))
+
+
+@pytest.mark.parametrize("align", ["weights", "activations"])
+def test_aligned_merges_of_permuted_copies_give_the_moe(tokenizer_dir, calib_dir, tmp_path, align):
+    moe = permuted_copies(tmp_path / "src", tokenizer_dir)
+    reference = logits_of(moe, IDS)
+    for method, params in (("merge_experts", {"num_experts": 2}), ("expert_uniform", {}), ("router_weighted", {})):
+        aligned, plain = tmp_path / f"{method}-aligned", tmp_path / f"{method}-plain"
+        build_dense(make_config(moe, method, calib_dir, align=align, **params), str(aligned), OPTIONS)
+        build_dense(make_config(moe, method, calib_dir, align="none", **params), str(plain), OPTIONS)
+        torch.testing.assert_close(logits_of(aligned, IDS), reference, rtol=0, atol=1e-4)
+        assert (logits_of(plain, IDS) - reference).abs().max() > 1e-2, method
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
+def test_block_refit_lowers_each_pruned_blocks_error(family, tokenizer_dir, calib_dir, tmp_path):
+    if family == "mixtral":
+        moe = make_mixtral(tmp_path / "src", tokenizer_dir, seed=4)
+    else:
+        moe = make_family_moe(family, tmp_path / "src", tokenizer_dir)
+    plain, fitted = tmp_path / "plain", tmp_path / "fitted"
+    build_dense(make_config(moe, "prune_experts", calib_dir, num_experts=2), str(plain), OPTIONS)
+    build_dense(make_config(moe, "prune_experts", calib_dir, num_experts=2, refit="down_proj"), str(fitted), OPTIONS)
+    errors = json.loads((fitted / "expert_weights.json").read_text())["refit_errors"]
+    assert errors and all(after < before for before, after in errors.values()), errors
+    # gate/up, routers and shared experts are the plain pruned model's; only the down projections moved
+    ours, theirs = load(fitted).state_dict(), load(plain).state_dict()
+    moved = {name for name in ours if not torch.equal(ours[name], theirs[name])}
+    assert moved and all(name.endswith("experts.down_proj") for name in moved), moved
+
+
+def test_block_refit_of_every_expert_keeps_the_moe(random_moe, calib_dir, tmp_path):
+    moe, out = random_moe["legacy"], tmp_path / "fitted"
+    build_dense(make_config(moe, "prune_experts", calib_dir, num_experts=4, refit="down_proj"), str(out), OPTIONS)
+    errors = json.loads((out / "expert_weights.json").read_text())["refit_errors"]
+    assert all(before < 1e-10 for before, _ in errors.values()), errors
+    torch.testing.assert_close(logits_of(out, IDS), logits_of(moe, IDS), rtol=0, atol=1e-4)
+
+
+def brute_force_average_linkage(similarity, num_groups):
+    groups = [[e] for e in range(similarity.shape[0])]
+    while len(groups) > num_groups:
+        pairs = [(a, b) for a in range(len(groups)) for b in range(a + 1, len(groups))]
+        a, b = max(pairs, key=lambda p: float(similarity[groups[p[0]]][:, groups[p[1]]].mean()))
+        groups[a] = sorted(groups[a] + groups[b])
+        del groups[b]
+    return sorted(groups)
+
+
+def test_agglomerate_is_average_linkage_and_finds_separated_groups():
+    generator = torch.Generator().manual_seed(0)
+    for size, groups in ((8, 4), (12, 3), (6, 1), (5, 5)):
+        x = torch.randn(size, 20, generator=generator, dtype=torch.float64)
+        similarity = torch.nn.functional.normalize(x, dim=1) @ torch.nn.functional.normalize(x, dim=1).T
+        assert sorted(agglomerate(similarity, groups)) == brute_force_average_linkage(similarity, groups)
+    centres = torch.randn(3, 20, generator=generator, dtype=torch.float64)
+    members = torch.tensor([2, 0, 1, 0, 2, 1, 0, 2])
+    points = centres[members] + 0.05 * torch.randn(8, 20, generator=generator, dtype=torch.float64)
+    found = agglomerate(router_similarity(points.T), 3)  # 20 "tokens", correlation of 8 "experts"
+    assert sorted(found) == sorted([[1, 3, 6], [2, 5], [0, 4, 7]])
+
+
+def test_cli_writes_a_smaller_moe_and_refuses_bad_parameters_in_one_line(random_moe, calib_dir, tmp_path):
+    config = write_config(tmp_path / "a.yml", random_moe["legacy"], calib_dir, "merge_experts", num_experts=3)
+    result = run_cli(config, tmp_path / "out", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "(merge_experts, 2 layers, 3 experts per layer)" in result.output
+    assert load(tmp_path / "out").config.num_local_experts == 3
+    bad = write_config(tmp_path / "b.yml", random_moe["legacy"], calib_dir, "prune_experts", num_experts=9)
+    assert_one_line_error(run_cli(bad, tmp_path / "bad"), "num_experts=9 is out of range: the model has 4 experts")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_fitted_router_routes_calibration_tokens_to_their_group(random_moe, calib_dir, tmp_path):
+    from mergekit_moe2dense.calibration import RouterStatistics
+
+    out = tmp_path / "merged"
+    config = make_config(random_moe["legacy"], "merge_experts", calib_dir, num_experts=2, router="fitted")
+    build_dense(config, str(out), OPTIONS)
+    stats = RouterStatistics.load(out / "router_stats.safetensors")
+    groups = json.loads((out / "expert_weights.json").read_text())["groups"]
+    merged = load(out)
+    for position, layer in enumerate(merged.model.layers):
+        labels = group_labels(stats.samples[position], groups[position])
+        routed = (stats.router_inputs[position] @ layer.mlp.gate.weight.T).argmax(-1)
+        # a union of two experts' top-1 regions need not be linearly separable: well above chance
+        majority = max((labels == j).mean() for j in range(2))
+        assert (routed.numpy() == labels).mean() > max(0.8, majority + 0.1)

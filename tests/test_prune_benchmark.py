@@ -1,0 +1,37 @@
+# Copyright (C) 2026 the mergekit-moe2dense authors
+# SPDX-License-Identifier: LGPL-3.0-only
+"""The smaller-MoE and ancestor benchmarks run end to end on the smoke testbed, so they cannot rot."""
+
+import pytest
+
+from benchmarks import ancestor, prune
+
+
+def rows(report: str) -> dict[str, list[str]]:
+    return {
+        cells[0]: cells[1:]
+        for line in report.splitlines()
+        if line.startswith("| ") and (cells := [c.strip() for c in line.strip("|").split("|")])
+    }
+
+
+@pytest.mark.slow  # trains the smoke testbed
+def test_prune_benchmark_smoke(smoke_testbed, tmp_path):
+    report = prune.run("smoke", 500, True, str(tmp_path), cache_dir=str(smoke_testbed.root.parent))
+    table = rows(report)
+    assert table["MoE (4 experts, top-2)"][-1] == "1.000"
+    for label in (
+        "prune 3 by reap",
+        "prune 2 by frequency",
+        "merge 2 by outputs, align weights",
+        "prune 2 by reap + refit",
+    ):
+        assert float(table[label][-1]) > 0.5, label
+
+
+@pytest.mark.slow  # trains the smoke testbed
+def test_ancestor_benchmark_smoke(smoke_testbed):
+    table = rows(ancestor.run("smoke", 500, cache_dir=str(smoke_testbed.root.parent)))
+    for label in ("MoE attention + ancestor MLP", "MoE attention + mean MLP", "MoE attention + stock_inverse MLP"):
+        assert float(table[label][-1]) > 0.5, label
+    assert 0 < float(table["mean"][1]) <= 1  # cosine to the ancestor
