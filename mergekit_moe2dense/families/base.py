@@ -380,7 +380,10 @@ class MoEFamily:
 
     def _check_rebuild(self) -> None:
         if self.moe_architecture is None or not any(isinstance(layout, PerExpertLayout) for layout in self.layouts):
-            raise UnsupportedModelError(f"{self.name}: writing a smaller MoE is not supported")
+            raise UnsupportedModelError(
+                f"{self.name}: rebuilding a smaller MoE (output: moe, prune_experts, merge_experts) is not "
+                "supported: the family has no per-expert checkpoint layout or MoE class to write"
+            )
 
 
 def _missing(layer: int, what: str, names: Collection[str]) -> UnsupportedModelError:

@@ -54,6 +54,7 @@ MINIMAX_M2 = MoEFamily(
     ),
     renormalize=True,
     extra_tensors={BIAS: ("E",)},
+    moe_architecture="MiniMaxM2ForCausalLM",
     dense=DenseTarget(
         transformers.MiniMaxM2Config,
         "MiniMaxM2ForCausalLM",
