@@ -228,6 +228,7 @@ class SparseLayers:
     step: str | None = None  # sparse only where (i + 1) % config[key] == 0 (Qwen's decoder_sparse_step)
     dense_list: str | None = None  # config[key] lists dense layers (Qwen's mlp_only_layers)
     last_sparse: str | None = None  # layers above config[key] are dense (ERNIE's moe_layer_end_index; -1: none)
+    sparse_list: str | None = None  # config[key] lists the sparse layers (Llama 4's moe_layers)
 
     def layers(self, config, num_experts: int):
         if not num_experts:
@@ -238,6 +239,9 @@ class SparseLayers:
         last = getattr(config, self.last_sparse) if self.last_sparse else None
         if last is None or last < 0:
             last = config.num_hidden_layers - 1
+        if self.sparse_list:
+            listed = set(getattr(config, self.sparse_list) or ())
+            return [i for i in range(config.num_hidden_layers) if i in listed]
         return [
             i for i in range(config.num_hidden_layers) if first <= i <= last and (i + 1) % step == 0 and i not in dense
         ]
@@ -279,6 +283,7 @@ class DenseTarget:
     zero_tensors: Mapping[str, Shape] = field(default_factory=dict)  # all-zero tensors per converted layer
     # the dense MLP is stored as the one expert of this fused layout (its biases too), not under `mlp`'s names
     fused: FusedLayout | None = None
+    width_key: str = "intermediate_size"  # the target config's key for the dense MLP width
 
 
 # Keys of a source config that never belong in an output config.
