@@ -45,6 +45,7 @@ TARGETS = {
     "granitemoe": "GraniteForCausalLM",
     "granitemoeshared": "GraniteForCausalLM",
     "llama4_text": "Llama4ForCausalLM",
+    "qwen3_5_moe_text": "Qwen3_5ForCausalLM",
 }
 # Targets that are the family itself: with one expert, top-1 (config keys), or with every layer dense.
 ONE_EXPERT = {
@@ -102,6 +103,11 @@ def test_identical_experts_give_moe_logits(family_moes, calib_dir, tmp_path, fam
             raw = json.loads((moe / "config.json").read_text())
             keys = ("layer_types", "sliding_window", "rope_parameters", "swiglu_limit", "swiglu_alpha", "head_dim")
             assert {key: config[key] for key in keys} == {key: raw[key] for key in keys}
+    elif family == "qwen3_5_moe_text":  # the dense sibling: the hybrid attention layers as they were
+        assert config["layer_types"] == ["linear_attention", "full_attention", "linear_attention"]
+        raw = json.loads((moe / "config.json").read_text())
+        assert config["rope_parameters"] == raw["rope_parameters"] and config["intermediate_size"] == 40
+        assert not set(MOE_CONFIG_KEYS + OTHER_MOE_KEYS) & set(config)
     elif family == "qwen3_next":  # same class, every layer dense; linear-attention layers as they were
         assert config["mlp_only_layers"] == [0, 1, 2]
         assert config["layer_types"] == ["linear_attention", "full_attention", "linear_attention"]
@@ -194,7 +200,7 @@ def _stats(path):
         (transformers.PhimoeConfig(), "sparsemixer gives NaN with one expert"),
         (transformers.DbrxConfig(), "DBRX"),
         (transformers.Llama4Config(), "a text-only Llama 4 (llama4_text) converts"),
-        (transformers.Qwen3_5MoeTextConfig(), "no mlp_only_layers"),
+        (transformers.Qwen3_5MoeConfig(), "a text-only Qwen3.5-MoE (qwen3_5_moe_text) converts"),
         (transformers.Qwen3MoeConfig(quantization_config={"quant_method": "gptq"}), "quantization_config: gptq"),
         (transformers.Qwen2MoeConfig(qkv_bias=False), "qkv_bias"),
         (transformers.DeepseekV2Config(mlp_bias=True), "mlp_bias"),

@@ -237,6 +237,24 @@ FAMILY_SPECS = {
             logits_scaling=3.0,
         ),
     ),
+    # every layer sparse (the class has no dense layers); hybrid attention, partial rotary
+    "qwen3_5_moe_text": (
+        transformers.Qwen3_5MoeTextConfig,
+        transformers.Qwen3_5MoeForCausalLM,
+        dict(
+            moe_intermediate_size=24,
+            shared_expert_intermediate_size=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            head_dim=8,
+            layer_types=["linear_attention", "full_attention", "linear_attention"],
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+            linear_key_head_dim=8,
+            linear_value_head_dim=8,
+            linear_conv_kernel_dim=4,
+        ),
+    ),
     # 4 layers, MoE in 1 and 3 (interleave_moe_layer_step 2); layer 3 NoPE with temperature tuning,
     # chunked attention shorter than the test sequences, L2 q/k norm on the rope layers
     "llama4_text": (

@@ -20,6 +20,7 @@ from mergekit_moe2dense.families.minimax_m2 import MINIMAX_M2
 from mergekit_moe2dense.families.mixtral import MIXTRAL
 from mergekit_moe2dense.families.olmoe import OLMOE
 from mergekit_moe2dense.families.qwen2_moe import QWEN2_MOE
+from mergekit_moe2dense.families.qwen3_5_moe import QWEN3_5_MOE
 from mergekit_moe2dense.families.qwen3_moe import QWEN3_MOE
 from mergekit_moe2dense.families.qwen3_next import QWEN3_NEXT
 from mergekit_moe2dense.families.spec import ExpertSlice
@@ -29,7 +30,7 @@ DEQUANTIZED_FORMATS = ("fp8", "mxfp4")
 
 FAMILIES: list[MoEFamily] = [MIXTRAL, QWEN3_MOE, QWEN2_MOE, DEEPSEEK_V2, DEEPSEEK_V3, OLMOE, GPT_OSS, QWEN3_NEXT]
 FAMILIES += [GLM4_MOE, DOTS1, MINIMAX_M2, ERNIE4_5_MOE, HUNYUAN_V1_MOE, FLEX_OLMO, GRANITEMOE, GRANITEMOE_SHARED]
-FAMILIES += [LLAMA4_TEXT]
+FAMILIES += [LLAMA4_TEXT, QWEN3_5_MOE]
 
 # Sparse model types we know of but cannot convert yet, with the reason.
 KNOWN_UNSUPPORTED = {
@@ -43,12 +44,8 @@ KNOWN_UNSUPPORTED = {
         "conversion does not rename or drop; a text-only Llama 4 (llama4_text) converts"
     ),
     "qwen3_5_moe": (
-        "Qwen3.5-MoE builds a sparse block in every decoder layer (no mlp_only_layers), so it has no dense form "
-        "of its own, and its dense sibling is not verified yet; not supported yet"
-    ),
-    "qwen3_5_moe_text": (
-        "Qwen3.5-MoE builds a sparse block in every decoder layer (no mlp_only_layers), so it has no dense form "
-        "of its own, and its dense sibling is not verified yet; not supported yet"
+        "Qwen3.5-MoE multimodal checkpoints nest the text model (model.language_model.*) beside a vision tower, "
+        "which the conversion does not rename or drop; a text-only Qwen3.5-MoE (qwen3_5_moe_text) converts"
     ),
     "jamba": "Jamba is a hybrid Mamba/attention MoE; not supported yet",
 }
