@@ -372,6 +372,7 @@ def plan_dense_merge(
             saves.append(io.save(name, task, writer))
         for name, shape in family.dense_zero_tensors(config, plan.layer.index).items():
             saves.append(io.save(name, ZeroTensor(name=name, shape=tuple(shape)), writer))
+    consumed |= family.unbuilt_tensors(config, source.tensor_names)  # multi-token prediction: not part of the model
     for name in source.tensor_names:
         if name not in consumed:
             saves.append(io.save(name, padded.get(name) or io.read(name), writer))

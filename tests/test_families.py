@@ -14,6 +14,7 @@ import torch
 import transformers
 from mergekit.common import ModelReference
 from mergekit.options import MergeOptions
+from safetensors.torch import load_file, save_file
 
 from helpers import METHOD_PARAMS, logits_of, make_config, make_mixtral
 from mergekit_moe2dense.build import build_dense
@@ -25,6 +26,7 @@ from mergekit_moe2dense.families import UnsupportedModelError, get_family
 from mergekit_moe2dense.families.llama4 import LLAMA4_TEXT
 from mergekit_moe2dense.families.qwen3_moe import MOE_CONFIG_KEYS
 from mergekit_moe2dense.inspection import inspect_moe
+from mergekit_moe2dense.job import ConversionJob
 from tiny_families import FAMILY_SPECS, make_family_moe
 
 OPTIONS = MergeOptions(quiet=True)
@@ -398,3 +400,37 @@ def test_llama4_input_scale_approximates_random_routers(calib_dir, tmp_path, tok
     assert folded > 1e-4 and logits_error > 1e-4  # an approximation, as the README says
     if router_std <= 0.1:
         assert folded < output_scaled / 2
+
+
+# -- multi-token-prediction layers: stored after the last decoder layer, not part of the model --
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe"])
+def test_multi_token_prediction_layers_are_not_copied(calib_dir, tmp_path, tokenizer_dir, family):
+    """A released DeepSeek-V3 / GLM-4.5 checkpoint stores `num_nextn_predict_layers` more layers,
+    `model.layers.{num_hidden_layers}.*` (a whole MoE layer plus its projection and norms), which
+    transformers ignores on load: the dense output leaves them out, and so does its size estimate."""
+    moe = make_family_moe(family, tmp_path / "moe", tokenizer_dir, identical=True)
+    shard = moe / "model.safetensors"
+    tensors = load_file(shard)
+    mtp = {
+        name.replace("model.layers.2.", "model.layers.3."): t.clone() for name, t in tensors.items() if ".2." in name
+    }
+    mtp |= {"model.layers.3.eh_proj.weight": torch.randn(32, 64), "model.layers.3.enorm.weight": torch.ones(32)}
+    save_file(tensors | mtp, shard, metadata={"format": "pt"})
+    raw = json.loads((moe / "config.json").read_text())
+    (moe / "config.json").write_text(json.dumps({**raw, "num_nextn_predict_layers": 1}))
+    out = tmp_path / "dense"
+    config = make_config(moe, "expert_uniform", calib_dir)
+    job = ConversionJob.prepare(config, str(out), OPTIONS)
+    estimate = job.output.estimated_bytes(job)
+    build_dense(config, str(out), OPTIONS)
+    written = {}
+    for path in out.glob("model*.safetensors"):  # not router_stats.safetensors
+        written |= load_file(path)
+    assert written and not [name for name in written if name.startswith("model.layers.3.")]
+    assert estimate <= sum(t.numel() * t.element_size() for t in written.values())
+    assert estimate + sum(t.numel() * t.element_size() for t in mtp.values()) > sum(
+        t.numel() * t.element_size() for t in written.values()
+    )
+    torch.testing.assert_close(logits_of(out, IDS), logits_of(moe, IDS), rtol=0, atol=1e-5)

@@ -34,6 +34,7 @@ from mergekit_moe2dense.families.spec import (
     SparseLayers,
     copied_values,
     target_values,
+    template_regex,
 )
 
 if TYPE_CHECKING:
@@ -102,6 +103,10 @@ class MoEFamily:
     # the fused layout transformers keeps the experts in, where it is not the family's first
     # stored fused layout (Granite stores `input_linear`, holds `experts.gate_up_proj`)
     memory: FusedLayout | None = None
+    # tensor-name prefix ({layer}) of a decoder layer, where checkpoints store layers past the
+    # last one that transformers does not build (DeepSeek-V3's and GLM-4.5's multi-token-prediction
+    # layers, `model.layers.{num_hidden_layers}.*`): those are not part of the model, not copied
+    unbuilt_layers: str | None = None
 
     def supports(self, config: transformers.PretrainedConfig) -> bool:
         return getattr(config, "model_type", None) in self.model_types
@@ -234,6 +239,18 @@ class MoEFamily:
         """The module that stands in for the sparse block in its decoder layer (the re-fit's
         dense MLP), returning what the block returns (here: the output alone)."""
         return dense
+
+    def unbuilt_tensors(self, config: transformers.PretrainedConfig, tensor_names: Collection[str]) -> set[str]:
+        """Stored tensors that are not part of the model (`unbuilt_layers`): not copied."""
+        if self.unbuilt_layers is None:
+            return set()
+        pattern = template_regex(self.unbuilt_layers)
+        unbuilt = set()
+        for name in tensor_names:
+            match = pattern.match(name)
+            if match and int(match["layer"]) >= config.num_hidden_layers:
+                unbuilt.add(name)
+        return unbuilt
 
     # -- the checkpoint -------------------------------------------------------------
     def layout_of(self, layer: int, tensor_names: Collection[str]) -> Layout:

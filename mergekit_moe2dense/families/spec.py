@@ -116,7 +116,7 @@ class PerExpertLayout(_Layout):
 
     def stored_experts(self, tensor_names: Collection[str]) -> dict[int, dict[int, str]]:
         """layer -> expert index -> one tensor stored for it under these names (one pass)."""
-        patterns = [_template_regex(t.replace("{block}", self.block)) for t in self.projections().values()]
+        patterns = [template_regex(t.replace("{block}", self.block)) for t in self.projections().values()]
         found: dict[int, dict[int, str]] = {}
         for name in sorted(tensor_names):
             for pattern in patterns:
@@ -305,7 +305,7 @@ def copied_values(config: transformers.PretrainedConfig) -> dict:
     return {k: v for k, v in config.to_dict().items() if k not in NEVER_COPIED}
 
 
-def _template_regex(template: str) -> re.Pattern[str]:
+def template_regex(template: str) -> re.Pattern[str]:
     parts = re.split(r"(\{layer\}|\{expert\})", template)
     pattern = "".join(
         {"{layer}": r"(?P<layer>\d+)", "{expert}": r"(?P<expert>\d+)"}.get(part, re.escape(part)) for part in parts
