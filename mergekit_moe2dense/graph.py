@@ -225,6 +225,14 @@ def merge_experts_task(
 BIASES = ("gate_bias", "up_bias", "down_bias")
 
 
+def block_scale(block, projection: str) -> float:
+    """A block's factor on one projection: `down_scale` on its output (down and its bias),
+    `input_scale` on its input (gate and up rows; not their biases)."""
+    if projection in ("down", "down_bias"):
+        return block.down_scale
+    return block.input_scale if projection in ("gate", "up") else 1.0
+
+
 def projection_task(model: ModelReference, plan: LayerPlan, projection: str, dtype: str | None) -> Task:
     """One dense projection of a layer: its blocks merged, scaled and concatenated. An
     expert bias (`gate_bias`, ...) merges as its weight does: a merged expert's bias is
@@ -238,7 +246,7 @@ def projection_task(model: ModelReference, plan: LayerPlan, projection: str, dty
         else:
             slices, weights = [expert[projection] for expert in plan.layer.experts], block.weights
         parts.append(merge_experts_task(model, slices, weights, dtype))
-        scales.append(block.down_scale if projection in ("down", "down_bias") else 1.0)
+        scales.append(block_scale(block, projection))
     if len(parts) == 1 and scales[0] == 1.0:
         return parts[0]
     if projection == "down_bias":
@@ -364,6 +372,7 @@ def plan_dense_merge(
             saves.append(io.save(name, task, writer))
         for name, shape in family.dense_zero_tensors(config, plan.layer.index).items():
             saves.append(io.save(name, ZeroTensor(name=name, shape=tuple(shape)), writer))
+    consumed |= family.unbuilt_tensors(config, source.tensor_names)  # multi-token prediction: not part of the model
     for name in source.tensor_names:
         if name not in consumed:
             saves.append(io.save(name, padded.get(name) or io.read(name), writer))

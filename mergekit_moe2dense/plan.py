@@ -30,6 +30,9 @@ class Block:
     weights: tuple[float, ...] = ()  # over the routed experts (unused when `shared` is set)
     shared: int | None = None  # index into MoELayer.shared_experts
     down_scale: float = 1.0
+    # factor on the block's input, folded into its gate and up rows (Llama 4's router scales
+    # the expert's input: E(c x) = D (act(c G x) * (c U x)))
+    input_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -51,13 +54,17 @@ def with_family_scales(plans: Sequence[LayerPlan], family: MoEFamily, config, st
     `routed_scale` (the mixture's calibrated total weight, or DeepSeek's
     routed_scaling_factor) multiplies their down projection. Each shared expert
     is appended as one more block, scaled by `shared_scale` (its calibrated gate,
-    or 1 where ungated).
+    or 1 where ungated). Where the router scales the experts' input instead (Llama 4),
+    `routed_input_scale` multiplies the routed blocks' gate and up rows.
     """
     finished = []
     for position, plan in enumerate(plans):
         routed = family.routed_scale(config, stats, position)
+        scaled = family.routed_input_scale(config, stats, position)
         blocks = tuple(
-            block if block.shared is not None else replace(block, down_scale=block.down_scale * routed)
+            block
+            if block.shared is not None
+            else replace(block, down_scale=block.down_scale * routed, input_scale=block.input_scale * scaled)
             for block in plan.blocks
         )
         shared = family.shared_scale(config, stats, position) if plan.layer.shared_experts else 1.0
@@ -73,7 +80,7 @@ class BlockTerms:
     slices: tuple[ExpertSlice, ...]  # the contributing experts' slices (zero weights left out)
     experts: tuple[int, ...]  # their indices into MoELayer.experts; () for a shared expert
     weights: tuple[float, ...]
-    scale: float  # the block's down_scale for `down`, 1.0 for gate and up
+    scale: float  # the block's down_scale for `down`, its input_scale for gate and up
     shared: int | None = None  # index into MoELayer.shared_experts
 
 
@@ -82,7 +89,7 @@ def block_terms(plan: LayerPlan, projection: str) -> list[BlockTerms]:
     the blocks are concatenated, along `block_dim(projection)`)."""
     terms = []
     for block in plan.blocks:
-        scale = block.down_scale if projection == "down" else 1.0
+        scale = block.down_scale if projection == "down" else block.input_scale
         if block.shared is not None:
             piece = plan.layer.shared_experts[block.shared][projection]
             terms.append(BlockTerms((piece,), (), (1.0,), scale, shared=block.shared))

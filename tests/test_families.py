@@ -14,6 +14,7 @@ import torch
 import transformers
 from mergekit.common import ModelReference
 from mergekit.options import MergeOptions
+from safetensors.torch import load_file, save_file
 
 from helpers import METHOD_PARAMS, logits_of, make_config, make_mixtral
 from mergekit_moe2dense.build import build_dense
@@ -22,8 +23,10 @@ from mergekit_moe2dense.calibration.batches import TokenBatch
 from mergekit_moe2dense.checkpoint import SourceModel
 from mergekit_moe2dense.config import CalibrationConfig, ConfigError
 from mergekit_moe2dense.families import UnsupportedModelError, get_family
+from mergekit_moe2dense.families.llama4 import LLAMA4_TEXT
 from mergekit_moe2dense.families.qwen3_moe import MOE_CONFIG_KEYS
 from mergekit_moe2dense.inspection import inspect_moe
+from mergekit_moe2dense.job import ConversionJob
 from tiny_families import FAMILY_SPECS, make_family_moe
 
 OPTIONS = MergeOptions(quiet=True)
@@ -43,6 +46,8 @@ TARGETS = {
     "flex_olmo": "Olmo2ForCausalLM",
     "granitemoe": "GraniteForCausalLM",
     "granitemoeshared": "GraniteForCausalLM",
+    "llama4_text": "Llama4ForCausalLM",
+    "qwen3_5_moe_text": "Qwen3_5ForCausalLM",
 }
 # Targets that are the family itself: with one expert, top-1 (config keys), or with every layer dense.
 ONE_EXPERT = {
@@ -56,7 +61,9 @@ OTHER_MOE_KEYS = ("shared_expert_intermediate_size", "n_routed_experts", "n_shar
 OTHER_MOE_KEYS += ("moe_num_experts", "moe_k", "moe_num_shared_experts", "moe_topk", "shared_intermediate_size")
 # DeepSeek-V2 never renormalises its top-k weights; with k = E their sum is
 # exactly routed_scaling_factor for every token, so identical experts stay exact.
-IDENTICAL_OVERRIDES = {"deepseek_v2": {"num_experts_per_tok": 4}}
+# Llama 4's router scales the expert's input: exact when every token's score is the same
+# (a zero router: sigmoid(0) = 1/2); with random routers, see test_llama4_input_scale_*.
+IDENTICAL_OVERRIDES = {"deepseek_v2": {"num_experts_per_tok": 4}, "llama4_text": {"router_std": 0.0}}
 # Every method on every family, layouts alternating (so each family is read in both).
 CASES = [
     (family, ["legacy", "fused"][i % 2], method)
@@ -98,9 +105,19 @@ def test_identical_experts_give_moe_logits(family_moes, calib_dir, tmp_path, fam
             raw = json.loads((moe / "config.json").read_text())
             keys = ("layer_types", "sliding_window", "rope_parameters", "swiglu_limit", "swiglu_alpha", "head_dim")
             assert {key: config[key] for key in keys} == {key: raw[key] for key in keys}
+    elif family == "qwen3_5_moe_text":  # the dense sibling: the hybrid attention layers as they were
+        assert config["layer_types"] == ["linear_attention", "full_attention", "linear_attention"]
+        raw = json.loads((moe / "config.json").read_text())
+        assert config["rope_parameters"] == raw["rope_parameters"] and config["intermediate_size"] == 40
+        assert not set(MOE_CONFIG_KEYS + OTHER_MOE_KEYS) & set(config)
     elif family == "qwen3_next":  # same class, every layer dense; linear-attention layers as they were
         assert config["mlp_only_layers"] == [0, 1, 2]
         assert config["layer_types"] == ["linear_attention", "full_attention", "linear_attention"]
+    elif family == "llama4_text":  # same class, no MoE layer; every attention setting kept
+        assert config["moe_layers"] == [] and config["intermediate_size_mlp"] == 40
+        raw = json.loads((moe / "config.json").read_text())
+        keys = ("no_rope_layers", "attention_chunk_size", "attn_temperature_tuning", "floor_scale", "use_qk_norm")
+        assert {key: config[key] for key in keys} == {key: raw[key] for key in keys}
     elif family in ALL_DENSE:  # same class: its MoE fields are inert when every layer is dense
         assert config["first_k_dense_replace"] == config["num_hidden_layers"] == 3
     else:
@@ -184,8 +201,8 @@ def _stats(path):
     [
         (transformers.PhimoeConfig(), "sparsemixer gives NaN with one expert"),
         (transformers.DbrxConfig(), "DBRX"),
-        (transformers.Llama4TextConfig(), "scales the expert's input"),
-        (transformers.Qwen3_5MoeTextConfig(), "no mlp_only_layers"),
+        (transformers.Llama4Config(), "a text-only Llama 4 (llama4_text) converts"),
+        (transformers.Qwen3_5MoeConfig(), "a text-only Qwen3.5-MoE (qwen3_5_moe_text) converts"),
         (transformers.Qwen3MoeConfig(quantization_config={"quant_method": "gptq"}), "quantization_config: gptq"),
         (transformers.Qwen2MoeConfig(qkv_bias=False), "qkv_bias"),
         (transformers.DeepseekV2Config(mlp_bias=True), "mlp_bias"),
@@ -343,3 +360,77 @@ def test_rebuilding_is_refused_in_one_line_before_any_output(family_moes, calib_
     with pytest.raises(UnsupportedModelError, match="rebuilding a smaller MoE") as error:
         build_dense(config, str(out), OPTIONS)
     assert "\n" not in str(error.value) and not out.exists()
+
+
+# -- Llama 4: the router scales the expert's input; the conversion folds its calibrated mean in --
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("router_std", [0.1, 0.5, 2.0])
+def test_llama4_input_scale_approximates_random_routers(calib_dir, tmp_path, tokenizer_dir, router_std):
+    """Identical experts, random routers: the MoE layer computes shared(x) + E(s x) per token, the
+    dense layer shared(x) + E(c x), c the calibrated mean score (gate and up rows times c; exact
+    for s = c: the identical-experts test). Measured: the layer's error on random tokens, next to
+    scaling the output instead (c E(x)), which it beats where the scores spread little; the
+    logits error end to end."""
+    moe = make_family_moe("llama4_text", tmp_path / "moe", tokenizer_dir, identical=True, router_std=router_std)
+    out = tmp_path / "dense"
+    build_dense(make_config(moe, "expert_uniform", calib_dir), str(out), OPTIONS)
+    logits_error = _relative(logits_of(out, IDS), logits_of(moe, IDS))
+    block = transformers.AutoModelForCausalLM.from_pretrained(moe).model.layers[1].feed_forward
+    x = torch.randn(512, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        scores, _ = block.router(x)
+        s = scores.max(-1, keepdim=True).values  # top-1: the one chosen score
+        c = float(s.mean())
+        expert = functools.partial(LLAMA4_TEXT.expert_output, block.experts, expert=0)
+        shared, moe_out = block.shared_expert(x), block(x)[0]
+        exact = _relative(shared + expert(s * x), moe_out)
+        folded = _relative(shared + expert(c * x), moe_out)
+        output_scaled = _relative(shared + c * expert(x), moe_out)
+    print(
+        f"llama4 router_std {router_std}: score {float(s.min()):.3f}..{float(s.max()):.3f} (mean {c:.3f}, "
+        f"std {float(s.std()):.3f}); layer error input-scaled {folded:.4f}, output-scaled {output_scaled:.4f}; "
+        f"logits error {logits_error:.4f}"
+    )
+    assert exact < 1e-6  # the MoE layer is what the docstring says
+    assert folded > 1e-4 and logits_error > 1e-4  # an approximation, as the README says
+    if router_std <= 0.1:
+        assert folded < output_scaled / 2
+
+
+# -- multi-token-prediction layers: stored after the last decoder layer, not part of the model --
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe"])
+def test_multi_token_prediction_layers_are_not_copied(calib_dir, tmp_path, tokenizer_dir, family):
+    """A released DeepSeek-V3 / GLM-4.5 checkpoint stores `num_nextn_predict_layers` more layers,
+    `model.layers.{num_hidden_layers}.*` (a whole MoE layer plus its projection and norms), which
+    transformers ignores on load: the dense output leaves them out, and so does its size estimate."""
+    moe = make_family_moe(family, tmp_path / "moe", tokenizer_dir, identical=True)
+    shard = moe / "model.safetensors"
+    tensors = load_file(shard)
+    mtp = {
+        name.replace("model.layers.2.", "model.layers.3."): t.clone() for name, t in tensors.items() if ".2." in name
+    }
+    mtp |= {"model.layers.3.eh_proj.weight": torch.randn(32, 64), "model.layers.3.enorm.weight": torch.ones(32)}
+    save_file(tensors | mtp, shard, metadata={"format": "pt"})
+    raw = json.loads((moe / "config.json").read_text())
+    (moe / "config.json").write_text(json.dumps({**raw, "num_nextn_predict_layers": 1}))
+    out = tmp_path / "dense"
+    config = make_config(moe, "expert_uniform", calib_dir)
+    job = ConversionJob.prepare(config, str(out), OPTIONS)
+    estimate = job.output.estimated_bytes(job)
+    build_dense(config, str(out), OPTIONS)
+    written = {}
+    for path in out.glob("model*.safetensors"):  # not router_stats.safetensors
+        written |= load_file(path)
+    assert written and not [name for name in written if name.startswith("model.layers.3.")]
+    assert estimate <= sum(t.numel() * t.element_size() for t in written.values())
+    assert estimate + sum(t.numel() * t.element_size() for t in mtp.values()) > sum(
+        t.numel() * t.element_size() for t in written.values()
+    )
+    torch.testing.assert_close(logits_of(out, IDS), logits_of(moe, IDS), rtol=0, atol=1e-5)

@@ -237,6 +237,45 @@ FAMILY_SPECS = {
             logits_scaling=3.0,
         ),
     ),
+    # every layer sparse (the class has no dense layers); hybrid attention, partial rotary
+    "qwen3_5_moe_text": (
+        transformers.Qwen3_5MoeTextConfig,
+        transformers.Qwen3_5MoeForCausalLM,
+        dict(
+            moe_intermediate_size=24,
+            shared_expert_intermediate_size=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            head_dim=8,
+            layer_types=["linear_attention", "full_attention", "linear_attention"],
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+            linear_key_head_dim=8,
+            linear_value_head_dim=8,
+            linear_conv_kernel_dim=4,
+        ),
+    ),
+    # 4 layers, MoE in 1 and 3 (interleave_moe_layer_step 2); layer 3 NoPE with temperature tuning,
+    # chunked attention shorter than the test sequences, L2 q/k norm on the rope layers
+    "llama4_text": (
+        transformers.Llama4TextConfig,
+        transformers.Llama4ForCausalLM,
+        dict(
+            num_hidden_layers=4,
+            intermediate_size=16,
+            intermediate_size_mlp=40,
+            num_local_experts=4,
+            num_experts_per_tok=1,
+            interleave_moe_layer_step=2,
+            head_dim=8,
+            attention_chunk_size=8,
+            no_rope_layer_interval=4,
+            attn_temperature_tuning=True,
+            floor_scale=4,
+            attn_scale=0.5,
+            use_qk_norm=True,
+        ),
+    ),
 }
 
 
@@ -265,7 +304,10 @@ def make_family_moe(
     model = model_class(config).eval()
     with torch.no_grad():
         for layer in model.model.layers:
-            mlp = layer.mlp if hasattr(layer, "mlp") else layer.block_sparse_moe  # Granite's
+            # Granite's block_sparse_moe, Llama 4's feed_forward
+            mlp = next(
+                getattr(layer, name) for name in ("mlp", "block_sparse_moe", "feed_forward") if hasattr(layer, name)
+            )
             if not hasattr(mlp, "experts"):
                 for proj in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
                     proj.weight.normal_(0, 0.2)

@@ -177,6 +177,8 @@ class LayerStream:
             self.model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
         self.model.eval()
         self.base = self.model.get_decoder()
+        if not hasattr(self.base, "layers"):  # Llama 4: its base_model_prefix names no module
+            self.base = self.model.model
         self.layers = self.base.layers
         modules = {id(module): name for name, module in self.model.named_modules()}
         self._layers_path = modules[id(self.layers)]

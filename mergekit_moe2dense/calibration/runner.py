@@ -87,15 +87,8 @@ class RouterRecorder:
         doubles the cost of the sparse MLPs during calibration)."""
 
         def hook(module, inputs, _output):
-            hidden, top_k_index, top_k_weights = inputs[:3]
-            keep = self._keep.to(hidden.device)
-            hidden = hidden.reshape(-1, hidden.shape[-1])[keep]
-            index = top_k_index.reshape(keep.shape[0], -1)[keep]
-            weights = top_k_weights.reshape(keep.shape[0], -1)[keep]
-            for expert in index.unique().tolist():
-                token, slot = (index == expert).nonzero(as_tuple=True)
-                outputs = self.family.expert_output(module, hidden[token], expert)
-                self.stats.update_contribution(position, expert, weights[token, slot], outputs)
+            for expert, weights, outputs in self.family.expert_contributions(module, inputs, self._keep):
+                self.stats.update_contribution(position, expert, weights, outputs)
 
         return hook
 

@@ -108,6 +108,7 @@ class SparseBlock:
 
     def swaps(self, dense: torch.nn.Module) -> dict[str, torch.nn.Module]:
         """What replaces the block (and shared experts beside it) in the dense layer."""
+        dense = self.stream.family.dense_block(dense)
         return {self.path: dense, **({self.shared_path: _Nothing()} if self.shared_path else {})}
 
     def run(self, *handles) -> None:
@@ -131,6 +132,7 @@ class SparseBlock:
 
         def hook(_module, inputs, output):
             x = inputs[0].reshape(-1, inputs[0].shape[-1])[self.keep].float()
+            output = output[0] if isinstance(output, tuple) else output  # Llama 4's block adds its router logits
             y = output.reshape(-1, output.shape[-1])[self.keep].float()
             if self.shared_path is None:
                 on_tokens(x, y)
@@ -302,5 +304,6 @@ def _regmean_projection(plan: LayerPlan, projection: str, grams, load, damping: 
             parts.append(load(terms.slices[0]).float())
             continue
         projections = [load(piece) for piece in terms.slices]
-        parts.append(regmean_merge(terms.weights, projections, [grams[e] for e in terms.experts], damping).float())
+        merged = regmean_merge(terms.weights, projections, [grams[e] for e in terms.experts], damping).float()
+        parts.append(merged if terms.scale == 1.0 else merged * terms.scale)
     return torch.cat(parts, dim=block_dim(projection))

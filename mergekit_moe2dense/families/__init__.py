@@ -15,10 +15,12 @@ from mergekit_moe2dense.families.glm4_moe import GLM4_MOE
 from mergekit_moe2dense.families.gpt_oss import GPT_OSS
 from mergekit_moe2dense.families.granitemoe import GRANITEMOE, GRANITEMOE_SHARED
 from mergekit_moe2dense.families.hunyuan_v1_moe import HUNYUAN_V1_MOE
+from mergekit_moe2dense.families.llama4 import LLAMA4_TEXT
 from mergekit_moe2dense.families.minimax_m2 import MINIMAX_M2
 from mergekit_moe2dense.families.mixtral import MIXTRAL
 from mergekit_moe2dense.families.olmoe import OLMOE
 from mergekit_moe2dense.families.qwen2_moe import QWEN2_MOE
+from mergekit_moe2dense.families.qwen3_5_moe import QWEN3_5_MOE
 from mergekit_moe2dense.families.qwen3_moe import QWEN3_MOE
 from mergekit_moe2dense.families.qwen3_next import QWEN3_NEXT
 from mergekit_moe2dense.families.spec import ExpertSlice
@@ -28,6 +30,7 @@ DEQUANTIZED_FORMATS = ("fp8", "mxfp4")
 
 FAMILIES: list[MoEFamily] = [MIXTRAL, QWEN3_MOE, QWEN2_MOE, DEEPSEEK_V2, DEEPSEEK_V3, OLMOE, GPT_OSS, QWEN3_NEXT]
 FAMILIES += [GLM4_MOE, DOTS1, MINIMAX_M2, ERNIE4_5_MOE, HUNYUAN_V1_MOE, FLEX_OLMO, GRANITEMOE, GRANITEMOE_SHARED]
+FAMILIES += [LLAMA4_TEXT, QWEN3_5_MOE]
 
 # Sparse model types we know of but cannot convert yet, with the reason.
 KNOWN_UNSUPPORTED = {
@@ -36,18 +39,13 @@ KNOWN_UNSUPPORTED = {
         "and no single-expert PhiMoE target either (its sparsemixer gives NaN with one expert)"
     ),
     "dbrx": "DBRX stores its experts in its own fused layout and clips qkv in a way no dense target shares; not supported yet",
-    "llama4": "Llama 4 interleaves MoE and dense layers with a sigmoid top-1 router applied to the input; not supported yet",
-    "llama4_text": (
-        "Llama 4's top-1 sigmoid router scales the expert's input, not its output, so no dense MLP computes it "
-        "exactly; not supported yet"
+    "llama4": (
+        "Llama 4 multimodal checkpoints nest the text model (language_model.*) beside a vision tower, which the "
+        "conversion does not rename or drop; a text-only Llama 4 (llama4_text) converts"
     ),
     "qwen3_5_moe": (
-        "Qwen3.5-MoE builds a sparse block in every decoder layer (no mlp_only_layers), so it has no dense form "
-        "of its own, and its dense sibling is not verified yet; not supported yet"
-    ),
-    "qwen3_5_moe_text": (
-        "Qwen3.5-MoE builds a sparse block in every decoder layer (no mlp_only_layers), so it has no dense form "
-        "of its own, and its dense sibling is not verified yet; not supported yet"
+        "Qwen3.5-MoE multimodal checkpoints nest the text model (model.language_model.*) beside a vision tower, "
+        "which the conversion does not rename or drop; a text-only Qwen3.5-MoE (qwen3_5_moe_text) converts"
     ),
     "jamba": "Jamba is a hybrid Mamba/attention MoE; not supported yet",
 }

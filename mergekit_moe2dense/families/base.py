@@ -34,6 +34,7 @@ from mergekit_moe2dense.families.spec import (
     SparseLayers,
     copied_values,
     target_values,
+    template_regex,
 )
 
 if TYPE_CHECKING:
@@ -105,6 +106,10 @@ class MoEFamily:
     # config keys of group-limited routing (groups, groups chosen per token; DeepSeek): a smaller MoE
     # with other experts routes in one group (plain top-k), its experts being in no old group
     routing_groups: tuple[str, str] | None = None
+    # tensor-name prefix ({layer}) of a decoder layer, where checkpoints store layers past the
+    # last one that transformers does not build (DeepSeek-V3's and GLM-4.5's multi-token-prediction
+    # layers, `model.layers.{num_hidden_layers}.*`): those are not part of the model, not copied
+    unbuilt_layers: str | None = None
 
     def supports(self, config: transformers.PretrainedConfig) -> bool:
         return getattr(config, "model_type", None) in self.model_types
@@ -156,6 +161,13 @@ class MoEFamily:
             return float(getattr(config, self.routed_scaling)) if self.routed_scaling else 1.0
         return float(stats.mean_gate[position].sum())
 
+    def routed_input_scale(
+        self, config: transformers.PretrainedConfig, stats: RouterStatistics | None, position: int
+    ) -> float:
+        """Factor on the routed block's input, folded into its gate and up rows: 1 where the
+        router weighs the experts' outputs (every family but Llama 4)."""
+        return 1.0
+
     def shared_scale(
         self, config: transformers.PretrainedConfig, stats: RouterStatistics | None, position: int
     ) -> float:
@@ -204,6 +216,19 @@ class MoEFamily:
         gate, up = torch.nn.functional.linear(hidden, experts.gate_up_proj[expert]).chunk(2, dim=-1)
         return torch.nn.functional.linear(experts.act_fn(gate) * up, experts.down_proj[expert])
 
+    def expert_contributions(self, experts: torch.nn.Module, inputs: tuple, keep: torch.Tensor):
+        """(expert, top-k weights [n], outputs [n, H]) per routed expert, for the non-padding
+        tokens (`keep`) it was given, from the fused experts module's inputs (hidden,
+        top-k indices, top-k weights), as transformers' fused experts take them."""
+        hidden, top_k_index, top_k_weights = inputs[:3]
+        keep = keep.to(hidden.device)
+        hidden = hidden.reshape(-1, hidden.shape[-1])[keep]
+        index = top_k_index.reshape(keep.shape[0], -1)[keep]
+        weights = top_k_weights.reshape(keep.shape[0], -1)[keep]
+        for expert in index.unique().tolist():
+            token, slot = (index == expert).nonzero(as_tuple=True)
+            yield expert, weights[token, slot], self.expert_output(experts, hidden[token], expert)
+
     def router_outputs(self, output) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(logits [T, E], top-k weights [T, k], top-k indices [T, k]) from the router's output."""
         logits, top_k_weights, top_k_index = output
@@ -212,6 +237,23 @@ class MoEFamily:
     def shared_gate_values(self, output: torch.Tensor) -> torch.Tensor:
         """Per-token multiplier of the shared experts from the gate module's output (a sigmoid gate)."""
         return torch.sigmoid(output.float()).reshape(-1)
+
+    def dense_block(self, dense: torch.nn.Module) -> torch.nn.Module:
+        """The module that stands in for the sparse block in its decoder layer (the re-fit's
+        dense MLP), returning what the block returns (here: the output alone)."""
+        return dense
+
+    def unbuilt_tensors(self, config: transformers.PretrainedConfig, tensor_names: Collection[str]) -> set[str]:
+        """Stored tensors that are not part of the model (`unbuilt_layers`): not copied."""
+        if self.unbuilt_layers is None:
+            return set()
+        pattern = template_regex(self.unbuilt_layers)
+        unbuilt = set()
+        for name in tensor_names:
+            match = pattern.match(name)
+            if match and int(match["layer"]) >= config.num_hidden_layers:
+                unbuilt.add(name)
+        return unbuilt
 
     # -- the checkpoint -------------------------------------------------------------
     def layout_of(self, layer: int, tensor_names: Collection[str]) -> Layout:
@@ -325,7 +367,7 @@ class MoEFamily:
         no remote code (`auto_map`), nothing the target class does not know."""
         values = target_values(config, self.dense.config_class, drop=self.dense.moe_keys)
         values.update(self.dense.overrides(config))
-        values["intermediate_size"] = intermediate_size
+        values[self.dense.width_key] = intermediate_size
         dense = self.dense.config_class(**values)
         dense.architectures = [self.dense.architecture]
         return dense

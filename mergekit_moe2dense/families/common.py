@@ -46,3 +46,7 @@ def shared_mlp(module: str, **keys) -> SharedExperts:
 # Qwen2/3-MoE's rule (`Qwen2MoeDecoderLayer.__init__`) and DeepSeek's.
 QWEN_SPARSE_LAYERS = SparseLayers(step="decoder_sparse_step", dense_list="mlp_only_layers")
 DEEPSEEK_SPARSE_LAYERS = SparseLayers(first_dense="first_k_dense_replace")
+
+# Decoder layers by tensor-name prefix: DeepSeek-V3's and GLM-4.5's released checkpoints store
+# `num_nextn_predict_layers` multi-token-prediction layers after the last one, which transformers ignores.
+MTP_LAYERS = "model.layers.{layer}."

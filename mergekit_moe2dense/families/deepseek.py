@@ -22,7 +22,7 @@ from __future__ import annotations
 import transformers
 
 from mergekit_moe2dense.families.base import MoEFamily
-from mergekit_moe2dense.families.common import DEEPSEEK_SPARSE_LAYERS, DENSE_MLP, MLP_EXPERTS, shared_mlp
+from mergekit_moe2dense.families.common import DEEPSEEK_SPARSE_LAYERS, DENSE_MLP, MLP_EXPERTS, MTP_LAYERS, shared_mlp
 from mergekit_moe2dense.families.spec import ConfigKeys, DenseTarget, Refusal
 
 DEEPSEEK_KEYS = ConfigKeys(experts="n_routed_experts", expert_width="moe_intermediate_size")
@@ -62,6 +62,7 @@ DEEPSEEK_V3 = MoEFamily(
     shared=DEEPSEEK_SHARED,
     extra_tensors={"{block}.gate.e_score_correction_bias": ("E",)},
     refusals=_refusals("deepseek_v3"),
+    unbuilt_layers=MTP_LAYERS,
     dense=DenseTarget(transformers.DeepseekV3Config, "DeepseekV3ForCausalLM", DENSE_MLP, overrides=all_dense),
     moe_architecture="DeepseekV3ForCausalLM",
     routing_groups=("n_group", "topk_group"),

@@ -20,7 +20,7 @@ from __future__ import annotations
 import transformers
 
 from mergekit_moe2dense.families.base import MoEFamily
-from mergekit_moe2dense.families.common import DEEPSEEK_SPARSE_LAYERS, DENSE_MLP, MLP_EXPERTS
+from mergekit_moe2dense.families.common import DEEPSEEK_SPARSE_LAYERS, DENSE_MLP, MLP_EXPERTS, MTP_LAYERS
 from mergekit_moe2dense.families.deepseek import DEEPSEEK_KEYS, DEEPSEEK_SHARED, all_dense
 from mergekit_moe2dense.families.spec import DenseTarget
 
@@ -34,5 +34,6 @@ GLM4_MOE = MoEFamily(
     sparse_layers=DEEPSEEK_SPARSE_LAYERS,
     shared=DEEPSEEK_SHARED,
     extra_tensors={"{block}.gate.e_score_correction_bias": ("E",)},
+    unbuilt_layers=MTP_LAYERS,
     dense=DenseTarget(transformers.Glm4MoeConfig, "Glm4MoeForCausalLM", DENSE_MLP, overrides=all_dense),
 )

@@ -134,7 +134,7 @@ class PerExpertLayout(_Layout):
 
     def stored_experts(self, tensor_names: Collection[str]) -> dict[int, dict[int, str]]:
         """layer -> expert index -> one tensor stored for it under these names (one pass)."""
-        patterns = [_template_regex(t.replace("{block}", self.block)) for t in self.projections().values()]
+        patterns = [template_regex(t.replace("{block}", self.block)) for t in self.projections().values()]
         found: dict[int, dict[int, str]] = {}
         for name in sorted(tensor_names):
             for pattern in patterns:
@@ -246,6 +246,7 @@ class SparseLayers:
     step: str | None = None  # sparse only where (i + 1) % config[key] == 0 (Qwen's decoder_sparse_step)
     dense_list: str | None = None  # config[key] lists dense layers (Qwen's mlp_only_layers)
     last_sparse: str | None = None  # layers above config[key] are dense (ERNIE's moe_layer_end_index; -1: none)
+    sparse_list: str | None = None  # config[key] lists the sparse layers (Llama 4's moe_layers)
 
     def layers(self, config, num_experts: int):
         if not num_experts:
@@ -256,6 +257,9 @@ class SparseLayers:
         last = getattr(config, self.last_sparse) if self.last_sparse else None
         if last is None or last < 0:
             last = config.num_hidden_layers - 1
+        if self.sparse_list:
+            listed = set(getattr(config, self.sparse_list) or ())
+            return [i for i in range(config.num_hidden_layers) if i in listed]
         return [
             i for i in range(config.num_hidden_layers) if first <= i <= last and (i + 1) % step == 0 and i not in dense
         ]
@@ -297,6 +301,7 @@ class DenseTarget:
     zero_tensors: Mapping[str, Shape] = field(default_factory=dict)  # all-zero tensors per converted layer
     # the dense MLP is stored as the one expert of this fused layout (its biases too), not under `mlp`'s names
     fused: FusedLayout | None = None
+    width_key: str = "intermediate_size"  # the target config's key for the dense MLP width
 
 
 # Keys of a source config that never belong in an output config.
@@ -318,7 +323,7 @@ def copied_values(config: transformers.PretrainedConfig) -> dict:
     return {k: v for k, v in config.to_dict().items() if k not in NEVER_COPIED}
 
 
-def _template_regex(template: str) -> re.Pattern[str]:
+def template_regex(template: str) -> re.Pattern[str]:
     parts = re.split(r"(\{layer\}|\{expert\})", template)
     pattern = "".join(
         {"{layer}": r"(?P<layer>\d+)", "{expert}": r"(?P<expert>\d+)"}.get(part, re.escape(part)) for part in parts

@@ -70,6 +70,7 @@ def output_bytes(job: ConversionJob, experts_per_layer: int) -> int | None:
     if not reader.index.is_safetensors:
         return None
     consumed = {name for layer in job.layers for name in layer.consumed}
+    consumed |= job.source.family.unbuilt_tensors(job.source.config, job.source.tensor_names)  # not copied
     pieces = [ExpertSlice(name) for name in job.source.tensor_names if name not in consumed]
     for layer in job.layers:
         blocks = [layer.experts[0]] * experts_per_layer + list(layer.shared_experts)

@@ -1,0 +1,41 @@
+# Copyright (C) 2026 the mergekit-moe2dense authors
+# SPDX-License-Identifier: LGPL-3.0-only
+"""Qwen3.5-MoE text (`qwen3_5_moe_text`) -> Qwen3.5 text (`Qwen3_5ForCausalLM`).
+
+Qwen3.5-MoE builds a sparse block in every decoder layer (there is no `mlp_only_layers`),
+so, unlike Qwen3-Next, the class has no dense form of its own. Its dense sibling,
+`qwen3_5_text`, is the same model with `Qwen3_5MLP` in place of the sparse block: the
+decoder layer, the hybrid attention (Gated DeltaNet `linear_attention` layers and gated
+full attention, per `layer_types`), the norms, the partial multimodal rotary embedding
+and every config key but the MoE ones are the same (transformers' modular file derives
+one from the other; checked line by line in transformers 5). So the target is that class.
+
+The sparse block is Qwen2-MoE's: softmax router, top-k always renormalised (scale 1),
+a shared expert scaled per token by sigmoid(`shared_expert_gate`(x)), which becomes one
+more block of the dense MLP scaled by that gate's calibrated mean. Checkpoints: the
+`qwen2_moe` layouts (per-expert names, what `save_pretrained` writes, or fused).
+"""
+
+from __future__ import annotations
+
+import transformers
+
+from mergekit_moe2dense.families.base import MoEFamily
+from mergekit_moe2dense.families.common import DENSE_MLP, MLP_EXPERTS, shared_mlp
+from mergekit_moe2dense.families.qwen3_moe import QWEN_KEYS
+from mergekit_moe2dense.families.spec import DenseTarget
+
+QWEN3_5_MOE = MoEFamily(
+    name="qwen3_5_moe_text",
+    model_types=("qwen3_5_moe_text",),
+    keys=QWEN_KEYS,
+    layouts=MLP_EXPERTS,
+    renormalize=True,  # Qwen3_5MoeTopKRouter divides its top-k probabilities by their sum
+    shared=shared_mlp(
+        "shared_expert",
+        width="shared_expert_intermediate_size",
+        gate_module="model.layers.{layer}.mlp.shared_expert_gate",
+    ),
+    extra_tensors={"{block}.shared_expert_gate.weight": (1, "H")},
+    dense=DenseTarget(transformers.Qwen3_5TextConfig, "Qwen3_5ForCausalLM", DENSE_MLP),
+)
