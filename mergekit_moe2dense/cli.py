@@ -133,7 +133,13 @@ def merge_command() -> click.Command:
     help="Text to score: .txt/.jsonl/.parquet, a directory of them, or a datasets name (repeatable).",
 )
 @click.option("--seq-len", default=512, show_default=True, help="Tokens per window.")
-@click.option("--stride", type=int, default=None, help="Window step (default: seq-len, non-overlapping).")
+@click.option(
+    "--stride",
+    type=int,
+    default=None,
+    help="Sliding windows: each window starts this many tokens after the previous one and scores only the "
+    "tokens it did not (default: seq-len, non-overlapping windows).",
+)
 @click.option("--batch-size", default=4, show_default=True)
 @click.option("--max-tokens", type=int, default=None, help="Score at most this many tokens per source.")
 @click.option("--device", default="cpu", show_default=True)
@@ -142,12 +148,16 @@ def merge_command() -> click.Command:
 @one_line_errors
 def evaluate(models, data_paths, seq_len, stride, batch_size, max_tokens, device, reference, json_path):
     """Perplexity of one or more causal LMs, overall and per source file."""
-    from mergekit_moe2dense.data import load_documents
-    from mergekit_moe2dense.evaluate import evaluate_models, format_results_table, write_results_json
+    from mergekit_moe2dense.evaluate import (
+        evaluate_models,
+        format_results_table,
+        load_eval_documents,
+        write_results_json,
+    )
     from mergekit_moe2dense.report_files import check_report_file
 
     check_report_file(json_path, "JSON output")  # before any model is scored
-    documents = [doc for path in data_paths for doc in load_documents(path)]
+    documents = [doc for path in data_paths for doc in load_eval_documents(path)]
     results = evaluate_models(
         list(models),
         documents,
