@@ -2,7 +2,7 @@
 # SPDX-License-Identifier: LGPL-3.0-only
 """`mergekit-moe2dense`: a thin click layer over the library.
 
-    mergekit-moe2dense CONFIG OUT [--stats FILE] [--overwrite] [mergekit's merge options]
+    mergekit-moe2dense CONFIG OUT [--stats FILE|DIR] [--overwrite] [mergekit's merge options]
     mergekit-moe2dense eval MODEL [MODEL ...] --data PATH [--seq-len N] [--json FILE]
     mergekit-moe2dense inspect MOE [--stats FILE | --data PATH] [--heatmap PNG] [--json FILE]
 
@@ -99,8 +99,9 @@ def merge_command() -> click.Command:
     @click.option(
         "--stats",
         "stats_path",
-        type=click.Path(dir_okay=False),
-        help="Reuse router statistics from an earlier run (skips calibration).",
+        type=click.Path(),
+        help="Reuse router statistics from an earlier run (skips calibration): its output directory, or the "
+        "statistics file (OUT/moe2dense/router_stats.safetensors; OUT/router_stats.safetensors before).",
     )
     @click.option("--overwrite", is_flag=True, help="Replace OUT_PATH if it is not empty.")
     @add_merge_options
@@ -179,7 +180,7 @@ def evaluate(models, data_paths, seq_len, stride, batch_size, max_tokens, device
     "stats_path",
     type=click.Path(dir_okay=False),
     default=None,
-    help="Router usage from a router_stats.safetensors of an earlier run.",
+    help="Router usage from the statistics file of an earlier run (OUT/moe2dense/router_stats.safetensors).",
 )
 @click.option(
     "--data",
