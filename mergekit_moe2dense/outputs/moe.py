@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mergekit_moe2dense.card import write_moe_card
+from mergekit_moe2dense.card import calibration_summary, write_moe_card
 from mergekit_moe2dense.graph import computed_tensors, run_graph
 from mergekit_moe2dense.outputs.base import Output, output_bytes, write_model_files, write_weights_file
 from mergekit_moe2dense.outputs.clusters import check_clusters
@@ -22,6 +22,7 @@ from mergekit_moe2dense.reassemble import closed_form_router, fitted_router, pla
 class MoEPlan:
     clusters: object  # methods.kmeans_multi_dense.ClusterWeights
     routers: dict[str, torch.Tensor]  # the new router [k, H] of every MoE layer, by output name
+    calibration: dict | None = None  # what the statistics were computed on (card.calibration_summary)
 
     @property
     def weights(self) -> torch.Tensor:
@@ -56,7 +57,8 @@ class RebuiltMoE(Output):
                 for p, layer in enumerate(job.layers)
             ]
         names = [family.moe_router_name(layer.index) for layer in job.layers]
-        return MoEPlan(clusters, {name: router.float() for name, router in zip(names, routers)})
+        routers = {name: router.float() for name, router in zip(names, routers)}
+        return MoEPlan(clusters, routers, calibration_summary(job, stats))
 
     def write(self, job, planned: MoEPlan, staging: str) -> None:
         source, params = job.source, job.params
@@ -66,4 +68,4 @@ class RebuiltMoE(Output):
         shares = planned.clusters.shares
         write_weights_file(staging, job, {"experts": planned.weights.tolist(), "token_share": shares})
         if job.options.write_model_card:
-            write_moe_card(staging, job, shares)
+            write_moe_card(staging, job, shares, calibration=planned.calibration)
