@@ -38,8 +38,7 @@ from mergekit.options import MergeOptions  # noqa: E402
 from benchmarks.testbed import PRESETS, build_testbed  # noqa: E402
 from mergekit_moe2dense.build import STATS_FILE, WEIGHTS_FILE, build_dense  # noqa: E402
 from mergekit_moe2dense.config import Moe2DenseConfig  # noqa: E402
-from mergekit_moe2dense.data import load_documents  # noqa: E402
-from mergekit_moe2dense.evaluate import EvalResult, evaluate_perplexity  # noqa: E402
+from mergekit_moe2dense.evaluate import EvalResult, evaluate_perplexity, load_eval_documents  # noqa: E402
 from mergekit_moe2dense.methods import METHODS  # noqa: E402
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -239,7 +238,7 @@ def run(preset: str, cache_dir: str | None, grid: bool, max_tokens: int, write_d
         "max_token_samples": 16384,
         "record_router_inputs": True,
     }
-    documents = load_documents(testbed.test_dir)
+    documents = load_eval_documents(testbed.test_dir)
     domains = sorted({doc.source for doc in documents})
 
     work = Path(work_dir or tempfile.mkdtemp(prefix="moe2dense-quality-"))

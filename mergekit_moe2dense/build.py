@@ -23,11 +23,9 @@ from mergekit_moe2dense.config import Moe2DenseConfig
 from mergekit_moe2dense.errors import Moe2DenseError
 from mergekit_moe2dense.job import ConversionJob
 from mergekit_moe2dense.methods import MethodParameters
-from mergekit_moe2dense.outputs import WEIGHTS_FILE
+from mergekit_moe2dense.outputs import STATS_FILE, WEIGHTS_FILE
 
 __all__ = ["STATS_FILE", "WEIGHTS_FILE", "BuildResult", "build_dense", "build_from_mergekit", "calibrate"]
-
-STATS_FILE = "router_stats.safetensors"
 
 
 @dataclass
@@ -58,8 +56,10 @@ def build_dense(
         if job.ranks.is_main:
             planned = job.output.plan(job, result, stats)
             job.output.write(job, planned, job.out.staging)
-            if stats is not None:
-                stats.save(os.path.join(job.out.staging, STATS_FILE))
+            if stats is not None:  # in OUT/moe2dense/, where no loader takes it for weights
+                path = os.path.join(job.out.staging, STATS_FILE)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                stats.save(path)
             job.out.publish()
     return BuildResult(job.out.path, job.output.reported_weights(result), job.params, stats)
 

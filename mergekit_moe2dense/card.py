@@ -1,17 +1,74 @@
 # Copyright (C) 2026 the mergekit-moe2dense authors
 # SPDX-License-Identifier: LGPL-3.0-only
-"""The model card (README.md) of a converted model."""
+"""The model card (README.md) of a converted model: what made it (method, parameters,
+calibration data, the config) and what was measured while making it (`CardTable`s)."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+__all__ = ["CardTable", "calibration_summary", "write_model_card", "write_moe_card"]
 
-def write_model_card(out_dir: str, job, weights: torch.Tensor, extra: dict[str, Any] | None = None) -> None:
-    """Card of one dense model (`job` a `job.ConversionJob`); `extra` adds lines (e.g. a cluster's share)."""
+
+@dataclass(frozen=True)
+class CardTable:
+    """A measured figure for the card: a titled table and a sentence saying what it shows."""
+
+    title: str
+    note: str
+    columns: tuple[str, ...]
+    rows: tuple[tuple, ...]
+
+    def markdown(self) -> str:
+        lines = [f"### {self.title}", "", self.note, "", "| " + " | ".join(self.columns) + " |"]
+        lines.append("|---" * len(self.columns) + "|")
+        lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in self.rows]
+        return "\n".join(lines)
+
+
+def refit_table(errors: dict[int, tuple[float, float]]) -> CardTable:
+    """The re-fit's per-layer errors (calibration/sequential.py), before and after the fit."""
+    return CardTable(
+        "Re-fit",
+        "Relative squared error sum_t ||y_t - dense(x_t)||^2 / sum_t ||y_t||^2 of each layer's dense MLP against "
+        "the MoE block's output y on the calibration tokens (inputs from the already converted layers), before "
+        "and after the least-squares re-fit.",
+        ("layer", "before", "after"),
+        tuple((index, before, after) for index, (before, after) in sorted(errors.items())),
+    )
+
+
+def calibration_summary(job, stats) -> dict[str, Any] | None:
+    """What the statistics were computed on (None: the method used none)."""
+    if stats is None:
+        return None
+    calibration = stats.metadata.get("calibration") or {}
+    if not calibration and job.config.calibration is not None:
+        calibration = job.config.calibration.model_dump(mode="json")
+    return {
+        "dataset": calibration.get("dataset", "unknown"),
+        "num_samples": calibration.get("num_samples"),
+        "seq_len": calibration.get("seq_len"),
+        "tokens": stats.tokens,
+        "reused": os.path.basename(job.stats_path) if job.stats_path else None,
+    }
+
+
+def write_model_card(
+    out_dir: str,
+    job,
+    weights: torch.Tensor,
+    extra: dict[str, Any] | None = None,
+    *,
+    calibration: dict[str, Any] | None = None,
+    tables: tuple[CardTable, ...] = (),
+) -> None:
+    """Card of one dense model (`job` a `job.ConversionJob`); `extra` adds lines (e.g. a cluster's
+    share), `calibration` is `calibration_summary`'s, `tables` what was measured."""
     config, method, layers = job.config, job.method, job.layers
     rows = "\n".join(
         f"| {layer.index} | " + " | ".join(f"{w:.4f}" for w in row) + " |"
@@ -24,18 +81,22 @@ def write_model_card(out_dir: str, job, weights: torch.Tensor, extra: dict[str, 
     extra_text = f"\n\n{extra_text}" if extra_text else ""
     body = f"""A dense model made from the Mixture-of-Experts model `{config.model}` with
 mergekit-moe2dense, a plugin for [mergekit](https://github.com/arcee-ai/mergekit): every MoE layer's experts
-were merged into one MLP with the **{method.pretty_name}** method (`{method.name}`)
-and parameters {_parameters(job.params)}. Everything outside the MoE blocks is copied unchanged.{extra_text}
+were merged into one MLP with the **{method.pretty_name}** method (`{method.name}`).
+Everything outside the MoE blocks is copied unchanged.{extra_text}
+
+{_method_section(method, job.params)}
+
+{_calibration_section(calibration)}
 
 ## Per-layer expert weights
 
 {header}
 {rule}
-{rows}"""
+{rows}{_measured_section(tables)}"""
     _write_card(out_dir, config, "merge", body, job.config_source)
 
 
-def write_moe_card(out_dir: str, job, shares) -> None:
+def write_moe_card(out_dir: str, job, shares, *, calibration: dict[str, Any] | None = None) -> None:
     """Card of an MoE rebuilt from k merged MLPs; the weights are in expert_weights.json."""
     config, method, params = job.config, job.method, job.params
     rows = "\n".join(f"| {j} | {share:.4f} |" for j, share in enumerate(shares))
@@ -44,10 +105,13 @@ def write_moe_card(out_dir: str, job, shares) -> None:
     )
     body = f"""A Mixture-of-Experts model with {len(shares)} experts per layer made from `{config.model}` with
 mergekit-moe2dense, a plugin for [mergekit](https://github.com/arcee-ai/mergekit): calibration tokens were clustered by
-their router vectors with the **{method.pretty_name}** method (`{method.name}`), parameters
-{_parameters(params)}; expert j of every layer merges the original experts with cluster j's weights
-(`expert_weights.json`), and the router was set {router}.
+their router vectors with the **{method.pretty_name}** method (`{method.name}`); expert j of every layer
+merges the original experts with cluster j's weights (`expert_weights.json`), and the router was set {router}.
 Everything outside the MoE blocks is copied unchanged.
+
+{_method_section(method, params)}
+
+{_calibration_section(calibration)}
 
 ## Experts
 
@@ -84,6 +148,39 @@ Shared experts and everything outside the MoE blocks are copied unchanged.
 
 def _parameters(params) -> str:
     return ", ".join(f"`{k}={v}`" for k, v in params.model_dump(mode="json").items()) or "none"
+
+
+def _method_section(method, params) -> str:
+    values = params.model_dump(mode="json")
+    rows = "\n".join(f"| `{key}` | `{value}` |" for key, value in values.items())
+    table = f"| parameter | value |\n|---|---|\n{rows}" if values else "No parameters."
+    return f"## Method\n\n`{method.name}` ({method.pretty_name}).\n\n{table}"
+
+
+def _calibration_section(calibration: dict[str, Any] | None) -> str:
+    if calibration is None:
+        return "## Calibration\n\nNone: the expert weights come from the method and the weights alone."
+    reused = calibration["reused"]
+    where = f"reused from an earlier run (`--stats`, `{reused}`)" if reused else "computed in this run"
+    return f"""## Calibration
+
+Router statistics {where}:
+
+| dataset | samples | seq_len | tokens |
+|---|---|---|---|
+| `{calibration["dataset"]}` | {_cell(calibration["num_samples"])} | {_cell(calibration["seq_len"])} | {calibration["tokens"]} |"""
+
+
+def _measured_section(tables: tuple[CardTable, ...]) -> str:
+    if not tables:
+        return ""
+    return "\n\n## Measured\n\n" + "\n\n".join(table.markdown() for table in tables)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _write_card(out_dir: str, config, tag: str, body: str, config_source: str | None) -> None:

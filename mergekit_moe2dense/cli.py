@@ -2,8 +2,8 @@
 # SPDX-License-Identifier: LGPL-3.0-only
 """`mergekit-moe2dense`: a thin click layer over the library.
 
-    mergekit-moe2dense CONFIG OUT [--stats FILE] [--overwrite] [mergekit's merge options]
-    mergekit-moe2dense eval MODEL [MODEL ...] --data PATH [--seq-len N] [--json FILE]
+    mergekit-moe2dense CONFIG OUT [--stats FILE|DIR] [--overwrite] [mergekit's merge options]
+    mergekit-moe2dense eval MODEL [MODEL ...] [--data PATH] [--tasks hellaswag,./my_tasks] [--seq-len N] [--json FILE]
     mergekit-moe2dense inspect MOE [--stats FILE | --data PATH] [--heatmap PNG] [--json FILE]
     mergekit-moe2dense heal STUDENT OUT --teacher MOE --data PATH --max-tokens N [...]
     mergekit-moe2dense collapse MOE OUT --data PATH --max-tokens N [...]
@@ -132,8 +132,9 @@ def merge_command() -> click.Command:
     @click.option(
         "--stats",
         "stats_path",
-        type=click.Path(dir_okay=False),
-        help="Reuse router statistics from an earlier run (skips calibration).",
+        type=click.Path(),
+        help="Reuse router statistics from an earlier run (skips calibration): its output directory, or the "
+        "statistics file (OUT/moe2dense/router_stats.safetensors; OUT/router_stats.safetensors before).",
     )
     @click.option("--overwrite", is_flag=True, help="Replace OUT_PATH if it is not empty.")
     @add_merge_options
@@ -165,37 +166,91 @@ def merge_command() -> click.Command:
     "--data",
     "data_paths",
     multiple=True,
-    required=True,
-    help="Text to score: .txt/.jsonl/.parquet, a directory of them, or a datasets name (repeatable).",
+    help="Text to score (perplexity): .txt/.jsonl/.parquet, a directory of them, or a datasets name (repeatable).",
+)
+@click.option(
+    "--tasks",
+    "task_specs",
+    multiple=True,
+    help="lm-evaluation-harness tasks, comma-separated: task or group names (hellaswag,arc_easy) and local task "
+    "directories (every task their YAML defines). Needs the [eval] extra.",
 )
 @click.option("--seq-len", default=512, show_default=True, help="Tokens per window.")
-@click.option("--stride", type=int, default=None, help="Window step (default: seq-len, non-overlapping).")
+@click.option(
+    "--stride",
+    type=int,
+    default=None,
+    help="Sliding windows: each window starts this many tokens after the previous one and scores only the "
+    "tokens it did not (default: seq-len, non-overlapping windows).",
+)
 @click.option("--batch-size", default=4, show_default=True)
 @click.option("--max-tokens", type=int, default=None, help="Score at most this many tokens per source.")
+@click.option("--limit", type=int, default=None, help="--tasks: at most this many examples per task.")
+@click.option("--num-fewshot", type=int, default=None, help="--tasks: few-shot examples (default: each task's).")
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--reference", default=None, help="Model to report perplexity ratios against (default: the first).")
+@click.option("--reference", default=None, help="Model to report ratios and deltas against (default: the first).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write results as JSON.")
 @one_line_errors
-def evaluate(models, data_paths, seq_len, stride, batch_size, max_tokens, device, reference, json_path):
-    """Perplexity of one or more causal LMs, overall and per source file."""
-    from mergekit_moe2dense.data import load_documents
-    from mergekit_moe2dense.evaluate import evaluate_models, format_results_table, write_results_json
+def evaluate(
+    models,
+    data_paths,
+    task_specs,
+    seq_len,
+    stride,
+    batch_size,
+    max_tokens,
+    limit,
+    num_fewshot,
+    device,
+    reference,
+    json_path,
+):
+    """Perplexity (--data) and standard benchmarks (--tasks) of one or more causal LMs, side by side."""
+    import json
+
+    from mergekit_moe2dense.evaluate import (
+        EvaluationError,
+        evaluate_models,
+        format_results_table,
+        load_eval_documents,
+    )
     from mergekit_moe2dense.report_files import check_report_file
 
+    if not data_paths and not task_specs:
+        raise EvaluationError("eval needs --data (perplexity), --tasks (lm-eval benchmarks), or both")
     check_report_file(json_path, "JSON output")  # before any model is scored
-    documents = [doc for path in data_paths for doc in load_documents(path)]
-    results = evaluate_models(
-        list(models),
-        documents,
-        seq_len=seq_len,
-        stride=stride,
-        batch_size=batch_size,
-        max_tokens=max_tokens,
-        device=device,
-    )
-    click.echo(format_results_table(results, reference=reference or models[0]))
+    reference = reference or models[0]
+    tasks = None
+    if task_specs:
+        from mergekit_moe2dense.harness import evaluate_tasks, format_task_table, parse_tasks
+
+        tasks = parse_tasks(list(task_specs))  # lm-eval installed, every task known: before any model runs
+    payload = [{"model": model} for model in models]
+    if data_paths:
+        documents = [doc for path in data_paths for doc in load_eval_documents(path)]
+        results = evaluate_models(
+            list(models),
+            documents,
+            seq_len=seq_len,
+            stride=stride,
+            batch_size=batch_size,
+            max_tokens=max_tokens,
+            device=device,
+        )
+        click.echo(format_results_table(results, reference=reference))
+        payload = [r.to_dict() for r in results]
+    if tasks is not None:
+        scored = evaluate_tasks(
+            list(models), tasks, batch_size=batch_size, device=device, limit=limit, num_fewshot=num_fewshot
+        )
+        if data_paths:
+            click.echo("")
+        click.echo(format_task_table(scored, reference=reference))
+        for entry, result in zip(payload, scored):
+            entry["tasks"] = result.scores
     if json_path:
-        write_results_json(results, json_path)
+        with open(json_path, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(payload, indent=2) + "\n")
 
 
 @main.command("inspect")
@@ -205,7 +260,7 @@ def evaluate(models, data_paths, seq_len, stride, batch_size, max_tokens, device
     "stats_path",
     type=click.Path(dir_okay=False),
     default=None,
-    help="Router usage from a router_stats.safetensors of an earlier run.",
+    help="Router usage from the statistics file of an earlier run (OUT/moe2dense/router_stats.safetensors).",
 )
 @click.option(
     "--data",

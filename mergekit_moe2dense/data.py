@@ -6,9 +6,12 @@ A *source* is one labelled stream of documents (a file, or a hub dataset), so
 that calibration can balance domains and evaluation can report perplexity per
 domain. Formats, chosen to be predictable rather than clever:
 
-* ``.txt``: documents are separated by two or more empty lines (three or more
-  newlines in a row); a single empty line stays inside a document, because
-  prose and code use it for paragraphs.
+* ``.txt``: with ``txt_documents="blank_lines"`` (calibration), documents are
+  separated by two or more empty lines (three or more newlines in a row); a
+  single empty line stays inside a document, because prose and code use it for
+  paragraphs. With ``txt_documents="file"`` (evaluation), the whole file is one
+  document, its text exactly as ``open(path).read()`` gives it, so that its
+  perplexity is the usual one-stream computation.
 * ``.jsonl``: one JSON object per line; the document is ``obj[text_field]``.
   Blank lines are skipped.
 * ``.parquet``: the ``text_field`` column.
@@ -30,6 +33,7 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from mergekit_moe2dense.errors import Moe2DenseError
 
@@ -64,6 +68,7 @@ def load_documents(
     text_field: str = "text",
     split: str = "train",
     max_documents: int | None = None,
+    txt_documents: Literal["blank_lines", "file"] = "blank_lines",
 ) -> list[Document]:
     """Load documents from a local file or directory, or a ``datasets`` name.
 
@@ -71,13 +76,16 @@ def load_documents(
     :class:`os.PathLike`, starts with ``/``, ``.`` or ``~``, ends with ``/``,
     or has a file extension; so a mistyped file name is reported as a missing path instead
     of being looked up on the hub. ``max_documents`` keeps the first N
-    non-empty documents in load order.
+    non-empty documents in load order. ``txt_documents`` says what a document of
+    a ``.txt`` file is (see the module docstring).
     """
     if max_documents is not None and max_documents < 1:
         raise DataError(f"max_documents must be at least 1, got {max_documents}")
+    if txt_documents not in ("blank_lines", "file"):
+        raise DataError(f"txt_documents must be 'blank_lines' or 'file', got {txt_documents!r}")
     if _looks_like_path(source):
         path = Path(source).expanduser()
-        documents = _local_documents(path, text_field)
+        documents = _local_documents(path, text_field, txt_documents)
         label = str(path)
     else:
         documents = _dataset_documents(str(source), text_field, split)
@@ -120,7 +128,7 @@ def _looks_like_path(source: str | os.PathLike) -> bool:
     return source.startswith(("/", ".", "~")) or source.endswith("/") or Path(source).suffix != ""
 
 
-def _local_documents(path: Path, text_field: str) -> Iterator[Document]:
+def _local_documents(path: Path, text_field: str, txt_documents: str) -> Iterator[Document]:
     if not path.exists():
         raise DataError(f"{path}: no such file or directory")
     if path.is_dir():
@@ -129,14 +137,17 @@ def _local_documents(path: Path, text_field: str) -> Iterator[Document]:
             raise DataError(f"{path}: directory has no {'/'.join(SUPPORTED_EXTENSIONS)} files")
         for file in files:
             label = file.relative_to(path).with_suffix("").as_posix()
-            yield from _file_documents(file, label, text_field)
+            yield from _file_documents(file, label, text_field, txt_documents)
     else:
-        yield from _file_documents(path, path.stem, text_field)
+        yield from _file_documents(path, path.stem, text_field, txt_documents)
 
 
-def _file_documents(path: Path, label: str, text_field: str) -> Iterator[Document]:
+def _file_documents(path: Path, label: str, text_field: str, txt_documents: str) -> Iterator[Document]:
     if path.suffix == ".txt":
         text = _decode(path.read_bytes(), path).replace("\r\n", "\n")
+        if txt_documents == "file":  # newlines as Python's text mode reads them
+            yield Document(label, text.replace("\r", "\n"))
+            return
         for chunk in _TXT_SEPARATOR.split(text):
             yield Document(label, chunk.strip())
     elif path.suffix == ".jsonl":

@@ -2,12 +2,25 @@
 # SPDX-License-Identifier: LGPL-3.0-only
 """Perplexity of a causal LM over labelled documents, overall and per source.
 
-Each source's documents are tokenized and concatenated into one stream, and the
-stream is cut into windows of at most ``seq_len`` tokens. Every token after the
-first of a stream is scored exactly once, so results are comparable between
-models and independent of ``batch_size``; the window plan is
-:func:`plan_windows`. Perplexity is ``exp(sum NLL / scored tokens)``, with the
-NLL summed in float64.
+The computation is the standard one (transformers' perplexity guide), so that
+anyone can reproduce the figure:
+
+* Each source is one token stream: its documents, each tokenized without
+  special tokens and preceded by the tokenizer's BOS token (when it has one),
+  concatenated. A ``.txt`` file loaded with :func:`load_eval_documents` is one
+  document, so its stream is ``BOS + tokens(file)``; documents of jsonl,
+  parquet or a dataset keep their boundaries, each behind its BOS. BOS tokens
+  are context only: they are never scored.
+* The stream is cut into windows of at most ``seq_len`` tokens starting at
+  ``0, stride, 2 * stride, ...`` (default ``stride = seq_len``: non-overlapping
+  windows). Each window scores only the tokens that the previous window did
+  not; a window's first token has no context and is never scored. So with the
+  default stride the first token of each window is context only; with
+  ``stride < seq_len`` (sliding windows) every token after the first is scored
+  once, with at least ``seq_len - stride`` tokens of context. The plan is
+  :func:`plan_windows`.
+* Perplexity is ``exp(sum NLL / scored tokens)``, the NLL summed in float64;
+  the result does not depend on ``batch_size``.
 """
 
 from __future__ import annotations
@@ -24,18 +37,21 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from mergekit_moe2dense.data import Document, tokenize_documents
+from mergekit_moe2dense.data import Document, load_documents
 from mergekit_moe2dense.errors import Moe2DenseError
 
 __all__ = [
     "EvaluationError",
     "EvalResult",
+    "TokenStream",
     "Window",
     "check_seq_len",
     "evaluate_models",
     "evaluate_perplexity",
     "format_results_table",
+    "load_eval_documents",
     "plan_windows",
+    "token_streams",
     "write_results_json",
 ]
 
@@ -68,27 +84,75 @@ class Window(NamedTuple):
     score_from: int
 
 
-def plan_windows(n: int, seq_len: int, stride: int | None = None) -> list[Window]:
-    """Windows over a stream of ``n`` tokens that score positions ``1..n-1`` once each.
+class TokenStream(NamedTuple):
+    """A source's tokens, and which of them may be scored (False for BOS tokens)."""
 
-    A window's first token has no context inside the window, so consecutive
-    windows must overlap by at least one token: the start advances by
-    ``min(stride, seq_len - 1)``. The default, ``stride = seq_len``, therefore
-    means windows that share only that one token. Tokens already scored by an
-    earlier window are context only. The last window is moved back to end at
-    the stream's end so that it has a full ``seq_len`` of context.
+    ids: list[int]
+    scorable: list[bool]
+
+    def truncated(self, max_scored: int, windows: list[Window]) -> TokenStream:
+        """The shortest prefix that keeps the first ``max_scored`` tokens ``windows`` score.
+
+        Windows start at fixed positions, so cutting the stream only shortens
+        its last window: every token kept is scored with the same context.
+        """
+        count = 0
+        for w in windows:
+            for position in range(w.score_from, w.end):
+                if count == max_scored:
+                    return TokenStream(self.ids[:position], self.scorable[:position])
+                count += self.scorable[position]
+        return self
+
+
+def load_eval_documents(source: str | os.PathLike, **kwargs) -> list[Document]:
+    """:func:`~mergekit_moe2dense.data.load_documents` for evaluation: a ``.txt``
+    file is one document (one stream), not split at blank lines."""
+    return load_documents(source, txt_documents="file", **kwargs)
+
+
+def token_streams(documents: list[Document], tokenizer) -> dict[str, TokenStream]:
+    """One stream per source: ``BOS doc_1 BOS doc_2 ...`` (no BOS if the tokenizer
+    has none), BOS tokens not scorable. Special tokens are added here rather than
+    by the tokenizer, which may append EOS too."""
+    bos = tokenizer.bos_token_id
+    streams: dict[str, TokenStream] = {}
+    for document in documents:
+        stream = streams.setdefault(document.source, TokenStream([], []))
+        if bos is not None:
+            stream.ids.append(bos)
+            stream.scorable.append(False)
+        ids = tokenizer(document.text, add_special_tokens=False)["input_ids"]
+        stream.ids.extend(ids)
+        stream.scorable.extend([True] * len(ids))
+    return streams
+
+
+def plan_windows(n: int, seq_len: int, stride: int | None = None) -> list[Window]:
+    """Windows over a stream of ``n`` tokens, as transformers' perplexity guide plans them.
+
+    Window ``i`` is ``[i * stride, min(i * stride + seq_len, n))``, until one
+    reaches the stream's end; it scores the tokens after the previous window's
+    end, and never its own first token (which has no context). With
+    ``stride = seq_len`` (the default) the windows do not overlap and each
+    scores all of its tokens but the first; with a smaller stride, every token
+    from position 1 on is scored exactly once. Windows that would score nothing
+    are left out.
     """
     stride = seq_len if stride is None else stride
     if seq_len < 2:
         raise EvaluationError(f"seq_len must be at least 2, got {seq_len}")
     if not 1 <= stride <= seq_len:
         raise EvaluationError(f"stride must be between 1 and seq_len={seq_len}, got {stride}")
-    step = min(stride, seq_len - 1)
-    windows, begin, scored_to = [], 0, 1
-    while scored_to < n:
+    windows, previous_end = [], 0
+    for begin in range(0, n, stride):
         end = min(begin + seq_len, n)
-        windows.append(Window(max(0, end - seq_len), end, scored_to))
-        scored_to, begin = end, begin + step
+        score_from = max(begin + 1, previous_end)
+        if score_from < end:
+            windows.append(Window(begin, end, score_from))
+        previous_end = end
+        if end == n:
+            break
     return windows
 
 
@@ -112,8 +176,8 @@ def evaluate_perplexity(
     its config); a loaded model is used where it is. The tokenizer is loaded
     from the model directory (or ``model.name_or_path``) unless given.
     ``max_tokens`` caps the scored tokens of each source (not of the total),
-    so that every source keeps its share. Document-initial BOS tokens are
-    scored like any other token. Arguments are checked before loading; a
+    so that every source keeps its share. BOS tokens are never scored (see the
+    module docstring for the exact rule). Arguments are checked before loading; a
     ``seq_len`` beyond the model's ``max_position_embeddings`` is refused.
     """
     if batch_size < 1:
@@ -131,12 +195,13 @@ def evaluate_perplexity(
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype is not None else "auto").to(device)
     model.eval()
 
-    streams: dict[str, list[int]] = {}
-    for source, ids in tokenize_documents(documents, tokenizer):
-        streams.setdefault(source, []).extend(ids)
+    streams = token_streams(documents, tokenizer)
     if max_tokens is not None:
-        streams = {s: ids[: max_tokens + 1] for s, ids in streams.items()}
-    jobs = [(s, w) for s, ids in streams.items() for w in plan_windows(len(ids), seq_len, stride)]
+        streams = {
+            s: stream.truncated(max_tokens, plan_windows(len(stream.ids), seq_len, stride))
+            for s, stream in streams.items()
+        }
+    jobs = [(s, w) for s, stream in streams.items() for w in plan_windows(len(stream.ids), seq_len, stride)]
     nll = dict.fromkeys(streams, 0.0)
     tokens = dict.fromkeys(streams, 0)
     with tqdm(total=len(jobs), disable=not progress, desc=name, unit="window") as bar:
@@ -150,7 +215,7 @@ def evaluate_perplexity(
 
     total = sum(tokens.values())
     if total == 0:
-        raise EvaluationError("nothing to score: no source has 2 or more tokens")
+        raise EvaluationError("nothing to score: no source has a token after its first BOS")
     per_source = {s: {"perplexity": _ppl(nll[s], tokens[s]), "tokens": tokens[s]} for s in streams}
     return EvalResult(name, _ppl(sum(nll.values()), total), total, per_source)
 
@@ -226,7 +291,7 @@ def _load_tokenizer(path):
 
 
 @torch.inference_mode()
-def _score_batch(model, items: list[tuple[list[int], Window]]):
+def _score_batch(model, items: list[tuple[TokenStream, Window]]):
     """Summed NLL (float64) and scored-token count of each window in a batch.
 
     Windows are right-padded; with causal attention, padding after a window
@@ -237,9 +302,9 @@ def _score_batch(model, items: list[tuple[list[int], Window]]):
     attention = torch.zeros(len(items), length, dtype=torch.long)
     scored = torch.zeros(len(items), length, dtype=torch.bool)
     for row, (stream, w) in enumerate(items):
-        ids[row, : w.end - w.start] = torch.tensor(stream[w.start : w.end])
+        ids[row, : w.end - w.start] = torch.tensor(stream.ids[w.start : w.end])
         attention[row, : w.end - w.start] = 1
-        scored[row, w.score_from - w.start : w.end - w.start] = True
+        scored[row, w.score_from - w.start : w.end - w.start] = torch.tensor(stream.scorable[w.score_from : w.end])
     ids, attention, scored = ids.to(model.device), attention.to(model.device), scored[:, 1:]
     logprobs = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float().log_softmax(-1)
     target_nll = -logprobs.gather(-1, ids[:, 1:, None]).squeeze(-1).double().cpu()

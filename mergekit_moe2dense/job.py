@@ -12,6 +12,7 @@ instead of long argument lists. The calibration text is tokenized once per job
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -32,9 +33,25 @@ from mergekit_moe2dense.graph import TensorIO
 from mergekit_moe2dense.methods import ExpertMethod, MethodParameters, get_method
 from mergekit_moe2dense.options import check_options
 from mergekit_moe2dense.output_dir import OutputDirectory
-from mergekit_moe2dense.outputs import Output, output_for
+from mergekit_moe2dense.outputs import LEGACY_STATS_FILE, STATS_FILE, Output, output_for
 
-__all__ = ["ConversionJob"]
+__all__ = ["ConversionJob", "resolve_stats_path"]
+
+
+def resolve_stats_path(path: str | os.PathLike | None) -> str | None:
+    """The statistics file `--stats` names: a file as given, or in a directory (the OUT
+    of an earlier run) its `moe2dense/router_stats.safetensors`, else the
+    `router_stats.safetensors` that earlier versions wrote at the top of OUT."""
+    if path is None or not os.path.isdir(path):
+        return None if path is None else os.fspath(path)
+    for name in (STATS_FILE, LEGACY_STATS_FILE):
+        candidate = os.path.join(path, name)
+        if os.path.isfile(candidate):
+            return candidate
+    raise StatisticsError(
+        f"--stats {os.fspath(path)}: directory holds neither {STATS_FILE} nor {LEGACY_STATS_FILE} "
+        "(give a statistics file or the output directory of an earlier run)"
+    )
 
 
 @dataclass
@@ -64,6 +81,7 @@ class ConversionJob:
     ) -> ConversionJob:
         options = options or MergeOptions()
         check_options(options)
+        stats_path = resolve_stats_path(stats_path)
         method = get_method(config.merge_method)
         calibration = config.calibration
         out = OutputDirectory(

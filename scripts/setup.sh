@@ -8,5 +8,5 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 pip() { .venv/bin/python -m pip -q --disable-pip-version-check "$@" 2> >(grep -v "^WARNING: Location" >&2); }
 pip install "torch==2.13.0"
-pip install -e ".[test]"
+pip install -e ".[test,eval]"
 .venv/bin/python -c "import torch, mergekit_moe2dense, mergekit_moe2dense_hook; print('torch', torch.__version__, '| mergekit-moe2dense ready')"

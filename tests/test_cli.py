@@ -28,7 +28,7 @@ def test_console_scripts_end_to_end(script, random_moe, calib_dir, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert type(model).__name__ == "MistralForCausalLM"
-    assert (out / "expert_weights.json").is_file() and (out / "router_stats.safetensors").is_file()
+    assert (out / "expert_weights.json").is_file() and (out / "moe2dense" / "router_stats.safetensors").is_file()
 
 
 def test_mergekit_yaml_leaves_other_methods_to_mergekit(random_moe, tmp_path):
@@ -117,8 +117,14 @@ def test_errors_are_one_line_and_write_nothing(random_moe, calib_dir, dense_mode
         ),
         (
             write_config(tmp_path / "i.yml", moe, calib_dir),
-            ["--stats", stats_dir / "router_stats.safetensors"],
+            ["--stats", stats_dir / "moe2dense" / "router_stats.safetensors"],
             "not on this model",
+        ),
+        (write_config(tmp_path / "i2.yml", moe, calib_dir), ["--stats", stats_dir], "not on this model"),
+        (
+            write_config(tmp_path / "i3.yml", moe, calib_dir),
+            ["--stats", empty],
+            "directory holds neither moe2dense/router_stats.safetensors nor router_stats.safetensors",
         ),
         (write_config(tmp_path / "j.yml", truncate_shard(tmp_path, moe), calib_dir), [], "truncated"),
         (write_config(tmp_path / "k.yml", missing_shard(tmp_path, moe), calib_dir), [], "missing shard"),

@@ -40,6 +40,16 @@ def test_txt_splits_on_two_or_more_empty_lines_only(tmp_path):
     assert {d.source for d in documents} == {"code"}
 
 
+def test_txt_as_one_document_is_the_file_as_python_reads_it(tmp_path):
+    path = tmp_path / "code.txt"
+    path.write_bytes(b"\n a\r\n\r\n\r\nb\rc \n\n")
+    documents = load_documents(path, txt_documents="file")
+    assert documents == [Document("code", open(path, encoding="utf-8").read())]
+    assert documents[0].text == "\n a\n\n\nb\nc \n\n"
+    with pytest.raises(DataError, match="txt_documents"):
+        load_documents(path, txt_documents="lines")
+
+
 def test_txt_accepts_str_path(tmp_path):
     write(tmp_path / "prose.txt", "one document")
     assert load_documents(str(tmp_path / "prose.txt")) == [Document("prose", "one document")]

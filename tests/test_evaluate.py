@@ -1,7 +1,9 @@
 # Copyright (C) 2026 the mergekit-moe2dense authors
 # SPDX-License-Identifier: LGPL-3.0-only
 import json
+import json.decoder
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,14 +17,16 @@ from transformers import (
 )
 
 import mergekit_moe2dense.evaluate as evaluate_module
-from mergekit_moe2dense.data import Document, tokenize_documents
+from mergekit_moe2dense.data import Document
 from mergekit_moe2dense.evaluate import (
     EvalResult,
     Window,
     evaluate_models,
     evaluate_perplexity,
     format_results_table,
+    load_eval_documents,
     plan_windows,
+    token_streams,
     write_results_json,
 )
 
@@ -92,7 +96,8 @@ def long_docs(repeats=3):
 
 
 def stream_of(documents, tokenizer):
-    return [i for _, ids in tokenize_documents(documents, tokenizer) for i in ids]
+    (stream,) = token_streams(documents, tokenizer).values()
+    return stream
 
 
 def run(model, documents, tokenizer, **kwargs):
@@ -100,13 +105,18 @@ def run(model, documents, tokenizer, **kwargs):
 
 
 def window_nll_by_hand(model, stream, start, end, score_from):
-    """Summed NLL of stream[score_from:end] given stream[start:...], via HF's labels loss."""
-    ids = torch.tensor([stream[start:end]])
+    """Summed NLL and count of the scorable tokens of stream[score_from:end] given
+    stream[start:...], via transformers' labels loss."""
+    ids = torch.tensor([stream.ids[start:end]])
     labels = ids.clone()
     labels[0, : score_from - start] = -100
+    labels[0, [i - start for i in range(start, end) if not stream.scorable[i]]] = -100
+    count = int((labels[0, 1:] != -100).sum())
+    if count == 0:
+        return 0.0, 0
     with torch.no_grad():
         loss = model(input_ids=ids, labels=labels).loss
-    return loss.double().item() * (end - score_from)
+    return loss.double().item() * count, count
 
 
 # --- window plan ---------------------------------------------------------------
@@ -118,7 +128,8 @@ def window_nll_by_hand(model, stream, start, end, score_from):
         (2, 8, None),
         (5, 8, None),
         (8, 8, None),
-        (9, 8, None),  # n == seq_len + 1
+        (9, 8, None),  # n == seq_len + 1: the last window holds one token and scores none
+        (10, 8, None),
         (9, 8, 8),
         (100, 8, None),
         (100, 8, 7),
@@ -130,18 +141,22 @@ def window_nll_by_hand(model, stream, start, end, score_from):
         (50, 2, 1),
     ],
 )
-def test_windows_score_every_token_once(n, seq_len, stride):
+def test_windows_score_each_token_at_most_once(n, seq_len, stride):
     windows = plan_windows(n, seq_len, stride)
     scored = [t for w in windows for t in range(w.score_from, w.end)]
-    assert scored == list(range(1, n))  # in order, so no overlaps and no gaps
-    for w in windows:
-        assert 0 <= w.start < w.score_from < w.end <= n
-        assert w.end - w.start <= seq_len
-        assert w.end - w.start == min(seq_len, n)  # every window has full context
+    if stride is None or stride == seq_len:  # non-overlapping: every window's first token is context only
+        assert scored == [t for t in range(1, n) if t % seq_len]
+    else:  # sliding: every token after the first, once
+        assert scored == list(range(1, n))
+    step = seq_len if stride is None else stride
+    for i, w in enumerate(windows):
+        assert w.start == i * step and w.end == min(w.start + seq_len, n)
+        assert w.start < w.score_from < w.end
 
 
-def test_default_stride_overlaps_by_one_token_of_context():
-    assert plan_windows(20, 8) == [Window(0, 8, 1), Window(7, 15, 8), Window(12, 20, 15)]
+def test_default_windows_do_not_overlap():
+    assert plan_windows(20, 8) == [Window(0, 8, 1), Window(8, 16, 9), Window(16, 20, 17)]
+    assert plan_windows(20, 8, 4) == [Window(0, 8, 1), Window(4, 12, 8), Window(8, 16, 12), Window(12, 20, 16)]
 
 
 @pytest.mark.parametrize("n", [0, 1])
@@ -163,48 +178,81 @@ def test_window_parameters_are_checked_before_loading(tmp_path):
 # --- perplexity against references -----------------------------------------------
 
 
-def test_short_stream_matches_single_forward(model, tokenizer):
+def guide_perplexity(model, ids: list[int], max_length: int, stride: int) -> tuple[float, int]:
+    """transformers' perplexity guide ("Perplexity of fixed-length models"), as written
+    there, except that the scored tokens are counted rather than derived."""
+    encodings = torch.tensor([ids])
+    seq_len = encodings.size(1)
+    nll_sum, n_tokens, prev_end_loc = 0.0, 0, 0
+    for begin_loc in range(0, seq_len, stride):
+        end_loc = min(begin_loc + max_length, seq_len)
+        trg_len = end_loc - prev_end_loc  # may be different from stride on the last loop
+        input_ids = encodings[:, begin_loc:end_loc]
+        target_ids = input_ids.clone()
+        target_ids[:, :-trg_len] = -100
+        num_loss_tokens = int((target_ids[:, 1:] != -100).sum())  # the model shifts the labels
+        if num_loss_tokens:
+            with torch.no_grad():
+                neg_log_likelihood = model(input_ids, labels=target_ids).loss
+            nll_sum += neg_log_likelihood.double().item() * num_loss_tokens
+            n_tokens += num_loss_tokens
+        prev_end_loc = end_loc
+        if end_loc == seq_len:
+            break
+    return math.exp(nll_sum / n_tokens), n_tokens
+
+
+@pytest.fixture(scope="session")
+def real_file(tmp_path_factory):
+    """A real text file: the source of the standard library's json decoder."""
+    path = tmp_path_factory.mktemp("real") / "decoder.txt"
+    path.write_bytes(Path(json.decoder.__file__).read_bytes())
+    return path
+
+
+@pytest.mark.parametrize("seq_len, stride", [(64, None), (64, 16), (48, 47)])
+def test_txt_file_matches_the_transformers_guide(model, tokenizer, real_file, seq_len, stride):
+    """A .txt file is BOS + the whole file as one stream, scored as transformers' guide does."""
+    text = open(real_file, encoding="utf-8").read()
+    ids = [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]]
+    assert len(ids) > 10 * seq_len
+    expected, count = guide_perplexity(model, ids, seq_len, stride or seq_len)
+
+    documents = load_eval_documents(real_file)
+    assert documents == [Document("decoder", text)]
+    result = run(model, documents, tokenizer, seq_len=seq_len, stride=stride, batch_size=3)
+    assert result.tokens == count
+    assert result.perplexity == pytest.approx(expected, rel=1e-6)
+
+
+def test_documents_keep_their_boundaries_and_bos_is_never_scored(model, tokenizer):
     documents = docs(("s", CORPUS[0]), ("s", CORPUS[1]))
-    stream = stream_of(documents, tokenizer)
-    ids = torch.tensor([stream])
+    first, second = (tokenizer(d.text, add_special_tokens=False)["input_ids"] for d in documents)
+    bos = tokenizer.bos_token_id
+    ids = torch.tensor([[bos, *first, bos, *second]])
+    targets = ids[0, 1:].clone()
+    targets[len(first)] = -100  # the second BOS
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0]
-    expected = math.exp(F.cross_entropy(logits[:-1].double(), ids[0, 1:]).item())
+    expected = math.exp(F.cross_entropy(logits[:-1].double(), targets, ignore_index=-100).item())
 
-    result = run(model, documents, tokenizer, seq_len=len(stream) + 10)
-    assert result.tokens == len(stream) - 1
-    assert result.perplexity == pytest.approx(expected, rel=1e-5)
+    result = run(model, documents, tokenizer, seq_len=ids.shape[1] + 10)
+    assert result.tokens == len(first) + len(second)
+    assert result.perplexity == pytest.approx(expected, rel=1e-6)
     assert result.per_source["s"] == {"perplexity": result.perplexity, "tokens": result.tokens}
 
 
-def test_long_stream_matches_hand_computed_windows(model, tokenizer):
+@pytest.mark.parametrize("stride", [None, 5, 16, 31])
+def test_windows_over_documents_match_per_window_loss(model, tokenizer, stride):
     documents = long_docs()
     stream = stream_of(documents, tokenizer)
-    n, seq_len = len(stream), 32
-    assert n > 3 * seq_len
-    # Written out by hand rather than with plan_windows: windows of seq_len
-    # tokens sharing one token, the last one moved back to end at n.
-    nll, begin, scored_to = 0.0, 0, 1
-    while scored_to < n:
-        end = min(begin + seq_len, n)
-        nll += window_nll_by_hand(model, stream, max(0, end - seq_len), end, scored_to)
-        begin, scored_to = begin + seq_len - 1, end
-
-    result = run(model, documents, tokenizer, seq_len=seq_len, batch_size=2)
-    assert result.tokens == n - 1
-    assert result.perplexity == pytest.approx(math.exp(nll / (n - 1)), rel=1e-5)
-
-
-@pytest.mark.parametrize("stride", [5, 16, 31])
-def test_strided_windows_match_per_window_loss(model, tokenizer, stride):
-    documents = long_docs()
-    stream = stream_of(documents, tokenizer)
-    windows = plan_windows(len(stream), 32, stride)
-    nll = sum(window_nll_by_hand(model, stream, *w) for w in windows)
+    windows = plan_windows(len(stream.ids), 32, stride)
+    assert len(windows) > 3
+    nll, count = map(sum, zip(*(window_nll_by_hand(model, stream, *w) for w in windows)))
 
     result = run(model, documents, tokenizer, seq_len=32, stride=stride, batch_size=4)
-    assert result.tokens == len(stream) - 1
-    assert result.perplexity == pytest.approx(math.exp(nll / result.tokens), rel=1e-5)
+    assert result.tokens == count == sum(stream.scorable[w.score_from : w.end].count(True) for w in windows)
+    assert result.perplexity == pytest.approx(math.exp(nll / count), rel=1e-5)
 
 
 # --- sources, batching, options -----------------------------------------------------
@@ -252,6 +300,23 @@ def test_max_tokens_truncates_each_source(model, tokenizer):
     assert result.per_source["long"]["tokens"] == 20
     assert result.per_source["code"]["tokens"] == 20
     assert result.per_source["short"]["tokens"] < 20
+
+
+@pytest.mark.parametrize("stride", [None, 7])
+def test_max_tokens_scores_the_first_tokens_with_unchanged_context(model, tokenizer, stride):
+    """The kept tokens are the first max_tokens of the full run, each with the same context."""
+    documents = long_docs()
+    stream = stream_of(documents, tokenizer)
+    windows = plan_windows(len(stream.ids), 24, stride)
+    nll, count = 0.0, 0
+    for w in windows:  # token by token, until 50 are scored
+        for end in range(w.score_from + 1, w.end + 1):
+            if count < 50 and stream.scorable[end - 1]:
+                nll += window_nll_by_hand(model, stream, w.start, end, end - 1)[0]
+                count += 1
+    result = run(model, documents, tokenizer, seq_len=24, stride=stride, max_tokens=50)
+    assert result.tokens == count == 50
+    assert result.perplexity == pytest.approx(math.exp(nll / 50), rel=1e-5)
 
 
 def test_nothing_to_score(model, tokenizer):

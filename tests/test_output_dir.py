@@ -200,10 +200,12 @@ def test_published_files_have_the_users_usual_permissions(random_moe, calib_dir,
         build_dense(_config(random_moe["legacy"], calib_dir, "router_weighted"), str(out), MergeOptions(quiet=True))
     finally:
         os.umask(old)
-    modes = {name: stat.S_IMODE(os.stat(out / name).st_mode) for name in os.listdir(out)}
-    assert "model.safetensors" in modes and "router_stats.safetensors" in modes
+    files = {p.relative_to(out).as_posix(): p for p in out.rglob("*")}
+    modes = {name: stat.S_IMODE(os.stat(p).st_mode) for name, p in files.items() if p.is_file()}
+    assert "model.safetensors" in modes and "moe2dense/router_stats.safetensors" in modes
     assert set(modes.values()) == {0o644}, modes
     assert stat.S_IMODE(os.stat(out).st_mode) == 0o755
+    assert stat.S_IMODE(os.stat(out / "moe2dense").st_mode) == 0o755
 
 
 def test_disk_full_is_one_line_and_leaves_nothing(random_moe, tmp_path, monkeypatch):

@@ -13,13 +13,24 @@ Each owns its planning, its writer, its `expert_weights.json` and its model card
 
 from __future__ import annotations
 
-from mergekit_moe2dense.outputs.base import WEIGHTS_FILE, Output
+from mergekit_moe2dense.outputs.base import LEGACY_STATS_FILE, SIDECAR_DIR, STATS_FILE, WEIGHTS_FILE, Output
 from mergekit_moe2dense.outputs.clusters import DenseModels
 from mergekit_moe2dense.outputs.dense import DenseModel
 from mergekit_moe2dense.outputs.moe import RebuiltMoE
 from mergekit_moe2dense.outputs.pruned import PrunedMoE
 
-__all__ = ["WEIGHTS_FILE", "DenseModel", "DenseModels", "Output", "PrunedMoE", "RebuiltMoE", "output_for"]
+__all__ = [
+    "LEGACY_STATS_FILE",
+    "SIDECAR_DIR",
+    "STATS_FILE",
+    "WEIGHTS_FILE",
+    "DenseModel",
+    "DenseModels",
+    "Output",
+    "PrunedMoE",
+    "RebuiltMoE",
+    "output_for",
+]
 
 
 def output_for(method, params) -> Output:

@@ -21,6 +21,12 @@ if TYPE_CHECKING:
     from mergekit_moe2dense.methods import MethodPlan
 
 WEIGHTS_FILE = "expert_weights.json"
+# Files of ours that are not the model live in OUT/moe2dense/: loaders take every
+# *.safetensors at the top of a model directory for weights (vLLM without an index),
+# and do not look into subdirectories. JSON files next to the model are read by none.
+SIDECAR_DIR = "moe2dense"
+STATS_FILE = f"{SIDECAR_DIR}/router_stats.safetensors"  # relative to OUT
+LEGACY_STATS_FILE = "router_stats.safetensors"  # where earlier versions wrote it, at the top of OUT
 # Tokenizer and generation files copied from the MoE (mergekit's list).
 TAGALONG_FILES = (
     "tokenizer_config.json",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 
+from mergekit_moe2dense.card import calibration_summary
 from mergekit_moe2dense.methods import MethodError
 from mergekit_moe2dense.outputs.base import Output, output_bytes
 from mergekit_moe2dense.outputs.dense import DenseModel, DensePlan
@@ -44,6 +45,7 @@ class DenseModels(Output):
                 weights,
                 with_family_scales(single_block_plans(job.layers, weights), source.family, source.config, stats),
                 extra={"cluster": index, "num_clusters": len(shares), "token_share": shares[index]},
+                calibration=calibration_summary(job, stats),
             )
             for index, weights in enumerate(clusters.weights)
         ]

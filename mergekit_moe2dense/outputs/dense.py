@@ -14,7 +14,7 @@ from transformers.activations import ACT2FN
 
 from mergekit_moe2dense.alignment import align_layer
 from mergekit_moe2dense.calibration.sequential import refit_layers
-from mergekit_moe2dense.card import write_model_card
+from mergekit_moe2dense.card import CardTable, calibration_summary, refit_table, write_model_card
 from mergekit_moe2dense.config import ConfigError
 from mergekit_moe2dense.graph import computed_tensors, plan_dense_merge, run_graph
 from mergekit_moe2dense.outputs.base import Output, write_model_files, write_weights_file
@@ -29,6 +29,8 @@ class DensePlan:
     layers: list[LayerPlan]
     fitted: dict[str, torch.Tensor] = field(default_factory=dict)  # dense tensor name -> re-fitted value
     extra: dict | None = None  # more keys for expert_weights.json and the card (e.g. a cluster's share)
+    calibration: dict | None = None  # what the statistics were computed on (card.calibration_summary)
+    measured: tuple[CardTable, ...] = ()  # figures measured while converting, for the card
 
 
 class DenseModel(Output):
@@ -51,7 +53,7 @@ class DenseModel(Output):
         align = getattr(job.params, "align", "none")
         if align != "none":
             plans = aligned_plans(source, plans, stats, align)
-        planned = DensePlan(result.weights, plans)
+        planned = DensePlan(result.weights, plans, calibration=calibration_summary(job, stats))
         if job.params.needs_refit:
             planned = self._refit(job, planned)
         return planned
@@ -77,7 +79,9 @@ class DenseModel(Output):
             ("down",) if params.refit != "none" else ()
         )
         layers = [dataclasses.replace(plan, fitted=fitted) for plan in planned.layers]
-        return dataclasses.replace(planned, layers=layers, fitted=result.tensors)
+        return dataclasses.replace(
+            planned, layers=layers, fitted=result.tensors, measured=(*planned.measured, refit_table(result.errors))
+        )
 
     def write(self, job, planned: DensePlan, staging: str) -> None:
         source = job.source
@@ -96,7 +100,14 @@ class DenseModel(Output):
         write_model_files(staging, job, family.dense_config(source.config, intermediate_size=width))
         write_weights_file(staging, job, {"layers": planned.weights.tolist(), **(planned.extra or {})})
         if job.options.write_model_card:
-            write_model_card(staging, job, planned.weights, planned.extra)
+            write_model_card(
+                staging,
+                job,
+                planned.weights,
+                planned.extra,
+                calibration=planned.calibration,
+                tables=planned.measured,
+            )
 
 
 def aligned_plans(source, plans: list[LayerPlan], stats, mode: str) -> list[LayerPlan]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mergekit_moe2dense.card import write_moe_card
+from mergekit_moe2dense.card import calibration_summary, write_moe_card
 from mergekit_moe2dense.graph import computed_tensors, run_graph
 from mergekit_moe2dense.outputs.base import Output, output_bytes, write_model_files, write_weights_file
 from mergekit_moe2dense.outputs.clusters import check_clusters
@@ -22,6 +22,7 @@ from mergekit_moe2dense.reassemble import closed_form_rows, fitted_router, plan_
 class MoEPlan:
     clusters: object  # methods.kmeans_multi_dense.ClusterWeights
     routers: dict[str, torch.Tensor]  # every expert-indexed tensor of every block (router [k, H], ...), by output name
+    calibration: dict | None = None  # what the statistics were computed on (card.calibration_summary)
 
     @property
     def weights(self) -> torch.Tensor:
@@ -52,7 +53,7 @@ class RebuiltMoE(Output):
         rows = {}
         for p, layer in enumerate(job.layers):
             rows.update(closed_form_rows(job.source, layer, clusters.weights[:, p], routers[p]))
-        return MoEPlan(clusters, rows)
+        return MoEPlan(clusters, rows, calibration_summary(job, stats))
 
     def write(self, job, planned: MoEPlan, staging: str) -> None:
         source, params = job.source, job.params
@@ -62,4 +63,4 @@ class RebuiltMoE(Output):
         shares = planned.clusters.shares
         write_weights_file(staging, job, {"experts": planned.weights.tolist(), "token_share": shares})
         if job.options.write_model_card:
-            write_moe_card(staging, job, shares)
+            write_moe_card(staging, job, shares, calibration=planned.calibration)
