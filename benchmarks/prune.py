@@ -126,7 +126,7 @@ def run(
             None,
             calibration,
         )
-        stats = work / STATS_FILE
+        stats = work / "router_stats.safetensors"
         shutil.copy(first / STATS_FILE, stats)
         moe = score(testbed.moe, documents, seq_len, max_tokens, "MoE")
         rows = [(f"MoE ({num_experts} experts, top-{top_k})", "reference", moe)]

@@ -89,7 +89,7 @@ def test_plugin_runs_the_conversion_with_the_yaml_source(random_moe, calib_dir, 
     # mergekit's config model drops `calibration:`; the handler takes it from the source
     declared_entry_point().load()().run(merge_config(source), str(out), MergeOptions(quiet=True), source)
     assert type(transformers.AutoModelForCausalLM.from_pretrained(out)).__name__ == "MistralForCausalLM"
-    assert (out / "router_stats.safetensors").is_file()
+    assert (out / "moe2dense" / "router_stats.safetensors").is_file()
     assert len(json.loads((out / "expert_weights.json").read_text())["layers"]) == 2
 
 
@@ -137,7 +137,7 @@ def test_mergekit_yaml_runs_our_config_through_the_entry_point(random_moe, calib
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert type(transformers.AutoModelForCausalLM.from_pretrained(out)).__name__ == "MistralForCausalLM"
-    assert (out / "expert_weights.json").is_file() and (out / "router_stats.safetensors").is_file()
+    assert (out / "expert_weights.json").is_file() and (out / "moe2dense" / "router_stats.safetensors").is_file()
 
     # without plugin loading nothing routes our config (the hook stands aside): the run above
     # went through the entry point

@@ -228,7 +228,7 @@ def test_a_fitted_router_routes_calibration_tokens_to_their_group(random_moe, ca
     out = tmp_path / "merged"
     config = make_config(random_moe["legacy"], "merge_experts", calib_dir, num_experts=2, router="fitted")
     build_dense(config, str(out), OPTIONS)
-    stats = RouterStatistics.load(out / "router_stats.safetensors")
+    stats = RouterStatistics.load(out / "moe2dense" / "router_stats.safetensors")
     groups = json.loads((out / "expert_weights.json").read_text())["groups"]
     merged = load(out)
     for position, layer in enumerate(merged.model.layers):
