@@ -82,7 +82,12 @@ def fit_variants(num_experts: int, top_k: int, fit: dict) -> list[Variant]:
 
 
 def variants(
-    num_experts: int, top_k: int, grid: bool, fit: dict | None = None, fit_only: bool = False
+    num_experts: int,
+    top_k: int,
+    grid: bool,
+    fit: dict | None = None,
+    fit_only: bool = False,
+    fit_methods: tuple[str, ...] | None = None,
 ) -> list[Variant]:
     """Everything the table compares; methods added later appear when registered."""
     out = [Variant(f"expert {e}", "single_expert", {"expert": e}, "single expert") for e in range(num_experts)]
@@ -141,8 +146,12 @@ def variants(
     if fit_only:  # the closed-form starts of the fit rows, and the fixed-gate concat of all experts
         starts = {b.format(top_k=top_k) + " (refit: down_proj)" for b in FIT_BASES}
         out = [v for v in out if v.label in starts or v.label.startswith(f"concat m={num_experts} ")]
-    out += fit_variants(num_experts, top_k, fit or {})
-    return [v for v in out if v.method in METHODS]
+    fits = fit_variants(num_experts, top_k, fit or {})
+    if fit_methods:  # only these methods' fit rows (and, with fit_only, their starts)
+        fits = [v for v in fits if v.method in fit_methods]
+        if fit_only:
+            out = [v for v in out if v.method in fit_methods or v.label.startswith(f"concat m={num_experts} ")]
+    return [v for v in out + fits if v.method in METHODS]
 
 
 class FitLog(logging.Handler):
@@ -285,6 +294,7 @@ def run(
     work_dir: str | None,
     fit: dict | None = None,
     fit_only: bool = False,
+    fit_methods: tuple[str, ...] | None = None,
 ) -> str:
     started = time.time()
     testbed = build_testbed(preset, cache_dir=cache_dir)
@@ -327,7 +337,7 @@ def run(
                 continue
             rows.append((label, group, score(path, documents, seq_len, max_tokens, label)))
         weight_files, fits = {}, {}
-        for variant in variants(num_experts, top_k, grid and not fit_only, fit, fit_only):
+        for variant in variants(num_experts, top_k, grid and not fit_only, fit, fit_only, fit_methods):
             log = FitLog()
             logger = logging.getLogger("mergekit_moe2dense.outputs.dense")
             logger.addHandler(log)
@@ -458,6 +468,9 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--fit-only", action="store_true", help="only the references, the refit: fit rows and their closed-form starts"
     )
+    parser.add_argument(
+        "--fit-methods", default=None, help="comma-separated methods whose refit: fit rows run (default: all four)"
+    )
     parser.add_argument("--fit-steps", type=int, default=None, help="fit_steps of the refit: fit rows")
     parser.add_argument("--fit-lr", type=float, default=None, help="fit_lr of the refit: fit rows")
     parser.add_argument("--fit-batch-tokens", type=int, default=None, help="fit_batch_tokens of the refit: fit rows")
@@ -471,12 +484,23 @@ def main(argv=None) -> None:
         )
         if value is not None
     }
+    methods = tuple(args.fit_methods.split(",")) if args.fit_methods else None
     if args.smoke:
         args.preset = "smoke"
     torch.manual_seed(0)
     transformers.utils.logging.disable_progress_bar()
     print(
-        run(args.preset, args.cache_dir, args.grid, args.max_tokens, args.write_docs, args.work_dir, fit, args.fit_only)
+        run(
+            args.preset,
+            args.cache_dir,
+            args.grid,
+            args.max_tokens,
+            args.write_docs,
+            args.work_dir,
+            fit,
+            args.fit_only,
+            methods,
+        )
     )
 
 
