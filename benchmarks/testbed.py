@@ -15,7 +15,7 @@ machine can build the same testbed without a model hub:
 * a *twin*: the ancestor trained further densely on exactly the same tokens and steps;
 * ``testbed_report.json``: expert drift, router frequencies and held-out perplexities.
 
-Presets with ``family="qwen3_moe"`` (``scratch``, ``scratch-smoke``) are a second testbed whose
+Presets with ``family="qwen3_moe"`` (``scratch``, ``scratch-smoke``, ``scratch-hard``) are a second testbed whose
 experts share no ancestor, like OLMoE's and DeepSeek-MoE's: a ``Qwen3MoeForCausalLM`` trained
 from random init (with the load-balancing loss) on the same data and tokenizer recipe. They have
 no ancestor (``Testbed.ancestor`` is None, ``ancestor_steps`` is 0); the *twin* is a dense
@@ -41,7 +41,14 @@ jobs, which slowed runs by up to 20x at the worst moments; these are the least-c
   CPUs); ``scratch-smoke``: 10 s. Test perplexity (code / docs / c): MoE 34.2 / 34.7 / 38.9,
   twin 35.3 / 36.2 / 40.3.
 
-``report["build_seconds"]`` records the time of each phase of a build.
+* ``scratch-hard``: 63 min (data 28 s, MoE 3000 steps 44 min, twin 19 min) on the machine
+  saturated by other jobs (load 7-15 on 2 cores); 190 ms per step of MoE + twin when quiet, so
+  ~10-12 min expected. Test perplexity (code / docs / c): MoE 3.38 / 17.26 / 21.06, twin 3.91 /
+  19.83 / 23.44. See docs/scratch_testbed.md.
+
+``report["build_seconds"]`` records the time of each phase of a build, ``report["training_tokens"]``
+how many tokens each model trained on (steps x batch x seq_len; filled in from the preset when a
+cached report predates it).
 
 Checkpoints: in memory transformers 5 keeps Mixtral experts fused (``mlp.experts.gate_up_proj``
 [E, 2I, H], gate rows first, and ``down_proj`` [E, H, I]); ``save_pretrained`` writes them back in
