@@ -12,6 +12,11 @@ models are scored on the held-out test split, per domain and overall.
     python benchmarks/quality.py --preset benchmark --write-docs   # docs/benchmarks.md + plot
     python benchmarks/quality.py --smoke                     # seconds; run by the tests
     python benchmarks/quality.py --preset scratch            # Qwen3-MoE trained from scratch
+    python benchmarks/quality.py --preset scratch-hard --fit-only   # the refit: fit rows and their starts
+
+`refit: fit` rows (the gradient fit of the whole dense MLP, calibration/sequential.py) also
+print the fit's held-out error per layer before (least-squares start) and after, and its
+seconds per layer.
 
 The `scratch` presets (docs/scratch_testbed.md) have no ancestor (its row is left out) and a
 dense twin of the MoE's active size; kmeans' `output: moe` rebuild is Mixtral-only.
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import sys
 import tempfile
@@ -60,7 +66,28 @@ class Variant:
     group: str = "method"
 
 
-def variants(num_experts: int, top_k: int, grid: bool) -> list[Variant]:
+FIT_BASES = ("max_contribution", "concat m={top_k}", "router_weighted mean_logit", "expert_uniform")
+
+
+def fit_variants(num_experts: int, top_k: int, fit: dict) -> list[Variant]:
+    """`refit: fit` on the closed-form rows it starts from (`fit`: its fit_* parameters)."""
+    params = {"refit": "fit", **fit}
+    return [
+        Variant("max_contribution (refit: fit)", "max_contribution", params, "gradient fit"),
+        Variant(f"concat m={top_k} (refit: fit)", "concat", {"num_experts": top_k, **params}, f"{top_k}x width, fit"),
+        Variant("router_weighted mean_logit (refit: fit)", "router_weighted", params, "gradient fit"),
+        Variant("expert_uniform (refit: fit)", "expert_uniform", params, "gradient fit"),
+    ]
+
+
+def variants(
+    num_experts: int,
+    top_k: int,
+    grid: bool,
+    fit: dict | None = None,
+    fit_only: bool = False,
+    fit_methods: tuple[str, ...] | None = None,
+) -> list[Variant]:
     """Everything the table compares; methods added later appear when registered."""
     out = [Variant(f"expert {e}", "single_expert", {"expert": e}, "single expert") for e in range(num_experts)]
     out += [
@@ -115,7 +142,40 @@ def variants(num_experts: int, top_k: int, grid: bool) -> list[Variant]:
         ),
         Variant("expert_uniform (refit: down_proj)", "expert_uniform", {"refit": "down_proj"}, "activation-aware"),
     ]
-    return [v for v in out if v.method in METHODS]
+    if fit_only:  # the closed-form starts of the fit rows, and the fixed-gate concat of all experts
+        starts = {b.format(top_k=top_k) + " (refit: down_proj)" for b in FIT_BASES}
+        out = [v for v in out if v.label in starts or v.label.startswith(f"concat m={num_experts} ")]
+    fits = fit_variants(num_experts, top_k, fit or {})
+    if fit_methods:  # only these methods' fit rows (and, with fit_only, their starts)
+        fits = [v for v in fits if v.method in fit_methods]
+        if fit_only:
+            out = [v for v in out if v.method in fit_methods or v.label.startswith(f"concat m={num_experts} ")]
+    return [v for v in out + fits if v.method in METHODS]
+
+
+class FitLog(logging.Handler):
+    """Collects the per-layer records `refit: fit` logs (outputs/dense.py): layer ->
+    (held-out error of the least-squares start, of the fit, seconds)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.layers: dict[int, tuple[float, float, float]] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "(refit: fit)" in str(record.msg):
+            index, start, end, seconds = record.args
+            self.layers[index] = (start, end, seconds)
+
+
+def format_fit_table(fits: dict[str, dict[int, tuple[float, float, float]]]) -> str:
+    lines = [
+        "| model | layer | held-out error, least-squares start | held-out error, fit | seconds |",
+        "|---|---|---|---|---|",
+    ]
+    for label, layers in fits.items():
+        for index, (start, end, seconds) in sorted(layers.items()):
+            lines.append(f"| {label} | {index} | {start:.4f} | {end:.4f} | {seconds:.1f} |")
+    return "\n".join(lines)
 
 
 def kmeans_rows(
@@ -224,7 +284,17 @@ def plot_weights(weight_files: dict[str, Path], path: Path) -> None:
     plt.close(fig)
 
 
-def run(preset: str, cache_dir: str | None, grid: bool, max_tokens: int, write_docs: bool, work_dir: str | None) -> str:
+def run(
+    preset: str,
+    cache_dir: str | None,
+    grid: bool,
+    max_tokens: int,
+    write_docs: bool,
+    work_dir: str | None,
+    fit: dict | None = None,
+    fit_only: bool = False,
+    fit_methods: tuple[str, ...] | None = None,
+) -> str:
     started = time.time()
     testbed = build_testbed(preset, cache_dir=cache_dir)
     moe_config = json.loads((testbed.moe / "config.json").read_text())
@@ -265,16 +335,25 @@ def run(preset: str, cache_dir: str | None, grid: bool, max_tokens: int, write_d
             if path is None:  # trained from scratch: no ancestor
                 continue
             rows.append((label, group, score(path, documents, seq_len, max_tokens, label)))
-        weight_files = {}
-        for variant in variants(num_experts, top_k, grid):
-            out = build_variant(variant, testbed.moe, testbed.calib_dir, work / "model", stats, calibration)
+        weight_files, fits = {}, {}
+        for variant in variants(num_experts, top_k, grid and not fit_only, fit, fit_only, fit_methods):
+            log = FitLog()
+            logger = logging.getLogger("mergekit_moe2dense.outputs.dense")
+            logger.addHandler(log)
+            logger.setLevel(logging.INFO)
+            try:
+                out = build_variant(variant, testbed.moe, testbed.calib_dir, work / "model", stats, calibration)
+            finally:
+                logger.removeHandler(log)
+            if log.layers:
+                fits[variant.label] = log.layers
             rows.append((variant.label, variant.group, score(out, documents, seq_len, max_tokens, variant.label)))
             if variant.label in PLOTTED:
                 keep = work / f"weights-{len(weight_files)}.json"
                 shutil.copy(out / WEIGHTS_FILE, keep)
                 weight_files[variant.label] = keep
             print(f"  {variant.label}: ppl {rows[-1][2].perplexity:.2f}", file=sys.stderr)
-        if grid:
+        if grid and not fit_only:
             rows += kmeans_rows(
                 testbed,
                 testbed.calib_dir,
@@ -290,9 +369,14 @@ def run(preset: str, cache_dir: str | None, grid: bool, max_tokens: int, write_d
 
         reference = rows[0][2].perplexity
         table = format_table(rows, reference, domains)
+        elapsed = time.time() - started
+        fit_table = format_fit_table(fits) if fits else ""
+        if fit_only:
+            return "\n\n".join([table, fit_table, f"{elapsed / 60:.1f} min"])
         best_single = min((r for r in rows if r[1] == "single expert"), key=lambda r: r[2].perplexity)
         summary = summarize(rows, best_single)
-        elapsed = time.time() - started
+        if fit_table:
+            summary += "\n\n" + fit_table
         if write_docs:
             DOCS.mkdir(exist_ok=True)
             plot_weights(weight_files, DOCS / f"expert_weights_{preset}.png")
@@ -380,12 +464,43 @@ def main(argv=None) -> None:
     parser.add_argument("--max-tokens", type=int, default=20000, help="scored tokens per test domain")
     parser.add_argument("--write-docs", action="store_true", help="update docs/benchmarks.md and the weights plot")
     parser.add_argument("--work-dir", default=None, help="keep built models here (default: a temp dir, removed)")
+    parser.add_argument(
+        "--fit-only", action="store_true", help="only the references, the refit: fit rows and their closed-form starts"
+    )
+    parser.add_argument(
+        "--fit-methods", default=None, help="comma-separated methods whose refit: fit rows run (default: all four)"
+    )
+    parser.add_argument("--fit-steps", type=int, default=None, help="fit_steps of the refit: fit rows")
+    parser.add_argument("--fit-lr", type=float, default=None, help="fit_lr of the refit: fit rows")
+    parser.add_argument("--fit-batch-tokens", type=int, default=None, help="fit_batch_tokens of the refit: fit rows")
     args = parser.parse_args(argv)
+    fit = {
+        key: value
+        for key, value in (
+            ("fit_steps", args.fit_steps),
+            ("fit_lr", args.fit_lr),
+            ("fit_batch_tokens", args.fit_batch_tokens),
+        )
+        if value is not None
+    }
+    methods = tuple(args.fit_methods.split(",")) if args.fit_methods else None
     if args.smoke:
         args.preset = "smoke"
     torch.manual_seed(0)
     transformers.utils.logging.disable_progress_bar()
-    print(run(args.preset, args.cache_dir, args.grid, args.max_tokens, args.write_docs, args.work_dir))
+    print(
+        run(
+            args.preset,
+            args.cache_dir,
+            args.grid,
+            args.max_tokens,
+            args.write_docs,
+            args.work_dir,
+            fit,
+            args.fit_only,
+            methods,
+        )
+    )
 
 
 if __name__ == "__main__":

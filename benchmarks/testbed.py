@@ -15,7 +15,7 @@ machine can build the same testbed without a model hub:
 * a *twin*: the ancestor trained further densely on exactly the same tokens and steps;
 * ``testbed_report.json``: expert drift, router frequencies and held-out perplexities.
 
-Presets with ``family="qwen3_moe"`` (``scratch``, ``scratch-smoke``) are a second testbed whose
+Presets with ``family="qwen3_moe"`` (``scratch``, ``scratch-smoke``, ``scratch-hard``) are a second testbed whose
 experts share no ancestor, like OLMoE's and DeepSeek-MoE's: a ``Qwen3MoeForCausalLM`` trained
 from random init (with the load-balancing loss) on the same data and tokenizer recipe. They have
 no ancestor (``Testbed.ancestor`` is None, ``ancestor_steps`` is 0); the *twin* is a dense
@@ -41,7 +41,14 @@ jobs, which slowed runs by up to 20x at the worst moments; these are the least-c
   CPUs); ``scratch-smoke``: 10 s. Test perplexity (code / docs / c): MoE 34.2 / 34.7 / 38.9,
   twin 35.3 / 36.2 / 40.3.
 
-``report["build_seconds"]`` records the time of each phase of a build.
+* ``scratch-hard``: 63 min (data 28 s, MoE 3000 steps 44 min, twin 19 min) on the machine
+  saturated by other jobs (load 7-15 on 2 cores); 190 ms per step of MoE + twin when quiet, so
+  ~10-12 min expected. Test perplexity (code / docs / c): MoE 3.38 / 17.26 / 21.06, twin 3.91 /
+  19.83 / 23.44. See docs/scratch_testbed.md.
+
+``report["build_seconds"]`` records the time of each phase of a build, ``report["training_tokens"]``
+how many tokens each model trained on (steps x batch x seq_len; filled in from the preset when a
+cached report predates it).
 
 Checkpoints: in memory transformers 5 keeps Mixtral experts fused (``mlp.experts.gate_up_proj``
 [E, 2I, H], gate rows first, and ``down_proj`` [E, H, I]); ``save_pretrained`` writes them back in
@@ -125,6 +132,11 @@ class Preset:
     # ancestor_steps 0; intermediate_size is each expert's). Left out of the recipe hash when
     # "mixtral", so the caches of the presets that predate it stay valid.
     family: str = "mixtral"
+    # "balanced": chunk g of training comes from domain g % 3 (each domain a third of the tokens,
+    # however small it is); "proportional": one shuffled pool of every domain's chunks, so a
+    # small domain is not repeated more often than a large one (long runs). Left out of the
+    # recipe hash when "balanced".
+    mix: str = "balanced"
 
 
 # fmt: off
@@ -159,6 +171,15 @@ PRESETS = {  # build times: see the module docstring
         num_heads=4, num_kv_heads=2, num_experts=4, experts_per_token=2, seq_len=64,
         batch_size=12, ancestor_steps=0, further_steps=150, ancestor_lr=3e-3, further_lr=3e-3,
         aux_loss_coef=0.02, train_chars=150_000, eval_chars=20_000, family="qwen3_moe",
+    ),
+    # From scratch and trained ~13x longer than `scratch` (6.1M tokens): the MoE pulls ahead of
+    # its dense twin and weight averages collapse (docs/scratch_testbed.md).
+    "scratch-hard": Preset(
+        name="scratch-hard", vocab_size=1024, hidden_size=64, intermediate_size=256, num_layers=2,
+        num_heads=4, num_kv_heads=2, num_experts=8, experts_per_token=2, seq_len=128,
+        batch_size=16, ancestor_steps=0, further_steps=3000, ancestor_lr=3e-3, further_lr=3e-3,
+        aux_loss_coef=0.02, train_chars=6_000_000, eval_chars=60_000, family="qwen3_moe",
+        mix="proportional",
     ),
 }
 # fmt: on
@@ -490,8 +511,9 @@ def router_frequency(moe, ids: torch.Tensor, seq_len: int) -> list[list[float]]:
 def recipe_hash(preset: Preset) -> str:
     """Short hash of everything the build depends on: preset, recipe version, Python's sources."""
     fields = dataclasses.asdict(preset)
-    if fields["family"] == "mixtral":  # the default, absent from the hashes that predate it
-        del fields["family"]
+    for key, default in (("family", "mixtral"), ("mix", "balanced")):
+        if fields[key] == default:  # fields added later: absent from the hashes that predate them
+            del fields[key]
     recipe = {"preset": fields, "version": RECIPE_VERSION, "python": sys.version}
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
 
@@ -501,7 +523,20 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "mergekit-moe2dense" / "testbed"
 
 
+def training_tokens(preset: Preset) -> dict[str, int]:
+    """Tokens each model trained on (steps x batch x seq_len); the MoE's and the twin's are the same."""
+    per_step = preset.batch_size * preset.seq_len
+    tokens = {"moe": preset.further_steps * per_step, "twin": preset.further_steps * per_step}
+    if preset.family == "mixtral":  # the MoE and twin continue from the ancestor's tokens
+        tokens = {"ancestor": preset.ancestor_steps * per_step, "moe_after_ancestor": tokens["moe"]} | tokens
+        tokens["moe"] = tokens["twin"] = tokens["ancestor"] + tokens["moe_after_ancestor"]
+    return tokens
+
+
 def _testbed(root: Path) -> Testbed:
+    report = json.loads((root / "testbed_report.json").read_text())
+    if "training_tokens" not in report:  # reports written before it was recorded
+        report["training_tokens"] = training_tokens(Preset(**report["preset"]))
     return Testbed(
         root=root,
         tokenizer=root / "tokenizer",
@@ -510,7 +545,7 @@ def _testbed(root: Path) -> Testbed:
         twin=root / "twin",
         calib_dir=root / "data" / "calib",
         test_dir=root / "data" / "test",
-        report=json.loads((root / "testbed_report.json").read_text()),
+        report=report,
     )
 
 
@@ -560,7 +595,12 @@ def _build(preset: Preset, out: Path) -> None:
     tokenizer = train_tokenizer(train_docs, preset.vocab_size)
     tokenizer.save_pretrained(out / "tokenizer")
     ids = {key: encode(tokenizer, text) for key, text in texts.items()}
-    batches = Batches([windows(ids["train", d], preset.seq_len) for d in DOMAINS], preset.batch_size, preset.seed)
+    chunks = [windows(ids["train", d], preset.seq_len) for d in DOMAINS]
+    if preset.mix == "proportional":
+        chunks = [torch.cat(chunks)]
+    elif preset.mix != "balanced":
+        raise ValueError(f"preset {preset.name}: unknown mix {preset.mix!r}")
+    batches = Batches(chunks, preset.batch_size, preset.seed)
 
     seconds["data_and_tokenizer"] = time.time() - start
 
@@ -592,6 +632,7 @@ def _build(preset: Preset, out: Path) -> None:
         "recipe_hash": recipe_hash(preset),
         "vocab_size": len(tokenizer),
         "data": {s: {d: {"documents": len(splits[s][d]), "tokens": len(ids[s, d])} for d in DOMAINS} for s in SPLITS},
+        "training_tokens": training_tokens(preset),
         "final_train_loss": losses,
         "drift": expert_drift(moe, ancestor),
         "router_frequency": {d: router_frequency(moe, ids["calib", d], preset.seq_len) for d in DOMAINS},

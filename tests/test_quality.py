@@ -16,6 +16,7 @@ def test_quality_benchmark_smoke(smoke_testbed, tmp_path):
         max_tokens=500,
         write_docs=False,
         work_dir=str(tmp_path),
+        fit={"fit_steps": 20},
     )
     lines = report.splitlines()
     for label in (
@@ -25,11 +26,13 @@ def test_quality_benchmark_smoke(smoke_testbed, tmp_path):
         "expert_uniform",
         "router_weighted mean_logit",
         "top_k_tempered",
+        "concat m=2 (refit: fit)",
     ):
         assert any(line.startswith(f"| {label}") for line in lines), label
     moe_row = next(line for line in lines if line.startswith("| MoE"))
     assert "| 1.000 |" in moe_row
     assert "Best calibrated method" in report
+    assert "| held-out error, least-squares start |" in report  # the fit's per-layer table
 
 
 def test_smoke_flag_selects_the_smoke_preset(monkeypatch):

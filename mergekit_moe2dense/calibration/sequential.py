@@ -16,14 +16,22 @@ states) and output y (the target); the dense MLP of the plan is evaluated on
 the same x and its down projection re-fitted to y (refit.py). With
 `gate_up="regmean"` a first pass gathers the Gram matrix of the tokens routed
 to each expert, and every block's gate/up is the RegMean merge of its experts
-instead of the plain weighted sum. Another fit (e.g. by gradient descent) is
-another `LayerFitter` given to `fit_layers`.
+instead of the plain weighted sum.
+
+`gradient_fit` (`refit: fit`) is a second `LayerFitter`: it starts from
+`closed_form_fit` with the down_proj re-fit, records the block's (x, y) pairs of
+every calibration token (tokens x hidden x 2 float32 on the device: these stay in
+memory even with `spill_dir`, which only moves the carried states to disk), and
+fits gate, up and down of the whole dense MLP (shared-expert blocks included) by
+Adam, keeping the step with the best held-out error (`refit.fit_mlp`).
 Only one layer's weights and the calibration activations are in memory.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -33,12 +41,17 @@ from mergekit_moe2dense.calibration.batches import TokenBatch
 from mergekit_moe2dense.calibration.layerwise import LayerStream, LayerVisitor
 from mergekit_moe2dense.plan import LayerPlan, assemble, block_dim, block_terms
 from mergekit_moe2dense.refit import (
+    FitSettings,
     LeastSquaresStats,
     fit_channel_scale,
     fit_down_proj,
+    fit_mlp,
+    mlp_error,
     regmean_merge,
     squared_error,
 )
+
+LOG = logging.getLogger(__name__)
 
 __all__ = [
     "DenseMLP",
@@ -48,10 +61,11 @@ __all__ = [
     "SparseBlock",
     "closed_form_fit",
     "fit_layers",
+    "gradient_fit",
     "refit_layers",
 ]
 
-REFIT_MODES = ("none", "scale", "down_proj")
+REFIT_MODES = ("none", "scale", "down_proj", "fit")
 
 
 class _Nothing(torch.nn.Module):
@@ -160,6 +174,8 @@ class LayerFit:
     dense: DenseMLP  # replaces the sparse block; its outputs are the next layer's inputs
     tensors: dict[str, torch.Tensor]  # projection ("gate", "up", "down") -> fitted tensor, to be written
     error: tuple[float, float]  # relative squared error of the block's output before, after the fit
+    # a fit that holds tokens out: its relative error on them at the start, at the end
+    heldout: tuple[float, float] | None = None
 
 
 # The per-layer step: (layer l's sparse block, its plan) -> the dense MLP replacing it.
@@ -172,6 +188,9 @@ class RefitResult:
     # decoder layer -> (relative squared error of the sparse block's output before, after the fit),
     # sum_t ||y_t - D h_t||^2 / sum_t ||y_t||^2 on the calibration tokens
     errors: dict[int, tuple[float, float]] = field(default_factory=dict)
+    # decoder layer -> the same on the held-out tokens, start -> end (`refit: fit` only)
+    heldout: dict[int, tuple[float, float]] = field(default_factory=dict)
+    seconds: dict[int, float] = field(default_factory=dict)  # decoder layer -> wall time of its fit
 
 
 class _Converting(LayerVisitor):
@@ -187,10 +206,14 @@ class _Converting(LayerVisitor):
         if plan is None:
             return {}
         block = SparseBlock.of(stream, index, layer)
+        start = time.perf_counter()
         fit = self.fitter(block, plan)
+        self.result.seconds[index] = time.perf_counter() - start
         names = stream.family.dense_mlp_names(index)
         self.result.tensors.update({names[p]: tensor.cpu() for p, tensor in fit.tensors.items()})
         self.result.errors[index] = fit.error
+        if fit.heldout is not None:
+            self.result.heldout[index] = fit.heldout
         return block.swaps(fit.dense)
 
 
@@ -220,16 +243,21 @@ def refit_layers(
     mode: str,
     damping: float,
     gate_up: str = "merge",
+    fit: FitSettings | None = None,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     spill_dir=None,
     progress: bool = True,
 ) -> RefitResult:
     """Fitted projections of every planned layer (down unless `mode` is none; gate and
-    up with `gate_up="regmean"`), and the layers' reconstruction errors."""
+    up with `gate_up="regmean"` or `mode="fit"`, whose settings are `fit`), and the
+    layers' reconstruction errors."""
     if mode not in REFIT_MODES:
         raise ValueError(f"unknown refit mode {mode!r}")
-    fitter = functools.partial(closed_form_fit, mode=mode, damping=damping, gate_up=gate_up)
+    if mode == "fit":
+        fitter = functools.partial(gradient_fit, settings=fit or FitSettings(), damping=damping, gate_up=gate_up)
+    else:
+        fitter = functools.partial(closed_form_fit, mode=mode, damping=damping, gate_up=gate_up)
     return fit_layers(
         source, plans, batches, fitter, device=device, dtype=dtype, spill_dir=spill_dir, progress=progress
     )
@@ -252,6 +280,36 @@ def closed_form_fit(
         fitted["down"] = down
     dense.down = down
     return LayerFit(dense, fitted, error)
+
+
+def gradient_fit(
+    block: SparseBlock, plan: LayerPlan, *, settings: FitSettings, damping: float, gate_up: str = "merge"
+) -> LayerFit:
+    """`refit: fit`: gate, up and down of the layer's dense MLP fitted by Adam to the
+    block's output, from the closed-form down_proj re-fit of the plan's merge; the
+    step with the lowest error on held-out calibration tokens is kept (the start
+    included, so the fit never ends worse than least squares there)."""
+    start = closed_form_fit(block, plan, mode="down_proj", damping=damping, gate_up=gate_up)
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    block.record(lambda x, y: pairs.append((x, y)))
+    # recorded under inference_mode: fresh tensors here, so that autograd may save them
+    x, y = (torch.cat(part).clone() for part in zip(*pairs))
+    pairs.clear()
+    dense = start.dense
+    fit = fit_mlp(x, y, dense.gate, dense.up, dense.down, block.act, settings)
+    merged = start.error[0]
+    error = (merged, mlp_error(x, y, fit.gate, fit.up, fit.down, block.act))
+    LOG.debug(
+        "layer %d: held-out relative error %.4g (least squares) -> %.4g (fit, best step %d of %d, %d held-out tokens)",
+        block.index,
+        fit.start_error,
+        fit.best_error,
+        fit.best_step,
+        settings.steps,
+        fit.holdout_tokens,
+    )
+    tensors = {"gate": fit.gate, "up": fit.up, "down": fit.down}
+    return LayerFit(DenseMLP(**tensors, act=block.act), tensors, error, heldout=(fit.start_error, fit.best_error))
 
 
 def _fit_down(block: SparseBlock, dense: DenseMLP, mode: str, damping: float):

@@ -10,8 +10,9 @@ dense MLP is assembled from the experts (plan.py). The arithmetic of the merge
 itself is one function for every method (`kernel.weighted_sum`).
 
 Every method also accepts the re-fit parameters (`refit: none | scale |
-down_proj`, `refit_damping`, `refit_gate_up: merge | regmean`), declared once in
-`MethodParameters`; build.py runs the re-fit (calibration/sequential.py) on
+down_proj | fit`, `refit_damping`, `refit_gate_up: merge | regmean`, and
+`refit: fit`'s `fit_steps`, `fit_lr`, `fit_batch_tokens`, `fit_holdout`),
+declared once in `MethodParameters`; build.py runs the re-fit (calibration/sequential.py) on
 whatever plan the method produced.
 """
 
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import pydantic
 import torch
-from pydantic import ConfigDict, Field, model_serializer
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_serializer
 
 from mergekit_moe2dense.calibration.stats import RouterStatistics
 from mergekit_moe2dense.errors import Moe2DenseError
@@ -39,7 +40,8 @@ if TYPE_CHECKING:
 PositiveInt = Annotated[int, Field(ge=1)]
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 Temperature = PositiveFloat
-Refit = Literal["none", "scale", "down_proj"]
+Refit = Literal["none", "scale", "down_proj", "fit"]
+FIT_PARAMETERS = ("fit_steps", "fit_lr", "fit_batch_tokens", "fit_holdout")
 Align = Literal["none", "weights", "activations"]
 ALIGN_DESCRIPTION = "permute each expert's hidden units to the most weighted expert's before averaging (alignment.py)"
 
@@ -65,6 +67,22 @@ class MethodParameters(pydantic.BaseModel):
     refit_gate_up: Literal["merge", "regmean"] = Field(
         "merge", description="gate/up: the method's weighted sum, or RegMean over the routed tokens' Gram matrices"
     )
+    fit_steps: Annotated[int, Field(ge=1, le=1_000_000)] = Field(300, description="refit: fit: Adam steps per layer")
+    fit_lr: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = Field(
+        0.1, description="refit: fit: Adam step size relative to each projection's RMS"
+    )
+    fit_batch_tokens: PositiveInt = Field(1024, description="refit: fit: calibration tokens per Adam step")
+    fit_holdout: Annotated[float, Field(gt=0, le=0.5, allow_inf_nan=False)] = Field(
+        0.1, description="refit: fit: fraction of the calibration tokens held out to keep the best step"
+    )
+
+    @field_validator(*FIT_PARAMETERS)
+    @classmethod
+    def _only_with_fit(cls, value, info: ValidationInfo):
+        # validators run on given values only: a fit_* parameter must change something
+        if info.data.get("refit") != "fit":
+            raise ValueError("only used with refit: fit")
+        return value
 
     @property
     def needs_refit(self) -> bool:
@@ -73,11 +91,12 @@ class MethodParameters(pydantic.BaseModel):
     @model_serializer(mode="wrap")
     def _method_parameters_first(self, handler):
         # The layout expert_weights.json and model cards have always had: the
-        # method's own parameters, then the re-fit ones, then fixed values.
+        # method's own parameters, then the re-fit ones, then fixed values; the
+        # fit_* ones only with refit: fit (they change nothing otherwise).
         data = handler(self)
-        common = MethodParameters.model_fields
+        common = [k for k in MethodParameters.model_fields if data.get("refit") == "fit" or k not in FIT_PARAMETERS]
         fixed = type(self).model_computed_fields
-        own = {k: v for k, v in data.items() if k not in common and k not in fixed}
+        own = {k: v for k, v in data.items() if k not in MethodParameters.model_fields and k not in fixed}
         return {**own, **{k: data[k] for k in common}, **{k: data[k] for k in fixed if k in data}}
 
 

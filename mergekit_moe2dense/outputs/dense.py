@@ -19,6 +19,7 @@ from mergekit_moe2dense.config import ConfigError
 from mergekit_moe2dense.graph import computed_tensors, plan_dense_merge, run_graph
 from mergekit_moe2dense.outputs.base import Output, write_model_files, write_weights_file
 from mergekit_moe2dense.plan import LayerPlan, with_family_scales
+from mergekit_moe2dense.refit import FitSettings
 
 LOG = logging.getLogger(__name__)
 
@@ -61,6 +62,14 @@ class DenseModel(Output):
     def _refit(self, job, planned: DensePlan) -> DensePlan:
         """Fit every layer's projections on the layer-sequential engine (refit.py)."""
         params = job.params
+        fit = None
+        if params.refit == "fit":
+            fit = FitSettings(
+                steps=params.fit_steps,
+                lr=params.fit_lr,
+                batch_tokens=params.fit_batch_tokens,
+                holdout=params.fit_holdout,
+            )
         result = refit_layers(
             job.source,
             planned.layers,
@@ -68,6 +77,7 @@ class DenseModel(Output):
             mode=params.refit,
             damping=params.refit_damping,
             gate_up=params.refit_gate_up,
+            fit=fit,
             device=job.device,
             dtype=job.calibration_dtype,
             spill_dir=job.config.calibration.spill_dir,
@@ -75,9 +85,20 @@ class DenseModel(Output):
         )
         for index, (before, after) in sorted(result.errors.items()):
             LOG.info("layer %d: relative MLP reconstruction error %.4g -> %.4g after refit", index, before, after)
-        fitted = (("gate", "up") if params.refit_gate_up == "regmean" else ()) + (
-            ("down",) if params.refit != "none" else ()
-        )
+        for index, (start, end) in sorted(result.heldout.items()):
+            LOG.info(
+                "layer %d: held-out relative error %.4g (least-squares start) -> %.4g (refit: fit), %.1f s",
+                index,
+                start,
+                end,
+                result.seconds[index],
+            )
+        if params.refit == "fit":
+            fitted = ("gate", "up", "down")
+        else:
+            fitted = (("gate", "up") if params.refit_gate_up == "regmean" else ()) + (
+                ("down",) if params.refit != "none" else ()
+            )
         layers = [dataclasses.replace(plan, fitted=fitted) for plan in planned.layers]
         return dataclasses.replace(
             planned, layers=layers, fitted=result.tensors, measured=(*planned.measured, refit_table(result.errors))
