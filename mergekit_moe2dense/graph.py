@@ -8,7 +8,9 @@ same tensor from several models. Here the inputs are several tensors (experts)
 of one model, so we plan the graph ourselves and reuse mergekit's tasks and
 executor: tensors load lazily, equal read tasks are shared (a fused
 `gate_up_proj` is read once for both projections), and values are freed after
-their last use, which keeps memory near one layer's experts.
+their last use. Reads are scheduled in the checkpoint's file order (`ReadTensor.group_label`),
+and the output is written tensor by tensor as it is produced (`writer.ShardWriter`), so memory
+stays near one layer's experts whatever the number of layers.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from mergekit_moe2dense.checkpoint import READAHEAD_BYTES, TensorReader, read_in
 from mergekit_moe2dense.families import PROJECTIONS, ExpertSlice
 from mergekit_moe2dense.methods.kernel import weighted_sum
 from mergekit_moe2dense.plan import LayerPlan
+from mergekit_moe2dense.writer import DEFAULT_HEADER_BYTES, ShardWriter, abort_open_writers, header_bytes_for
 
 
 class ReadTensor(Task[torch.Tensor]):
@@ -50,7 +53,10 @@ class ReadTensor(Task[torch.Tensor]):
         return -1000  # as LoadTensor: read as late as possible, freed soon after
 
     def group_label(self) -> str | None:
-        return self.tensor
+        # mergekit's executor runs the ready task of the smallest label first: the shard and byte
+        # offset make that the checkpoint's file order (the tensor name would put layer 10 before 2),
+        # so reads follow the read-ahead and each layer is merged and written before the next is read
+        return open_readers.get(self.model).file_position(self.tensor)
 
     def execute(self) -> torch.Tensor:
         value = open_readers.get(self.model).read(self.tensor)
@@ -227,7 +233,15 @@ class TensorIO:
     def read(self, name: str) -> ReadTensor:
         return ReadTensor(model=self.model, tensor=name, dtype=self.dtype)
 
-    def writer(self, out_path: str) -> TensorWriterTask:
+    def writer(self, out_path: str, names: Sequence[str] | None = None) -> TensorWriterTask:
+        """safetensors: a `ShardWriter` (tensors written as they come; `names`, the tensors it will
+        get, size the shard headers); pickle: mergekit's writer (a shard is held until written)."""
+        if self.safe_serialization:
+            return ShardWriterTask(
+                out_path=out_path,
+                max_shard_size=self.max_shard_size,
+                header_bytes=header_bytes_for(names) if names is not None else DEFAULT_HEADER_BYTES,
+            )
         return TensorWriterTask(
             out_path=out_path,
             max_shard_size=self.max_shard_size,
@@ -236,10 +250,26 @@ class TensorIO:
             write_threads=self.write_threads,
         )
 
+    def write_all(self, out_path: str, tensors: Sequence[tuple[str, Task]]) -> FinalizeModel:
+        """The task that writes every (name, task) of `tensors` into one model directory."""
+        writer = self.writer(out_path, [name for name, _ in tensors])
+        saves = tuple(self.save(name, task, writer) for name, task in tensors)
+        return FinalizeModel(tensor_save_tasks=saves, writer_task=writer)
+
     def save(self, name: str, task: Task, writer: TensorWriterTask) -> SaveTensor:
         return SaveTensor(
             tensor_name=name, tensor_task=task, writer_task=writer, clone=self.clone_tensors, dtype=self.out_dtype
         )
+
+
+class ShardWriterTask(TensorWriterTask):
+    """mergekit's writer task, giving a `writer.ShardWriter` (safetensors written as tensors come)."""
+
+    safe_serialization: bool = True
+    header_bytes: int = DEFAULT_HEADER_BYTES
+
+    def execute(self, **_kwargs) -> ShardWriter:
+        return ShardWriter(self.out_path, max_shard_size=self.max_shard_size, header_bytes=self.header_bytes)
 
 
 class ComputedTensor(Task[torch.Tensor]):
@@ -287,8 +317,7 @@ def plan_dense_merge(
     `fitted` come from the `fitted` tasks (by dense tensor name) instead of a merge.
     """
     family, config = source.family, source.config
-    writer = io.writer(out_path)
-    saves, consumed, padded = [], set(), {}
+    outputs, consumed, padded = [], set(), {}
     converted = {plan.layer.index for plan in plans}
     if width is not None and family.dense_layer_width(config) is not None:
         for layer in range(config.num_hidden_layers):
@@ -303,13 +332,13 @@ def plan_dense_merge(
                 task = fitted[names[projection]]
             else:
                 task = projection_task(io.model, plan, projection, io.dtype)
-            saves.append(io.save(names[projection], _padded(task, projection, width), writer))
+            outputs.append((names[projection], _padded(task, projection, width)))
         for name, shape in family.dense_zero_tensors(config, plan.layer.index).items():
-            saves.append(io.save(name, ZeroTensor(name=name, shape=tuple(shape)), writer))
+            outputs.append((name, ZeroTensor(name=name, shape=tuple(shape))))
     for name in source.tensor_names:
         if name not in consumed:
-            saves.append(io.save(name, padded.get(name) or io.read(name), writer))
-    return [FinalizeModel(tensor_save_tasks=tuple(saves), writer_task=writer)]
+            outputs.append((name, padded.get(name) or io.read(name)))
+    return [io.write_all(out_path, outputs)]
 
 
 def _padded(task: Task, projection: str, width: int | None) -> Task:
@@ -321,9 +350,12 @@ def _padded(task: Task, projection: str, width: int | None) -> Task:
 def run_graph(targets: list[Task], options, desc: str = "Merging experts") -> None:
     """Execute the write graph with mergekit's executor; the run's readers are closed after."""
     device = options.device or "cpu"
-    executor = Executor(targets=targets, math_device=device, storage_device=device if options.low_cpu_memory else "cpu")
     try:
+        executor = Executor(
+            targets=targets, math_device=device, storage_device=device if options.low_cpu_memory else "cpu"
+        )
         for _ in executor.run(quiet=options.quiet, desc=desc):
             pass
     finally:
         open_readers.close_all()
+        abort_open_writers()
