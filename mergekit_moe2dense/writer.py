@@ -32,10 +32,14 @@ from collections.abc import Iterable
 
 import torch
 
+from mergekit_moe2dense.memory import release_freed_memory
+
 __all__ = ["DEFAULT_HEADER_BYTES", "MAX_PENDING_BYTES", "ShardWriter", "abort_open_writers", "header_bytes_for"]
 
-# What waits for the writing thread, at most (one layer's dense MLP of a large model).
-MAX_PENDING_BYTES = 256 << 20
+# What waits for the writing thread, at most (or one tensor, if larger).
+MAX_PENDING_BYTES = 64 << 20
+# Freed heap memory is handed back to the OS after every this many bytes written (about a layer).
+TRIM_BYTES = 64 << 20
 # The header reserve when the tensor names are not known up front.
 DEFAULT_HEADER_BYTES = 256 << 10
 # The longest header entry a tensor name adds, beyond its own JSON string: dtype, a shape of up to
@@ -123,6 +127,7 @@ class ShardWriter:
         self.max_pending = max_pending
         self.weight_map: dict[str, str] = {}
         self.total_size = 0
+        self._since_trim = 0
         self._shards: list[str] = []  # temporary file names, in order
         self._shard: _Shard | None = None
         self._queue: deque[tuple[str, torch.Tensor] | None] = deque()
@@ -232,3 +237,7 @@ class ShardWriter:
         shard.write(name, entry, tensor)
         self.weight_map[name] = self._shards[-1]
         self.total_size += nbytes
+        self._since_trim += nbytes
+        if self._since_trim >= TRIM_BYTES:  # the merge has freed a layer's experts meanwhile
+            self._since_trim = 0
+            release_freed_memory()
