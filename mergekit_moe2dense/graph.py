@@ -16,15 +16,17 @@ stays near one layer's experts whatever the number of layers.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from mergekit.common import ModelReference, dtype_from_name
 from mergekit.graph import Executor, Task
 from mergekit.io.tasks import FinalizeModel, SaveTensor, TensorWriterTask
+from safetensors.torch import load_file, save_file
 
 from mergekit_moe2dense.checkpoint import READAHEAD_BYTES, TensorReader, read_index
 from mergekit_moe2dense.families import PROJECTIONS, ExpertSlice
@@ -289,8 +291,36 @@ class ComputedTensor(Task[torch.Tensor]):
 _STORES: dict[str, dict[str, torch.Tensor]] = {}
 
 
+class SpilledTensors(MutableMapping):
+    """A {name: tensor} mapping kept on disk: each tensor set is written at once to its own
+    safetensors file under `directory`, and read back when looked up. The re-fit's fitted
+    projections go here, so the conversion does not hold one per layer in memory."""
+
+    def __init__(self, directory: str):
+        os.makedirs(directory, exist_ok=True)
+        self.directory = directory
+        self._files: dict[str, str] = {}
+
+    def __setitem__(self, name: str, tensor: torch.Tensor) -> None:
+        path = self._files.get(name) or os.path.join(self.directory, f"{len(self._files):06d}.safetensors")
+        save_file({"tensor": tensor.detach().cpu().contiguous()}, path)
+        self._files[name] = path
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return load_file(self._files[name])["tensor"]
+
+    def __delitem__(self, name: str) -> None:
+        os.remove(self._files.pop(name))
+
+    def __iter__(self):
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+
 @contextlib.contextmanager
-def computed_tensors(tensors: dict[str, torch.Tensor]) -> Iterator[dict[str, ComputedTensor]]:
+def computed_tensors(tensors: Mapping[str, torch.Tensor]) -> Iterator[dict[str, ComputedTensor]]:
     """One `ComputedTensor` task per named tensor, valid inside the block."""
     store = uuid.uuid4().hex
     _STORES[store] = tensors

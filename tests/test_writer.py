@@ -14,11 +14,12 @@ from mergekit.options import MergeOptions
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from helpers import make_config
 from mergekit_moe2dense import writer as writer_module
 from mergekit_moe2dense.build import build_dense
 from mergekit_moe2dense.checkpoint import SourceModel
 from mergekit_moe2dense.config import Moe2DenseConfig
-from mergekit_moe2dense.graph import ReadTensor, open_readers
+from mergekit_moe2dense.graph import ReadTensor, SpilledTensors, open_readers
 from mergekit_moe2dense.writer import ShardWriter, header_bytes_for
 
 
@@ -191,3 +192,36 @@ def test_merge_output_is_written_as_it_is_produced(random_moe, tmp_path, monkeyp
     assert not open_readers._readers and not writer_module._OPEN
     ref, dense = load_file(tmp_path / "ref" / "model.safetensors"), load_file(tmp_path / "dense" / "model.safetensors")
     assert ref.keys() == dense.keys() and all(torch.equal(ref[k], dense[k]) for k in ref)
+
+
+def test_refit_projections_wait_on_disk_not_in_memory(random_moe, calib_dir, tmp_path, monkeypatch):
+    """The re-fit's down projections go to `SpilledTensors` files in the staging directory as each
+    layer is fitted, reach the output unchanged, and the files are gone from the published model."""
+    written = {}
+    original = SpilledTensors.__setitem__
+
+    def recording(self, name, tensor):
+        written[name] = tensor.clone()
+        original(self, name, tensor)
+        assert not any(t is tensor for t in self._files.values())  # only a path is kept
+
+    monkeypatch.setattr(SpilledTensors, "__setitem__", recording)
+    config = make_config(random_moe["legacy"], "router_weighted", calib_dir, refit="down_proj")
+    build_dense(config, str(tmp_path / "dense"), MergeOptions(quiet=True))
+    source = SourceModel.open(config.model)
+    downs = {source.family.dense_mlp_names(layer.index)["down"] for layer in source.moe_layers()}
+    assert set(written) == downs
+    dense = load_file(tmp_path / "dense" / "model.safetensors")
+    assert all(torch.equal(dense[name], written[name].to(dense[name].dtype)) for name in downs)
+    assert not [p for p in (tmp_path / "dense").rglob("*") if ".fitted" in str(p)]
+
+
+def test_spilled_tensors_round_trip(tmp_path):
+    store = SpilledTensors(str(tmp_path / "spill"))
+    store["a"] = torch.arange(6.0).reshape(2, 3).t()  # not contiguous
+    store["b"] = torch.ones(2, dtype=torch.bfloat16)
+    store["a"] = torch.zeros(1)  # replaced in place
+    assert list(store) == ["a", "b"] and len(store) == 2
+    assert torch.equal(store["a"], torch.zeros(1)) and store["b"].dtype == torch.bfloat16
+    del store["b"]
+    assert list(store) == ["a"] and len(list((tmp_path / "spill").iterdir())) == 1
