@@ -66,6 +66,9 @@ def run(preset: str, out: Path | None, cache_dir: str | None, max_tokens: int, p
     from mergekit_moe2dense.evaluate import evaluate_models, format_results_table
     from mergekit_moe2dense.inspection import inspect_moe
 
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars of every model load
     started = time.perf_counter()
     say = print
     say(f"1/4 testbed `{preset}` (built once, then cached)...", flush=True)
@@ -97,6 +100,7 @@ def run(preset: str, out: Path | None, cache_dir: str | None, max_tokens: int, p
     moe_result, dense_result = evaluate_models(
         [str(testbed.moe), str(out)], documents, seq_len=seq_len, batch_size=8, max_tokens=max_tokens, progress=False
     )
+    evaluated = time.perf_counter()
     moe_result.model, dense_result.model = "MoE", f"dense ({method['merge_method']})"
     say(format_results_table([moe_result, dense_result], reference="MoE"))
     say(verdict_line(moe_result.perplexity, dense_result.perplexity))
@@ -109,7 +113,12 @@ def run(preset: str, out: Path | None, cache_dir: str | None, max_tokens: int, p
         "moe_perplexity": moe_result.perplexity,
         "dense_perplexity": dense_result.perplexity,
         "ratio": dense_result.perplexity / moe_result.perplexity,
-        "seconds": {"testbed": built - started, "convert": converted - built, "total": elapsed},
+        "seconds": {
+            "testbed": built - started,
+            "convert": converted - built,
+            "evaluate": evaluated - converted,
+            "total": elapsed,
+        },
     }
 
 
