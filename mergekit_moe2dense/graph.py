@@ -94,24 +94,37 @@ open_readers = _OpenReaders()
 
 class MergeExperts(Task[torch.Tensor]):
     """One dense projection: sum_e w_e W_e over one layer's expert slices
-    (`methods.kernel.weighted_sum`, the same kernel for every method)."""
+    (`methods.kernel.weighted_sum`, the same kernel for every method).
 
-    sources: tuple[ReadTensor, ...]  # distinct checkpoint tensors
+    Each expert's slice is read from the checkpoint inside the task, just before it is added
+    (only its bytes: one expert's rows of a fused tensor are a contiguous range, so a fused
+    `gate_up_proj` is still read once between the gate and the up merge), and freed after:
+    the merge holds the float32 sum and one expert, not a whole layer of experts.
+    """
+
+    model: ModelReference
     slices: tuple[ExpertSlice, ...]  # one per contributing expert
     weights: tuple[float, ...]
+    dtype: str | None = None  # the experts are cast to it before the sum (None: as stored)
+    device: str | None = None  # where the sum is computed (None: CPU)
 
     def arguments(self) -> dict[str, Task]:
-        return {f"source_{i}": task for i, task in enumerate(self.sources)}
-
-    def uses_accelerator(self) -> bool:
-        return True
+        return {}
 
     def group_label(self) -> str | None:
-        return self.sources[0].group_label()
+        return open_readers.get(self.model).file_position(self.slices[0].tensor)
 
-    def execute(self, **kwargs) -> torch.Tensor:
-        by_name = {task.tensor: kwargs[f"source_{i}"] for i, task in enumerate(self.sources)}
-        return weighted_sum([piece.take(by_name[piece.tensor]) for piece in self.slices], self.weights)
+    def execute(self) -> torch.Tensor:
+        reader = open_readers.get(self.model)
+        dtype = dtype_from_name(self.dtype) if self.dtype else None
+
+        def load(e: int) -> torch.Tensor:
+            value = reader.read_slice(self.slices[e])
+            if dtype is not None and value.dtype != dtype:
+                value = value.to(dtype)
+            return value.to(self.device) if self.device else value
+
+        return weighted_sum(load, self.weights)
 
 
 class ConcatBlocks(Task[torch.Tensor]):
@@ -178,19 +191,22 @@ def merge_experts_task(
     slices: Sequence[ExpertSlice],
     weights: Sequence[float],
     dtype: str | None = None,
+    device: str | None = None,
 ) -> MergeExperts:
     """Experts with zero weight are left out, so e.g. `single_expert` reads one expert."""
     used = [e for e, w in enumerate(weights) if w != 0.0]
-    pieces = tuple(slices[e] for e in used)
-    names = sorted({piece.tensor for piece in pieces})
     return MergeExperts(
-        sources=tuple(ReadTensor(model=model, tensor=name, dtype=dtype) for name in names),
-        slices=pieces,
+        model=model,
+        slices=tuple(slices[e] for e in used),
         weights=tuple(float(weights[e]) for e in used),
+        dtype=dtype,
+        device=device,
     )
 
 
-def projection_task(model: ModelReference, plan: LayerPlan, projection: str, dtype: str | None) -> Task:
+def projection_task(
+    model: ModelReference, plan: LayerPlan, projection: str, dtype: str | None, device: str | None = None
+) -> Task:
     """One dense projection of a layer: its blocks merged, scaled and concatenated."""
     parts, scales = [], []
     for block in plan.blocks:
@@ -198,7 +214,7 @@ def projection_task(model: ModelReference, plan: LayerPlan, projection: str, dty
             slices, weights = [plan.layer.shared_experts[block.shared][projection]], [1.0]
         else:
             slices, weights = [expert[projection] for expert in plan.layer.experts], block.weights
-        parts.append(merge_experts_task(model, slices, weights, dtype))
+        parts.append(merge_experts_task(model, slices, weights, dtype, device))
         scales.append(block.down_scale if projection == "down" else 1.0)
     if len(parts) == 1 and scales[0] == 1.0:
         return parts[0]
@@ -218,6 +234,7 @@ class TensorIO:
     async_write: bool = False
     write_threads: int = 1
     clone_tensors: bool = False
+    device: str | None = None  # of the merge arithmetic (None: CPU)
 
     @classmethod
     def from_options(cls, model: ModelReference, dtype, out_dtype, options) -> TensorIO:
@@ -230,6 +247,7 @@ class TensorIO:
             async_write=options.async_write,
             write_threads=options.write_threads,
             clone_tensors=options.clone_tensors,
+            device=options.device if options.device and options.device != "cpu" else None,
         )
 
     def read(self, name: str) -> ReadTensor:
@@ -361,7 +379,7 @@ def plan_dense_merge(
             if projection in plan.fitted:
                 task = fitted[names[projection]]
             else:
-                task = projection_task(io.model, plan, projection, io.dtype)
+                task = projection_task(io.model, plan, projection, io.dtype, io.device)
             outputs.append((names[projection], _padded(task, projection, width)))
         for name, shape in family.dense_zero_tensors(config, plan.layer.index).items():
             outputs.append((name, ZeroTensor(name=name, shape=tuple(shape))))

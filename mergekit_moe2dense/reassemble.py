@@ -82,7 +82,9 @@ def plan_moe_merge(
             plan = LayerPlan(layer, (Block(tuple(row)),))
             names = family.moe_expert_names(layer.index, expert)
             for projection in PROJECTIONS:
-                saves.append(io.save(names[projection], projection_task(io.model, plan, projection, io.dtype), writer))
+                saves.append(
+                    io.save(names[projection], projection_task(io.model, plan, projection, io.dtype, io.device), writer)
+                )
         router = family.moe_router_name(layer.index)
         saves.append(io.save(router, routers[router], writer))
     for name in source.tensor_names:
