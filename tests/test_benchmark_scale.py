@@ -49,4 +49,11 @@ def test_scale_benchmark_smoke(tmp_path):
         "peak_rss_moe2dense_vs_mergekit_linear",
     }
     assert 0 < merge["moe2dense"]["written_bytes"] < merge["mergekit_linear"]["written_bytes"]
+    conversion = results["conversion"]  # whole conversions, the peak of each phase
+    assert set(conversion) == {"router_weighted", "refit"}
+    assert {"prepare", "calibration", "merge_and_write"} <= set(conversion["router_weighted"]["phases"])
+    assert "refit" in conversion["refit"]["phases"] and conversion["refit"]["refit_s_per_layer"] > 0
+    for entry in conversion.values():
+        peaks = [phase["peak_rss_bytes"] for phase in entry["phases"].values()]
+        assert 0 < max(peaks) <= entry["peak_rss_bytes"]
     assert not workdir.exists()  # generated checkpoints are cleaned up
