@@ -310,31 +310,50 @@ _STORES: dict[str, dict[str, torch.Tensor]] = {}
 
 
 class SpilledTensors(MutableMapping):
-    """A {name: tensor} mapping kept on disk: each tensor set is written at once to its own
-    safetensors file under `directory`, and read back when looked up. The re-fit's fitted
-    projections go here, so the conversion does not hold one per layer in memory."""
+    """A {name: tensor} mapping that holds at most `keep_bytes` in memory: past that, each tensor
+    set is written at once to its own safetensors file under `directory` (created then) and read
+    back when looked up. The re-fit's fitted projections go here, so a conversion does not hold one
+    per layer in memory (2.4 GB of float32 for 164 layers of the 30 GB benchmark), while a small
+    model's stay in memory, handed to the graph without a round trip through the disk."""
 
-    def __init__(self, directory: str):
-        os.makedirs(directory, exist_ok=True)
+    KEEP_BYTES = 64 << 20
+
+    def __init__(self, directory: str, keep_bytes: int | None = None):
         self.directory = directory
+        self.keep_bytes = self.KEEP_BYTES if keep_bytes is None else keep_bytes
+        self._held: dict[str, torch.Tensor] = {}
         self._files: dict[str, str] = {}
 
     def __setitem__(self, name: str, tensor: torch.Tensor) -> None:
-        path = self._files.get(name) or os.path.join(self.directory, f"{len(self._files):06d}.safetensors")
-        save_file({"tensor": tensor.detach().cpu().contiguous()}, path)
+        if name in self:
+            del self[name]
+        tensor = tensor.detach().cpu().contiguous()
+        held = sum(t.numel() * t.element_size() for t in self._held.values())
+        if held + tensor.numel() * tensor.element_size() <= self.keep_bytes:
+            self._held[name] = tensor
+            return
+        os.makedirs(self.directory, exist_ok=True)
+        path = os.path.join(self.directory, f"{len(self._files):06d}-{uuid.uuid4().hex[:8]}.safetensors")
+        save_file({"tensor": tensor}, path)
         self._files[name] = path
 
     def __getitem__(self, name: str) -> torch.Tensor:
+        if name in self._held:
+            return self._held[name]
         return load_file(self._files[name])["tensor"]
 
     def __delitem__(self, name: str) -> None:
-        os.remove(self._files.pop(name))
+        if self._held.pop(name, None) is None:
+            os.remove(self._files.pop(name))
 
     def __iter__(self):
-        return iter(self._files)
+        return iter([*self._held, *self._files])
 
     def __len__(self) -> int:
-        return len(self._files)
+        return len(self._held) + len(self._files)
+
+    def __contains__(self, name) -> bool:
+        return name in self._held or name in self._files
 
 
 @contextlib.contextmanager

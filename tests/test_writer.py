@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import weakref
 
@@ -203,8 +204,9 @@ def test_refit_projections_wait_on_disk_not_in_memory(random_moe, calib_dir, tmp
     def recording(self, name, tensor):
         written[name] = tensor.clone()
         original(self, name, tensor)
-        assert not any(t is tensor for t in self._files.values())  # only a path is kept
+        assert not self._held and os.path.isfile(self._files[name])  # only a path is kept
 
+    monkeypatch.setattr(SpilledTensors, "KEEP_BYTES", 0)  # nothing kept in memory
     monkeypatch.setattr(SpilledTensors, "__setitem__", recording)
     config = make_config(random_moe["legacy"], "router_weighted", calib_dir, refit="down_proj")
     build_dense(config, str(tmp_path / "dense"), MergeOptions(quiet=True))
@@ -216,12 +218,15 @@ def test_refit_projections_wait_on_disk_not_in_memory(random_moe, calib_dir, tmp
     assert not [p for p in (tmp_path / "dense").rglob("*") if ".fitted" in str(p)]
 
 
-def test_spilled_tensors_round_trip(tmp_path):
-    store = SpilledTensors(str(tmp_path / "spill"))
-    store["a"] = torch.arange(6.0).reshape(2, 3).t()  # not contiguous
-    store["b"] = torch.ones(2, dtype=torch.bfloat16)
-    store["a"] = torch.zeros(1)  # replaced in place
-    assert list(store) == ["a", "b"] and len(store) == 2
-    assert torch.equal(store["a"], torch.zeros(1)) and store["b"].dtype == torch.bfloat16
+def test_spilled_tensors_keep_a_budget_in_memory_and_the_rest_on_disk(tmp_path):
+    store = SpilledTensors(str(tmp_path / "spill"), keep_bytes=24)
+    store["a"] = torch.arange(6.0).reshape(2, 3).t()  # 24 bytes, not contiguous: kept in memory
+    store["b"] = torch.ones(2, dtype=torch.bfloat16)  # over the budget: on disk
+    store["c"] = torch.ones(3, dtype=torch.int64)
+    assert not (tmp_path / "spill" / "x").exists() and len(list((tmp_path / "spill").iterdir())) == 2
+    assert sorted(store) == ["a", "b", "c"] and len(store) == 3
+    assert torch.equal(store["a"], torch.arange(6.0).reshape(2, 3).t()) and store["b"].dtype == torch.bfloat16
     del store["b"]
-    assert list(store) == ["a"] and len(list((tmp_path / "spill").iterdir())) == 1
+    store["c"] = torch.zeros(1)  # replaced
+    assert sorted(store) == ["a", "c"] and torch.equal(store["c"], torch.zeros(1))
+    assert len(list((tmp_path / "spill").iterdir())) == 1
