@@ -57,6 +57,7 @@ def verdict_line(moe_ppl: float, dense_ppl: float, single_expert_width: bool = T
 
 
 def run(preset: str, out: Path | None, cache_dir: str | None, max_tokens: int, progress: bool) -> dict:
+    import transformers
     from mergekit.options import MergeOptions
 
     from benchmarks.testbed import build_testbed, default_cache_dir
@@ -65,8 +66,6 @@ def run(preset: str, out: Path | None, cache_dir: str | None, max_tokens: int, p
     from mergekit_moe2dense.data import load_documents
     from mergekit_moe2dense.evaluate import evaluate_models, format_results_table
     from mergekit_moe2dense.inspection import inspect_moe
-
-    import transformers
 
     transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars of every model load
     started = time.perf_counter()
