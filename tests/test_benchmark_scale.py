@@ -55,5 +55,7 @@ def test_scale_benchmark_smoke(tmp_path):
     assert "refit" in conversion["refit"]["phases"] and conversion["refit"]["refit_s_per_layer"] > 0
     for entry in conversion.values():
         peaks = [phase["peak_rss_bytes"] for phase in entry["phases"].values()]
-        assert 0 < max(peaks) <= entry["peak_rss_bytes"]
+        # VmRSS/VmHWM (per phase) and ru_maxrss (the process) are synced from per-thread counters at
+        # different moments: they agree to well under 1%
+        assert 0 < max(peaks) <= 1.01 * entry["peak_rss_bytes"]
     assert not workdir.exists()  # generated checkpoints are cleaned up
