@@ -170,10 +170,11 @@ class Measured:
     report: dict
 
 
-def measure(command: list[str]) -> Measured:
-    """Runs `command`; its wall time, its peak RSS (ru_maxrss of this child only), its
-    peak anonymous RSS, and the JSON object it printed last on stdout, if any."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+def measure(command: list[str], library: Path = REPO) -> Measured:
+    """Runs `command` with mergekit_moe2dense imported from `library`; its wall time, its peak
+    RSS (ru_maxrss of this child only), its peak anonymous RSS, and the JSON object it printed
+    last on stdout, if any."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(library), os.environ.get("PYTHONPATH", "")])}
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
         child = subprocess.Popen(command, stdout=out, stderr=err, env=env, text=True)
@@ -207,8 +208,17 @@ def anonymous_rss(pid: int) -> int:
     return 0
 
 
+DROP_ALL_CACHES = False  # --drop-caches
+
+
 def drop_page_cache(path: Path) -> None:
-    """Evicts the checkpoint's pages so the next reader hits the disk (no root needed)."""
+    """Evicts the checkpoint's pages so the next reader hits the disk: with --drop-caches (root) the
+    kernel's whole page cache (`echo 3 > /proc/sys/vm/drop_caches`), else the checkpoint's files
+    with posix_fadvise (no root needed; on a virtual disk the host may still cache them)."""
+    if DROP_ALL_CACHES:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return
     for file in path.iterdir():
         fd = os.open(file, os.O_RDONLY)
         try:
@@ -255,6 +265,99 @@ def child_calibrate(
     print(json.dumps({"seconds": seconds, "tokens": stats.tokens, "mean_probs": stats.mean_probs.tolist()}))
 
 
+CONVERSIONS = {
+    # the issue's new-user run: router statistics streamed layer by layer, bf16 throughout
+    "router_weighted": {"merge_method": "router_weighted"},
+    # the same with the least-squares re-fit of every down projection (a second layer stream)
+    "refit": {"merge_method": "router_weighted", "parameters": {"refit": "down_proj"}},
+    # the gradient-based re-fit of another branch: reported as skipped where `refit: fit` is refused
+    "refit_fit": {"merge_method": "router_weighted", "parameters": {"refit": "fit"}},
+}
+
+
+def child_convert(model: str, data: str, out: str, name: str, seq_len: int, num_samples: int, device: str) -> None:
+    """One whole conversion through `build_dense`, with this process's RSS sampled every 20 ms
+    and its high-water mark (VmHWM) read at each phase boundary: the peak of each phase."""
+    import threading
+
+    from mergekit.options import MergeOptions
+
+    import mergekit_moe2dense.build as build
+    import mergekit_moe2dense.outputs.dense as dense
+    from mergekit_moe2dense.config import Moe2DenseConfig
+    from mergekit_moe2dense.errors import Moe2DenseError
+
+    phases: dict[str, dict] = {}
+    state = {"phase": "prepare", "start": time.perf_counter(), "hwm": _proc_status("VmHWM"), "max": 0}
+    stop = threading.Event()
+
+    def sample():
+        while not stop.wait(0.02):
+            state["max"] = max(state["max"], _proc_status("VmRSS"))
+
+    def switch(phase: str) -> None:
+        hwm, now = _proc_status("VmHWM"), time.perf_counter()
+        state["max"] = max(state["max"], _proc_status("VmRSS"))
+        peak = hwm if hwm > state["hwm"] else state["max"]  # exact when the phase raised the mark
+        entry = phases.setdefault(state["phase"], {"seconds": 0.0, "peak_rss_bytes": 0})
+        entry["seconds"] += now - state["start"]
+        entry["peak_rss_bytes"] = max(entry["peak_rss_bytes"], peak)
+        state.update(phase=phase, start=now, hwm=hwm, max=0)
+
+    def phased(phase: str, function):
+        def wrapper(*args, **kwargs):
+            previous = state["phase"]
+            switch(phase)
+            try:
+                return function(*args, **kwargs)
+            finally:
+                switch(previous if previous != "prepare" else "other (planning, files)")
+
+        return wrapper
+
+    build.calibrate = phased("calibration", build.calibrate)
+    dense.DenseModel._refit = phased("refit", dense.DenseModel._refit)
+    dense.run_graph = phased("merge_and_write", dense.run_graph)
+    spec = {
+        **CONVERSIONS[name],
+        "models": [{"model": model}],
+        "dtype": "bfloat16",
+        "calibration": {
+            "dataset": data,
+            "num_samples": num_samples,
+            "seq_len": seq_len,
+            "batch_size": 4,
+            "dtype": "bfloat16",
+            "engine": "layerwise",
+        },
+    }
+    try:
+        config = Moe2DenseConfig.model_validate(spec)
+    except Moe2DenseError as error:
+        return print(json.dumps({"skipped": str(error)}))
+    threading.Thread(target=sample, daemon=True).start()
+    start = time.perf_counter()
+    try:
+        build.build_dense(config, out, MergeOptions(quiet=True, device=device))
+    except Moe2DenseError as error:
+        if state["phase"] != "prepare":
+            raise
+        return print(json.dumps({"skipped": str(error)}))  # refused before any work: not available here
+    switch("done")
+    stop.set()
+    print(
+        json.dumps({"seconds": time.perf_counter() - start, "phases": phases, "peak_rss_bytes": _proc_status("VmHWM")})
+    )
+
+
+def _proc_status(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def child_read(model: str) -> None:
     buffer = bytearray(64 << 20)
     total = 0
@@ -278,7 +381,11 @@ def run(args) -> dict:
     try:
         # in a child: Linux carries a parent's RSS at fork into the child's ru_maxrss,
         # so this process stays small (no torch) and measures nothing itself
-        m = measure([*me, "_generate", str(model), str(size), "smoke" if args.smoke else "full"])
+        if args.keep and (model / "model.safetensors.index.json").is_file():  # from an earlier --keep run
+            m = Measured(0.0, 0, 0, {"bytes": sum(f.stat().st_size for f in model.glob("*.safetensors"))})
+            m.report["engines"] = available_engines()
+        else:
+            m = measure([*me, "_generate", str(model), str(size), "smoke" if args.smoke else "full"])
         on_disk, engines = m.report["bytes"], m.report["engines"]
         results["checkpoint"] = {
             "bytes": on_disk,
@@ -343,6 +450,52 @@ def run(args) -> dict:
             entry.pop("mean_probs", None)
         results["calibration"] = calib
 
+        conversions = {}
+        libraries = {"": REPO, **({" (baseline)": Path(args.baseline)} if args.baseline else {})}
+        for name, (suffix, library) in [(n, lib) for n in args.conversions for lib in libraries.items()]:
+            out = workdir / f"out-convert-{name}"
+            drop_page_cache(model)
+            m = measure(
+                [*me, "_convert", str(model), str(data), str(out), name, str(args.seq_len), str(num_samples), device],
+                library,
+            )
+            name = name + suffix
+            if "skipped" in m.report:
+                conversions[name] = {"skipped": m.report["skipped"]}
+                print(f"conversion {name}: skipped, the library refused it: {m.report['skipped']}", flush=True)
+                continue
+            phases = m.report["phases"]
+            conversions[name] = {
+                "wall_s": m.wall_s,
+                "peak_rss_bytes": m.peak_rss_bytes,
+                "peak_rss_vs_checkpoint": m.peak_rss_bytes / on_disk,
+                "peak_anon_rss_bytes": m.peak_anon_rss_bytes,
+                "phases": {
+                    phase: {**entry, "peak_rss_vs_checkpoint": entry["peak_rss_bytes"] / on_disk}
+                    for phase, entry in phases.items()
+                },
+            }
+            if "refit" in phases:
+                conversions[name]["refit_s_per_layer"] = phases["refit"]["seconds"] / results["checkpoint"]["layers"]
+            shutil.rmtree(out)
+            print(
+                f"conversion {name}: {m.wall_s:.1f} s, peak RSS {m.peak_rss_bytes / GB:.2f} GB "
+                f"({100 * m.peak_rss_bytes / on_disk:.1f}% of the checkpoint); by phase: "
+                + ", ".join(
+                    f"{phase} {entry['peak_rss_bytes'] / GB:.2f} GB in {entry['seconds']:.1f} s"
+                    for phase, entry in phases.items()
+                ),
+                flush=True,
+            )
+        if args.baseline:
+            conversions["ratios"] = {
+                f"peak_rss_{name}_vs_baseline": conversions[name]["peak_rss_bytes"]
+                / conversions[name + " (baseline)"]["peak_rss_bytes"]
+                for name in args.conversions
+                if "skipped" not in conversions[name] and "skipped" not in conversions[name + " (baseline)"]
+            }
+        results["conversion"] = conversions
+
         merges = {}
         drop_page_cache(model)
         m = measure([*me, "_read", str(model)])
@@ -352,10 +505,12 @@ def run(args) -> dict:
             "read_gb_per_s": m.report["bytes"] / GB / m.report["seconds"],
         }
         cuda = ["--cuda"] if args.cuda else []
-        for name, config, command in (
-            ("moe2dense", {"merge_method": "expert_uniform"}, "mergekit-moe2dense"),
-            ("mergekit_linear", {"merge_method": "linear"}, "mergekit-yaml"),
-        ):
+        runs = [("moe2dense", {"merge_method": "expert_uniform"}, "mergekit-moe2dense", REPO)]
+        if args.baseline:
+            runs.append(("moe2dense_baseline", runs[0][1], runs[0][2], Path(args.baseline)))
+        if not args.no_linear:
+            runs.append(("mergekit_linear", {"merge_method": "linear"}, "mergekit-yaml", REPO))
+        for name, config, command, library in runs:
             spec = {**config, "models": [{"model": str(model)}], "dtype": "bfloat16"}
             if name == "mergekit_linear":
                 spec["models"][0]["parameters"] = {"weight": 1.0}
@@ -363,7 +518,7 @@ def run(args) -> dict:
             path.write_text(json.dumps(spec))
             out = workdir / f"out-{name}"
             drop_page_cache(model)
-            m = measure([str(BIN / command), str(path), str(out), "--quiet", *cuda])
+            m = measure([str(BIN / command), str(path), str(out), "--quiet", *cuda], library)
             written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
             merges[name] = {
                 "wall_s": m.wall_s,
@@ -378,12 +533,19 @@ def run(args) -> dict:
                 f"wrote {written / GB:.2f} GB",
                 flush=True,
             )
-        merges["ratios"] = {
-            "moe2dense_vs_mergekit_linear": merges["moe2dense"]["wall_s"] / merges["mergekit_linear"]["wall_s"],
-            "moe2dense_vs_raw_read": merges["moe2dense"]["wall_s"] / merges["raw_read"]["wall_s"],
-            "peak_rss_moe2dense_vs_mergekit_linear": merges["moe2dense"]["peak_rss_bytes"]
-            / merges["mergekit_linear"]["peak_rss_bytes"],
-        }
+        merges["ratios"] = {"moe2dense_vs_raw_read": merges["moe2dense"]["wall_s"] / merges["raw_read"]["wall_s"]}
+        if "mergekit_linear" in merges:
+            linear = merges["mergekit_linear"]
+            merges["ratios"]["moe2dense_vs_mergekit_linear"] = merges["moe2dense"]["wall_s"] / linear["wall_s"]
+            merges["ratios"]["peak_rss_moe2dense_vs_mergekit_linear"] = (
+                merges["moe2dense"]["peak_rss_bytes"] / linear["peak_rss_bytes"]
+            )
+        if "moe2dense_baseline" in merges:
+            baseline = merges["moe2dense_baseline"]
+            merges["ratios"]["moe2dense_vs_baseline"] = merges["moe2dense"]["wall_s"] / baseline["wall_s"]
+            merges["ratios"]["peak_rss_moe2dense_vs_baseline"] = (
+                merges["moe2dense"]["peak_rss_bytes"] / baseline["peak_rss_bytes"]
+            )
         results["merge"] = merges
     finally:
         if not args.keep:
@@ -396,6 +558,9 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] == "_calibrate":
         model, data, engine, seq_len, samples, device, dtype = argv[1:]
         return child_calibrate(model, data, engine, int(seq_len), int(samples), device, dtype)
+    if argv and argv[0] == "_convert":
+        model, data, out, name, seq_len, samples, device = argv[1:]
+        return child_convert(model, data, out, name, int(seq_len), int(samples), device)
     if argv and argv[0] == "_read":
         return child_read(argv[1])
     if argv and argv[0] == "_generate":
@@ -418,16 +583,33 @@ def main(argv: list[str] | None = None) -> None:
         default="full,layerwise",
         help="calibration engines to measure, comma-separated (leave out full for a checkpoint larger than RAM)",
     )
+    parser.add_argument(
+        "--conversions",
+        default="router_weighted,refit",
+        help=f"whole conversions to measure phase by phase, comma-separated ({', '.join(CONVERSIONS)}; '' for none)",
+    )
+    parser.add_argument("--baseline", help="another checkout of this repository: its conversions and merge too")
+    parser.add_argument(
+        "--drop-caches", action="store_true", help="drop the kernel's whole page cache before each run (root)"
+    )
+    parser.add_argument("--no-linear", action="store_true", help="skip stock mergekit's linear merge")
     parser.add_argument("--smoke", action="store_true", help="tiny model and token count (seconds)")
     parser.add_argument("--workdir", help="where to generate (default: a temporary directory)")
-    parser.add_argument("--keep", action="store_true", help="keep the generated checkpoint")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the generated checkpoint (and reuse one --workdir already holds)"
+    )
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     args.engines = [name.strip() for name in args.engines.split(",") if name.strip()]
+    args.conversions = [name.strip() for name in args.conversions.split(",") if name.strip()]
+    if not set(args.conversions) <= set(CONVERSIONS):
+        parser.error(f"--conversions: some of {', '.join(CONVERSIONS)}, got {','.join(args.conversions)}")
     if not set(args.engines) <= {"full", "layerwise"}:
         parser.error(f"--engines: full and/or layerwise, got {','.join(args.engines)}")
     if args.smoke:
         args.size_gb, args.tokens, args.seq_len = min(args.size_gb, 0.004), min(args.tokens, 64), min(args.seq_len, 16)
+    global DROP_ALL_CACHES
+    DROP_ALL_CACHES = args.drop_caches
     results = run(args)
     print(json.dumps(results, indent=1))
     if args.json:

@@ -185,6 +185,19 @@ class TensorReader:
             return self._locate(piece)[3]
         return tuple(piece.take(torch.empty(self._logical_shape(piece.tensor), device="meta")).shape)
 
+    def file_position(self, name: str) -> str:
+        """Where tensor `name` starts, as a string that sorts in file order (shards in name
+        order, then byte offset); pickle shards sort by shard only."""
+        shards = self._shard_order()
+        shard = os.path.join(self.index.base_path, self.index.tensor_paths[name])
+        offset = self._locate(ExpertSlice(name))[1] if self._fallback is None else 0
+        return f"{shards.get(shard, len(shards)):06d}:{offset:016d}"
+
+    def _shard_order(self) -> dict[str, int]:
+        if not hasattr(self, "_shard_ordinals"):
+            self._shard_ordinals = {path: i for i, path in enumerate(self._shard_paths())}
+        return self._shard_ordinals
+
     def nbytes(self, piece: ExpertSlice) -> int:
         """Size of `piece` in bytes as read (stored, or dequantized), from a safetensors shard's header."""
         if piece.tensor in self._quantized or not piece.contiguous:

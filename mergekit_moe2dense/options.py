@@ -35,8 +35,8 @@ HONOURED = {
     "safe_serialization": "safetensors output (else pickle)",
     "verbosity": "log level",
     "quiet": "no progress bars",
-    "async_write": "output shards written by background threads",
-    "write_threads": "threads of async_write",
+    "async_write": "pickle output: shards written by background threads (safetensors is always written as it comes)",
+    "write_threads": "threads of async_write (pickle output)",
     "lazy_unpickle": "pickle checkpoints are always read lazily",
     "transformers_cache": "where hub models are downloaded to",
 }

@@ -107,7 +107,7 @@ def plan_moe_merge(
             plan = LayerPlan(layer, (Block(tuple(row)),))
             names = family.moe_expert_names(layer.index, expert)
             for projection in PROJECTIONS:
-                task = fitted.get(names[projection]) or projection_task(io.model, plan, projection, io.dtype)
+                task = fitted.get(names[projection]) or projection_task(io.model, plan, projection, io.dtype, io.device)
                 saves.append(io.save(names[projection], task, writer))
         for name, output, indexed in family.moe_block_tensors(source.config, layer.index, source.tensor_names):
             saves.append(io.save(output, rows[output] if indexed else io.read(name), writer))

@@ -49,4 +49,13 @@ def test_scale_benchmark_smoke(tmp_path):
         "peak_rss_moe2dense_vs_mergekit_linear",
     }
     assert 0 < merge["moe2dense"]["written_bytes"] < merge["mergekit_linear"]["written_bytes"]
+    conversion = results["conversion"]  # whole conversions, the peak of each phase
+    assert set(conversion) == {"router_weighted", "refit"}
+    assert {"prepare", "calibration", "merge_and_write"} <= set(conversion["router_weighted"]["phases"])
+    assert "refit" in conversion["refit"]["phases"] and conversion["refit"]["refit_s_per_layer"] > 0
+    for entry in conversion.values():
+        peaks = [phase["peak_rss_bytes"] for phase in entry["phases"].values()]
+        # VmRSS/VmHWM (per phase) and ru_maxrss (the process) are synced from per-thread counters at
+        # different moments: they agree to well under 1%
+        assert 0 < max(peaks) <= 1.01 * entry["peak_rss_bytes"]
     assert not workdir.exists()  # generated checkpoints are cleaned up

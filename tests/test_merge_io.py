@@ -1,38 +1,43 @@
 # Copyright (C) 2026 the mergekit-moe2dense authors
 # SPDX-License-Identifier: LGPL-3.0-only
-"""The merge reads every checkpoint tensor once and holds one layer's experts at a time."""
+"""The merge reads every checkpoint byte once and holds one expert at a time."""
 
 from __future__ import annotations
 
 import weakref
-from collections import Counter
+from math import prod
 
 import pytest
 from mergekit.options import MergeOptions
 
 from mergekit_moe2dense.build import build_dense
-from mergekit_moe2dense.checkpoint import SourceModel
+from mergekit_moe2dense.checkpoint import SourceModel, TensorReader
 from mergekit_moe2dense.config import Moe2DenseConfig
-from mergekit_moe2dense.graph import ReadTensor, open_readers
+from mergekit_moe2dense.families import ExpertSlice
+from mergekit_moe2dense.graph import open_readers
 
 
 @pytest.mark.parametrize("layout", ["legacy", "fused"])
-def test_each_tensor_read_once_and_experts_freed_per_layer(random_moe, tmp_path, monkeypatch, layout):
+def test_each_byte_read_once_and_one_expert_alive_at_a_time(random_moe, tmp_path, monkeypatch, layout):
+    """Every checkpoint tensor but the routers is read once (a fused gate_up_proj's gate and up
+    rows are disjoint ranges, read by the gate and the up merge), and the merge holds one expert
+    slice at a time, not a layer of experts."""
     moe = random_moe[layout]
-    loads, alive, peak = Counter(), set(), [0]
-    original = ReadTensor.execute
+    reads, alive, peak = [], set(), [0]
+    original = TensorReader.read_slice
 
-    def counting(self):
-        value = original(self)
-        loads[self.tensor] += 1
-        if ".experts." in self.tensor:
-            key = (self.tensor, loads[self.tensor])
+    def counting(self, piece, out=None):
+        value = original(self, piece, out)
+        path, start, dtype, shape = self._locate(piece)
+        reads.append((piece.tensor, start, start + prod(shape) * dtype.itemsize))
+        if ".experts." in piece.tensor:
+            key = len(reads)
             alive.add(key)
             weakref.finalize(value, alive.discard, key)
             peak[0] = max(peak[0], len(alive))
         return value
 
-    monkeypatch.setattr(ReadTensor, "execute", counting)
+    monkeypatch.setattr(TensorReader, "read_slice", counting)
     config = Moe2DenseConfig.model_validate(
         {"merge_method": "expert_uniform", "models": [{"model": str(moe)}], "dtype": "float32"}
     )
@@ -40,9 +45,11 @@ def test_each_tensor_read_once_and_experts_freed_per_layer(random_moe, tmp_path,
 
     source = SourceModel.open(config.model)
     layers = source.moe_layers()
-    assert set(loads) == set(source.tensor_names) - {layer.router for layer in layers}
-    assert set(loads.values()) == {1}  # a fused gate_up_proj feeds gate and up from one read
-    per_layer = len([name for name in layers[0].consumed if ".experts." in name])
-    assert per_layer == (2 if layout == "fused" else 12)
-    assert peak[0] <= per_layer  # the previous layer's experts are gone before the next loads
+    assert {name for name, _, _ in reads} == set(source.tensor_names) - {layer.router for layer in layers}
+    for name in {name for name, _, _ in reads}:  # the byte ranges read of each tensor tile it exactly once
+        ranges = sorted((start, end) for tensor, start, end in reads if tensor == name)
+        _, first, dtype, shape = source.reader._locate(ExpertSlice(name))
+        assert ranges[0][0] == first and ranges[-1][1] == first + prod(shape) * dtype.itemsize
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])), name
+    assert peak[0] == 1  # each expert is freed once added to the sum
     assert not open_readers._readers  # the run's readers (and read-ahead threads) are closed

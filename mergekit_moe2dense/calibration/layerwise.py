@@ -49,11 +49,9 @@ each layer the mask of its own type).
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable
 
@@ -65,35 +63,13 @@ from mergekit_moe2dense.calibration.batches import TokenBatch
 from mergekit_moe2dense.checkpoint import READAHEAD_BYTES, TensorReader
 from mergekit_moe2dense.errors import Moe2DenseError
 from mergekit_moe2dense.families import ExpertSlice, MoELayer
+from mergekit_moe2dense.memory import release_freed_memory
 
 __all__ = ["LayerStream", "LayerStreamError", "LayerVisitor"]
 
 
 class LayerStreamError(Moe2DenseError, ValueError):
     """The checkpoint lacks a tensor the streamed layer needs."""
-
-
-def _release_freed_memory() -> None:
-    """Hands the heap's free pages back to the OS (glibc `malloc_trim`).
-
-    A freed layer's mid-sized tensors and the forward's temporaries stay in glibc's
-    heap, fragmented, and RSS grew by ~7 MB per streamed layer (4 GB benchmark); one
-    trim per layer keeps it flat. A no-op off glibc.
-    """
-    if _malloc_trim is not None:
-        _malloc_trim(0)
-
-
-def _find_malloc_trim():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
-        return None
-
-
-_malloc_trim = _find_malloc_trim()
 
 
 class LayerVisitor:
@@ -264,7 +240,7 @@ class LayerStream:
 
     def free_layer(self, index: int) -> None:
         self.layers[index].to_empty(device="meta")
-        _release_freed_memory()
+        release_freed_memory()
 
     def run(self, visitor: LayerVisitor, *, desc: str = "Calibrating", progress: bool = True) -> None:
         """The layer loop: every decoder layer in turn is loaded, shown to `visitor`, run

@@ -32,7 +32,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -227,9 +227,11 @@ def fit_layers(
     dtype: torch.dtype = torch.float32,
     spill_dir=None,
     progress: bool = True,
+    store: MutableMapping[str, torch.Tensor] | None = None,
 ) -> RefitResult:
-    """Every planned layer converted in order by `fitter`, on the layer stream."""
-    result = RefitResult()
+    """Every planned layer converted in order by `fitter`, on the layer stream. The fitted
+    tensors go into `store` (default: a dict; e.g. `graph.SpilledTensors`, to keep them on disk)."""
+    result = RefitResult(tensors=store if store is not None else {})
     with LayerStream(source, batches, device=device, dtype=dtype, spill_dir=spill_dir) as stream:
         stream.run(_Converting(plans, fitter, result), desc="Re-fitting", progress=progress)
     return result
@@ -248,6 +250,7 @@ def refit_layers(
     dtype: torch.dtype = torch.float32,
     spill_dir=None,
     progress: bool = True,
+    store: MutableMapping[str, torch.Tensor] | None = None,
 ) -> RefitResult:
     """Fitted projections of every planned layer (down unless `mode` is none; gate and
     up with `gate_up="regmean"` or `mode="fit"`, whose settings are `fit`), and the
@@ -259,7 +262,7 @@ def refit_layers(
     else:
         fitter = functools.partial(closed_form_fit, mode=mode, damping=damping, gate_up=gate_up)
     return fit_layers(
-        source, plans, batches, fitter, device=device, dtype=dtype, spill_dir=spill_dir, progress=progress
+        source, plans, batches, fitter, device=device, dtype=dtype, spill_dir=spill_dir, progress=progress, store=store
     )
 
 

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -16,19 +19,20 @@ from mergekit_moe2dense.alignment import align_layer
 from mergekit_moe2dense.calibration.sequential import refit_layers
 from mergekit_moe2dense.card import CardTable, calibration_summary, refit_table, write_model_card
 from mergekit_moe2dense.config import ConfigError
-from mergekit_moe2dense.graph import computed_tensors, plan_dense_merge, run_graph
+from mergekit_moe2dense.graph import SpilledTensors, computed_tensors, plan_dense_merge, run_graph
 from mergekit_moe2dense.outputs.base import Output, write_model_files, write_weights_file
 from mergekit_moe2dense.plan import LayerPlan, with_family_scales
 from mergekit_moe2dense.refit import FitSettings
 
 LOG = logging.getLogger(__name__)
+FITTED_DIR = ".fitted"  # in the staging directory: the re-fit's projections until the merge writes them
 
 
 @dataclass
 class DensePlan:
     weights: torch.Tensor  # [L, E], what expert_weights.json reports
     layers: list[LayerPlan]
-    fitted: dict[str, torch.Tensor] = field(default_factory=dict)  # dense tensor name -> re-fitted value
+    fitted: Mapping[str, torch.Tensor] = field(default_factory=dict)  # dense tensor name -> re-fitted value
     extra: dict | None = None  # more keys for expert_weights.json and the card (e.g. a cluster's share)
     calibration: dict | None = None  # what the statistics were computed on (card.calibration_summary)
     measured: tuple[CardTable, ...] = ()  # figures measured while converting, for the card
@@ -82,6 +86,7 @@ class DenseModel(Output):
             dtype=job.calibration_dtype,
             spill_dir=job.config.calibration.spill_dir,
             progress=job.progress,
+            store=SpilledTensors(os.path.join(job.out.staging, FITTED_DIR)),  # not one per layer in memory
         )
         for index, (before, after) in sorted(result.errors.items()):
             LOG.info("layer %d: relative MLP reconstruction error %.4g -> %.4g after refit", index, before, after)
@@ -118,6 +123,7 @@ class DenseModel(Output):
                 ),
                 job.options,
             )
+        shutil.rmtree(os.path.join(staging, FITTED_DIR), ignore_errors=True)
         write_model_files(staging, job, family.dense_config(source.config, intermediate_size=width))
         write_weights_file(staging, job, {"layers": planned.weights.tolist(), **(planned.extra or {})})
         if job.options.write_model_card:

@@ -1,0 +1,168 @@
+#!/usr/bin/env bash
+# Copyright (C) 2026 the mergekit-moe2dense authors
+# SPDX-License-Identifier: LGPL-3.0-only
+#
+# The GPU figures in one call: installs what it needs, builds a checkpoint, and records
+#   1. calibration tokens/s of both engines (whole-model forward, layer streaming),
+#   2. merge time with --cuda against one raw read of the checkpoint,
+#   3. `refit: fit` time per layer (skipped, with the library's message, where it is refused),
+#   4. `heal` tokens/s against a plain transformers distillation loop on the same student
+#      (skipped where the `heal` command does not exist),
+# into $OUT (or ./gpu_check.out)/gpu_check.json and gpu_check.md (a table for docs/benchmarks.md).
+#
+#   bash benchmarks/gpu_check.sh                          # on the GPU machine: --device cuda, 4 GB
+#   bash benchmarks/gpu_check.sh --device cpu --smoke     # seconds on a CPU: checks the script
+#
+# Options: --device cuda|cpu (default cuda), --size-gb N (4), --tokens N (2048), --heal-tokens N
+# (4096), --smoke (a tiny model), --workdir DIR (default: a temporary directory, removed after).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEVICE=cuda SIZE_GB=4 TOKENS=2048 HEAL_TOKENS=4096 SMOKE="" WORKDIR=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --device) DEVICE=$2; shift 2 ;;
+        --size-gb) SIZE_GB=$2; shift 2 ;;
+        --tokens) TOKENS=$2; shift 2 ;;
+        --heal-tokens) HEAL_TOKENS=$2; shift 2 ;;
+        --smoke) SMOKE=--smoke; shift ;;
+        --workdir) WORKDIR=$2; shift 2 ;;
+        *) echo "gpu_check.sh: unknown option $1" >&2; exit 2 ;;
+    esac
+done
+RESULTS=${OUT:-$PWD/gpu_check.out}
+mkdir -p "$RESULTS"
+KEEP=""
+if [ -z "$WORKDIR" ]; then WORKDIR=$(mktemp -d "${TMPDIR:-/tmp}/moe2dense-gpu-check-XXXXXX"); trap 'rm -rf "$WORKDIR"' EXIT; fi
+mkdir -p "$WORKDIR"
+log() { echo "[gpu_check $(date +%H:%M:%S)] $*" >&2; }
+
+# -- 1. what it needs: a Python with torch (CUDA for --device cuda) and this package -------------
+PYTHON=${PYTHON:-}
+for candidate in "$PYTHON" .venv/bin/python python3 python; do
+    if [ -n "$candidate" ] && command -v "$candidate" > /dev/null && "$candidate" -c "import torch" 2> /dev/null; then
+        PYTHON=$candidate; break
+    fi
+done
+if [ -z "$PYTHON" ] || ! "$PYTHON" -c "import torch" 2> /dev/null; then
+    log "no Python with torch found: installing torch into .venv"
+    python3 -m venv .venv && PYTHON=.venv/bin/python
+    "$PYTHON" -m pip install -q "torch>=2.4,<3"
+fi
+if ! "$PYTHON" -c "import mergekit_moe2dense, mergekit, transformers" 2> /dev/null; then
+    log "installing this package and its dependencies"
+    "$PYTHON" -m pip install -q -e . || "$PYTHON" -m pip install -q --no-deps -e .
+fi
+"$PYTHON" - "$DEVICE" << 'EOF'
+import sys
+import torch
+device = sys.argv[1]
+if device == "cuda" and not torch.cuda.is_available():
+    sys.exit("gpu_check.sh: --device cuda, but torch sees no GPU (torch %s)" % torch.__version__)
+name = torch.cuda.get_device_name(0) if device == "cuda" else "CPU"
+print(f"torch {torch.__version__} on {name}", file=sys.stderr)
+EOF
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+BIN=$(dirname "$("$PYTHON" -c 'import sys; print(sys.executable)')")
+CUDA=""; [ "$DEVICE" = cuda ] && CUDA=--cuda
+
+# -- 2. calibration (both engines), refit: fit per layer, merge against one raw read -----------------
+log "scale benchmark: ${SIZE_GB} GB checkpoint${SMOKE:+ (smoke)}, $TOKENS calibration tokens, $DEVICE"
+"$PYTHON" benchmarks/scale.py --size-gb "$SIZE_GB" --tokens "$TOKENS" $SMOKE $CUDA \
+    --calibration-dtype bfloat16 --conversions refit_fit --no-linear \
+    --keep --workdir "$WORKDIR/scale" --json "$RESULTS/scale.json" > "$RESULTS/scale.log"
+grep -v '^[ {}]' "$RESULTS/scale.log" >&2 || true
+
+# -- 3. heal tokens/s against a plain transformers loop on the same student ------------------------------
+MOE=$WORKDIR/scale/moe
+STUDENT=$WORKDIR/student
+HEAL_JSON=$RESULTS/heal.json
+if "$PYTHON" -c "import mergekit_moe2dense.heal" 2> /dev/null; then
+    log "heal: a dense student (expert_uniform), then heal vs a plain loop, $HEAL_TOKENS tokens each"
+    echo "{\"merge_method\": \"expert_uniform\", \"models\": [{\"model\": \"$MOE\"}], \"dtype\": \"bfloat16\"}" > "$WORKDIR/student.yml"
+    "$BIN/mergekit-moe2dense" "$WORKDIR/student.yml" "$STUDENT" --quiet --overwrite $CUDA
+    SEQ=128; [ -n "$SMOKE" ] && SEQ=16
+    HEAL_LOG=$("$BIN/mergekit-moe2dense" heal "$STUDENT" "$WORKDIR/healed" --teacher "$MOE" \
+        --data "$WORKDIR/scale/calib.txt" --max-tokens "$HEAL_TOKENS" --seq-len $SEQ --batch-size 4 \
+        --device "$DEVICE" --dtype bfloat16 --quiet --overwrite 2>&1 | tail -1)
+    echo "$HEAL_LOG" >&2
+    "$PYTHON" - "$STUDENT" "$MOE" "$WORKDIR/scale/calib.txt" "$HEAL_TOKENS" $SEQ "$DEVICE" "$HEAL_LOG" "$HEAL_JSON" << 'EOF'
+"""A plain transformers distillation loop: forward KL to the teacher, AdamW, bf16 autocast."""
+import json, re, sys, time
+import torch
+import transformers
+student_path, teacher_path, data, tokens, seq, device, heal_log, out = sys.argv[1:]
+tokens, seq = int(tokens), int(seq)
+tok = transformers.AutoTokenizer.from_pretrained(student_path)
+ids = tok(open(data).read(), return_tensors="pt").input_ids[0]
+student = transformers.AutoModelForCausalLM.from_pretrained(student_path, dtype=torch.float32).to(device).train()
+teacher = transformers.AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.bfloat16).to(device).eval()
+optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
+batch, done, step = 4, 0, 0
+autocast = torch.autocast(device_type=device, dtype=torch.bfloat16)
+start = None
+while done < tokens:
+    offset = (step * batch * seq) % max(1, len(ids) - batch * seq)
+    x = ids[offset : offset + batch * seq].reshape(batch, seq).to(device)
+    with torch.no_grad(), autocast:
+        target = torch.log_softmax(teacher(x).logits.float(), -1)
+    with autocast:
+        logp = torch.log_softmax(student(x).logits.float(), -1)
+    loss = torch.nn.functional.kl_div(logp, target, log_target=True, reduction="batchmean")
+    loss.backward(); optimizer.step(); optimizer.zero_grad(set_to_none=True)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    if start is None:  # the first step warms up (kernels, allocator): not timed
+        start = time.perf_counter()
+    else:
+        done += batch * seq
+    step += 1
+plain = done / (time.perf_counter() - start)
+match = re.search(r"([0-9.]+) tokens/s", heal_log)
+heal = float(match.group(1)) if match else None
+result = {"heal_tokens_per_s": heal, "plain_loop_tokens_per_s": plain, "heal_vs_plain": heal / plain if heal else None}
+json.dump(result, open(out, "w"), indent=1)
+print(f"heal {heal} tokens/s, plain transformers loop {plain:.1f} tokens/s", file=sys.stderr)
+EOF
+else
+    log "heal: skipped, this checkout has no 'mergekit-moe2dense heal' command"
+    echo '{"skipped": "no mergekit-moe2dense heal command in this checkout"}' > "$HEAL_JSON"
+fi
+
+# -- 4. one table -------------------------------------------------------------------------------------
+"$PYTHON" - "$RESULTS" "$DEVICE" << 'EOF'
+import json, sys
+from pathlib import Path
+results, device = Path(sys.argv[1]), sys.argv[2]
+scale, heal = json.loads((results / "scale.json").read_text()), json.loads((results / "heal.json").read_text())
+try:
+    import torch
+    name = torch.cuda.get_device_name(0) if device == "cuda" else "CPU"
+except Exception:
+    name = device
+ck = scale["checkpoint"]
+rows = [f"Device: {name}. Checkpoint {ck['bytes'] / 1e9:.2f} GB, {ck['layers']} layers. Command: `bash benchmarks/gpu_check.sh --device {device}`.", "",
+        "| measurement | figure |", "|---|---|"]
+calib = scale.get("calibration", {})
+for engine in ("full", "layerwise"):
+    if engine in calib:
+        rows.append(f"| calibration `{engine}`, bf16 | {calib[engine]['tokens_per_s']:.1f} tokens/s, peak RSS {calib[engine]['peak_rss_bytes'] / 1e9:.2f} GB |")
+if "ratios" in calib:
+    rows.append(f"| layerwise / full throughput | {calib['ratios']['throughput_layerwise_vs_full']:.2f}x |")
+merge = scale["merge"]
+rows.append(f"| merge (expert_uniform{', --cuda' if device == 'cuda' else ''}) | {merge['moe2dense']['wall_s']:.1f} s |")
+rows.append(f"| one raw read of the checkpoint | {merge['raw_read']['wall_s']:.1f} s |")
+rows.append(f"| merge / raw read | {merge['ratios']['moe2dense_vs_raw_read']:.2f}x |")
+fit = scale.get("conversion", {}).get("refit_fit", {})
+if "skipped" in fit:
+    rows.append(f"| `refit: fit` per layer | skipped: {fit['skipped']} |")
+elif fit:
+    rows.append(f"| `refit: fit` per layer | {fit['refit_s_per_layer']:.2f} s |")
+if "skipped" in heal:
+    rows.append(f"| heal tokens/s | skipped: {heal['skipped']} |")
+else:
+    rows.append(f"| `heal` / plain transformers loop | {heal['heal_tokens_per_s']} / {heal['plain_loop_tokens_per_s']:.1f} tokens/s |")
+(results / "gpu_check.md").write_text("\n".join(rows) + "\n")
+json.dump({"device": name, "scale": scale, "heal": heal}, open(results / "gpu_check.json", "w"), indent=1)
+print("\n".join(rows))
+EOF

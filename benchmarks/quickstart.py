@@ -1,0 +1,141 @@
+# Copyright (C) 2026 the mergekit-moe2dense authors
+# SPDX-License-Identifier: LGPL-3.0-only
+"""The first run: convert a small trained MoE into a dense model and compare the two.
+
+    python benchmarks/quickstart.py [--preset example] [--out DIR] [--max-tokens 20000]
+
+What a new user would do, in about two minutes on 2 CPU cores (most of it building the
+testbed the first time; it is cached under $MOE2DENSE_CACHE or ~/.cache/mergekit-moe2dense):
+
+1. build (or reuse) the `example` testbed of benchmarks/testbed.py: an 8-expert top-2 Mixtral
+   upcycled from a small dense model and trained further, with held-out text;
+2. `inspect` the MoE (weights only) and let its verdict choose the method, as the README
+   advises: `aligned` experts -> `router_weighted` + `refit: down_proj`, otherwise
+   `max_contribution` + `refit: down_proj` (the best single-width rows of the README's table);
+3. convert it with calibration on the testbed's calib split (the equivalent YAML is written
+   beside the model and the CLI command printed);
+4. score the MoE and the dense model on the same held-out windows and print both, the ratio
+   and a one-line verdict.
+
+The whole method grid stays one flag away: `python benchmarks/quality.py --preset example --grid`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+# Each verdict of `inspect` -> the method the README's measured table recommends for it.
+RECOMMENDED = {
+    "aligned": {"merge_method": "router_weighted", "parameters": {"aggregate": "mean_logit", "refit": "down_proj"}},
+    "permuted": {"merge_method": "max_contribution", "parameters": {"refit": "down_proj"}},
+    "unrelated": {"merge_method": "max_contribution", "parameters": {"refit": "down_proj"}},
+}
+
+
+def recommended_config(verdict: str, moe: Path, calib: Path, seq_len: int) -> dict:
+    """The conversion config for a verdict: the recommended method, calibrated on `calib`."""
+    return {
+        **RECOMMENDED[verdict],
+        "models": [{"model": str(moe)}],
+        "calibration": {"dataset": str(calib), "num_samples": 128, "seq_len": seq_len, "batch_size": 8},
+        "dtype": "float32",
+    }
+
+
+def verdict_line(moe_ppl: float, dense_ppl: float, single_expert_width: bool = True) -> str:
+    ratio = dense_ppl / moe_ppl
+    change = 100 * (ratio - 1)
+    quality = "close to the MoE" if ratio <= 1.05 else "usable" if ratio <= 1.2 else "far from the MoE"
+    width = " at one expert's width" if single_expert_width else ""
+    return f"verdict: the dense model{width} has {change:+.1f}% perplexity vs the MoE (ratio {ratio:.3f}): {quality}"
+
+
+def run(preset: str, out: Path | None, cache_dir: str | None, max_tokens: int, progress: bool) -> dict:
+    import transformers
+    from mergekit.options import MergeOptions
+
+    from benchmarks.testbed import build_testbed, default_cache_dir
+    from mergekit_moe2dense.build import build_dense
+    from mergekit_moe2dense.config import Moe2DenseConfig
+    from mergekit_moe2dense.data import load_documents
+    from mergekit_moe2dense.evaluate import evaluate_models, format_results_table
+    from mergekit_moe2dense.inspection import inspect_moe
+
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars of every model load
+    started = time.perf_counter()
+    say = print
+    say(f"1/4 testbed `{preset}` (built once, then cached)...", flush=True)
+    testbed = build_testbed(preset, cache_dir=cache_dir)
+    built = time.perf_counter()
+    say(f"    {testbed.moe}  ({built - started:.0f} s)")
+
+    say("2/4 inspect: can these experts be averaged?", flush=True)
+    report = inspect_moe(str(testbed.moe))
+    method = RECOMMENDED[report.verdict]
+    say(f"    verdict: {report.verdict} ({report.message})")
+    params = ", ".join(f"{k}: {v}" for k, v in method["parameters"].items())
+    say(f"    recommended: {method['merge_method']} ({params})")
+
+    out = out or Path(cache_dir or default_cache_dir()) / f"quickstart-{preset}-dense"
+    say(f"3/4 convert -> {out}", flush=True)
+    seq_len = min(256, json.loads((testbed.moe / "config.json").read_text())["max_position_embeddings"])
+    spec = recommended_config(report.verdict, testbed.moe, testbed.calib_dir, seq_len)
+    config = Moe2DenseConfig.model_validate(spec)
+    build_dense(config, str(out), MergeOptions(quiet=not progress), overwrite=True)
+    recipe = out.parent / f"{out.name}.yml"
+    recipe.write_text(json.dumps(spec, indent=1) + "\n")  # JSON is YAML
+    converted = time.perf_counter()
+    say(f"    done in {converted - built:.0f} s; the same from the shell:")
+    say(f"    mergekit-moe2dense {recipe} OUT")
+
+    say("4/4 held-out perplexity, same windows for both models", flush=True)
+    documents = load_documents(testbed.test_dir)
+    moe_result, dense_result = evaluate_models(
+        [str(testbed.moe), str(out)], documents, seq_len=seq_len, batch_size=8, max_tokens=max_tokens, progress=False
+    )
+    evaluated = time.perf_counter()
+    moe_result.model, dense_result.model = "MoE", f"dense ({method['merge_method']})"
+    say(format_results_table([moe_result, dense_result], reference="MoE"))
+    say(verdict_line(moe_result.perplexity, dense_result.perplexity))
+    elapsed = time.perf_counter() - started
+    say(f"total {elapsed:.0f} s. Every method on this testbed: python benchmarks/quality.py --preset {preset} --grid")
+    return {
+        "inspect_verdict": report.verdict,
+        "method": method,
+        "out": str(out),
+        "moe_perplexity": moe_result.perplexity,
+        "dense_perplexity": dense_result.perplexity,
+        "ratio": dense_result.perplexity / moe_result.perplexity,
+        "seconds": {
+            "testbed": built - started,
+            "convert": converted - built,
+            "evaluate": evaluated - converted,
+            "total": elapsed,
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    from benchmarks.testbed import PRESETS
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="example", choices=sorted(PRESETS))
+    parser.add_argument("--out", type=Path, help="where the dense model goes (default: beside the cached testbed)")
+    parser.add_argument("--cache-dir", help="testbed cache (default: $MOE2DENSE_CACHE or ~/.cache/mergekit-moe2dense)")
+    parser.add_argument("--max-tokens", type=int, default=20000, help="held-out tokens scored per domain")
+    parser.add_argument("--progress", action="store_true", help="progress bars of the conversion")
+    parser.add_argument("--json", help="also write the figures here")
+    args = parser.parse_args(argv)
+    result = run(args.preset, args.out, args.cache_dir, args.max_tokens, args.progress)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
