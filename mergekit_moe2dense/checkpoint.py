@@ -190,7 +190,8 @@ class TensorReader:
         order, then byte offset); pickle shards sort by shard only."""
         shards = self._shard_order()
         shard = os.path.join(self.index.base_path, self.index.tensor_paths[name])
-        offset = self._locate(ExpertSlice(name))[1] if self._fallback is None else 0
+        stored = self._quantized[name].data if name in self._quantized else name  # where its bytes start
+        offset = self._stored_entry(stored)[1] if self._fallback is None else 0
         return f"{shards.get(shard, len(shards)):06d}:{offset:016d}"
 
     def _shard_order(self) -> dict[str, int]:

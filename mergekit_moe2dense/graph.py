@@ -121,7 +121,7 @@ class MergeExperts(Task[torch.Tensor]):
         dtype = dtype_from_name(self.dtype) if self.dtype else None
 
         def load(e: int) -> torch.Tensor:
-            value = reader.read_slice(self.slices[e])
+            value = reader.read_slice(self.slices[e], dtype=dtype)  # a quantized expert dequantizes to it
             if dtype is not None and value.dtype != dtype:
                 value = value.to(dtype)
             return value.to(self.device) if self.device else value

@@ -26,8 +26,8 @@ def test_each_byte_read_once_and_one_expert_alive_at_a_time(random_moe, tmp_path
     reads, alive, peak = [], set(), [0]
     original = TensorReader.read_slice
 
-    def counting(self, piece, out=None):
-        value = original(self, piece, out)
+    def counting(self, piece, out=None, dtype=None):
+        value = original(self, piece, out, dtype)
         path, start, dtype, shape = self._locate(piece)
         reads.append((piece.tensor, start, start + prod(shape) * dtype.itemsize))
         if ".experts." in piece.tensor:
