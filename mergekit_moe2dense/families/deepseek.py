@@ -51,9 +51,9 @@ DEEPSEEK_V2 = MoEFamily(
     routing_groups=("n_group", "topk_group"),
 )
 
-DEEPSEEK_V3 = MoEFamily(
-    name="deepseek_v3",
-    model_types=("deepseek_v3",),
+# The sparse block of DeepSeek-V3 and of the families that route as it does (GLM-4.5, dots.llm1):
+# sigmoid scores with a correction bias for the choice, group-limited top-k, routed_scaling_factor.
+DEEPSEEK_V3_BLOCK = dict(
     keys=DEEPSEEK_KEYS,
     layouts=MLP_EXPERTS,
     renormalize="norm_topk_prob",
@@ -61,6 +61,12 @@ DEEPSEEK_V3 = MoEFamily(
     sparse_layers=DEEPSEEK_SPARSE_LAYERS,
     shared=DEEPSEEK_SHARED,
     extra_tensors={"{block}.gate.e_score_correction_bias": ("E",)},
+)
+
+DEEPSEEK_V3 = MoEFamily(
+    name="deepseek_v3",
+    model_types=("deepseek_v3",),
+    **DEEPSEEK_V3_BLOCK,
     refusals=_refusals("deepseek_v3"),
     unbuilt_layers=MTP_LAYERS,
     dense=DenseTarget(transformers.DeepseekV3Config, "DeepseekV3ForCausalLM", DENSE_MLP, overrides=all_dense),

@@ -18,8 +18,8 @@ from __future__ import annotations
 import transformers
 
 from mergekit_moe2dense.families.base import MoEFamily
-from mergekit_moe2dense.families.common import DEEPSEEK_SPARSE_LAYERS, DENSE_MLP, MLP_EXPERTS
-from mergekit_moe2dense.families.deepseek import DEEPSEEK_KEYS, DEEPSEEK_SHARED
+from mergekit_moe2dense.families.common import DENSE_MLP
+from mergekit_moe2dense.families.deepseek import DEEPSEEK_V3_BLOCK
 from mergekit_moe2dense.families.spec import DenseTarget
 
 
@@ -34,12 +34,6 @@ def _qwen3_values(config) -> dict:
 DOTS1 = MoEFamily(
     name="dots1",
     model_types=("dots1",),
-    keys=DEEPSEEK_KEYS,
-    layouts=MLP_EXPERTS,
-    renormalize="norm_topk_prob",
-    routed_scaling="routed_scaling_factor",
-    sparse_layers=DEEPSEEK_SPARSE_LAYERS,
-    shared=DEEPSEEK_SHARED,
-    extra_tensors={"{block}.gate.e_score_correction_bias": ("E",)},
+    **DEEPSEEK_V3_BLOCK,
     dense=DenseTarget(transformers.Qwen3Config, "Qwen3ForCausalLM", DENSE_MLP, overrides=_qwen3_values),
 )

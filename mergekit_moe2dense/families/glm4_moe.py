@@ -20,20 +20,14 @@ from __future__ import annotations
 import transformers
 
 from mergekit_moe2dense.families.base import MoEFamily
-from mergekit_moe2dense.families.common import DEEPSEEK_SPARSE_LAYERS, DENSE_MLP, MLP_EXPERTS, MTP_LAYERS
-from mergekit_moe2dense.families.deepseek import DEEPSEEK_KEYS, DEEPSEEK_SHARED, all_dense
+from mergekit_moe2dense.families.common import DENSE_MLP, MTP_LAYERS
+from mergekit_moe2dense.families.deepseek import DEEPSEEK_V3_BLOCK, all_dense
 from mergekit_moe2dense.families.spec import DenseTarget
 
 GLM4_MOE = MoEFamily(
     name="glm4_moe",
     model_types=("glm4_moe",),
-    keys=DEEPSEEK_KEYS,
-    layouts=MLP_EXPERTS,
-    renormalize="norm_topk_prob",
-    routed_scaling="routed_scaling_factor",
-    sparse_layers=DEEPSEEK_SPARSE_LAYERS,
-    shared=DEEPSEEK_SHARED,
-    extra_tensors={"{block}.gate.e_score_correction_bias": ("E",)},
+    **DEEPSEEK_V3_BLOCK,
     unbuilt_layers=MTP_LAYERS,
     dense=DenseTarget(transformers.Glm4MoeConfig, "Glm4MoeForCausalLM", DENSE_MLP, overrides=all_dense),
 )
