@@ -21,18 +21,24 @@ from mergekit_moe2dense.families.spec import DenseTarget, Refusal
 
 SHARED_KEYS = ("shared_expert_intermediate_size", "qkv_bias")
 
-QWEN2_MOE = MoEFamily(
-    name="qwen2_moe",
-    model_types=("qwen2_moe",),
+# The sparse block of Qwen2-MoE and of the families built on it (Qwen3-Next, Qwen3.5-MoE):
+# softmax router, one shared expert scaled per token by sigmoid(shared_expert_gate(x)).
+QWEN2_MOE_BLOCK = dict(
     keys=QWEN_KEYS,
     layouts=MLP_EXPERTS,
-    sparse_layers=QWEN_SPARSE_LAYERS,
     shared=shared_mlp(
         "shared_expert",
         width="shared_expert_intermediate_size",
         gate_module="model.layers.{layer}.mlp.shared_expert_gate",
     ),
     extra_tensors={"{block}.shared_expert_gate.weight": (1, "H")},
+)
+
+QWEN2_MOE = MoEFamily(
+    name="qwen2_moe",
+    model_types=("qwen2_moe",),
+    sparse_layers=QWEN_SPARSE_LAYERS,
+    **QWEN2_MOE_BLOCK,
     refusals=(
         Refusal(
             "qkv_bias", False, "Qwen2-MoE with qkv_bias: false has no Qwen2 equivalent (Qwen2 always has q/k/v biases)"

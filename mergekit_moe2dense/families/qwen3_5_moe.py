@@ -21,21 +21,14 @@ from __future__ import annotations
 import transformers
 
 from mergekit_moe2dense.families.base import MoEFamily
-from mergekit_moe2dense.families.common import DENSE_MLP, MLP_EXPERTS, shared_mlp
-from mergekit_moe2dense.families.qwen3_moe import QWEN_KEYS
+from mergekit_moe2dense.families.common import DENSE_MLP
+from mergekit_moe2dense.families.qwen2_moe import QWEN2_MOE_BLOCK
 from mergekit_moe2dense.families.spec import DenseTarget
 
 QWEN3_5_MOE = MoEFamily(
     name="qwen3_5_moe_text",
     model_types=("qwen3_5_moe_text",),
-    keys=QWEN_KEYS,
-    layouts=MLP_EXPERTS,
     renormalize=True,  # Qwen3_5MoeTopKRouter divides its top-k probabilities by their sum
-    shared=shared_mlp(
-        "shared_expert",
-        width="shared_expert_intermediate_size",
-        gate_module="model.layers.{layer}.mlp.shared_expert_gate",
-    ),
-    extra_tensors={"{block}.shared_expert_gate.weight": (1, "H")},
+    **QWEN2_MOE_BLOCK,
     dense=DenseTarget(transformers.Qwen3_5TextConfig, "Qwen3_5ForCausalLM", DENSE_MLP),
 )

@@ -19,8 +19,8 @@ from __future__ import annotations
 import transformers
 
 from mergekit_moe2dense.families.base import MoEFamily
-from mergekit_moe2dense.families.common import DENSE_MLP, MLP_EXPERTS, QWEN_SPARSE_LAYERS, shared_mlp
-from mergekit_moe2dense.families.qwen3_moe import QWEN_KEYS
+from mergekit_moe2dense.families.common import DENSE_MLP, QWEN_SPARSE_LAYERS
+from mergekit_moe2dense.families.qwen2_moe import QWEN2_MOE_BLOCK
 from mergekit_moe2dense.families.spec import DenseTarget
 
 
@@ -31,14 +31,7 @@ def _all_dense(config) -> dict:
 QWEN3_NEXT = MoEFamily(
     name="qwen3_next",
     model_types=("qwen3_next",),
-    keys=QWEN_KEYS,
-    layouts=MLP_EXPERTS,
     sparse_layers=QWEN_SPARSE_LAYERS,
-    shared=shared_mlp(
-        "shared_expert",
-        width="shared_expert_intermediate_size",
-        gate_module="model.layers.{layer}.mlp.shared_expert_gate",
-    ),
-    extra_tensors={"{block}.shared_expert_gate.weight": (1, "H")},
+    **QWEN2_MOE_BLOCK,
     dense=DenseTarget(transformers.Qwen3NextConfig, "Qwen3NextForCausalLM", DENSE_MLP, overrides=_all_dense),
 )
