@@ -159,6 +159,14 @@ PRESETS = {  # build times: see the module docstring
         batch_size=8, ancestor_steps=1000, further_steps=500, ancestor_lr=2e-3, further_lr=1.5e-3,
         aux_loss_coef=0.02, train_chars=3_000_000, eval_chars=150_000,
     ),
+    # `example` with 2 heads of 32: vLLM's CPU attention takes head sizes 32, 64, 80, ... only
+    # (scripts/downstream_check.sh; every other preset has head_dim 16).
+    "downstream": Preset(
+        name="downstream", vocab_size=1024, hidden_size=64, intermediate_size=192, num_layers=2,
+        num_heads=2, num_kv_heads=1, num_experts=8, experts_per_token=2, seq_len=128,
+        batch_size=12, ancestor_steps=300, further_steps=150, ancestor_lr=3e-3, further_lr=1e-3,
+        aux_loss_coef=0.02, train_chars=600_000, eval_chars=60_000,
+    ),
     # From scratch: as many steps as the example's ancestor + further, all at the ancestor's lr.
     "scratch": Preset(
         name="scratch", vocab_size=1024, hidden_size=64, intermediate_size=192, num_layers=2,

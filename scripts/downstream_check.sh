@@ -9,12 +9,12 @@
 # token windows and greedy tokens, against transformers. Not part of the test suite
 # (builds llama.cpp from source, installs vLLM); see docs/downstream.md for the figures.
 #
-#   bash scripts/downstream_check.sh [PRESET]        # default: example
+#   bash scripts/downstream_check.sh [PRESET]        # default: downstream (head_dim 32, which vLLM's CPU attention needs)
 #   WORK=/tmp/ds MOE2DENSE_CACHE=/work/cache bash scripts/downstream_check.sh
 #   STEPS="prepare llama report" bash scripts/downstream_check.sh    # a subset
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-PRESET=${1:-example}
+PRESET=${1:-downstream}
 WORK=${WORK:-${TMPDIR:-/tmp}/moe2dense-downstream}
 PYTHON=${PYTHON:-$ROOT/.venv/bin/python}   # the project's environment (scripts/setup.sh)
 STEPS=${STEPS:-prepare llama vllm report}

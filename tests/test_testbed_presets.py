@@ -23,3 +23,10 @@ def test_mix_enters_the_recipe_hash_only_when_not_balanced():
     scratch = PRESETS["scratch"]
     assert recipe_hash(dataclasses.replace(scratch, mix="balanced")) == recipe_hash(scratch)
     assert recipe_hash(dataclasses.replace(scratch, mix="proportional")) != recipe_hash(scratch)
+
+
+def test_the_downstream_preset_has_a_head_size_vllm_cpu_takes():
+    # vLLM's CPU attention supports head sizes 32, 64, 80, 96, 112, 128, ... (scripts/downstream_check.sh)
+    preset = PRESETS["downstream"]
+    assert preset.hidden_size // preset.num_heads in (32, 64, 80, 96, 112, 128)
+    assert preset.num_heads % preset.num_kv_heads == 0
