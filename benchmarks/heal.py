@@ -7,8 +7,9 @@ On a trained testbed (benchmarks/testbed.py), rows of held-out perplexity (the t
 
 1. the best retraining-free dense model of the dense twin's width (`router_weighted` +
    `refit: down_proj` on the upcycled presets, `concat` of the top-k experts + `refit: down_proj`
-   on the from-scratch ones), the heal's student;
-2. `refit: fit` (the per-layer gradient fit of issue 13 part 1) when this checkout has it;
+   on the from-scratch ones);
+2. the same with `refit: fit` (the per-layer gradient fit of issue 13 part 1), the heal's student
+   by default (`--heal-from fit`; `down_proj` heals the closed-form model);
 3. `heal` of that student at fractions of the MoE's own training tokens (forward KL, on the
    fly; the training text is the testbed's train split, rebuilt from its recipe);
 4. `collapse` of the MoE at one fraction, LM loss (and KD) plus the expert penalty;
@@ -49,7 +50,6 @@ from mergekit_moe2dense.data import load_documents  # noqa: E402
 from mergekit_moe2dense.evaluate import evaluate_perplexity  # noqa: E402
 from mergekit_moe2dense.heal import TrainSettings, collapse, heal  # noqa: E402
 from mergekit_moe2dense.heal.training import training_sequences  # noqa: E402
-from mergekit_moe2dense.methods.base import Refit  # noqa: E402
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -150,14 +150,12 @@ def run(args) -> str:
     student = convert(
         testbed.moe, testbed.calib_dir, work / "student", method, {**params, "refit": "down_proj"}, seq_len
     )
-    rows.append((f"{label} (retraining-free, the student)", 0, score(student, test_docs, seq_len, limit)))
-    if "fit" in typing.get_args(Refit):
-        fit = convert(testbed.moe, testbed.calib_dir, work / "fit", method, {**params, "refit": "fit"}, seq_len)
-        rows.append(
-            (f"{label.replace('down_proj', 'fit')} (retraining-free)", 0, score(fit, test_docs, seq_len, limit))
-        )
-    else:
-        rows.append(("`refit: fit`: not in this checkout (issue 13 part 1, another branch)", None, None))
+    rows.append((f"{label} (retraining-free)", 0, score(student, test_docs, seq_len, limit)))
+    fit = convert(testbed.moe, testbed.calib_dir, work / "fit", method, {**params, "refit": "fit"}, seq_len)
+    rows.append((f"{label.replace('down_proj', 'fit')} (retraining-free)", 0, score(fit, test_docs, seq_len, limit)))
+    # the heal starts from the best retraining-free model of the twin's width (issue 13: fit, then heal)
+    start = fit if args.heal_from == "fit" else student
+    start_row = rows[-1] if args.heal_from == "fit" else rows[1]
 
     def settings(fraction: float, lr: float, **extra) -> TrainSettings:
         tokens = max(1, round(fraction * total_tokens))
@@ -166,23 +164,28 @@ def run(args) -> str:
     # learning rate: the best on the calib split at the collapse fraction (the goal's 5%)
     fractions = sorted(args.fractions)
     lrs = args.lrs
-    if len(lrs) > 1:
+    # learning rate and LM-loss weight: the best on the calib split at the collapse fraction (the goal's 5%)
+    grid = [(lr, w) for lr in lrs for w in args.lm_weights]
+    if len(grid) > 1:
         sweep = {}
-        for lr in lrs:
-            out = heal(str(student), str(work / f"sweep-{lr}"), teacher=str(testbed.moe), data=str(train_dir),
-                       settings=settings(args.collapse_fraction, lr), overwrite=True, progress=False)  # fmt: skip
-            sweep[lr] = score(out.out_path, calib_docs, seq_len, limit).perplexity
-        notes.append("learning rate sweep (calib split ppl at " + f"{args.collapse_fraction:.0%}): "
-                     + ", ".join(f"{lr:g}: {ppl:.3f}" for lr, ppl in sweep.items()))  # fmt: skip
-        lr = min(sweep, key=sweep.get)
+        for lr, w in grid:
+            out = heal(str(start), str(work / f"sweep-{lr}-{w}"), teacher=str(testbed.moe), data=str(train_dir),
+                       settings=settings(args.collapse_fraction, lr, lm_weight=w), overwrite=True,
+                       progress=False)  # fmt: skip
+            sweep[lr, w] = score(out.out_path, calib_docs, seq_len, limit).perplexity
+        notes.append("sweep (calib split ppl at " + f"{args.collapse_fraction:.0%}, lr / lm-weight): "
+                     + ", ".join(f"{lr:g} / {w:g}: {ppl:.3f}" for (lr, w), ppl in sweep.items()))  # fmt: skip
+        lr, lm_weight = min(sweep, key=sweep.get)
     else:
-        lr = lrs[0]
-    curve = [(0, rows[1][2].perplexity)]
+        ((lr, lm_weight),) = grid
+    loss = "KD" if lm_weight == 0 else f"KD + {lm_weight:g} LM"
+    curve = [(0, start_row[2].perplexity)]
     for fraction in fractions:
-        result = heal(str(student), str(work / f"heal-{fraction}"), teacher=str(testbed.moe), data=str(train_dir),
-                      settings=settings(fraction, lr), overwrite=True, progress=False)  # fmt: skip
+        result = heal(str(start), str(work / f"heal-{fraction}"), teacher=str(testbed.moe), data=str(train_dir),
+                      settings=settings(fraction, lr, lm_weight=lm_weight), overwrite=True, progress=False)  # fmt: skip
         ppl = score(result.out_path, test_docs, seq_len, limit)
-        rows.append((f"heal {fraction:.0%} (KD, lr {lr:g}, {result.steps} steps)", result.tokens, ppl))
+        rows.append((f"heal {fraction:.0%} of refit: {args.heal_from} ({loss}, lr {lr:g}, {result.steps} steps)",
+                     result.tokens, ppl))  # fmt: skip
         curve.append((result.tokens, ppl.perplexity))
     for variant, extra in (("LM", {"lm_weight": 1.0}), ("KD", {"lm_weight": 0.0})):
         result = collapse(str(testbed.moe), str(work / f"collapse-{variant}"), data=str(train_dir),
@@ -195,7 +198,7 @@ def run(args) -> str:
                      f"{result.record['expert_spread_after']:.3g}")  # fmt: skip
     rows.append(("dense twin (trained on 100%)", total_tokens, score(testbed.twin, test_docs, seq_len, limit)))
 
-    throughput = measure_throughput(student, testbed.moe, train_dir, work, seq_len, batch, lr, args.throughput_steps)
+    throughput = measure_throughput(start, testbed.moe, train_dir, work, seq_len, batch, lr, args.throughput_steps)
     table = format_table(rows, moe_ppl.perplexity, domains, total_tokens)
     elapsed = time.time() - started
     text = f"""### `{args.preset}` ({"from scratch" if scratch else "upcycled"}; MoE trained on {total_tokens} tokens)
@@ -299,6 +302,10 @@ def main(argv=None) -> None:
         "--fractions", type=lambda s: [float(x) for x in s.split(",")], default=[0.01, 0.02, 0.05, 0.1, 0.2]
     )
     parser.add_argument("--lrs", type=lambda s: [float(x) for x in s.split(",")], default=[3e-4, 1e-3, 3e-3])
+    parser.add_argument("--lm-weights", type=lambda s: [float(x) for x in s.split(",")], default=[0.0],
+                        help="LM-loss weights to sweep with the learning rates (0: pure KD)")  # fmt: skip
+    parser.add_argument("--heal-from", choices=["fit", "down_proj"], default="fit",
+                        help="the heal's student: the refit: fit conversion (default) or the closed-form one")  # fmt: skip
     parser.add_argument("--collapse-fraction", type=float, default=0.05)
     parser.add_argument("--penalty-max", type=float, default=1e4)
     parser.add_argument("--throughput-steps", type=int, default=20)
