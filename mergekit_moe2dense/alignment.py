@@ -113,8 +113,8 @@ def permute_expert(expert: dict[str, torch.Tensor], permutation: torch.Tensor) -
 def permuted_slices(slices: dict[str, ExpertSlice], permutation: torch.Tensor) -> dict[str, ExpertSlice]:
     """An expert's checkpoint slices, read with its hidden units reordered (`ExpertSlice.units`)."""
     units = tuple(int(u) for u in permutation.tolist())
-    return {
-        projection: replace(piece, units=units, unit_dim=1 if projection == "down" else 0)
+    return {  # a down bias [H] (GPT-OSS) has no hidden units: as stored
+        projection: piece if projection == "down_bias" else replace(piece, units=units, unit_dim=int(projection == "down"))
         for projection, piece in slices.items()
     }
 

@@ -4,7 +4,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -42,6 +44,35 @@ def test_pruning_to_every_expert_reproduces_the_moe_exactly(random_moe, calib_di
     assert record["groups"] == [[[0], [1], [2], [3]]] * 2
 
 
+# Every family, in each checkpoint layout it has (GPT-OSS and Llama 4 have only the fused one,
+# which is what save_pretrained writes: "legacy" is that layout)
+FAMILIES = ["mixtral", *FAMILY_SPECS]
+CASES = [
+    (family, layout)
+    for family in FAMILIES
+    for layout in ("legacy", "fused")
+    if layout == "legacy" or family == "mixtral" or len(get_family(FAMILY_SPECS[family][0]()).layouts) > 1
+]
+
+
+def family_moe(family, path, tokenizer_dir, layout="legacy", **values):
+    if family == "mixtral":
+        return make_mixtral(path, tokenizer_dir, layout=layout, seed=2, **values)
+    return make_family_moe(family, path, tokenizer_dir, layout=layout, **values)
+
+
+@pytest.mark.parametrize("family,layout", CASES)
+def test_pruning_every_family_to_every_expert_reproduces_the_moe_exactly(
+    family, layout, tokenizer_dir, calib_dir, tmp_path
+):
+    """The experts written back in the family's layout (per-expert tensors, or the fused [N, ...]
+    tensors stacked), with every router row, router bias and correction bias: the same model."""
+    moe, out = family_moe(family, tmp_path / "src", tokenizer_dir, layout), tmp_path / "pruned"
+    build_dense(make_config(moe, "prune_experts", calib_dir, num_experts=4), str(out), OPTIONS)
+    assert type(load(out)).__name__ == type(load(moe)).__name__
+    torch.testing.assert_close(logits_of(out, IDS), logits_of(moe, IDS), rtol=0, atol=0)
+
+
 def test_pruning_experts_never_routed_to_reproduces_the_moe(tokenizer_dir, calib_dir, tmp_path):
     """DeepSeek-V3 selects experts by score + correction bias: a very low bias on experts 2 and 3
     (group 1 of 2) means no token ever reaches them; keeping 0 and 1 changes nothing."""
@@ -60,51 +91,52 @@ def test_pruning_experts_never_routed_to_reproduces_the_moe(tokenizer_dir, calib
     assert record["groups"] == [[[0], [1]]] * 2
 
 
-def _writes_smaller_moe(family: str) -> bool:
-    config = FAMILY_SPECS[family][0]()
-    try:
-        get_family(config).moe_config(config, 2, 1)
-    except UnsupportedModelError:
-        return False
-    return True
-
-
-# Families added after the smaller-MoE writer refuse it in one line (test_families); the others:
-SMALLER = ["mixtral", *(family for family in FAMILY_SPECS if _writes_smaller_moe(family))]
-
-
-@pytest.mark.parametrize("family", SMALLER)
-@pytest.mark.parametrize("layout", ["legacy", "fused"])
+@pytest.mark.parametrize("family,layout", CASES)
 def test_a_pruned_moe_of_every_family_loads_with_n_experts(family, layout, tokenizer_dir, calib_dir, tmp_path):
-    if family == "mixtral":
-        moe = make_mixtral(tmp_path / "src", tokenizer_dir, layout=layout, seed=2)
-    else:
-        moe = make_family_moe(family, tmp_path / "src", tokenizer_dir, layout=layout)
+    """2 of 4 experts, top-1: the family's class loads it with no missing, unexpected or mismatched
+    key; config.json says 2 experts, top-1; every tensor is the original's, or, where it has an
+    expert dim (experts, their biases, router rows and bias, correction biases, statistics), the
+    kept experts' slices of it; shared experts and their gates unchanged."""
+    moe = family_moe(family, tmp_path / "src", tokenizer_dir, layout)
     original = load(moe)
     out = tmp_path / "pruned"
     build_dense(make_config(moe, "prune_experts", calib_dir, num_experts=2, moe_top_k=1), str(out), OPTIONS)
     pruned = load(out)
     assert type(pruned).__name__ == type(original).__name__
-    config = pruned.config
-    experts_key = {"mixtral": "num_local_experts", "deepseek_v2": "n_routed_experts", "deepseek_v3": "n_routed_experts"}
-    assert getattr(config, experts_key.get(family, "num_experts")) == 2 and config.num_experts_per_tok == 1
+    adapter, config = get_family(original.config), pruned.config
+    assert (adapter.num_experts(config), adapter.top_k(config)) == (2, 1)
+    assert adapter.moe_layer_indices(config) == adapter.moe_layer_indices(original.config)
     kept = json.loads((out / "expert_weights.json").read_text())["groups"]
-    sparse = [i for i, layer in enumerate(original.model.layers) if hasattr(layer.mlp, "experts")]
+    sparse = adapter.moe_layer_indices(original.config)
     assert len(kept) == len(sparse) > 0
-    for position, index in enumerate(sparse):
-        old, new = original.model.layers[index].mlp, pruned.model.layers[index].mlp
-        experts = [group[0] for group in kept[position]]
-        assert new.experts.gate_up_proj.shape[0] == new.gate.weight.shape[0] == 2
-        torch.testing.assert_close(new.experts.gate_up_proj, old.experts.gate_up_proj[experts], rtol=0, atol=0)
-        torch.testing.assert_close(new.experts.down_proj, old.experts.down_proj[experts], rtol=0, atol=0)
-        torch.testing.assert_close(new.gate.weight, old.gate.weight[experts], rtol=0, atol=0)
-        if hasattr(old.gate, "e_score_correction_bias"):
-            torch.testing.assert_close(new.gate.e_score_correction_bias, old.gate.e_score_correction_bias[experts])
-        shared = {k: v for k, v in old.state_dict().items() if k.startswith("shared_expert")}
-        for name, value in shared.items():
-            torch.testing.assert_close(new.state_dict()[name], value, rtol=0, atol=0)
-        assert bool(shared) == (family in ("qwen2_moe", "deepseek_v2", "deepseek_v3"))
+    old, new = original.state_dict(), pruned.state_dict()
+    assert set(old) == set(new)
+    indexed: dict[int, list[str]] = {}
+    for name, value in old.items():
+        if new[name].shape == value.shape:
+            torch.testing.assert_close(new[name], value, rtol=0, atol=0, msg=name)
+            continue
+        axes = [d for d, (a, b) in enumerate(zip(value.shape, new[name].shape)) if a != b]
+        assert len(axes) == 1 and (value.shape[axes[0]], new[name].shape[axes[0]]) == (4, 2), name
+        layer = int(re.match(r"model\.layers\.(\d+)\.", name)[1])
+        experts = torch.tensor([group[0] for group in kept[sparse.index(layer)]])
+        torch.testing.assert_close(new[name], value.index_select(axes[0], experts), rtol=0, atol=0, msg=name)
+        indexed.setdefault(layer, []).append(name)
+    memory = adapter.memory_layout()
+    biases = sum(bias is not None for bias in (memory.gate_up_bias, memory.down_bias))
+    rows = sum("E" in shape for shape in adapter.extra_tensors.values())  # router biases, statistics
+    assert sorted(indexed) == sparse
+    assert all(len(names) == 3 + biases + rows for names in indexed.values()), indexed  # experts, router
     assert torch.isfinite(logits_of(out, IDS)).all()
+
+
+def test_a_family_without_an_moe_class_refuses_a_smaller_moe_in_one_line():
+    from mergekit_moe2dense.families.mixtral import MIXTRAL
+
+    config = transformers.MixtralConfig()
+    with pytest.raises(UnsupportedModelError, match="rebuilding a smaller MoE") as error:
+        dataclasses.replace(MIXTRAL, moe_architecture=None).moe_config(config, 2, 1)
+    assert "\n" not in str(error.value)
 
 
 def test_prune_parameters_are_checked_before_any_work(random_moe, calib_dir, tmp_path):
