@@ -33,7 +33,7 @@ import torch
 from mergekit.graph import Task
 from mergekit.io.tasks import FinalizeModel
 
-from mergekit_moe2dense.families import PROJECTIONS, MoELayer
+from mergekit_moe2dense.families import MoELayer
 from mergekit_moe2dense.graph import FuseExpert, TensorIO, projection_task
 from mergekit_moe2dense.plan import Block, LayerPlan
 

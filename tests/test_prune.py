@@ -130,13 +130,19 @@ def test_a_pruned_moe_of_every_family_loads_with_n_experts(family, layout, token
     assert torch.isfinite(logits_of(out, IDS)).all()
 
 
-def test_a_family_without_an_moe_class_refuses_a_smaller_moe_in_one_line():
+@pytest.mark.parametrize("method", ["prune_experts", "kmeans_multi_dense"])
+def test_a_family_without_an_moe_class_refuses_a_smaller_moe_in_one_line(
+    random_moe, calib_dir, tmp_path, monkeypatch, method
+):
+    import mergekit_moe2dense.families as families
     from mergekit_moe2dense.families.mixtral import MIXTRAL
 
-    config = transformers.MixtralConfig()
+    unnamed = dataclasses.replace(MIXTRAL, moe_architecture=None)
+    monkeypatch.setattr(families, "FAMILIES", [unnamed if f is MIXTRAL else f for f in families.FAMILIES])
+    params = {"num_experts": 2} if method == "prune_experts" else {"num_clusters": 2, "output": "moe"}
     with pytest.raises(UnsupportedModelError, match="rebuilding a smaller MoE") as error:
-        dataclasses.replace(MIXTRAL, moe_architecture=None).moe_config(config, 2, 1)
-    assert "\n" not in str(error.value)
+        build_dense(make_config(random_moe["legacy"], method, calib_dir, **params), str(tmp_path / "out"), OPTIONS)
+    assert "\n" not in str(error.value) and not (tmp_path / "out").exists()
 
 
 def test_prune_parameters_are_checked_before_any_work(random_moe, calib_dir, tmp_path):
@@ -183,6 +189,62 @@ def test_merging_groups_of_identical_experts_gives_the_moe(identical_moe, calib_
     assert torch.tensor(record["experts"]).sum(-1).allclose(torch.ones(2, 2))
 
 
+def same_router_rows(path):
+    """Every router row (and router bias) of the saved MoE set to expert 0's: with identical experts,
+    a group's closed-form row mix is that row again, so even a router that scales the experts'
+    input (Llama 4) gives the merged MoE the MoE's output."""
+    model = load(path)
+    with torch.no_grad():
+        for name, tensor in model.named_parameters():
+            if re.search(r"\.(router|gate)\.(weight|bias)$", name) and tensor.shape[0] == 4:
+                tensor[:] = tensor[:1].clone()
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "llama4_text", "granitemoeshared"])
+@pytest.mark.parametrize("align", ["none", "weights"])
+def test_merging_identical_experts_of_fused_only_families_gives_the_moe(
+    family, align, tokenizer_dir, calib_dir, tmp_path
+):
+    """Groups of identical experts merge into that expert, stacked into the fused tensors (GPT-OSS:
+    transposed, interleaved, with biases; Llama 4: transposed, its router scaling the input;
+    Granite: its hub names, a shared MLP beside the block); aligning identical experts keeps them."""
+    moe = family_moe(family, tmp_path / "src", tokenizer_dir, identical=True)
+    if family == "llama4_text":
+        same_router_rows(moe)
+    out = tmp_path / "merged"
+    build_dense(make_config(moe, "merge_experts", calib_dir, num_experts=2, align=align), str(out), OPTIONS)
+    assert get_family(load(out).config).num_experts(load(out).config) == 2
+    torch.testing.assert_close(logits_of(out, IDS), logits_of(moe, IDS), rtol=0, atol=1e-5)
+
+
+def test_aligned_merges_of_permuted_gpt_oss_experts_give_the_moe(tokenizer_dir, calib_dir, tmp_path):
+    """GPT-OSS's experts as one expert with its hidden units permuted (interleaved gate/up columns
+    and their biases, down rows; the down bias has no units): weight alignment finds the orders
+    through the fused layout's slices, and the merged groups are that expert again."""
+    moe = family_moe("gpt_oss", tmp_path / "src", tokenizer_dir, identical=True)
+    model = load(moe)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            experts = layer.mlp.experts
+            width = experts.down_proj.shape[1]
+            for e in range(1, experts.gate_up_proj.shape[0]):
+                order = torch.randperm(width, generator=generator)
+                pairs = torch.stack([2 * order, 2 * order + 1], dim=1).reshape(-1)  # unit i: columns 2i, 2i + 1
+                experts.gate_up_proj[e] = experts.gate_up_proj[e][:, pairs]
+                experts.gate_up_proj_bias[e] = experts.gate_up_proj_bias[e][pairs]
+                experts.down_proj[e] = experts.down_proj[e][order]
+    model.save_pretrained(moe)
+    reference = logits_of(moe, IDS)
+    aligned, plain = tmp_path / "aligned", tmp_path / "plain"
+    build_dense(make_config(moe, "merge_experts", calib_dir, num_experts=2, align="weights"), str(aligned), OPTIONS)
+    build_dense(make_config(moe, "merge_experts", calib_dir, num_experts=2, align="none"), str(plain), OPTIONS)
+    torch.testing.assert_close(logits_of(aligned, IDS), reference, rtol=0, atol=1e-4)
+    assert (logits_of(plain, IDS) - reference).abs().max() > 1e-2
+
+
 @pytest.mark.parametrize("align", ["weights", "activations"])
 def test_aligned_merges_of_permuted_copies_give_the_moe(tokenizer_dir, calib_dir, tmp_path, align):
     moe = permuted_copies(tmp_path / "src", tokenizer_dir)
@@ -195,7 +257,12 @@ def test_aligned_merges_of_permuted_copies_give_the_moe(tokenizer_dir, calib_dir
         assert (logits_of(plain, IDS) - reference).abs().max() > 1e-2, method
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
+# shared experts inside and beside the block, expert biases and a clamped SwiGLU, a router that
+# scales the input, correction statistics [1, E]
+REFIT_FAMILIES = ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss", "llama4_text", "granitemoeshared", "ernie4_5_moe"]
+
+
+@pytest.mark.parametrize("family", REFIT_FAMILIES)
 def test_block_refit_lowers_each_pruned_blocks_error(family, tokenizer_dir, calib_dir, tmp_path):
     if family == "mixtral":
         moe = make_mixtral(tmp_path / "src", tokenizer_dir, seed=4)

@@ -6,18 +6,20 @@ whole MoE block fitted at once (`prune_experts`, `merge_experts` with `refit: do
 On the layer loop (`LayerStream.run`), for each MoE layer l in order: the carried states
 are the outputs of the already pruned layers 0..l-1. The smaller block (N experts: each
 a kept expert or a group's merge, with its new router rows, shared experts as they are)
-is built from the smaller config's own module class, its experts in the family's
-in-memory layout (transposed, interleaved, with biases where the family's are); the original layer runs on the
-carried states while a hook records its block's input x and output y. With the smaller
-block's routing g_tj (its own router on x) and its experts' activations
-h_j(x) = act(G_j x) * (U_j x) (the family's: GPT-OSS's clamped SwiGLU with biases), its output is
+is built from the smaller config's own module class, its experts in the family's in-memory
+layout (transposed, interleaved, with biases where the family's are); the original layer
+runs on the carried states while a hook records its block's input x and output y. With the
+smaller block's routing g_tj (its own router on x) and its experts' activations
+h_j(x) = act(G_j x) * (U_j x) (the family's own: GPT-OSS's clamped SwiGLU with biases), its
+output is
 
-    y'(x) = s(x) + sum_j g_tj D_j h_j(x),      s(x): the shared experts (and their gate), down biases
+    y'(x) = s(x) + sum_j g_tj D_j h_j(x),      s(x): shared experts (and their gate), down biases
 
-(Llama 4's router scales the input instead: D_j h_j(g_tj x); `MoEFamily.routed_hidden`)
-which is linear in D = [D_1 ... D_N] [H, N x I]: with z_t = [g_t1 h_1(x_t), ..., g_tN h_N(x_t)]
-the ridge solution of sum_t ||(y_t - s(x_t)) - D z_t||^2 (z_tj = `routed_hidden`) (refit.py) makes the smaller
-block's output match the original block's on the calibration tokens, routing included.
+(Llama 4's router scales the input instead: D_j h_j(g_tj x)), which is linear in
+D = [D_1 ... D_N] [H, N x I]: with z_t = [g_t1 h_1(x_t), ..., g_tN h_N(x_t)]
+(`MoEFamily.routed_hidden`) the ridge solution of sum_t ||(y_t - s(x_t)) - D z_t||^2
+(refit.py) makes the smaller block's output match the original block's on the calibration
+tokens, routing included. Shared experts beside the block (Granite's) are part of s.
 The fitted block replaces the original one for the following layers. The Gram matrix is
 (N x I)^2 float64: 4 x 14336 experts of Mixtral would need 26 GB, so large experts need
 fewer kept experts per fit than this simple joint solve handles.
@@ -37,6 +39,7 @@ from mergekit_moe2dense.reassemble import expert_key, mix_rows
 from mergekit_moe2dense.refit import LeastSquaresStats, fit_down_proj, squared_error
 
 __all__ = ["SmallerMoEFit", "fit_smaller_moe"]
+
 
 @dataclass
 class SmallerMoEFit:
@@ -94,7 +97,9 @@ class _Pruning(LayerVisitor):
             out = new(x.to(dtype)[None])
             out = (out[0] if isinstance(out, tuple) else out).reshape(x.shape).float()
             if shared is not None:
-                out = out + shared(x.to(dtype)[None]).reshape(x.shape).float()
+                out = (
+                    out + shared.forward(x.to(dtype)[None]).reshape(x.shape).float()
+                )  # forward: not its recording hook
             # the smaller block's residual y - y'(x) = (y - s(x)) - D_old z, s = out - D_old z
             stats.add_batch(features, y - out)
             energy[0] += float(((y - out + features @ old_down.T) ** 2).sum())
