@@ -12,8 +12,18 @@ import pytest
 import torch
 import transformers
 from mergekit.options import MergeOptions
+from safetensors import safe_open
 
-from helpers import assert_one_line_error, logits_of, make_config, make_mixtral, run_cli, write_config
+from helpers import (
+    assert_one_line_error,
+    logits_of,
+    make_config,
+    make_mixtral,
+    quantize_mxfp4_checkpoint,
+    run_cli,
+    save_dequantized,
+    write_config,
+)
 from mergekit_moe2dense.build import build_dense
 from mergekit_moe2dense.families import UnsupportedModelError, get_family
 from mergekit_moe2dense.methods import MethodError
@@ -109,6 +119,7 @@ def test_a_pruned_moe_of_every_family_loads_with_n_experts(family, layout, token
     assert type(pruned).__name__ == type(original).__name__
     adapter, config = get_family(original.config), pruned.config
     assert (adapter.num_experts(config), adapter.top_k(config)) == (2, 1)
+    assert all(getattr(config, key) == 1 for key in adapter.routing_groups or ())  # DeepSeek-style groups: one
     assert adapter.moe_layer_indices(config) == adapter.moe_layer_indices(original.config)
     kept = json.loads((out / "expert_weights.json").read_text())["groups"]
     sparse = adapter.moe_layer_indices(original.config)
@@ -132,6 +143,21 @@ def test_a_pruned_moe_of_every_family_loads_with_n_experts(family, layout, token
     assert sorted(indexed) == sparse
     assert all(len(names) == 3 + biases + rows for names in indexed.values()), indexed  # experts, router
     assert torch.isfinite(logits_of(out, IDS)).all()
+
+
+def test_pruning_an_mxfp4_gpt_oss_gives_the_dequantized_moe_unquantized(tokenizer_dir, calib_dir, tmp_path):
+    """GPT-OSS as released (MXFP4 experts): the kept experts are dequantized on read and stacked
+    unquantized; config.json has no quantization_config; all 4 kept: the dequantized MoE's logits."""
+    moe = make_family_moe("gpt_oss", tmp_path / "moe", tokenizer_dir)
+    quantized, reference = quantize_mxfp4_checkpoint(moe, tmp_path / "mxfp4")
+    dequantized = save_dequantized(moe, tmp_path / "deq", reference)
+    out = tmp_path / "pruned"
+    build_dense(make_config(quantized, "prune_experts", calib_dir, num_experts=4), str(out), OPTIONS)
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    with safe_open(str(out / "model.safetensors"), "pt") as handle:
+        assert not any(name.endswith(("_blocks", "_scales")) for name in handle.keys())
+        assert handle.get_tensor("model.layers.0.mlp.experts.gate_up_proj").dtype == torch.float32
+    torch.testing.assert_close(logits_of(out, IDS), logits_of(dequantized, IDS), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["prune_experts", "kmeans_multi_dense"])
