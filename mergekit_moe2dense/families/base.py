@@ -74,9 +74,10 @@ class MoEFamily:
 
     `layouts` are tried in order per layer (the first whose marker tensor is
     stored wins); the first `PerExpertLayout` (else the first layout, fused) names the
-    tensors of a rebuilt smaller MoE (`moe_layout`). `renormalize` says whether the router divides its top-k weights by
-    their sum: always (True), never (False) or per config key; `routed_scaling` is
-    the config key of a factor the router multiplies them by (DeepSeek).
+    tensors of a rebuilt smaller MoE (`moe_layout`). `renormalize` says whether the
+    router divides its top-k weights by their sum: always (True), never (False) or per
+    config key; `routed_scaling` is the config key of a factor the router multiplies
+    them by (DeepSeek).
     """
 
     name: str
@@ -213,8 +214,7 @@ class MoEFamily:
     def expert_output(self, experts: torch.nn.Module, hidden: torch.Tensor, expert: int) -> torch.Tensor:
         """One expert's output [T, H] on tokens [T, H], from the fused experts module:
         down (act(gate x) * up x), as transformers' fused experts compute it."""
-        gate, up = torch.nn.functional.linear(hidden, experts.gate_up_proj[expert]).chunk(2, dim=-1)
-        return torch.nn.functional.linear(experts.act_fn(gate) * up, experts.down_proj[expert])
+        return torch.nn.functional.linear(self.expert_hidden(experts, hidden, expert), experts.down_proj[expert])
 
     def expert_hidden(self, experts: torch.nn.Module, hidden: torch.Tensor, expert: int) -> torch.Tensor:
         """One expert's activations before its down projection, h = act(G x) * (U x) [T, I], on
