@@ -113,10 +113,10 @@ def permute_expert(expert: dict[str, torch.Tensor], permutation: torch.Tensor) -
 def permuted_slices(slices: dict[str, ExpertSlice], permutation: torch.Tensor) -> dict[str, ExpertSlice]:
     """An expert's checkpoint slices, read with its hidden units reordered (`ExpertSlice.units`)."""
     units = tuple(int(u) for u in permutation.tolist())
-    return {
-        projection: replace(piece, units=units, unit_dim=1 if projection == "down" else 0)
-        for projection, piece in slices.items()
-    }
+    permuted = {p: replace(piece, units=units, unit_dim=int(p == "down")) for p, piece in slices.items()}
+    if "down_bias" in slices:  # [H] (GPT-OSS): no hidden units, as stored
+        permuted["down_bias"] = slices["down_bias"]
+    return permuted
 
 
 def align_layer(

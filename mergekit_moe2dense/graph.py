@@ -189,27 +189,46 @@ class SumBlocks(Task[torch.Tensor]):
 
 
 class FuseExpert(Task[torch.Tensor]):
-    """One tensor of a fused one-expert target ([1, ...]: GPT-OSS with one expert) from the
-    dense projections: each projection written into its slice of the layout (the inverse of
-    the layout's slices, so interleaving and transposition are the family's own)."""
+    """One tensor of a fused layout ([N, ...]) stacked from N experts' projections: each part,
+    expert `experts[i]`'s projection `projections[i]`, written into its slice of the layout (the
+    inverse of the layout's slices, so interleaving and transposition are the family's own).
+    The dense target of GPT-OSS is its one expert (N = 1); a smaller GPT-OSS, Llama 4 or Granite
+    MoE stacks its N kept or merged experts, one layer's experts at a time. Parts of other
+    tensors of the layout are ignored; a slice no part fills stays zero."""
 
     layout: FusedLayout
     layer: int
     tensor: str  # the output tensor's name
     projections: tuple[str, ...]
     parts: tuple[Task, ...]
+    experts: tuple[int, ...] = ()  # each part's expert (empty: all expert 0)
+    num_experts: int = 1
 
     def arguments(self) -> dict[str, Task]:
-        return {projection: task for projection, task in zip(self.projections, self.parts)}
+        experts = self.experts or (0,) * len(self.parts)
+        return {f"{e}.{p}": task for e, p, task in zip(experts, self.projections, self.parts)}
 
     def execute(self, **parts) -> torch.Tensor:
-        width, hidden = parts["gate"].shape
-        dims = {"E": 1, "H": hidden, "I": width, "2I": 2 * width}
-        shapes = self.layout.expert_shapes(self.layer, 1)
-        out = torch.zeros([dims[d] for d in shapes[self.tensor]], dtype=parts["gate"].dtype)
-        for projection, piece in self.layout.slices(self.layer, 1, width)[0].items():
-            if piece.tensor == self.tensor:
-                piece.take(out).copy_(parts[projection])
+        dims = {"E": self.num_experts}
+        for key, value in parts.items():  # the widths from the parts (a concat's dense MLP is wider)
+            projection = key.split(".", 1)[1]
+            if projection in ("gate", "up"):
+                dims["I"], dims["H"] = value.shape
+            elif projection == "down":
+                dims["H"], dims["I"] = value.shape
+            else:
+                dims["H" if projection == "down_bias" else "I"] = value.shape[0]
+        if "I" in dims:
+            dims["2I"] = 2 * dims["I"]
+        shapes = self.layout.expert_shapes(self.layer, self.num_experts)
+        dtype = next(iter(parts.values())).dtype
+        out = torch.zeros([dims[d] for d in shapes[self.tensor]], dtype=dtype)
+        slices = self.layout.slices(self.layer, self.num_experts, dims.get("I", 0))
+        for key, value in parts.items():
+            expert, projection = key.split(".", 1)
+            piece = slices[int(expert)].get(projection)
+            if piece is not None and piece.tensor == self.tensor:
+                piece.take(out).copy_(value)
         return out
 
 

@@ -9,13 +9,15 @@ Expert j of layer l is the merge of the layer's old experts with weights w_jl
   the old experts, so its logit is the same mix of theirs (the expected old
   logit under w_jl); with `features: logits`, T = 1 this is softmax(c_j) as in
   arcee-ai/mergekit#267;
-- fitted: multinomial logistic regression (scikit-learn, L2, no intercept since
-  the routers of the families that rebuild have no bias) of the cluster id on the
+- fitted: multinomial logistic regression (scikit-learn, L2, no intercept: a router
+  bias, GPT-OSS's, keeps its closed-form rows) of the cluster id on the
   router's recorded inputs (the hidden states of the sampled calibration tokens).
   No gradient step touches the rest of the model.
 
-Every other tensor of the block indexed by expert (DeepSeek-V3's correction bias)
-gets the same closed-form rows; shared experts and their gates are copied.
+Every other tensor of the block indexed by expert (a router bias, DeepSeek-V3's correction
+bias, ERNIE's statistics [1, E]) gets the same closed-form rows; shared experts and their
+gates are copied. The experts are written in the family's `moe_layout`: per-expert tensors,
+or (GPT-OSS, Llama 4, Granite) the fused [k, ...] tensors of each layer, stacked.
 
 The routers are computed in memory and enter the graph as `graph.ComputedTensor`
 tasks, so the whole output is still written by one task graph (read -> merge ->
@@ -31,11 +33,11 @@ import torch
 from mergekit.graph import Task
 from mergekit.io.tasks import FinalizeModel
 
-from mergekit_moe2dense.families import PROJECTIONS, MoELayer
-from mergekit_moe2dense.graph import TensorIO, projection_task
+from mergekit_moe2dense.families import MoELayer
+from mergekit_moe2dense.graph import FuseExpert, TensorIO, projection_task
 from mergekit_moe2dense.plan import Block, LayerPlan
 
-__all__ = ["closed_form_router", "closed_form_rows", "fitted_router", "plan_moe_merge"]
+__all__ = ["closed_form_router", "closed_form_rows", "expert_key", "fitted_router", "mix_rows", "plan_moe_merge"]
 
 
 def closed_form_router(old_router: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -64,19 +66,32 @@ def fitted_router(inputs: torch.Tensor, labels: np.ndarray, k: int, *, seed: int
     return torch.from_numpy(rows)
 
 
+def expert_key(layer: int, expert: int, projection: str) -> str:
+    """The key of a re-fitted projection of the smaller MoE's expert (`plan_moe_merge`'s `fitted`),
+    whatever layout the expert is written in."""
+    return f"layer {layer} expert {expert} {projection}"
+
+
+def mix_rows(value: torch.Tensor, weights: torch.Tensor, axis: int = 0) -> torch.Tensor:
+    """`value` with its expert dim `axis` (size E) replaced by k rows: row j = sum_e weights[j, e]
+    x row e (float64 arithmetic; a kept expert's own row when weights[j] is one-hot)."""
+    moved = value.double().movedim(axis, 0)
+    mixed = weights.double() @ moved.reshape(moved.shape[0], -1)
+    return mixed.reshape(-1, *moved.shape[1:]).movedim(0, axis)
+
+
 def closed_form_rows(source, layer: MoELayer, weights: torch.Tensor, router: torch.Tensor | None = None) -> dict:
     """Every expert-indexed tensor of a smaller MoE's block (the router [k, H], a correction
-    bias [k], ...) by output name: new expert j's row is sum_e weights[j, e] x old row e (a kept
-    expert's own row when weights[j] is one-hot); `router` [k, H] replaces the router's."""
+    bias [k], ERNIE's statistics [1, k], ...) by output name: new expert j's row is
+    sum_e weights[j, e] x old row e; `router` [k, H] replaces the router's."""
     rows = {}
-    for name, output, indexed in source.family.moe_block_tensors(source.config, layer.index, source.tensor_names):
-        if not indexed:
+    for name, output, axis in source.family.moe_block_tensors(source.config, layer.index, source.tensor_names):
+        if axis is None:
             continue
         if router is not None and output == source.family.moe_router_name(layer.index):
             rows[output] = router.float()
             continue
-        value = source.reader.read(name).double()
-        rows[output] = (weights.double() @ value.reshape(value.shape[0], -1)).reshape(-1, *value.shape[1:]).float()
+        rows[output] = mix_rows(source.reader.read(name), weights, axis).float()
     return rows
 
 
@@ -96,21 +111,41 @@ def plan_moe_merge(
     `weights` [k, L, E]; `layers` are the source's MoE layers, or the same with permuted
     expert slices (alignment.py); `rows` holds a task for every expert-indexed tensor of
     every block (`closed_form_rows`), by output name; `fitted` re-fitted expert projections
-    by output name, used instead of their merge.
+    by `expert_key`, used instead of their merge. Each expert is written in the family's
+    `moe_layout`: its own tensors, or its slices of fused [k, ...] tensors, each stacked from
+    the layer's k experts by one task (`graph.FuseExpert`: memory stays one layer's experts).
     """
     family, fitted = source.family, fitted or {}
+    num_experts, width = weights.shape[0], family.expert_width(source.config)
     writer = io.writer(out_path)
     saves, consumed = [], set()
     for position, layer in enumerate(layers):
         consumed.update(layer.consumed)
+        outputs = family.moe_expert_slices(layer.index, num_experts, width)
+        stacked: dict[str, list[tuple[int, str, Task]]] = {}
         for expert, row in enumerate(weights[:, position].tolist()):
             plan = LayerPlan(layer, (Block(tuple(row)),))
-            names = family.moe_expert_names(layer.index, expert)
-            for projection in PROJECTIONS:
-                task = fitted.get(names[projection]) or projection_task(io.model, plan, projection, io.dtype, io.device)
-                saves.append(io.save(names[projection], task, writer))
-        for name, output, indexed in family.moe_block_tensors(source.config, layer.index, source.tensor_names):
-            saves.append(io.save(output, rows[output] if indexed else io.read(name), writer))
+            for projection, piece in outputs[expert].items():
+                task = fitted.get(expert_key(layer.index, expert, projection))
+                task = task or projection_task(io.model, plan, projection, io.dtype, io.device)
+                if piece.expert is None:  # a tensor of its own
+                    saves.append(io.save(piece.tensor, task, writer))
+                else:
+                    stacked.setdefault(piece.tensor, []).append((expert, projection, task))
+        for name, parts in stacked.items():
+            experts, projections, tasks = zip(*parts)
+            fused = FuseExpert(
+                layout=family.moe_layout(),
+                layer=layer.index,
+                tensor=name,
+                projections=projections,
+                parts=tasks,
+                experts=experts,
+                num_experts=num_experts,
+            )
+            saves.append(io.save(name, fused, writer))
+        for name, output, axis in family.moe_block_tensors(source.config, layer.index, source.tensor_names):
+            saves.append(io.save(output, rows[output] if axis is not None else io.read(name), writer))
     for name in source.tensor_names:
         if name not in consumed:
             saves.append(io.save(name, io.read(name), writer))

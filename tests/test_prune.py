@@ -4,14 +4,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 
 import pytest
 import torch
 import transformers
 from mergekit.options import MergeOptions
+from safetensors import safe_open
 
-from helpers import assert_one_line_error, logits_of, make_config, make_mixtral, run_cli, write_config
+from helpers import (
+    assert_one_line_error,
+    logits_of,
+    make_config,
+    make_mixtral,
+    quantize_mxfp4_checkpoint,
+    run_cli,
+    save_dequantized,
+    write_config,
+)
 from mergekit_moe2dense.build import build_dense
 from mergekit_moe2dense.families import UnsupportedModelError, get_family
 from mergekit_moe2dense.methods import MethodError
@@ -42,6 +54,39 @@ def test_pruning_to_every_expert_reproduces_the_moe_exactly(random_moe, calib_di
     assert record["groups"] == [[[0], [1], [2], [3]]] * 2
 
 
+# Every family, in each checkpoint layout it has (GPT-OSS and Llama 4 have only the fused one,
+# which is what save_pretrained writes: "legacy" is that layout)
+FAMILIES = ["mixtral", *FAMILY_SPECS]
+CASES = [
+    (family, layout)
+    for family in FAMILIES
+    for layout in ("legacy", "fused")
+    if layout == "legacy" or family == "mixtral" or len(get_family(FAMILY_SPECS[family][0]()).layouts) > 1
+]
+
+
+def family_moe(family, path, tokenizer_dir, layout="legacy", **values):
+    if family == "mixtral":
+        return make_mixtral(path, tokenizer_dir, layout=layout, seed=2, **values)
+    return make_family_moe(family, path, tokenizer_dir, layout=layout, **values)
+
+
+# one source layout per family (the fused one where there are two: read fused, written per expert);
+# test_a_pruned_moe_of_every_family_loads_with_n_experts checks every written tensor of both layouts against the source's
+@pytest.mark.parametrize(
+    "family,layout", [(f, layout) for f, layout in CASES if (f, "fused") not in CASES or layout == "fused"]
+)
+def test_pruning_every_family_to_every_expert_reproduces_the_moe_exactly(
+    family, layout, tokenizer_dir, calib_dir, tmp_path
+):
+    """The experts written back in the family's layout (per-expert tensors, or the fused [N, ...]
+    tensors stacked), with every router row, router bias and correction bias: the same model."""
+    moe, out = family_moe(family, tmp_path / "src", tokenizer_dir, layout), tmp_path / "pruned"
+    build_dense(make_config(moe, "prune_experts", calib_dir, num_experts=4), str(out), OPTIONS)
+    assert type(load(out)).__name__ == type(load(moe)).__name__
+    torch.testing.assert_close(logits_of(out, IDS), logits_of(moe, IDS), rtol=0, atol=0)
+
+
 def test_pruning_experts_never_routed_to_reproduces_the_moe(tokenizer_dir, calib_dir, tmp_path):
     """DeepSeek-V3 selects experts by score + correction bias: a very low bias on experts 2 and 3
     (group 1 of 2) means no token ever reaches them; keeping 0 and 1 changes nothing."""
@@ -60,51 +105,74 @@ def test_pruning_experts_never_routed_to_reproduces_the_moe(tokenizer_dir, calib
     assert record["groups"] == [[[0], [1]]] * 2
 
 
-def _writes_smaller_moe(family: str) -> bool:
-    config = FAMILY_SPECS[family][0]()
-    try:
-        get_family(config).moe_config(config, 2, 1)
-    except UnsupportedModelError:
-        return False
-    return True
-
-
-# Families added after the smaller-MoE writer refuse it in one line (test_families); the others:
-SMALLER = ["mixtral", *(family for family in FAMILY_SPECS if _writes_smaller_moe(family))]
-
-
-@pytest.mark.parametrize("family", SMALLER)
-@pytest.mark.parametrize("layout", ["legacy", "fused"])
+@pytest.mark.parametrize("family,layout", CASES)
 def test_a_pruned_moe_of_every_family_loads_with_n_experts(family, layout, tokenizer_dir, calib_dir, tmp_path):
-    if family == "mixtral":
-        moe = make_mixtral(tmp_path / "src", tokenizer_dir, layout=layout, seed=2)
-    else:
-        moe = make_family_moe(family, tmp_path / "src", tokenizer_dir, layout=layout)
+    """2 of 4 experts, top-1: the family's class loads it with no missing, unexpected or mismatched
+    key; config.json says 2 experts, top-1; every tensor is the original's, or, where it has an
+    expert dim (experts, their biases, router rows and bias, correction biases, statistics), the
+    kept experts' slices of it; shared experts and their gates unchanged."""
+    moe = family_moe(family, tmp_path / "src", tokenizer_dir, layout)
     original = load(moe)
     out = tmp_path / "pruned"
     build_dense(make_config(moe, "prune_experts", calib_dir, num_experts=2, moe_top_k=1), str(out), OPTIONS)
     pruned = load(out)
     assert type(pruned).__name__ == type(original).__name__
-    config = pruned.config
-    experts_key = {"mixtral": "num_local_experts", "deepseek_v2": "n_routed_experts", "deepseek_v3": "n_routed_experts"}
-    assert getattr(config, experts_key.get(family, "num_experts")) == 2 and config.num_experts_per_tok == 1
+    adapter, config = get_family(original.config), pruned.config
+    assert (adapter.num_experts(config), adapter.top_k(config)) == (2, 1)
+    assert all(getattr(config, key) == 1 for key in adapter.routing_groups or ())  # DeepSeek-style groups: one
+    assert adapter.moe_layer_indices(config) == adapter.moe_layer_indices(original.config)
     kept = json.loads((out / "expert_weights.json").read_text())["groups"]
-    sparse = [i for i, layer in enumerate(original.model.layers) if hasattr(layer.mlp, "experts")]
+    sparse = adapter.moe_layer_indices(original.config)
     assert len(kept) == len(sparse) > 0
-    for position, index in enumerate(sparse):
-        old, new = original.model.layers[index].mlp, pruned.model.layers[index].mlp
-        experts = [group[0] for group in kept[position]]
-        assert new.experts.gate_up_proj.shape[0] == new.gate.weight.shape[0] == 2
-        torch.testing.assert_close(new.experts.gate_up_proj, old.experts.gate_up_proj[experts], rtol=0, atol=0)
-        torch.testing.assert_close(new.experts.down_proj, old.experts.down_proj[experts], rtol=0, atol=0)
-        torch.testing.assert_close(new.gate.weight, old.gate.weight[experts], rtol=0, atol=0)
-        if hasattr(old.gate, "e_score_correction_bias"):
-            torch.testing.assert_close(new.gate.e_score_correction_bias, old.gate.e_score_correction_bias[experts])
-        shared = {k: v for k, v in old.state_dict().items() if k.startswith("shared_expert")}
-        for name, value in shared.items():
-            torch.testing.assert_close(new.state_dict()[name], value, rtol=0, atol=0)
-        assert bool(shared) == (family in ("qwen2_moe", "deepseek_v2", "deepseek_v3"))
+    old, new = original.state_dict(), pruned.state_dict()
+    assert set(old) == set(new)
+    indexed: dict[int, list[str]] = {}
+    for name, value in old.items():
+        if new[name].shape == value.shape:
+            torch.testing.assert_close(new[name], value, rtol=0, atol=0, msg=name)
+            continue
+        axes = [d for d, (a, b) in enumerate(zip(value.shape, new[name].shape)) if a != b]
+        assert len(axes) == 1 and (value.shape[axes[0]], new[name].shape[axes[0]]) == (4, 2), name
+        layer = int(re.match(r"model\.layers\.(\d+)\.", name)[1])
+        experts = torch.tensor([group[0] for group in kept[sparse.index(layer)]])
+        torch.testing.assert_close(new[name], value.index_select(axes[0], experts), rtol=0, atol=0, msg=name)
+        indexed.setdefault(layer, []).append(name)
+    memory = adapter.memory_layout()
+    biases = sum(bias is not None for bias in (memory.gate_up_bias, memory.down_bias))
+    rows = sum("E" in shape for shape in adapter.extra_tensors.values())  # router biases, statistics
+    assert sorted(indexed) == sparse
+    assert all(len(names) == 3 + biases + rows for names in indexed.values()), indexed  # experts, router
     assert torch.isfinite(logits_of(out, IDS)).all()
+
+
+def test_pruning_an_mxfp4_gpt_oss_gives_the_dequantized_moe_unquantized(tokenizer_dir, calib_dir, tmp_path):
+    """GPT-OSS as released (MXFP4 experts): the kept experts are dequantized on read and stacked
+    unquantized; config.json has no quantization_config; all 4 kept: the dequantized MoE's logits."""
+    moe = make_family_moe("gpt_oss", tmp_path / "moe", tokenizer_dir)
+    quantized, reference = quantize_mxfp4_checkpoint(moe, tmp_path / "mxfp4")
+    dequantized = save_dequantized(moe, tmp_path / "deq", reference)
+    out = tmp_path / "pruned"
+    build_dense(make_config(quantized, "prune_experts", calib_dir, num_experts=4), str(out), OPTIONS)
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    with safe_open(str(out / "model.safetensors"), "pt") as handle:
+        assert not any(name.endswith(("_blocks", "_scales")) for name in handle.keys())
+        assert handle.get_tensor("model.layers.0.mlp.experts.gate_up_proj").dtype == torch.float32
+    torch.testing.assert_close(logits_of(out, IDS), logits_of(dequantized, IDS), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["prune_experts", "kmeans_multi_dense"])
+def test_a_family_without_an_moe_class_refuses_a_smaller_moe_in_one_line(
+    random_moe, calib_dir, tmp_path, monkeypatch, method
+):
+    import mergekit_moe2dense.families as families
+    from mergekit_moe2dense.families.mixtral import MIXTRAL
+
+    unnamed = dataclasses.replace(MIXTRAL, moe_architecture=None)
+    monkeypatch.setattr(families, "FAMILIES", [unnamed if f is MIXTRAL else f for f in families.FAMILIES])
+    params = {"num_experts": 2} if method == "prune_experts" else {"num_clusters": 2, "output": "moe"}
+    with pytest.raises(UnsupportedModelError, match="rebuilding a smaller MoE") as error:
+        build_dense(make_config(random_moe["legacy"], method, calib_dir, **params), str(tmp_path / "out"), OPTIONS)
+    assert "\n" not in str(error.value) and not (tmp_path / "out").exists()
 
 
 def test_prune_parameters_are_checked_before_any_work(random_moe, calib_dir, tmp_path):
@@ -151,6 +219,62 @@ def test_merging_groups_of_identical_experts_gives_the_moe(identical_moe, calib_
     assert torch.tensor(record["experts"]).sum(-1).allclose(torch.ones(2, 2))
 
 
+def same_router_rows(path):
+    """Every router row (and router bias) of the saved MoE set to expert 0's: with identical experts,
+    a group's closed-form row mix is that row again, so even a router that scales the experts'
+    input (Llama 4) gives the merged MoE the MoE's output."""
+    model = load(path)
+    with torch.no_grad():
+        for name, tensor in model.named_parameters():
+            if re.search(r"\.(router|gate)\.(weight|bias)$", name) and tensor.shape[0] == 4:
+                tensor[:] = tensor[:1].clone()
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "llama4_text", "granitemoeshared"])
+@pytest.mark.parametrize("align", ["none", "weights"])
+def test_merging_identical_experts_of_fused_only_families_gives_the_moe(
+    family, align, tokenizer_dir, calib_dir, tmp_path
+):
+    """Groups of identical experts merge into that expert, stacked into the fused tensors (GPT-OSS:
+    transposed, interleaved, with biases; Llama 4: transposed, its router scaling the input;
+    Granite: its hub names, a shared MLP beside the block); aligning identical experts keeps them."""
+    moe = family_moe(family, tmp_path / "src", tokenizer_dir, identical=True)
+    if family == "llama4_text":
+        same_router_rows(moe)
+    out = tmp_path / "merged"
+    build_dense(make_config(moe, "merge_experts", calib_dir, num_experts=2, align=align), str(out), OPTIONS)
+    assert get_family(load(out).config).num_experts(load(out).config) == 2
+    torch.testing.assert_close(logits_of(out, IDS), logits_of(moe, IDS), rtol=0, atol=1e-5)
+
+
+def test_aligned_merges_of_permuted_gpt_oss_experts_give_the_moe(tokenizer_dir, calib_dir, tmp_path):
+    """GPT-OSS's experts as one expert with its hidden units permuted (interleaved gate/up columns
+    and their biases, down rows; the down bias has no units): weight alignment finds the orders
+    through the fused layout's slices, and the merged groups are that expert again."""
+    moe = family_moe("gpt_oss", tmp_path / "src", tokenizer_dir, identical=True)
+    model = load(moe)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            experts = layer.mlp.experts
+            width = experts.down_proj.shape[1]
+            for e in range(1, experts.gate_up_proj.shape[0]):
+                order = torch.randperm(width, generator=generator)
+                pairs = torch.stack([2 * order, 2 * order + 1], dim=1).reshape(-1)  # unit i: columns 2i, 2i + 1
+                experts.gate_up_proj[e] = experts.gate_up_proj[e][:, pairs]
+                experts.gate_up_proj_bias[e] = experts.gate_up_proj_bias[e][pairs]
+                experts.down_proj[e] = experts.down_proj[e][order]
+    model.save_pretrained(moe)
+    reference = logits_of(moe, IDS)
+    aligned, plain = tmp_path / "aligned", tmp_path / "plain"
+    build_dense(make_config(moe, "merge_experts", calib_dir, num_experts=2, align="weights"), str(aligned), OPTIONS)
+    build_dense(make_config(moe, "merge_experts", calib_dir, num_experts=2, align="none"), str(plain), OPTIONS)
+    torch.testing.assert_close(logits_of(aligned, IDS), reference, rtol=0, atol=1e-4)
+    assert (logits_of(plain, IDS) - reference).abs().max() > 1e-2
+
+
 @pytest.mark.parametrize("align", ["weights", "activations"])
 def test_aligned_merges_of_permuted_copies_give_the_moe(tokenizer_dir, calib_dir, tmp_path, align):
     moe = permuted_copies(tmp_path / "src", tokenizer_dir)
@@ -163,7 +287,12 @@ def test_aligned_merges_of_permuted_copies_give_the_moe(tokenizer_dir, calib_dir
         assert (logits_of(plain, IDS) - reference).abs().max() > 1e-2, method
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
+# shared experts inside and beside the block, expert biases and a clamped SwiGLU, a router that
+# scales the input, correction statistics [1, E]
+REFIT_FAMILIES = ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss", "llama4_text", "granitemoeshared", "ernie4_5_moe"]
+
+
+@pytest.mark.parametrize("family", REFIT_FAMILIES)
 def test_block_refit_lowers_each_pruned_blocks_error(family, tokenizer_dir, calib_dir, tmp_path):
     if family == "mixtral":
         moe = make_mixtral(tmp_path / "src", tokenizer_dir, seed=4)

@@ -100,7 +100,7 @@ class SparseBlock:
     path: str  # the block's module path in stream.model
     module: torch.nn.Module
     router: torch.nn.Module
-    act: Callable[[torch.Tensor], torch.Tensor]  # the experts' activation
+    act: Callable[[torch.Tensor], torch.Tensor] | None  # the experts' activation (None: GPT-OSS's own)
     # shared experts beside the block (Granite's `shared_mlp`), on the same input: part of the target
     shared_path: str | None = None
     keep: torch.Tensor | None = None  # during `run`: the current batch's non-padding tokens [B*T], on the device
@@ -116,7 +116,7 @@ class SparseBlock:
             path,
             stream.model.get_submodule(path),
             stream.model.get_submodule(family.router_module(index)),
-            stream.model.get_submodule(family.experts_module(index)).act_fn,
+            getattr(stream.model.get_submodule(family.experts_module(index)), "act_fn", None),  # GPT-OSS: none
             family.shared_module(stream.source.config, index),
         )
 

@@ -73,10 +73,11 @@ class MoEFamily:
     """Adapter for one MoE architecture family, as a table.
 
     `layouts` are tried in order per layer (the first whose marker tensor is
-    stored wins); the first `PerExpertLayout` also names the experts of a rebuilt
-    smaller MoE. `renormalize` says whether the router divides its top-k weights by
-    their sum: always (True), never (False) or per config key; `routed_scaling` is
-    the config key of a factor the router multiplies them by (DeepSeek).
+    stored wins); the first `PerExpertLayout` (else the first layout, fused) names the
+    tensors of a rebuilt smaller MoE (`moe_layout`). `renormalize` says whether the
+    router divides its top-k weights by their sum: always (True), never (False) or per
+    config key; `routed_scaling` is the config key of a factor the router multiplies
+    them by (DeepSeek).
     """
 
     name: str
@@ -213,8 +214,21 @@ class MoEFamily:
     def expert_output(self, experts: torch.nn.Module, hidden: torch.Tensor, expert: int) -> torch.Tensor:
         """One expert's output [T, H] on tokens [T, H], from the fused experts module:
         down (act(gate x) * up x), as transformers' fused experts compute it."""
+        return torch.nn.functional.linear(self.expert_hidden(experts, hidden, expert), experts.down_proj[expert])
+
+    def expert_hidden(self, experts: torch.nn.Module, hidden: torch.Tensor, expert: int) -> torch.Tensor:
+        """One expert's activations before its down projection, h = act(G x) * (U x) [T, I], on
+        tokens [T, H], from the fused experts module (its output is down_proj[expert] h)."""
         gate, up = torch.nn.functional.linear(hidden, experts.gate_up_proj[expert]).chunk(2, dim=-1)
-        return torch.nn.functional.linear(experts.act_fn(gate) * up, experts.down_proj[expert])
+        return experts.act_fn(gate) * up
+
+    def routed_hidden(
+        self, experts: torch.nn.Module, hidden: torch.Tensor, weights: torch.Tensor, expert: int
+    ) -> torch.Tensor:
+        """What a routed expert's down projection sees in the block, per token [T, I], given the
+        router's weights [T] for it: g h(x), the block adding D g h(x) (plus g times a down bias,
+        which no down re-fit changes). The re-fit of a smaller MoE is linear in D on these."""
+        return weights[:, None] * self.expert_hidden(experts, hidden, expert)
 
     def expert_contributions(self, experts: torch.nn.Module, inputs: tuple, keep: torch.Tensor):
         """(expert, top-k weights [n], outputs [n, H]) per routed expert, for the non-padding
@@ -390,41 +404,48 @@ class MoEFamily:
         moe.architectures = [self.moe_architecture]
         return moe
 
-    def moe_expert_names(self, layer: int, expert: int) -> dict[str, str]:
-        """Output tensor names of one expert of the smaller MoE, keyed by projection
-        (the first per-expert layout: what `save_pretrained` writes)."""
-        layout = self._rebuild_layout()
-        return {p: layout.tensor(template, layer, expert) for p, template in layout.projections().items()}
+    def moe_layout(self) -> Layout:
+        """The checkpoint layout a smaller MoE is written in: the first per-expert one (what
+        `save_pretrained` writes), else the family's first fused one (GPT-OSS, Llama 4, Granite:
+        the layout their checkpoints ship in)."""
+        self._check_rebuild()
+        per_expert = [layout for layout in self.layouts if isinstance(layout, PerExpertLayout)]
+        return (per_expert or list(self.layouts))[0]
+
+    def moe_expert_slices(self, layer: int, num_experts: int, width: int) -> tuple[dict[str, ExpertSlice], ...]:
+        """Where each of the smaller MoE's `num_experts` experts of `layer` is written, by projection
+        (expert biases included): whole tensors of a per-expert layout, or slices of fused ones,
+        which the graph stacks from the N experts (`graph.FuseExpert`)."""
+        return self.moe_layout().slices(layer, num_experts, width)
 
     def moe_router_name(self, layer: int) -> str:
         """Output tensor name of the smaller MoE's router weight [E, H]."""
-        layout = self._rebuild_layout()
+        layout = self.moe_layout()
         return layout.tensor(layout.router, layer)
 
     def moe_block_tensors(
         self, config: transformers.PretrainedConfig, layer: int, tensor_names: Collection[str]
-    ) -> list[tuple[str, str, bool]]:
+    ) -> list[tuple[str, str, int | None]]:
         """The sparse block's tensors other than its routed experts, as (source name, name in the
-        smaller MoE, whether dim 0 indexes the routed experts): the router, the extra tensors
-        (router correction biases, shared-expert gates) and the shared experts. Tensors indexed by
-        expert are rebuilt for the new experts; the others are copied unchanged."""
-        source, target = self.layout_of(layer, tensor_names), self._rebuild_layout()
-        found = [(source.tensor(source.router, layer), target.tensor(target.router, layer), True)]
-        templates = [(t, tuple(shape[:1]) == ("E",)) for t, shape in self.extra_tensors.items()]
+        smaller MoE, the dim that indexes the routed experts or None): the router, the extra tensors
+        (router biases, correction biases [E] or ERNIE's statistics [1, E], shared-expert gates)
+        and the shared experts. Tensors indexed by expert are rebuilt for the new experts; the
+        others are copied unchanged."""
+        source, target = self.layout_of(layer, tensor_names), self.moe_layout()
+        found = [(source.tensor(source.router, layer), target.tensor(target.router, layer), 0)]
+        for template, shape in self.extra_tensors.items():
+            axis = list(shape).index("E") if "E" in shape else None
+            found.append((source.extra(template, layer), target.extra(template, layer), axis))
         if self.has_shared(config):
-            templates += [(t, False) for t in (self.shared.gate, self.shared.up, self.shared.down)]
-        found += [(source.tensor(t, layer), target.tensor(t, layer), rows) for t, rows in templates]
+            templates = dict.fromkeys((self.shared.gate, self.shared.up, self.shared.down))  # Granite: gate is up
+            found += [(source.tensor(t, layer), target.tensor(t, layer), None) for t in templates]
         return found
 
-    def _rebuild_layout(self) -> PerExpertLayout:
-        self._check_rebuild()
-        return next(layout for layout in self.layouts if isinstance(layout, PerExpertLayout))
-
     def _check_rebuild(self) -> None:
-        if self.moe_architecture is None or not any(isinstance(layout, PerExpertLayout) for layout in self.layouts):
+        if self.moe_architecture is None:
             raise UnsupportedModelError(
                 f"{self.name}: rebuilding a smaller MoE (output: moe, prune_experts, merge_experts) is not "
-                "supported: the family has no per-expert checkpoint layout or MoE class to write"
+                "supported: the family names no MoE class to write"
             )
 
 

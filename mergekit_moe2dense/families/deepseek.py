@@ -61,6 +61,7 @@ DEEPSEEK_V3_BLOCK = dict(
     sparse_layers=DEEPSEEK_SPARSE_LAYERS,
     shared=DEEPSEEK_SHARED,
     extra_tensors={"{block}.gate.e_score_correction_bias": ("E",)},
+    routing_groups=("n_group", "topk_group"),
 )
 
 DEEPSEEK_V3 = MoEFamily(
@@ -71,5 +72,4 @@ DEEPSEEK_V3 = MoEFamily(
     unbuilt_layers=MTP_LAYERS,
     dense=DenseTarget(transformers.DeepseekV3Config, "DeepseekV3ForCausalLM", DENSE_MLP, overrides=all_dense),
     moe_architecture="DeepseekV3ForCausalLM",
-    routing_groups=("n_group", "topk_group"),
 )

@@ -36,4 +36,5 @@ DOTS1 = MoEFamily(
     model_types=("dots1",),
     **DEEPSEEK_V3_BLOCK,
     dense=DenseTarget(transformers.Qwen3Config, "Qwen3ForCausalLM", DENSE_MLP, overrides=_qwen3_values),
+    moe_architecture="Dots1ForCausalLM",
 )

@@ -81,4 +81,5 @@ ERNIE4_5_MOE = MoEFamily(
     dense=DenseTarget(
         transformers.Ernie4_5Config, "Ernie4_5ForCausalLM", DENSE_MLP, moe_keys=MOE_CONFIG_KEYS, overrides=_ernie_values
     ),
+    moe_architecture="Ernie4_5_MoeForCausalLM",
 )

@@ -30,4 +30,5 @@ GLM4_MOE = MoEFamily(
     **DEEPSEEK_V3_BLOCK,
     unbuilt_layers=MTP_LAYERS,
     dense=DenseTarget(transformers.Glm4MoeConfig, "Glm4MoeForCausalLM", DENSE_MLP, overrides=all_dense),
+    moe_architecture="Glm4MoeForCausalLM",
 )

@@ -16,6 +16,12 @@ official release stores the expert matrices as MXFP4 (`*_blocks`, `*_scales`), w
 the checkpoint reader dequantizes. Routing takes a softmax over the top-k logits, so
 the weights sum to 1 per token. A merged expert's biases are the same weighted sum
 as its matrices (graph.projection_task).
+
+A smaller GPT-OSS (`prune_experts`, `merge_experts`, `output: moe`) is written in this
+fused layout: each kept or merged expert's matrices and biases are stacked into the
+[N, ...] tensors of its layer (`graph.FuseExpert`), and the router's rows and bias are
+the kept experts' (or a group's mix). Its down re-fit (`refit: down_proj`) fits the
+experts' down matrices on their clamped SwiGLU activations, the biases kept.
 """
 
 from __future__ import annotations
@@ -45,8 +51,11 @@ def _one_expert(config) -> dict:
 class GptOssFamily(MoEFamily):
     def expert_output(self, experts: torch.nn.Module, hidden: torch.Tensor, expert: int) -> torch.Tensor:
         """GptOssExperts' computation for one expert (its own clamped SwiGLU, `_apply_gate`)."""
-        gate_up = hidden @ experts.gate_up_proj[expert] + experts.gate_up_proj_bias[expert]
-        return experts._apply_gate(gate_up) @ experts.down_proj[expert] + experts.down_proj_bias[expert]
+        return self.expert_hidden(experts, hidden, expert) @ experts.down_proj[expert] + experts.down_proj_bias[expert]
+
+    def expert_hidden(self, experts: torch.nn.Module, hidden: torch.Tensor, expert: int) -> torch.Tensor:
+        """The clamped SwiGLU of one expert, before its (transposed) down projection and bias."""
+        return experts._apply_gate(hidden @ experts.gate_up_proj[expert] + experts.gate_up_proj_bias[expert])
 
 
 GPT_OSS = GptOssFamily(

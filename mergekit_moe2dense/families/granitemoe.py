@@ -17,8 +17,9 @@ Both checkpoint layouts are fused, under different names:
   `block_sparse_moe.router.layer.weight`;
 - transformers' names: `block_sparse_moe.experts.gate_up_proj` / `down_proj`,
   router `block_sparse_moe.router.weight`.
-A smaller rebuilt MoE (`output: moe`) needs a per-expert layout, which Granite
-has not: refused.
+A smaller MoE (`prune_experts`, `merge_experts`, `output: moe`) is written in the
+hub's fused names (`input_linear` / `output_linear`), the N experts stacked per layer;
+the shared MLP is copied.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ GRANITEMOE = MoEFamily(
     router_module_path=ROUTER_MODULE,
     memory=LAYOUTS[1],
     dense=DENSE,
+    moe_architecture="GraniteMoeForCausalLM",
 )
 
 GRANITEMOE_SHARED = MoEFamily(
@@ -76,4 +78,5 @@ GRANITEMOE_SHARED = MoEFamily(
         module="model.layers.{layer}.shared_mlp",
     ),
     dense=DENSE,
+    moe_architecture="GraniteMoeSharedForCausalLM",
 )

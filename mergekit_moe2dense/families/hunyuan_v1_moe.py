@@ -52,4 +52,5 @@ HUNYUAN_V1_MOE = MoEFamily(
     shared=shared_mlp("shared_mlp", width="intermediate_size"),
     refusals=(PER_LAYER_TOP_K,),
     dense=DenseTarget(transformers.HunYuanDenseV1Config, "HunYuanDenseV1ForCausalLM", DENSE_MLP),
+    moe_architecture="HunYuanMoEV1ForCausalLM",
 )

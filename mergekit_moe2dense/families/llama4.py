@@ -87,6 +87,15 @@ class Llama4Family(MoEFamily):
             if len(token):
                 yield expert, routed.new_ones(len(token)), self.expert_output(experts, routed[expert, token], expert)
 
+    def routed_hidden(self, experts, hidden, weights, expert: int):
+        """The router scales the expert's input: the down projection sees h(s x), weight 1."""
+        return self.expert_hidden(experts, weights[:, None].to(hidden.dtype) * hidden, expert)
+
+    def expert_hidden(self, experts, hidden, expert: int):
+        """act(G x) * (U x) of one expert, its fused weights transposed (gate columns first)."""
+        gate, up = (hidden @ experts.gate_up_proj[expert]).chunk(2, dim=-1)
+        return experts.act_fn(gate) * up
+
     def routed_scale(self, config, stats, position: int) -> float:
         """Each chosen expert adds its whole output: the merged block counts k times."""
         return float(self.top_k(config))
@@ -113,6 +122,8 @@ LLAMA4_TEXT = Llama4Family(
         width="intermediate_size",
     ),
     router_module_path="model.layers.{layer}.feed_forward.router",
+    # a smaller MoE is written in the fused layout; pruning keeps the router's input scaling exact
+    moe_architecture="Llama4ForCausalLM",
     dense=DenseTarget(
         transformers.Llama4TextConfig,
         "Llama4ForCausalLM",

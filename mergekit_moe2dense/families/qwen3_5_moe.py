@@ -31,4 +31,5 @@ QWEN3_5_MOE = MoEFamily(
     renormalize=True,  # Qwen3_5MoeTopKRouter divides its top-k probabilities by their sum
     **QWEN2_MOE_BLOCK,
     dense=DenseTarget(transformers.Qwen3_5TextConfig, "Qwen3_5ForCausalLM", DENSE_MLP),
+    moe_architecture="Qwen3_5MoeForCausalLM",
 )

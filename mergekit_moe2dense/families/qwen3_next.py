@@ -34,4 +34,5 @@ QWEN3_NEXT = MoEFamily(
     sparse_layers=QWEN_SPARSE_LAYERS,
     **QWEN2_MOE_BLOCK,
     dense=DenseTarget(transformers.Qwen3NextConfig, "Qwen3NextForCausalLM", DENSE_MLP, overrides=_all_dense),
+    moe_architecture="Qwen3NextForCausalLM",
 )
