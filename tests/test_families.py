@@ -434,3 +434,65 @@ def test_multi_token_prediction_layers_are_not_copied(calib_dir, tmp_path, token
         t.numel() * t.element_size() for t in written.values()
     )
     torch.testing.assert_close(logits_of(out, IDS), logits_of(moe, IDS), rtol=0, atol=1e-5)
+
+
+# -- concat: each kept expert at its own fixed gate, the router's weight counted once --
+
+
+@pytest.mark.parametrize(
+    "family,overrides",
+    [
+        ("qwen3_moe", {"norm_topk_prob": False}),  # softmax top-2 of 4 not renormalised: 1/4 + 1/4 per token
+        ("deepseek_v2", {}),  # never renormalised, routed_scaling_factor 1.5: 2 x 1/4 x 1.5
+        ("deepseek_v3", {}),  # renormalised, then times routed_scaling_factor 2.5
+        ("glm4_moe", {"norm_topk_prob": False}),  # sigmoid(0) x routed_scaling_factor 2.5 per chosen expert
+        ("llama4_text", {}),  # the router scales the expert's input: E(x / 2), counted once
+    ],
+)
+@pytest.mark.parametrize("num_experts", [None, 4])  # the model's top-k, every expert
+def test_concat_counts_the_router_weight_once(calib_dir, tmp_path, tokenizer_dir, family, overrides, num_experts):
+    """Identical experts and a constant router (every token the same top-k weights, whose sum is
+    not 1): the MoE is its own fixed-gate mixture, so concat of the top-k or of every expert,
+    each at its calibrated mean gate, gives the MoE's logits exactly."""
+    moe = make_family_moe(family, tmp_path / "moe", tokenizer_dir, identical=True, router_std=0.0, **overrides)
+    out = tmp_path / "dense"
+    params = {} if num_experts is None else {"num_experts": num_experts}
+    build_dense(make_config(moe, "concat", calib_dir, **params), str(out), OPTIONS)
+    torch.testing.assert_close(logits_of(out, IDS), logits_of(moe, IDS), rtol=0, atol=1e-5)
+
+
+def _concat_scales(family, config, selected, gate_sum, gates="mean"):
+    """(down scales, input scales) of the routed blocks of concat of 3 of 4 experts, one MoE layer."""
+    from mergekit_moe2dense.calibration.stats import RouterStatistics
+    from mergekit_moe2dense.families import MoELayer
+    from mergekit_moe2dense.methods.concat import Concat
+    from mergekit_moe2dense.plan import with_family_scales
+
+    stats = RouterStatistics(
+        layers=[1], num_experts=4, top_k=1, tokens=10, selected=torch.tensor([selected], dtype=torch.float64)
+    )
+    stats.gate_sum = torch.tensor([gate_sum], dtype=torch.float64)
+    stats.contribution_sum = torch.tensor([[4.0, 3.0, 2.0, 1.0]], dtype=torch.float64)
+    layer = MoELayer(1, tuple({} for _ in range(4)), "router", ())
+    method = Concat()
+    params = method.resolve_parameters({"num_experts": 3, "gates": gates}, num_experts=4, top_k=1)
+    plan = with_family_scales(method.plan(stats, params, [layer]).layers, family, config, stats)[0]
+    routed = [block for block in plan.blocks if block.shared is None]
+    return [b.down_scale for b in routed], [b.input_scale for b in routed]
+
+
+def test_concat_fixed_gates_per_family():
+    """Llama 4: expert e is f_e E_e(c_e x), f_e its selection frequency, c_e its mean score when
+    chosen (the layer's mean where never chosen); an output-weighted family: gbar_e E_e(x), its
+    mean top-k weight (routed scale included, once); `gates: equal`: 1/m of the whole mixture."""
+    selected, gate_sum = [6.0, 4.0, 0.0, 0.0], [3.0, 3.2, 0.0, 0.0]
+    llama4 = transformers.Llama4TextConfig(num_local_experts=4, num_experts_per_tok=1)
+    down, into = _concat_scales(LLAMA4_TEXT, llama4, selected, gate_sum)
+    assert down == pytest.approx([0.6, 0.4, 0.0]) and into == pytest.approx([0.5, 0.8, 0.62])
+    qwen3 = transformers.Qwen3MoeConfig(num_experts=4, num_experts_per_tok=1, norm_topk_prob=False)
+    down, into = _concat_scales(get_family(qwen3), qwen3, selected, gate_sum)
+    assert down == pytest.approx([0.3, 0.32, 0.0]) and into == [1.0, 1.0, 1.0]
+    down, into = _concat_scales(get_family(qwen3), qwen3, selected, gate_sum, gates="equal")
+    assert down == pytest.approx([0.62 / 3] * 3) and into == [1.0, 1.0, 1.0]
+    down, into = _concat_scales(LLAMA4_TEXT, llama4, selected, gate_sum, gates="equal")
+    assert down == pytest.approx([1 / 3] * 3) and into == pytest.approx([0.62] * 3)
