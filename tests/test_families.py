@@ -22,12 +22,13 @@ from mergekit_moe2dense.calibration import collect_statistics, load_calibration_
 from mergekit_moe2dense.calibration.batches import TokenBatch
 from mergekit_moe2dense.checkpoint import SourceModel
 from mergekit_moe2dense.config import CalibrationConfig, ConfigError
+from mergekit_moe2dense.evaluate import EvaluationError, evaluate_models, load_eval_documents
 from mergekit_moe2dense.families import UnsupportedModelError, get_family
 from mergekit_moe2dense.families.llama4 import LLAMA4_TEXT
 from mergekit_moe2dense.families.qwen3_moe import MOE_CONFIG_KEYS
 from mergekit_moe2dense.inspection import inspect_moe
 from mergekit_moe2dense.job import ConversionJob
-from tiny_families import FAMILY_SPECS, make_family_moe
+from tiny_families import FAMILY_SPECS, MULTIMODAL_SPECS, make_family_moe, make_multimodal_moe
 
 OPTIONS = MergeOptions(quiet=True)
 TARGETS = {
@@ -201,8 +202,7 @@ def _stats(path):
     [
         (transformers.PhimoeConfig(), "sparsemixer gives NaN with one expert"),
         (transformers.DbrxConfig(), "DBRX"),
-        (transformers.Llama4Config(), "a text-only Llama 4 (llama4_text) converts"),
-        (transformers.Qwen3_5MoeConfig(), "a text-only Qwen3.5-MoE (qwen3_5_moe_text) converts"),
+        (transformers.Llama4Config(quantization_config={"quant_method": "fbgemm_fp8"}), "fbgemm_fp8"),
         (transformers.Qwen3MoeConfig(quantization_config={"quant_method": "gptq"}), "quantization_config: gptq"),
         (transformers.Qwen2MoeConfig(qkv_bias=False), "qkv_bias"),
         (transformers.DeepseekV2Config(mlp_bias=True), "mlp_bias"),
@@ -496,3 +496,74 @@ def test_concat_fixed_gates_per_family():
     assert down == pytest.approx([0.62 / 3] * 3) and into == [1.0, 1.0, 1.0]
     down, into = _concat_scales(LLAMA4_TEXT, llama4, selected, gate_sum, gates="equal")
     assert down == pytest.approx([1 / 3] * 3) and into == pytest.approx([0.62] * 3)
+
+
+# -- multimodal checkpoints: their text part converts, the vision tower is left out --
+
+MULTIMODAL = [("llama4", "legacy"), ("qwen3_5_moe", "legacy"), ("qwen3_5_moe", "fused")]  # Llama 4: one layout
+
+
+def _text_logits(path, model_type) -> torch.Tensor:
+    """The multimodal model's text-only logits, from its own class (not the text-only one)."""
+    model = transformers.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():  # Llama 4's full forward needs pixel values: its language model alone
+        return (model.language_model if model_type == "llama4" else model)(input_ids=IDS).logits
+
+
+@pytest.mark.parametrize("model_type,layout", MULTIMODAL)
+def test_multimodal_text_part_converts(calib_dir, tmp_path, tokenizer_dir, caplog, model_type, layout):
+    """Identical experts (Llama 4: a constant router): the text-only dense model, which loads with
+    no missing or unexpected key, gives the multimodal MoE's text logits; no vision tensor is written."""
+    family = MULTIMODAL_SPECS[model_type][0]
+    moe = make_multimodal_moe(
+        model_type,
+        tmp_path / "moe",
+        tokenizer_dir,
+        identical=True,
+        layout=layout,
+        **IDENTICAL_OVERRIDES.get(family, {}),
+    )
+    out = tmp_path / "dense"
+    with caplog.at_level(logging.INFO, logger="mergekit_moe2dense.checkpoint"):
+        build_dense(make_config(moe, "expert_uniform", calib_dir), str(out), OPTIONS)
+    assert f"multimodal {model_type} checkpoint: its text model ({family})" in caplog.text
+    assert "vision tower" in caplog.text and "left out" in caplog.text
+    dense, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert type(dense).__name__ == TARGETS[family]
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert json.loads((out / "config.json").read_text())["model_type"] == dense.config.model_type != model_type
+    written = set(load_file(out / "model.safetensors"))
+    assert not [n for n in written if "vision" in n or "visual" in n or "language_model" in n or "projector" in n]
+    torch.testing.assert_close(logits_of(out, IDS), _text_logits(moe, model_type), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", sorted(MULTIMODAL_SPECS))
+def test_multimodal_inspect_engines_and_eval(calib_dir, tmp_path, tokenizer_dir, model_type):
+    """A multimodal checkpoint reads as its text model: `inspect` gives the text-only checkpoint's
+    report, the layer stream the full engine's statistics, and `eval` scores the text model,
+    its --seq-len limit being the text model's."""
+    family = MULTIMODAL_SPECS[model_type][0]
+    text = tmp_path / "text"  # the same text model, text-only
+    multimodal = make_multimodal_moe(model_type, tmp_path / "mm", tokenizer_dir, text_twin=text)
+    assert get_family(transformers.AutoConfig.from_pretrained(multimodal)) is get_family(
+        transformers.AutoConfig.from_pretrained(text)
+    )
+    reports = [inspect_moe(str(path)).to_dict() for path in (multimodal, text)]
+    assert reports[0].pop("model") != reports[1].pop("model")
+    assert reports[0] == reports[1]
+    values = dict(dataset=str(calib_dir), num_samples=4, seq_len=24, batch_size=2, max_token_samples=20)
+    _, batches = load_calibration_batches(str(multimodal), CalibrationConfig(**values))
+    source = SourceModel.open(ModelReference.parse(str(multimodal)))
+    assert source.config.model_type == family and source.text_part.model_type == model_type
+    full, streamed = (
+        collect_statistics(source, batches, CalibrationConfig(**values, engine=engine), progress=False)
+        for engine in ("full", "layerwise")
+    )
+    assert streamed.layers == full.layers == source.family.moe_layer_indices(source.config)
+    for name in ("logit_sum", "gate_sum", "selected", "contribution_sum", "samples"):
+        torch.testing.assert_close(getattr(streamed, name), getattr(full, name), rtol=1e-5, atol=1e-5)
+    documents = load_eval_documents(calib_dir)
+    results = evaluate_models([str(multimodal), str(text)], documents, seq_len=32, progress=False)
+    assert results[0].perplexity == pytest.approx(results[1].perplexity, rel=1e-5)
+    with pytest.raises(EvaluationError, match="max_position_embeddings 256"):
+        evaluate_models([str(multimodal)], documents, seq_len=300, progress=False)

@@ -28,6 +28,14 @@ Checkpoint layout (the hub's and transformers' in-memory one; there is no per-ex
 one): `feed_forward.experts.gate_up_proj` [E, H, 2I] (transposed, gate columns first),
 `feed_forward.experts.down_proj` [E, I, H], router `feed_forward.router.weight` [E, H],
 ungated shared expert `feed_forward.shared_expert.*` of width `intermediate_size`.
+
+The multimodal Llama 4 (`llama4`, `Llama4ForConditionalGeneration`: Scout, Maverick) holds
+this text model as `language_model` (`language_model.model.layers...`,
+`language_model.lm_head.weight`, config.json's `text_config`) beside a vision tower
+(`vision_model.*`, `multi_modal_projector.*`): its text part converts, to the same dense
+text model, and the vision tower is left out (`LLAMA4_MULTIMODAL`). transformers' own
+`Llama4ForCausalLM` loads that checkpoint the same way (its `base_model_prefix` is
+`language_model`), which is what `eval` and the full calibration engine use.
 """
 
 from __future__ import annotations
@@ -36,7 +44,14 @@ import torch
 import transformers
 
 from mergekit_moe2dense.families.base import MoEFamily
-from mergekit_moe2dense.families.spec import ConfigKeys, DenseTarget, FusedLayout, SharedExperts, SparseLayers
+from mergekit_moe2dense.families.spec import (
+    ConfigKeys,
+    DenseTarget,
+    FusedLayout,
+    SharedExperts,
+    SparseLayers,
+    TextPart,
+)
 
 BLOCK = "model.layers.{layer}.feed_forward"
 
@@ -133,4 +148,10 @@ LLAMA4_TEXT = Llama4Family(
         overrides=_all_dense,
         width_key="intermediate_size_mlp",
     ),
+)
+
+LLAMA4_MULTIMODAL = TextPart(
+    model_type="llama4",
+    prefixes=(("language_model.model.", "model."), ("language_model.lm_head.", "lm_head.")),
+    dropped="the vision tower (vision_model.*, multi_modal_projector.*)",
 )

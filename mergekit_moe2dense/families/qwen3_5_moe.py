@@ -14,6 +14,15 @@ The sparse block is Qwen2-MoE's: softmax router, top-k always renormalised (scal
 a shared expert scaled per token by sigmoid(`shared_expert_gate`(x)), which becomes one
 more block of the dense MLP scaled by that gate's calibrated mean. Checkpoints: the
 `qwen2_moe` layouts (per-expert names, what `save_pretrained` writes, or fused).
+
+The multimodal Qwen3.5-MoE (`qwen3_5_moe`, `Qwen3_5MoeForConditionalGeneration`, the hub's
+releases) holds this text model as `model.language_model` (`model.language_model.layers...`,
+`lm_head.weight`, config.json's `text_config`) beside a vision tower (`model.visual.*`) and,
+in the released checkpoints, multi-token-prediction layers (`mtp.*`, which transformers
+ignores): its text part converts, to the same dense text model, the rest left out
+(`QWEN3_5_MOE_MULTIMODAL`). transformers' `Qwen3_5MoeForCausalLM` loads that checkpoint
+the same way (its conversion mapping drops `language_model`), for `eval` and the full
+calibration engine.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ import transformers
 from mergekit_moe2dense.families.base import MoEFamily
 from mergekit_moe2dense.families.common import DENSE_MLP
 from mergekit_moe2dense.families.qwen2_moe import QWEN2_MOE_BLOCK
-from mergekit_moe2dense.families.spec import DenseTarget
+from mergekit_moe2dense.families.spec import DenseTarget, TextPart
 
 QWEN3_5_MOE = MoEFamily(
     name="qwen3_5_moe_text",
@@ -31,4 +40,10 @@ QWEN3_5_MOE = MoEFamily(
     renormalize=True,  # Qwen3_5MoeTopKRouter divides its top-k probabilities by their sum
     **QWEN2_MOE_BLOCK,
     dense=DenseTarget(transformers.Qwen3_5TextConfig, "Qwen3_5ForCausalLM", DENSE_MLP),
+)
+
+QWEN3_5_MOE_MULTIMODAL = TextPart(
+    model_type="qwen3_5_moe",
+    prefixes=(("model.language_model.", "model."), ("lm_head.", "lm_head.")),
+    dropped="the vision tower (model.visual.*) and multi-token-prediction layers (mtp.*)",
 )
