@@ -73,7 +73,7 @@ class SourceModel:
             raise CheckpointError(f"{path}: cannot read config.json ({error})") from None
         family = get_family(config)
         part = text_part(config.model_type)
-        if part is not None:
+        if part is not None and part.multimodal:
             config = text_model_config(config)
             LOG.info(
                 "%s is a multimodal %s checkpoint: its text model (%s) is what is read and converted; %s is left out",

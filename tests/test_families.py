@@ -567,3 +567,22 @@ def test_multimodal_inspect_engines_and_eval(calib_dir, tmp_path, tokenizer_dir,
     assert results[0].perplexity == pytest.approx(results[1].perplexity, rel=1e-5)
     with pytest.raises(EvaluationError, match="max_position_embeddings 256"):
         evaluate_models([str(multimodal)], documents, seq_len=300, progress=False)
+
+
+def test_qwen3_5_moe_text_saved_under_the_multimodal_names(calib_dir, tmp_path, tokenizer_dir):
+    """transformers 5 saves the text-only Qwen3.5-MoE it loaded from a multimodal checkpoint as
+    `qwen3_5_moe_text` under `model.language_model.*`: that converts too, and its `mtp.*`
+    (multi-token prediction, which transformers ignores) is not copied."""
+    multimodal = make_multimodal_moe("qwen3_5_moe", tmp_path / "mm", tokenizer_dir, identical=True)
+    moe = tmp_path / "moe"
+    transformers.AutoModelForCausalLM.from_pretrained(multimodal).save_pretrained(moe)
+    transformers.AutoTokenizer.from_pretrained(multimodal).save_pretrained(moe)
+    tensors = load_file(moe / "model.safetensors")
+    assert any(name.startswith("model.language_model.layers.") for name in tensors)
+    save_file(tensors | {"mtp.fc.weight": torch.randn(32, 64)}, moe / "model.safetensors", metadata={"format": "pt"})
+    assert json.loads((moe / "config.json").read_text())["model_type"] == "qwen3_5_moe_text"
+    out = tmp_path / "dense"
+    build_dense(make_config(moe, "expert_uniform", calib_dir), str(out), OPTIONS)
+    written = load_file(out / "model.safetensors")
+    assert not [name for name in written if "language_model" in name or name.startswith("mtp.")]
+    torch.testing.assert_close(logits_of(out, IDS), _text_logits(multimodal, "qwen3_5_moe"), rtol=0, atol=1e-5)

@@ -20,7 +20,7 @@ from mergekit_moe2dense.families.minimax_m2 import MINIMAX_M2
 from mergekit_moe2dense.families.mixtral import MIXTRAL
 from mergekit_moe2dense.families.olmoe import OLMOE
 from mergekit_moe2dense.families.qwen2_moe import QWEN2_MOE
-from mergekit_moe2dense.families.qwen3_5_moe import QWEN3_5_MOE, QWEN3_5_MOE_MULTIMODAL
+from mergekit_moe2dense.families.qwen3_5_moe import QWEN3_5_MOE, QWEN3_5_MOE_MULTIMODAL, QWEN3_5_MOE_TEXT_NAMES
 from mergekit_moe2dense.families.qwen3_moe import QWEN3_MOE
 from mergekit_moe2dense.families.qwen3_next import QWEN3_NEXT
 from mergekit_moe2dense.families.spec import ExpertSlice, TextPart
@@ -33,8 +33,11 @@ FAMILIES += [GLM4_MOE, DOTS1, MINIMAX_M2, ERNIE4_5_MOE, HUNYUAN_V1_MOE, FLEX_OLM
 FAMILIES += [LLAMA4_TEXT, QWEN3_5_MOE]
 
 # Multimodal checkpoints whose text model converts (as the family of their `text_config`),
-# by model_type: where the text model's tensors are stored, and what else is left out.
-TEXT_PARTS: dict[str, TextPart] = {part.model_type: part for part in (LLAMA4_MULTIMODAL, QWEN3_5_MOE_MULTIMODAL)}
+# by model_type: where the text model's tensors are stored, and what else is left out (and a
+# text-only model type whose checkpoints may use the multimodal names).
+TEXT_PARTS: dict[str, TextPart] = {
+    part.model_type: part for part in (LLAMA4_MULTIMODAL, QWEN3_5_MOE_MULTIMODAL, QWEN3_5_MOE_TEXT_NAMES)
+}
 
 # Sparse model types we know of but cannot convert yet, with the reason.
 KNOWN_UNSUPPORTED = {
@@ -59,7 +62,8 @@ def text_part(model_type: str | None) -> TextPart | None:
 def text_model_config(config: transformers.PretrainedConfig) -> transformers.PretrainedConfig:
     """The config of the model that converts: a multimodal checkpoint's text model's
     (`text_config`, `TEXT_PARTS`), else `config` itself."""
-    if text_part(getattr(config, "model_type", None)) is None:
+    part = text_part(getattr(config, "model_type", None))
+    if part is None or not part.multimodal:
         return config
     text = config.get_text_config()
     if text is config:

@@ -22,7 +22,10 @@ in the released checkpoints, multi-token-prediction layers (`mtp.*`, which trans
 ignores): its text part converts, to the same dense text model, the rest left out
 (`QWEN3_5_MOE_MULTIMODAL`). transformers' `Qwen3_5MoeForCausalLM` loads that checkpoint
 the same way (its conversion mapping drops `language_model`), for `eval` and the full
-calibration engine.
+calibration engine. transformers 5 also saves the text-only class under the multimodal
+names (`Qwen3_5MoeForCausalLM.save_pretrained` after loading the multimodal checkpoint
+writes `model.language_model.*` with model_type `qwen3_5_moe_text`), and its loader reads
+either: so does the conversion (`QWEN3_5_MOE_TEXT_NAMES`).
 """
 
 from __future__ import annotations
@@ -46,4 +49,12 @@ QWEN3_5_MOE_MULTIMODAL = TextPart(
     model_type="qwen3_5_moe",
     prefixes=(("model.language_model.", "model."), ("lm_head.", "lm_head.")),
     dropped="the vision tower (model.visual.*) and multi-token-prediction layers (mtp.*)",
+)
+
+# a text-only checkpoint: its tensors under the text model's own names or the multimodal ones
+QWEN3_5_MOE_TEXT_NAMES = TextPart(
+    model_type="qwen3_5_moe_text",
+    prefixes=(("model.language_model.", "model."), ("model.", "model."), ("lm_head.", "lm_head.")),
+    dropped="multi-token-prediction layers (mtp.*)",
+    multimodal=False,
 )

@@ -287,11 +287,14 @@ class TextPart:
     under other prefixes. `prefixes` maps each stored prefix to the text model's own (what
     transformers' text-only class of the family names them, e.g. `language_model.model.` ->
     `model.`); a stored tensor under none of them is no part of the text model and is not
-    read (`dropped` says what that is, in words, for the log line)."""
+    read (`dropped` says what that is, in words, for the log line). `multimodal: False`: a
+    text-only model type whose checkpoints may store its tensors under such prefixes too (its
+    config is the text model's)."""
 
     model_type: str
     prefixes: tuple[tuple[str, str], ...]
     dropped: str
+    multimodal: bool = True
 
     def text_name(self, stored: str) -> str | None:
         """The text model's name of stored tensor `stored` (None: not part of the text model)."""
