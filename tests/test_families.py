@@ -203,6 +203,7 @@ def _stats(path):
         (transformers.PhimoeConfig(), "sparsemixer gives NaN with one expert"),
         (transformers.DbrxConfig(), "DBRX"),
         (transformers.Llama4Config(quantization_config={"quant_method": "fbgemm_fp8"}), "fbgemm_fp8"),
+        (transformers.Qwen3VLMoeConfig(), "multimodal checkpoint whose text model (qwen3_vl_moe_text) is an MoE"),
         (transformers.Qwen3MoeConfig(quantization_config={"quant_method": "gptq"}), "quantization_config: gptq"),
         (transformers.Qwen2MoeConfig(qkv_bias=False), "qkv_bias"),
         (transformers.DeepseekV2Config(mlp_bias=True), "mlp_bias"),

@@ -104,12 +104,27 @@ def get_family(config: transformers.PretrainedConfig) -> MoEFamily:
         raise UnsupportedModelError(
             f"{KNOWN_UNSUPPORTED[model_type]} (model_type {model_type!r}); supported MoE families: {supported}"
         )
+    text = _text_config(config)
+    if text is not config and _looks_sparse(text):
+        wrappers = ", ".join(part.model_type for part in TEXT_PARTS.values() if part.multimodal)
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} is a multimodal checkpoint whose text model ({text.model_type}) is an MoE "
+            f"family not supported yet (the text part of {wrappers} converts); supported MoE families: {supported}"
+        )
     if not _looks_sparse(config):
         raise UnsupportedModelError(
             f"model_type {model_type!r} is not a Mixture-of-Experts model "
             f"(no expert count in its config); supported MoE families: {supported}"
         )
     raise UnsupportedModelError(f"MoE family {model_type!r} is not supported yet; supported: {supported}")
+
+
+def _text_config(config: transformers.PretrainedConfig) -> transformers.PretrainedConfig:
+    """The text model's config of a composite config (the config itself where it has none)."""
+    try:
+        return config.get_text_config()
+    except (ValueError, AttributeError):  # several text configs (encoder-decoder): none to pick
+        return config
 
 
 def _looks_sparse(config: transformers.PretrainedConfig) -> bool:
