@@ -587,3 +587,17 @@ def test_qwen3_5_moe_text_saved_under_the_multimodal_names(calib_dir, tmp_path, 
     written = load_file(out / "model.safetensors")
     assert not [name for name in written if "language_model" in name or name.startswith("mtp.")]
     torch.testing.assert_close(logits_of(out, IDS), _text_logits(multimodal, "qwen3_5_moe"), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", sorted(MULTIMODAL_SPECS))
+def test_multimodal_refit_and_concat(calib_dir, tmp_path, tokenizer_dir, model_type):
+    """The re-fit on the layer stream and concat read the multimodal checkpoint's text model:
+    identical experts (Llama 4: a constant router) stay exact."""
+    family = MULTIMODAL_SPECS[model_type][0]
+    overrides = IDENTICAL_OVERRIDES.get(family, {})
+    moe = make_multimodal_moe(model_type, tmp_path / "moe", tokenizer_dir, identical=True, **overrides)
+    expected = _text_logits(moe, model_type)
+    for method, params in (("router_weighted", {"refit": "scale"}), ("concat", {"num_experts": 4})):  # all: exact
+        out = tmp_path / method
+        build_dense(make_config(moe, method, calib_dir, **params), str(out), OPTIONS)
+        torch.testing.assert_close(logits_of(out, IDS), expected, rtol=0, atol=1e-4)
