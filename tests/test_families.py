@@ -597,7 +597,8 @@ def test_multimodal_refit_and_concat(calib_dir, tmp_path, tokenizer_dir, model_t
     overrides = IDENTICAL_OVERRIDES.get(family, {})
     moe = make_multimodal_moe(model_type, tmp_path / "moe", tokenizer_dir, identical=True, **overrides)
     expected = _text_logits(moe, model_type)
-    for method, params in (("router_weighted", {"refit": "scale"}), ("concat", {"num_experts": 4})):  # all: exact
+    # concat of every expert: their mean gates sum to the mixture's weight, exact
+    for method, params in (("router_weighted", {"refit": "scale"}), ("concat", {"num_experts": 4})):
         out = tmp_path / method
         build_dense(make_config(moe, method, calib_dir, **params), str(out), OPTIONS)
         torch.testing.assert_close(logits_of(out, IDS), expected, rtol=0, atol=1e-4)
