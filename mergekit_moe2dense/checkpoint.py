@@ -75,7 +75,7 @@ class SourceModel:
         part = text_part(config.model_type)
         if part is not None and part.multimodal:
             config = text_model_config(config)
-            LOG.info(
+            LOG.warning(  # shown by default (mergekit's logging: WARNING): the output has no vision
                 "%s is a multimodal %s checkpoint: its text model (%s) is what is read and converted; %s is left out",
                 path,
                 part.model_type,
