@@ -16,7 +16,7 @@ from mergekit.common import ModelReference
 from mergekit.options import MergeOptions
 from safetensors.torch import load_file, save_file
 
-from helpers import METHOD_PARAMS, logits_of, make_config, make_mixtral
+from helpers import METHOD_PARAMS, logits_of, make_config, make_mixtral, quantize_fp8_checkpoint, save_dequantized
 from mergekit_moe2dense.build import build_dense
 from mergekit_moe2dense.calibration import collect_statistics, load_calibration_batches
 from mergekit_moe2dense.calibration.batches import TokenBatch
@@ -602,3 +602,18 @@ def test_multimodal_refit_and_concat(calib_dir, tmp_path, tokenizer_dir, model_t
         out = tmp_path / method
         build_dense(make_config(moe, method, calib_dir, **params), str(out), OPTIONS)
         torch.testing.assert_close(logits_of(out, IDS), expected, rtol=0, atol=1e-4)
+
+
+def test_multimodal_fp8_checkpoint_converts_to_the_dequantized_text_model(calib_dir, tmp_path, tokenizer_dir):
+    """A block-wise FP8 multimodal checkpoint (`quantization_config` at the top of config.json, the
+    scales beside their weights under the multimodal names) dequantizes on read as the text model."""
+    moe = make_multimodal_moe("qwen3_5_moe", tmp_path / "moe", tokenizer_dir, identical=True, layout="fused")
+    quantized, reference = quantize_fp8_checkpoint(
+        moe, tmp_path / "fp8", (16, 16), lambda name: "language_model" in name and name.endswith("_proj.weight")
+    )
+    assert reference and all(name.startswith("model.language_model.") for name in reference)
+    dequantized = save_dequantized(moe, tmp_path / "deq", reference)
+    out = tmp_path / "dense"
+    build_dense(make_config(quantized, "router_weighted", calib_dir), str(out), OPTIONS)
+    assert not [name for name in load_file(out / "model.safetensors") if "scale_inv" in name]
+    torch.testing.assert_close(logits_of(out, IDS), _text_logits(dequantized, "qwen3_5_moe"), rtol=0, atol=1e-5)
