@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
 import pickle
 import queue
@@ -23,7 +24,18 @@ from mergekit.common import ModelReference
 from mergekit.io.lazy_tensor_loader import LazyTensorLoader, ShardedTensorIndex
 
 from mergekit_moe2dense.errors import Moe2DenseError
-from mergekit_moe2dense.families import DEQUANTIZED_FORMATS, ExpertSlice, MoEFamily, MoELayer, get_family
+from mergekit_moe2dense.families import (
+    DEQUANTIZED_FORMATS,
+    ExpertSlice,
+    MoEFamily,
+    MoELayer,
+    TextPart,
+    get_family,
+    text_model_config,
+    text_part,
+)
+
+LOG = logging.getLogger(__name__)
 
 
 class CheckpointError(Moe2DenseError, ValueError):
@@ -36,13 +48,18 @@ class ShapeMismatchError(CheckpointError):
 
 @dataclass
 class SourceModel:
-    """The MoE to convert: config, family adapter, and where every tensor lives."""
+    """The MoE to convert: config, family adapter, and where every tensor lives.
+
+    For a multimodal checkpoint whose text model converts (`families.TEXT_PARTS`), that text
+    model: `config` is its `text_config` and the index names its tensors as the text-only
+    class does (`read_index`); `text_part` says where they are stored."""
 
     reference: ModelReference
     path: str
     config: transformers.PretrainedConfig
     family: MoEFamily
     index: ShardedTensorIndex
+    text_part: TextPart | None = None
 
     @classmethod
     def open(cls, reference: ModelReference, trust_remote_code: bool = False) -> SourceModel:
@@ -55,11 +72,21 @@ class SourceModel:
             _refuse_remote_code(path)
             raise CheckpointError(f"{path}: cannot read config.json ({error})") from None
         family = get_family(config)
+        part = text_part(config.model_type)
+        if part is not None and part.multimodal:
+            config = text_model_config(config)
+            LOG.warning(  # shown by default (mergekit's logging: WARNING): the output has no vision
+                "%s is a multimodal %s checkpoint: its text model (%s) is what is read and converted; %s is left out",
+                path,
+                part.model_type,
+                config.model_type,
+                part.dropped,
+            )
         index = read_index(path)
         check_shards(index)
         check_quantized(index)
         check_shapes(config, family, index)
-        return cls(reference, path, config, family, index)
+        return cls(reference, path, config, family, index, part)
 
     @functools.cached_property
     def reader(self) -> TensorReader:
@@ -132,6 +159,20 @@ class SourceIndex(ShardedTensorIndex):
     quantized: dict[str, QuantizedTensor] = field(default_factory=dict)
     stored: dict[str, str] = field(default_factory=dict)
     dtype: torch.dtype = torch.bfloat16
+    # the text model's name -> the name stored in the shard, for a multimodal checkpoint's text
+    # model (families.TextPart): every name above is the text model's
+    renamed: dict[str, str] = field(default_factory=dict)
+
+    def stored_name(self, name: str) -> str:
+        """The name tensor `name` has in its shard."""
+        return self.renamed.get(name, name)
+
+    def stored_index(self) -> ShardedTensorIndex:
+        """mergekit's index of the shards under their stored names (for its pickle loader)."""
+        paths = {self.stored_name(name): shard for name, shard in self.tensor_paths.items()}
+        return ShardedTensorIndex(
+            base_path=self.base_path, is_safetensors=self.is_safetensors, tensor_paths=paths, shards=self.shards
+        )
 
 
 class TensorReader:
@@ -154,7 +195,9 @@ class TensorReader:
     def __init__(self, index: ShardedTensorIndex, readahead: int = 0):
         self.index = index
         self._headers: dict[str, tuple[int, dict[str, Any]]] = {}
-        self._fallback = None if index.is_safetensors else LazyTensorLoader(index)
+        self._fallback = None
+        if not index.is_safetensors:
+            self._fallback = LazyTensorLoader(index.stored_index() if hasattr(index, "stored_index") else index)
         self._ahead = _ReadAhead(self._shard_paths(), readahead) if readahead and self._fallback is None else None
 
     def __enter__(self) -> TensorReader:
@@ -180,7 +223,7 @@ class TensorReader:
     def shape(self, piece: ExpertSlice) -> tuple[int, ...]:
         """The shape of `piece`, from the shard's header (no tensor data is read)."""
         if self._fallback is not None:
-            return tuple(piece.take(self._fallback.get_tensor(piece.tensor)).shape)
+            return tuple(piece.take(self._fallback.get_tensor(self._stored_name(piece.tensor))).shape)
         if piece.contiguous and piece.tensor not in self._quantized:
             return self._locate(piece)[3]
         return tuple(piece.take(torch.empty(self._logical_shape(piece.tensor), device="meta")).shape)
@@ -206,6 +249,9 @@ class TensorReader:
         _, _, dtype, shape = self._locate(piece)
         return prod(shape) * dtype.itemsize
 
+    def _stored_name(self, name: str) -> str:
+        return self.index.stored_name(name) if hasattr(self.index, "stored_name") else name
+
     @property
     def _quantized(self) -> dict[str, QuantizedTensor]:
         return getattr(self.index, "quantized", {})
@@ -225,7 +271,7 @@ class TensorReader:
             value = piece.permute(self.read_slice(piece.stored, dtype=out.dtype if out is not None else dtype))
             return value if out is None else out.copy_(value)
         if self._fallback is not None:
-            value = piece.take(self._fallback.get_tensor(piece.tensor))
+            value = piece.take(self._fallback.get_tensor(self._stored_name(piece.tensor)))
             return value if out is None else out.copy_(value)
         if piece.tensor in self._quantized:
             target_dtype = out.dtype if out is not None else dtype or self.index.dtype
@@ -288,7 +334,7 @@ class TensorReader:
         if path not in self._headers:
             self._headers[path] = _read_header(path)
         data_start, header = self._headers[path]
-        entry = header[name]
+        entry = header[self._stored_name(name)]
         if entry["dtype"] not in _SAFETENSORS_DTYPES:
             raise CheckpointError(f"{name}: unsupported dtype {entry['dtype']}")
         return path, data_start + entry["data_offsets"][0], _SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"])
@@ -453,13 +499,24 @@ def _raw_config(path: str) -> dict:
 def _logical_index(index: ShardedTensorIndex, config: dict) -> SourceIndex:
     """`index` with the quantized tensors of an FP8 or MXFP4 checkpoint under their logical
     names (`SourceIndex`). Whether a checkpoint is quantized, and how, comes from config.json's
-    `quantization_config`; the families refuse the formats not listed in DEQUANTIZED_FORMATS."""
+    `quantization_config`; the families refuse the formats not listed in DEQUANTIZED_FORMATS.
+    A multimodal checkpoint whose text model converts (its `model_type` in families.TEXT_PARTS)
+    lists only that text model's tensors, under the names the text-only class gives them."""
+    paths, renamed = dict(index.tensor_paths), {}
+    part = text_part(config.get("model_type"))
+    if part is not None:
+        paths = {}
+        for stored_name, shard in index.tensor_paths.items():
+            name = part.text_name(stored_name)
+            if name is not None:
+                paths[name] = shard
+                if name != stored_name:
+                    renamed[name] = stored_name
     quantization = config.get("quantization_config") or {}
     method = quantization.get("quant_method") if isinstance(quantization, dict) else None
     dtype = getattr(torch, str(config.get("dtype") or config.get("torch_dtype") or "bfloat16"), torch.bfloat16)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         dtype = torch.bfloat16
-    paths = dict(index.tensor_paths)
     quantized, stored = {}, {}
     if method in DEQUANTIZED_FORMATS and not index.is_safetensors:
         raise CheckpointError(
@@ -491,6 +548,7 @@ def _logical_index(index: ShardedTensorIndex, config: dict) -> SourceIndex:
         quantized=quantized,
         stored=stored,
         dtype=dtype,
+        renamed=renamed,
     )
 
 

@@ -264,8 +264,9 @@ def write_results_json(results: list[EvalResult], path: str | os.PathLike) -> No
 
 def check_seq_len(config, seq_len: int, name: str) -> None:
     """Refuses windows longer than the model has positions for: most families run
-    them without an error and score positions the model was never trained on."""
-    limit = getattr(config, "max_position_embeddings", None)
+    them without an error and score positions the model was never trained on. A multimodal
+    checkpoint's limit is its text model's (what AutoModelForCausalLM loads from it)."""
+    limit = getattr(config.get_text_config(), "max_position_embeddings", None)
     if isinstance(limit, int) and seq_len > limit:
         raise EvaluationError(
             f"--seq-len {seq_len} is more than the max_position_embeddings {limit} of {name}; "

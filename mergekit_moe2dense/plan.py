@@ -6,9 +6,10 @@ A dense MLP is a concatenation of *blocks* along its intermediate dimension.
 Each block is a linear merge of the layer's routed experts (or one shared
 expert), and its down projection is scaled by `down_scale`. Because the MLP is
 act(x G^T) * (x U^T) summed through D, concatenating blocks adds their outputs:
-one block with weights w is the plain merged expert; m one-hot blocks scaled by
-gate weights are the fixed-gate mixture of m experts; a shared expert is one
-more block with scale 1 (or its calibrated gate).
+one block with weights w is the plain merged expert, standing for the whole
+routed mixture; m one-hot blocks each at its expert's own fixed gate
+(`Block.fixed_gate`) are the fixed-gate mixture of m experts; a shared expert is
+one more block with scale 1 (or its calibrated gate).
 
 A layer's projections can instead come from a re-fit (refit.py): `fitted`
 names them, and the graph loads them from the fitted-tensor file rather than
@@ -33,6 +34,9 @@ class Block:
     # factor on the block's input, folded into its gate and up rows (Llama 4's router scales
     # the expert's input: E(c x) = D (act(c G x) * (c U x)))
     input_scale: float = 1.0
+    # a one-hot block that is routed expert `fixed_gate` alone at its own fixed gate (concat),
+    # not a share of the whole routed mixture: the family's `fixed_gate` gives its scales
+    fixed_gate: int | None = None
 
 
 @dataclass(frozen=True)
@@ -55,18 +59,26 @@ def with_family_scales(plans: Sequence[LayerPlan], family: MoEFamily, config, st
     routed_scaling_factor) multiplies their down projection. Each shared expert
     is appended as one more block, scaled by `shared_scale` (its calibrated gate,
     or 1 where ungated). Where the router scales the experts' input instead (Llama 4),
-    `routed_input_scale` multiplies the routed blocks' gate and up rows.
+    `routed_input_scale` multiplies the routed blocks' gate and up rows. A block that
+    is one expert at its own fixed gate (`Block.fixed_gate`, concat) stands for that
+    expert's part of the mixture only: its scales are the family's `fixed_gate` of the
+    expert (its calibrated mean top-k weight, which already holds the routed scale;
+    Llama 4: its selection frequency, and its mean score on its input), never also the
+    whole mixture's.
     """
     finished = []
     for position, plan in enumerate(plans):
         routed = family.routed_scale(config, stats, position)
         scaled = family.routed_input_scale(config, stats, position)
-        blocks = tuple(
-            block
-            if block.shared is not None
-            else replace(block, down_scale=block.down_scale * routed, input_scale=block.input_scale * scaled)
-            for block in plan.blocks
-        )
+        blocks = []
+        for block in plan.blocks:
+            if block.shared is None:
+                down, into = routed, scaled
+                if block.fixed_gate is not None:
+                    down, into = family.fixed_gate(config, stats, position, block.fixed_gate)
+                block = replace(block, down_scale=block.down_scale * down, input_scale=block.input_scale * into)
+            blocks.append(block)
+        blocks = tuple(blocks)
         shared = family.shared_scale(config, stats, position) if plan.layer.shared_experts else 1.0
         blocks += tuple(Block(shared=i, down_scale=shared) for i in range(len(plan.layer.shared_experts)))
         finished.append(LayerPlan(plan.layer, blocks))

@@ -16,18 +16,19 @@ from mergekit.common import ModelReference
 from mergekit.options import MergeOptions
 from safetensors.torch import load_file, save_file
 
-from helpers import METHOD_PARAMS, logits_of, make_config, make_mixtral
+from helpers import METHOD_PARAMS, logits_of, make_config, make_mixtral, quantize_fp8_checkpoint, save_dequantized
 from mergekit_moe2dense.build import build_dense
 from mergekit_moe2dense.calibration import collect_statistics, load_calibration_batches
 from mergekit_moe2dense.calibration.batches import TokenBatch
 from mergekit_moe2dense.checkpoint import SourceModel
 from mergekit_moe2dense.config import CalibrationConfig, ConfigError
+from mergekit_moe2dense.evaluate import EvaluationError, evaluate_models, load_eval_documents
 from mergekit_moe2dense.families import UnsupportedModelError, get_family
 from mergekit_moe2dense.families.llama4 import LLAMA4_TEXT
 from mergekit_moe2dense.families.qwen3_moe import MOE_CONFIG_KEYS
 from mergekit_moe2dense.inspection import inspect_moe
 from mergekit_moe2dense.job import ConversionJob
-from tiny_families import FAMILY_SPECS, make_family_moe
+from tiny_families import FAMILY_SPECS, MULTIMODAL_SPECS, make_family_moe, make_multimodal_moe
 
 OPTIONS = MergeOptions(quiet=True)
 TARGETS = {
@@ -201,8 +202,8 @@ def _stats(path):
     [
         (transformers.PhimoeConfig(), "sparsemixer gives NaN with one expert"),
         (transformers.DbrxConfig(), "DBRX"),
-        (transformers.Llama4Config(), "a text-only Llama 4 (llama4_text) converts"),
-        (transformers.Qwen3_5MoeConfig(), "a text-only Qwen3.5-MoE (qwen3_5_moe_text) converts"),
+        (transformers.Llama4Config(quantization_config={"quant_method": "fbgemm_fp8"}), "fbgemm_fp8"),
+        (transformers.Qwen3VLMoeConfig(), "multimodal checkpoint whose text model (qwen3_vl_moe_text) is an MoE"),
         (transformers.Qwen3MoeConfig(quantization_config={"quant_method": "gptq"}), "quantization_config: gptq"),
         (transformers.Qwen2MoeConfig(qkv_bias=False), "qkv_bias"),
         (transformers.DeepseekV2Config(mlp_bias=True), "mlp_bias"),
@@ -414,3 +415,185 @@ def test_multi_token_prediction_layers_are_not_copied(calib_dir, tmp_path, token
         t.numel() * t.element_size() for t in written.values()
     )
     torch.testing.assert_close(logits_of(out, IDS), logits_of(moe, IDS), rtol=0, atol=1e-5)
+
+
+# -- concat: each kept expert at its own fixed gate, the router's weight counted once --
+
+
+@pytest.mark.parametrize(
+    "family,overrides",
+    [
+        ("qwen3_moe", {"norm_topk_prob": False}),  # softmax top-2 of 4 not renormalised: 1/4 + 1/4 per token
+        ("deepseek_v2", {}),  # never renormalised, routed_scaling_factor 1.5: 2 x 1/4 x 1.5
+        ("deepseek_v3", {}),  # renormalised, then times routed_scaling_factor 2.5
+        ("glm4_moe", {"norm_topk_prob": False}),  # sigmoid(0) x routed_scaling_factor 2.5 per chosen expert
+        ("llama4_text", {}),  # the router scales the expert's input: E(x / 2), counted once
+    ],
+)
+@pytest.mark.parametrize("num_experts", [None, 4])  # the model's top-k, every expert
+def test_concat_counts_the_router_weight_once(calib_dir, tmp_path, tokenizer_dir, family, overrides, num_experts):
+    """Identical experts and a constant router (every token the same top-k weights, whose sum is
+    not 1): the MoE is its own fixed-gate mixture, so concat of the top-k or of every expert,
+    each at its calibrated mean gate, gives the MoE's logits exactly."""
+    moe = make_family_moe(family, tmp_path / "moe", tokenizer_dir, identical=True, router_std=0.0, **overrides)
+    out = tmp_path / "dense"
+    params = {} if num_experts is None else {"num_experts": num_experts}
+    build_dense(make_config(moe, "concat", calib_dir, **params), str(out), OPTIONS)
+    torch.testing.assert_close(logits_of(out, IDS), logits_of(moe, IDS), rtol=0, atol=1e-5)
+
+
+def _concat_scales(family, config, selected, gate_sum, gates="mean"):
+    """(down scales, input scales) of the routed blocks of concat of 3 of 4 experts, one MoE layer."""
+    from mergekit_moe2dense.calibration.stats import RouterStatistics
+    from mergekit_moe2dense.families import MoELayer
+    from mergekit_moe2dense.methods.concat import Concat
+    from mergekit_moe2dense.plan import with_family_scales
+
+    stats = RouterStatistics(
+        layers=[1], num_experts=4, top_k=1, tokens=10, selected=torch.tensor([selected], dtype=torch.float64)
+    )
+    stats.gate_sum = torch.tensor([gate_sum], dtype=torch.float64)
+    stats.contribution_sum = torch.tensor([[4.0, 3.0, 2.0, 1.0]], dtype=torch.float64)
+    layer = MoELayer(1, tuple({} for _ in range(4)), "router", ())
+    method = Concat()
+    params = method.resolve_parameters({"num_experts": 3, "gates": gates}, num_experts=4, top_k=1)
+    plan = with_family_scales(method.plan(stats, params, [layer]).layers, family, config, stats)[0]
+    routed = [block for block in plan.blocks if block.shared is None]
+    return [b.down_scale for b in routed], [b.input_scale for b in routed]
+
+
+def test_concat_fixed_gates_per_family():
+    """Llama 4: expert e is f_e E_e(c_e x), f_e its selection frequency, c_e its mean score when
+    chosen (the layer's mean where never chosen); an output-weighted family: gbar_e E_e(x), its
+    mean top-k weight (routed scale included, once); `gates: equal`: 1/m of the whole mixture."""
+    selected, gate_sum = [6.0, 4.0, 0.0, 0.0], [3.0, 3.2, 0.0, 0.0]
+    llama4 = transformers.Llama4TextConfig(num_local_experts=4, num_experts_per_tok=1)
+    down, into = _concat_scales(LLAMA4_TEXT, llama4, selected, gate_sum)
+    assert down == pytest.approx([0.6, 0.4, 0.0]) and into == pytest.approx([0.5, 0.8, 0.62])
+    qwen3 = transformers.Qwen3MoeConfig(num_experts=4, num_experts_per_tok=1, norm_topk_prob=False)
+    down, into = _concat_scales(get_family(qwen3), qwen3, selected, gate_sum)
+    assert down == pytest.approx([0.3, 0.32, 0.0]) and into == [1.0, 1.0, 1.0]
+    down, into = _concat_scales(get_family(qwen3), qwen3, selected, gate_sum, gates="equal")
+    assert down == pytest.approx([0.62 / 3] * 3) and into == [1.0, 1.0, 1.0]
+    down, into = _concat_scales(LLAMA4_TEXT, llama4, selected, gate_sum, gates="equal")
+    assert down == pytest.approx([1 / 3] * 3) and into == pytest.approx([0.62] * 3)
+
+
+# -- multimodal checkpoints: their text part converts, the vision tower is left out --
+
+MULTIMODAL = [("llama4", "legacy"), ("qwen3_5_moe", "legacy"), ("qwen3_5_moe", "fused")]  # Llama 4: one layout
+
+
+def _text_logits(path, model_type) -> torch.Tensor:
+    """The multimodal model's text-only logits, from its own class (not the text-only one)."""
+    model = transformers.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():  # Llama 4's full forward needs pixel values: its language model alone
+        return (model.language_model if model_type == "llama4" else model)(input_ids=IDS).logits
+
+
+@pytest.mark.parametrize("model_type,layout", MULTIMODAL)
+def test_multimodal_text_part_converts(calib_dir, tmp_path, tokenizer_dir, caplog, model_type, layout):
+    """Identical experts (Llama 4: a constant router): the text-only dense model, which loads with
+    no missing or unexpected key, gives the multimodal MoE's text logits; no vision tensor is written."""
+    family = MULTIMODAL_SPECS[model_type][0]
+    moe = make_multimodal_moe(
+        model_type,
+        tmp_path / "moe",
+        tokenizer_dir,
+        identical=True,
+        layout=layout,
+        **IDENTICAL_OVERRIDES.get(family, {}),
+    )
+    out = tmp_path / "dense"
+    with caplog.at_level(logging.INFO, logger="mergekit_moe2dense.checkpoint"):
+        build_dense(make_config(moe, "expert_uniform", calib_dir), str(out), OPTIONS)
+    assert f"multimodal {model_type} checkpoint: its text model ({family})" in caplog.text
+    assert "vision tower" in caplog.text and "left out" in caplog.text
+    dense, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert type(dense).__name__ == TARGETS[family]
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert json.loads((out / "config.json").read_text())["model_type"] == dense.config.model_type != model_type
+    written = set(load_file(out / "model.safetensors"))
+    assert not [n for n in written if "vision" in n or "visual" in n or "language_model" in n or "projector" in n]
+    torch.testing.assert_close(logits_of(out, IDS), _text_logits(moe, model_type), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", sorted(MULTIMODAL_SPECS))
+def test_multimodal_inspect_engines_and_eval(calib_dir, tmp_path, tokenizer_dir, model_type):
+    """A multimodal checkpoint reads as its text model: `inspect` gives the text-only checkpoint's
+    report, the layer stream the full engine's statistics, and `eval` scores the text model,
+    its --seq-len limit being the text model's."""
+    family = MULTIMODAL_SPECS[model_type][0]
+    text = tmp_path / "text"  # the same text model, text-only
+    multimodal = make_multimodal_moe(model_type, tmp_path / "mm", tokenizer_dir, text_twin=text)
+    assert get_family(transformers.AutoConfig.from_pretrained(multimodal)) is get_family(
+        transformers.AutoConfig.from_pretrained(text)
+    )
+    reports = [inspect_moe(str(path)).to_dict() for path in (multimodal, text)]
+    assert reports[0].pop("model") != reports[1].pop("model")
+    assert reports[0] == reports[1]
+    values = dict(dataset=str(calib_dir), num_samples=4, seq_len=24, batch_size=2, max_token_samples=20)
+    _, batches = load_calibration_batches(str(multimodal), CalibrationConfig(**values))
+    source = SourceModel.open(ModelReference.parse(str(multimodal)))
+    assert source.config.model_type == family and source.text_part.model_type == model_type
+    full, streamed = (
+        collect_statistics(source, batches, CalibrationConfig(**values, engine=engine), progress=False)
+        for engine in ("full", "layerwise")
+    )
+    assert streamed.layers == full.layers == source.family.moe_layer_indices(source.config)
+    for name in ("logit_sum", "gate_sum", "selected", "contribution_sum", "samples"):
+        torch.testing.assert_close(getattr(streamed, name), getattr(full, name), rtol=1e-5, atol=1e-5)
+    documents = load_eval_documents(calib_dir)
+    results = evaluate_models([str(multimodal), str(text)], documents, seq_len=32, progress=False)
+    assert results[0].perplexity == pytest.approx(results[1].perplexity, rel=1e-5)
+    with pytest.raises(EvaluationError, match="max_position_embeddings 256"):
+        evaluate_models([str(multimodal)], documents, seq_len=300, progress=False)
+
+
+def test_qwen3_5_moe_text_saved_under_the_multimodal_names(calib_dir, tmp_path, tokenizer_dir):
+    """transformers 5 saves the text-only Qwen3.5-MoE it loaded from a multimodal checkpoint as
+    `qwen3_5_moe_text` under `model.language_model.*`: that converts too, and its `mtp.*`
+    (multi-token prediction, which transformers ignores) is not copied."""
+    multimodal = make_multimodal_moe("qwen3_5_moe", tmp_path / "mm", tokenizer_dir, identical=True)
+    moe = tmp_path / "moe"
+    transformers.AutoModelForCausalLM.from_pretrained(multimodal).save_pretrained(moe)
+    transformers.AutoTokenizer.from_pretrained(multimodal).save_pretrained(moe)
+    tensors = load_file(moe / "model.safetensors")
+    assert any(name.startswith("model.language_model.layers.") for name in tensors)
+    save_file(tensors | {"mtp.fc.weight": torch.randn(32, 64)}, moe / "model.safetensors", metadata={"format": "pt"})
+    assert json.loads((moe / "config.json").read_text())["model_type"] == "qwen3_5_moe_text"
+    out = tmp_path / "dense"
+    build_dense(make_config(moe, "expert_uniform", calib_dir), str(out), OPTIONS)
+    written = load_file(out / "model.safetensors")
+    assert not [name for name in written if "language_model" in name or name.startswith("mtp.")]
+    torch.testing.assert_close(logits_of(out, IDS), _text_logits(multimodal, "qwen3_5_moe"), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", sorted(MULTIMODAL_SPECS))
+def test_multimodal_refit_and_concat(calib_dir, tmp_path, tokenizer_dir, model_type):
+    """The re-fit on the layer stream and concat read the multimodal checkpoint's text model:
+    identical experts (Llama 4: a constant router) stay exact."""
+    family = MULTIMODAL_SPECS[model_type][0]
+    overrides = IDENTICAL_OVERRIDES.get(family, {})
+    moe = make_multimodal_moe(model_type, tmp_path / "moe", tokenizer_dir, identical=True, **overrides)
+    expected = _text_logits(moe, model_type)
+    # concat of every expert: their mean gates sum to the mixture's weight, exact
+    for method, params in (("router_weighted", {"refit": "scale"}), ("concat", {"num_experts": 4})):
+        out = tmp_path / method
+        build_dense(make_config(moe, method, calib_dir, **params), str(out), OPTIONS)
+        torch.testing.assert_close(logits_of(out, IDS), expected, rtol=0, atol=1e-4)
+
+
+def test_multimodal_fp8_checkpoint_converts_to_the_dequantized_text_model(calib_dir, tmp_path, tokenizer_dir):
+    """A block-wise FP8 multimodal checkpoint (`quantization_config` at the top of config.json, the
+    scales beside their weights under the multimodal names) dequantizes on read as the text model."""
+    moe = make_multimodal_moe("qwen3_5_moe", tmp_path / "moe", tokenizer_dir, identical=True, layout="fused")
+    quantized, reference = quantize_fp8_checkpoint(
+        moe, tmp_path / "fp8", (16, 16), lambda name: "language_model" in name and name.endswith("_proj.weight")
+    )
+    assert reference and all(name.startswith("model.language_model.") for name in reference)
+    dequantized = save_dequantized(moe, tmp_path / "deq", reference)
+    out = tmp_path / "dense"
+    build_dense(make_config(quantized, "router_weighted", calib_dir), str(out), OPTIONS)
+    assert not [name for name in load_file(out / "model.safetensors") if "scale_inv" in name]
+    torch.testing.assert_close(logits_of(out, IDS), _text_logits(dequantized, "qwen3_5_moe"), rtol=0, atol=1e-5)

@@ -8,9 +8,11 @@ import mergekit.merge_methods as mergekit_methods
 import pydantic
 import pytest
 import torch
+import transformers
 
 from mergekit_moe2dense.calibration.stats import RouterStatistics
 from mergekit_moe2dense.families import MoELayer
+from mergekit_moe2dense.families.mixtral import MIXTRAL
 from mergekit_moe2dense.methods import (
     ADAPTERS,
     METHODS,
@@ -25,7 +27,7 @@ from mergekit_moe2dense.methods import concat as concat_module
 from mergekit_moe2dense.methods.kernel import weighted_sum
 from mergekit_moe2dense.methods.router_weighted import RouterWeighted
 from mergekit_moe2dense.methods.top_k_tempered import tempered_top_k
-from mergekit_moe2dense.plan import single_block_plans
+from mergekit_moe2dense.plan import single_block_plans, with_family_scales
 
 E, L, K = 6, 3, 2
 
@@ -301,11 +303,17 @@ def test_concat_weights_and_plans_come_from_one_selection(params, monkeypatch):
     assert len(calls) == 1
     m = params.get("num_experts", K)
     expected = concat_module.expert_scores(stats, params.get("score", "contribution")).topk(m, dim=-1).indices
-    for row, layer_plan, kept in zip(result.weights, result.layers, expected.tolist()):
+    for position, (row, layer_plan, kept) in enumerate(zip(result.weights, result.layers, expected.tolist())):
         experts = [block.weights.index(1.0) for block in layer_plan.blocks]
         assert experts == kept  # best first
         assert sorted(row.nonzero().flatten().tolist()) == sorted(experts)
-        scales = torch.tensor([block.down_scale for block in layer_plan.blocks], dtype=torch.float64)
+        if params.get("gates") == "equal":  # 1/m of the mixture each
+            assert [block.fixed_gate for block in layer_plan.blocks] == [None] * m
+            scales = torch.tensor([block.down_scale for block in layer_plan.blocks], dtype=torch.float64)
+        else:  # each at its own gate, which the family's scales give (plan.with_family_scales)
+            assert [block.fixed_gate for block in layer_plan.blocks] == experts
+            assert [block.down_scale for block in layer_plan.blocks] == [1.0] * m
+            scales = stats.mean_gate[position, experts]
         torch.testing.assert_close(row[experts], scales / scales.sum())
 
 
@@ -316,8 +324,10 @@ def test_max_contribution_plans_the_best_expert_alone():
     assert [len(p.blocks) for p in result.layers] == [1] * L
     assert [p.blocks[0].weights.index(1.0) for p in result.layers] == best.tolist()
     torch.testing.assert_close(result.weights, torch.nn.functional.one_hot(best, E).double())
+    assert [p.blocks[0].fixed_gate for p in result.layers] == best.tolist()  # at its own gate
     gates = stats.mean_gate.gather(1, best[:, None]).flatten().tolist()
-    assert [p.blocks[0].down_scale for p in result.layers] == pytest.approx(gates)
+    scaled = with_family_scales(result.layers, MIXTRAL, transformers.MixtralConfig(), stats)
+    assert [p.blocks[0].down_scale for p in scaled] == pytest.approx(gates)
 
 
 @pytest.mark.parametrize(

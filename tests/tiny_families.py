@@ -302,8 +302,79 @@ def make_family_moe(
     torch.manual_seed(seed)
     config = config_class(vocab_size=len(tokenizer), **{**COMMON, **values, **overrides})
     model = model_class(config).eval()
+    _init_layers(model.model.layers, identical, router_std)
+    return save_model(model, tokenizer, path, layout)
+
+
+# multimodal model_type -> (its text family, config class, model class, a tiny vision tower,
+# where the model keeps its text decoder, its text model's state dict as the text-only class names it)
+MULTIMODAL_SPECS = {
+    "llama4": (
+        "llama4_text",
+        transformers.Llama4Config,
+        transformers.Llama4ForConditionalGeneration,
+        dict(
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            image_size=28,
+            patch_size=14,
+            vision_output_dim=32,
+            projector_input_dim=32,
+            projector_output_dim=32,
+            pixel_shuffle_ratio=0.5,
+        ),
+        lambda model: model.language_model.model,
+        lambda model: model.language_model.state_dict(),
+    ),
+    "qwen3_5_moe": (
+        "qwen3_5_moe_text",
+        transformers.Qwen3_5MoeConfig,
+        transformers.Qwen3_5MoeForConditionalGeneration,
+        dict(depth=1, hidden_size=16, num_heads=2, intermediate_size=32, out_hidden_size=32, patch_size=14),
+        lambda model: model.model.language_model,
+        lambda model: (
+            {f"model.{k}": v for k, v in model.model.language_model.state_dict().items()}
+            | {"lm_head.weight": model.lm_head.weight}
+        ),
+    ),
+}
+
+
+def make_multimodal_moe(
+    model_type: str,
+    path: Path,
+    tokenizer_dir: Path,
+    *,
+    identical: bool = False,
+    layout: str = "legacy",
+    seed: int = 0,
+    router_std: float = 0.5,
+    text_twin: Path | None = None,
+) -> Path:
+    """Save a random tiny multimodal checkpoint (`MULTIMODAL_SPECS`): the text model of
+    `make_family_moe`'s text family (the same settings) beside a tiny vision tower; and, to
+    `text_twin`, the same text model as a text-only checkpoint of its family."""
+    family, config_class, model_class, vision, decoder, text_state = MULTIMODAL_SPECS[model_type]
+    _, _, values = FAMILY_SPECS[family]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    text = {"vocab_size": len(tokenizer), **COMMON, **values}
+    model = model_class(config_class(text_config=text, vision_config=vision)).eval()
+    _init_layers(decoder(model).layers, identical, router_std)
+    if text_twin is not None:
+        twin = FAMILY_SPECS[family][1](model.config.get_text_config()).eval()
+        twin.load_state_dict(text_state(model), strict=True)
+        save_model(twin, tokenizer, text_twin, layout)
+    return save_model(model, tokenizer, path, layout)
+
+
+def _init_layers(layers, identical: bool, router_std: float) -> None:
+    """Larger random weights than the default init (so that wrong merges show), routers of
+    `router_std`, and with `identical` every routed expert a copy of expert 0."""
     with torch.no_grad():
-        for layer in model.model.layers:
+        for layer in layers:
             # Granite's block_sparse_moe, Llama 4's feed_forward
             mlp = next(
                 getattr(layer, name) for name in ("mlp", "block_sparse_moe", "feed_forward") if hasattr(layer, name)
@@ -347,7 +418,6 @@ def make_family_moe(
                     tensor[:] = tensor[0].clone()
                 if hasattr(mlp, "shared_expert_gate"):
                     mlp.shared_expert_gate.weight.zero_()
-    return save_model(model, tokenizer, path, layout)
 
 
 def _expert_biases(experts) -> list[torch.Tensor]:

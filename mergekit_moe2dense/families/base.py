@@ -169,6 +169,16 @@ class MoEFamily:
         router weighs the experts' outputs (every family but Llama 4)."""
         return 1.0
 
+    def fixed_gate(
+        self, config: transformers.PretrainedConfig, stats: RouterStatistics | None, position: int, expert: int
+    ) -> tuple[float, float]:
+        """(down scale, input scale) of routed expert `expert` alone at a fixed gate (concat): the
+        MoE with its router replaced by the calibrated mean adds gbar_e E_e(x), gbar_e the mean
+        over all tokens of e's top-k weight (0 where not chosen). That mean is the router's own
+        output, so it already holds what `routed_scale` stands for (a top-k sum that is not 1,
+        DeepSeek's routed_scaling_factor): counted once, never times `routed_scale` again."""
+        return float(stats.mean_gate[position, expert]), 1.0
+
     def shared_scale(
         self, config: transformers.PretrainedConfig, stats: RouterStatistics | None, position: int
     ) -> float:

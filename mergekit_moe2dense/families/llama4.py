@@ -12,6 +12,9 @@ rows. The dense MLP of a layer is therefore
 
 with M the merged expert (gate and up rows times c, down times k = `num_experts_per_tok`,
 `plan.with_family_scales`), c calibrated per layer from the router's own top-k scores.
+`concat` keeps m experts each at its own fixed gate instead: sum_e f_e E_e(c_e x), f_e the
+fraction of tokens choosing e (each adds e's whole output once), c_e e's mean score over
+them (`fixed_gate`).
 This is exact when every token's chosen scores equal c (identical experts then give the
 MoE's output); otherwise it approximates E(s x) by E(c x) (SiLU is not homogeneous, so
 no dense MLP computes E(s x) for a per-token s).
@@ -25,6 +28,14 @@ Checkpoint layout (the hub's and transformers' in-memory one; there is no per-ex
 one): `feed_forward.experts.gate_up_proj` [E, H, 2I] (transposed, gate columns first),
 `feed_forward.experts.down_proj` [E, I, H], router `feed_forward.router.weight` [E, H],
 ungated shared expert `feed_forward.shared_expert.*` of width `intermediate_size`.
+
+The multimodal Llama 4 (`llama4`, `Llama4ForConditionalGeneration`: Scout, Maverick) holds
+this text model as `language_model` (`language_model.model.layers...`,
+`language_model.lm_head.weight`, config.json's `text_config`) beside a vision tower
+(`vision_model.*`, `multi_modal_projector.*`): its text part converts, to the same dense
+text model, and the vision tower is left out (`LLAMA4_MULTIMODAL`). transformers' own
+`Llama4ForCausalLM` loads that checkpoint the same way (its `base_model_prefix` is
+`language_model`), which is what `eval` and the full calibration engine use.
 """
 
 from __future__ import annotations
@@ -33,7 +44,14 @@ import torch
 import transformers
 
 from mergekit_moe2dense.families.base import MoEFamily
-from mergekit_moe2dense.families.spec import ConfigKeys, DenseTarget, FusedLayout, SharedExperts, SparseLayers
+from mergekit_moe2dense.families.spec import (
+    ConfigKeys,
+    DenseTarget,
+    FusedLayout,
+    SharedExperts,
+    SparseLayers,
+    TextPart,
+)
 
 BLOCK = "model.layers.{layer}.feed_forward"
 
@@ -104,6 +122,16 @@ class Llama4Family(MoEFamily):
         """The calibrated mean router score of a chosen expert, c (folded into gate and up)."""
         return float(stats.mean_gate[position].sum()) / self.top_k(config)
 
+    def fixed_gate(self, config, stats, position: int, expert: int) -> tuple[float, float]:
+        """Expert e alone at a fixed gate (concat): the MoE adds E_e(s_e x) on the tokens that
+        choose e, so its fixed form is f_e E_e(c_e x): its output counted once per choosing token,
+        f_e its selection frequency (down scale), c_e its mean score over those tokens (input
+        scale, folded into gate and up; the layer's mean where no token chose it, f_e being 0)."""
+        selected = float(stats.selected[position, expert])
+        if selected == 0:
+            return 0.0, self.routed_input_scale(config, stats, position)
+        return float(stats.selection_frequency[position, expert]), float(stats.gate_sum[position, expert]) / selected
+
     def dense_block(self, dense: torch.nn.Module) -> torch.nn.Module:
         return _WithRouterLogits(dense)
 
@@ -131,4 +159,10 @@ LLAMA4_TEXT = Llama4Family(
         overrides=_all_dense,
         width_key="intermediate_size_mlp",
     ),
+)
+
+LLAMA4_MULTIMODAL = TextPart(
+    model_type="llama4",
+    prefixes=(("language_model.model.", "model."), ("language_model.lm_head.", "lm_head.")),
+    dropped="the vision tower (vision_model.*, multi_modal_projector.*)",
 )

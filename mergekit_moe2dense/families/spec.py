@@ -280,6 +280,30 @@ class Refusal:
         return bool(getattr(config, self.key, False)) == self.value
 
 
+@dataclass(frozen=True)
+class TextPart:
+    """The text model of a multimodal checkpoint (`model_type`), which converts as its text
+    family: config.json's `text_config` is the text model's config, and its tensors are stored
+    under other prefixes. `prefixes` maps each stored prefix to the text model's own (what
+    transformers' text-only class of the family names them, e.g. `language_model.model.` ->
+    `model.`); a stored tensor under none of them is no part of the text model and is not
+    read (`dropped` says what that is, in words, for the log line). `multimodal: False`: a
+    text-only model type whose checkpoints may store its tensors under such prefixes too (its
+    config is the text model's)."""
+
+    model_type: str
+    prefixes: tuple[tuple[str, str], ...]
+    dropped: str
+    multimodal: bool = True
+
+    def text_name(self, stored: str) -> str | None:
+        """The text model's name of stored tensor `stored` (None: not part of the text model)."""
+        for prefix, text in self.prefixes:
+            if stored.startswith(prefix):
+                return text + stored[len(prefix) :]
+        return None
+
+
 def _no_overrides(config) -> dict[str, Any]:
     return {}
 

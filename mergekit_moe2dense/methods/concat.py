@@ -13,14 +13,21 @@ Per layer, experts are scored on calibration tokens by
     frequency:     the fraction of tokens that select e.
 
 `concat` keeps the m best experts and places them side by side along the
-intermediate dimension, each down projection scaled by its mean gate weight
-gbar_e = mean_t g_te (`gates: mean`) or by 1/m (`gates: equal`). The result is
+intermediate dimension. With `gates: mean` each is its expert alone at its own
+fixed gate (`Block.fixed_gate`; the family says what that is, `MoEFamily.fixed_gate`):
+its down projection scaled by its mean gate weight gbar_e = mean_t g_te, the
+router's own top-k weight (so a top-k sum that is not 1 and DeepSeek's
+routed_scaling_factor are in it once). The result is
 
-    y = sum_e s_e f_e(x),
+    y = sum_e gbar_e f_e(x),
 
-which is exactly the MoE with its router replaced by the fixed gates s_e (not
-an approximation); the dense intermediate size is m x the expert's. The
-reported expert weights are the kept experts' gates s_e, normalised.
+which is exactly the MoE with its router replaced by the fixed gates gbar_e (not
+an approximation). Llama 4's router scales the expert's input instead: there each
+kept expert is f_e(c_e x) counted with e's selection frequency, c_e its mean
+score when chosen. With `gates: equal` each kept expert is 1/m of the whole
+routed mixture (times the family's routed scale, like a merged expert). The
+dense intermediate size is m x the expert's. The reported expert weights are the
+kept experts' gates gbar_e (or 1/m), normalised.
 
 `max_contribution` is `concat` with m = 1 followed by a re-fit of the down
 projection to the MoE's output (`refit: scale` by default; see refit.py).
@@ -63,7 +70,7 @@ class Selection:
     """The experts kept in each layer and their fixed gates."""
 
     experts: torch.Tensor  # [L, m] indices, best first
-    gates: torch.Tensor  # [L, m] float64, the down projections' scales s_e
+    gates: torch.Tensor  # [L, m] float64, the kept experts' gates (mean top-k weight, or 1/m): reported weights
 
 
 class Concat(ExpertMethod):
@@ -95,12 +102,16 @@ class Concat(ExpertMethod):
         weights = torch.zeros(len(layers), num_experts, dtype=torch.float64)
         weights.scatter_(1, selection.experts, selection.gates.clamp_min(1e-12))
         plans = []
-        for layer, experts, scales in zip(layers, selection.experts.tolist(), selection.gates.tolist()):
+        equal = params.gates == "equal"
+        for layer, experts in zip(layers, selection.experts.tolist()):
             blocks = []
-            for expert, scale in zip(experts, scales):
+            for expert in experts:
                 one_hot = [0.0] * layer.num_experts
                 one_hot[expert] = 1.0
-                blocks.append(Block(tuple(one_hot), down_scale=scale))
+                if equal:  # 1/m of the whole mixture: the family's scales apply as to a merged expert
+                    blocks.append(Block(tuple(one_hot), down_scale=1.0 / len(experts)))
+                else:  # the expert at its own calibrated gate (plan.with_family_scales: MoEFamily.fixed_gate)
+                    blocks.append(Block(tuple(one_hot), fixed_gate=expert))
             plans.append(LayerPlan(layer, tuple(blocks)))
         return MethodPlan(normalize_rows(weights), plans)
 
