@@ -28,7 +28,7 @@ from mergekit_moe2dense.build import build_dense
 from mergekit_moe2dense.families import UnsupportedModelError, get_family
 from mergekit_moe2dense.methods import MethodError
 from mergekit_moe2dense.methods.merge_experts import agglomerate, group_labels, router_similarity
-from tiny_families import FAMILY_SPECS, make_family_moe
+from tiny_families import FAMILY_SPECS, MULTIMODAL_SPECS, make_family_moe, make_multimodal_moe
 
 OPTIONS = MergeOptions(quiet=True)
 IDS = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -366,3 +366,26 @@ def test_a_fitted_router_routes_calibration_tokens_to_their_group(random_moe, ca
         # a union of two experts' top-1 regions need not be linearly separable: well above chance
         majority = max((labels == j).mean() for j in range(2))
         assert (routed.numpy() == labels).mean() > max(0.8, majority + 0.1)
+
+
+@pytest.mark.parametrize("model_type", sorted(MULTIMODAL_SPECS))
+def test_a_multimodal_checkpoint_prunes_to_its_text_moe(model_type, tokenizer_dir, calib_dir, tmp_path):
+    """The smaller MoE of a multimodal checkpoint is its text model's (the vision tower left out,
+    as in the dense conversion): pruned to every expert it gives the multimodal model's text
+    logits; pruned to 2 it loads with 2 experts and no missing or unexpected key."""
+    family = MULTIMODAL_SPECS[model_type][0]
+    moe = make_multimodal_moe(model_type, tmp_path / "mm", tokenizer_dir)
+    multimodal = transformers.AutoModelForImageTextToText.from_pretrained(moe, dtype=torch.float32).eval()
+    with torch.no_grad():  # Llama 4's full forward needs pixel values: its language model alone
+        expected = (multimodal.language_model if model_type == "llama4" else multimodal)(input_ids=IDS).logits
+    every = tmp_path / "every"
+    build_dense(make_config(moe, "prune_experts", calib_dir, num_experts=4), str(every), OPTIONS)
+    assert json.loads((every / "config.json").read_text())["model_type"] == family
+    torch.testing.assert_close(logits_of(every, IDS), expected, rtol=0, atol=1e-5)
+    two = tmp_path / "two"
+    build_dense(make_config(moe, "prune_experts", calib_dir, num_experts=2, moe_top_k=1), str(two), OPTIONS)
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(two, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert get_family(model.config).num_experts(model.config) == 2
+    with safe_open(two / "model.safetensors", "pt") as f:
+        assert not [n for n in f.keys() if "vision" in n or "visual" in n or "language_model" in n]
