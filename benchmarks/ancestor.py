@@ -43,7 +43,7 @@ from benchmarks.quality import score  # noqa: E402
 from benchmarks.testbed import PRESETS, build_testbed  # noqa: E402
 from mergekit_moe2dense.build import build_dense  # noqa: E402
 from mergekit_moe2dense.config import Moe2DenseConfig  # noqa: E402
-from mergekit_moe2dense.data import load_documents  # noqa: E402
+from mergekit_moe2dense.evaluate import load_eval_documents  # noqa: E402
 
 ESTIMATES = ("mean", "median", "trimmed_mean", "stock_inverse")
 TRUTH = "ancestor"  # the true ancestor MLP, for the perplexity ceiling of any estimate
@@ -85,7 +85,7 @@ def run(preset: str, max_tokens: int, cache_dir: str | None = None) -> str:
         raise SystemExit(f"{preset} was trained from scratch: it has no ancestor")
     moe = transformers.AutoModelForCausalLM.from_pretrained(testbed.moe, dtype=torch.float32)
     ancestor = transformers.AutoModelForCausalLM.from_pretrained(testbed.ancestor, dtype=torch.float32)
-    documents = load_documents(testbed.test_dir)
+    documents = load_eval_documents(testbed.test_dir)
     seq_len = min(256, moe.config.max_position_embeddings)
     lines = ["| estimate | layer | cosine to ancestor | relative distance |", "|---|---|---|---|"]
     perplexity = [

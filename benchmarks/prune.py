@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.quality import Variant, build_variant, score  # noqa: E402
 from benchmarks.testbed import PRESETS, build_testbed  # noqa: E402
 from mergekit_moe2dense.build import STATS_FILE  # noqa: E402
-from mergekit_moe2dense.data import load_documents  # noqa: E402
+from mergekit_moe2dense.evaluate import load_eval_documents  # noqa: E402
 from mergekit_moe2dense.methods import METHODS  # noqa: E402
 
 
@@ -114,7 +114,7 @@ def run(
         "max_token_samples": 4096,  # the tokens whose expert outputs group experts
         "record_router_inputs": True,
     }
-    documents = load_documents(testbed.test_dir)
+    documents = load_eval_documents(testbed.test_dir)
     work = Path(work_dir or tempfile.mkdtemp(prefix="moe2dense-prune-"))
     work.mkdir(parents=True, exist_ok=True)
     try:

@@ -380,7 +380,7 @@ def run(
         if write_docs:
             DOCS.mkdir(exist_ok=True)
             plot_weights(weight_files, DOCS / f"expert_weights_{preset}.png")
-            write_quality_docs(preset, table, summary, testbed.report, elapsed, grid, max_tokens)
+            write_quality_docs(preset, table, summary, testbed.report, elapsed, grid, max_tokens, fit_methods)
         return table + "\n\n" + summary
     finally:
         if not work_dir:
@@ -427,11 +427,14 @@ def describe_testbed(report: dict) -> str:
     return text
 
 
-def write_quality_docs(preset, table, summary, report, elapsed, grid, max_tokens) -> None:
+def write_quality_docs(preset, table, summary, report, elapsed, grid, max_tokens, fit_methods=None) -> None:
     """Replace the quality section of docs/benchmarks.md, keeping other sections."""
     path = DOCS / "benchmarks.md"
     begin, end = f"<!-- quality:{preset}:begin -->", f"<!-- quality:{preset}:end -->"
-    command = f"python benchmarks/quality.py --preset {preset}{' --grid' if grid else ''} --max-tokens {max_tokens} --write-docs"
+    command = f"python benchmarks/quality.py --preset {preset}{' --grid' if grid else ''} --max-tokens {max_tokens}"
+    if fit_methods:  # the command that made the table, as written
+        command += f" --fit-methods {','.join(fit_methods)}"
+    command += " --write-docs"
     section = f"""{begin}
 ## Quality on the `{preset}` testbed
 
@@ -468,7 +471,9 @@ def main(argv=None) -> None:
         "--fit-only", action="store_true", help="only the references, the refit: fit rows and their closed-form starts"
     )
     parser.add_argument(
-        "--fit-methods", default=None, help="comma-separated methods whose refit: fit rows run (default: all four)"
+        "--fit-methods",
+        default=None,
+        help="comma-separated methods whose refit: fit rows run (default: all four; none: no fit rows)",
     )
     parser.add_argument("--fit-steps", type=int, default=None, help="fit_steps of the refit: fit rows")
     parser.add_argument("--fit-lr", type=float, default=None, help="fit_lr of the refit: fit rows")

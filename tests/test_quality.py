@@ -40,3 +40,34 @@ def test_smoke_flag_selects_the_smoke_preset(monkeypatch):
     monkeypatch.setattr(quality, "run", lambda preset, *args: seen.setdefault("preset", preset) or "")
     quality.main(["--smoke"])
     assert seen["preset"] == "smoke"
+
+
+def test_written_docs_record_the_command_that_made_the_table(monkeypatch, tmp_path):
+    (tmp_path / "benchmarks.md").write_text(
+        "# Benchmarks\n\nbefore\n\n<!-- quality:example:begin -->\nOLD-SECTION\n<!-- quality:example:end -->\n\nafter\n"
+    )
+    monkeypatch.setattr(quality, "DOCS", tmp_path)
+    report = {
+        "recipe_hash": "abc",
+        "preset": {
+            "name": "example",
+            "num_layers": 2,
+            "hidden_size": 64,
+            "num_experts": 8,
+            "intermediate_size": 192,
+            "experts_per_token": 2,
+            "vocab_size": 1024,
+        },
+    }
+    quality.write_quality_docs("example", "| table |", "summary", report, 60.0, True, 20000, ("none",))
+    text = (tmp_path / "benchmarks.md").read_text()
+    assert (
+        "`python benchmarks/quality.py --preset example --grid --max-tokens 20000 --fit-methods none --write-docs`"
+        in text
+    )
+    assert "OLD-SECTION" not in text and text.index("before") < text.index("| table |") < text.index("after")
+    quality.write_quality_docs("example", "| table |", "summary", report, 60.0, False, 500)
+    assert (
+        "`python benchmarks/quality.py --preset example --max-tokens 500 --write-docs`"
+        in (tmp_path / "benchmarks.md").read_text()
+    )
