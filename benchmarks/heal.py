@@ -47,7 +47,7 @@ from benchmarks.testbed import DOMAINS, PRESETS, build_testbed, collect_document
 from mergekit_moe2dense.build import build_dense  # noqa: E402
 from mergekit_moe2dense.config import Moe2DenseConfig  # noqa: E402
 from mergekit_moe2dense.data import load_documents  # noqa: E402
-from mergekit_moe2dense.evaluate import evaluate_perplexity  # noqa: E402
+from mergekit_moe2dense.evaluate import evaluate_perplexity, load_eval_documents  # noqa: E402
 from mergekit_moe2dense.heal import TrainSettings, collapse, heal  # noqa: E402
 from mergekit_moe2dense.heal.training import training_sequences  # noqa: E402
 
@@ -125,7 +125,8 @@ def run(args) -> str:
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="moe2dense-heal-"))
     work.mkdir(parents=True, exist_ok=True)
     train_dir = write_train_split(args.preset, work / "train")
-    test_docs, calib_docs = load_documents(testbed.test_dir), load_documents(testbed.calib_dir)
+    # scored as `eval` scores them (each .txt file one stream); training keeps its documents
+    test_docs, calib_docs = load_eval_documents(testbed.test_dir), load_eval_documents(testbed.calib_dir)
     domains = sorted({doc.source for doc in test_docs})
     limit = args.eval_max_tokens
     rows: list[tuple[str, int | None, typing.Any]] = []

@@ -63,8 +63,7 @@ def run(preset: str, out: Path | None, cache_dir: str | None, max_tokens: int, p
     from benchmarks.testbed import build_testbed, default_cache_dir
     from mergekit_moe2dense.build import build_dense
     from mergekit_moe2dense.config import Moe2DenseConfig
-    from mergekit_moe2dense.data import load_documents
-    from mergekit_moe2dense.evaluate import evaluate_models, format_results_table
+    from mergekit_moe2dense.evaluate import evaluate_models, format_results_table, load_eval_documents
     from mergekit_moe2dense.inspection import inspect_moe
 
     transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars of every model load
@@ -95,7 +94,7 @@ def run(preset: str, out: Path | None, cache_dir: str | None, max_tokens: int, p
     say(f"    mergekit-moe2dense {recipe} OUT")
 
     say("4/4 held-out perplexity, same windows for both models", flush=True)
-    documents = load_documents(testbed.test_dir)
+    documents = load_eval_documents(testbed.test_dir)  # as `eval` reads it: each .txt file one stream
     moe_result, dense_result = evaluate_models(
         [str(testbed.moe), str(out)], documents, seq_len=seq_len, batch_size=8, max_tokens=max_tokens, progress=False
     )
