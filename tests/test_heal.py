@@ -58,6 +58,23 @@ def test_mixed_loss_weights_its_parts():
     assert set(parts) == {"lm"} and torch.allclose(only_lm, lm_loss(student, ids))
 
 
+def test_lm_loss_is_the_mean_next_token_cross_entropy():
+    """Against a hand computation: -log softmax(s_t)[id_{t+1}], averaged over the B x (T-1) pairs."""
+    torch.manual_seed(4)
+    student, ids = torch.randn(3, 7, 13), torch.randint(0, 13, (3, 7))
+    log_q = student.log_softmax(-1)
+    expected = -torch.stack([log_q[b, t, ids[b, t + 1]] for b in range(3) for t in range(6)]).mean()
+    torch.testing.assert_close(lm_loss(student, ids), expected)
+
+
+def test_the_losses_at_a_temperature_scale_the_logits():
+    torch.manual_seed(5)
+    student, teacher = torch.randn(2, 5, 9), torch.randn(2, 5, 9)
+    targets = top_k_targets(teacher, 9, temperature=2.0)
+    torch.testing.assert_close(cached_kl(student, targets, 2.0), exact_kl(student, teacher, 2.0))
+    torch.testing.assert_close(exact_kl(student, teacher, 2.0), 4 * exact_kl(student / 2, teacher / 2, 1.0))
+
+
 # ---------------------------------------------------------------------------- tiny models
 
 

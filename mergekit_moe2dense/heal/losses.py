@@ -49,8 +49,8 @@ def top_k_targets(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0
 
 def exact_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Mean over tokens of T^2 KL(softmax(t/T) || softmax(s/T)), over the whole vocabulary."""
-    log_q = (student_logits.float() / temperature).log_softmax(-1)
-    log_p = (teacher_logits.float() / temperature).log_softmax(-1)
+    log_q = _scaled(student_logits, temperature).log_softmax(-1)
+    log_p = _scaled(teacher_logits, temperature).log_softmax(-1)
     kl = (log_p.exp() * (log_p - log_q)).sum(-1)
     return kl.mean() * temperature**2
 
@@ -58,9 +58,11 @@ def exact_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempera
 def cached_kl(student_logits: torch.Tensor, targets: TeacherTargets, temperature: float = 1.0) -> torch.Tensor:
     """Mean over tokens of T^2 times the KL of the top-k + rest coarsening (module docstring).
 
-    The student's rest mass is 1 - sum_I q_i, floored at `REST_FLOOR` (one log-softmax and one
+    The student's rest mass is 1 - sum_I q_i, floored at `REST_FLOOR` (one log-sum-exp and one
     gather over the vocabulary, as the LM loss costs; no masked copy of the logits)."""
-    log_q_top = (student_logits.float() / temperature).log_softmax(-1).gather(-1, targets.indices)
+    scaled = _scaled(student_logits, temperature)
+    # log q_I = s_I - lse(s): a gather and one reduction, no [.., V] log-softmax output kept
+    log_q_top = scaled.gather(-1, targets.indices) - scaled.logsumexp(-1, keepdim=True)
     log_q_rest = torch.log1p(-log_q_top.exp().sum(-1).clamp(max=1 - REST_FLOOR))
     teacher_z = torch.cat([targets.logits, targets.rest_lse[..., None]], -1).logsumexp(-1)
     log_p_top = targets.logits - teacher_z[..., None]
@@ -73,9 +75,18 @@ def cached_kl(student_logits: torch.Tensor, targets: TeacherTargets, temperature
 
 
 def lm_loss(student_logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of [B, T, V] logits against the shifted ids."""
-    logits = student_logits[:, :-1].float()
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
+    """Mean next-token cross-entropy of [B, T, V] logits against the shifted ids. The labels
+    are shifted (the last position ignored), not the logits: no copy of the [B, T, V] logits,
+    as transformers' own causal-LM loss does it."""
+    labels = F.pad(input_ids[:, 1:], (0, 1), value=-100)
+    logits = student_logits.float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / T in float32 (no copy when they are float32 already and T = 1)."""
+    logits = logits.float()
+    return logits if temperature == 1 else logits / temperature
 
 
 def mixed_loss(
