@@ -72,6 +72,7 @@ __all__ = [
     "LayerFitter",
     "RefitResult",
     "SparseBlock",
+    "assemble_biases",
     "closed_form_fit",
     "fit_layers",
     "gradient_fit",
@@ -312,9 +313,9 @@ def closed_form_fit(
 ) -> LayerFit:
     """The plan's dense MLP (gate/up by RegMean with `gate_up="regmean"`), its down
     projection (and down bias) re-fitted by least squares (`mode`: none, scale, down_proj)."""
-    biased = "down_bias" in plan.layer.experts[0]
+    biased = "gate_bias" in plan.layer.experts[0]  # GPT-OSS: gate_up and down biases
     grams = _routed_grams(block, plan.layer.num_experts, biased) if gate_up == "regmean" else None
-    tensors = {**assemble(plan, block.load), **(_assemble_biases(plan, block.load) if biased else {})}
+    tensors = {**assemble(plan, block.load), **assemble_biases(plan, block.load)}
     fitted = {}
     if grams is not None:
         for projection in ("gate", "up"):
@@ -393,14 +394,15 @@ def _fit_down(block: SparseBlock, dense: DenseMLP, mode: str, damping: float):
     return down[:, :-1].contiguous(), down[:, -1].contiguous(), error
 
 
-def _assemble_biases(plan: LayerPlan, load) -> dict[str, torch.Tensor]:
+def assemble_biases(plan: LayerPlan, load) -> dict[str, torch.Tensor]:
     """The dense MLP's biases in memory, as graph.projection_task merges them: per block the
     weighted sum of its experts' biases; gate / up biases concatenated, down biases (each
-    times its block's down scale) added up."""
-    if any(block.shared is not None for block in plan.blocks):
+    times its block's down scale) added up. Empty where the experts have no biases."""
+    present = [b for b in BIASES if b in plan.layer.experts[0]]
+    if present and any(block.shared is not None for block in plan.blocks):
         raise ValueError("expert biases with shared experts are not supported")
     biases = {}
-    for projection in BIASES:
+    for projection in present:
         parts = [
             sum(
                 w * load(expert[projection]).float() for expert, w in zip(plan.layer.experts, block.weights) if w != 0.0
