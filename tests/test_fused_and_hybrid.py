@@ -133,6 +133,21 @@ def test_refit_of_identical_experts_gives_the_moe(identical_gpt_oss, calib_dir, 
     torch.testing.assert_close(logits_of(out, IDS), logits_of(identical_gpt_oss, IDS), rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("refit", ["down_proj", "scale"])
+def test_refit_of_the_exact_concat_keeps_it_exact(calib_dir, tmp_path, tokenizer_dir, caplog, refit):
+    """`concat` of all experts with equal gates on a constant router is the MoE (gate/up biases side
+    by side, down biases summed, each times its gate): the re-fit's in-memory MLP is assembled the
+    same way (error 0 before the fit), so its optimum is that MLP and the output is the MoE's."""
+    moe = make_family_moe("gpt_oss", tmp_path / "moe", tokenizer_dir, router_std=0.0, num_experts_per_tok=4)
+    out = tmp_path / "dense"
+    params = dict(num_experts=4, gates="equal", refit=refit, refit_damping=1e-9)
+    with caplog.at_level(logging.INFO, logger="mergekit_moe2dense.outputs.dense"):
+        build_dense(make_config(moe, "concat", calib_dir, **params), str(out), OPTIONS)
+    errors = _refit_errors(caplog.text)
+    assert sorted(errors) == [0, 1, 2] and all(before < 1e-9 and after < 1e-9 for before, after in errors.values())
+    torch.testing.assert_close(logits_of(out, IDS), logits_of(moe, IDS), rtol=0, atol=1e-4)
+
+
 def _refit_errors(text: str) -> dict[int, tuple[float, float]]:
     pattern = r"layer (\d+): relative MLP reconstruction error (\S+) -> (\S+) after refit"
     return {int(m[1]): (float(m[2]), float(m[3])) for m in re.finditer(pattern, text)}
