@@ -13,7 +13,7 @@ import transformers
 from mergekit.common import ModelReference
 from mergekit.options import MergeOptions
 
-from helpers import logits_of, make_config
+from helpers import logits_of, make_config, save_model
 from mergekit_moe2dense.build import build_dense
 from mergekit_moe2dense.calibration import collect_statistics, load_calibration_batches
 from mergekit_moe2dense.calibration.sequential import DenseMLP, refit_layers
@@ -69,11 +69,22 @@ def test_layerwise_statistics_equal_full_forward(family, calib_dir, tmp_path, to
     assert full.contribution_sum.abs().sum() > 0
 
 
+def _constant_router_moe(tmp_path, tokenizer_dir):
+    """Different experts with biases, a constant router over all E = k experts (weights 1/E)."""
+    constant = make_family_moe("gpt_oss", tmp_path / "src", tokenizer_dir, router_std=0.0, num_experts_per_tok=4)
+    model = transformers.AutoModelForCausalLM.from_pretrained(constant)
+    with torch.no_grad():  # router_std=0 leaves the expert biases 0 too: draw them
+        for layer in model.model.layers:
+            layer.mlp.experts.gate_up_proj_bias.normal_(0, 0.1)
+            layer.mlp.experts.down_proj_bias.normal_(0, 0.1)
+    return save_model(model, transformers.AutoTokenizer.from_pretrained(constant), tmp_path / "moe", "legacy")
+
+
 def test_concat_of_all_experts_with_equal_gates_is_the_moe(calib_dir, tmp_path, tokenizer_dir):
     """Different experts, a constant router over all E = k experts (weights 1/E): `concat` of all of
     them with equal gates is the MoE itself, biases included (gate/up biases side by side, down
     biases summed, each scaled by its gate)."""
-    moe = make_family_moe("gpt_oss", tmp_path / "moe", tokenizer_dir, router_std=0.0, num_experts_per_tok=4)
+    moe = _constant_router_moe(tmp_path, tokenizer_dir)
     out = tmp_path / "dense"
     build_dense(make_config(moe, "concat", calib_dir, num_experts=4, gates="equal"), str(out), OPTIONS)
     torch.testing.assert_close(logits_of(out, IDS), logits_of(moe, IDS), rtol=0, atol=1e-5)
@@ -138,7 +149,7 @@ def test_refit_of_the_exact_concat_keeps_it_exact(calib_dir, tmp_path, tokenizer
     """`concat` of all experts with equal gates on a constant router is the MoE (gate/up biases side
     by side, down biases summed, each times its gate): the re-fit's in-memory MLP is assembled the
     same way (error 0 before the fit), so its optimum is that MLP and the output is the MoE's."""
-    moe = make_family_moe("gpt_oss", tmp_path / "moe", tokenizer_dir, router_std=0.0, num_experts_per_tok=4)
+    moe = _constant_router_moe(tmp_path, tokenizer_dir)
     out = tmp_path / "dense"
     params = dict(num_experts=4, gates="equal", refit=refit, refit_damping=1e-9)
     with caplog.at_level(logging.INFO, logger="mergekit_moe2dense.outputs.dense"):
