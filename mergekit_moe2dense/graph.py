@@ -469,7 +469,7 @@ def plan_dense_merge(
                     padded[name] = _padded(io.read(name), projection, width)
     for plan in plans:
         consumed.update(plan.layer.consumed)
-        names = family.dense_mlp_names(plan.layer.index)
+        names = family.dense_mlp_names(plan.layer.index, PROJECTIONS + BIASES)  # biases: where the target has them
         tasks = {}
         for projection in PROJECTIONS + tuple(b for b in BIASES if b in plan.layer.experts[0]):
             if projection in plan.fitted:

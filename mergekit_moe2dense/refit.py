@@ -32,7 +32,16 @@ down D) of f(x) = D (act(G x) * U x) to y by Adam over minibatches of tokens:
 
 from a given start (the closed-form re-fit), with a per-projection step size
 lr * rms(W_start) (scale-free, like the relative damping), linear warm-up and
-cosine decay. A held-out part of the tokens never enters a gradient; the
+cosine decay.
+
+A family whose experts have biases and their own activation (GPT-OSS:
+f(x) = D h(G x + b_g, U x + b_u) + b_d, h its clamped SwiGLU) is fitted the same
+way: `biases` are fitted with the projections (each with a step size of lr times
+the RMS of the pre-activation or output it is added to, so a zero bias moves too),
+and `hidden` computes h from the projections and biases (the family's own expert
+computation, `MoEFamily.dense_hidden`). The closed forms take a bias as one more
+feature that is always 1 (`free` features: not damped, so the ridge pulls D
+towards 0 but not the bias; the same solution as centring x and y). A held-out part of the tokens never enters a gradient; the
 returned projections are those of the step with the lowest held-out error, the
 start included (step 0), so the result is never worse than the start there.
 """
@@ -40,7 +49,7 @@ start included (step 0), so the result is never worse than the start there.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -53,9 +62,16 @@ __all__ = [
     "fit_down_proj",
     "fit_mlp",
     "mlp_error",
+    "gated_hidden",
+    "mlp_forward",
     "regmean_merge",
     "squared_error",
 ]
+
+BIASES = ("gate_bias", "up_bias", "down_bias")
+# h(x, projections): the dense MLP's activations before its down projection, from its
+# projections (gate, up: [I, H]; down: [H, I]) and biases (gate_bias, up_bias: [I]; down_bias: [H])
+Hidden = Callable[[torch.Tensor, Mapping[str, torch.Tensor]], torch.Tensor]
 
 
 @dataclass
@@ -88,14 +104,19 @@ class LeastSquaresStats:
         self.tokens += h.shape[0]
 
 
-def fit_down_proj(stats: LeastSquaresStats, damping: float) -> torch.Tensor:
-    """Ridge solution D* [H, I] (float64) of sum_t ||y_t - D h_t||^2."""
-    gram = stats.gram.clone()
-    lam = damping * float(gram.diagonal().mean())
-    if lam <= 0:  # all-zero activations: any D fits; keep it finite
-        lam = 1e-12
-    gram.diagonal().add_(lam)
-    solution = torch.linalg.solve(gram, stats.cross)  # [I, H]
+def _damp(gram: torch.Tensor, damping: float, free: int) -> torch.Tensor:
+    """gram + lam I on all but its last `free` features (a bias's ones column: not damped),
+    lam = damping * the mean of their diagonal (at least 1e-12, so that it stays solvable)."""
+    gram = gram.clone()
+    damped = gram.diagonal()[: gram.shape[0] - free]
+    damped.add_(max(damping * float(damped.mean()), 1e-12) if damped.numel() else 0.0)
+    return gram
+
+
+def fit_down_proj(stats: LeastSquaresStats, damping: float, free: int = 0) -> torch.Tensor:
+    """Ridge solution D* [H, I] (float64) of sum_t ||y_t - D h_t||^2; the last `free`
+    features (a ones column: D*'s last column is the down bias) are not damped."""
+    solution = torch.linalg.solve(_damp(stats.gram, damping, free), stats.cross)  # [I, H]
     return solution.T.contiguous()
 
 
@@ -115,15 +136,19 @@ def squared_error(stats: LeastSquaresStats, down: torch.Tensor) -> float:
 
 
 def regmean_merge(
-    weights: Sequence[float], projections: Sequence[torch.Tensor], grams: Sequence[torch.Tensor], damping: float
+    weights: Sequence[float],
+    projections: Sequence[torch.Tensor],
+    grams: Sequence[torch.Tensor],
+    damping: float,
+    free: int = 0,
 ) -> torch.Tensor:
-    """RegMean merge [O, H] (float64) of projections W_e [O, H] with input Grams C_e [H, H]."""
+    """RegMean merge [O, H] (float64) of projections W_e [O, H] with input Grams C_e [H, H];
+    the last `free` inputs (a ones column, whose column of W_e is its bias) are not damped."""
     total = sum(w * c.double() for w, c in zip(weights, grams) if w != 0.0)
     if not bool(total.any()):  # no calibration token reached these experts: plain weighted sum
         return sum(w * p.double() for w, p in zip(weights, projections) if w != 0.0)
     numerator = sum(w * p.double() @ c.double() for w, p, c in zip(weights, projections, grams) if w != 0.0)
-    lam = damping * float(total.diagonal().mean())
-    total = total + max(lam, 1e-12) * torch.eye(total.shape[0], dtype=total.dtype, device=total.device)
+    total = _damp(total, damping, free)
     # W* total = numerator, total symmetric: solve total W*^T = numerator^T
     return torch.linalg.solve(total, numerator.T).T.contiguous()
 
@@ -141,7 +166,7 @@ class FitSettings:
 
 @dataclass
 class MLPFit:
-    """What `fit_mlp` returns: the best projections and the held-out errors."""
+    """What `fit_mlp` returns: the best projections (and biases) and the held-out errors."""
 
     gate: torch.Tensor
     up: torch.Tensor
@@ -150,21 +175,61 @@ class MLPFit:
     best_error: float  # ... of the returned projections (<= start_error)
     best_step: int  # 0: the start was kept
     holdout_tokens: int
+    biases: dict[str, torch.Tensor] = field(default_factory=dict)  # the fitted biases (those given)
 
 
-def _mlp(x, gate, up, down, act):
-    return (act(x @ gate.T) * (x @ up.T)) @ down.T
+def gated_hidden(act: Callable[[torch.Tensor], torch.Tensor]) -> Hidden:
+    """h = act(G x + b_g) * (U x + b_u): the SwiGLU of every family but GPT-OSS (biases optional)."""
+
+    def hidden(x: torch.Tensor, p: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        gate, up = x @ p["gate"].T, x @ p["up"].T
+        if "gate_bias" in p:
+            gate, up = gate + p["gate_bias"], up + p["up_bias"]
+        return act(gate) * up
+
+    return hidden
+
+
+def mlp_forward(x: torch.Tensor, p: Mapping[str, torch.Tensor], hidden: Hidden) -> torch.Tensor:
+    """D h(x) + b_d."""
+    out = hidden(x, p) @ p["down"].T
+    return out + p["down_bias"] if "down_bias" in p else out
+
+
+def _projections(gate, up, down, biases) -> dict[str, torch.Tensor]:
+    return {"gate": gate, "up": up, "down": down, **(biases or {})}
+
+
+def mlp_error(
+    x, y, gate, up, down, act, chunk: int = 8192, *, biases: Mapping | None = None, hidden: Hidden | None = None
+) -> float:
+    """sum_t ||y_t - f(x_t)||^2 / sum_t ||y_t||^2, in chunks of tokens; f(x) = D (act(G x) * U x)
+    (with `biases`, and through `hidden` in place of act where given: `mlp_forward`)."""
+    return _relative_error(x, y, _projections(gate, up, down, biases), hidden or gated_hidden(act), chunk)
 
 
 @torch.no_grad()
-def mlp_error(x, y, gate, up, down, act, chunk: int = 8192) -> float:
-    """sum_t ||y_t - D (act(G x_t) * U x_t)||^2 / sum_t ||y_t||^2, in chunks of tokens."""
+def _relative_error(x, y, p: Mapping[str, torch.Tensor], hidden: Hidden, chunk: int = 8192) -> float:
     err, total = 0.0, 0.0
     for start in range(0, x.shape[0], chunk):
         xs, ys = x[start : start + chunk], y[start : start + chunk]
-        err += float(((ys - _mlp(xs, gate, up, down, act)) ** 2).sum(dtype=torch.float64))
+        err += float(((ys - mlp_forward(xs, p, hidden)) ** 2).sum(dtype=torch.float64))
         total += float((ys * ys).sum(dtype=torch.float64))
     return err / max(total, 1e-30)
+
+
+@torch.no_grad()
+def _step_scales(x: torch.Tensor, y: torch.Tensor, start: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Each parameter's Adam step size over lr: the RMS of its start for a matrix, of what it is
+    added to for a bias (the gate / up pre-activation, the output y), so a zero bias moves too."""
+    sample = x[:8192]
+
+    def rms(t: torch.Tensor) -> float:
+        return max(float(t.pow(2).mean().sqrt()), 1e-12)
+
+    added = {"gate_bias": lambda: sample @ start["gate"].T, "up_bias": lambda: sample @ start["up"].T}
+    added["down_bias"] = lambda: y[:8192]
+    return {name: rms(added[name]() if name in added else t) for name, t in start.items()}
 
 
 def fit_mlp(
@@ -173,11 +238,15 @@ def fit_mlp(
     gate: torch.Tensor,
     up: torch.Tensor,
     down: torch.Tensor,
-    act: Callable[[torch.Tensor], torch.Tensor],
+    act: Callable[[torch.Tensor], torch.Tensor] | None,
     settings: FitSettings,
+    *,
+    biases: Mapping[str, torch.Tensor] | None = None,
+    hidden: Hidden | None = None,
 ) -> MLPFit:
-    """Adam fit of gate [I, H], up [I, H], down [H, I] to y [N, H] on x [N, H], from
-    the given start; the best step by held-out error (see the module docstring).
+    """Adam fit of gate [I, H], up [I, H], down [H, I] (and `biases`, fitted with them) to
+    y [N, H] on x [N, H], from the given start; the best step by held-out error (see the module
+    docstring). `hidden` replaces act(G x) * (U x) (a family's own activation; then act is unused).
 
     Tokens are split at random (`settings.seed`) into a held-out part (`holdout` of
     them, at least one) and the rest; minibatches of `batch_tokens` are drawn from
@@ -185,19 +254,23 @@ def fit_mlp(
     """
     n = x.shape[0]
     generator = torch.Generator().manual_seed(settings.seed)
-    start = [t.detach().float().clone() for t in (gate, up, down)]
+    start = {k: t.detach().float().clone() for k, t in _projections(gate, up, down, biases).items()}
+    hidden = hidden or gated_hidden(act)
     if n < 2:
         raise ValueError(f"fit_mlp needs at least 2 tokens, got {n}")
     held = min(max(1, round(settings.holdout * n)), n - 1)
     order = torch.randperm(n, generator=generator).to(x.device)
     x_hold, y_hold = x[order[:held]].float(), y[order[:held]].float()
     x_train, y_train = x[order[held:]].float(), y[order[held:]].float()
-    best_error = start_error = mlp_error(x_hold, y_hold, *start, act)
-    best, best_step = [t.clone() for t in start], 0
-    params = [t.clone().requires_grad_(True) for t in start]
-    groups = [
-        {"params": [p], "lr": settings.lr * max(float(t.pow(2).mean().sqrt()), 1e-12)} for p, t in zip(params, start)
-    ]
+
+    def error(p: Mapping[str, torch.Tensor]) -> float:
+        return _relative_error(x_hold, y_hold, p, hidden)
+
+    best_error = start_error = error(start)
+    best, best_step = {k: t.clone() for k, t in start.items()}, 0
+    params = {k: t.clone().requires_grad_(True) for k, t in start.items()}
+    steps = _step_scales(x_train, y_train, start)
+    groups = [{"params": [p], "lr": settings.lr * steps[k]} for k, p in params.items()]
     optimiser = torch.optim.Adam(groups)
     warmup = max(1, settings.steps // 20)
 
@@ -212,14 +285,24 @@ def fit_mlp(
         if len(queue) < batch:  # the next epoch's order, appended
             queue = torch.cat([queue, torch.randperm(x_train.shape[0], generator=generator)])
         pick, queue = queue[:batch].to(x.device), queue[batch:]
-        residual = y_train[pick] - _mlp(x_train[pick], *params, act)
+        residual = y_train[pick] - mlp_forward(x_train[pick], params, hidden)
         loss = residual.pow(2).sum(dim=1).mean() / scale
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
         schedule.step()
-        error = mlp_error(x_hold, y_hold, *(p.detach() for p in params), act)
-        if error < best_error:  # NaN and inf never win
-            best_error, best_step = error, step
-            best = [p.detach().clone() for p in params]
-    return MLPFit(*best, start_error=start_error, best_error=best_error, best_step=best_step, holdout_tokens=held)
+        now = error({k: p.detach() for k, p in params.items()})
+        if now < best_error:  # NaN and inf never win
+            best_error, best_step = now, step
+            best = {k: p.detach().clone() for k, p in params.items()}
+    gate, up, down = (best.pop(k) for k in ("gate", "up", "down"))
+    return MLPFit(
+        gate,
+        up,
+        down,
+        start_error=start_error,
+        best_error=best_error,
+        best_step=best_step,
+        holdout_tokens=held,
+        biases=best,
+    )

@@ -77,3 +77,22 @@ def test_regmean_merge():
     assert error(merged) < error(average)
     perturbed = merged + 1e-3 * torch.randn(5, 6, generator=g, dtype=torch.float64)
     assert error(merged) < error(perturbed)
+
+
+def test_an_undamped_ones_column_fits_the_bias_as_centring_does():
+    """[D, b] on the features [h, 1] with the ones column undamped (`free=1`): D is the ridge
+    solution of the centred problem and b = mean(y) - D mean(h), however strong the damping (an
+    intercept the ridge does not pull towards 0)."""
+    g = torch.Generator().manual_seed(3)
+    h = 2 * torch.randn(400, 6, generator=g, dtype=torch.float64) + 3  # far from centred
+    y = h @ torch.randn(6, 5, generator=g, dtype=torch.float64) + 4 + torch.randn(400, 5, generator=g)
+    stats = LeastSquaresStats()
+    stats.add_batch(torch.cat([h, torch.ones(400, 1, dtype=torch.float64)], dim=1), y)
+    damping = 0.5
+    got = fit_down_proj(stats, damping, free=1)
+    lam = damping * float((h * h).sum(0).mean())  # relative to the damped features' energy
+    hc, yc = h - h.mean(0), y - y.mean(0)
+    down = torch.linalg.solve(hc.T @ hc + lam * torch.eye(6, dtype=torch.float64), hc.T @ yc).T
+    torch.testing.assert_close(got[:, :-1], down)
+    torch.testing.assert_close(got[:, -1], y.mean(0) - down @ h.mean(0))
+    assert not torch.allclose(fit_down_proj(stats, damping)[:, -1], got[:, -1], atol=1e-2)  # damped: shrunk

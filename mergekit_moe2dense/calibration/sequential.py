@@ -25,6 +25,16 @@ memory even with `spill_dir`, which only moves the carried states to disk), and
 fits gate, up and down of the whole dense MLP (shared-expert blocks included) by
 Adam, keeping the step with the best held-out error (`refit.fit_mlp`).
 Only one layer's weights and the calibration activations are in memory.
+
+Expert biases (GPT-OSS) are part of the dense MLP, merged as its matrices are (a merged
+expert's bias is the same weighted sum; concatenated blocks' down biases add up): the
+down_proj re-fit fits [D, b_d] on the features [h, 1] (the bias's ones column is not
+damped: the same solution as centring h and y, from the same running sums, so the
+recorded error is exact); `scale` scales D and b_d per output channel (the output is
+D h + b_d); RegMean merges [W, b] on the inputs [x, 1]; the gradient fit fits every
+projection and bias. A family whose experts compute something other than
+act(G x) * (U x) (GPT-OSS's clamped SwiGLU) gives its own h (`MoEFamily.dense_hidden`:
+its expert computation on the dense MLP as one expert), used by all of them.
 """
 
 from __future__ import annotations
@@ -41,11 +51,14 @@ from mergekit_moe2dense.calibration.batches import TokenBatch
 from mergekit_moe2dense.calibration.layerwise import LayerStream, LayerVisitor
 from mergekit_moe2dense.plan import LayerPlan, assemble, block_dim, block_terms
 from mergekit_moe2dense.refit import (
+    BIASES,
     FitSettings,
+    Hidden,
     LeastSquaresStats,
     fit_channel_scale,
     fit_down_proj,
     fit_mlp,
+    gated_hidden,
     mlp_error,
     regmean_merge,
     squared_error,
@@ -59,6 +72,7 @@ __all__ = [
     "LayerFitter",
     "RefitResult",
     "SparseBlock",
+    "assemble_biases",
     "closed_form_fit",
     "fit_layers",
     "gradient_fit",
@@ -76,17 +90,36 @@ class _Nothing(torch.nn.Module):
 
 
 class DenseMLP(torch.nn.Module):
-    """down(act(gate x) * up x): the dense MLP that replaces a sparse block."""
+    """down(act(gate x) * up x): the dense MLP that replaces a sparse block. With `biases`
+    (gate_bias, up_bias [I], down_bias [H]) they are added to each projection's output;
+    `hidden` (a family's own h, `refit.Hidden`) replaces act(gate x + b) * (up x + b)."""
 
-    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, act):
+    def __init__(
+        self,
+        gate: torch.Tensor,
+        up: torch.Tensor,
+        down: torch.Tensor,
+        act,
+        biases: dict[str, torch.Tensor] | None = None,
+        hidden: Hidden | None = None,
+    ):
         super().__init__()
         self.gate, self.up, self.down, self.act = gate, up, down, act
+        self.biases = dict(biases or {})
+        self.hidden = hidden or gated_hidden(act)
+
+    @property
+    def projections(self) -> dict[str, torch.Tensor]:
+        return {"gate": self.gate, "up": self.up, "down": self.down, **self.biases}
 
     def intermediate(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(x @ self.gate.T) * (x @ self.up.T)
+        return self.hidden(x, self.projections)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.intermediate(x.float()) @ self.down.T).to(x.dtype)
+        out = self.intermediate(x.float()) @ self.down.T
+        if "down_bias" in self.biases:
+            out = out + self.biases["down_bias"]
+        return out.to(x.dtype)
 
 
 @dataclass
@@ -104,11 +137,14 @@ class SparseBlock:
     # shared experts beside the block (Granite's `shared_mlp`), on the same input: part of the target
     shared_path: str | None = None
     keep: torch.Tensor | None = None  # during `run`: the current batch's non-padding tokens [B*T], on the device
+    # the family's own h of a dense MLP (GPT-OSS's clamped SwiGLU with biases); None: act(G x) * (U x)
+    hidden: Hidden | None = None
 
     @classmethod
     def of(cls, stream: LayerStream, index: int, layer: torch.nn.Module) -> SparseBlock:
         family = stream.family
         path = family.router_module(index).rsplit(".", 1)[0]
+        experts = stream.model.get_submodule(family.experts_module(index))
         return cls(
             stream,
             index,
@@ -116,9 +152,15 @@ class SparseBlock:
             path,
             stream.model.get_submodule(path),
             stream.model.get_submodule(family.router_module(index)),
-            getattr(stream.model.get_submodule(family.experts_module(index)), "act_fn", None),  # GPT-OSS: none
+            getattr(experts, "act_fn", None),  # GPT-OSS: none (its `dense_hidden`)
             family.shared_module(stream.source.config, index),
+            hidden=family.dense_hidden(experts, index),
         )
+
+    def dense(self, projections: dict[str, torch.Tensor]) -> DenseMLP:
+        """The dense MLP of these projections (and biases), computing what the family's experts do."""
+        biases = {b: projections[b] for b in BIASES if b in projections}
+        return DenseMLP(projections["gate"], projections["up"], projections["down"], self.act, biases, self.hidden)
 
     def swaps(self, dense: torch.nn.Module) -> dict[str, torch.nn.Module]:
         """What replaces the block (and shared experts beside it) in the dense layer."""
@@ -209,7 +251,7 @@ class _Converting(LayerVisitor):
         start = time.perf_counter()
         fit = self.fitter(block, plan)
         self.result.seconds[index] = time.perf_counter() - start
-        names = stream.family.dense_mlp_names(index)
+        names = stream.family.dense_mlp_names(index, fit.tensors)
         self.result.tensors.update({names[p]: tensor.cpu() for p, tensor in fit.tensors.items()})
         self.result.errors[index] = fit.error
         if fit.heldout is not None:
@@ -270,28 +312,36 @@ def closed_form_fit(
     block: SparseBlock, plan: LayerPlan, *, mode: str, damping: float, gate_up: str = "merge"
 ) -> LayerFit:
     """The plan's dense MLP (gate/up by RegMean with `gate_up="regmean"`), its down
-    projection re-fitted by least squares (`mode`: none, scale, down_proj)."""
-    grams = _routed_grams(block, plan.layer.num_experts) if gate_up == "regmean" else None
-    tensors = assemble(plan, block.load)
+    projection (and down bias) re-fitted by least squares (`mode`: none, scale, down_proj)."""
+    biased = "gate_bias" in plan.layer.experts[0]  # GPT-OSS: gate_up and down biases
+    grams = _routed_grams(block, plan.layer.num_experts, biased) if gate_up == "regmean" else None
+    tensors = {**assemble(plan, block.load), **assemble_biases(plan, block.load)}
+    fitted = {}
     if grams is not None:
         for projection in ("gate", "up"):
-            tensors[projection] = _regmean_projection(plan, projection, grams, block.load, damping)
-    dense = DenseMLP(tensors["gate"], tensors["up"], tensors["down"], block.act)
-    down, error = _fit_down(block, dense, mode, damping)
-    fitted = {p: tensors[p] for p in ("gate", "up")} if grams is not None else {}
+            merged = _regmean_projection(plan, projection, grams, block.load, damping, biased)
+            tensors[projection] = fitted[projection] = merged[0]
+            if biased:
+                tensors[f"{projection}_bias"] = fitted[f"{projection}_bias"] = merged[1]
+    dense = block.dense(tensors)
+    down, bias, error = _fit_down(block, dense, mode, damping)
     if mode != "none":
         fitted["down"] = down
+        if bias is not None:
+            fitted["down_bias"] = bias
     dense.down = down
+    if bias is not None:
+        dense.biases["down_bias"] = bias
     return LayerFit(dense, fitted, error)
 
 
 def gradient_fit(
     block: SparseBlock, plan: LayerPlan, *, settings: FitSettings, damping: float, gate_up: str = "merge"
 ) -> LayerFit:
-    """`refit: fit`: gate, up and down of the layer's dense MLP fitted by Adam to the
-    block's output, from the closed-form down_proj re-fit of the plan's merge; the
-    step with the lowest error on held-out calibration tokens is kept (the start
-    included, so the fit never ends worse than least squares there)."""
+    """`refit: fit`: gate, up and down (and the experts' biases, where they have them) of the
+    layer's dense MLP fitted by Adam to the block's output, from the closed-form down_proj
+    re-fit of the plan's merge; the step with the lowest error on held-out calibration tokens
+    is kept (the start included, so the fit never ends worse than least squares there)."""
     start = closed_form_fit(block, plan, mode="down_proj", damping=damping, gate_up=gate_up)
     pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
     block.record(lambda x, y: pairs.append((x, y)))
@@ -299,9 +349,11 @@ def gradient_fit(
     x, y = (torch.cat(part).clone() for part in zip(*pairs))
     pairs.clear()
     dense = start.dense
-    fit = fit_mlp(x, y, dense.gate, dense.up, dense.down, block.act, settings)
+    fit = fit_mlp(x, y, dense.gate, dense.up, dense.down, block.act, settings, biases=dense.biases, hidden=dense.hidden)
+    tensors = {"gate": fit.gate, "up": fit.up, "down": fit.down, **fit.biases}
+    fitted = block.dense(tensors)
     merged = start.error[0]
-    error = (merged, mlp_error(x, y, fit.gate, fit.up, fit.down, block.act))
+    error = (merged, mlp_error(x, y, fit.gate, fit.up, fit.down, None, biases=fit.biases, hidden=fitted.hidden))
     LOG.debug(
         "layer %d: held-out relative error %.4g (least squares) -> %.4g (fit, best step %d of %d, %d held-out tokens)",
         block.index,
@@ -311,37 +363,69 @@ def gradient_fit(
         settings.steps,
         fit.holdout_tokens,
     )
-    tensors = {"gate": fit.gate, "up": fit.up, "down": fit.down}
-    return LayerFit(DenseMLP(**tensors, act=block.act), tensors, error, heldout=(fit.start_error, fit.best_error))
+    return LayerFit(fitted, tensors, error, heldout=(fit.start_error, fit.best_error))
 
 
 def _fit_down(block: SparseBlock, dense: DenseMLP, mode: str, damping: float):
-    """Run the MoE layer on the carried states, recording its block's (x, y); solve."""
+    """Run the MoE layer on the carried states, recording its block's (x, y); solve. With a
+    down bias b the features are [h, 1] and the solution [D, b] (the ones column undamped).
+    Returns the down projection, the down bias (None: the MLP has none) and the errors."""
     stats = LeastSquaresStats()
+    bias = dense.biases.get("down_bias")
+    start = dense.down if bias is None else torch.cat([dense.down, bias[:, None]], dim=1)  # [H, I (+1)]
 
     def add(x: torch.Tensor, y: torch.Tensor) -> None:
         h = dense.intermediate(x)
-        stats.add_batch(h, y, output=h @ dense.down.T if mode == "scale" else None)
+        if bias is not None:
+            h = torch.cat([h, h.new_ones(h.shape[0], 1)], dim=1)
+        stats.add_batch(h, y, output=h @ start.T if mode == "scale" else None)
 
     block.record(add)
     if mode == "scale":
-        down = (fit_channel_scale(stats)[:, None] * dense.down.double()).float()
+        down = (fit_channel_scale(stats)[:, None] * start.double()).float()
     elif mode == "down_proj":
-        down = fit_down_proj(stats, damping).float()
+        down = fit_down_proj(stats, damping, free=0 if bias is None else 1).float()
     else:
-        down = dense.down
+        down = start
     total = max(stats.yy, 1e-30)
-    return down, (squared_error(stats, dense.down) / total, squared_error(stats, down) / total)
+    error = (squared_error(stats, start) / total, squared_error(stats, down) / total)
+    if bias is None:
+        return down, None, error
+    return down[:, :-1].contiguous(), down[:, -1].contiguous(), error
 
 
-def _routed_grams(block: SparseBlock, num_experts: int) -> list[torch.Tensor]:
-    """Per expert, X_e^T X_e over the (non-padding) tokens the router sends to it."""
+def assemble_biases(plan: LayerPlan, load) -> dict[str, torch.Tensor]:
+    """The dense MLP's biases in memory, as graph.projection_task merges them: per block the
+    weighted sum of its experts' biases; gate / up biases concatenated, down biases (each
+    times its block's down scale) added up. Empty where the experts have no biases."""
+    present = [b for b in BIASES if b in plan.layer.experts[0]]
+    if present and any(block.shared is not None for block in plan.blocks):
+        raise ValueError("expert biases with shared experts are not supported")
+    biases = {}
+    for projection in present:
+        parts = [
+            sum(
+                w * load(expert[projection]).float() for expert, w in zip(plan.layer.experts, block.weights) if w != 0.0
+            )
+            for block in plan.blocks
+        ]
+        if projection == "down_bias":
+            biases[projection] = sum(part * block.down_scale for part, block in zip(parts, plan.blocks))
+        else:
+            biases[projection] = torch.cat(parts)
+    return biases
+
+
+def _routed_grams(block: SparseBlock, num_experts: int, biased: bool = False) -> list[torch.Tensor]:
+    """Per expert, X_e^T X_e over the (non-padding) tokens the router sends to it (with
+    `biased`, of [X_e, 1]: the bias is the weight of an input that is always 1)."""
     grams: list[torch.Tensor] = []
     state = {}
     family = block.stream.family
 
     def take_input(_module, inputs):
-        state["x"] = inputs[0].reshape(-1, inputs[0].shape[-1])[block.keep].double()
+        x = inputs[0].reshape(-1, inputs[0].shape[-1])[block.keep].double()
+        state["x"] = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1) if biased else x
 
     def take_routing(_module, _inputs, output):
         _, _, index = family.router_outputs(output)
@@ -357,14 +441,27 @@ def _routed_grams(block: SparseBlock, num_experts: int) -> list[torch.Tensor]:
     return grams
 
 
-def _regmean_projection(plan: LayerPlan, projection: str, grams, load, damping: float) -> torch.Tensor:
-    """A block's gate or up projection as the RegMean merge of its experts, blocks concatenated."""
-    parts = []
+def _regmean_projection(
+    plan: LayerPlan, projection: str, grams, load, damping: float, biased: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A block's gate or up projection as the RegMean merge of its experts, blocks concatenated;
+    with `biased`, [W_e, b_e] merged on the Grams of [x, 1], and the merged bias returned too."""
+    parts, biases = [], []
     for terms in block_terms(plan, projection):
         if terms.shared is not None:
             parts.append(load(terms.slices[0]).float())
             continue
         projections = [load(piece) for piece in terms.slices]
-        merged = regmean_merge(terms.weights, projections, [grams[e] for e in terms.experts], damping).float()
+        if biased:
+            bias_slices = [plan.layer.experts[e][f"{projection}_bias"] for e in terms.experts]
+            projections = [
+                torch.cat([w.double(), load(b).double()[:, None]], 1) for w, b in zip(projections, bias_slices)
+            ]
+        grams_ = [grams[e] for e in terms.experts]
+        merged = regmean_merge(terms.weights, projections, grams_, damping, free=int(biased)).float()
+        if biased:
+            merged, bias = merged[:, :-1], merged[:, -1]
+            biases.append(bias)
         parts.append(merged if terms.scale == 1.0 else merged * terms.scale)
-    return torch.cat(parts, dim=block_dim(projection))
+    bias = torch.cat(biases) if biased else None
+    return torch.cat(parts, dim=block_dim(projection)), bias

@@ -98,9 +98,6 @@ class MoEFamily:
     router_module_path: str = "model.layers.{layer}.mlp.gate"
     # the MoE class a smaller rebuilt MoE is saved as (None: rebuilding is not supported)
     moe_architecture: str | None = None
-    # why the re-fit (a SwiGLU MLP without biases, act(G x) * (U x) through D) cannot model
-    # this family's experts (None: it can)
-    no_refit: str | None = None
     # the fused layout transformers keeps the experts in, where it is not the family's first
     # stored fused layout (Granite stores `input_linear`, holds `experts.gate_up_proj`)
     memory: FusedLayout | None = None
@@ -262,6 +259,19 @@ class MoEFamily:
         """Per-token multiplier of the shared experts from the gate module's output (a sigmoid gate)."""
         return torch.sigmoid(output.float()).reshape(-1)
 
+    def dense_hidden(self, experts: torch.nn.Module, layer: int):
+        """The re-fit's h(x, projections) of a dense MLP given as projections and biases
+        (`refit.Hidden`), where the family's experts are not act(G x) * (U x) with the experts
+        module's `act_fn` (None: they are; the re-fit computes that itself)."""
+        return None
+
+    def one_expert(self, experts: torch.nn.Module, layer: int, projections: Mapping[str, torch.Tensor]):
+        """A dense MLP's projections and biases (`gate` [I, H], ..., `down_bias` [H]) as expert 0
+        of a fused experts module in the family's in-memory layout (transposed, interleaved: its
+        slices), built differentiably, so that `expert_hidden(view, x, 0)` is the family's own
+        computation on them; the rest (the activation, GPT-OSS's `_apply_gate`) is `experts`'."""
+        return _OneExpert(experts, self.memory_layout(), layer, projections)
+
     def dense_block(self, dense: torch.nn.Module) -> torch.nn.Module:
         """The module that stands in for the sparse block in its decoder layer (the re-fit's
         dense MLP), returning what the block returns (here: the output alone)."""
@@ -371,10 +381,11 @@ class MoEFamily:
         return ", ".join(f"{key}: {getattr(config, key)}" for key in keys)
 
     # -- the dense target -------------------------------------------------------------
-    def dense_mlp_names(self, layer: int) -> dict[str, str]:
+    def dense_mlp_names(self, layer: int, projections: Collection[str] = PROJECTIONS) -> dict[str, str]:
         """Output tensor names of the dense MLP, keyed by projection (also the source names
-        of the MLPs of layers that are dense already)."""
-        return {p: self.dense.mlp[p].format(layer=layer) for p in PROJECTIONS}
+        of the MLPs of layers that are dense already); the biases (`gate_bias`, ...) of a target
+        that has them where asked (the re-fit's names for them: GPT-OSS writes them fused)."""
+        return {p: self.dense.mlp[p].format(layer=layer) for p in projections if p in self.dense.mlp}
 
     def dense_zero_tensors(self, config: transformers.PretrainedConfig, layer: int) -> dict[str, tuple[int, ...]]:
         """Extra all-zero tensors the dense target needs per converted layer (name -> shape)."""
@@ -457,6 +468,27 @@ class MoEFamily:
                 f"{self.name}: rebuilding a smaller MoE (output: moe, prune_experts, merge_experts) is not "
                 "supported: the family names no MoE class to write"
             )
+
+
+class _OneExpert:
+    """`MoEFamily.one_expert`: the fused tensors (attributes named as the experts module's) of one
+    expert, filled from the projections through the layout's slices; other attributes: `experts`'."""
+
+    def __init__(self, experts: torch.nn.Module, layout: FusedLayout, layer: int, projections) -> None:
+        width, hidden = projections["gate"].shape
+        dims = {"E": 1, "H": hidden, "I": width, "2I": 2 * width}
+        zeros = projections["gate"].new_zeros
+        tensors = {
+            name.rsplit(".", 1)[-1]: zeros([dims[d] for d in shape])
+            for name, shape in layout.expert_shapes(layer, 1).items()
+        }
+        for projection, piece in layout.slices(layer, 1, width)[0].items():
+            if projection in projections:
+                piece.take(tensors[piece.tensor.rsplit(".", 1)[-1]]).copy_(projections[projection])
+        self.__dict__.update(tensors, _experts=experts)
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["_experts"], name)
 
 
 def _missing(layer: int, what: str, names: Collection[str]) -> UnsupportedModelError:

@@ -22,6 +22,11 @@ fused layout: each kept or merged expert's matrices and biases are stacked into 
 [N, ...] tensors of its layer (`graph.FuseExpert`), and the router's rows and bias are
 the kept experts' (or a group's mix). Its down re-fit (`refit: down_proj`) fits the
 experts' down matrices on their clamped SwiGLU activations, the biases kept.
+
+The dense re-fits (`refit: scale | down_proj | fit`, `refit_gate_up: regmean`) compute the
+dense MLP's h with this same clamped SwiGLU (`dense_hidden`: `expert_hidden` on the dense
+MLP's projections and biases as a one-expert module) and fit its biases with its matrices
+(calibration/sequential.py); the fitted tensors are written as expert 0 of `EXPERTS`.
 """
 
 from __future__ import annotations
@@ -57,6 +62,25 @@ class GptOssFamily(MoEFamily):
         """The clamped SwiGLU of one expert, before its (transposed) down projection and bias."""
         return experts._apply_gate(hidden @ experts.gate_up_proj[expert] + experts.gate_up_proj_bias[expert])
 
+    def dense_hidden(self, experts: torch.nn.Module, layer: int):
+        """The re-fit's h: the clamped SwiGLU of the dense MLP's projections and biases, computed
+        by `expert_hidden` on them as the one expert of a GPT-OSS experts module."""
+        return lambda x, projections: self.expert_hidden(self.one_expert(experts, layer, projections), x, 0)
+
+    def dense_block(self, dense: torch.nn.Module) -> torch.nn.Module:
+        return _WithRouterScores(dense)
+
+
+class _WithRouterScores(torch.nn.Module):
+    """GptOssMLP returns (output, router scores); the decoder layer drops the scores."""
+
+    def __init__(self, dense: torch.nn.Module):
+        super().__init__()
+        self.dense = dense
+
+    def forward(self, hidden_states: torch.Tensor):
+        return self.dense(hidden_states), None
+
 
 GPT_OSS = GptOssFamily(
     name="gpt_oss",
@@ -66,12 +90,14 @@ GPT_OSS = GptOssFamily(
     renormalize=True,
     extra_tensors={"{block}.router.bias": ("E",)},
     router_module_path="model.layers.{layer}.mlp.router",
-    no_refit="GPT-OSS's experts have biases and a clamped SwiGLU",
     dense=DenseTarget(
         transformers.GptOssConfig,
         "GptOssForCausalLM",
-        # the dense MLP's projections (names of the re-fit's tensors); written as expert 0 of `fused`
-        {p: f"model.layers.{{layer}}.mlp.experts.{p}_proj" for p in ("gate", "up", "down")},
+        # the dense MLP's projections and biases (names of the re-fit's tensors); written as expert 0 of `fused`
+        {
+            **{p: f"model.layers.{{layer}}.mlp.experts.{p}_proj" for p in ("gate", "up", "down")},
+            **{f"{p}_bias": f"model.layers.{{layer}}.mlp.experts.{p}_proj_bias" for p in ("gate", "up", "down")},
+        },
         overrides=_one_expert,
         zero_tensors={"model.layers.{layer}.mlp.router.weight": (1, "H"), "model.layers.{layer}.mlp.router.bias": (1,)},
         fused=EXPERTS,

@@ -40,12 +40,6 @@ class DensePlan:
 
 class DenseModel(Output):
     def check(self, job) -> None:
-        family = job.source.family
-        if job.params.needs_refit and family.no_refit:
-            raise ConfigError(
-                f"{family.name}: the re-fit (refit: {job.params.refit}, refit_gate_up: {job.params.refit_gate_up}) "
-                f"fits a SwiGLU MLP without biases, and {family.no_refit}: use refit: none"
-            )
         if job.params.needs_refit and job.config.calibration is None:
             raise ConfigError(
                 f"the re-fit (refit: {job.params.refit}, refit_gate_up: {job.params.refit_gate_up}) needs a "
@@ -98,13 +92,7 @@ class DenseModel(Output):
                 end,
                 result.seconds[index],
             )
-        if params.refit == "fit":
-            fitted = ("gate", "up", "down")
-        else:
-            fitted = (("gate", "up") if params.refit_gate_up == "regmean" else ()) + (
-                ("down",) if params.refit != "none" else ()
-            )
-        layers = [dataclasses.replace(plan, fitted=fitted) for plan in planned.layers]
+        layers = [dataclasses.replace(plan, fitted=_fitted(params, plan)) for plan in planned.layers]
         return dataclasses.replace(
             planned, layers=layers, fitted=result.tensors, measured=(*planned.measured, refit_table(result.errors))
         )
@@ -153,6 +141,20 @@ def aligned_plans(source, plans: list[LayerPlan], stats, mode: str) -> list[Laye
         layer = align_layer(plan.layer, [group], source.reader.read_slice, mode, inputs=inputs, act=act)
         aligned.append(dataclasses.replace(plan, layer=layer))
     return aligned
+
+
+def _fitted(params, plan: LayerPlan) -> tuple[str, ...]:
+    """The projections the re-fit gives for a layer (the rest are merged): down unless `refit: none`,
+    gate and up with RegMean, all three with `refit: fit`; each with its bias where the experts have
+    one (GPT-OSS)."""
+    if params.refit == "fit":
+        fitted = ("gate", "up", "down")
+    else:
+        fitted = (("gate", "up") if params.refit_gate_up == "regmean" else ()) + (
+            ("down",) if params.refit != "none" else ()
+        )
+    biases = tuple(f"{p}_bias" for p in fitted if f"{p}_bias" in plan.layer.experts[0])
+    return fitted + biases
 
 
 def _plan_width(source, plan: LayerPlan) -> int:
