@@ -225,6 +225,7 @@ def fit_layers(
     *,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
+    compute_dtype: torch.dtype | None = None,
     spill_dir=None,
     progress: bool = True,
     store: MutableMapping[str, torch.Tensor] | None = None,
@@ -232,7 +233,8 @@ def fit_layers(
     """Every planned layer converted in order by `fitter`, on the layer stream. The fitted
     tensors go into `store` (default: a dict; e.g. `graph.SpilledTensors`, to keep them on disk)."""
     result = RefitResult(tensors=store if store is not None else {})
-    with LayerStream(source, batches, device=device, dtype=dtype, spill_dir=spill_dir) as stream:
+    stream = LayerStream(source, batches, device=device, dtype=dtype, compute_dtype=compute_dtype, spill_dir=spill_dir)
+    with stream:
         stream.run(_Converting(plans, fitter, result), desc="Re-fitting", progress=progress)
     return result
 
@@ -248,6 +250,7 @@ def refit_layers(
     fit: FitSettings | None = None,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
+    compute_dtype: torch.dtype | None = None,
     spill_dir=None,
     progress: bool = True,
     store: MutableMapping[str, torch.Tensor] | None = None,
@@ -262,7 +265,16 @@ def refit_layers(
     else:
         fitter = functools.partial(closed_form_fit, mode=mode, damping=damping, gate_up=gate_up)
     return fit_layers(
-        source, plans, batches, fitter, device=device, dtype=dtype, spill_dir=spill_dir, progress=progress, store=store
+        source,
+        plans,
+        batches,
+        fitter,
+        device=device,
+        dtype=dtype,
+        compute_dtype=compute_dtype,
+        spill_dir=spill_dir,
+        progress=progress,
+        store=store,
     )
 
 
