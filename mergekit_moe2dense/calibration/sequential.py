@@ -39,6 +39,7 @@ import torch
 
 from mergekit_moe2dense.calibration.batches import TokenBatch
 from mergekit_moe2dense.calibration.layerwise import LayerStream, LayerVisitor
+from mergekit_moe2dense.memory import release_freed_memory
 from mergekit_moe2dense.plan import LayerPlan, assemble, block_dim, block_terms
 from mergekit_moe2dense.refit import (
     FitSettings,
@@ -162,6 +163,16 @@ class SparseBlock:
             handles.append(self.stream.model.get_submodule(self.shared_path).register_forward_hook(shared_hook))
         self.run(*handles)
 
+    def release(self, *, shared: bool) -> None:
+        """Free the sparse block's weights (and with `shared` the shared experts beside it) once
+        its outputs are recorded: the advancing forward runs the module that replaces it, and
+        `LayerStream.load_layer` materialises the whole layer again. The solve that follows then
+        does not hold a layer of experts beside its Gram matrices (the re-fit phase's peak)."""
+        self.module.to_empty(device="meta")
+        if shared and self.shared_path is not None:
+            self.stream.model.get_submodule(self.shared_path).to_empty(device="meta")
+        release_freed_memory()
+
     def load(self, piece) -> torch.Tensor:
         """One expert's projection from the checkpoint, on the device."""
         return self.stream.read_slice(piece).to(self.stream.device)
@@ -279,17 +290,24 @@ def refit_layers(
 
 
 def closed_form_fit(
-    block: SparseBlock, plan: LayerPlan, *, mode: str, damping: float, gate_up: str = "merge"
+    block: SparseBlock,
+    plan: LayerPlan,
+    *,
+    mode: str,
+    damping: float,
+    gate_up: str = "merge",
+    release: bool = True,
 ) -> LayerFit:
     """The plan's dense MLP (gate/up by RegMean with `gate_up="regmean"`), its down
-    projection re-fitted by least squares (`mode`: none, scale, down_proj)."""
+    projection re-fitted by least squares (`mode`: none, scale, down_proj). With `release`
+    the sparse block's weights are freed once recorded (`SparseBlock.release`), before the solve."""
     grams = _routed_grams(block, plan.layer.num_experts) if gate_up == "regmean" else None
     tensors = assemble(plan, block.load)
     if grams is not None:
         for projection in ("gate", "up"):
             tensors[projection] = _regmean_projection(plan, projection, grams, block.load, damping)
     dense = DenseMLP(tensors["gate"], tensors["up"], tensors["down"], block.act)
-    down, error = _fit_down(block, dense, mode, damping)
+    down, error = _fit_down(block, dense, mode, damping, release)
     fitted = {p: tensors[p] for p in ("gate", "up")} if grams is not None else {}
     if mode != "none":
         fitted["down"] = down
@@ -304,7 +322,7 @@ def gradient_fit(
     block's output, from the closed-form down_proj re-fit of the plan's merge; the
     step with the lowest error on held-out calibration tokens is kept (the start
     included, so the fit never ends worse than least squares there)."""
-    start = closed_form_fit(block, plan, mode="down_proj", damping=damping, gate_up=gate_up)
+    start = closed_form_fit(block, plan, mode="down_proj", damping=damping, gate_up=gate_up, release=False)
     pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
     block.record(lambda x, y: pairs.append((x, y)))
     # recorded under inference_mode: fresh tensors here, so that autograd may save them
@@ -327,8 +345,9 @@ def gradient_fit(
     return LayerFit(DenseMLP(**tensors, act=block.act), tensors, error, heldout=(fit.start_error, fit.best_error))
 
 
-def _fit_down(block: SparseBlock, dense: DenseMLP, mode: str, damping: float):
-    """Run the MoE layer on the carried states, recording its block's (x, y); solve."""
+def _fit_down(block: SparseBlock, dense: DenseMLP, mode: str, damping: float, release: bool):
+    """Run the MoE layer on the carried states, recording its block's (x, y); (free the
+    block's weights with `release`;) solve."""
     stats = LeastSquaresStats()
 
     def add(x: torch.Tensor, y: torch.Tensor) -> None:
@@ -336,6 +355,8 @@ def _fit_down(block: SparseBlock, dense: DenseMLP, mode: str, damping: float):
         stats.add_batch(h, y, output=h @ dense.down.T if mode == "scale" else None)
 
     block.record(add)
+    if release:
+        block.release(shared=True)
     if mode == "scale":
         down = (fit_channel_scale(stats)[:, None] * dense.down.double()).float()
     elif mode == "down_proj":

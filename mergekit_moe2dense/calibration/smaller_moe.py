@@ -106,6 +106,7 @@ class _Pruning(LayerVisitor):
 
         energy = [0.0]
         block.record(add)
+        block.release(shared=False)  # the shared experts stay beside the smaller block
         # ridge on the change D - D_old: an expert no calibration token reaches keeps its D
         change = fit_down_proj(stats, self.damping)
         down = (old_down.double() + change.to(old_down.device)).float()
