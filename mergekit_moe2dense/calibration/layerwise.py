@@ -289,6 +289,7 @@ class LayerStream:
             finally:  # the skeleton keeps its own modules, to be freed and reloaded
                 for path, module in originals.items():
                     self.model.set_submodule(path, module)
+                del swaps, originals  # e.g. the re-fit's dense MLP: not held while the next layer loads
             self.free_layer(index)
             visitor.after_layer(self, index)
 

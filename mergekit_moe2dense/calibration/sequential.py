@@ -306,6 +306,7 @@ def closed_form_fit(
     if grams is not None:
         for projection in ("gate", "up"):
             tensors[projection] = _regmean_projection(plan, projection, grams, block.load, damping)
+    release_freed_memory()  # the expert slices read for the sums, before the Gram matrices are made
     dense = DenseMLP(tensors["gate"], tensors["up"], tensors["down"], block.act)
     down, error = _fit_down(block, dense, mode, damping, release)
     fitted = {p: tensors[p] for p in ("gate", "up")} if grams is not None else {}
