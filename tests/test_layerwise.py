@@ -174,9 +174,9 @@ def test_layer_loop_calls_back_in_order_and_carries_the_converted_states(random_
     assert (moe_out - visitor.outputs[1][0]).abs().max() > 1e-3
 
 
-def test_bf16_stream_computes_layers_in_float32_on_cpu(random_moe, calib_dir, tmp_path, caplog):
-    """A bfloat16 calibration on the CPU streams each layer in float32 (`compute_dtype: auto`)
-    with the activations carried in bfloat16: on a bfloat16 checkpoint its first layer's
+def test_bf16_stream_computes_layers_in_float32(random_moe, calib_dir, tmp_path, caplog, monkeypatch):
+    """A bfloat16 calibration streamed with `compute_dtype: float32` (what `auto` picks on a CPU
+    without native bfloat16 matmuls) carries the activations in bfloat16: on a bfloat16 checkpoint its first layer's
     statistics are the float32 forward's, and all are closer to them than the bfloat16
     whole-model forward's; `compute_dtype: bfloat16` computes in bfloat16 (the whole-model
     forward's figures). The dtypes are logged and saved with the statistics."""
@@ -199,6 +199,7 @@ def test_bf16_stream_computes_layers_in_float32_on_cpu(random_moe, calib_dir, tm
     def stats(**values):
         return collect_statistics(source, batches, calibration(calib_dir, **values), progress=False)
 
+    monkeypatch.setattr("mergekit_moe2dense.calibration.layerwise.native_16bit_matmul", lambda dtype: False)
     reference = stats(engine="full", dtype="float32")
     full_bf16 = stats(engine="full", dtype="bfloat16")
     with caplog.at_level(logging.INFO, logger="mergekit_moe2dense.calibration.layerwise"):
@@ -226,11 +227,20 @@ def test_bf16_stream_computes_layers_in_float32_on_cpu(random_moe, calib_dir, tm
     assert "layers computed in float32, activations carried in bfloat16" in caplog.text
 
 
-def test_stream_carries_activations_in_the_calibration_dtype(random_moe, calib_dir):
+def test_stream_carries_activations_in_the_calibration_dtype(random_moe, calib_dir, monkeypatch):
     """The float32 compute is per layer: the carried states stay in the calibration dtype (their
-    memory), the streamed layer and its inputs are float32; explicit and GPU choices are kept."""
-    from mergekit_moe2dense.calibration import LayerStream
-    from mergekit_moe2dense.calibration.layerwise import layer_compute_dtype
+    memory), the streamed layer and its inputs are float32. `auto` computes 16-bit calibrations in
+    float32 only on a CPU without native 16-bit matmuls; explicit and GPU choices are kept."""
+    from mergekit_moe2dense.calibration import LayerStream, compute_dtype
+    from mergekit_moe2dense.calibration.layerwise import layer_compute_dtype, native_16bit_matmul
+
+    assert native_16bit_matmul(torch.float32) is False
+    native = native_16bit_matmul(torch.bfloat16)
+    auto = calibration(calib_dir, dtype="bfloat16")
+    assert compute_dtype(auto, "cpu") == (torch.bfloat16 if native else torch.float32)
+    monkeypatch.setattr("mergekit_moe2dense.calibration.layerwise.native_16bit_matmul", lambda dtype: False)
+    assert compute_dtype(auto, "cpu") == torch.float32
+    assert compute_dtype(calibration(calib_dir, dtype="bfloat16", compute_dtype="bfloat16"), "cpu") == torch.bfloat16
 
     path = random_moe["fused"]
     source = SourceModel.open(ModelReference.parse(str(path)))
@@ -242,7 +252,8 @@ def test_stream_carries_activations_in_the_calibration_dtype(random_moe, calib_d
         stream.forward(layer)
         assert all(stream._hidden[b].dtype == torch.bfloat16 for b in range(len(batches)))
         assert stream.inputs(0).dtype == torch.float32
-    assert layer_compute_dtype(torch.bfloat16, "cuda:0") == torch.bfloat16
-    assert layer_compute_dtype(torch.float16, "cpu") == torch.float32
-    assert layer_compute_dtype(torch.bfloat16, "cpu", torch.bfloat16) == torch.bfloat16
-    assert layer_compute_dtype(torch.float32, "cpu") == torch.float32
+    assert layer_compute_dtype(torch.bfloat16, "cuda:0", native=False) == torch.bfloat16
+    assert layer_compute_dtype(torch.float16, "cpu", native=False) == torch.float32
+    assert layer_compute_dtype(torch.bfloat16, "cpu", native=True) == torch.bfloat16
+    assert layer_compute_dtype(torch.bfloat16, "cpu", torch.bfloat16, native=False) == torch.bfloat16
+    assert layer_compute_dtype(torch.float32, "cpu", native=False) == torch.float32

@@ -21,10 +21,11 @@ The sequential pattern of GPTQ and llm-compressor's sequential pipeline:
 Peak memory is one layer's weights plus the carried activations, which stay on
 the device or are spilled to disk (`spill_dir`). The streamed layer is held and
 computed in `compute_dtype`, the carried activations in `dtype` (the calibration
-dtype): by default (`layer_compute_dtype`) a bfloat16/float16 calibration on the
-CPU computes each layer in float32 (the reader casts on read), which CPUs without
-16-bit matrix units run about 3x faster, and closer to a float32 forward; the
-activations between layers stay in 16 bits, so their memory is unchanged. Because the streamed layer is
+dtype): by default (`layer_compute_dtype`) a bfloat16/float16 calibration on a
+CPU without native 16-bit matmuls computes each layer in float32 (the reader casts
+on read), which such CPUs run several times faster, and closer to a float32
+forward; the activations between layers stay in 16 bits, so their memory is
+unchanged. Because the streamed layer is
 the very module object of the skeleton, forward hooks registered on the
 skeleton (e.g. `RouterRecorder`) fire on it unchanged.
 
@@ -71,20 +72,35 @@ from mergekit_moe2dense.errors import Moe2DenseError
 from mergekit_moe2dense.families import ExpertSlice, MoELayer
 from mergekit_moe2dense.memory import release_freed_memory
 
-__all__ = ["LayerStream", "LayerStreamError", "LayerVisitor", "layer_compute_dtype"]
+__all__ = ["LayerStream", "LayerStreamError", "LayerVisitor", "layer_compute_dtype", "native_16bit_matmul"]
 
 LOG = logging.getLogger(__name__)
 
 
-def layer_compute_dtype(dtype: torch.dtype, device: str, requested: torch.dtype | None = None) -> torch.dtype:
+def layer_compute_dtype(
+    dtype: torch.dtype, device: str, requested: torch.dtype | None = None, *, native: bool | None = None
+) -> torch.dtype:
     """The dtype a streamed layer is held and computed in: `requested` if given, else float32
-    for a bfloat16/float16 calibration on the CPU (one layer's float32 copy is small, and CPU
-    16-bit matmuls without 16-bit matrix units are slow), else `dtype` itself."""
+    for a bfloat16/float16 calibration on a CPU without native matmuls in that dtype (`native`,
+    by default `native_16bit_matmul`: there torch's fallback kernels are several times slower
+    than float32, and one layer's float32 copy is small), else `dtype` itself."""
     if requested is not None:
         return requested
     if torch.device(device).type == "cpu" and dtype in (torch.bfloat16, torch.float16):
-        return torch.float32
+        if not (native_16bit_matmul(dtype) if native is None else native):
+            return torch.float32
     return dtype
+
+
+def native_16bit_matmul(dtype: torch.dtype) -> bool:
+    """Whether torch multiplies `dtype` matrices on this CPU with oneDNN's 16-bit kernels (AVX-512
+    BF16/FP16, AMX, or their AVX-512 emulation), as it does when oneDNN reports the dtype
+    supported; without them it falls back to slow reference kernels."""
+    check = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}.get(dtype)
+    try:
+        return check is not None and bool(getattr(torch.ops.mkldnn, check)())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
 
 
 class LayerStreamError(Moe2DenseError, ValueError):
