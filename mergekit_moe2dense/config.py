@@ -68,8 +68,8 @@ class CalibrationConfig(BaseModel):
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
         description="layer-streamed passes (engine: layerwise, the re-fits): dtype of each streamed layer's weights "
-        "and arithmetic, the carried activations staying in dtype; auto: float32 when dtype is 16-bit on the CPU "
-        "(faster there and closer to float32), else dtype",
+        "and arithmetic, the carried activations staying in dtype; auto: float32 when dtype is 16-bit on a CPU "
+        "without native matmuls in it (faster there, and closer to float32), else dtype",
     )
     spill_dir: str | None = Field(
         None, description="layerwise engine: keep the carried activations on disk under this directory"

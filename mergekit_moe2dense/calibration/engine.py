@@ -38,7 +38,8 @@ def calibration_dtype(calibration: CalibrationConfig | None, device: str) -> tor
 def compute_dtype(calibration: CalibrationConfig | None, device: str) -> torch.dtype:
     """The dtype the layer-streamed passes (the layerwise engine, the re-fits) hold and compute
     each layer in: the calibration's `compute_dtype`, or with `auto` float32 for a 16-bit
-    calibration on the CPU, else the calibration dtype (`layerwise.layer_compute_dtype`)."""
+    calibration on a CPU without native matmuls in that dtype, else the calibration dtype
+    (`layerwise.layer_compute_dtype`)."""
     requested = calibration.compute_dtype if calibration is not None else "auto"
     return layer_compute_dtype(
         calibration_dtype(calibration, device), device, None if requested == "auto" else dtype_from_name(requested)
