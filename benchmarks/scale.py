@@ -239,7 +239,14 @@ def available_engines() -> list[str]:
 
 # -- subprocess entry points -----------------------------------------------------
 def child_calibrate(
-    model: str, data: str, engine: str, tokens_per_seq: int, num_samples: int, device: str, dtype: str
+    model: str,
+    data: str,
+    engine: str,
+    tokens_per_seq: int,
+    num_samples: int,
+    device: str,
+    dtype: str,
+    compute_dtype: str = "auto",
 ) -> None:
     from mergekit_moe2dense.calibration import collect_statistics, load_calibration_batches
     from mergekit_moe2dense.checkpoint import SourceModel
@@ -254,6 +261,8 @@ def child_calibrate(
     }
     if len(available_engines()) > 1:  # the config has an `engine` key
         calibration["engine"] = engine
+    if compute_dtype != "auto":  # a key of newer checkouts only
+        calibration["compute_dtype"] = compute_dtype
     config = Moe2DenseConfig.model_validate(
         {"merge_method": "router_weighted", "models": [{"model": model}], "calibration": calibration}
     )
@@ -262,7 +271,10 @@ def child_calibrate(
     _, batches = load_calibration_batches(source.path, config.calibration)  # timed, as in a run
     stats = collect_statistics(source, batches, config.calibration, device=device, progress=False)
     seconds = time.perf_counter() - start
-    print(json.dumps({"seconds": seconds, "tokens": stats.tokens, "mean_probs": stats.mean_probs.tolist()}))
+    report = {"seconds": seconds, "tokens": stats.tokens, "mean_probs": stats.mean_probs.tolist()}
+    # the dtype the layers were computed in (older checkouts: the calibration dtype)
+    report["compute_dtype"] = getattr(stats, "metadata", {}).get("compute_dtype", dtype)
+    print(json.dumps(report))
 
 
 CONVERSIONS = {
@@ -275,7 +287,16 @@ CONVERSIONS = {
 }
 
 
-def child_convert(model: str, data: str, out: str, name: str, seq_len: int, num_samples: int, device: str) -> None:
+def child_convert(
+    model: str,
+    data: str,
+    out: str,
+    name: str,
+    seq_len: int,
+    num_samples: int,
+    device: str,
+    compute_dtype: str = "auto",
+) -> None:
     """One whole conversion through `build_dense`, with this process's RSS sampled every 20 ms
     and its high-water mark (VmHWM) read at each phase boundary: the peak of each phase."""
     import threading
@@ -329,6 +350,7 @@ def child_convert(model: str, data: str, out: str, name: str, seq_len: int, num_
             "batch_size": 4,
             "dtype": "bfloat16",
             "engine": "layerwise",
+            **({"compute_dtype": compute_dtype} if compute_dtype != "auto" else {}),
         },
     }
     try:
@@ -417,6 +439,7 @@ def run(args) -> dict:
                     str(num_samples),
                     device,
                     args.calibration_dtype,
+                    args.compute_dtype,
                 ]
             )
             calib[engine] = {
@@ -428,9 +451,11 @@ def run(args) -> dict:
                 "peak_anon_rss_bytes": m.peak_anon_rss_bytes,
                 "peak_anon_rss_vs_checkpoint": m.peak_anon_rss_bytes / on_disk,
                 "mean_probs": m.report["mean_probs"],
+                "compute_dtype": m.report["compute_dtype"],
             }
             print(
-                f"calibration {engine}: {calib[engine]['tokens_per_s']:.1f} tok/s, "
+                f"calibration {engine} ({args.calibration_dtype}, layers computed in {m.report['compute_dtype']}): "
+                f"{calib[engine]['tokens_per_s']:.1f} tok/s, "
                 f"peak RSS {m.peak_rss_bytes / GB:.2f} GB (anonymous {m.peak_anon_rss_bytes / GB:.2f} GB)",
                 flush=True,
             )
@@ -456,7 +481,18 @@ def run(args) -> dict:
             out = workdir / f"out-convert-{name}"
             drop_page_cache(model)
             m = measure(
-                [*me, "_convert", str(model), str(data), str(out), name, str(args.seq_len), str(num_samples), device],
+                [
+                    *me,
+                    "_convert",
+                    str(model),
+                    str(data),
+                    str(out),
+                    name,
+                    str(args.seq_len),
+                    str(num_samples),
+                    device,
+                    args.compute_dtype,
+                ],
                 library,
             )
             name = name + suffix
@@ -556,11 +592,11 @@ def run(args) -> dict:
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "_calibrate":
-        model, data, engine, seq_len, samples, device, dtype = argv[1:]
-        return child_calibrate(model, data, engine, int(seq_len), int(samples), device, dtype)
+        model, data, engine, seq_len, samples, device, dtype, *compute = argv[1:]
+        return child_calibrate(model, data, engine, int(seq_len), int(samples), device, dtype, *compute)
     if argv and argv[0] == "_convert":
-        model, data, out, name, seq_len, samples, device = argv[1:]
-        return child_convert(model, data, out, name, int(seq_len), int(samples), device)
+        model, data, out, name, seq_len, samples, device, *compute = argv[1:]
+        return child_convert(model, data, out, name, int(seq_len), int(samples), device, *compute)
     if argv and argv[0] == "_read":
         return child_read(argv[1])
     if argv and argv[0] == "_generate":
@@ -577,6 +613,12 @@ def main(argv: list[str] | None = None) -> None:
         default="float32",
         choices=["float32", "bfloat16"],
         help="dtype of both calibration engines",
+    )
+    parser.add_argument(
+        "--compute-dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="calibration.compute_dtype of the layer-streamed passes (auto: float32 for bf16 on the CPU)",
     )
     parser.add_argument(
         "--engines",

@@ -65,6 +65,12 @@ class CalibrationConfig(BaseModel):
         description="full: the whole model in memory; layerwise: streamed from the checkpoint one "
         "decoder layer at a time; auto: full when the checkpoint fits in half the free memory",
     )
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="layer-streamed passes (engine: layerwise, the re-fits): dtype of each streamed layer's weights "
+        "and arithmetic, the carried activations staying in dtype; auto: float32 when dtype is 16-bit on a CPU "
+        "without native matmuls in it (faster there, and closer to float32), else dtype",
+    )
     spill_dir: str | None = Field(
         None, description="layerwise engine: keep the carried activations on disk under this directory"
     )

@@ -22,6 +22,7 @@ from mergekit_moe2dense.calibration import (
     RouterStatistics,
     StatisticsError,
     calibration_dtype,
+    compute_dtype,
     load_calibration_batches,
 )
 from mergekit_moe2dense.calibration.distributed import Ranks
@@ -177,3 +178,8 @@ class ConversionJob:
     @property
     def calibration_dtype(self) -> torch.dtype:
         return calibration_dtype(self.config.calibration, self.device)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of each streamed layer in the layer-streamed passes (calibration, re-fit)."""
+        return compute_dtype(self.config.calibration, self.device)

@@ -94,8 +94,9 @@ class LeastSquaresStats:
             self.cross = torch.zeros(h.shape[1], y.shape[1], dtype=torch.float64, device=h.device)
             self.zy = torch.zeros(y.shape[1], dtype=torch.float64, device=h.device)
             self.zz = torch.zeros(y.shape[1], dtype=torch.float64, device=h.device)
-        self.gram += h.T @ h
-        self.cross += h.T @ y
+        # in place: no [I, I] temporary beside the running sum (100 MB of float64 at I = 3584)
+        self.gram.addmm_(h.T, h)
+        self.cross.addmm_(h.T, y)
         self.yy += float((y * y).sum())
         if output is not None:
             z = output.double()
@@ -109,14 +110,34 @@ def _damp(gram: torch.Tensor, damping: float, free: int) -> torch.Tensor:
     lam = damping * the mean of their diagonal (at least 1e-12, so that it stays solvable)."""
     gram = gram.clone()
     damped = gram.diagonal()[: gram.shape[0] - free]
-    damped.add_(max(damping * float(damped.mean()), 1e-12) if damped.numel() else 0.0)
+    damped.add_(_damping(damped, damping))
     return gram
+
+
+def _damping(diagonal: torch.Tensor, damping: float) -> float:
+    """lam = damping * the mean of the damped diagonal (at least 1e-12: all-zero activations
+    fit any D, and the system stays solvable)."""
+    return max(damping * float(diagonal.mean()), 1e-12) if diagonal.numel() else 0.0
 
 
 def fit_down_proj(stats: LeastSquaresStats, damping: float, free: int = 0) -> torch.Tensor:
     """Ridge solution D* [H, I] (float64) of sum_t ||y_t - D h_t||^2; the last `free`
-    features (a ones column: D*'s last column is the down bias) are not damped."""
-    solution = torch.linalg.solve(_damp(stats.gram, damping, free), stats.cross)  # [I, H]
+    features (a ones column: D*'s last column is the down bias) are not damped.
+
+    The damping is added to the running Gram matrix in place and taken off again after the
+    solve (no copy of the [I, I] matrix beside the solver's own factorisation)."""
+    gram = stats.gram
+    damped = gram.diagonal()[: gram.shape[0] - free]
+    lam = _damping(damped, damping)
+    saved = damped.clone()
+    inference = torch.inference_mode(gram.is_inference())  # sums made in a calibration forward
+    with inference:
+        damped.add_(lam)
+    try:
+        solution = torch.linalg.solve(gram, stats.cross)  # [I, H]
+    finally:
+        with inference:
+            damped.copy_(saved)  # exactly the sums again
     return solution.T.contiguous()
 
 

@@ -42,6 +42,8 @@ def test_scale_benchmark_smoke(tmp_path):
     calibration = results["calibration"]
     assert calibration["full"]["tokens"] == calibration["layerwise"]["tokens"] > 0
     assert calibration["ratios"]["max_abs_mean_prob_diff"] < 1e-5  # both engines saw the same tokens
+    # float32 calibration (the default): both engines compute in it, and say so
+    assert calibration["full"]["compute_dtype"] == calibration["layerwise"]["compute_dtype"] == "float32"
     merge = results["merge"]
     assert set(merge["ratios"]) == {
         "moe2dense_vs_mergekit_linear",

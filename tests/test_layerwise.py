@@ -172,3 +172,88 @@ def test_layer_loop_calls_back_in_order_and_carries_the_converted_states(random_
         stream.run(LayerVisitor(), progress=False)
         moe_out = stream.inputs(0)
     assert (moe_out - visitor.outputs[1][0]).abs().max() > 1e-3
+
+
+def test_bf16_stream_computes_layers_in_float32(random_moe, calib_dir, tmp_path, caplog, monkeypatch):
+    """A bfloat16 calibration streamed with `compute_dtype: float32` (what `auto` picks on a CPU
+    without native bfloat16 matmuls) carries the activations in bfloat16: on a bfloat16 checkpoint its first layer's
+    statistics are the float32 forward's, and all are closer to them than the bfloat16
+    whole-model forward's; `compute_dtype: bfloat16` computes in bfloat16 (the whole-model
+    forward's figures). The dtypes are logged and saved with the statistics."""
+    import logging
+
+    import transformers
+
+    from helpers import save_model
+
+    stored = str(random_moe["legacy"])
+    path = save_model(  # stored in bfloat16, as released MoEs are
+        transformers.AutoModelForCausalLM.from_pretrained(stored, dtype=torch.bfloat16),
+        transformers.AutoTokenizer.from_pretrained(stored),
+        tmp_path / "bf16",
+        "legacy",
+    )
+    _, batches = load_calibration_batches(str(path), calibration(calib_dir))
+    source = SourceModel.open(ModelReference.parse(str(path)))
+
+    def stats(**values):
+        return collect_statistics(source, batches, calibration(calib_dir, **values), progress=False)
+
+    monkeypatch.setattr("mergekit_moe2dense.calibration.layerwise.native_16bit_matmul", lambda dtype: False)
+    reference = stats(engine="full", dtype="float32")
+    full_bf16 = stats(engine="full", dtype="bfloat16")
+    with caplog.at_level(logging.INFO, logger="mergekit_moe2dense.calibration.layerwise"):
+        streamed = stats(engine="layerwise", dtype="bfloat16")
+    streamed_bf16 = stats(engine="layerwise", dtype="bfloat16", compute_dtype="bfloat16")
+    names = ("logit_sum", "prob_sum", "contribution_sum")
+
+    def error(result, layer=slice(None)):
+        return max(
+            float(
+                (getattr(result, n)[layer] - getattr(reference, n)[layer]).abs().max()
+                / getattr(reference, n).abs().max()
+            )
+            for n in names
+        )
+
+    assert error(full_bf16) > 1e-3  # bfloat16 arithmetic is visible on this model
+    assert error(streamed, 0) < 1e-6  # layer 0's inputs (the embeddings) are exact in bfloat16
+    assert error(streamed) < 0.3 * error(full_bf16)  # later layers: the carried states' rounding only
+    for n in names:
+        torch.testing.assert_close(getattr(streamed_bf16, n), getattr(full_bf16, n), rtol=1e-5, atol=1e-5)
+    assert streamed.metadata == {"engine": "layerwise", "dtype": "bfloat16", "compute_dtype": "float32"}
+    assert streamed_bf16.metadata["compute_dtype"] == "bfloat16"
+    assert full_bf16.metadata == {"engine": "full", "dtype": "bfloat16", "compute_dtype": "bfloat16"}
+    assert "layers computed in float32, activations carried in bfloat16" in caplog.text
+
+
+def test_stream_carries_activations_in_the_calibration_dtype(random_moe, calib_dir, monkeypatch):
+    """The float32 compute is per layer: the carried states stay in the calibration dtype (their
+    memory), the streamed layer and its inputs are float32. `auto` computes 16-bit calibrations in
+    float32 only on a CPU without native 16-bit matmuls; explicit and GPU choices are kept."""
+    from mergekit_moe2dense.calibration import LayerStream, compute_dtype
+    from mergekit_moe2dense.calibration.layerwise import layer_compute_dtype, native_16bit_matmul
+
+    assert native_16bit_matmul(torch.float32) is False
+    native = native_16bit_matmul(torch.bfloat16)
+    auto = calibration(calib_dir, dtype="bfloat16")
+    assert compute_dtype(auto, "cpu") == (torch.bfloat16 if native else torch.float32)
+    monkeypatch.setattr("mergekit_moe2dense.calibration.layerwise.native_16bit_matmul", lambda dtype: False)
+    assert compute_dtype(auto, "cpu") == torch.float32
+    assert compute_dtype(calibration(calib_dir, dtype="bfloat16", compute_dtype="bfloat16"), "cpu") == torch.bfloat16
+
+    path = random_moe["fused"]
+    source = SourceModel.open(ModelReference.parse(str(path)))
+    _, batches = load_calibration_batches(str(path), calibration(calib_dir))
+    with LayerStream(source, batches, dtype=torch.bfloat16) as stream:
+        assert stream.compute_dtype == torch.float32
+        layer = stream.load_layer(0)
+        assert {p.dtype for p in layer.parameters()} == {torch.float32}
+        stream.forward(layer)
+        assert all(stream._hidden[b].dtype == torch.bfloat16 for b in range(len(batches)))
+        assert stream.inputs(0).dtype == torch.float32
+    assert layer_compute_dtype(torch.bfloat16, "cuda:0", native=False) == torch.bfloat16
+    assert layer_compute_dtype(torch.float16, "cpu", native=False) == torch.float32
+    assert layer_compute_dtype(torch.bfloat16, "cpu", native=True) == torch.bfloat16
+    assert layer_compute_dtype(torch.bfloat16, "cpu", torch.bfloat16, native=False) == torch.bfloat16
+    assert layer_compute_dtype(torch.float32, "cpu", native=False) == torch.float32

@@ -9,7 +9,12 @@ point of the statistics pass (engine, dtype and torchrun ranks chosen there);
 
 from mergekit_moe2dense.calibration.batches import TokenBatch, calibration_sequences, pad_batches
 from mergekit_moe2dense.calibration.distributed import Ranks
-from mergekit_moe2dense.calibration.engine import calibration_dtype, calibration_engine, collect_statistics
+from mergekit_moe2dense.calibration.engine import (
+    calibration_dtype,
+    calibration_engine,
+    collect_statistics,
+    compute_dtype,
+)
 from mergekit_moe2dense.calibration.layerwise import LayerStream, LayerStreamError, LayerVisitor
 from mergekit_moe2dense.calibration.runner import RouterRecorder, load_calibration_batches, load_moe
 from mergekit_moe2dense.calibration.stats import RouterStatistics, StatisticsError
@@ -27,6 +32,7 @@ __all__ = [
     "calibration_engine",
     "calibration_sequences",
     "collect_statistics",
+    "compute_dtype",
     "load_calibration_batches",
     "load_moe",
     "pad_batches",

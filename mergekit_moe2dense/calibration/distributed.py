@@ -172,6 +172,7 @@ def _collect_layerwise_distributed(
     seed: int = 0,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
+    compute_dtype: torch.dtype | None = None,
     spill_dir: str | None = None,
     progress: bool = True,
     record_router_inputs: bool = False,
@@ -181,7 +182,9 @@ def _collect_layerwise_distributed(
     _refuse_router_inputs(record_router_inputs)
     share = _RankShare(source.config, source.family, batches, max_token_samples, seed)
     mine = [batches[i] for i in share.mine]
-    with LayerStream(source, mine, device=device, dtype=dtype, spill_dir=spill_dir) as stream:
+    with LayerStream(
+        source, mine, device=device, dtype=dtype, compute_dtype=compute_dtype, spill_dir=spill_dir
+    ) as stream:
         with share.recorder(stream.model, source.family) as recorder:
             stream.run(
                 RecorderVisitor(recorder, lambda b: share.begin(recorder, share.mine[b])),

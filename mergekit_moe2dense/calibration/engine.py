@@ -20,11 +20,12 @@ from mergekit.common import dtype_from_name
 
 from mergekit_moe2dense.calibration.batches import TokenBatch
 from mergekit_moe2dense.calibration.distributed import Ranks, _collect_full_distributed, _collect_layerwise_distributed
+from mergekit_moe2dense.calibration.layerwise import layer_compute_dtype
 from mergekit_moe2dense.calibration.runner import _collect_full, _collect_layerwise, input_device, load_moe
 from mergekit_moe2dense.calibration.stats import RouterStatistics
 from mergekit_moe2dense.config import CalibrationConfig, ConfigError
 
-__all__ = ["calibration_dtype", "calibration_engine", "collect_statistics"]
+__all__ = ["calibration_dtype", "calibration_engine", "collect_statistics", "compute_dtype"]
 
 
 def calibration_dtype(calibration: CalibrationConfig | None, device: str) -> torch.dtype:
@@ -32,6 +33,17 @@ def calibration_dtype(calibration: CalibrationConfig | None, device: str) -> tor
     statistics forward and the re-fit alike)."""
     name = calibration.dtype if calibration is not None else None
     return dtype_from_name(name or ("bfloat16" if device.startswith("cuda") else "float32"))
+
+
+def compute_dtype(calibration: CalibrationConfig | None, device: str) -> torch.dtype:
+    """The dtype the layer-streamed passes (the layerwise engine, the re-fits) hold and compute
+    each layer in: the calibration's `compute_dtype`, or with `auto` float32 for a 16-bit
+    calibration on a CPU without native matmuls in that dtype, else the calibration dtype
+    (`layerwise.layer_compute_dtype`)."""
+    requested = calibration.compute_dtype if calibration is not None else "auto"
+    return layer_compute_dtype(
+        calibration_dtype(calibration, device), device, None if requested == "auto" else dtype_from_name(requested)
+    )
 
 
 def calibration_engine(source, calibration: CalibrationConfig, device: str) -> str:
@@ -103,10 +115,22 @@ def collect_statistics(
     )
     if engine == "layerwise":
         streamed = _collect_layerwise_distributed if ranks.distributed else _collect_layerwise
-        return streamed(source, batches, device=device, dtype=dtype, spill_dir=calibration.spill_dir, **common)
-    collect = _collect_full_distributed if ranks.distributed else _collect_full
-    model = load_moe(source.path, device=device, dtype=dtype, device_map=calibration.device_map)
-    try:
-        return collect(model, source.family, batches, device=str(input_device(model)), **common)
-    finally:
-        del model  # the whole model: free it before the merge starts
+        layers = compute_dtype(calibration, device)
+        stats = streamed(
+            source, batches, device=device, dtype=dtype, compute_dtype=layers, spill_dir=calibration.spill_dir, **common
+        )
+    else:
+        collect = _collect_full_distributed if ranks.distributed else _collect_full
+        layers = dtype  # the whole model in the calibration dtype
+        model = load_moe(source.path, device=device, dtype=dtype, device_map=calibration.device_map)
+        try:
+            stats = collect(model, source.family, batches, device=str(input_device(model)), **common)
+        finally:
+            del model  # the whole model: free it before the merge starts
+    # what the statistics were computed with, saved with them
+    stats.metadata.update(engine=engine, dtype=_name(dtype), compute_dtype=_name(layers))
+    return stats
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -19,7 +19,13 @@ The sequential pattern of GPTQ and llm-compressor's sequential pipeline:
    replace the carried hidden states by its outputs, and free it.
 
 Peak memory is one layer's weights plus the carried activations, which stay on
-the device or are spilled to disk (`spill_dir`). Because the streamed layer is
+the device or are spilled to disk (`spill_dir`). The streamed layer is held and
+computed in `compute_dtype`, the carried activations in `dtype` (the calibration
+dtype): by default (`layer_compute_dtype`) a bfloat16/float16 calibration on a
+CPU without native 16-bit matmuls computes each layer in float32 (the reader casts
+on read), which such CPUs run several times faster, and closer to a float32
+forward; the activations between layers stay in 16 bits, so their memory is
+unchanged. Because the streamed layer is
 the very module object of the skeleton, forward hooks registered on the
 skeleton (e.g. `RouterRecorder`) fire on it unchanged.
 
@@ -50,6 +56,7 @@ each layer the mask of its own type).
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import shutil
 import tempfile
@@ -65,7 +72,35 @@ from mergekit_moe2dense.errors import Moe2DenseError
 from mergekit_moe2dense.families import ExpertSlice, MoELayer
 from mergekit_moe2dense.memory import release_freed_memory
 
-__all__ = ["LayerStream", "LayerStreamError", "LayerVisitor"]
+__all__ = ["LayerStream", "LayerStreamError", "LayerVisitor", "layer_compute_dtype", "native_16bit_matmul"]
+
+LOG = logging.getLogger(__name__)
+
+
+def layer_compute_dtype(
+    dtype: torch.dtype, device: str, requested: torch.dtype | None = None, *, native: bool | None = None
+) -> torch.dtype:
+    """The dtype a streamed layer is held and computed in: `requested` if given, else float32
+    for a bfloat16/float16 calibration on a CPU without native matmuls in that dtype (`native`,
+    by default `native_16bit_matmul`: there torch's fallback kernels are several times slower
+    than float32, and one layer's float32 copy is small), else `dtype` itself."""
+    if requested is not None:
+        return requested
+    if torch.device(device).type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        if not (native_16bit_matmul(dtype) if native is None else native):
+            return torch.float32
+    return dtype
+
+
+def native_16bit_matmul(dtype: torch.dtype) -> bool:
+    """Whether torch multiplies `dtype` matrices on this CPU with oneDNN's 16-bit kernels (AVX-512
+    BF16/FP16, AMX, or their AVX-512 emulation), as it does when oneDNN reports the dtype
+    supported; without them it falls back to slow reference kernels."""
+    check = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}.get(dtype)
+    try:
+        return check is not None and bool(getattr(torch.ops.mkldnn, check)())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
 
 
 class LayerStreamError(Moe2DenseError, ValueError):
@@ -123,7 +158,9 @@ class LayerStream:
     `source` is a `checkpoint.SourceModel`; `batches` the padded token batches
     (the same `TokenBatch`es the full forward takes, so masks and position ids
     are identical). `spill_dir` keeps the carried hidden states on disk instead
-    of on the device (a temporary directory under it, removed on exit).
+    of on the device (a temporary directory under it, removed on exit). `dtype` is
+    the carried activations' dtype; `compute_dtype` the streamed layer's weights and
+    arithmetic (None: `layer_compute_dtype`'s default for `dtype` on `device`).
     """
 
     def __init__(
@@ -133,12 +170,14 @@ class LayerStream:
         *,
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
+        compute_dtype: torch.dtype | None = None,
         spill_dir: str | None = None,
     ):
         self.source = source
         self.batches = batches
         self.device = torch.device(device)
         self.dtype = dtype
+        self.compute_dtype = layer_compute_dtype(dtype, device, compute_dtype)
         self.family = source.family
         self._spill_root = spill_dir
         self._spill: str | None = None
@@ -150,7 +189,7 @@ class LayerStream:
         self._moe_layers: dict[int, MoELayer] = {layer.index: layer for layer in source.moe_layers()}
         config = source.config
         with torch.device("meta"):
-            self.model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+            self.model = transformers.AutoModelForCausalLM.from_config(config, dtype=self.compute_dtype)
         self.model.eval()
         self.base = self.model.get_decoder()
         if not hasattr(self.base, "layers"):  # Llama 4: its base_model_prefix names no module
@@ -168,6 +207,12 @@ class LayerStream:
         if self._spill_root is not None:
             os.makedirs(self._spill_root, exist_ok=True)
             self._spill = tempfile.mkdtemp(prefix="moe2dense-acts-", dir=self._spill_root)
+        LOG.info(
+            "layer stream on %s: layers computed in %s, activations carried in %s",
+            self.device,
+            _name(self.compute_dtype),
+            _name(self.dtype),
+        )
         self._embed()
         return self
 
@@ -180,10 +225,13 @@ class LayerStream:
 
     # -- carried activations ---------------------------------------------------------
     def inputs(self, batch: int) -> torch.Tensor:
-        """Hidden states entering the current layer for one batch [B, T, H], on the device."""
+        """Hidden states entering the current layer for one batch [B, T, H], on the device, in
+        the compute dtype (carried in `dtype`)."""
         if self._spill is None:
-            return self._hidden[batch]
-        return torch.load(self._spill_path(batch), map_location=self.device)
+            hidden = self._hidden[batch]
+        else:
+            hidden = torch.load(self._spill_path(batch), map_location=self.device)
+        return hidden.to(self.compute_dtype)
 
     def kwargs(self, batch: int, layer: int | None = None) -> dict:
         """Keyword arguments the model passes decoder layer `layer` (default: the one loaded
@@ -191,6 +239,7 @@ class LayerStream:
         return self._kwargs[batch][self._current if layer is None else layer]
 
     def set_inputs(self, batch: int, hidden: torch.Tensor) -> None:
+        hidden = hidden.to(self.dtype)
         if self._spill is None:
             self._hidden[batch] = hidden
         else:
@@ -256,6 +305,7 @@ class LayerStream:
             finally:  # the skeleton keeps its own modules, to be freed and reloaded
                 for path, module in originals.items():
                     self.model.set_submodule(path, module)
+                del swaps, originals  # e.g. the re-fit's dense MLP: not held while the next layer loads
             self.free_layer(index)
             visitor.after_layer(self, index)
 
@@ -359,3 +409,7 @@ class LayerStream:
         for memory_name, name in moe.renamed.items():
             result[memory_name] = functools.partial(lambda stored, t: self._reader.read(stored, out=t), name)
         return result
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

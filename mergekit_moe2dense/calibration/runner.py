@@ -200,6 +200,7 @@ def _collect_layerwise(
     seed: int = 0,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
+    compute_dtype: torch.dtype | None = None,
     spill_dir: str | None = None,
     progress: bool = True,
     record_router_inputs: bool = False,
@@ -210,7 +211,9 @@ def _collect_layerwise(
     stats, sample_ids, _ = _empty_statistics(source.config, family, batches, max_token_samples, seed)
     if record_router_inputs:
         stats.router_inputs = torch.zeros((len(stats.layers), len(sample_ids), 0))
-    with LayerStream(source, batches, device=device, dtype=dtype, spill_dir=spill_dir) as stream:
+    with LayerStream(
+        source, batches, device=device, dtype=dtype, compute_dtype=compute_dtype, spill_dir=spill_dir
+    ) as stream:
         with RouterRecorder(stream.model, family, stats, sample_ids) as recorder:
             stream.run(RecorderVisitor(recorder, lambda b: recorder.begin_batch(batches[b])), progress=progress)
     return stats

@@ -49,6 +49,7 @@ import torch
 
 from mergekit_moe2dense.calibration.batches import TokenBatch
 from mergekit_moe2dense.calibration.layerwise import LayerStream, LayerVisitor
+from mergekit_moe2dense.memory import release_freed_memory
 from mergekit_moe2dense.plan import LayerPlan, assemble, block_dim, block_terms
 from mergekit_moe2dense.refit import (
     BIASES,
@@ -204,6 +205,16 @@ class SparseBlock:
             handles.append(self.stream.model.get_submodule(self.shared_path).register_forward_hook(shared_hook))
         self.run(*handles)
 
+    def release(self, *, shared: bool) -> None:
+        """Free the sparse block's weights (and with `shared` the shared experts beside it) once
+        its outputs are recorded: the advancing forward runs the module that replaces it, and
+        `LayerStream.load_layer` materialises the whole layer again. The solve that follows then
+        does not hold a layer of experts beside its Gram matrices (the re-fit phase's peak)."""
+        self.module.to_empty(device="meta")
+        if shared and self.shared_path is not None:
+            self.stream.model.get_submodule(self.shared_path).to_empty(device="meta")
+        release_freed_memory()
+
     def load(self, piece) -> torch.Tensor:
         """One expert's projection from the checkpoint, on the device."""
         return self.stream.read_slice(piece).to(self.stream.device)
@@ -267,6 +278,7 @@ def fit_layers(
     *,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
+    compute_dtype: torch.dtype | None = None,
     spill_dir=None,
     progress: bool = True,
     store: MutableMapping[str, torch.Tensor] | None = None,
@@ -274,7 +286,8 @@ def fit_layers(
     """Every planned layer converted in order by `fitter`, on the layer stream. The fitted
     tensors go into `store` (default: a dict; e.g. `graph.SpilledTensors`, to keep them on disk)."""
     result = RefitResult(tensors=store if store is not None else {})
-    with LayerStream(source, batches, device=device, dtype=dtype, spill_dir=spill_dir) as stream:
+    stream = LayerStream(source, batches, device=device, dtype=dtype, compute_dtype=compute_dtype, spill_dir=spill_dir)
+    with stream:
         stream.run(_Converting(plans, fitter, result), desc="Re-fitting", progress=progress)
     return result
 
@@ -290,6 +303,7 @@ def refit_layers(
     fit: FitSettings | None = None,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
+    compute_dtype: torch.dtype | None = None,
     spill_dir=None,
     progress: bool = True,
     store: MutableMapping[str, torch.Tensor] | None = None,
@@ -304,15 +318,32 @@ def refit_layers(
     else:
         fitter = functools.partial(closed_form_fit, mode=mode, damping=damping, gate_up=gate_up)
     return fit_layers(
-        source, plans, batches, fitter, device=device, dtype=dtype, spill_dir=spill_dir, progress=progress, store=store
+        source,
+        plans,
+        batches,
+        fitter,
+        device=device,
+        dtype=dtype,
+        compute_dtype=compute_dtype,
+        spill_dir=spill_dir,
+        progress=progress,
+        store=store,
     )
 
 
 def closed_form_fit(
-    block: SparseBlock, plan: LayerPlan, *, mode: str, damping: float, gate_up: str = "merge"
+    block: SparseBlock,
+    plan: LayerPlan,
+    *,
+    mode: str,
+    damping: float,
+    gate_up: str = "merge",
+    release: bool = True,
 ) -> LayerFit:
     """The plan's dense MLP (gate/up by RegMean with `gate_up="regmean"`), its down
-    projection (and down bias) re-fitted by least squares (`mode`: none, scale, down_proj)."""
+    projection (and down bias) re-fitted by least squares (`mode`: none, scale, down_proj). With
+    `release` the sparse block's weights are freed once recorded (`SparseBlock.release`), before
+    the solve."""
     biased = "gate_bias" in plan.layer.experts[0]  # GPT-OSS: gate_up and down biases
     grams = _routed_grams(block, plan.layer.num_experts, biased) if gate_up == "regmean" else None
     tensors = {**assemble(plan, block.load), **assemble_biases(plan, block.load)}
@@ -323,8 +354,9 @@ def closed_form_fit(
             tensors[projection] = fitted[projection] = merged[0]
             if biased:
                 tensors[f"{projection}_bias"] = fitted[f"{projection}_bias"] = merged[1]
+    release_freed_memory()  # the expert slices read for the sums, before the Gram matrices are made
     dense = block.dense(tensors)
-    down, bias, error = _fit_down(block, dense, mode, damping)
+    down, bias, error = _fit_down(block, dense, mode, damping, release)
     if mode != "none":
         fitted["down"] = down
         if bias is not None:
@@ -342,7 +374,7 @@ def gradient_fit(
     layer's dense MLP fitted by Adam to the block's output, from the closed-form down_proj
     re-fit of the plan's merge; the step with the lowest error on held-out calibration tokens
     is kept (the start included, so the fit never ends worse than least squares there)."""
-    start = closed_form_fit(block, plan, mode="down_proj", damping=damping, gate_up=gate_up)
+    start = closed_form_fit(block, plan, mode="down_proj", damping=damping, gate_up=gate_up, release=False)
     pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
     block.record(lambda x, y: pairs.append((x, y)))
     # recorded under inference_mode: fresh tensors here, so that autograd may save them
@@ -366,10 +398,11 @@ def gradient_fit(
     return LayerFit(fitted, tensors, error, heldout=(fit.start_error, fit.best_error))
 
 
-def _fit_down(block: SparseBlock, dense: DenseMLP, mode: str, damping: float):
-    """Run the MoE layer on the carried states, recording its block's (x, y); solve. With a
-    down bias b the features are [h, 1] and the solution [D, b] (the ones column undamped).
-    Returns the down projection, the down bias (None: the MLP has none) and the errors."""
+def _fit_down(block: SparseBlock, dense: DenseMLP, mode: str, damping: float, release: bool):
+    """Run the MoE layer on the carried states, recording its block's (x, y); (free the block's
+    weights with `release`;) solve. With a down bias b the features are [h, 1] and the solution
+    [D, b] (the ones column undamped). Returns the down projection, the down bias (None: the MLP
+    has none) and the errors."""
     stats = LeastSquaresStats()
     bias = dense.biases.get("down_bias")
     start = dense.down if bias is None else torch.cat([dense.down, bias[:, None]], dim=1)  # [H, I (+1)]
@@ -381,6 +414,8 @@ def _fit_down(block: SparseBlock, dense: DenseMLP, mode: str, damping: float):
         stats.add_batch(h, y, output=h @ start.T if mode == "scale" else None)
 
     block.record(add)
+    if release:
+        block.release(shared=True)
     if mode == "scale":
         down = (fit_channel_scale(stats)[:, None] * start.double()).float()
     elif mode == "down_proj":

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 import transformers
 
-from mergekit_moe2dense.calibration.layerwise import LayerStream, LayerVisitor
+from mergekit_moe2dense.calibration.layerwise import LayerStream, LayerVisitor, layer_compute_dtype
 from mergekit_moe2dense.calibration.sequential import SparseBlock
 from mergekit_moe2dense.families import ExpertSlice, MoELayer
 from mergekit_moe2dense.reassemble import expert_key, mix_rows
@@ -106,6 +106,7 @@ class _Pruning(LayerVisitor):
 
         energy = [0.0]
         block.record(add)
+        block.release(shared=False)  # the shared experts stay beside the smaller block
         # ridge on the change D - D_old: an expert no calibration token reaches keeps its D
         change = fit_down_proj(stats, self.damping)
         down = (old_down.double() + change.to(old_down.device)).float()
@@ -167,15 +168,18 @@ def fit_smaller_moe(
     damping: float,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
+    compute_dtype: torch.dtype | None = None,
     spill_dir=None,
     progress: bool = True,
 ) -> SmallerMoEFit:
     """Fitted down projections of every new expert of the smaller MoE `config` (N experts,
     `weights` [N, L, E] over `layers`, whose slices may be aligned), layer by layer."""
     result = SmallerMoEFit()
+    compute_dtype = layer_compute_dtype(dtype, device, compute_dtype)  # the new blocks run inside streamed layers
     with torch.device("meta"):
-        skeleton = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+        skeleton = transformers.AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
     by_index = {layer.index: (position, layer) for position, layer in enumerate(layers)}
-    with LayerStream(source, batches, device=device, dtype=dtype, spill_dir=spill_dir) as stream:
+    stream = LayerStream(source, batches, device=device, dtype=dtype, compute_dtype=compute_dtype, spill_dir=spill_dir)
+    with stream:
         stream.run(_Pruning(skeleton, by_index, weights, damping, result), desc="Re-fitting", progress=progress)
     return result

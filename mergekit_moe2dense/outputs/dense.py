@@ -78,6 +78,7 @@ class DenseModel(Output):
             fit=fit,
             device=job.device,
             dtype=job.calibration_dtype,
+            compute_dtype=job.compute_dtype,
             spill_dir=job.config.calibration.spill_dir,
             progress=job.progress,
             store=SpilledTensors(os.path.join(job.out.staging, FITTED_DIR)),  # not one per layer in memory

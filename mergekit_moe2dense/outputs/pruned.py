@@ -101,6 +101,7 @@ class PrunedMoE(Output):
             damping=params.refit_damping,
             device=job.device,
             dtype=job.calibration_dtype,
+            compute_dtype=job.compute_dtype,
             spill_dir=job.config.calibration.spill_dir,
             progress=job.progress,
         )
