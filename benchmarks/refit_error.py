@@ -47,6 +47,11 @@ def held_out_kl(moe, plans, reader, fitted, batches) -> float:
         names = {p: f"model.layers.{plan.layer.index}.mlp.{p}_proj.weight" for p in t}
         t = {p: fitted.get(names[p], t[p]) for p in t}
         dense.model.layers[plan.layer.index].mlp = DenseMLP(t["gate"], t["up"], t["down"], torch.nn.functional.silu)
+    return kl_divergence(moe, dense, batches)
+
+
+def kl_divergence(moe, dense, batches) -> float:
+    """Mean over tokens of KL(MoE || dense) of the next-token distributions."""
     total, count = 0.0, 0
     with torch.no_grad():
         for batch in batches:
@@ -55,6 +60,13 @@ def held_out_kl(moe, plans, reader, fitted, batches) -> float:
             total += float((p.exp() * (p - q)).sum())
             count += p.shape[0] * p.shape[1]
     return total / count
+
+
+def mean_errors(errors: dict[int, tuple[float, float]]) -> str:
+    """ "before -> after": the layers' mean relative errors."""
+    before = sum(b for b, _ in errors.values()) / len(errors)
+    after = sum(a for _, a in errors.values()) / len(errors)
+    return f"{before:.3f} -> {after:.3f}"
 
 
 def main():
@@ -124,9 +136,7 @@ def main():
                         gate_up=params.refit_gate_up,
                         progress=False,
                     )
-                    before = sum(b for b, _ in result.errors.values()) / len(result.errors)
-                    after = sum(a for _, a in result.errors.values()) / len(result.errors)
-                    fitted, err = result.tensors, f"{before:.3f} -> {after:.3f}"
+                    fitted, err = result.tensors, mean_errors(result.errors)
                 kl = held_out_kl(moe, plans, reader, fitted, held)
                 label = f"{name} {raw}" if raw else name
                 print(f"| {label} | {refit} | {err} | {kl:.4f} |", flush=True)

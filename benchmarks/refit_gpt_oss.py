@@ -21,25 +21,14 @@ import torch
 import transformers
 from mergekit.common import ModelReference
 
+from benchmarks.refit_error import kl_divergence, mean_errors, random_batches
 from mergekit_moe2dense.calibration import collect_statistics
-from mergekit_moe2dense.calibration.batches import TokenBatch
 from mergekit_moe2dense.calibration.sequential import DenseMLP, assemble_biases, refit_layers
 from mergekit_moe2dense.checkpoint import SourceModel
 from mergekit_moe2dense.config import CalibrationConfig
 from mergekit_moe2dense.methods import get_method
 from mergekit_moe2dense.plan import assemble, with_family_scales
 from mergekit_moe2dense.refit import FitSettings
-
-
-def random_batches(n, seq_len, batch_size, vocab, seed):
-    g = torch.Generator().manual_seed(seed)
-    return [
-        TokenBatch(
-            torch.randint(0, vocab, (batch_size, seq_len), generator=g),
-            torch.ones(batch_size, seq_len, dtype=torch.long),
-        )
-        for _ in range(n)
-    ]
 
 
 def held_out_kl(moe, family, plans, reader, fitted, batches) -> float:
@@ -53,14 +42,7 @@ def held_out_kl(moe, family, plans, reader, fitted, batches) -> float:
         hidden = family.dense_hidden(moe.model.layers[index].mlp.experts, index)
         mlp = DenseMLP(t["gate"], t["up"], t["down"], None, biases, hidden)
         dense.model.layers[index].mlp = family.dense_block(mlp)
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for batch in batches:
-            p = torch.log_softmax(moe(input_ids=batch.input_ids).logits, -1)
-            q = torch.log_softmax(dense(input_ids=batch.input_ids).logits, -1)
-            total += float((p.exp() * (p - q)).sum())
-            count += p.shape[0] * p.shape[1]
-    return total / count
+    return kl_divergence(moe, dense, batches)
 
 
 def main():
@@ -133,9 +115,7 @@ def main():
                         fit=FitSettings(steps=args.fit_steps) if refit == "fit" else None,
                         progress=False,
                     )
-                    before = sum(b for b, _ in result.errors.values()) / len(result.errors)
-                    after = sum(a for _, a in result.errors.values()) / len(result.errors)
-                    fitted, err = result.tensors, f"{before:.3f} -> {after:.3f}"
+                    fitted, err = result.tensors, mean_errors(result.errors)
                 kl = held_out_kl(moe, family, plans, reader, fitted, held)
                 label = f"{name} {raw}" if raw else name
                 print(f"| {label} | {refit} | {err} | {kl:.4f} |", flush=True)
