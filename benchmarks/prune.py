@@ -26,9 +26,8 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.quality import Variant, build_variant, score  # noqa: E402
+from benchmarks.quality import Variant, build_variant, calibrate_once, score  # noqa: E402
 from benchmarks.testbed import PRESETS, build_testbed  # noqa: E402
-from mergekit_moe2dense.build import STATS_FILE  # noqa: E402
 from mergekit_moe2dense.evaluate import load_eval_documents  # noqa: E402
 from mergekit_moe2dense.methods import METHODS  # noqa: E402
 
@@ -118,16 +117,9 @@ def run(
     work = Path(work_dir or tempfile.mkdtemp(prefix="moe2dense-prune-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        first = build_variant(
-            Variant("calibration", "prune_experts", {"num_experts": num_experts}),
-            testbed.moe,
-            testbed.calib_dir,
-            work / "calibrated",
-            None,
-            calibration,
+        stats = calibrate_once(
+            Variant("calibration", "prune_experts", {"num_experts": num_experts}), testbed, work, calibration
         )
-        stats = work / "router_stats.safetensors"
-        shutil.copy(first / STATS_FILE, stats)
         moe = score(testbed.moe, documents, seq_len, max_tokens, "MoE")
         rows = [(f"MoE ({num_experts} experts, top-{top_k})", "reference", moe)]
         if testbed.ancestor is not None:

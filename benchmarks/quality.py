@@ -231,6 +231,15 @@ def oracle(results: list[EvalResult]) -> EvalResult:
     return EvalResult(model="oracle", perplexity=math.exp(nll / tokens), tokens=tokens, per_source=per_source)
 
 
+def calibrate_once(variant: Variant, testbed, work: Path, calibration: dict) -> Path:
+    """One calibration pass (a conversion by `variant`), its statistics kept in `work` for every
+    variant to reuse through --stats."""
+    first = build_variant(variant, testbed.moe, testbed.calib_dir, work / "calibrated", None, calibration)
+    stats = work / "router_stats.safetensors"
+    shutil.copy(first / STATS_FILE, stats)
+    return stats
+
+
 def build_variant(variant: Variant, moe: Path, calib: Path, out: Path, stats: Path | None, calibration: dict) -> Path:
     config = Moe2DenseConfig.model_validate(
         {
@@ -314,17 +323,7 @@ def run(
     work = Path(work_dir or tempfile.mkdtemp(prefix="moe2dense-quality-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        # One calibration pass, reused by every variant through --stats.
-        first = build_variant(
-            Variant("calibration", "router_weighted"),
-            testbed.moe,
-            testbed.calib_dir,
-            work / "calibrated",
-            None,
-            calibration,
-        )
-        stats = work / "router_stats.safetensors"
-        shutil.copy(first / STATS_FILE, stats)
+        stats = calibrate_once(Variant("calibration", "router_weighted"), testbed, work, calibration)
 
         rows = []
         for label, path, group in (
