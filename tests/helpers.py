@@ -110,6 +110,13 @@ def logits_of(path, input_ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=input_ids).logits
 
 
+def multimodal_text_logits(path, model_type: str, input_ids: torch.Tensor) -> torch.Tensor:
+    """A multimodal checkpoint's text-only logits, from its own class (not the text-only one)."""
+    model = transformers.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():  # Llama 4's full forward needs pixel values: its language model alone
+        return (model.language_model if model_type == "llama4" else model)(input_ids=input_ids).logits
+
+
 def make_config(model, method, calib_dir, **params) -> Moe2DenseConfig:
     """A float32 config for `method` on `model` with a small calibration pass over `calib_dir`."""
     return Moe2DenseConfig.model_validate(

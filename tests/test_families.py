@@ -16,7 +16,15 @@ from mergekit.common import ModelReference
 from mergekit.options import MergeOptions
 from safetensors.torch import load_file, save_file
 
-from helpers import METHOD_PARAMS, logits_of, make_config, make_mixtral, quantize_fp8_checkpoint, save_dequantized
+from helpers import (
+    METHOD_PARAMS,
+    logits_of,
+    make_config,
+    make_mixtral,
+    multimodal_text_logits,
+    quantize_fp8_checkpoint,
+    save_dequantized,
+)
 from mergekit_moe2dense.build import build_dense
 from mergekit_moe2dense.calibration import collect_statistics, load_calibration_batches
 from mergekit_moe2dense.calibration.batches import TokenBatch
@@ -480,13 +488,6 @@ def test_concat_fixed_gates_per_family():
 MULTIMODAL = [("llama4", "legacy"), ("qwen3_5_moe", "legacy"), ("qwen3_5_moe", "fused")]  # Llama 4: one layout
 
 
-def _text_logits(path, model_type) -> torch.Tensor:
-    """The multimodal model's text-only logits, from its own class (not the text-only one)."""
-    model = transformers.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
-    with torch.no_grad():  # Llama 4's full forward needs pixel values: its language model alone
-        return (model.language_model if model_type == "llama4" else model)(input_ids=IDS).logits
-
-
 @pytest.mark.parametrize("model_type,layout", MULTIMODAL)
 def test_multimodal_text_part_converts(calib_dir, tmp_path, tokenizer_dir, caplog, model_type, layout):
     """Identical experts (Llama 4: a constant router): the text-only dense model, which loads with
@@ -511,7 +512,7 @@ def test_multimodal_text_part_converts(calib_dir, tmp_path, tokenizer_dir, caplo
     assert json.loads((out / "config.json").read_text())["model_type"] == dense.config.model_type != model_type
     written = set(load_file(out / "model.safetensors"))
     assert not [n for n in written if "vision" in n or "visual" in n or "language_model" in n or "projector" in n]
-    torch.testing.assert_close(logits_of(out, IDS), _text_logits(moe, model_type), rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits_of(out, IDS), multimodal_text_logits(moe, model_type, IDS), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("model_type", sorted(MULTIMODAL_SPECS))
@@ -562,7 +563,9 @@ def test_qwen3_5_moe_text_saved_under_the_multimodal_names(calib_dir, tmp_path, 
     build_dense(make_config(moe, "expert_uniform", calib_dir), str(out), OPTIONS)
     written = load_file(out / "model.safetensors")
     assert not [name for name in written if "language_model" in name or name.startswith("mtp.")]
-    torch.testing.assert_close(logits_of(out, IDS), _text_logits(multimodal, "qwen3_5_moe"), rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        logits_of(out, IDS), multimodal_text_logits(multimodal, "qwen3_5_moe", IDS), rtol=0, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("model_type", sorted(MULTIMODAL_SPECS))
@@ -572,7 +575,7 @@ def test_multimodal_refit_and_concat(calib_dir, tmp_path, tokenizer_dir, model_t
     family = MULTIMODAL_SPECS[model_type][0]
     overrides = IDENTICAL_OVERRIDES.get(family, {})
     moe = make_multimodal_moe(model_type, tmp_path / "moe", tokenizer_dir, identical=True, **overrides)
-    expected = _text_logits(moe, model_type)
+    expected = multimodal_text_logits(moe, model_type, IDS)
     # concat of every expert: their mean gates sum to the mixture's weight, exact
     for method, params in (("router_weighted", {"refit": "scale"}), ("concat", {"num_experts": 4})):
         out = tmp_path / method
@@ -592,4 +595,6 @@ def test_multimodal_fp8_checkpoint_converts_to_the_dequantized_text_model(calib_
     out = tmp_path / "dense"
     build_dense(make_config(quantized, "router_weighted", calib_dir), str(out), OPTIONS)
     assert not [name for name in load_file(out / "model.safetensors") if "scale_inv" in name]
-    torch.testing.assert_close(logits_of(out, IDS), _text_logits(dequantized, "qwen3_5_moe"), rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        logits_of(out, IDS), multimodal_text_logits(dequantized, "qwen3_5_moe", IDS), rtol=0, atol=1e-5
+    )

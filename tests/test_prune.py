@@ -19,6 +19,7 @@ from helpers import (
     logits_of,
     make_config,
     make_mixtral,
+    multimodal_text_logits,
     quantize_mxfp4_checkpoint,
     run_cli,
     save_dequantized,
@@ -375,9 +376,7 @@ def test_a_multimodal_checkpoint_prunes_to_its_text_moe(model_type, tokenizer_di
     logits; pruned to 2 it loads with 2 experts and no missing or unexpected key."""
     family = MULTIMODAL_SPECS[model_type][0]
     moe = make_multimodal_moe(model_type, tmp_path / "mm", tokenizer_dir)
-    multimodal = transformers.AutoModelForImageTextToText.from_pretrained(moe, dtype=torch.float32).eval()
-    with torch.no_grad():  # Llama 4's full forward needs pixel values: its language model alone
-        expected = (multimodal.language_model if model_type == "llama4" else multimodal)(input_ids=IDS).logits
+    expected = multimodal_text_logits(moe, model_type, IDS)
     every = tmp_path / "every"
     build_dense(make_config(moe, "prune_experts", calib_dir, num_experts=4), str(every), OPTIONS)
     assert json.loads((every / "config.json").read_text())["model_type"] == family
