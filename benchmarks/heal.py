@@ -132,17 +132,6 @@ def run(args) -> str:
     rows: list[tuple[str, int | None, typing.Any]] = []
     notes: list[str] = []
 
-    moe_ppl = score(testbed.moe, test_docs, seq_len, limit)
-    rows.append(("MoE (teacher)", total_tokens, moe_ppl))
-    top_k = json.loads((testbed.moe / "config.json").read_text())["num_experts_per_tok"]
-    if args.throughput_only:
-        method, params = ("concat", {"num_experts": top_k}) if scratch else ("router_weighted", {})
-        student = convert(
-            testbed.moe, testbed.calib_dir, work / "student", method, {**params, "refit": "down_proj"}, seq_len
-        )
-        return measure_throughput(
-            student, testbed.moe, train_dir, work, seq_len, batch, args.lrs[0], args.throughput_steps
-        )["text"]
     top_k = json.loads((testbed.moe / "config.json").read_text())["num_experts_per_tok"]
     if scratch:
         label, method, params = f"concat m={top_k} + refit: down_proj", "concat", {"num_experts": top_k}
@@ -151,6 +140,12 @@ def run(args) -> str:
     student = convert(
         testbed.moe, testbed.calib_dir, work / "student", method, {**params, "refit": "down_proj"}, seq_len
     )
+    if args.throughput_only:
+        return measure_throughput(
+            student, testbed.moe, train_dir, work, seq_len, batch, args.lrs[0], args.throughput_steps
+        )["text"]
+    moe_ppl = score(testbed.moe, test_docs, seq_len, limit)
+    rows.append(("MoE (teacher)", total_tokens, moe_ppl))
     rows.append((f"{label} (retraining-free)", 0, score(student, test_docs, seq_len, limit)))
     fit = convert(testbed.moe, testbed.calib_dir, work / "fit", method, {**params, "refit": "fit"}, seq_len)
     rows.append((f"{label.replace('down_proj', 'fit')} (retraining-free)", 0, score(fit, test_docs, seq_len, limit)))
