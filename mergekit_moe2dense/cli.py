@@ -40,8 +40,9 @@ class Interrupted(click.ClickException):
 
 
 def _interrupted_before_main(_signum, _frame):
-    """Ctrl-C after this module is imported but before the command group starts (the console
-    script's wrapper still runs a few lines): nothing to clean up yet, so exit at once."""
+    """Ctrl-C after this module is imported but before a command runs (the console script's
+    wrapper, click's start and the parsing, with the imports it triggers): nothing has been
+    written yet, so exit at once."""
     sys.stderr.write("Error: interrupted\n")
     sys.stderr.flush()
     os._exit(INTERRUPTED_EXIT_CODE)
@@ -89,12 +90,6 @@ class DefaultCommandGroup(click.Group):
 
     default_command = "merge"
 
-    def main(self, *args, **kwargs):
-        # From here on an interrupt is a KeyboardInterrupt again, so cleanups (staging) run.
-        if signal.getsignal(signal.SIGINT) is _interrupted_before_main:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-        return super().main(*args, **kwargs)
-
     def list_commands(self, ctx):
         return sorted({*self.commands, self.default_command})
 
@@ -114,6 +109,11 @@ class DefaultCommandGroup(click.Group):
 
     def invoke(self, ctx):
         with interrupts_as_errors():
+            # From here on an interrupt is a KeyboardInterrupt again, so cleanups (staging) run.
+            # Restored here, not in click's `main`: there, before parsing, click would turn it into
+            # "Aborted!" and status 1; until here nothing has been written, so exiting is safe.
+            if signal.getsignal(signal.SIGINT) is _interrupted_before_main:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
             return super().invoke(ctx)
 
 
