@@ -16,6 +16,7 @@ stays near one layer's experts whatever the number of layers.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import threading
 import uuid
@@ -121,7 +122,8 @@ class MergeExperts(Task[torch.Tensor]):
         dtype = dtype_from_name(self.dtype) if self.dtype else None
 
         def load(e: int) -> torch.Tensor:
-            value = reader.read_slice(self.slices[e], dtype=dtype)  # a quantized expert dequantizes to it
+            # into a reused buffer: weighted_sum adds each expert before it loads the next
+            value = reader.read_transient(self.slices[e], dtype=dtype)  # a quantized expert dequantizes to it
             if dtype is not None and value.dtype != dtype:
                 value = value.to(dtype)
             return value.to(self.device) if self.device else value
@@ -507,8 +509,32 @@ def run_graph(targets: list[Task], options, desc: str = "Merging experts") -> No
         executor = Executor(
             targets=targets, math_device=device, storage_device=device if options.low_cpu_memory else "cpu"
         )
-        for _ in executor.run(quiet=options.quiet, desc=desc):
-            pass
+        with _lean_merge(device):
+            for _ in executor.run(quiet=options.quiet, desc=desc):
+                pass
     finally:
         open_readers.close_all()
         abort_open_writers()
+
+
+@contextlib.contextmanager
+def _lean_merge(device: str) -> Iterator[None]:
+    """The merge's own CPU costs, kept below the disk's (docs/benchmarks.md, "Merge"):
+    - the cyclic garbage collector is frozen on what exists (the imported libraries): each of
+      its passes walked those objects again, ~10% of a merge's CPU time;
+    - on the CPU, torch's intra-op threads leave two cores to the read-ahead and writer
+      threads: the merge's elementwise kernels are memory-bound, and intra-op threads that
+      wait for a core taken by those made each add several times slower (8 GB merge on 2 cores,
+      31.0 s with 2 threads, 23.3 s with 1)."""
+    threads = torch.get_num_threads()
+    if torch.device(device).type == "cpu":
+        torch.set_num_threads(max(1, threads - 2))
+    freeze = gc.get_freeze_count() == 0  # the command line froze them already
+    if freeze:
+        gc.freeze()
+    try:
+        yield
+    finally:
+        if freeze:
+            gc.unfreeze()
+        torch.set_num_threads(threads)

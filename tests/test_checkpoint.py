@@ -92,3 +92,38 @@ def test_read_ahead_reads_the_same_and_stops_on_close(tmp_path, tensors):
         for piece in PIECES:
             assert torch.equal(ahead.read_slice(piece), plain.read_slice(piece))
     assert not thread.is_alive()
+
+
+def test_read_transient_reuses_one_buffer_and_reads_the_same(tmp_path, tensors):
+    reader = write(tmp_path / "model", tensors, "safetensors")
+    buffers = set()
+    for piece in PIECES:
+        value = reader.read_transient(piece)
+        assert torch.equal(value, reader.read_slice(piece)) and value.dtype == reader.read_slice(piece).dtype
+        buffers.add(value.untyped_storage().data_ptr())
+    assert len(buffers) == 1  # grown once to the largest piece read first, or reused
+    first = reader.read_transient(PIECES[0])
+    kept = first.clone()
+    reader.read_transient(PIECES[2])
+    assert not torch.equal(first, kept)  # valid until the next read only: the buffer was reused
+
+
+def test_prefetch_asks_for_the_first_bytes_in_file_order(tmp_path, monkeypatch):
+    from mergekit_moe2dense import prefetch
+
+    model = tmp_path / "model"
+    model.mkdir()
+    for name, size in [("b.safetensors", 3 << 20), ("a.safetensors", 5 << 20), ("notes.txt", 1 << 20)]:
+        (model / name).write_bytes(b"\0" * size)
+    asked = []
+    monkeypatch.setattr(prefetch, "_advise", lambda fd, start, size, advice: asked.append((fd, start, size)))
+    monkeypatch.setattr(prefetch.os, "open", lambda path, flags, _open=os.open: asked.append(path) or _open(path, flags))
+    prefetch.prefetch_model_start(str(model), 6 << 20).join()
+    paths = [entry for entry in asked if isinstance(entry, str)]
+    assert paths == [str(model / "a.safetensors"), str(model / "b.safetensors")]  # name order, shards only
+    chunks = [entry[1:] for entry in asked if isinstance(entry, tuple)]
+    assert all(size <= prefetch.CHUNK for _, size in chunks)
+    assert sum(size for _, size in chunks) == 6 << 20  # all of a, then 1 MB of b
+    assert prefetch.prefetch_model_start(str(tmp_path / "missing"), 1 << 20) is None
+    stop = iter([True, False])
+    assert prefetch.advise_willneed(0, 0, 10 << 20, lambda: next(stop)) == prefetch.CHUNK  # stops when told
