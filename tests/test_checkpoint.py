@@ -117,7 +117,9 @@ def test_prefetch_asks_for_the_first_bytes_in_file_order(tmp_path, monkeypatch):
         (model / name).write_bytes(b"\0" * size)
     asked = []
     monkeypatch.setattr(prefetch, "_advise", lambda fd, start, size, advice: asked.append((fd, start, size)))
-    monkeypatch.setattr(prefetch.os, "open", lambda path, flags, _open=os.open: asked.append(path) or _open(path, flags))
+    monkeypatch.setattr(
+        prefetch.os, "open", lambda path, flags, _open=os.open: asked.append(path) or _open(path, flags)
+    )
     prefetch.prefetch_model_start(str(model), 6 << 20).join()
     paths = [entry for entry in asked if isinstance(entry, str)]
     assert paths == [str(model / "a.safetensors"), str(model / "b.safetensors")]  # name order, shards only
