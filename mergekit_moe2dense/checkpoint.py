@@ -34,7 +34,7 @@ from mergekit_moe2dense.families import (
     text_model_config,
     text_part,
 )
-from mergekit_moe2dense.prefetch import CAN_ADVISE, advise_willneed
+from mergekit_moe2dense.prefetch import CHUNK, read_into_cache
 
 LOG = logging.getLogger(__name__)
 
@@ -391,16 +391,8 @@ class TensorReader:
 
 class _ReadAhead:
     """A thread that keeps the page cache filled `window` bytes past the reader's
-    position, across shard boundaries (shards in name order).
-
-    It asks the kernel to read (`prefetch.advise_willneed`): the disk fills the page cache
-    without the bytes being copied into this process, so the thread costs almost no CPU beside
-    the merge or the forward it runs under (it used to copy every byte into a scratch buffer,
-    which doubled the copying of a merge). Where that call is missing (not Linux), plain reads
-    into one small scratch buffer do the same at a copy's cost.
-    """
-
-    CHUNK = 4 << 20  # the fallback's scratch buffer is RSS: the layer stream budgets memory tightly
+    position, across shard boundaries (shards in name order). Plain reads into one
+    scratch buffer (`prefetch.read_into_cache`): only the page cache holds what it reads."""
 
     def __init__(self, shards: list[str], window: int):
         self.shards, self.window = shards, window
@@ -417,7 +409,7 @@ class _ReadAhead:
         self.thread.join()
 
     def _run(self) -> None:
-        scratch = memoryview(bytearray(self.CHUNK))
+        scratch = memoryview(bytearray(CHUNK))
         done: dict[str, int] = {}  # per shard: read up to here
         while True:
             position = self.positions.get()
@@ -438,26 +430,17 @@ class _ReadAhead:
                 index, offset = index + 1, 0
 
     def _fill(self, shard: str, start: int, end: int, scratch: memoryview) -> int:
-        """Brings shard bytes [start, end) into the page cache in chunks; stops early if the
-        reader moved on."""
-        read = 0
+        """Reads shard bytes [start, end) in chunks; stops early if the reader moved on."""
         try:
             fd = os.open(shard, os.O_RDONLY)
         except OSError:  # the reader itself reports missing files; this is only a hint
             return 0
         try:
-            if CAN_ADVISE:
-                return advise_willneed(fd, start, end, self.positions.empty)
-            while start + read < end and self.positions.empty():
-                count = os.preadv(fd, [scratch[: min(self.CHUNK, end - start - read)]], start + read)
-                if count == 0:
-                    break
-                read += count
+            return read_into_cache(fd, start, end, scratch, self.positions.empty)
         except OSError:
-            pass
+            return 0
         finally:
             os.close(fd)
-        return read
 
 
 def local_model_path(reference: ModelReference) -> str:

@@ -27,7 +27,7 @@ import threading
 import click
 
 from mergekit_moe2dense.errors import Moe2DenseError
-from mergekit_moe2dense.prefetch import prefetch_model_start
+from mergekit_moe2dense.prefetch import available_memory, prefetch_model_start
 
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what shells report for a process killed by Ctrl-C
 
@@ -130,7 +130,7 @@ class DefaultCommandGroup(click.Group):
 def _prefetch_source(config_file: str) -> None:
     """Starts the disk on the source model's first shards (`prefetch.prefetch_model_start`) while
     Python imports torch, transformers and mergekit, ~6 s in which a cold disk would sit idle.
-    Up to 4 GB, and no more than an eighth of the free memory, so the pages are still cached
+    Up to 4 GB, and no more than an eighth of the available memory, so the pages are still cached
     when the run reaches them. Only a hint: a config it cannot read is left to the command."""
     try:
         import yaml
@@ -139,8 +139,7 @@ def _prefetch_source(config_file: str) -> None:
             model = yaml.safe_load(handle)["models"][0]["model"]
         if not isinstance(model, str) or not os.path.isdir(model):
             return
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        prefetch_model_start(model, min(4 << 30, free // 8))
+        prefetch_model_start(model, min(4 << 30, available_memory() // 8))
     except Exception:  # noqa: BLE001 - the command reports a bad config itself
         return
 

@@ -108,24 +108,26 @@ def test_read_transient_reuses_one_buffer_and_reads_the_same(tmp_path, tensors):
     assert not torch.equal(first, kept)  # valid until the next read only: the buffer was reused
 
 
-def test_prefetch_asks_for_the_first_bytes_in_file_order(tmp_path, monkeypatch):
+def test_prefetch_reads_the_first_bytes_in_file_order(tmp_path, monkeypatch):
     from mergekit_moe2dense import prefetch
 
     model = tmp_path / "model"
     model.mkdir()
     for name, size in [("b.safetensors", 3 << 20), ("a.safetensors", 5 << 20), ("notes.txt", 1 << 20)]:
         (model / name).write_bytes(b"\0" * size)
-    asked = []
-    monkeypatch.setattr(prefetch, "_advise", lambda fd, start, size, advice: asked.append((fd, start, size)))
+    opened, reads = [], []
+    real_open, real_preadv = os.open, os.preadv
+    monkeypatch.setattr(prefetch.os, "open", lambda path, flags: opened.append(path) or real_open(path, flags))
     monkeypatch.setattr(
-        prefetch.os, "open", lambda path, flags, _open=os.open: asked.append(path) or _open(path, flags)
+        prefetch.os, "preadv", lambda fd, bufs, at: reads.append((at, len(bufs[0]))) or real_preadv(fd, bufs, at)
     )
     prefetch.prefetch_model_start(str(model), 6 << 20).join()
-    paths = [entry for entry in asked if isinstance(entry, str)]
-    assert paths == [str(model / "a.safetensors"), str(model / "b.safetensors")]  # name order, shards only
-    chunks = [entry[1:] for entry in asked if isinstance(entry, tuple)]
-    assert all(size <= prefetch.CHUNK for _, size in chunks)
-    assert sum(size for _, size in chunks) == 6 << 20  # all of a, then 1 MB of b
+    assert opened == [str(model / "a.safetensors"), str(model / "b.safetensors")]  # name order, shards only
+    assert all(size <= prefetch.CHUNK for _, size in reads)
+    assert sum(size for _, size in reads) == 6 << 20  # all of a, then 1 MB of b
     assert prefetch.prefetch_model_start(str(tmp_path / "missing"), 1 << 20) is None
     stop = iter([True, False])
-    assert prefetch.advise_willneed(0, 0, 10 << 20, lambda: next(stop)) == prefetch.CHUNK  # stops when told
+    with open(model / "a.safetensors", "rb") as handle:  # stops when told
+        scratch = memoryview(bytearray(prefetch.CHUNK))
+        assert prefetch.read_into_cache(handle.fileno(), 0, 5 << 20, scratch, lambda: next(stop)) == prefetch.CHUNK
+    assert prefetch.available_memory() > 0

@@ -234,3 +234,41 @@ def test_statistics_without_contributions_ask_for_recalibration(random_moe, cali
         config(moe, "concat", calib_dir, score="frequency"), str(tmp_path / "freq"), OPTIONS, stats_path=str(old)
     )
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_recording_contributions_leaves_the_forward_unchanged(random_moe, calib_dir, dtype):
+    """The recorder runs the experts once, on every (token, chosen expert) pair: the logits are
+    the plain forward's bit for bit, the recorded contributions are the recomputing hook's, and
+    on exit the experts modules have their class's forward again."""
+    from mergekit_moe2dense.calibration.runner import RouterRecorder, _empty_statistics
+
+    path = random_moe["fused"]
+    calibration = CalibrationConfig(dataset=str(calib_dir), max_token_samples=0, engine="full", **CALIB)
+    _, batches = load_calibration_batches(str(path), calibration)
+    model = load_moe(str(path), device="cpu", dtype=dtype)
+    source = SourceModel.open(ModelReference.parse(str(path)))
+    family = source.family
+
+    def run(contributions_in_forward: bool):
+        monkey = type(family)  # a copy of the family with the flag set
+        copy = monkey(**{**family.__dict__, "contributions_in_forward": contributions_in_forward})
+        stats, sample_ids, _ = _empty_statistics(model.config, copy, batches, 0, 0)
+        logits = []
+        with RouterRecorder(model, copy, stats, sample_ids) as recorder, torch.no_grad():
+            for batch in batches:
+                recorder.begin_batch(batch)
+                logits.append(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits)
+        return logits, stats
+
+    with torch.no_grad():
+        plain = [model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits for b in batches]
+    recorded, stats = run(True)
+    recomputed, reference = run(False)
+    assert all(torch.equal(a, b) and torch.equal(c, b) for a, b, c in zip(recorded, plain, recomputed))
+    assert stats.contribution_sum.abs().sum() > 0
+    torch.testing.assert_close(
+        stats.contribution_sum, reference.contribution_sum, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-6
+    )
+    for layer in family.moe_layer_indices(model.config):
+        assert "forward" not in vars(model.get_submodule(family.experts_module(layer)))

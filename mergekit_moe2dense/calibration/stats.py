@@ -111,6 +111,22 @@ class RouterStatistics:
         """Add sum_t g_te ||y_te|| for the (non-padding) tokens routed to `expert`."""
         self.contribution_sum[position, expert] += float((weights.double() * outputs.double().norm(dim=-1)).sum())
 
+    def update_contributions(
+        self,
+        position: int,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        outputs: torch.Tensor,
+        keep: torch.Tensor,
+    ) -> None:
+        """`update_contribution` for every expert at once: the chosen experts' outputs [T, k, H]
+        of one batch, their indices and weights [T, k]; `keep` masks padding."""
+        keep = keep.to(outputs.device)
+        norms = outputs[keep].float().norm(dim=-1).double()  # norms in float32: no float64 copy of [T, k, H]
+        saliency = (top_k_weights[keep].double() * norms).reshape(-1).cpu()
+        index = top_k_index[keep].reshape(-1).cpu()
+        self.contribution_sum[position].scatter_add_(0, index, saliency)
+
     # -- accumulation ----------------------------------------------------------
     def update_shared_gate(self, position: int, gate: torch.Tensor, keep: torch.Tensor) -> None:
         """Add one batch of a layer's shared-expert gate values ([tokens], padding masked by `keep`)."""

@@ -108,6 +108,10 @@ class MoEFamily:
     # last one that transformers does not build (DeepSeek-V3's and GLM-4.5's multi-token-prediction
     # layers, `model.layers.{num_hidden_layers}.*`): those are not part of the model, not copied
     unbuilt_layers: str | None = None
+    # whether the experts module's forward(hidden, top-k index, top-k weights) is linear in the
+    # weights (the block adds sum_k w_k y_k): calibration then records each chosen expert's
+    # output in that forward (`RouterRecorder`) instead of recomputing it (`expert_contributions`)
+    contributions_in_forward: bool = True
 
     def supports(self, config: transformers.PretrainedConfig) -> bool:
         return getattr(config, "model_type", None) in self.model_types

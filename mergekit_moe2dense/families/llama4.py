@@ -142,6 +142,7 @@ LLAMA4_TEXT = Llama4Family(
     keys=ConfigKeys(experts="num_local_experts", expert_width="intermediate_size", dense_width="intermediate_size_mlp"),
     layouts=(EXPERTS,),
     renormalize=False,  # the router's scores are calibrated: routed_input_scale
+    contributions_in_forward=False,  # its experts take inputs scaled by the router (not linear in the weights)
     sparse_layers=SparseLayers(sparse_list="moe_layers"),
     shared=SharedExperts(
         gate="{block}.shared_expert.gate_proj.weight",
