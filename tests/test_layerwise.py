@@ -257,3 +257,40 @@ def test_stream_carries_activations_in_the_calibration_dtype(random_moe, calib_d
     assert layer_compute_dtype(torch.bfloat16, "cpu", native=True) == torch.bfloat16
     assert layer_compute_dtype(torch.bfloat16, "cpu", torch.bfloat16, native=False) == torch.bfloat16
     assert layer_compute_dtype(torch.float32, "cpu", native=False) == torch.float32
+
+
+def test_next_layer_reuses_the_freed_layers_memory_but_not_what_is_held(random_moe, calib_dir, monkeypatch):
+    """A freed layer's tensors become the next layer's parameters of the same shape (no fresh
+    pages to fault in per layer), read from the checkpoint like new ones; a tensor something
+    else still holds (a visitor's reference, a view) keeps its memory and its values."""
+    from mergekit_moe2dense.calibration import LayerStream
+
+    path = random_moe["fused"]
+    source = SourceModel.open(ModelReference.parse(str(path)))
+    _, batches = load_calibration_batches(str(path), calibration(calib_dir))
+    with LayerStream(source, batches) as stream:
+        layer = stream.load_layer(0)
+        experts = layer.mlp.experts
+        reused = experts.gate_up_proj.data_ptr()
+        held = experts.down_proj  # a visitor keeps a parameter
+        view = layer.self_attn.q_proj.weight[:2]  # and a view of another
+        held_values, view_values = held.detach().clone(), view.clone()
+        stream.free_layer(0)
+        fresh, empty_like = [], torch.empty_like
+        monkeypatch.setattr(torch, "empty_like", lambda t, **kw: fresh.append(tuple(t.shape)) or empty_like(t, **kw))
+        layer = stream.load_layer(1)
+        monkeypatch.undo()
+        # new memory only for the two tensors held (every parameter of layer 0 is of its shape)
+        assert sorted(fresh) == sorted([tuple(held.shape), tuple(layer.self_attn.q_proj.weight.shape)])
+        assert layer.mlp.experts.gate_up_proj.data_ptr() == reused
+        assert layer.mlp.experts.down_proj.data_ptr() != held.data_ptr()
+        assert layer.self_attn.q_proj.weight.data_ptr() != view.data_ptr()
+        assert torch.equal(held, held_values) and torch.equal(view, view_values)
+        for name, value in layer.named_parameters():  # every parameter is layer 1's, as stored
+            stored = f"model.layers.1.{name}".replace("mlp.experts", "block_sparse_moe.experts")
+            if stored in source.index.tensor_paths:
+                assert torch.equal(value, source.reader.read(stored)), name
+        assert torch.equal(
+            layer.mlp.experts.gate_up_proj, stream._reader.read("model.layers.1.mlp.experts.gate_up_proj")
+        )
+        assert not stream._reusable  # what was not taken is not kept

@@ -59,6 +59,7 @@ import functools
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 
@@ -184,6 +185,7 @@ class LayerStream:
         self._hidden: list[torch.Tensor | None] = [None] * len(batches)
         self._kwargs: list[list[dict]] = []  # [batch][layer]
         self._current = 0  # the decoder layer loaded last
+        self._reusable: dict[tuple, list[torch.Tensor]] = {}  # the last freed layer's tensors, by (shape, dtype)
         # reads the next layer's bytes while this one computes
         self._reader = TensorReader(source.index, readahead=READAHEAD_BYTES)
         self._moe_layers: dict[int, MoELayer] = {layer.index: layer for layer in source.moe_layers()}
@@ -284,12 +286,31 @@ class LayerStream:
         """Materialise decoder layer `index` in place from the checkpoint."""
         layer = self.layers[index]
         self._current = index
-        self._materialise(layer, f"{self._layers_path}.{index}", self._moe_layers.get(index))
+        try:
+            self._materialise(layer, f"{self._layers_path}.{index}", self._moe_layers.get(index))
+        finally:
+            self._reusable.clear()  # what this layer did not take: freed, at most one layer is held
         return layer
 
     def free_layer(self, index: int) -> None:
-        self.layers[index].to_empty(device="meta")
+        """Back to the meta device; the layer's tensors that nothing else holds are kept for the
+        next layer's parameters of the same shape (`_reusable`). Fresh memory for every layer cost
+        a page fault per 4 KB while the checkpoint was read into it (the reads ran at 1.3 instead
+        of 12 GB/s out of the page cache), a third of a streamed calibration's time."""
+        layer = self.layers[index]
+        self._reusable.clear()
+        for module in layer.modules():
+            for store in (module._parameters, module._buffers):
+                for tensor in store.values():
+                    if tensor is not None and _owned_by_module_alone(tensor):
+                        self._reusable.setdefault((tuple(tensor.shape), tensor.dtype), []).append(tensor.detach())
+        layer.to_empty(device="meta")
         release_freed_memory()
+
+    def _empty_like(self, template: torch.Tensor) -> torch.Tensor:
+        """Storage for a meta parameter or buffer: a freed layer's of its shape and dtype, else new."""
+        reusable = self._reusable.get((tuple(template.shape), template.dtype))
+        return reusable.pop() if reusable else torch.empty_like(template, device=self.device)
 
     def run(self, visitor: LayerVisitor, *, desc: str = "Calibrating", progress: bool = True) -> None:
         """The layer loop: every decoder layer in turn is loaded, shown to `visitor`, run
@@ -364,7 +385,7 @@ class LayerStream:
     def _materialise(self, module: torch.nn.Module, prefix: str, moe: MoELayer | None = None) -> None:
         """Fill `module`'s parameters in place, one checkpoint tensor at a time, so the
         peak is the layer itself plus one tensor (no second copy of the layer)."""
-        module.to_empty(device=self.device)
+        module._apply(self._empty_like)  # as to_empty(device), on the freed layer's memory where it fits
         targets = dict(module.named_parameters())
         targets.update(dict(module.named_buffers()))
         fill_experts = self._expert_fillers(moe) if moe is not None else {}
@@ -409,6 +430,16 @@ class LayerStream:
         for memory_name, name in moe.renamed.items():
             result[memory_name] = functools.partial(lambda stored, t: self._reader.read(stored, out=t), name)
         return result
+
+
+def _owned_by_module_alone(tensor: torch.Tensor) -> bool:
+    """Whether only its module holds `tensor` and no other tensor shares its memory: references
+    from the module's dict, the caller's variable and this argument (and getrefcount's own), and
+    one tensor on its storage (plus the storage object asked for here). Anything a visitor or a
+    hook kept (a parameter, a view of it) is left alone, never overwritten by the next layer."""
+    if tensor.device.type == "meta":
+        return False
+    return sys.getrefcount(tensor) <= 4 and torch._C._storage_Use_Count(tensor.untyped_storage()._cdata) <= 2
 
 
 def _name(dtype: torch.dtype) -> str:
