@@ -98,6 +98,7 @@ class DefaultCommandGroup(click.Group):
     def get_command(self, ctx, name):
         if name == self.default_command and name not in self.commands:
             self.add_command(merge_command())
+        _collector_on()  # the imports are done
         return super().get_command(ctx, name)
 
     def parse_args(self, ctx, args):
@@ -105,10 +106,14 @@ class DefaultCommandGroup(click.Group):
             args = [self.default_command, *args]
         if len(args) > 1 and args[0] == self.default_command:
             _prefetch_source(args[1])  # before get_command's imports
-        # The imports (torch, transformers, mergekit: ~6 s) make few cycles, but trigger collector
-        # passes over everything imported so far: ~1.2 s of them. Collected again in `invoke`.
+        # The imports (torch, transformers, mergekit: ~6 s, in get_command) make few cycles, but
+        # trigger collector passes over everything imported so far: ~1.2 s of them
         gc.disable()
-        return super().parse_args(ctx, args)
+        try:
+            return super().parse_args(ctx, args)
+        except BaseException:
+            _collector_on()
+            raise
 
     def make_context(self, *args, **kwargs):
         with interrupts_as_errors():
@@ -121,10 +126,18 @@ class DefaultCommandGroup(click.Group):
             # "Aborted!" and status 1; until here nothing has been written, so exiting is safe.
             if signal.getsignal(signal.SIGINT) is _interrupted_before_main:
                 signal.signal(signal.SIGINT, signal.default_int_handler)
-            if not gc.isenabled():  # the imported libraries' objects need no further collector passes
-                gc.freeze()
-                gc.enable()
-            return super().invoke(ctx)
+            try:
+                return super().invoke(ctx)
+            finally:
+                _collector_on()
+
+
+def _collector_on() -> None:
+    """The garbage collector back on after the imports, their objects frozen: they need no
+    further collector passes."""
+    if not gc.isenabled():
+        gc.freeze()
+        gc.enable()
 
 
 def _prefetch_source(config_file: str) -> None:

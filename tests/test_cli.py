@@ -212,4 +212,6 @@ def test_merge_prefetches_the_source_and_ignores_configs_it_cannot_read(random_m
     result = CliRunner().invoke(cli.main, [str(good), str(out)])  # the collector is back on when it runs
     assert result.exit_code == 0, result.output
     assert gc.isenabled()
+    result = CliRunner().invoke(cli.main, [str(good)])  # a usage error: on again as well
+    assert result.exit_code == 2 and gc.isenabled()
     gc.unfreeze()
