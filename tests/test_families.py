@@ -598,3 +598,19 @@ def test_multimodal_fp8_checkpoint_converts_to_the_dequantized_text_model(calib_
     torch.testing.assert_close(
         logits_of(out, IDS), multimodal_text_logits(dequantized, "qwen3_5_moe", IDS), rtol=0, atol=1e-5
     )
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_SPECS))
+def test_contributions_recorded_in_the_experts_forward_in_every_family(family, tokenizer_dir, calib_dir, tmp_path):
+    """Random (not identical) experts: with the recorder on (in the experts' forward, or Llama 4's
+    hook), each family's logits are its plain forward's, and the contributions are the recomputing hook's (which reads each expert's
+    weights itself), so no expert's output goes to another's statistic."""
+    from test_concat_refit import _recorded_and_plain_logits
+
+    path = make_family_moe(family, tmp_path / family, tokenizer_dir, seed=3)
+    recorded, plain, stats, _ = _recorded_and_plain_logits(path, calib_dir, torch.float32, None)  # its own way
+    _, _, reference, _ = _recorded_and_plain_logits(path, calib_dir, torch.float32, False)
+    for a, b in zip(recorded, plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # eager experts may sum in another order
+    assert stats.contribution_sum.abs().sum() > 0
+    torch.testing.assert_close(stats.contribution_sum, reference.contribution_sum, rtol=1e-5, atol=1e-6)

@@ -41,7 +41,8 @@ class RouterRecorder:
         self._keep: torch.Tensor | None = None
         self._rows = self._slots = None
         self._handles = []
-        self._recording: list[torch.nn.Module] = []  # experts modules whose forward records contributions
+        # experts modules whose forward records contributions, with the instance's own forward if any
+        self._recording: list[tuple[torch.nn.Module, Callable | None]] = []
         self._counting = True
 
     def __enter__(self) -> RouterRecorder:
@@ -54,8 +55,9 @@ class RouterRecorder:
                 self._handles.append(module.register_forward_hook(self._shared_gate_hook(position)))
             experts = self.model.get_submodule(self.family.experts_module(layer))
             if self.family.contributions_in_forward:
+                # an instance's own forward (accelerate's hooks under a device_map) is wrapped, and kept
+                self._recording.append((experts, vars(experts).get("forward")))
                 experts.forward = self._recording_forward(position, experts.forward)
-                self._recording.append(experts)
             else:
                 self._handles.append(experts.register_forward_hook(self._contribution_hook(position)))
         return self
@@ -64,8 +66,11 @@ class RouterRecorder:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        for experts in self._recording:
-            del experts.forward  # the class's own again
+        for experts, own in self._recording:
+            if own is None:
+                del experts.forward  # the class's own again
+            else:
+                experts.forward = own
         self._recording.clear()
 
     def _hook(self, position: int):
