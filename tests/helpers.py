@@ -294,3 +294,37 @@ class StopAfterSave(transformers.TrainerCallback):
 def state_of(path) -> dict[str, torch.Tensor]:
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     return {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+
+def recorded_and_plain_logits(path, calib_dir, dtype, contributions_in_forward, own_forward=None):
+    """(logits with the recorder on, logits without, its statistics) of the MoE at `path`."""
+    from mergekit.common import ModelReference
+
+    from mergekit_moe2dense.calibration import load_calibration_batches, load_moe
+    from mergekit_moe2dense.calibration.runner import RouterRecorder, _empty_statistics
+    from mergekit_moe2dense.checkpoint import SourceModel
+    from mergekit_moe2dense.config import CalibrationConfig
+
+    calibration = CalibrationConfig(
+        dataset=str(calib_dir), max_token_samples=0, engine="full", num_samples=6, seq_len=24, batch_size=3
+    )
+    _, batches = load_calibration_batches(str(path), calibration)
+    model = load_moe(str(path), device="cpu", dtype=dtype)
+    family = SourceModel.open(ModelReference.parse(str(path))).family
+    if contributions_in_forward is not None:  # else the family's own
+        family = type(family)(**{**family.__dict__, "contributions_in_forward": contributions_in_forward})
+    layers = family.moe_layer_indices(model.config)
+    if own_forward is not None:  # an instance forward, as accelerate's hooks set under a device_map
+        for layer in layers:
+            experts = model.get_submodule(family.experts_module(layer))
+            experts.forward = own_forward(experts.forward)
+    with torch.no_grad():
+        plain = [model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits for b in batches]
+        stats, sample_ids, _ = _empty_statistics(model.config, family, batches, 0, 0)
+        recorded = []
+        with RouterRecorder(model, family, stats, sample_ids) as recorder:
+            for batch in batches:
+                recorder.begin_batch(batch)
+                recorded.append(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits)
+    forwards = [vars(model.get_submodule(family.experts_module(layer))).get("forward") for layer in layers]
+    return recorded, plain, stats, forwards

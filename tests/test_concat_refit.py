@@ -12,7 +12,7 @@ import transformers
 from mergekit.common import ModelReference
 from mergekit.options import MergeOptions
 
-from helpers import logits_of
+from helpers import logits_of, recorded_and_plain_logits
 from mergekit_moe2dense.build import WEIGHTS_FILE, build_dense
 from mergekit_moe2dense.calibration import collect_statistics, load_calibration_batches, load_moe
 from mergekit_moe2dense.calibration.sequential import DenseMLP, refit_layers
@@ -236,40 +236,13 @@ def test_statistics_without_contributions_ask_for_recalibration(random_moe, cali
     assert not (tmp_path / "out").exists()
 
 
-def _recorded_and_plain_logits(path, calib_dir, dtype, contributions_in_forward, own_forward=None):
-    """(logits with the recorder on, logits without, its statistics) of the MoE at `path`."""
-    from mergekit_moe2dense.calibration.runner import RouterRecorder, _empty_statistics
-
-    calibration = CalibrationConfig(dataset=str(calib_dir), max_token_samples=0, engine="full", **CALIB)
-    _, batches = load_calibration_batches(str(path), calibration)
-    model = load_moe(str(path), device="cpu", dtype=dtype)
-    family = SourceModel.open(ModelReference.parse(str(path))).family
-    if contributions_in_forward is not None:  # else the family's own
-        family = type(family)(**{**family.__dict__, "contributions_in_forward": contributions_in_forward})
-    layers = family.moe_layer_indices(model.config)
-    if own_forward is not None:  # an instance forward, as accelerate's hooks set under a device_map
-        for layer in layers:
-            experts = model.get_submodule(family.experts_module(layer))
-            experts.forward = own_forward(experts.forward)
-    with torch.no_grad():
-        plain = [model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits for b in batches]
-        stats, sample_ids, _ = _empty_statistics(model.config, family, batches, 0, 0)
-        recorded = []
-        with RouterRecorder(model, family, stats, sample_ids) as recorder:
-            for batch in batches:
-                recorder.begin_batch(batch)
-                recorded.append(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits)
-    forwards = [vars(model.get_submodule(family.experts_module(layer))).get("forward") for layer in layers]
-    return recorded, plain, stats, forwards
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_recording_contributions_leaves_the_forward_unchanged(random_moe, calib_dir, dtype):
     """The recorder runs the experts once, on every (token, chosen expert) pair: the logits are
     the plain forward's bit for bit, the recorded contributions are the recomputing hook's, and
     on exit the experts modules have their class's forward again."""
-    recorded, plain, stats, forwards = _recorded_and_plain_logits(random_moe["fused"], calib_dir, dtype, True)
-    recomputed, _, reference, _ = _recorded_and_plain_logits(random_moe["fused"], calib_dir, dtype, False)
+    recorded, plain, stats, forwards = recorded_and_plain_logits(random_moe["fused"], calib_dir, dtype, True)
+    recomputed, _, reference, _ = recorded_and_plain_logits(random_moe["fused"], calib_dir, dtype, False)
     assert all(torch.equal(a, b) and torch.equal(c, b) for a, b, c in zip(recorded, plain, recomputed))
     assert stats.contribution_sum.abs().sum() > 0
     tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5
@@ -287,7 +260,7 @@ def test_recording_keeps_an_instances_own_forward(random_moe, calib_dir):
 
         return hooked
 
-    recorded, plain, _, forwards = _recorded_and_plain_logits(
+    recorded, plain, _, forwards = recorded_and_plain_logits(
         random_moe["fused"], calib_dir, torch.float32, True, own_forward
     )
     assert all(torch.equal(a, b) for a, b in zip(recorded, plain)) and calls

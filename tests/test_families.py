@@ -23,6 +23,7 @@ from helpers import (
     make_mixtral,
     multimodal_text_logits,
     quantize_fp8_checkpoint,
+    recorded_and_plain_logits,
     save_dequantized,
 )
 from mergekit_moe2dense.build import build_dense
@@ -605,11 +606,9 @@ def test_contributions_recorded_in_the_experts_forward_in_every_family(family, t
     """Random (not identical) experts: with the recorder on (in the experts' forward, or Llama 4's
     hook), each family's logits are its plain forward's, and the contributions are the recomputing hook's (which reads each expert's
     weights itself), so no expert's output goes to another's statistic."""
-    from test_concat_refit import _recorded_and_plain_logits
-
     path = make_family_moe(family, tmp_path / family, tokenizer_dir, seed=3)
-    recorded, plain, stats, _ = _recorded_and_plain_logits(path, calib_dir, torch.float32, None)  # its own way
-    _, _, reference, _ = _recorded_and_plain_logits(path, calib_dir, torch.float32, False)
+    recorded, plain, stats, _ = recorded_and_plain_logits(path, calib_dir, torch.float32, None)  # its own way
+    _, _, reference, _ = recorded_and_plain_logits(path, calib_dir, torch.float32, False)
     for a, b in zip(recorded, plain):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # eager experts may sum in another order
     assert stats.contribution_sum.abs().sum() > 0

@@ -219,6 +219,7 @@ class LayerStream:
         return self
 
     def __exit__(self, *exc) -> None:
+        self._reusable.clear()  # the last freed layer's memory
         self._reader.close()
         if self._spill is not None:
             shutil.rmtree(self._spill, ignore_errors=True)

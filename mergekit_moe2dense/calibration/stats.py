@@ -125,7 +125,10 @@ class RouterStatistics:
         norms = outputs[keep].float().norm(dim=-1).double()  # norms in float32: no float64 copy of [T, k, H]
         saliency = (top_k_weights[keep].double() * norms).reshape(-1).cpu()
         index = top_k_index[keep].reshape(-1).cpu()
-        self.contribution_sum[position].scatter_add_(0, index, saliency)
+        # the batch's sums first, then added: the order a split calibration adds them in (distributed.py)
+        self.contribution_sum[position] += torch.zeros(self.num_experts, dtype=torch.float64).scatter_add_(
+            0, index, saliency
+        )
 
     # -- accumulation ----------------------------------------------------------
     def update_shared_gate(self, position: int, gate: torch.Tensor, keep: torch.Tensor) -> None:
