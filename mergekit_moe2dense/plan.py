@@ -125,15 +125,14 @@ def block_dim(projection: str) -> int:
 
 def assemble(plan: LayerPlan, load: Callable[[ExpertSlice], torch.Tensor]) -> dict[str, torch.Tensor]:
     """The dense projections of `plan` in memory, in float32: per block sum_e w_e W_e
-    (`block_terms`), scaled, concatenated."""
+    (`block_terms`; the merge's kernel, one expert in memory at a time), scaled, concatenated."""
+    from mergekit_moe2dense.methods.kernel import weighted_sum  # the methods import this module
+
     result = {}
     for projection in PROJECTIONS:
         parts = []
         for terms in block_terms(plan, projection):
-            if terms.shared is not None:
-                part = load(terms.slices[0]).float()
-            else:
-                part = sum(w * load(piece).float() for w, piece in zip(terms.weights, terms.slices))
-            parts.append(part if terms.scale == 1.0 else part * terms.scale)
-        result[projection] = torch.cat(parts, dim=block_dim(projection))
+            part = weighted_sum(lambda e, slices=terms.slices: load(slices[e]), terms.weights).float()
+            parts.append(part if terms.scale == 1.0 else part.mul_(terms.scale))
+        result[projection] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=block_dim(projection))
     return result

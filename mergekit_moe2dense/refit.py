@@ -125,20 +125,65 @@ def fit_down_proj(stats: LeastSquaresStats, damping: float, free: int = 0) -> to
     features (a ones column: D*'s last column is the down bias) are not damped.
 
     The damping is added to the running Gram matrix in place and taken off again after the
-    solve (no copy of the [I, I] matrix beside the solver's own factorisation)."""
+    solve; on the CPU the damped matrix is also factored in place (`_cholesky_solve_in_place`):
+    the solver's own copy of it was the re-fit's largest allocation (100 MB at I = 3584)."""
     gram = stats.gram
     damped = gram.diagonal()[: gram.shape[0] - free]
     lam = _damping(damped, damping)
-    saved = damped.clone()
+    saved = gram.diagonal().clone()
     inference = torch.inference_mode(gram.is_inference())  # sums made in a calibration forward
     with inference:
         damped.add_(lam)
-    try:
-        solution = torch.linalg.solve(gram, stats.cross)  # [I, H]
-    finally:
-        with inference:
-            damped.copy_(saved)  # exactly the sums again
-    return solution.T.contiguous()
+        try:
+            solution = (
+                _cholesky_solve_in_place(gram, stats.cross)
+                if gram.device.type == "cpu" and gram.is_contiguous()
+                else None
+            )
+            if solution is None:  # on a GPU, or not positive definite in floating point
+                solution = torch.linalg.solve(gram, stats.cross).T.contiguous()
+        finally:
+            gram.diagonal().copy_(saved)  # exactly the sums again
+    return solution
+
+
+def _cholesky_solve_in_place(gram: torch.Tensor, cross: torch.Tensor) -> torch.Tensor | None:
+    """(gram^-1 cross)^T [H, I] by LAPACK's Cholesky factorisation, written over gram's upper
+    triangle and diagonal: a row-major symmetric matrix is its own column-major transpose, so
+    `potrf` takes it without a copy and leaves the strict lower triangle alone, from which the
+    upper one is copied back (and the diagonal from a copy). None where gram is not positive
+    definite in floating point. Either way gram is left as it was.
+
+    The running sums are symmetric bit for bit (entry (i, j) and (j, i) add the same products
+    in the same order; `test_refit_memory` checks it), so the copy gives them back exactly."""
+    import numpy as np
+    from scipy.linalg import lapack
+
+    matrix = gram.numpy().T  # the same memory, column-major
+    diagonal = gram.diagonal().clone()
+    factor, info = lapack.dpotrf(matrix, lower=1, clean=0, overwrite_a=1)
+    if not np.shares_memory(factor, matrix):
+        raise RuntimeError("LAPACK's potrf copied the Gram matrix")  # f2py takes it as is: never
+    solution = None
+    if info == 0:
+        # a column-major copy of cross [I, H], solved in place: its transpose is D* in row-major
+        rhs, info = lapack.dpotrs(factor, np.asfortranarray(cross.numpy()), lower=1, overwrite_b=1)
+        solution = torch.from_numpy(rhs.T) if info == 0 else None
+    _mirror_lower_to_upper(gram)
+    gram.diagonal().copy_(diagonal)
+    return solution
+
+
+def _mirror_lower_to_upper(matrix: torch.Tensor, block: int = 512) -> None:
+    """matrix's strict upper triangle := its strict lower one, transposed; a block of rows at a
+    time (no temporary the size of the matrix)."""
+    size = matrix.shape[0]
+    for start in range(0, size, block):
+        end = min(start + block, size)
+        matrix[start:end, end:].copy_(matrix[end:, start:end].T)
+        square = matrix[start:end, start:end]
+        upper = torch.ones_like(square, dtype=torch.bool).triu_(1)
+        square[upper] = square.T[upper]
 
 
 def fit_channel_scale(stats: LeastSquaresStats) -> torch.Tensor:
@@ -152,8 +197,13 @@ def fit_channel_scale(stats: LeastSquaresStats) -> torch.Tensor:
 def squared_error(stats: LeastSquaresStats, down: torch.Tensor) -> float:
     """sum_t ||y_t - D h_t||^2 from the running sums:
     ||Y||^2 - 2 tr(D H^T Y) + tr(D H^T H D^T)."""
-    d = down.double().to(stats.gram.device)
-    return stats.yy - 2.0 * float((d.T * stats.cross).sum()) + float(((d @ stats.gram) * d).sum())
+    total, start = stats.yy, 0
+    for rows in down.split(256):  # a block of D's rows at a time: no [H, I] float64 temporaries
+        d = rows.double().to(stats.gram.device)
+        cross = stats.cross[:, start : start + d.shape[0]]
+        total += float(((d @ stats.gram) * d).sum()) - 2.0 * float((d.T * cross).sum())
+        start += d.shape[0]
+    return total
 
 
 def regmean_merge(
