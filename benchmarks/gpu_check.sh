@@ -152,7 +152,8 @@ if "ratios" in calib:
 merge = scale["merge"]
 rows.append(f"| merge (expert_uniform{', --cuda' if device == 'cuda' else ''}) | {merge['moe2dense']['wall_s']:.1f} s |")
 rows.append(f"| one raw read of the checkpoint | {merge['raw_read']['wall_s']:.1f} s |")
-rows.append(f"| merge / raw read | {merge['ratios']['moe2dense_vs_raw_read']:.2f}x |")
+rows.append(f"| one raw read with O_DIRECT | {merge['raw_read_direct']['wall_s']:.1f} s |")
+rows.append(f"| merge / raw read (mean of before and after) | {merge['ratios']['moe2dense_vs_raw_read']:.2f}x plain, {merge['ratios']['moe2dense_vs_raw_read_direct']:.2f}x O_DIRECT |")
 fit = scale.get("conversion", {}).get("refit_fit", {})
 if "skipped" in fit:
     rows.append(f"| `refit: fit` per layer | skipped: {fit['skipped']} |")

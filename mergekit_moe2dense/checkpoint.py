@@ -14,6 +14,8 @@ import queue
 import re
 import struct
 import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from math import prod
 from typing import Any
@@ -23,6 +25,7 @@ import transformers
 from mergekit.common import ModelReference
 from mergekit.io.lazy_tensor_loader import LazyTensorLoader, ShardedTensorIndex
 
+from mergekit_moe2dense.direct_io import AlignedBuffer, DirectFile
 from mergekit_moe2dense.errors import Moe2DenseError
 from mergekit_moe2dense.families import (
     DEQUANTIZED_FORMATS,
@@ -119,6 +122,9 @@ class SourceModel:
 # How far the merge and the layer stream read ahead of their position (page cache only):
 # measured best of 0.25 / 1 GB on a 30 GB merge (docs/benchmarks.md).
 READAHEAD_BYTES = 1 << 30
+# Direct reads (`TensorReader(direct=True)`): pieces at least this large, read this much at a time
+DIRECT_MIN_BYTES = 256 << 10
+DIRECT_CHUNK_BYTES = 8 << 20
 
 # safetensors' dtype names (the format's spec)
 _SAFETENSORS_DTYPES = {
@@ -191,16 +197,32 @@ class TensorReader:
     read, into the page cache, so the disk works while the caller computes (the
     checkpoint is read mostly in file order: layer after layer). Close the reader
     to stop it.
+
+    With `direct`, tensors are read with `O_DIRECT` instead (`direct_io`: no copy out of the
+    page cache, the merge's largest cost), and `read_many` reads the next piece on a thread
+    while the caller uses this one; where the file system has no `O_DIRECT` the reader reads
+    as without it (and reads ahead with `readahead`).
     """
 
-    def __init__(self, index: ShardedTensorIndex, readahead: int = 0):
+    def __init__(self, index: ShardedTensorIndex, readahead: int = 0, direct: bool = False):
         self.index = index
         self._headers: dict[str, tuple[int, dict[str, Any]]] = {}
         self._local = threading.local()  # read_transient's buffer, one per thread
         self._fallback = None
         if not index.is_safetensors:
             self._fallback = LazyTensorLoader(index.stored_index() if hasattr(index, "stored_index") else index)
-        self._ahead = _ReadAhead(self._shard_paths(), readahead) if readahead and self._fallback is None else None
+        self._direct: dict[str, DirectFile | None] | None = None  # shard -> its direct reader (None: none)
+        self._direct_lock = threading.Lock()
+        self._worker: ThreadPoolExecutor | None = None
+        shards = self._shard_paths()
+        if direct and self._fallback is None and shards:
+            self._direct = {}
+            if self._direct_file(shards[0]) is None:
+                self._direct = None  # no O_DIRECT on this file system
+        if readahead and self._fallback is None and self._direct is None:
+            self._ahead = _ReadAhead(shards, readahead)
+        else:
+            self._ahead = None
 
     def __enter__(self) -> TensorReader:
         return self
@@ -209,10 +231,25 @@ class TensorReader:
         self.close()
 
     def close(self) -> None:
-        """Stops the read-ahead thread, if any."""
+        """Stops the read-ahead thread, if any, and closes the direct readers' files."""
         if self._ahead is not None:
             self._ahead.close()
             self._ahead = None
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker = None
+        with self._direct_lock:
+            for file in (self._direct or {}).values():
+                if file is not None:
+                    file.close()
+            if self._direct:
+                self._direct.clear()
+
+    def _direct_file(self, path: str) -> DirectFile | None:
+        with self._direct_lock:
+            if path not in self._direct:
+                self._direct[path] = DirectFile.open(path)
+            return self._direct[path]
 
     def _shard_paths(self) -> list[str]:
         return sorted(os.path.join(self.index.base_path, shard.filename) for shard in self.index.shards)
@@ -301,6 +338,56 @@ class TensorReader:
             return self._read_bytes(piece, self._scratch(stored, shape))  # as stored, as read_slice gives it
         return self.read_slice(piece, dtype=dtype)
 
+    def read_many(self, pieces: Sequence[ExpertSlice], dtype: torch.dtype | None = None) -> Iterator[torch.Tensor]:
+        """`read_transient` of each piece in turn, each valid until the next is taken. With
+        `direct`, the next piece is read on a thread, with O_DIRECT, while the caller uses this
+        one (two reused buffers: the merge's disk and arithmetic overlap)."""
+        located = [self._direct_piece(piece) for piece in pieces]
+        if not any(located):
+            yield from (self.read_transient(piece, dtype) for piece in pieces)
+            return
+        buffers = getattr(self._local, "pipeline", None)
+        if buffers is None:
+            buffers = self._local.pipeline = (AlignedBuffer(), AlignedBuffer())
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moe2dense-direct")
+        pending: dict[int, Future] = {}
+
+        def submit(i: int) -> None:
+            if i < len(pieces) and located[i] is not None:
+                file, start, nbytes = located[i][:3]
+                pending[i] = self._worker.submit(file.read, start, nbytes, buffers[i % 2])
+
+        try:
+            submit(0)
+            for i, piece in enumerate(pieces):
+                submit(i + 1)  # into the buffer of piece i - 1, which the caller is done with
+                if located[i] is None:
+                    yield self.read_transient(piece, dtype)
+                    continue
+                _, _, nbytes, stored, shape = located[i]
+                memory, offset = self._checked(pending.pop(i), piece)
+                yield torch.frombuffer(memory, dtype=torch.uint8, count=nbytes, offset=offset).view(stored).view(shape)
+        finally:
+            for future in pending.values():  # a read still writing into a buffer: let it finish
+                future.cancel() or future.exception()
+
+    def _direct_piece(self, piece: ExpertSlice) -> tuple[DirectFile, int, int, torch.dtype, tuple[int, ...]] | None:
+        """(file, start, nbytes, dtype, shape) of a piece read_many reads directly, else None."""
+        if self._direct is None or not piece.contiguous or piece.units is not None or piece.tensor in self._quantized:
+            return None
+        path, start, stored, shape = self._locate(piece)
+        nbytes = prod(shape) * stored.itemsize
+        file = self._direct_file(path) if nbytes >= DIRECT_MIN_BYTES else None
+        return None if file is None else (file, start, nbytes, stored, shape)
+
+    @staticmethod
+    def _checked(future: Future, piece: ExpertSlice):
+        try:
+            return future.result()
+        except EOFError as error:
+            raise CheckpointError(f"shard ended inside tensor {piece.tensor}: {error}") from None
+
     def _scratch(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         nbytes = prod(shape) * dtype.itemsize
         buffer = getattr(self._local, "scratch", None)
@@ -316,6 +403,19 @@ class TensorReader:
             raise CheckpointError(f"{piece.tensor}: checkpoint shape {list(shape)}, model expects {list(out.shape)}")
         target = out if direct else torch.empty(shape, dtype=dtype)
         buffer = memoryview(target.view(-1).view(torch.uint8).numpy())
+        file = self._direct_file(path) if self._direct is not None and len(buffer) >= DIRECT_MIN_BYTES else None
+        if file is not None:  # O_DIRECT, a chunk at a time through one reused aligned buffer
+            staging = getattr(self._local, "staging", None)
+            if staging is None:
+                staging = self._local.staging = AlignedBuffer()
+            for done in range(0, len(buffer), DIRECT_CHUNK_BYTES):
+                count = min(DIRECT_CHUNK_BYTES, len(buffer) - done)
+                try:
+                    memory, offset = file.read(start + done, count, staging)
+                except EOFError:
+                    raise CheckpointError(f"shard {path} ended inside tensor {piece.tensor}") from None
+                buffer[done : done + count] = memory[offset : offset + count]
+            return target if out is None or direct else out.copy_(target)
         with open(path, "rb", buffering=0) as handle:
             done = 0
             while done < len(buffer):

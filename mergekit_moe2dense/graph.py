@@ -82,7 +82,7 @@ class _OpenReaders:
         path = model.local_path()
         with self._lock:
             if path not in self._readers:
-                self._readers[path] = TensorReader(read_index(path), readahead=READAHEAD_BYTES)
+                self._readers[path] = TensorReader(read_index(path), readahead=READAHEAD_BYTES, direct=True)
             return self._readers[path]
 
     def close_all(self) -> None:
@@ -121,14 +121,19 @@ class MergeExperts(Task[torch.Tensor]):
         reader = open_readers.get(self.model)
         dtype = dtype_from_name(self.dtype) if self.dtype else None
 
-        def load(e: int) -> torch.Tensor:
-            # into a reused buffer: weighted_sum adds each expert before it loads the next
-            value = reader.read_transient(self.slices[e], dtype=dtype)  # a quantized expert dequantizes to it
-            if dtype is not None and value.dtype != dtype:
-                value = value.to(dtype)
-            return value.to(self.device) if self.device else value
+        # into reused buffers, the next expert read while this one is added: weighted_sum adds
+        # each expert before it loads the next, in order
+        with contextlib.closing(
+            reader.read_many(self.slices, dtype=dtype)
+        ) as pieces:  # quantized: dequantized to dtype
 
-        return weighted_sum(load, self.weights)
+            def load(e: int) -> torch.Tensor:
+                value = next(pieces)
+                if dtype is not None and value.dtype != dtype:
+                    value = value.to(dtype)
+                return value.to(self.device) if self.device else value
+
+            return weighted_sum(load, self.weights)
 
 
 class ConcatBlocks(Task[torch.Tensor]):

@@ -48,8 +48,11 @@ def test_scale_benchmark_smoke(tmp_path):
     assert set(merge["ratios"]) == {
         "moe2dense_vs_mergekit_linear",
         "moe2dense_vs_raw_read",
+        "moe2dense_vs_raw_read_direct",
         "peak_rss_moe2dense_vs_mergekit_linear",
     }
+    # the same bytes read plainly and with O_DIRECT (plain too where the file system has none)
+    assert merge["raw_read"]["read_gb_per_s"] > 0 and merge["raw_read_after_direct"]["read_gb_per_s"] > 0
     assert 0 < merge["moe2dense"]["written_bytes"] < merge["mergekit_linear"]["written_bytes"]
     conversion = results["conversion"]  # whole conversions, the peak of each phase
     assert set(conversion) == {"router_weighted", "refit"}

@@ -11,7 +11,9 @@ import torch
 from mergekit.io.lazy_tensor_loader import ShardedTensorIndex
 from safetensors.torch import save_file
 
+from mergekit_moe2dense import checkpoint
 from mergekit_moe2dense.checkpoint import CheckpointError, TensorReader
+from mergekit_moe2dense.direct_io import AlignedBuffer, DirectFile
 from mergekit_moe2dense.families import ExpertSlice
 
 E, I, H = 3, 5, 4
@@ -131,3 +133,92 @@ def test_prefetch_reads_the_first_bytes_in_file_order(tmp_path, monkeypatch):
         scratch = memoryview(bytearray(prefetch.CHUNK))
         assert prefetch.read_into_cache(handle.fileno(), 0, 5 << 20, scratch, lambda: next(stop)) == prefetch.CHUNK
     assert prefetch.available_memory() > 0
+
+
+@pytest.fixture
+def direct_reader(tmp_path, tensors, monkeypatch):
+    """A reader with O_DIRECT reads of every piece (however small), or a skip where tmp_path's
+    file system has none."""
+    monkeypatch.setattr(checkpoint, "DIRECT_MIN_BYTES", 0)
+    plain = write(tmp_path / "model", tensors, "safetensors")
+    reader = TensorReader(plain.index, readahead=1 << 20, direct=True)
+    if reader._direct is None:
+        pytest.skip("no O_DIRECT on this file system")
+    yield reader
+    reader.close()
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_direct_reads_equal_the_stored_tensors(direct_reader, tensors, monkeypatch, cached):
+    """From the disk (O_DIRECT over the aligned range around each piece) or, for pages the page
+    cache holds, with plain reads: the same bytes; no page-cache read-ahead beside them."""
+    monkeypatch.setattr(DirectFile, "resident", lambda self, start, end: cached)
+    assert direct_reader._ahead is None
+    for name, value in tensors.items():
+        assert torch.equal(direct_reader.read(name), value)
+    for piece, value in zip(PIECES, direct_reader.read_many(PIECES)):
+        expected = piece.take(tensors[piece.tensor])
+        assert value.dtype == expected.dtype and torch.equal(value, expected), piece
+
+
+def test_read_many_reads_ahead_into_two_reused_buffers(direct_reader, tmp_path):
+    """The next piece is read while the caller holds this one: two buffers, used in turn, so a
+    piece is valid until the next is taken, not longer; a caller that stops early leaves no read
+    running."""
+    wide = torch.randn(E, 2048, generator=torch.Generator().manual_seed(1))  # experts 8 KB apart
+    reader = TensorReader(write(tmp_path / "wide", {"wide": wide}, "safetensors").index, direct=True)
+    pieces = [ExpertSlice("wide", expert=e) for e in range(E)] * 2
+    taken = []
+    for piece, value in zip(pieces, reader.read_many(pieces)):
+        assert torch.equal(value, wide[piece.expert])
+        taken.append(value)
+    # pieces 0, 2, 4 share one buffer, 1, 3, 5 the other: piece 0's view shows what piece 4 (expert 1)
+    # read into it last, at the same page offset
+    assert torch.equal(taken[0], wide[1]) and torch.equal(taken[1], wide[2])
+
+    stopped = reader.read_many(pieces)
+    next(stopped)
+    stopped.close()  # waits for the read ahead of piece 1
+    assert reader._worker.submit(lambda: "idle").result(timeout=5) == "idle"
+    reader.close()
+
+
+def test_direct_reads_of_a_truncated_shard_are_errors(direct_reader, tensors, tmp_path):
+    shard = tmp_path / "model" / "model.safetensors"
+    os.truncate(shard, os.path.getsize(shard) - 8)
+    last = max(tensors, key=lambda name: direct_reader._locate(ExpertSlice(name))[1])
+    with pytest.raises(CheckpointError, match="ended inside"):
+        direct_reader.read(last)
+    with pytest.raises(CheckpointError, match="ended inside"):
+        list(direct_reader.read_many([ExpertSlice(last)]))
+
+
+def test_without_o_direct_the_reader_reads_plainly_and_ahead(tmp_path, tensors, monkeypatch):
+    """A file system without O_DIRECT (tmpfs): plain reads, with the page-cache read-ahead."""
+    monkeypatch.setattr(DirectFile, "open", classmethod(lambda cls, path: None))
+    plain = write(tmp_path / "model", tensors, "safetensors")
+    with TensorReader(plain.index, readahead=1 << 20, direct=True) as reader:
+        assert reader._direct is None and reader._ahead is not None
+        for piece, value in zip(PIECES, reader.read_many(PIECES)):
+            assert torch.equal(value, plain.read_slice(piece))
+
+
+def test_direct_file_sees_the_page_cache(tmp_path):
+    """`resident` is true for bytes just read plainly; an unaligned read at the end of a file (its
+    aligned range past the end) returns exactly those bytes."""
+    path = tmp_path / "data"
+    payload = os.urandom(3 * 4096 + 123)
+    path.write_bytes(payload)
+    file = DirectFile.open(os.fspath(path))
+    if file is None:
+        pytest.skip("no O_DIRECT on this file system")
+    try:
+        os.pread(file.plain_fd, len(payload), 0)
+        assert file.resident(0, len(payload))
+        buffer = AlignedBuffer()
+        for resident in (True, False):
+            file.resident = lambda start, end, resident=resident: resident
+            memory, offset = file.read(4096 + 5, len(payload) - 4096 - 5, buffer)
+            assert bytes(memory[offset : offset + len(payload) - 4096 - 5]) == payload[4096 + 5 :]
+    finally:
+        file.close()

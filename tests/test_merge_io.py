@@ -7,8 +7,10 @@ from __future__ import annotations
 from math import prod
 
 import pytest
+import torch
 from mergekit.options import MergeOptions
 
+from helpers import state_of
 from mergekit_moe2dense.build import build_dense
 from mergekit_moe2dense.checkpoint import SourceModel, TensorReader
 from mergekit_moe2dense.config import Moe2DenseConfig
@@ -49,3 +51,37 @@ def test_each_byte_read_once_and_one_expert_alive_at_a_time(random_moe, tmp_path
         assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])), name
     assert len(expert_buffers) == 1  # each expert is added to the sum before the next is read
     assert not open_readers._readers  # the run's readers (and read-ahead threads) are closed
+
+
+@pytest.mark.parametrize("layout", ["legacy", "fused"])
+def test_direct_reads_merge_the_same_model(random_moe, tmp_path, monkeypatch, layout):
+    """With O_DIRECT reads of every tensor (here however small) the merged model is the same bit
+    for bit as with plain reads, and every expert slice comes through a direct read."""
+    from mergekit_moe2dense import checkpoint
+    from mergekit_moe2dense.direct_io import DirectFile
+
+    config = Moe2DenseConfig.model_validate(
+        {"merge_method": "expert_uniform", "models": [{"model": str(random_moe[layout])}], "dtype": "float32"}
+    )
+    monkeypatch.setattr(DirectFile, "open", classmethod(lambda cls, path: None))
+    build_dense(config, str(tmp_path / "plain"), MergeOptions(quiet=True))
+    monkeypatch.undo()
+
+    monkeypatch.setattr(checkpoint, "DIRECT_MIN_BYTES", 0)
+    direct_reads = []
+    read = DirectFile.read
+
+    def counting(self, start, nbytes, buffer):
+        direct_reads.append((start, nbytes))
+        return read(self, start, nbytes, buffer)
+
+    monkeypatch.setattr(DirectFile, "read", counting)
+    build_dense(config, str(tmp_path / "direct"), MergeOptions(quiet=True))
+    if not direct_reads:
+        pytest.skip("no O_DIRECT on this file system")
+    layers = SourceModel.open(config.model).moe_layers()
+    assert len(direct_reads) >= sum(len(layer.experts) * 3 for layer in layers)
+    plain, direct = state_of(tmp_path / "plain"), state_of(tmp_path / "direct")
+    assert plain.keys() == direct.keys()
+    for key in plain:
+        assert torch.equal(plain[key], direct[key]), key
