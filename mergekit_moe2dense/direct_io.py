@@ -137,12 +137,15 @@ class DirectFile:
 
 
 def _read_fully(fd: int, view: memoryview, offset: int, stop_at_eof: bool = False) -> int:
+    """Reads len(view) bytes at `offset`, or with `stop_at_eof` up to the end of the file: returns
+    how many. (An O_DIRECT read that stops short of an aligned size has met the end of the file:
+    the next read would start unaligned.)"""
     done = 0
     while done < len(view):
         count = os.preadv(fd, [view[done:]], offset + done)
-        if count == 0:
+        done += count
+        if count == 0 or (stop_at_eof and done < len(view) and done % ALIGN):
             if stop_at_eof:
                 return done
             raise EOFError(f"file ends at byte {offset + done}")
-        done += count
     return done

@@ -42,8 +42,8 @@ class ReadTensor(Task[torch.Tensor]):
 
     mergekit's `LoadTensor` reads through memory-mapped shards, one page fault at a
     time, and holds the pages in RSS; a 30 GB merge took 2.3x the time of reading the
-    files once (docs/benchmarks.md). Plain reads, with a thread reading ahead while
-    the experts are merged, overlap the disk with the arithmetic.
+    files once (docs/benchmarks.md). `O_DIRECT` reads (plain ones, with a thread reading
+    ahead, where the file system has none) skip the page cache's copy.
     """
 
     model: ModelReference
@@ -59,7 +59,7 @@ class ReadTensor(Task[torch.Tensor]):
     def group_label(self) -> str | None:
         # mergekit's executor runs the ready task of the smallest label first: the shard and byte
         # offset make that the checkpoint's file order (the tensor name would put layer 10 before 2),
-        # so reads follow the read-ahead and each layer is merged and written before the next is read
+        # so reads follow the file and each layer is merged and written before the next is read
         return open_readers.get(self.model).file_position(self.tensor)
 
     def execute(self) -> torch.Tensor:
@@ -71,7 +71,7 @@ class ReadTensor(Task[torch.Tensor]):
 
 
 class _OpenReaders:
-    """One read-ahead `TensorReader` per source model while a graph runs (mergekit's
+    """One direct-reading `TensorReader` per source model while a graph runs (mergekit's
     `LoaderCache` plays this part for `LoadTensor`); `close_all` when the run ends."""
 
     def __init__(self):
@@ -530,7 +530,7 @@ def _lean_merge(device: str) -> Iterator[None]:
     """The merge's own CPU costs, kept below the disk's (docs/benchmarks.md, "Merge"):
     - the cyclic garbage collector is frozen on what exists (the imported libraries): each of
       its passes walked those objects again, ~10% of a merge's CPU time;
-    - on the CPU, torch's intra-op threads leave two cores to the read-ahead and writer
+    - on the CPU, torch's intra-op threads leave two cores to the reader and writer
       threads: the merge's elementwise kernels are memory-bound, and intra-op threads that
       wait for a core taken by those made each add several times slower (8 GB merge on 2 cores,
       31.0 s with 2 threads, 23.3 s with 1)."""

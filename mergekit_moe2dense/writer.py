@@ -10,7 +10,7 @@ the merge's peak memory grew with the number of layers (5.6 GB for a 30 GB MoE).
 `ShardWriter` has the same two methods (`save_tensor`, `finalize`), so mergekit's `SaveTensor`
 and `FinalizeModel` tasks drive it unchanged. Each tensor is handed to one background thread,
 which `pwrite`s its bytes into the open shard at once; at most `max_pending` bytes wait for it
-(the merge computes the next projection, and the read-ahead reads the next layer, meanwhile).
+(the merge computes the next projection, and the reader reads the next experts, meanwhile).
 A shard file is laid out as safetensors requires (an 8-byte header length, the JSON header, the
 data), with `header_bytes` reserved for the header when the shard opens; the header is written,
 padded with spaces as safetensors itself pads, when the shard closes. A shard closes when the next
