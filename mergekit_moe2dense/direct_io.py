@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import mmap
 import os
 
@@ -70,6 +71,7 @@ class DirectFile:
     def __init__(self, path: str, direct_fd: int):
         self.path = path
         self.direct_fd = direct_fd
+        self.plain_only = False  # set when O_DIRECT reads fail with EINVAL
         self.plain_fd = os.open(path, os.O_RDONLY)
         self.size = os.fstat(self.plain_fd).st_size
         # a shared read-only mapping, for mincore only: never touched, so it reads nothing and
@@ -124,13 +126,21 @@ class DirectFile:
         memory = buffer.get(last - first)
         view = memoryview(memory)
         try:
-            if self.resident(start, start + nbytes):
+            if self.plain_only or self.resident(start, start + nbytes):
                 _read_fully(self.plain_fd, view[start - first : start - first + nbytes], start)
-            else:
-                # the aligned range may pass the end of the file: a short read there is expected
+                return memory, start - first
+            try:  # the aligned range may pass the end of the file: a short read there is expected
                 done = _read_fully(self.direct_fd, view[: last - first], first, stop_at_eof=True)
-                if done < start + nbytes - first:
-                    raise EOFError(f"{self.path} ends at byte {first + done}, before byte {start + nbytes}")
+            except OSError as error:
+                if error.errno != errno.EINVAL:
+                    raise
+                # a device whose blocks are larger than ALIGN, or a file system that takes the
+                # flag but not the reads: plain reads from now on
+                self.plain_only = True
+                _read_fully(self.plain_fd, view[start - first : start - first + nbytes], start)
+                return memory, start - first
+            if done < start + nbytes - first:
+                raise EOFError(f"{self.path} ends at byte {first + done}, before byte {start + nbytes}")
         finally:
             view.release()
         return memory, start - first

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 
 import pytest
@@ -220,5 +221,35 @@ def test_direct_file_sees_the_page_cache(tmp_path):
             file.resident = lambda start, end, resident=resident: resident
             memory, offset = file.read(4096 + 5, len(payload) - 4096 - 5, buffer)
             assert bytes(memory[offset : offset + len(payload) - 4096 - 5]) == payload[4096 + 5 :]
+    finally:
+        file.close()
+
+
+def test_direct_file_reads_plainly_once_o_direct_reads_fail(tmp_path, monkeypatch):
+    """A file system that takes O_DIRECT at open but refuses the reads (EINVAL): the same bytes,
+    read plainly from then on."""
+    from mergekit_moe2dense import direct_io
+
+    path = tmp_path / "data"
+    payload = os.urandom(2 * 4096 + 17)
+    path.write_bytes(payload)
+    file = DirectFile.open(os.fspath(path))
+    if file is None:
+        pytest.skip("no O_DIRECT on this file system")
+    read_fully, refused = direct_io._read_fully, []
+
+    def refuse_direct(fd, view, offset, stop_at_eof=False):
+        if fd == file.direct_fd:
+            refused.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return read_fully(fd, view, offset, stop_at_eof)
+
+    monkeypatch.setattr(direct_io, "_read_fully", refuse_direct)
+    file.resident = lambda start, end: False
+    try:
+        for _ in range(2):
+            memory, offset = file.read(100, 5000, AlignedBuffer())
+            assert bytes(memory[offset : offset + 5000]) == payload[100:5100]
+        assert len(refused) == 1 and file.plain_only
     finally:
         file.close()
