@@ -199,8 +199,8 @@ class TensorReader:
     to stop it.
 
     With `direct`, tensors are read with `O_DIRECT` instead (`direct_io`: no copy out of the
-    page cache, the merge's largest cost), and `read_many` reads the next piece on a thread
-    while the caller uses this one; where the file system has no `O_DIRECT` the reader reads
+    page cache, the merge's largest cost), `read_many` reads the next piece on a thread
+    while the caller uses this one, and a tensor is read a chunk ahead the same way; where the file system has no `O_DIRECT` the reader reads
     as without it (and reads ahead with `readahead`).
     """
 
@@ -349,14 +349,13 @@ class TensorReader:
         buffers = getattr(self._local, "pipeline", None)
         if buffers is None:
             buffers = self._local.pipeline = (AlignedBuffer(), AlignedBuffer())
-        if self._worker is None:
-            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moe2dense-direct")
+        worker = self._direct_worker()
         pending: dict[int, Future] = {}
 
         def submit(i: int) -> None:
             if i < len(pieces) and located[i] is not None:
                 file, start, nbytes = located[i][:3]
-                pending[i] = self._worker.submit(file.read, start, nbytes, buffers[i % 2])
+                pending[i] = worker.submit(file.read, start, nbytes, buffers[i % 2])
 
         try:
             submit(0)
@@ -381,6 +380,13 @@ class TensorReader:
         file = self._direct_file(path) if nbytes >= DIRECT_MIN_BYTES else None
         return None if file is None else (file, start, nbytes, stored, shape)
 
+    def _direct_worker(self) -> ThreadPoolExecutor:
+        """The one thread direct reads run on while their caller uses the bytes read before."""
+        with self._direct_lock:
+            if self._worker is None:
+                self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moe2dense-direct")
+            return self._worker
+
     @staticmethod
     def _checked(future: Future, piece: ExpertSlice):
         try:
@@ -398,24 +404,15 @@ class TensorReader:
     def _read_bytes(self, piece: ExpertSlice, out: torch.Tensor | None = None) -> torch.Tensor:
         """A contiguous piece as stored, with plain reads (into `out` when dtypes match)."""
         path, start, dtype, shape = self._locate(piece)
+        nbytes = prod(shape) * dtype.itemsize
+        file = self._direct_file(path) if self._direct is not None and nbytes >= DIRECT_MIN_BYTES else None
+        if file is not None:
+            return self._read_direct(file, piece, start, dtype, shape, out)
         direct = out is not None and out.dtype == dtype and out.device.type == "cpu" and out.is_contiguous()
         if direct and tuple(out.shape) != shape:
             raise CheckpointError(f"{piece.tensor}: checkpoint shape {list(shape)}, model expects {list(out.shape)}")
         target = out if direct else torch.empty(shape, dtype=dtype)
         buffer = memoryview(target.view(-1).view(torch.uint8).numpy())
-        file = self._direct_file(path) if self._direct is not None and len(buffer) >= DIRECT_MIN_BYTES else None
-        if file is not None:  # O_DIRECT, a chunk at a time through one reused aligned buffer
-            staging = getattr(self._local, "staging", None)
-            if staging is None:
-                staging = self._local.staging = AlignedBuffer()
-            for done in range(0, len(buffer), DIRECT_CHUNK_BYTES):
-                count = min(DIRECT_CHUNK_BYTES, len(buffer) - done)
-                try:
-                    memory, offset = file.read(start + done, count, staging)
-                except EOFError:
-                    raise CheckpointError(f"shard {path} ended inside tensor {piece.tensor}") from None
-                buffer[done : done + count] = memory[offset : offset + count]
-            return target if out is None or direct else out.copy_(target)
         with open(path, "rb", buffering=0) as handle:
             done = 0
             while done < len(buffer):
@@ -428,6 +425,47 @@ class TensorReader:
         if out is None or direct:
             return target
         return out.copy_(target)
+
+    def _read_direct(
+        self,
+        file: DirectFile,
+        piece: ExpertSlice,
+        start: int,
+        dtype: torch.dtype,
+        shape: tuple[int, ...],
+        out: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """A contiguous piece with O_DIRECT, DIRECT_CHUNK_BYTES at a time through two reused aligned
+        buffers: the worker thread reads the next chunk while this one is copied into `out` (cast
+        to its dtype and moved to its device on the way: no temporary of the stored dtype)."""
+        if out is not None and tuple(out.shape) != shape:
+            raise CheckpointError(f"{piece.tensor}: checkpoint shape {list(shape)}, model expects {list(out.shape)}")
+        into = out if out is not None and out.is_contiguous() else torch.empty(shape, dtype=dtype)
+        flat = into.view(-1)
+        staging = getattr(self._local, "staging", None)
+        if staging is None:
+            staging = self._local.staging = (AlignedBuffer(), AlignedBuffer())
+        worker = self._direct_worker()
+        nbytes = flat.numel() * dtype.itemsize
+        chunks = range(0, nbytes, DIRECT_CHUNK_BYTES)  # a multiple of every itemsize: whole elements
+
+        def submit(k: int) -> Future:
+            done = chunks[k]
+            return worker.submit(file.read, start + done, min(DIRECT_CHUNK_BYTES, nbytes - done), staging[k % 2])
+
+        pending = submit(0)
+        try:
+            for k, done in enumerate(chunks):
+                count = min(DIRECT_CHUNK_BYTES, nbytes - done)
+                memory, offset = self._checked(pending, piece)
+                # the next chunk goes into the other buffer, which the last copy is done with
+                pending = submit(k + 1) if k + 1 < len(chunks) else None
+                chunk = torch.frombuffer(memory, dtype=torch.uint8, count=count, offset=offset).view(dtype)
+                flat[done // dtype.itemsize : (done + count) // dtype.itemsize].copy_(chunk)
+        finally:
+            if pending is not None:  # a read still writing into a buffer: let it finish
+                pending.cancel() or pending.exception()
+        return into if out is None or into is out else out.copy_(into)
 
     def _dequantize(self, name: str, expert: int | None, dtype: torch.dtype) -> torch.Tensor:
         """The logical tensor `name` (or its expert `expert`) dequantized to `dtype`."""

@@ -184,6 +184,32 @@ def test_read_many_reads_ahead_into_two_reused_buffers(direct_reader, tmp_path):
     reader.close()
 
 
+def test_direct_reads_in_chunks_cast_into_place(tmp_path, monkeypatch):
+    """A tensor larger than a chunk, read a chunk at a time (the next on the worker thread) into
+    the caller's tensor of another dtype, into a strided one, and into a fresh one: the stored
+    values, as the plain reader gives them; a shape that is not the checkpoint's is an error."""
+    monkeypatch.setattr(checkpoint, "DIRECT_MIN_BYTES", 0)
+    monkeypatch.setattr(checkpoint, "DIRECT_CHUNK_BYTES", 4096)  # 2048 bf16 values per chunk
+    monkeypatch.setattr(DirectFile, "resident", lambda self, start, end: False)
+    stored = torch.randn(7, 1531, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)  # 5.2 chunks
+    plain = write(tmp_path / "model", {"pad": torch.ones(3), "big": stored}, "safetensors")  # unaligned start
+    reader = TensorReader(plain.index, direct=True)
+    if reader._direct is None:
+        pytest.skip("no O_DIRECT on this file system")
+    try:
+        assert torch.equal(reader.read("big"), stored)
+        into = torch.empty(7, 1531)  # float32: cast chunk by chunk
+        assert reader.read("big", out=into) is into and torch.equal(into, stored.float())
+        strided = torch.empty(1531, 7, dtype=torch.float64).t()
+        assert reader.read("big", out=strided) is strided and torch.equal(strided, stored.double())
+        rows = ExpertSlice("big", rows=(2, 5))
+        assert torch.equal(reader.read_slice(rows, out=torch.empty(3, 1531)), stored[2:5].float())
+        with pytest.raises(CheckpointError, match="checkpoint shape"):
+            reader.read("big", out=torch.empty(7, 1530))
+    finally:
+        reader.close()
+
+
 def test_direct_reads_of_a_truncated_shard_are_errors(direct_reader, tensors, tmp_path):
     shard = tmp_path / "model" / "model.safetensors"
     os.truncate(shard, os.path.getsize(shard) - 8)

@@ -8,9 +8,11 @@ import pytest
 import torch
 from mergekit.common import ModelReference
 
+from mergekit_moe2dense import checkpoint
 from mergekit_moe2dense.calibration import collect_statistics, load_calibration_batches
 from mergekit_moe2dense.checkpoint import SourceModel
 from mergekit_moe2dense.config import CalibrationConfig
+from mergekit_moe2dense.direct_io import DirectFile
 
 
 def calibration(calib_dir, **values):
@@ -19,9 +21,21 @@ def calibration(calib_dir, **values):
     )
 
 
-@pytest.mark.parametrize("layout, spill", [("legacy", False), ("fused", True)])
-def test_layerwise_statistics_equal_full_forward(random_moe, calib_dir, tmp_path, layout, spill):
+@pytest.mark.parametrize(
+    "layout, spill, direct", [("legacy", False, False), ("fused", True, False), ("legacy", False, True)]
+)
+def test_layerwise_statistics_equal_full_forward(random_moe, calib_dir, tmp_path, monkeypatch, layout, spill, direct):
+    """`direct`: every tensor the stream loads read from the disk with O_DIRECT, in chunks."""
     path = random_moe[layout]
+    direct_reads = []
+    if direct:
+        if DirectFile.open(str(next(path.glob("*.safetensors")))) is None:
+            pytest.skip("no O_DIRECT on this file system")
+        monkeypatch.setattr(checkpoint, "DIRECT_MIN_BYTES", 0)
+        monkeypatch.setattr(checkpoint, "DIRECT_CHUNK_BYTES", 4096)
+        monkeypatch.setattr(DirectFile, "resident", lambda self, start, end: False)
+        read = DirectFile.read
+        monkeypatch.setattr(DirectFile, "read", lambda self, *args: direct_reads.append(1) or read(self, *args))
     _, batches = load_calibration_batches(str(path), calibration(calib_dir))
     assert any(bool((b.attention_mask == 0).any()) for b in batches)  # padding is exercised
     source = SourceModel.open(ModelReference.parse(str(path)))
@@ -34,6 +48,7 @@ def test_layerwise_statistics_equal_full_forward(random_moe, calib_dir, tmp_path
     for name in ("logit_sum", "prob_sum", "selected", "gate_sum", "contribution_sum", "samples"):
         torch.testing.assert_close(getattr(streamed, name), getattr(full, name), rtol=1e-5, atol=1e-5)
     assert full.samples.abs().sum() > 0
+    assert bool(direct_reads) == direct
     if spill:
         assert not any((tmp_path / "acts").iterdir())  # spilled activations are removed
 

@@ -186,8 +186,9 @@ class LayerStream:
         self._kwargs: list[list[dict]] = []  # [batch][layer]
         self._current = 0  # the decoder layer loaded last
         self._reusable: dict[tuple, list[torch.Tensor]] = {}  # the last freed layer's tensors, by (shape, dtype)
-        # reads the next layer's bytes while this one computes
-        self._reader = TensorReader(source.index, readahead=READAHEAD_BYTES)
+        # O_DIRECT reads (no copy out of the page cache); where the file system has none, plain
+        # reads with a thread reading the next layer's bytes into the page cache meanwhile
+        self._reader = TensorReader(source.index, readahead=READAHEAD_BYTES, direct=True)
         self._moe_layers: dict[int, MoELayer] = {layer.index: layer for layer in source.moe_layers()}
         config = source.config
         with torch.device("meta"):
