@@ -200,8 +200,9 @@ class TensorReader:
 
     With `direct`, tensors are read with `O_DIRECT` instead (`direct_io`: no copy out of the
     page cache, the merge's largest cost), `read_many` reads the next piece on a thread
-    while the caller uses this one, and a tensor is read a chunk ahead the same way; where the file system has no `O_DIRECT` the reader reads
-    as without it (and reads ahead with `readahead`).
+    while the caller uses this one, and a tensor is read a chunk ahead the same way; where
+    the file system has no `O_DIRECT` the reader reads as without it (and reads ahead with
+    `readahead`).
     """
 
     def __init__(self, index: ShardedTensorIndex, readahead: int = 0, direct: bool = False):
@@ -346,9 +347,7 @@ class TensorReader:
         if not any(located):
             yield from (self.read_transient(piece, dtype) for piece in pieces)
             return
-        buffers = getattr(self._local, "pipeline", None)
-        if buffers is None:
-            buffers = self._local.pipeline = (AlignedBuffer(), AlignedBuffer())
+        buffers = self._aligned_pair("pipeline")
         worker = self._direct_worker()
         pending: dict[int, Future] = {}
 
@@ -380,6 +379,15 @@ class TensorReader:
         file = self._direct_file(path) if nbytes >= DIRECT_MIN_BYTES else None
         return None if file is None else (file, start, nbytes, stored, shape)
 
+    def _aligned_pair(self, name: str) -> tuple[AlignedBuffer, AlignedBuffer]:
+        """This thread's two buffers for one use (`read_many`'s, or a tensor's chunks): a piece
+        read into one while the caller uses the other."""
+        pair = getattr(self._local, name, None)
+        if pair is None:
+            pair = (AlignedBuffer(), AlignedBuffer())
+            setattr(self._local, name, pair)
+        return pair
+
     def _direct_worker(self) -> ThreadPoolExecutor:
         """The one thread direct reads run on while their caller uses the bytes read before."""
         with self._direct_lock:
@@ -407,7 +415,7 @@ class TensorReader:
         nbytes = prod(shape) * dtype.itemsize
         file = self._direct_file(path) if self._direct is not None and nbytes >= DIRECT_MIN_BYTES else None
         if file is not None:
-            return self._read_direct(file, piece, start, dtype, shape, out)
+            return self._read_direct(file, piece, start, nbytes, dtype, shape, out)
         direct = out is not None and out.dtype == dtype and out.device.type == "cpu" and out.is_contiguous()
         if direct and tuple(out.shape) != shape:
             raise CheckpointError(f"{piece.tensor}: checkpoint shape {list(shape)}, model expects {list(out.shape)}")
@@ -431,6 +439,7 @@ class TensorReader:
         file: DirectFile,
         piece: ExpertSlice,
         start: int,
+        nbytes: int,
         dtype: torch.dtype,
         shape: tuple[int, ...],
         out: torch.Tensor | None,
@@ -442,11 +451,8 @@ class TensorReader:
             raise CheckpointError(f"{piece.tensor}: checkpoint shape {list(shape)}, model expects {list(out.shape)}")
         into = out if out is not None and out.is_contiguous() else torch.empty(shape, dtype=dtype)
         flat = into.view(-1)
-        staging = getattr(self._local, "staging", None)
-        if staging is None:
-            staging = self._local.staging = (AlignedBuffer(), AlignedBuffer())
+        staging = self._aligned_pair("staging")
         worker = self._direct_worker()
-        nbytes = flat.numel() * dtype.itemsize
         chunks = range(0, nbytes, DIRECT_CHUNK_BYTES)  # a multiple of every itemsize: whole elements
 
         def submit(k: int) -> Future:

@@ -126,21 +126,20 @@ class DirectFile:
         memory = buffer.get(last - first)
         view = memoryview(memory)
         try:
-            if self.plain_only or self.resident(start, start + nbytes):
-                _read_fully(self.plain_fd, view[start - first : start - first + nbytes], start)
-                return memory, start - first
-            try:  # the aligned range may pass the end of the file: a short read there is expected
-                done = _read_fully(self.direct_fd, view[: last - first], first, stop_at_eof=True)
-            except OSError as error:
-                if error.errno != errno.EINVAL:
-                    raise
-                # a device whose blocks are larger than ALIGN, or a file system that takes the
-                # flag but not the reads: plain reads from now on
-                self.plain_only = True
-                _read_fully(self.plain_fd, view[start - first : start - first + nbytes], start)
-                return memory, start - first
-            if done < start + nbytes - first:
-                raise EOFError(f"{self.path} ends at byte {first + done}, before byte {start + nbytes}")
+            if not (self.plain_only or self.resident(start, start + nbytes)):
+                try:  # the aligned range may pass the end of the file: a short read there is expected
+                    done = _read_fully(self.direct_fd, view[: last - first], first, stop_at_eof=True)
+                except OSError as error:
+                    if error.errno != errno.EINVAL:
+                        raise
+                    # a device whose blocks are larger than ALIGN, or a file system that takes the
+                    # flag but not the reads: plain reads from now on
+                    self.plain_only = True
+                else:
+                    if done < start + nbytes - first:
+                        raise EOFError(f"{self.path} ends at byte {first + done}, before byte {start + nbytes}")
+                    return memory, start - first
+            _read_fully(self.plain_fd, view[start - first : start - first + nbytes], start)
         finally:
             view.release()
         return memory, start - first

@@ -230,15 +230,21 @@ def test_without_o_direct_the_reader_reads_plainly_and_ahead(tmp_path, tensors, 
             assert torch.equal(value, plain.read_slice(piece))
 
 
-def test_direct_file_sees_the_page_cache(tmp_path):
-    """`resident` is true for bytes just read plainly; an unaligned read at the end of a file (its
-    aligned range past the end) returns exactly those bytes."""
+def open_direct(tmp_path, nbytes):
+    """A DirectFile over `nbytes` random bytes, with them, or a skip without O_DIRECT."""
     path = tmp_path / "data"
-    payload = os.urandom(3 * 4096 + 123)
+    payload = os.urandom(nbytes)
     path.write_bytes(payload)
     file = DirectFile.open(os.fspath(path))
     if file is None:
         pytest.skip("no O_DIRECT on this file system")
+    return file, payload
+
+
+def test_direct_file_sees_the_page_cache(tmp_path):
+    """`resident` is true for bytes just read plainly; an unaligned read at the end of a file (its
+    aligned range past the end) returns exactly those bytes."""
+    file, payload = open_direct(tmp_path, 3 * 4096 + 123)
     try:
         os.pread(file.plain_fd, len(payload), 0)
         assert file.resident(0, len(payload))
@@ -256,12 +262,7 @@ def test_direct_file_reads_plainly_once_o_direct_reads_fail(tmp_path, monkeypatc
     read plainly from then on."""
     from mergekit_moe2dense import direct_io
 
-    path = tmp_path / "data"
-    payload = os.urandom(2 * 4096 + 17)
-    path.write_bytes(payload)
-    file = DirectFile.open(os.fspath(path))
-    if file is None:
-        pytest.skip("no O_DIRECT on this file system")
+    file, payload = open_direct(tmp_path, 2 * 4096 + 17)
     read_fully, refused = direct_io._read_fully, []
 
     def refuse_direct(fd, view, offset, stop_at_eof=False):
