@@ -6,19 +6,21 @@
 #   1. calibration tokens/s of both engines (whole-model forward, layer streaming),
 #   2. merge time with --cuda against one raw read of the checkpoint,
 #   3. `refit: fit` time per layer (skipped, with the library's message, where it is refused),
-#   4. `heal` tokens/s against a plain transformers distillation loop on the same student
-#      (skipped where the `heal` command does not exist),
+#   4. `heal` tokens/s against a plain transformers distillation loop on the same student, both
+#      with the teacher on the fly and both in steady state (the heal's logged rates after its
+#      first log, the loop's steps after its first: start-up is timed in neither),
 # into $OUT (or ./gpu_check.out)/gpu_check.json and gpu_check.md (a table for docs/benchmarks.md).
 #
 #   bash benchmarks/gpu_check.sh                          # on the GPU machine: --device cuda, 4 GB
 #   bash benchmarks/gpu_check.sh --device cpu --smoke     # seconds on a CPU: checks the script
 #
 # Options: --device cuda|cpu (default cuda), --size-gb N (4), --tokens N (2048), --heal-tokens N
-# (4096), --smoke (a tiny model), --workdir DIR (default: a temporary directory, removed after).
+# (32768; 4096 with --smoke), --smoke (a tiny model), --workdir DIR (default: a temporary directory, removed after).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEVICE=cuda SIZE_GB=4 TOKENS=2048 HEAL_TOKENS=4096 SMOKE="" WORKDIR=""
+COMMAND="bash benchmarks/gpu_check.sh${*:+ $*}"
+DEVICE=cuda SIZE_GB=4 TOKENS=2048 HEAL_TOKENS="" SMOKE="" WORKDIR=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --device) DEVICE=$2; shift 2 ;;
@@ -30,6 +32,7 @@ while [ $# -gt 0 ]; do
         *) echo "gpu_check.sh: unknown option $1" >&2; exit 2 ;;
     esac
 done
+[ -z "$HEAL_TOKENS" ] && { [ -n "$SMOKE" ] && HEAL_TOKENS=4096 || HEAL_TOKENS=32768; }
 RESULTS=${OUT:-$PWD/gpu_check.out}
 mkdir -p "$RESULTS"
 KEEP=""
@@ -77,21 +80,20 @@ grep -v '^[ {}]' "$RESULTS/scale.log" >&2 || true
 MOE=$WORKDIR/scale/moe
 STUDENT=$WORKDIR/student
 HEAL_JSON=$RESULTS/heal.json
-if "$PYTHON" -c "import mergekit_moe2dense.heal" 2> /dev/null; then
-    log "heal: a dense student (expert_uniform), then heal vs a plain loop, $HEAL_TOKENS tokens each"
-    echo "{\"merge_method\": \"expert_uniform\", \"models\": [{\"model\": \"$MOE\"}], \"dtype\": \"bfloat16\"}" > "$WORKDIR/student.yml"
-    "$BIN/mergekit-moe2dense" "$WORKDIR/student.yml" "$STUDENT" --quiet --overwrite $CUDA
-    SEQ=128; [ -n "$SMOKE" ] && SEQ=16
-    HEAL_LOG=$("$BIN/mergekit-moe2dense" heal "$STUDENT" "$WORKDIR/healed" --teacher "$MOE" \
-        --data "$WORKDIR/scale/calib.txt" --max-tokens "$HEAL_TOKENS" --seq-len $SEQ --batch-size 4 \
-        --device "$DEVICE" --dtype bfloat16 --quiet --overwrite 2>&1 | tail -1)
-    echo "$HEAL_LOG" >&2
-    "$PYTHON" - "$STUDENT" "$MOE" "$WORKDIR/scale/calib.txt" "$HEAL_TOKENS" $SEQ "$DEVICE" "$HEAL_LOG" "$HEAL_JSON" << 'EOF'
-"""A plain transformers distillation loop: forward KL to the teacher, AdamW, bf16 autocast."""
-import json, re, sys, time
+log "heal: a dense student (expert_uniform), then heal vs a plain loop, $HEAL_TOKENS tokens each"
+echo "{\"merge_method\": \"expert_uniform\", \"models\": [{\"model\": \"$MOE\"}], \"dtype\": \"bfloat16\"}" > "$WORKDIR/student.yml"
+"$BIN/mergekit-moe2dense" "$WORKDIR/student.yml" "$STUDENT" --quiet --overwrite $CUDA
+SEQ=128; [ -n "$SMOKE" ] && SEQ=16
+# logged every 4 steps, so that the steady-state rate has several intervals to average
+"$BIN/mergekit-moe2dense" heal "$STUDENT" "$WORKDIR/healed" --teacher "$MOE" \
+    --data "$WORKDIR/scale/calib.txt" --max-tokens "$HEAL_TOKENS" --seq-len $SEQ --batch-size 4 \
+    --logging-steps 4 --device "$DEVICE" --dtype bfloat16 --quiet --overwrite 2>&1 | tail -1 >&2
+"$PYTHON" - "$STUDENT" "$MOE" "$WORKDIR/scale/calib.txt" "$HEAL_TOKENS" $SEQ "$DEVICE" "$WORKDIR/healed/heal.json" "$HEAL_JSON" << 'EOF'
+"""A plain transformers distillation loop: forward KL to the teacher, AdamW, clipping, bf16 autocast."""
+import json, sys, time
 import torch
 import transformers
-student_path, teacher_path, data, tokens, seq, device, heal_log, out = sys.argv[1:]
+student_path, teacher_path, data, tokens, seq, device, heal_record, out = sys.argv[1:]
 tokens, seq = int(tokens), int(seq)
 tok = transformers.AutoTokenizer.from_pretrained(student_path)
 ids = tok(open(data).read(), return_tensors="pt").input_ids[0]
@@ -109,7 +111,9 @@ while done < tokens:
     with autocast:
         logp = torch.log_softmax(student(x).logits.float(), -1)
     loss = torch.nn.functional.kl_div(logp, target, log_target=True, reduction="batchmean")
-    loss.backward(); optimizer.step(); optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)  # as the Trainer does
+    optimizer.step(); optimizer.zero_grad(set_to_none=True)
     if device == "cuda":
         torch.cuda.synchronize()
     if start is None:  # the first step warms up (kernels, allocator): not timed
@@ -118,22 +122,22 @@ while done < tokens:
         done += batch * seq
     step += 1
 plain = done / (time.perf_counter() - start)
-match = re.search(r"([0-9.]+) tokens/s", heal_log)
-heal = float(match.group(1)) if match else None
-result = {"heal_tokens_per_s": heal, "plain_loop_tokens_per_s": plain, "heal_vs_plain": heal / plain if heal else None}
+record = json.load(open(heal_record))
+rates = record["tokens_per_s_logged"]  # each logging interval after the first
+if not rates:
+    sys.exit(f"gpu_check.sh: the heal logged no steady-state rate ({record['steps']} steps): raise --heal-tokens")
+heal = sum(rates) / len(rates)
+result = {"heal_tokens_per_s": heal, "heal_tokens_per_s_with_start_up": record["tokens_per_s"],
+          "plain_loop_tokens_per_s": plain, "heal_vs_plain": heal / plain, "tokens": tokens, "seq_len": seq}
 json.dump(result, open(out, "w"), indent=1)
-print(f"heal {heal} tokens/s, plain transformers loop {plain:.1f} tokens/s", file=sys.stderr)
+print(f"heal {heal:.1f} tokens/s, plain transformers loop {plain:.1f} tokens/s", file=sys.stderr)
 EOF
-else
-    log "heal: skipped, this checkout has no 'mergekit-moe2dense heal' command"
-    echo '{"skipped": "no mergekit-moe2dense heal command in this checkout"}' > "$HEAL_JSON"
-fi
 
 # -- 4. one table -------------------------------------------------------------------------------------
-"$PYTHON" - "$RESULTS" "$DEVICE" << 'EOF'
+"$PYTHON" - "$RESULTS" "$DEVICE" "$COMMAND" << 'EOF'
 import json, sys
 from pathlib import Path
-results, device = Path(sys.argv[1]), sys.argv[2]
+results, device, command = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 scale, heal = json.loads((results / "scale.json").read_text()), json.loads((results / "heal.json").read_text())
 try:
     import torch
@@ -141,7 +145,7 @@ try:
 except Exception:
     name = device
 ck = scale["checkpoint"]
-rows = [f"Device: {name}. Checkpoint {ck['bytes'] / 1e9:.2f} GB, {ck['layers']} layers. Command: `bash benchmarks/gpu_check.sh --device {device}`.", "",
+rows = [f"Device: {name}. Checkpoint {ck['bytes'] / 1e9:.2f} GB, {ck['layers']} layers. Command: `{command}`.", "",
         "| measurement | figure |", "|---|---|"]
 calib = scale.get("calibration", {})
 for engine in ("full", "layerwise"):
@@ -159,10 +163,8 @@ if "skipped" in fit:
     rows.append(f"| `refit: fit` per layer | skipped: {fit['skipped']} |")
 elif fit:
     rows.append(f"| `refit: fit` per layer | {fit['refit_s_per_layer']:.2f} s |")
-if "skipped" in heal:
-    rows.append(f"| heal tokens/s | skipped: {heal['skipped']} |")
-else:
-    rows.append(f"| `heal` / plain transformers loop | {heal['heal_tokens_per_s']} / {heal['plain_loop_tokens_per_s']:.1f} tokens/s |")
+rows.append(f"| `heal` / plain transformers distillation loop (steady state) | {heal['heal_tokens_per_s']:.1f} / "
+            f"{heal['plain_loop_tokens_per_s']:.1f} tokens/s ({heal['heal_vs_plain']:.2f}x) |")
 (results / "gpu_check.md").write_text("\n".join(rows) + "\n")
 json.dump({"device": name, "scale": scale, "heal": heal}, open(results / "gpu_check.json", "w"), indent=1)
 print("\n".join(rows))
