@@ -9,14 +9,6 @@ taken from here, and by our mergekit plugin (the `mergekit.plugins` entry point,
 `.pth` hook where mergekit loads no plugins) before it routes a config to us.
 """
 
-import os as _os
-
-# The layer loops (calibration, re-fits) multiply matrices whose shapes change with every layer
-# (the tokens each expert gets); oneDNN's primitive cache (bf16 matmuls on the CPU) kept memory
-# for every new shape: ~4 MB more RSS per streamed layer, 0.12 GB at a 21-layer re-fit's peak
-# (docs/benchmarks.md). Off unless the user set it; oneDNN reads it at its first use.
-_os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "0")
-
 __all__ = ["METHODS", "get_method", "register_methods"]
 __version__ = "0.1.0"
 

@@ -22,6 +22,7 @@ from mergekit_moe2dense.calibration import RouterStatistics, collect_statistics
 from mergekit_moe2dense.config import Moe2DenseConfig
 from mergekit_moe2dense.errors import Moe2DenseError
 from mergekit_moe2dense.job import ConversionJob
+from mergekit_moe2dense.memory import bound_onednn_primitive_cache
 from mergekit_moe2dense.methods import MethodParameters
 from mergekit_moe2dense.outputs import STATS_FILE, WEIGHTS_FILE
 
@@ -46,6 +47,7 @@ def build_dense(
     config_source: str | None = None,
 ) -> BuildResult:
     """Convert the MoE named in `config` into the output its method asks for, at `out_path`."""
+    bound_onednn_primitive_cache()
     job = ConversionJob.prepare(
         config, out_path, options, stats_path=stats_path, overwrite=overwrite, config_source=config_source
     )

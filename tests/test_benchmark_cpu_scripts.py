@@ -1,7 +1,7 @@
 # Copyright (C) 2026 the mergekit-moe2dense authors
 # SPDX-License-Identifier: LGPL-3.0-only
-"""`benchmarks/gpu_check.sh --device cpu --smoke` runs end to end and measures every row, so that
-the GPU run stays one short call."""
+"""`benchmarks/gpu_check.sh --device cpu --smoke` and `benchmarks/onednn_cache.py --smoke` run
+end to end and measure every row, so that the GPU run stays one short call and neither rots."""
 
 from __future__ import annotations
 
@@ -43,3 +43,25 @@ def test_gpu_check_smoke_on_cpu(tmp_path):
     assert "skipped" not in table
     assert sum(line.startswith("| ") for line in table.splitlines()) == 10  # the header and nine measurements
 
+
+def test_onednn_cache_smoke(tmp_path):
+    report = tmp_path / "onednn.json"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "onednn_cache.py"), "--smoke", "--workdir", str(tmp_path / "w"),
+         "--json", str(report)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(report.read_text())
+    assert len(results["runs"]) == 2
+    for run in results["runs"].values():
+        assert len(run["calibration_tokens_per_s"]) == len(run["heal_tokens_per_s"]) == 1
+        assert run["calibration_peak_rss_bytes"][0] > 0 and run["heal_tokens_per_s"][0] > 0
+    assert set(results["off_vs_default"]) == {
+        "calibration_tokens_per_s",
+        "calibration_peak_rss_gb",
+        "heal_tokens_per_s",
+    }

@@ -24,6 +24,7 @@ from mergekit_moe2dense.calibration.layerwise import layer_compute_dtype
 from mergekit_moe2dense.calibration.runner import _collect_full, _collect_layerwise, input_device, load_moe
 from mergekit_moe2dense.calibration.stats import RouterStatistics
 from mergekit_moe2dense.config import CalibrationConfig, ConfigError
+from mergekit_moe2dense.memory import bound_onednn_primitive_cache
 
 __all__ = ["calibration_dtype", "calibration_engine", "collect_statistics", "compute_dtype"]
 
@@ -102,6 +103,7 @@ def collect_statistics(
     also keeps the routers' inputs of the sampled tokens. Under torchrun (`ranks`,
     by default from the environment) every rank gets the same, full statistics.
     """
+    bound_onednn_primitive_cache()
     ranks = ranks or Ranks.from_env()
     device = ranks.device(device)
     dtype = calibration_dtype(calibration, device)
