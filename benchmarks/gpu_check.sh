@@ -12,7 +12,10 @@
 # into $OUT (or ./gpu_check.out)/gpu_check.json and gpu_check.md (a table for docs/benchmarks.md).
 #
 #   bash benchmarks/gpu_check.sh                          # on the GPU machine: --device cuda, 4 GB
-#   bash benchmarks/gpu_check.sh --device cpu --smoke     # seconds on a CPU: checks the script
+#   bash benchmarks/gpu_check.sh --device cpu --smoke     # a minute on a CPU: checks the script
+#
+# On a GPU machine with no network, run bash benchmarks/gpu_wheels.sh where pip reaches PyPI first
+# and carry .whl/ along: this installs those wheels where mergekit or pydantic is missing.
 #
 # Options: --device cuda|cpu (default cuda), --size-gb N (4), --tokens N (2048), --heal-tokens N
 # (32768; 4096 with --smoke), --smoke (a tiny model), --workdir DIR (default: a temporary directory, removed after).
@@ -35,12 +38,13 @@ done
 [ -z "$HEAL_TOKENS" ] && { [ -n "$SMOKE" ] && HEAL_TOKENS=4096 || HEAL_TOKENS=32768; }
 RESULTS=${OUT:-$PWD/gpu_check.out}
 mkdir -p "$RESULTS"
-KEEP=""
 if [ -z "$WORKDIR" ]; then WORKDIR=$(mktemp -d "${TMPDIR:-/tmp}/moe2dense-gpu-check-XXXXXX"); trap 'rm -rf "$WORKDIR"' EXIT; fi
 mkdir -p "$WORKDIR"
 log() { echo "[gpu_check $(date +%H:%M:%S)] $*" >&2; }
 
-# -- 1. what it needs: a Python with torch (CUDA for --device cuda) and this package -------------
+# -- 1. what it needs: a Python with torch (CUDA for --device cuda), and this package's needs ------
+# The lent H200 has no network: its image holds torch, transformers, accelerate, peft, ... but not
+# mergekit or pydantic, which travel as wheels in .whl/ (bash benchmarks/gpu_wheels.sh, here first).
 PYTHON=${PYTHON:-}
 for candidate in "$PYTHON" .venv/bin/python python3 python; do
     if [ -n "$candidate" ] && command -v "$candidate" > /dev/null && "$candidate" -c "import torch" 2> /dev/null; then
@@ -52,10 +56,22 @@ if [ -z "$PYTHON" ] || ! "$PYTHON" -c "import torch" 2> /dev/null; then
     python3 -m venv .venv && PYTHON=.venv/bin/python
     "$PYTHON" -m pip install -q "torch>=2.4,<3"
 fi
-if ! "$PYTHON" -c "import mergekit_moe2dense, mergekit, transformers" 2> /dev/null; then
-    log "installing this package and its dependencies"
-    "$PYTHON" -m pip install -q -e . || "$PYTHON" -m pip install -q --no-deps -e .
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # this package from the working tree, installed or not
+has_needs() { "$PYTHON" -c "import mergekit_moe2dense.cli, mergekit, pydantic, transformers" 2> /dev/null; }
+if ! has_needs && compgen -G ".whl/*.whl" > /dev/null; then
+    SITE=${TMPDIR:-/tmp}/moe2dense-site
+    log "installing the wheels of .whl/ into $SITE"
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
+    export PYTHONPATH=$PWD:$SITE${PYTHONPATH#"$PWD"}
 fi
+if ! has_needs; then
+    log "installing this package's dependencies from the package index"
+    "$PYTHON" -m pip install -q -e . || {
+        log "cannot install them: on a machine with no network, run bash benchmarks/gpu_wheels.sh first and carry .whl/"
+        exit 1
+    }
+fi
+MOE2DENSE=("$PYTHON" -m mergekit_moe2dense)  # no console script needed
 "$PYTHON" - "$DEVICE" << 'EOF'
 import sys
 import torch
@@ -65,8 +81,6 @@ if device == "cuda" and not torch.cuda.is_available():
 name = torch.cuda.get_device_name(0) if device == "cuda" else "CPU"
 print(f"torch {torch.__version__} on {name}", file=sys.stderr)
 EOF
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-BIN=$(dirname "$("$PYTHON" -c 'import sys; print(sys.executable)')")
 CUDA=""; [ "$DEVICE" = cuda ] && CUDA=--cuda
 
 # -- 2. calibration (both engines), refit: fit per layer, merge against one raw read -----------------
@@ -82,10 +96,10 @@ STUDENT=$WORKDIR/student
 HEAL_JSON=$RESULTS/heal.json
 log "heal: a dense student (expert_uniform), then heal vs a plain loop, $HEAL_TOKENS tokens each"
 echo "{\"merge_method\": \"expert_uniform\", \"models\": [{\"model\": \"$MOE\"}], \"dtype\": \"bfloat16\"}" > "$WORKDIR/student.yml"
-"$BIN/mergekit-moe2dense" "$WORKDIR/student.yml" "$STUDENT" --quiet --overwrite $CUDA
+"${MOE2DENSE[@]}" "$WORKDIR/student.yml" "$STUDENT" --quiet --overwrite $CUDA
 SEQ=128; [ -n "$SMOKE" ] && SEQ=16
 # logged every 4 steps, so that the steady-state rate has several intervals to average
-"$BIN/mergekit-moe2dense" heal "$STUDENT" "$WORKDIR/healed" --teacher "$MOE" \
+"${MOE2DENSE[@]}" heal "$STUDENT" "$WORKDIR/healed" --teacher "$MOE" \
     --data "$WORKDIR/scale/calib.txt" --max-tokens "$HEAL_TOKENS" --seq-len $SEQ --batch-size 4 \
     --logging-steps 4 --device "$DEVICE" --dtype bfloat16 --quiet --overwrite 2>&1 | tail -1 >&2
 "$PYTHON" - "$STUDENT" "$MOE" "$WORKDIR/scale/calib.txt" "$HEAL_TOKENS" $SEQ "$DEVICE" "$WORKDIR/healed/heal.json" "$HEAL_JSON" << 'EOF'

@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 GB = 1e9
 
 
@@ -564,12 +563,13 @@ def run(args) -> dict:
         # page cache, whose copies cost CPU time) and with O_DIRECT (the disk's own speed)
         raw_read("raw_read")
         cuda = ["--cuda"] if args.cuda else []
-        runs = [("moe2dense", {"merge_method": "expert_uniform"}, "mergekit-moe2dense", REPO)]
+        # each command as a module of the Python running this (a machine may have no console scripts)
+        runs = [("moe2dense", {"merge_method": "expert_uniform"}, "mergekit_moe2dense", REPO)]
         if args.baseline:
             runs.append(("moe2dense_baseline", runs[0][1], runs[0][2], Path(args.baseline)))
         if not args.no_linear:
-            runs.append(("mergekit_linear", {"merge_method": "linear"}, "mergekit-yaml", REPO))
-        for name, config, command, library in runs:
+            runs.append(("mergekit_linear", {"merge_method": "linear"}, "mergekit.scripts.run_yaml", REPO))
+        for name, config, module, library in runs:
             spec = {**config, "models": [{"model": str(model)}], "dtype": "bfloat16"}
             if name == "mergekit_linear":
                 spec["models"][0]["parameters"] = {"weight": 1.0}
@@ -577,7 +577,7 @@ def run(args) -> dict:
             path.write_text(json.dumps(spec))
             out = workdir / f"out-{name}"
             drop_page_cache(model)
-            m = measure([str(BIN / command), str(path), str(out), "--quiet", *cuda], library)
+            m = measure([sys.executable, "-m", module, str(path), str(out), "--quiet", *cuda], library)
             written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
             merges[name] = {
                 "wall_s": m.wall_s,
