@@ -21,6 +21,18 @@ import transformers
 from helpers import TEXT, make_mixtral
 
 
+@pytest.fixture(autouse=True)
+def _onednn_cache_variable_restored():
+    """A conversion sets ONEDNN_PRIMITIVE_CACHE_CAPACITY in this process (memory.py): undone
+    after each test, so that later tests' child processes (heal, eval) start as a user's would."""
+    before = os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY")
+    yield
+    if before is None:
+        os.environ.pop("ONEDNN_PRIMITIVE_CACHE_CAPACITY", None)
+    else:
+        os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = before
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
