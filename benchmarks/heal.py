@@ -8,7 +8,7 @@ On a trained testbed (benchmarks/testbed.py), rows of held-out perplexity (the t
 1. the best retraining-free dense model of the dense twin's width (`router_weighted` +
    `refit: down_proj` on the upcycled presets, `concat` of the top-k experts + `refit: down_proj`
    on the from-scratch ones);
-2. the same with `refit: fit` (the per-layer gradient fit of issue 13 part 1), the heal's student
+2. the same with `refit: fit` (the per-layer gradient fit), the heal's student
    by default (`--heal-from fit`; `down_proj` heals the closed-form model);
 3. `heal` of that student at fractions of the MoE's own training tokens (forward KL, on the
    fly; the training text is the testbed's train split, rebuilt from its recipe);
@@ -149,7 +149,7 @@ def run(args) -> str:
     rows.append((f"{label} (retraining-free)", 0, score(student, test_docs, seq_len, limit)))
     fit = convert(testbed.moe, testbed.calib_dir, work / "fit", method, {**params, "refit": "fit"}, seq_len)
     rows.append((f"{label.replace('down_proj', 'fit')} (retraining-free)", 0, score(fit, test_docs, seq_len, limit)))
-    # the heal starts from the best retraining-free model of the twin's width (issue 13: fit, then heal)
+    # the heal starts from the best retraining-free model of the twin's width (fit, then heal)
     start = fit if args.heal_from == "fit" else student
     start_row = rows[-1] if args.heal_from == "fit" else rows[1]
 

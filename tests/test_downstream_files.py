@@ -2,7 +2,7 @@
 # SPDX-License-Identifier: LGPL-3.0-only
 """Every output directory holds model shards only, by the rules downstream loaders use to
 find weights. vLLM cannot load a directory where any other *.safetensors sits beside the
-model (issue 15: `There is no module or parameter named 'contribution_sum'`)."""
+model (`There is no module or parameter named 'contribution_sum'`)."""
 
 from __future__ import annotations
 
