@@ -36,21 +36,25 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
 from mergekit_moe2dense.data import Document, load_documents
 from mergekit_moe2dense.errors import Moe2DenseError
+from mergekit_moe2dense.report_files import write_report_text
 
 __all__ = [
     "EvaluationError",
     "EvalResult",
     "TokenStream",
     "Window",
+    "check_causal_lm",
     "check_seq_len",
     "evaluate_models",
     "evaluate_perplexity",
     "format_results_table",
     "load_eval_documents",
     "plan_windows",
+    "read_model_config",
     "token_streams",
     "write_results_json",
 ]
@@ -178,10 +182,16 @@ def evaluate_perplexity(
     ``max_tokens`` caps the scored tokens of each source (not of the total),
     so that every source keeps its share. BOS tokens are never scored (see the
     module docstring for the exact rule). Arguments are checked before loading; a
-    ``seq_len`` beyond the model's ``max_position_embeddings`` is refused.
+    ``seq_len`` beyond the model's ``max_position_embeddings`` is refused, and so is a
+    checkpoint that lacks weights of the causal LM (they would be random).
     """
     if batch_size < 1:
         raise EvaluationError(f"batch_size must be at least 1, got {batch_size}")
+    if max_tokens is not None and max_tokens < 1:
+        raise EvaluationError(
+            f"--max-tokens {max_tokens}: the budget of scored tokens per source is zero, so nothing would be "
+            "scored; give a positive number, or leave --max-tokens out to score every token"
+        )
     plan_windows(0, seq_len, stride)  # raises on a bad seq_len or stride
     if isinstance(model, PreTrainedModel):
         name = name or model.name_or_path or type(model).__name__
@@ -190,9 +200,11 @@ def evaluate_perplexity(
     else:
         path = Path(model)
         name = name or str(model)
-        check_seq_len(_model_config(model), seq_len, name)
+        config = read_model_config(model)
+        check_seq_len(config, seq_len, name)
+        check_causal_lm(config, name)
         tokenizer = tokenizer or _load_tokenizer(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype is not None else "auto").to(device)
+        model = _load_causal_lm(path, dtype, name).to(device)
     model.eval()
 
     streams = token_streams(documents, tokenizer)
@@ -225,7 +237,11 @@ def evaluate_models(models: list[str], documents: list[Document], **kwargs) -> l
     if "name" in kwargs:
         raise TypeError("evaluate_models names each result after its model; drop name=")
     for model in models:  # every model before the first is scored
-        check_seq_len(_model_config(model), kwargs.get("seq_len", DEFAULT_SEQ_LEN), str(model))
+        config = read_model_config(model)
+        check_seq_len(config, kwargs.get("seq_len", DEFAULT_SEQ_LEN), str(model))
+        check_causal_lm(config, str(model))
+    if len(models) > 1 and kwargs.get("tokenizer") is None:  # a tokenizer given is every model's
+        _check_same_tokens(models, documents)
     results = []
     for model in models:
         results.append(evaluate_perplexity(model, documents, **kwargs))
@@ -258,8 +274,8 @@ def format_results_table(results: list[EvalResult], reference: str | None = None
 
 
 def write_results_json(results: list[EvalResult], path: str | os.PathLike) -> None:
-    """Write ``[{"model", "perplexity", "tokens", "per_source"}, ...]`` as JSON."""
-    Path(path).write_text(json.dumps([r.to_dict() for r in results], indent=2) + "\n")
+    """Write ``[{"model", "perplexity", "tokens", "per_source"}, ...]`` as JSON, atomically."""
+    write_report_text(path, json.dumps([r.to_dict() for r in results], indent=2) + "\n")
 
 
 def check_seq_len(config, seq_len: int, name: str) -> None:
@@ -274,7 +290,54 @@ def check_seq_len(config, seq_len: int, name: str) -> None:
         )
 
 
-def _model_config(model: str | os.PathLike):
+def check_causal_lm(config, name: str) -> None:
+    """Refuses a checkpoint saved as its family's base model (``architectures: [MistralModel]``):
+    it has no LM head, and AutoModelForCausalLM would score with a randomly initialised one.
+    A head tied to the embeddings is no loss: it is the embedding matrix. Some multimodal
+    families' base class is their generation model (``Llama4ForConditionalGeneration``): it has one."""
+    base = MODEL_MAPPING_NAMES.get(config.model_type)
+    if (
+        base
+        and "For" not in base
+        and config.architectures == [base]
+        and not getattr(config.get_text_config(), "tie_word_embeddings", False)
+    ):
+        raise EvaluationError(
+            f"{name} is a {base} checkpoint: a base model without an LM head, not a causal LM; "
+            "eval scores causal LMs (give the checkpoint saved with its LM head)"
+        )
+
+
+def _load_causal_lm(path, dtype, name: str) -> PreTrainedModel:
+    """The causal LM at ``path``; refused when transformers had to initialise some of its
+    weights (a checkpoint of another head, or an incomplete one): its scores would be noise."""
+    model, info = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype if dtype is not None else "auto", output_loading_info=True
+    )
+    missing = sorted(info["missing_keys"])
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise EvaluationError(
+            f"{name} is not a complete causal LM: {shown} missing from the checkpoint (transformers would "
+            "initialise them randomly); eval scores causal LMs saved with their LM head"
+        )
+    return model
+
+
+def _check_same_tokens(models: list[str], documents: list[Document]) -> None:
+    """Perplexities are comparable only over the same tokens: every model's tokenizer must
+    turn the documents into the same token streams as the first model's."""
+    first = token_streams(documents, _load_tokenizer(models[0]))
+    for model in models[1:]:
+        if token_streams(documents, _load_tokenizer(model)) != first:
+            raise EvaluationError(
+                f"{model} and {models[0]} tokenize the evaluation text differently: their perplexities "
+                "would be over different tokens and not comparable; evaluate them in separate runs"
+            )
+
+
+def read_model_config(model: str | os.PathLike):
+    """The config of the model directory ``model``, or an EvaluationError saying why not."""
     if not Path(model).is_dir():
         raise EvaluationError(f"model directory not found: {model}")
     try:

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from mergekit_moe2dense.errors import Moe2DenseError
+from mergekit_moe2dense.evaluate import check_causal_lm, read_model_config
 
 __all__ = [
     "HarnessError",
@@ -70,10 +71,10 @@ def _lm_eval():
 def parse_tasks(spec: str | list[str]) -> TaskSpec:
     """Task names and local task directories from `--tasks` (comma-separated, repeatable).
 
-    A directory stands for every task its YAML configs define; an unknown name or a
-    directory without tasks is refused before any model is loaded. lm-eval's own task
-    index (some 15k configs, seconds to read) is read only when a name is not from a
-    directory.
+    A directory stands for every task its YAML configs define; an unknown name, a
+    directory without tasks, or a task whose data cannot be loaded is refused before
+    any model is loaded. lm-eval's own task index (some 15k configs, seconds to read)
+    is read only when a name is not from a directory.
     """
     items = [item.strip() for part in ([spec] if isinstance(spec, str) else spec) for item in part.split(",")]
     items = [item for item in items if item]
@@ -94,13 +95,31 @@ def parse_tasks(spec: str | list[str]) -> TaskSpec:
             names.append(item)
             hub_names.append(item)
     spec = TaskSpec(tuple(names), tuple(paths), include_defaults=bool(hub_names))
-    known = set(_task_manager(spec.include_paths, spec.include_defaults).all_tasks)
+    manager = _task_manager(spec.include_paths, spec.include_defaults)
+    known = set(manager.all_tasks)
     unknown = [name for name in hub_names if name not in known]
     if unknown:
         raise HarnessError(
             f"--tasks: unknown lm-eval task {', '.join(unknown)} (see `lm_eval ls tasks`, or give a task directory)"
         )
+    _load_task_data(spec.names, manager)
     return spec
+
+
+def _load_task_data(names: tuple[str, ...], manager) -> None:
+    """Builds each task once, loading its data: lm-eval does it only after loading a model, and
+    data that cannot be had (a download offline) is refused here, naming its task. The runs
+    then read the data from the datasets cache."""
+    for name in names:
+        try:
+            manager.load([name])
+        except OSError as error:  # datasets' and huggingface_hub's connection and not-found errors
+            reason = (str(error).strip() or type(error).__name__).splitlines()[0]
+            raise HarnessError(
+                f"--tasks {name}: the task's data cannot be loaded ({reason}); it must be available locally: "
+                "download it once with network access (into the HF_DATASETS cache), or give a local task "
+                "directory whose YAML points at local files"
+            ) from None
 
 
 @functools.lru_cache(maxsize=4)
@@ -121,9 +140,8 @@ def evaluate_tasks(
 ) -> list[TaskResult]:
     """Run lm-eval on every model directory, one at a time (each freed before the next)."""
     lm_eval, _ = _lm_eval()
-    for model in models:
-        if not Path(model).is_dir():
-            raise HarnessError(f"model directory not found: {model}")
+    for model in models:  # every model before the first runs
+        check_causal_lm(read_model_config(model), str(model))
     manager = _task_manager(tasks.include_paths, tasks.include_defaults)
     results = []
     for model in models:

@@ -26,7 +26,7 @@ and, from router statistics, each expert's share of selections and the normalise
 entropy H(mean routing probabilities) / log E.
 
 Verdict per layer (thresholds calibrated on upcycled vs independent tiny Mixtrals
-in tests/test_inspection.py and on synthetic experts in docs/inspect.md):
+in tests/test_inspection.py and on synthetic experts in docs/results/inspect.md):
 
 - `unrelated`: matched - chance < MIN_EXCESS: even the best permutation finds no
   more shared structure than between random experts;
@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -54,10 +55,11 @@ from mergekit_moe2dense.alignment import unit_vectors
 from mergekit_moe2dense.calibration import RouterStatistics, collect_statistics, load_calibration_batches
 from mergekit_moe2dense.checkpoint import SourceModel
 from mergekit_moe2dense.config import CalibrationConfig, check_seq_len
+from mergekit_moe2dense.devices import check_device
 from mergekit_moe2dense.errors import Moe2DenseError
 from mergekit_moe2dense.families import PROJECTIONS
 from mergekit_moe2dense.methods import METHODS
-from mergekit_moe2dense.report_files import check_report_file
+from mergekit_moe2dense.report_files import atomic_report, check_reports, write_report_text
 
 __all__ = [
     "ALIGNED_RATIO",
@@ -69,6 +71,7 @@ __all__ = [
     "cosine_matrix",
     "expert_pairs",
     "gram_cosine",
+    "heatmap_format",
     "inspect_layer",
     "inspect_moe",
     "layer_verdict",
@@ -176,8 +179,7 @@ class InspectionReport:
         return asdict(self)
 
     def write_json(self, path: str) -> None:
-        with open(path, "w", encoding="utf-8") as handle:
-            json.dump(self.to_dict(), handle, indent=1)
+        write_report_text(path, json.dumps(self.to_dict(), indent=1))
 
     def format_table(self) -> str:
         routed = self.router_tokens is not None
@@ -238,10 +240,28 @@ def _suggest(verdict: str) -> tuple[list[str], str]:
     return [name for name in names if name in METHODS], message
 
 
+def heatmap_format(path: str) -> str:
+    """The image format that `path`'s extension names, if matplotlib writes it on its own
+    (not pgf, which needs a LaTeX installation); refused otherwise, naming those that work."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    formats = sorted(set(FigureCanvasAgg.get_supported_filetypes()) - {"pgf"})
+    extension = os.path.splitext(path)[1].lower().lstrip(".")
+    if extension not in formats:
+        raise InspectionError(
+            f"--heatmap {path}: {f'.{extension}' if extension else 'no extension'} is not an image format "
+            f"matplotlib writes; end the path with one of {', '.join('.' + name for name in formats)}"
+        )
+    return extension
+
+
 def plot_heatmap(report: InspectionReport, path: str) -> None:
-    """One panel per MoE layer: the E x E cosine of the experts' weights."""
+    """One panel per MoE layer: the E x E cosine of the experts' weights, written atomically
+    in the format of `path`'s extension."""
     # A bare Figure renders with Agg and leaves pyplot's global backend alone.
     from matplotlib.figure import Figure
+
+    image_format = heatmap_format(path)
 
     count = len(report.layers)
     cols = min(count, 8)
@@ -257,7 +277,8 @@ def plot_heatmap(report: InspectionReport, path: str) -> None:
         ax.set_yticks([])
     figure.colorbar(image, ax=axes, shrink=0.8, label="expert weight cosine")
     figure.suptitle(f"{report.model}: {report.verdict}", fontsize=10)
-    figure.savefig(path, dpi=100)
+    with atomic_report(path) as temporary:
+        figure.savefig(temporary, format=image_format, dpi=100)
 
 
 # -- reading a model -----------------------------------------------------------------
@@ -370,8 +391,13 @@ def inspect_moe(
         if data
         else None
     )
-    check_report_file(heatmap_path, "heatmap")
-    check_report_file(json_path, "JSON output")
+    check_reports(
+        {"--heatmap": heatmap_path, "--json": json_path},
+        [("model", model_path), ("--stats file", stats_path), ("--data", data)],
+    )
+    if heatmap_path:
+        heatmap_format(heatmap_path)
+    check_device(device)
     source = SourceModel.open(ModelReference.parse(model_path))
     check_seq_len(calibration, source.config, option="--seq-len")
     layers = source.moe_layers()

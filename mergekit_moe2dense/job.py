@@ -29,6 +29,7 @@ from mergekit_moe2dense.calibration.distributed import Ranks
 from mergekit_moe2dense.calibration.engine import check_engine
 from mergekit_moe2dense.checkpoint import SourceModel
 from mergekit_moe2dense.config import ConfigError, Moe2DenseConfig, check_seq_len
+from mergekit_moe2dense.devices import DeviceError, check_device
 from mergekit_moe2dense.families import MoELayer
 from mergekit_moe2dense.graph import TensorIO
 from mergekit_moe2dense.methods import ExpertMethod, MethodParameters, get_method
@@ -53,6 +54,23 @@ def resolve_stats_path(path: str | os.PathLike | None) -> str | None:
         f"--stats {os.fspath(path)}: directory holds neither {STATS_FILE} nor {LEGACY_STATS_FILE} "
         "(give a statistics file or the output directory of an earlier run)"
     )
+
+
+def _check_devices(options: MergeOptions, calibration) -> None:
+    """--device (cuda with --cuda: the merge, the calibration and the re-fit run there) and the
+    devices a `calibration.device_map` places modules on exist here, before any work."""
+    check_device(options.device or "cpu")
+    placements = calibration.device_map if calibration and isinstance(calibration.device_map, dict) else {}
+    for module, place in placements.items():
+        if place in ("cpu", "disk"):
+            continue
+        try:
+            check_device(f"cuda:{place}" if isinstance(place, int) else place)
+        except DeviceError:
+            raise ConfigError(
+                f"calibration.device_map puts {repr(module) if module else 'the whole model'} on {place!r}, a device this machine "
+                "cannot use; place it on an available device, or leave device_map out"
+            ) from None
 
 
 @dataclass
@@ -85,6 +103,7 @@ class ConversionJob:
         stats_path = resolve_stats_path(stats_path)
         method = get_method(config.merge_method)
         calibration = config.calibration
+        _check_devices(options, calibration)
         out = OutputDirectory(
             out_path,
             overwrite=overwrite,

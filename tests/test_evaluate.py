@@ -3,6 +3,7 @@
 import json
 import json.decoder
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,10 +14,12 @@ from transformers import (
     AutoTokenizer,
     MistralConfig,
     MistralForCausalLM,
+    MistralModel,
     PreTrainedTokenizerFast,
 )
 
 import mergekit_moe2dense.evaluate as evaluate_module
+from helpers import assert_one_line_error, run_cli
 from mergekit_moe2dense.data import Document
 from mergekit_moe2dense.evaluate import (
     EvalResult,
@@ -321,7 +324,7 @@ def test_max_tokens_scores_the_first_tokens_with_unchanged_context(model, tokeni
 
 def test_nothing_to_score(model, tokenizer):
     with pytest.raises(ValueError, match="nothing to score"):
-        run(model, docs(("x", "a")), tokenizer, seq_len=32, max_tokens=0)
+        run(model, docs(("x", ""), ("y", "")), tokenizer, seq_len=32)  # each stream is its BOS alone
 
 
 def test_invalid_batch_size(model, tokenizer):
@@ -427,3 +430,97 @@ def test_seq_len_beyond_max_position_embeddings_is_refused(model, model_dirs, to
     monkeypatch.setattr(evaluate_module.AutoModelForCausalLM, "from_pretrained", never)
     with pytest.raises(ValueError, match="max_position_embeddings 256"):
         evaluate_models(model_dirs[:2], long_docs(1), seq_len=300, progress=False)
+
+
+# --- what is refused before a model is scored --------------------------------------------
+
+
+def never_loaded(*args, **kwargs):
+    raise AssertionError("a model was loaded")
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text("\n".join(CORPUS))
+    return path
+
+
+@pytest.mark.parametrize("max_tokens", [0, -5])
+def test_a_zero_token_budget_is_refused_before_loading(model_dirs, text_file, monkeypatch, max_tokens):
+    monkeypatch.setattr(evaluate_module.AutoModelForCausalLM, "from_pretrained", never_loaded)
+    with pytest.raises(ValueError, match=f"--max-tokens {max_tokens}: the budget .* is zero"):
+        evaluate_perplexity(model_dirs[0], long_docs(1), seq_len=32, max_tokens=max_tokens, progress=False)
+    result = run_cli("eval", model_dirs[0], "--data", text_file, "--seq-len", 32, "--max-tokens", max_tokens)
+    assert_one_line_error(result, f"--max-tokens {max_tokens}: the budget of scored tokens per source is zero")
+
+
+@pytest.mark.parametrize(
+    "device, fragment",
+    [
+        pytest.param(
+            "cuda",
+            "--device cuda: CUDA is not available",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"),
+        ),
+        ("tpu", "--device tpu: not a device torch knows"),
+    ],
+)
+def test_eval_refuses_an_unusable_device_before_loading(model_dirs, text_file, monkeypatch, device, fragment):
+    monkeypatch.setattr(evaluate_module.AutoModelForCausalLM, "from_pretrained", never_loaded)
+    result = run_cli("eval", model_dirs[0], "--data", text_file, "--seq-len", 32, "--device", device)
+    assert_one_line_error(result, fragment)
+
+
+@pytest.fixture(scope="session")
+def base_model_dir(tmp_path_factory, tokenizer):
+    """A Mistral saved as its base model: no LM head, `architectures: [MistralModel]`."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("base") / "base"
+    MistralModel(make_model(0, len(tokenizer)).config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_a_base_model_is_refused_before_any_model_is_scored(model_dirs, base_model_dir, text_file, monkeypatch):
+    monkeypatch.setattr(evaluate_module.AutoModelForCausalLM, "from_pretrained", never_loaded)
+    with pytest.raises(ValueError, match="is a MistralModel checkpoint: a base model without an LM head"):
+        evaluate_models([model_dirs[0], str(base_model_dir)], long_docs(1), seq_len=32, progress=False)
+    result = run_cli("eval", model_dirs[0], base_model_dir, "--data", text_file, "--seq-len", 32)
+    assert_one_line_error(result, "base model without an LM head, not a causal LM")
+
+
+def test_a_checkpoint_without_its_lm_head_is_refused(base_model_dir, tmp_path):
+    """Whatever its config says: weights transformers would initialise randomly are refused."""
+    path = tmp_path / "headless"
+    shutil.copytree(base_model_dir, path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "architectures": ["MistralForCausalLM"]}))
+    with pytest.raises(ValueError, match=r"not a complete causal LM: lm_head\.weight missing"):
+        evaluate_perplexity(str(path), long_docs(1), seq_len=32, progress=False)
+
+
+def test_models_with_different_tokenizers_are_refused(model_dirs, tmp_path, monkeypatch):
+    """The fixture's tokenizer with its special tokens in another order: a vocabulary of the
+    same size, and other ids for the same text."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=120,
+        special_tokens=["<s>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    other = tmp_path / "other"
+    shutil.copytree(model_dirs[1], other)
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(
+        other
+    )
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(CORPUS))
+    monkeypatch.setattr(evaluate_module.AutoModelForCausalLM, "from_pretrained", never_loaded)
+    with pytest.raises(ValueError, match="tokenize the evaluation text differently"):
+        evaluate_models([model_dirs[0], str(other)], long_docs(1), seq_len=32, progress=False)
+    result = run_cli("eval", model_dirs[0], other, "--data", text, "--seq-len", 32)
+    assert_one_line_error(result, f"{other} and {model_dirs[0]} tokenize the evaluation text differently")

@@ -24,17 +24,20 @@ DOCS = [
 ]
 
 
-def write_task(directory, docs=DOCS, name="tiny_choice"):
-    """A multiple-choice task over a jsonl made here: nothing comes from a hub."""
+def write_task(directory, docs=DOCS, name="tiny_choice", dataset=None):
+    """A multiple-choice task over a jsonl made here: nothing comes from a hub (unless `dataset`
+    names a hub dataset to read instead)."""
     directory.mkdir(parents=True, exist_ok=True)
     data = directory / f"{name}.jsonl"
     data.write_text("".join(json.dumps(doc) + "\n" for doc in docs))
+    source = (
+        f"dataset_path: {dataset}"
+        if dataset
+        else f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}"
+    )
     (directory / f"{name}.yaml").write_text(
         f"""task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
+{source}
 test_split: test
 output_type: multiple_choice
 doc_to_text: "{{{{question}}}}"
@@ -175,3 +178,41 @@ def test_eval_tasks_side_by_side_match_a_hand_computation(random_moe, calib_dir,
     row = next(line for line in result.output.splitlines() if line.startswith("tiny_choice"))
     assert row.split()[-1] == f"{expected[1] - expected[0]:+.4f}"
     assert f"{expected[0]:.4f}" in row and f"{expected[1]:.4f}" in row
+
+
+def fail_if_called(*args, **kwargs):
+    pytest.fail("a model was evaluated")
+
+
+def test_task_data_that_cannot_be_downloaded_is_refused_before_any_model_loads(random_moe, tmp_path, monkeypatch):
+    import datasets.config
+    import huggingface_hub.constants
+
+    import mergekit_moe2dense.harness as harness
+
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # no network here: fail at once, not after retries
+        monkeypatch.setenv(name, "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # both read the variable on import
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(harness, "evaluate_tasks", fail_if_called)
+    tasks = write_task(tmp_path / "tasks", name="remote_choice", dataset="moe2dense-tests/not-downloaded")
+    result = run_cli("eval", random_moe["legacy"], "--tasks", tasks)
+    assert_one_line_error(
+        result, r"--tasks remote_choice: the task's data cannot be loaded \(.*not-downloaded.*must be available locally"
+    )
+
+
+def test_a_base_model_is_refused_before_lm_eval_runs(tokenizer_dir, tmp_path, monkeypatch):
+    import lm_eval
+
+    base = tmp_path / "base"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = transformers.MistralConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2,
+    )  # fmt: skip
+    transformers.MistralModel(config).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    monkeypatch.setattr(lm_eval, "simple_evaluate", fail_if_called)
+    result = run_cli("eval", base, "--tasks", write_task(tmp_path / "tasks"))
+    assert_one_line_error(result, "is a MistralModel checkpoint: a base model without an LM head")

@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 from mergekit.common import ModelReference
 
-from helpers import make_mixtral
+from helpers import assert_one_line_error, make_mixtral
 from mergekit_moe2dense.calibration import collect_statistics, load_calibration_batches
 from mergekit_moe2dense.checkpoint import SourceModel
 from mergekit_moe2dense.cli import main
@@ -235,8 +235,48 @@ def test_cli_refuses_statistics_of_another_model(random_moe, upcycled_moe, tmp_p
     from mergekit_moe2dense.calibration import RouterStatistics
 
     stats = RouterStatistics(layers=[0, 1], num_experts=4, top_k=2, tokens=10)
-    stats.metadata["model_fingerprint"] = {"router_sha256": "other"}
+    stats.metadata["model_fingerprint"] = {
+        "model_type": "mixtral",
+        "layers": [0, 1],
+        "num_experts": 4,
+        "content_sha256": "other weights",
+    }
     stats.save(tmp_path / "s.safetensors")
     result = run_cli(random_moe["legacy"], "--stats", tmp_path / "s.safetensors", "--json", tmp_path / "r.json")
     assert result.exit_code != 0 and "not on this model" in result.output
     assert not (tmp_path / "r.json").exists()
+
+
+def open_model_fails(*args, **kwargs):
+    pytest.fail("the model was opened")
+
+
+@pytest.mark.parametrize("name, shown", [("cos.safetensors", r"\.safetensors"), ("cos", "no extension")])
+def test_heatmap_format_is_refused_before_the_model_is_read(random_moe, tmp_path, monkeypatch, name, shown):
+    monkeypatch.setattr(SourceModel, "open", open_model_fails)
+    result = run_cli(random_moe["legacy"], "--heatmap", tmp_path / name)
+    assert_one_line_error(result, rf"--heatmap .*{name}: {shown} is not an image format .*\.png, .*\.svg")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_heatmap_is_written_in_the_format_of_its_extension(random_moe, tmp_path):
+    result = run_cli(random_moe["legacy"], "--heatmap", tmp_path / "cos.PDF")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "cos.PDF").read_bytes()[:5] == b"%PDF-"
+    assert [path.name for path in tmp_path.iterdir()] == ["cos.PDF"]
+
+
+@pytest.mark.parametrize(
+    "device, fragment",
+    [
+        pytest.param(
+            "cuda",
+            "--device cuda: CUDA is not available",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"),
+        ),
+        ("tpu", "--device tpu: not a device torch knows"),
+    ],
+)
+def test_unusable_device_is_refused_before_the_model_is_read(random_moe, monkeypatch, device, fragment):
+    monkeypatch.setattr(SourceModel, "open", open_model_fails)
+    assert_one_line_error(run_cli(random_moe["legacy"], "--device", device), fragment)

@@ -10,8 +10,10 @@ import sys
 
 import pytest
 import safetensors.torch
+import torch
 from mergekit.options import MergeOptions
 
+from helpers import assert_one_line_error, run_cli, write_config
 from mergekit_moe2dense import job as job_module
 from mergekit_moe2dense.build import build_dense
 from mergekit_moe2dense.config import Moe2DenseConfig
@@ -68,3 +70,36 @@ def test_computed_tensors_are_not_written_to_be_read_back(random_moe, calib_dir,
     assert sorted(written) == ["router_stats.safetensors"]
     assert (out / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def _model_opened(*args, **kwargs):
+    pytest.fail("the model was opened")
+
+
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+
+
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        pytest.param(["--device", "cuda"], "--device cuda: CUDA is not available", marks=NO_CUDA),
+        pytest.param(["--cuda"], "--device cuda: CUDA is not available", marks=NO_CUDA),
+        (["--device", "tpu"], "--device tpu: not a device torch knows"),
+    ],
+)
+def test_merge_refuses_an_unusable_device_before_any_work(
+    random_moe, calib_dir, tmp_path, monkeypatch, flags, fragment
+):
+    monkeypatch.setattr(job_module.SourceModel, "open", _model_opened)
+    config = write_config(tmp_path / "c.yml", random_moe["legacy"], calib_dir)
+    assert_one_line_error(run_cli(config, tmp_path / "out", *flags), fragment)
+    assert not (tmp_path / "out").exists()
+
+
+@NO_CUDA
+def test_merge_refuses_a_device_map_onto_an_absent_gpu(random_moe, calib_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(job_module.SourceModel, "open", _model_opened)
+    config = write_config(tmp_path / "c.yml", random_moe["legacy"], calib_dir)
+    config.write_text(config.read_text().replace("calibration:\n", "calibration:\n  device_map: {'': 0}\n"))
+    assert_one_line_error(run_cli(config, tmp_path / "out"), "calibration.device_map puts the whole model on 0")
+    assert not (tmp_path / "out").exists()
