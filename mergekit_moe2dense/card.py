@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["CardTable", "calibration_summary", "write_model_card", "write_moe_card"]
+__all__ = ["CardTable", "calibration_summary", "write_heal_card", "write_model_card", "write_moe_card"]
 
 
 @dataclass(frozen=True)
@@ -144,6 +144,62 @@ Shared experts and everything outside the MoE blocks are copied unchanged.
 {rule}
 {rows}"""
     _write_card(out_dir, config, "moe", body, job.config_source)
+
+
+def write_heal_card(out_dir: str, record: dict, record_file: str) -> None:
+    """README.md of a healed model (`record` its `record_file`, heal.json): what taught it, on how
+    many tokens, with what settings. Inputs are named by their last path component: a card is
+    published, the paths on this machine are not (the record keeps them whole)."""
+    settings = record["settings"]
+    name = os.path.basename(os.path.normpath(out_dir)).split(".incomplete-")[0]
+    ppl = ""
+    if record.get("perplexity_before") is not None:
+        ppl = (
+            f"\nHeld-out perplexity on `{_input_name(record['eval_data'])}` (seq_len {settings['seq_len']}): "
+            f"{record['perplexity_before']:.3f} before, {record['perplexity_after']:.3f} after.\n"
+        )
+    method = (
+        f"LoRA of rank {record['lora_rank']} (merged into the weights)" if record["lora_rank"] else "full fine-tuning"
+    )
+    loss = (
+        "forward KL"
+        if settings["lm_weight"] == 0
+        else f"(1 - {settings['lm_weight']}) x forward KL + {settings['lm_weight']} x LM loss"
+    )
+    cache = f", from a top-{record['teacher_top_k']} teacher cache" if record["teacher_cache"] else ""
+    resumed = record.get("steps_from_checkpoint")
+    resumed = f", the first {resumed} before resuming from a checkpoint" if resumed else ""
+    rows = "\n".join(f"| {key} | `{value}` |" for key, value in settings.items() if key != "extra")
+    text = f"""---
+library_name: transformers
+tags:
+- mergekit
+- moe2dense
+- heal
+- distillation
+---
+# {name}
+
+The dense model `{_input_name(record["student"])}` healed by distillation from the Mixture-of-Experts model
+`{_input_name(record["teacher"])}` with `mergekit-moe2dense heal`: {loss} between the teacher's and the student's
+next-token distributions (temperature {settings["temperature"]}{cache}), {method}, on
+{record["tokens"]} tokens of `{_input_name(record["data"])}` ({record["steps"]} steps{resumed}; final loss {record["final_loss"]}).
+{ppl}
+## Settings
+
+| setting | value |
+|---|---|
+{rows}
+
+The full record is in `{record_file}`.
+"""
+    with open(os.path.join(out_dir, "README.md"), "w", encoding="utf-8") as handle:
+        handle.write(text)
+
+
+def _input_name(path: str) -> str:
+    """A local input by its last path component (absolute in the records); a Hub name as it is."""
+    return os.path.basename(os.path.normpath(path)) if os.path.isabs(path) else path
 
 
 def _parameters(params) -> str:

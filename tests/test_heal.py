@@ -129,7 +129,8 @@ def test_heal_lowers_held_out_kl_and_records_the_run(pair, tmp_path, tokenizer_d
     assert record["steps"] == 12 and record["tokens"] == 12 * 2 * SEQ
     assert record["perplexity_after"] < record["perplexity_before"]
     card = (out / "README.md").read_text()
-    assert str(pair["teacher"]) in card and "forward KL" in card and str(12 * 2 * SEQ) in card
+    assert f"`{pair['teacher'].name}`" in card and "forward KL" in card and str(12 * 2 * SEQ) in card
+    assert str(pair["teacher"]) not in card  # a published card names no local path
     assert type(transformers.AutoModelForCausalLM.from_pretrained(out)).__name__ == "MistralForCausalLM"
     assert not (tmp_path / "healed.checkpoints").exists()
 

@@ -4,8 +4,10 @@
 
     heal(student, out, teacher=moe, data=path, settings=TrainSettings(max_tokens=...))
 
-Every cheap check runs first (settings, both models, their tokenizers and vocabularies,
-sequence length, OUT, the data); then, with OUT locked: the optional teacher cache pass
+Every cheap check runs first (settings and the device, both models, their tokenizers and
+vocabularies, sequence length, their shards, OUT and the working directories, the data, and
+with `--resume` the checkpoint: the newest complete one, of the same run,
+`training.resume_checkpoint`); then, with OUT locked: the optional teacher cache pass
 (`teacher_cache.py`), the student's held-out perplexity, training (`training.DistillTrainer`,
 full fine-tuning or LoRA through peft), the merge of the LoRA into the weights, the
 perplexity after, and OUT written through `OutputDirectory` (staged, published whole) with a
@@ -23,11 +25,12 @@ from dataclasses import asdict, dataclass
 import torch
 import transformers
 from transformers import default_data_collator
-from transformers.trainer_utils import get_last_checkpoint
 
+from mergekit_moe2dense.card import write_heal_card
 from mergekit_moe2dense.data import load_documents
 from mergekit_moe2dense.evaluate import check_seq_len, evaluate_perplexity
-from mergekit_moe2dense.heal.teacher_cache import build_teacher_cache, load_teacher_cache
+from mergekit_moe2dense.fingerprint import content_fingerprint
+from mergekit_moe2dense.heal.teacher_cache import prepare_teacher_cache, tokens_digest
 from mergekit_moe2dense.heal.training import (
     DistillTrainer,
     HealError,
@@ -35,12 +38,14 @@ from mergekit_moe2dense.heal.training import (
     TrainSettings,
     check_causal_lm,
     check_same_vocabulary,
+    check_weights,
     load_tokenizer,
     model_config,
+    resume_checkpoint,
     stored_dtype,
     training_sequences,
 )
-from mergekit_moe2dense.output_dir import OutputDirectory, _within
+from mergekit_moe2dense.output_dir import OutputDirectory, path_within
 
 __all__ = ["HEAL_RECORD", "HealResult", "heal"]
 
@@ -55,8 +60,9 @@ class HealResult:
     final_loss: float | None
     perplexity_before: float | None
     perplexity_after: float | None
-    tokens_per_s: float
+    tokens_per_s: float  # over the steps this call trained (0 when it trained none)
     record: dict
+    steps_from_checkpoint: int = 0  # of `steps`, those trained before the resumed checkpoint
 
 
 def heal(
@@ -83,6 +89,7 @@ def heal(
     settings.check()
     if lora_rank is not None and lora_rank < 1:
         raise HealError(f"--lora-rank must be at least 1, got {lora_rank}")
+    lora_alpha = (lora_alpha or 2 * lora_rank) if lora_rank is not None else None
     if teacher_top_k < 1:
         raise HealError(f"--teacher-top-k must be at least 1, got {teacher_top_k}")
     student_config = model_config(student, "student")
@@ -95,6 +102,8 @@ def heal(
     )
     check_seq_len(student_config, settings.seq_len, student)
     check_seq_len(teacher_config, settings.seq_len, teacher)
+    check_weights(student, "student")
+    check_weights(teacher, "teacher")
     checkpoint_dir = os.path.abspath(checkpoint_dir or f"{os.path.abspath(out_path)}.checkpoints")
     inputs = {"the student": student, "the teacher": teacher, "the data": data, "the evaluation data": eval_data}
     out = OutputDirectory(
@@ -104,9 +113,8 @@ def heal(
     )
     out.check()
     for label, path in (("teacher cache", teacher_cache), ("checkpoint directory", checkpoint_dir)):
-        check_work_dir(path, label, inputs)
-    last = get_last_checkpoint(checkpoint_dir) if resume and os.path.isdir(checkpoint_dir) else None
-    if resume and last is None:
+        check_work_dir(path, label, inputs, out.path)
+    if resume and not os.path.isdir(checkpoint_dir):
         raise HealError(f"--resume: no checkpoint in {checkpoint_dir} to resume from")
     documents = load_documents(data)
     eval_documents = load_documents(eval_data) if eval_data else None
@@ -118,17 +126,27 @@ def heal(
         seed=settings.seed, label=data,
     )  # fmt: skip
     main = args.process_index == 0
-    with out if main else contextlib.nullcontext():
+    run = None
+    if settings.save_steps or resume:  # what defines the run: recorded in each checkpoint, checked on resume
+        run = {
+            "student (content fingerprint)": content_fingerprint(student),
+            "teacher (content fingerprint)": content_fingerprint(teacher),
+            "training tokens (sha256)": tokens_digest(sequences),
+            "processes (WORLD_SIZE)": args.world_size,
+            **settings.defining(),
+            "--lora-rank": lora_rank,
+            "--lora-alpha": lora_alpha,
+            "--teacher-top-k": teacher_top_k if teacher_cache else None,  # unset: the exact KD, on the fly
+        }
+    last = resume_checkpoint(checkpoint_dir, run) if resume else None
+    start = int(last.rsplit("-", 1)[1]) if last else 0  # checkpoint-N: N steps done
+    with out if main else contextlib.nullcontext(), _checkpoint_directory(checkpoint_dir, main):
         targets = None
         if teacher_cache:
-            options = dict(top_k=teacher_top_k, temperature=settings.temperature, dtype=settings.torch_dtype)
-            with args.main_process_first(local=False, desc="teacher cache"):
-                if main:
-                    build_teacher_cache(
-                        teacher_cache, teacher, sequences, device=str(args.device), batch_size=settings.batch_size,
-                        progress=progress, **options,
-                    )  # fmt: skip
-            targets = load_teacher_cache(teacher_cache, teacher, sequences, **options)
+            targets = prepare_teacher_cache(
+                teacher_cache, teacher, sequences, main=main, top_k=teacher_top_k, temperature=settings.temperature,
+                dtype=settings.torch_dtype, device=str(args.device), batch_size=settings.batch_size, progress=progress,
+            )  # fmt: skip
         model = transformers.AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
         before = _perplexity(model, eval_documents, tokenizer, settings, eval_max_tokens, args, progress, main)
         if lora_rank is not None:
@@ -145,6 +163,7 @@ def heal(
             temperature=settings.temperature,
             lm_weight=settings.lm_weight,
             callbacks=callbacks,
+            run=run,
         )
         if not progress:  # nor the printed log lines that replace the bar
             trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
@@ -153,30 +172,34 @@ def heal(
         healed = trainer.accelerator.unwrap_model(trainer.model)
         if lora_rank is not None:
             healed = healed.merge_and_unload()
-        tokens = steps * settings.batch_size * args.world_size * settings.seq_len
+        step_tokens = settings.batch_size * args.world_size * settings.seq_len
+        tokens, trained = steps * step_tokens, steps - start
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        runtime = metrics.get("train_runtime") if trained else None
         record = {
-            "student": student,
-            "teacher": teacher,
-            "data": data,
+            "student": _resolved(student),
+            "teacher": _resolved(teacher),
+            "data": _resolved(data),
             "training_sequences": len(sequences),
-            "steps": steps,
+            "steps": steps,  # of the whole run, resumed or not
             "tokens": tokens,
+            "steps_from_checkpoint": start,
             "world_size": args.world_size,
             "final_loss": losses[-1] if losses else None,
             "losses": losses,
-            "mean_loss": metrics.get("train_loss"),
-            "train_seconds": metrics.get("train_runtime"),
-            "tokens_per_s": tokens / metrics["train_runtime"] if metrics.get("train_runtime") else None,
+            # the mean, time and throughput of the steps this call trained
+            "mean_loss": metrics.get("train_loss") if trained else None,
+            "train_seconds": runtime,
+            "tokens_per_s": trained * step_tokens / runtime if runtime else None,
             # steady state: each logging interval after the first (which includes start-up)
             "tokens_per_s_logged": [e["tokens_per_s"] for e in trainer.state.log_history if "tokens_per_s" in e],
             "settings": asdict(settings),
             "lora_rank": lora_rank,
-            "lora_alpha": lora_alpha if lora_rank is not None else None,
-            "teacher_cache": teacher_cache,
+            "lora_alpha": lora_alpha,
+            "teacher_cache": _resolved(teacher_cache),
             "teacher_top_k": teacher_top_k if teacher_cache else None,
             "resumed_from": last,
-            "eval_data": eval_data,
+            "eval_data": _resolved(eval_data),
             "perplexity_before": before,
         }
         if main:
@@ -189,33 +212,36 @@ def heal(
             tokenizer.save_pretrained(out.staging)
             with open(os.path.join(out.staging, HEAL_RECORD), "w", encoding="utf-8") as handle:
                 json.dump(record, handle, indent=2)
-            write_heal_card(out.staging, record)
+            write_heal_card(out.staging, record, HEAL_RECORD)
             out.publish()
     if main and not keep_checkpoints:
         _remove_checkpoints(checkpoint_dir)
     return HealResult(
         out.path, steps, tokens, record["final_loss"], before, record.get("perplexity_after"),
-        record["tokens_per_s"] or 0.0, record,
+        record["tokens_per_s"] or 0.0, record, start,
     )  # fmt: skip
 
 
-def check_work_dir(path: str | None, label: str, inputs: dict) -> None:
-    """A directory this run writes into may not be, contain or sit inside an input."""
+def check_work_dir(path: str | None, label: str, inputs: dict, out_path: str | None = None) -> None:
+    """A directory this run writes into may not be, contain or sit inside an input, nor OUT,
+    existing or not: publishing swaps OUT whole, and refuses when OUT changed during the run."""
     if not path:
         return
     real = os.path.realpath(path)
-    for name, value in inputs.items():
-        if value and os.path.exists(value):
-            other = os.path.realpath(value)
-            if _within(real, other) or _within(other, real):
-                raise HealError(f"{label} {path} overlaps {name} ({value}); choose a directory outside every input")
+    others = {name: value for name, value in inputs.items() if value and os.path.exists(value)}
+    if out_path:
+        others["OUT"] = out_path
+    for name, value in others.items():
+        other = os.path.realpath(value)
+        if path_within(real, other) or path_within(other, real):
+            raise HealError(f"{label} {path} overlaps {name} ({value}); choose a directory outside OUT and every input")
 
 
-def _with_lora(model, rank: int, alpha: float | None, seed: int):
+def _with_lora(model, rank: int, alpha: float, seed: int):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)  # the adapters' random init
-    config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, target_modules="all-linear", lora_dropout=0.0)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules="all-linear", lora_dropout=0.0)
     return get_peft_model(model, config)
 
 
@@ -232,6 +258,23 @@ def _perplexity(model, documents, tokenizer, settings, max_tokens, args, progres
     return result.perplexity
 
 
+def _resolved(path: str | None) -> str | None:
+    """An input as the record keeps it: a local path made absolute, a datasets name as given."""
+    return os.path.abspath(path) if path and os.path.exists(path) else path
+
+
+@contextlib.contextmanager
+def _checkpoint_directory(path: str, main: bool):
+    """When the run ends, however, removes `path` if the run made it and wrote no checkpoint there."""
+    made = not os.path.exists(path)
+    try:
+        yield
+    finally:
+        if main and made:
+            with contextlib.suppress(OSError):
+                os.rmdir(path)  # only when empty
+
+
 def _remove_checkpoints(directory: str) -> None:
     if not os.path.isdir(directory):
         return
@@ -240,50 +283,3 @@ def _remove_checkpoints(directory: str) -> None:
             shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
     with contextlib.suppress(OSError):
         os.rmdir(directory)  # only if nothing else is there
-
-
-def write_heal_card(out_dir: str, record: dict) -> None:
-    """README.md of a healed model: what taught it, on how many tokens, with what settings."""
-    settings = record["settings"]
-    name = os.path.basename(os.path.normpath(out_dir)).split(".incomplete-")[0]
-    ppl = ""
-    if record.get("perplexity_before") is not None:
-        ppl = (
-            f"\nHeld-out perplexity on `{record['eval_data']}` (seq_len {settings['seq_len']}): "
-            f"{record['perplexity_before']:.3f} before, {record['perplexity_after']:.3f} after.\n"
-        )
-    method = (
-        f"LoRA of rank {record['lora_rank']} (merged into the weights)" if record["lora_rank"] else "full fine-tuning"
-    )
-    loss = (
-        "forward KL"
-        if settings["lm_weight"] == 0
-        else f"(1 - {settings['lm_weight']}) x forward KL + {settings['lm_weight']} x LM loss"
-    )
-    cache = f", from a top-{record['teacher_top_k']} teacher cache" if record["teacher_cache"] else ""
-    rows = "\n".join(f"| {key} | `{value}` |" for key, value in settings.items() if key != "extra")
-    text = f"""---
-library_name: transformers
-tags:
-- mergekit
-- moe2dense
-- heal
-- distillation
----
-# {name}
-
-The dense model `{record["student"]}` healed by distillation from the Mixture-of-Experts model
-`{record["teacher"]}` with `mergekit-moe2dense heal`: {loss} between the teacher's and the student's
-next-token distributions (temperature {settings["temperature"]}{cache}), {method}, on
-{record["tokens"]} tokens of `{record["data"]}` ({record["steps"]} steps; final loss {record["final_loss"]}).
-{ppl}
-## Settings
-
-| setting | value |
-|---|---|
-{rows}
-
-The full record is in `{HEAL_RECORD}`.
-"""
-    with open(os.path.join(out_dir, "README.md"), "w", encoding="utf-8") as handle:
-        handle.write(text)

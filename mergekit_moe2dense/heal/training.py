@@ -9,23 +9,41 @@ checkpoints with the optimiser, scheduler, RNG and data position (`--resume` con
 the same weights on CPU, tested), and a progress bar with the loss. What is ours is only the
 loss (`compute_loss`: KD from a teacher, on the fly or cached, mixed with the LM loss) and the
 tokens/s and loss parts added to its logs.
+
+A checkpoint is resumed only when it is complete and of the same run: each `checkpoint-N`
+holds `RUN_RECORD`, written last, with what defines the run (the caller's `run`: settings,
+the models' and tokens' fingerprints) and the size of every file it resumes from
+(`resume_checkpoint`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import math
 import os
+import pickle
 import random
+import re
+import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 import transformers
+from safetensors import SafetensorError
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from mergekit_moe2dense.checkpoint import CheckpointError, check_shards, read_index
 from mergekit_moe2dense.data import Document, tokenize_documents
+from mergekit_moe2dense.devices import check_device
 from mergekit_moe2dense.errors import Moe2DenseError
 from mergekit_moe2dense.heal.losses import TeacherTargets, mixed_loss
+from mergekit_moe2dense.output_dir import format_gb, is_disk_full
+
+LOG = logging.getLogger(__name__)
 
 __all__ = [
     "DistillTrainer",
@@ -34,11 +52,23 @@ __all__ = [
     "TrainSettings",
     "check_causal_lm",
     "check_same_vocabulary",
+    "check_weights",
     "is_sparse",
+    "resume_checkpoint",
     "training_sequences",
 ]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+RUN_RECORD = "moe2dense_run.json"  # in each checkpoint-N: the run it belongs to, and its files
+# What a checkpoint resumes from, by the prefixes of transformers' file names (a model or a
+# LoRA adapter, sharded or not; the optimiser and scheduler states; the step and log history)
+CHECKPOINT_PARTS = {
+    "weights": ("model", "pytorch_model", "adapter_model"),
+    "optimizer state": ("optimizer",),
+    "scheduler state": ("scheduler",),
+    "trainer state": ("trainer_state",),
+}
 
 
 class HealError(Moe2DenseError, ValueError):
@@ -65,6 +95,9 @@ class TrainSettings:
     logging_steps: int = 10
     extra: dict = field(default_factory=dict)
 
+    # Where the run computes and how often it logs or saves: a checkpoint resumes under others
+    NOT_DEFINING = ("device", "save_steps", "logging_steps", "extra")
+
     def check(self) -> None:
         if self.max_tokens is None or self.max_tokens < 1:
             raise HealError(f"--max-tokens must be at least 1, got {self.max_tokens}")
@@ -82,6 +115,12 @@ class TrainSettings:
             raise HealError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.save_steps < 0:
             raise HealError(f"--save-steps must be 0 (no checkpoints) or more, got {self.save_steps}")
+        check_device(self.device)  # before any model is loaded, never silently the CPU
+
+    def defining(self) -> dict:
+        """The settings that define the training run, by flag (`DistillTrainer.run`)."""
+        values = asdict(self)
+        return {f"--{name.replace('_', '-')}": values[name] for name in values if name not in self.NOT_DEFINING}
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -161,6 +200,14 @@ def check_causal_lm(config: transformers.PretrainedConfig, path: str, label: str
         )
     if dense is False and not sparse:
         raise HealError(f"{label} {path} is not a Mixture-of-Experts model (model_type {config.model_type!r})")
+
+
+def check_weights(path: str, label: str) -> None:
+    """Every shard of the model is there and whole (the conversion's checks), before training."""
+    try:
+        check_shards(read_index(path))
+    except CheckpointError as error:
+        raise HealError(f"{label} {path}: {error}") from None
 
 
 def load_tokenizer(path: str, label: str):
@@ -248,10 +295,18 @@ class DistillTrainer(Trainer):
     fly) or from the batch's cached teacher targets, mixed with the LM loss."""
 
     def __init__(
-        self, *args, teacher=None, temperature: float = 1.0, lm_weight: float = 0.0, extra_logs=None, **kwargs
+        self,
+        *args,
+        teacher=None,
+        temperature: float = 1.0,
+        lm_weight: float = 0.0,
+        extra_logs=None,
+        run: dict | None = None,
+        **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.extra_logs = extra_logs  # () -> dict added to each training log
+        self.run = run  # what defines the run, recorded in each checkpoint (`resume_checkpoint`)
         self.teacher = teacher
         if teacher is not None:
             teacher.to(self.args.device).eval().requires_grad_(False)
@@ -290,3 +345,141 @@ class DistillTrainer(Trainer):
             if self.extra_logs is not None:
                 logs.update(self.extra_logs())
         super().log(logs, start_time)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """transformers' checkpoint, then its `RUN_RECORD`; a full disk is one line naming the
+        checkpoint, the space one needs and the space free (and leaves no partial checkpoint)."""
+        folder = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        with contextlib.suppress(FileNotFoundError):  # rewritten in place: complete only once recorded again
+            os.remove(os.path.join(folder, RUN_RECORD))
+        needed = self._checkpoint_bytes()
+        try:
+            super()._save_checkpoint(model, trial)
+            if self.run is not None and self.args.should_save:
+                _write_run_record(folder, self.run)
+            return
+        except Exception as error:  # torch.save reports ENOSPC as a bare RuntimeError: judged by the free space too
+            if not (is_disk_full(error) or shutil.disk_usage(self.args.output_dir).free < needed):
+                raise
+        shutil.rmtree(folder, ignore_errors=True)
+        free = shutil.disk_usage(self.args.output_dir).free
+        raise HealError(
+            f"not enough space for checkpoint {folder}: a checkpoint needs about {format_gb(needed)}, {format_gb(free)} is "
+            "free; free space, give another --checkpoint-dir, or save less often (--save-steps)"
+        )
+
+    def _checkpoint_bytes(self) -> int:
+        """About what a checkpoint takes: the weights saved (the adapters' alone under LoRA) and
+        AdamW's two moments of every trained parameter."""
+        sizes = [(p.numel() * p.element_size(), p.requires_grad) for p in self.model.parameters()]
+        trained = sum(size for size, grad in sizes if grad)
+        saved = trained if getattr(self.model, "peft_config", None) else sum(size for size, _ in sizes)
+        return saved + 2 * trained
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
+        with _loading(resume_from_checkpoint):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_optimizer_and_scheduler(self, checkpoint) -> None:
+        with _loading(checkpoint):
+            super()._load_optimizer_and_scheduler(checkpoint)
+
+
+@contextlib.contextmanager
+def _loading(checkpoint: str | None):
+    """What transformers raises on a checkpoint it cannot load into this run, in one line."""
+    try:
+        yield
+    except (RuntimeError, ValueError, OSError, KeyError, EOFError, pickle.UnpicklingError, SafetensorError) as error:
+        reason = (str(error).strip() or type(error).__name__).splitlines()[0]
+        raise HealError(
+            f"--resume: {checkpoint} does not load into this run ({reason}); give another --checkpoint-dir, "
+            "or run without --resume"
+        ) from None
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def resume_checkpoint(directory: str, run: dict) -> str:
+    """The newest complete checkpoint in `directory` (newer incomplete ones are skipped, with a
+    warning naming them), refused unless it was made by the same `run`."""
+    found = (re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", name) for name in os.listdir(directory))
+    names = [m.group(0) for m in sorted(filter(None, found), key=lambda m: -int(m.group(1)))]
+    names = [name for name in names if os.path.isdir(os.path.join(directory, name))]
+    if not names:
+        raise HealError(f"--resume: no checkpoint in {directory} to resume from")
+    skipped = []
+    for name in names:
+        path = os.path.join(directory, name)
+        record, problem = _read_run_record(path)
+        if problem is not None:
+            skipped.append(f"{name}: {problem}")
+            continue
+        if skipped:
+            LOG.warning("--resume: resuming from %s; skipped the newer incomplete %s", path, "; ".join(skipped))
+        differences = [
+            f"{key} was {_shown(record['run'].get(key))} in the checkpoint, {_shown(value)} now"
+            for key, value in run.items()
+            if record["run"].get(key) != value
+        ]
+        if differences:
+            raise HealError(
+                f"--resume: {path} is a checkpoint of another run ({'; '.join(differences)}); resume with the "
+                "settings and inputs it was made with, or give another --checkpoint-dir"
+            )
+        return path
+    raise HealError(
+        f"--resume: no complete checkpoint in {directory} ({'; '.join(skipped)}); run without --resume to start "
+        "over, or give another --checkpoint-dir"
+    )
+
+
+def _shown(value) -> str:
+    if value is None:
+        return "unset"
+    return value[:12] if isinstance(value, str) and len(value) == 64 else str(value)  # a sha256: its start
+
+
+def _checkpoint_files(folder: str) -> dict[str, int]:
+    """The size of each file of `folder` that `CHECKPOINT_PARTS` names (relative paths)."""
+    prefixes = tuple(prefix for group in CHECKPOINT_PARTS.values() for prefix in group)
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            if os.path.relpath(path, folder).startswith(prefixes):
+                files[os.path.relpath(path, folder)] = os.path.getsize(path)
+    return files
+
+
+def _write_run_record(folder: str, run: dict) -> None:
+    path = os.path.join(folder, RUN_RECORD)
+    with open(path + ".partial", "w", encoding="utf-8") as handle:
+        json.dump({"run": run, "files": _checkpoint_files(folder)}, handle)
+    os.replace(path + ".partial", path)
+
+
+def _read_run_record(folder: str) -> tuple[dict | None, str | None]:
+    """(the record, None) for a complete checkpoint: its record readable and every file it lists
+    there, whole; else (None, what is wrong)."""
+    try:
+        with open(os.path.join(folder, RUN_RECORD), encoding="utf-8") as handle:
+            record = json.load(handle)
+    except FileNotFoundError:
+        return None, f"no {RUN_RECORD} (it was not finished, or not written by heal)"
+    except (OSError, ValueError):
+        record = None
+    if not (isinstance(record, dict) and isinstance(record.get("run"), dict) and isinstance(record.get("files"), dict)):
+        return None, f"its {RUN_RECORD} is unreadable"
+    files = record["files"]
+    for part, prefixes in CHECKPOINT_PARTS.items():
+        if not any(name.startswith(prefixes) for name in files):
+            return None, f"it holds no {part}"
+    for name, size in files.items():
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            return None, f"{name} is missing"
+        if os.path.getsize(path) != size:
+            return None, f"{name} is {os.path.getsize(path)} bytes, {size} when it was written"
+    return record, None
