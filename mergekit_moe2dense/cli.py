@@ -248,17 +248,21 @@ def evaluate(
     """Perplexity (--data) and standard benchmarks (--tasks) of one or more causal LMs, side by side."""
     import json
 
+    from mergekit_moe2dense.devices import check_device
     from mergekit_moe2dense.evaluate import (
         EvaluationError,
         evaluate_models,
         format_results_table,
         load_eval_documents,
     )
-    from mergekit_moe2dense.report_files import check_report_file
+    from mergekit_moe2dense.report_files import check_reports, write_report_text
 
     if not data_paths and not task_specs:
         raise EvaluationError("eval needs --data (perplexity), --tasks (lm-eval benchmarks), or both")
-    check_report_file(json_path, "JSON output")  # before any model is scored
+    task_items = [item.strip() for spec in task_specs for item in spec.split(",")]
+    inputs = [("model", m) for m in models] + [("--data", d) for d in data_paths] + [("--tasks", t) for t in task_items]
+    check_reports({"--json": json_path}, inputs)  # before any model is scored
+    check_device(device)
     reference = reference or models[0]
     tasks = None
     if task_specs:
@@ -289,8 +293,7 @@ def evaluate(
         for entry, result in zip(payload, scored):
             entry["tasks"] = result.scores
     if json_path:
-        with open(json_path, "w", encoding="utf-8") as handle:
-            handle.write(json.dumps(payload, indent=2) + "\n")
+        write_report_text(json_path, json.dumps(payload, indent=2) + "\n")
 
 
 @main.command("inspect")
@@ -339,7 +342,7 @@ def evaluate(
     "heatmap_path",
     type=click.Path(dir_okay=False),
     default=None,
-    help="Write per-layer expert cosine heatmaps to this PNG.",
+    help="Write per-layer expert cosine heatmaps to this image (.png, .pdf, .svg, ...: its extension sets the format).",
 )
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON.")
 @one_line_errors
@@ -449,8 +452,11 @@ def heal_command(student, out_path, teacher, lora_rank, lora_alpha, teacher_cach
     ppl = ""
     if result.perplexity_before is not None:
         ppl = f"; held-out perplexity {result.perplexity_before:.3f} -> {result.perplexity_after:.3f}"
+    resumed = result.record["resumed_from"]
+    resumed = f", the first {result.steps_from_checkpoint} resumed from {resumed}" if resumed else ""
     click.echo(
-        f"Wrote {result.out_path} ({result.steps} steps, {result.tokens} tokens, {result.tokens_per_s:.0f} tokens/s{ppl})"
+        f"Wrote {result.out_path} ({result.steps} steps{resumed}, {result.tokens} tokens, "
+        f"{result.tokens_per_s:.0f} tokens/s{ppl})"
     )
 
 
@@ -466,11 +472,16 @@ def heal_command(student, out_path, teacher, lora_rank, lora_alpha, teacher_cach
     help="How lambda rises over the run.",
 )
 @click.option("--save-moe", default=None, type=click.Path(file_okay=False), help="Also write the collapsed MoE here.")
+@click.option(
+    "--allow-inexact",
+    is_flag=True,
+    help="Write the dense model even if the experts did not collapse (recorded as not exact).",
+)
 @training_options(
     lr=1e-4, lm_weight=1.0, lm_weight_help="Weight w of the LM loss; 1 - w is KD from the original MoE (1: LM only)."
 )
 @one_line_errors
-def collapse_command(moe, out_path, penalty_max, schedule, save_moe, overwrite, quiet, **training):
+def collapse_command(moe, out_path, penalty_max, schedule, save_moe, allow_inexact, overwrite, quiet, **training):
     """Train MOE with its experts pulled together (LM loss, or KD from the original with
     --lm-weight < 1, plus lambda(t) sum_e ||W_e - mean W||^2), then convert it with
     expert_uniform; write the dense model to OUT_PATH."""
@@ -478,8 +489,9 @@ def collapse_command(moe, out_path, penalty_max, schedule, save_moe, overwrite, 
 
     result = collapse(
         moe, out_path, data=training.pop("data"), settings=_settings(**training), penalty_max=penalty_max,
-        schedule=schedule, save_moe=save_moe, overwrite=overwrite, progress=not quiet,
+        schedule=schedule, save_moe=save_moe, allow_inexact=allow_inexact, overwrite=overwrite, progress=not quiet,
     )  # fmt: skip
+    exact = "" if result.record["exact"] else "; NOT exact, see its README.md"
     click.echo(
-        f"Wrote {result.out_path} ({result.steps} steps, {result.tokens} tokens, expert spread {result.deviation:.3g})"
+        f"Wrote {result.out_path} ({result.steps} steps, {result.tokens} tokens, expert spread {result.deviation:.3g}{exact})"
     )

@@ -12,8 +12,13 @@ complete (docs/safety.md states the guarantees).
   changed meanwhile. A second run to the same OUT is refused while the first
   holds the lock (`OUT.lock`, an advisory `flock`).
 - OUT appears complete or not at all: the output is written into
-  `OUT.incomplete-PID` and renamed into place; the staging directories of dead
-  runs are removed by the next run to the same OUT (only those, never anything else).
+  `OUT.incomplete-PID` and renamed into place.
+- Every working directory a run makes is named with its PID (`OUT.incomplete-PID`,
+  `OUT.collapse-PID`, the layer stream's spill directory) by `make_working_directory`,
+  removed when the run ends, and removed by the next run when its process is dead (a
+  run killed with SIGKILL): only those, never anything else.
+- OUT's name leaves room for the names made beside it (`OUT.unpublished-PID` the
+  longest) within the file system's limit on a name, checked before any work.
 - Output files get the user's usual permissions (safetensors writes 0600 files).
 """
 
@@ -24,15 +29,35 @@ import fcntl
 import os
 import re
 import shutil
+import threading
 from collections.abc import Mapping
 
 from mergekit_moe2dense.errors import Moe2DenseError
 
-__all__ = ["DiskFullError", "OutputDirectory", "OutputError", "OutputExistsError", "OutputLockedError"]
+__all__ = [
+    "DiskFullError",
+    "OutputDirectory",
+    "OutputError",
+    "OutputExistsError",
+    "OutputLockedError",
+    "format_gb",
+    "is_disk_full",
+    "make_working_directory",
+    "nearest_existing",
+    "path_within",
+    "remove_working_directory",
+]
 
 STAGING_INFIX = ".incomplete-"
+COLLAPSE_INFIX = ".collapse-"  # collapse's trainer state and trained MoE, beside OUT
+WORKING_INFIXES = (STAGING_INFIX, COLLAPSE_INFIX)  # removed with their dead run by any run to OUT
 REPLACED_INFIX = ".replaced-"  # the old OUT, between the swap and its removal
 UNPUBLISHED_INFIX = ".unpublished-"  # a finished output that could not be published
+# Every name made beside OUT, a PID written as its largest value (Linux's pid_max is at most 2**22, 7 digits);
+# `.checkpoints` is heal's default checkpoint directory
+_SUFFIXES = (".lock", ".checkpoints") + tuple(
+    infix + "9" * 7 for infix in (*WORKING_INFIXES, REPLACED_INFIX, UNPUBLISHED_INFIX)
+)
 
 
 class OutputError(Moe2DenseError, ValueError):
@@ -79,6 +104,7 @@ class OutputDirectory:
         self.needed_bytes: int | None = None  # a lower bound of the output's size (`check_space`)
         self.parent = os.path.dirname(self.path)
         self.staging = f"{self.path}{STAGING_INFIX}{os.getpid()}"
+        self._working: list[str] = []  # further working directories (`working_directory`)
         self._snapshot: Snapshot = None
         self._lock_fd: int | None = None
         self._published = False
@@ -90,28 +116,27 @@ class OutputDirectory:
             raise OutputError(f"output path {self.path} is a symbolic link; give the directory itself")
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise OutputExistsError(f"output path {self.path} exists and is not a directory")
-        real = os.path.realpath(self.path)
         for label, value in self.inputs.items():
-            other = os.path.realpath(os.path.expanduser(value))
-            if not os.path.exists(other):
+            if not os.path.exists(os.path.expanduser(value)):
                 continue  # e.g. a datasets name, not a path
-            if _within(real, other) or _within(other, real):
-                relation = "is" if real == other else ("is inside" if _within(real, other) else "contains")
+            relation = _overlap(self.path, os.path.expanduser(value))
+            if relation:
                 raise OutputError(
                     f"output path {self.path} {relation} {label} ({value}); choose an OUT outside every input"
                 )
         if os.path.isdir(self.path) and os.listdir(self.path) and not self.overwrite:
             raise OutputExistsError(f"output directory {self.path} is not empty; pass --overwrite to replace it")
-        existing = _nearest_existing(self.parent)
+        existing = nearest_existing(self.parent)
         if not os.path.isdir(existing):
             raise OutputError(f"cannot create {self.path}: {existing} is not a directory")
         if not os.access(existing, os.W_OK | os.X_OK):
             raise OutputError(f"cannot write to {existing} (no permission): choose another OUT")
+        self._check_name_length(existing)
 
     def check_space(self, needed_bytes: int | None) -> None:
         """Refuse before any work when the output cannot fit (`needed_bytes` a lower bound)."""
         self.needed_bytes = needed_bytes
-        if needed_bytes and needed_bytes > shutil.disk_usage(_nearest_existing(self.parent)).free:
+        if needed_bytes and needed_bytes > shutil.disk_usage(nearest_existing(self.parent)).free:
             raise DiskFullError(self._disk_full_message())
 
     # -- the run -----------------------------------------------------------------------
@@ -122,8 +147,9 @@ class OutputDirectory:
         try:
             self.check()  # again under the lock: OUT may have changed while we waited for nothing
             self._snapshot = _snapshot(self.path)
-            self._remove_stale_staging()
-            os.makedirs(self.staging)
+            for infix in WORKING_INFIXES:  # those of runs killed with SIGKILL (under the lock: no live run's)
+                remove_dead_working_directories(self.parent, os.path.basename(self.path) + infix)
+            self.staging = make_working_directory(self.parent, os.path.basename(self.path) + STAGING_INFIX)
         except BaseException:
             self._unlock()
             raise
@@ -131,12 +157,18 @@ class OutputDirectory:
 
     def __exit__(self, exc_type, exc, _tb) -> None:
         try:
-            if not self._published:
-                shutil.rmtree(self.staging, ignore_errors=True)
+            for path in [*self._working, self.staging]:  # the staging directory is gone if published
+                remove_working_directory(path)
         finally:
             self._unlock()
-        if exc is not None and _is_disk_full(exc):
+        if exc is not None and is_disk_full(exc):
             raise DiskFullError(self._disk_full_message()) from None
+
+    def working_directory(self, infix: str) -> str:
+        """`OUT{infix}PID` (`infix` one of WORKING_INFIXES), removed when the run ends."""
+        path = make_working_directory(self.parent, os.path.basename(self.path) + infix)
+        self._working.append(path)
+        return path
 
     def publish(self) -> None:
         """Swap the finished staging directory into place, unless OUT changed since the check."""
@@ -192,27 +224,99 @@ class OutputDirectory:
         os.close(self._lock_fd)
         self._lock_fd = None
 
-    def _remove_stale_staging(self) -> None:
-        """`OUT.incomplete-PID` directories whose process is gone (a run killed with SIGKILL)."""
-        pattern = re.compile(re.escape(os.path.basename(self.path) + STAGING_INFIX) + r"(\d+)$")
-        for name in os.listdir(self.parent):
-            match = pattern.match(name)
-            path = os.path.join(self.parent, name)
-            if match and os.path.isdir(path) and not os.path.islink(path) and not _alive(int(match.group(1))):
-                shutil.rmtree(path, ignore_errors=True)
+    def _check_name_length(self, existing: str) -> None:
+        """OUT's name plus the longest name made beside it must fit the file system's limit."""
+        try:
+            limit = os.pathconf(existing, "PC_NAME_MAX")
+        except (OSError, ValueError):
+            limit = 255
+        name = os.path.basename(self.path)
+        longest = max(len(suffix) for suffix in _SUFFIXES)
+        if limit > 0 and len(os.fsencode(name)) + longest > limit:
+            raise OutputError(
+                f"output name {name[:40]}... is {len(os.fsencode(name))} bytes: with the names made beside it "
+                f"(up to {longest} bytes more, as in OUT{UNPUBLISHED_INFIX}PID) it exceeds the limit of {limit} "
+                f"bytes on a file name in {existing}; choose a name of at most {limit - longest} bytes"
+            )
 
     def _disk_full_message(self) -> str:
-        free = shutil.disk_usage(_nearest_existing(self.parent)).free
-        need = f"the output needs at least {_gb(self.needed_bytes)}, " if self.needed_bytes else ""
-        return f"not enough space on the device of {self.parent}: {need}{_gb(free)} is free; free space or choose another OUT"
+        free = shutil.disk_usage(nearest_existing(self.parent)).free
+        need = f"the output needs at least {format_gb(self.needed_bytes)}, " if self.needed_bytes else ""
+        return f"not enough space on the device of {self.parent}: {need}{format_gb(free)} is free; free space or choose another OUT"
 
 
-def _within(path: str, directory: str) -> bool:
+# -- working directories ------------------------------------------------------------------
+_HELD: set[str] = set()  # the working directories this process made and has not removed
+_HELD_LOCK = threading.RLock()
+
+
+def make_working_directory(parent: str, prefix: str) -> str:
+    """A new directory `parent/{prefix}PID` of this process (`.N` added when this process
+    holds that name already), after removing the ones whose process is dead.
+
+    Every command's working directory is made here, so one rule covers them all: the name
+    says which process owns it, the owner removes it (`remove_working_directory`), and one
+    that a killed process left is removed by the next process to make one with `prefix`.
+    """
+    with _HELD_LOCK:
+        try:
+            os.makedirs(parent, exist_ok=True)
+            remove_dead_working_directories(parent, prefix)
+            base = path = os.path.join(parent, f"{prefix}{os.getpid()}")
+            number = 1
+            while path in _HELD:
+                number += 1
+                path = f"{base}.{number}"
+            os.mkdir(path)
+        except OSError as error:
+            raise OutputError(
+                f"cannot create the working directory {os.path.join(parent, prefix)}{os.getpid()} "
+                f"({error.strerror or error}); check {parent}'s permissions and free space"
+            ) from None
+        _HELD.add(path)
+    return path
+
+
+def remove_working_directory(path: str) -> None:
+    """Remove a directory `make_working_directory` made, if it is still there."""
+    with _HELD_LOCK:
+        shutil.rmtree(path, ignore_errors=True)
+        _HELD.discard(path)
+
+
+def remove_dead_working_directories(parent: str, prefix: str) -> None:
+    """`parent/{prefix}PID[.N]` directories whose process is gone (killed with SIGKILL), and
+    those named with this process's PID that it did not make (left by an earlier process
+    that had the same PID: PIDs repeat, in a container often exactly)."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)(?:\.\d+)?$")
+    with _HELD_LOCK:
+        for name in os.listdir(parent):
+            match = pattern.match(name)
+            path = os.path.join(parent, name)
+            if not match or not os.path.isdir(path) or os.path.islink(path):
+                continue
+            pid = int(match.group(1))
+            dead = path not in _HELD if pid == os.getpid() else not _alive(pid)
+            if dead:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _overlap(path: str, other: str) -> str | None:
+    """How `path` lies to `other`, compared as real paths: "is", "is inside", "contains", or None."""
+    path, other = os.path.realpath(path), os.path.realpath(other)
+    if path == other:
+        return "is"
+    if path_within(path, other):
+        return "is inside"
+    return "contains" if path_within(other, path) else None
+
+
+def path_within(path: str, directory: str) -> bool:
     """Whether `path` is `directory` or lies below it (both real paths)."""
     return os.path.commonpath([path, directory]) == directory
 
 
-def _nearest_existing(path: str) -> str:
+def nearest_existing(path: str) -> str:
     while not os.path.exists(path):
         path = os.path.dirname(path)
     return path
@@ -261,7 +365,7 @@ def _read_pid(fd: int) -> int | None:
     return int(text) if text.isdigit() else None
 
 
-def _is_disk_full(exc: BaseException) -> bool:
+def is_disk_full(exc: BaseException) -> bool:
     """ENOSPC anywhere in the chain; safetensors reports it as text (`StorageFull`, code 28)."""
     seen: dict[int, bool] = {}
     while exc is not None and id(exc) not in seen:
@@ -274,5 +378,5 @@ def _is_disk_full(exc: BaseException) -> bool:
     return False
 
 
-def _gb(size: int | None) -> str:
+def format_gb(size: int | None) -> str:
     return f"{(size or 0) / 1e9:.2f} GB"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -149,6 +150,12 @@ def write_config(path: Path, model, calib_dir, method="router_weighted", **param
 
 def run_cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def dead_pid() -> int:
+    """The PID of a process that has exited: what a run killed with SIGKILL leaves in its names."""
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
 
 
 def assert_one_line_error(result, fragment: str):

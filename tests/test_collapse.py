@@ -5,15 +5,31 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
 
 import pytest
 import torch
 import transformers
 
-from helpers import assert_one_line_error, logits_of, make_mixtral, run_cli
-from mergekit_moe2dense.heal.collapse import CollapsePenalty, expert_deviation
+from helpers import assert_one_line_error, dead_pid, logits_of, make_mixtral, run_cli, state_of
+from mergekit_moe2dense.heal.collapse import SPREAD_TOLERANCE, CollapsePenalty, collapse, expert_deviation
+from mergekit_moe2dense.heal.training import TrainSettings
 
 SEQ = 32
+
+
+def short_run(calib_dir):
+    """One optimiser step: enough to see what a run writes and refuses."""
+    return ("--data", calib_dir, "--max-tokens", 2 * SEQ, "--seq-len", SEQ, "--batch-size", 2, "--lr", 1e-3, "--quiet")
+
+
+def _strict(text: str) -> dict:
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +75,9 @@ def test_large_penalty_collapses_the_experts_and_the_conversion_is_exact(moe, tm
     )
     ids = torch.tensor([[1, 5, 9, 30, 7, 100, 42, 3, 8, 250, 17, 61]])
     assert torch.allclose(logits_of(out, ids), logits_of(collapsed, ids), atol=1e-4)
-    record = json.loads((out / "collapse.json").read_text())
+    record = _strict((out / "collapse.json").read_text())
     assert record["expert_spread_before"] > 0.1 and record["expert_spread_after"] < 1e-12 and record["exact"]
+    assert record["spread_tolerance"] == SPREAD_TOLERANCE and record["collapsed"]
     assert "## Collapse" in (out / "README.md").read_text()
 
 
@@ -78,3 +95,87 @@ def test_collapse_refuses_a_dense_model_and_bad_settings(moe, tmp_path, calib_di
         run_cli("collapse", moe, tmp_path / "o", "--data", calib_dir, "--max-tokens", 0), "--max-tokens"
     )
     assert_one_line_error(run_cli("collapse", moe, moe / "o", *common), "is inside the MoE")
+
+
+def test_experts_that_did_not_collapse_are_refused_and_nothing_is_written(moe, tmp_path, calib_dir):
+    result = run_cli("collapse", moe, tmp_path / "out", *short_run(calib_dir), "--penalty-max", 1e-9)
+    assert_one_line_error(
+        result,
+        r"the experts did not collapse: relative spread 0\.\d+ after training .* above "
+        + re.escape(f"{SPREAD_TOLERANCE:.2g}")
+        + r", the tolerance for an exact conversion; raise --penalty-max \(was 1e-09\) or --max-tokens, or pass --allow-inexact",
+    )
+    assert list(tmp_path.iterdir()) == []  # no OUT, lock or working directory
+
+
+def test_refused_collapse_keeps_the_trained_moe_where_save_moe_asks(moe, tmp_path, calib_dir):
+    kept = tmp_path / "kept"
+    result = run_cli(
+        "collapse", moe, tmp_path / "out", *short_run(calib_dir), "--penalty-max", 1e-9, "--save-moe", kept
+    )
+    assert_one_line_error(result, f"the experts did not collapse: .*; the trained MoE is in {kept}$")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
+    trained, original = state_of(kept), state_of(moe)
+    assert trained.keys() == original.keys()
+    assert any(not torch.equal(trained[name], original[name]) for name in original)  # the step's result
+
+
+def test_allow_inexact_writes_the_dense_model_recorded_as_not_exact(moe, tmp_path, calib_dir):
+    out = tmp_path / "out"
+    result = run_cli("collapse", moe, out, *short_run(calib_dir), "--penalty-max", 1e-9, "--allow-inexact")
+    assert result.exit_code == 0, result.output
+    assert "NOT exact" in result.output
+    record = _strict((out / "collapse.json").read_text())
+    assert record["expert_spread_after"] > 0.1 and record["spread_tolerance"] == SPREAD_TOLERANCE
+    assert record["collapsed"] is False and record["exact"] is False
+    assert "**Not exact**: the spread is above the tolerance" in (out / "README.md").read_text()
+
+
+def test_record_is_strict_json_when_a_value_is_not_finite(moe, tmp_path, calib_dir):
+    out = tmp_path / "out"
+    result = run_cli("collapse", moe, out, *short_run(calib_dir), "--penalty-max", "inf")
+    assert result.exit_code == 0, result.output
+    record = _strict((out / "collapse.json").read_text())
+    assert record["penalty_max"] == "Infinity"
+    # an infinite penalty replaces every expert by the experts' mean at each step: collapsed exactly
+    assert record["expert_spread_after"] == 0.0 and record["exact"] is True
+    assert "this dense model computes what the trained MoE does" in (out / "README.md").read_text()
+
+
+def test_working_directory_is_named_with_the_pid_and_dead_ones_are_removed(moe, tmp_path, calib_dir):
+    stale, live = tmp_path / f"out.collapse-{dead_pid()}", tmp_path / f"out.collapse-{os.getppid()}"
+    for directory in (stale, live):
+        (directory / "moe").mkdir(parents=True)
+    seen = []
+
+    class Look(transformers.TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            seen.extend(sorted(p.name for p in tmp_path.iterdir()))
+
+    settings = TrainSettings(max_tokens=2 * SEQ, seq_len=SEQ, batch_size=2, lr=1e-3)
+    collapse(str(moe), str(tmp_path / "out"), data=str(calib_dir), settings=settings, penalty_max=float("inf"),
+             callbacks=[Look()], progress=False)  # fmt: skip
+    pid = os.getpid()
+    assert seen == sorted([f"out.collapse-{pid}", live.name, f"out.incomplete-{pid}", "out.lock"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", live.name])
+
+
+@pytest.mark.parametrize("where", ["OUT", "inside OUT", "containing OUT", "the MoE"])
+def test_save_moe_may_not_be_out_or_overlap_it_or_the_moe(moe, tmp_path, calib_dir, where):
+    out = tmp_path / "dense"
+    save_moe = {"OUT": out, "inside OUT": out / "moe", "containing OUT": tmp_path, "the MoE": moe}[where]
+    result = run_cli("collapse", moe, out, *short_run(calib_dir), "--save-moe", save_moe)
+    assert_one_line_error(
+        result, f"--save-moe directory {save_moe} overlaps {'the MoE' if where == 'the MoE' else 'OUT'}"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_truncated_shard_of_the_moe_is_one_line_before_training(moe, tmp_path, calib_dir):
+    broken = tmp_path / "moe"
+    shutil.copytree(moe, broken)
+    shard = broken / "model.safetensors"
+    os.truncate(shard, shard.stat().st_size // 2)
+    result = run_cli("collapse", broken, tmp_path / "out", *short_run(calib_dir))
+    assert_one_line_error(result, f"MoE {broken}: shard {shard} is truncated")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["moe"]

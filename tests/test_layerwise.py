@@ -4,10 +4,14 @@
 
 from __future__ import annotations
 
+import os
+import socket
+
 import pytest
 import torch
 from mergekit.common import ModelReference
 
+from helpers import dead_pid
 from mergekit_moe2dense import checkpoint
 from mergekit_moe2dense.calibration import collect_statistics, load_calibration_batches
 from mergekit_moe2dense.checkpoint import SourceModel
@@ -51,6 +55,38 @@ def test_layerwise_statistics_equal_full_forward(random_moe, calib_dir, tmp_path
     assert bool(direct_reads) == direct
     if spill:
         assert not any((tmp_path / "acts").iterdir())  # spilled activations are removed
+
+
+def test_spill_directory_is_named_with_host_and_pid_and_dead_ones_are_removed(
+    random_moe, calib_dir, tmp_path, monkeypatch
+):
+    """A stream killed with SIGKILL leaves its spilled activations; the next stream on this host
+    removes them, never a live process's nor those of another host (ranks may share spill_dir)."""
+    from mergekit_moe2dense.calibration import LayerStream
+    from mergekit_moe2dense.calibration.layerwise import spill_prefix
+
+    prefix = spill_prefix()
+    assert socket.gethostname() in prefix
+    dead = dead_pid()
+    kept = [f"{prefix}{os.getppid()}", f"moe2dense-acts-other-host-{dead}"]
+    for name in [f"{prefix}{dead}", *kept]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "batch000000.pt").write_bytes(b"")
+    path = random_moe["legacy"]
+    source = SourceModel.open(ModelReference.parse(str(path)))
+    _, batches = load_calibration_batches(str(path), calibration(calib_dir))
+    with LayerStream(source, batches, spill_dir=str(tmp_path)):
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*kept, f"{prefix}{os.getpid()}"])
+        assert len(os.listdir(tmp_path / f"{prefix}{os.getpid()}")) == len(batches)  # layer 0's inputs
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
+
+    def fail():
+        raise RuntimeError("the embedding pass failed")
+
+    monkeypatch.setattr(LayerStream, "_embed", lambda self: fail())
+    with pytest.raises(RuntimeError), LayerStream(source, batches, spill_dir=str(tmp_path)):
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)  # a stream that failed to start too
 
 
 def test_build_with_layerwise_engine_matches_full(random_moe, calib_dir, tmp_path):

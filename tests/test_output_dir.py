@@ -16,16 +16,20 @@ import pytest
 from click.testing import CliRunner
 from mergekit.options import MergeOptions
 
+from helpers import assert_one_line_error, dead_pid
 from mergekit_moe2dense import output_dir
 from mergekit_moe2dense.build import build_dense
 from mergekit_moe2dense.cli import main
 from mergekit_moe2dense.config import Moe2DenseConfig
 from mergekit_moe2dense.output_dir import (
+    COLLAPSE_INFIX,
     DiskFullError,
     OutputDirectory,
     OutputError,
     OutputExistsError,
     OutputLockedError,
+    make_working_directory,
+    remove_working_directory,
 )
 
 
@@ -170,27 +174,79 @@ def test_overwrite_replaces_what_was_seen(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def test_stale_staging_of_dead_runs_is_removed_and_nothing_else(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead_pid = int(dead.stdout)
-    for name in (
-        f"out.incomplete-{dead_pid}",
-        f"out.incomplete-{os.getppid()}",
+def test_working_directories_of_dead_runs_are_removed_and_nothing_else(tmp_path):
+    dead = dead_pid()
+    removed = [f"out.incomplete-{dead}", f"out.collapse-{dead}", f"out.incomplete-{dead}.2"]
+    kept = [
+        f"out.incomplete-{os.getppid()}",  # a live process's
+        f"out.collapse-{os.getppid()}",
         "out.incomplete-x",
-        f"other.incomplete-{dead_pid}",
-    ):
+        f"other.incomplete-{dead}",
+        f"out.unpublished-{dead}",  # a finished output: never removed
+        f"out.replaced-{dead}",
+    ]
+    for name in removed + kept:
         (tmp_path / name).mkdir()
-    (tmp_path / f"out.unpublished-{dead_pid}").mkdir()
     with OutputDirectory(str(tmp_path / "out")):
         pass
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [
-            f"out.incomplete-{os.getppid()}",
-            "out.incomplete-x",
-            f"other.incomplete-{dead_pid}",
-            f"out.unpublished-{dead_pid}",
-        ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
+
+
+def test_working_directories_of_a_run_killed_with_sigkill_are_removed_by_the_next_run(tmp_path):
+    out = str(tmp_path / "out")
+    script = (
+        "import os, sys, time\nfrom mergekit_moe2dense.output_dir import OutputDirectory\n"
+        f"run = OutputDirectory({out!r}).__enter__()\n"
+        f"open(os.path.join(run.working_directory({COLLAPSE_INFIX!r}), 'model.safetensors'), 'w').close()\n"
+        "open(os.path.join(run.staging, 'model.safetensors'), 'w').close()\n"
+        "print('ready', flush=True)\ntime.sleep(60)\n"
     )
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline() == "ready\n"
+    child.kill()  # SIGKILL: no cleanup runs
+    child.wait()
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted([f"out.collapse-{child.pid}", f"out.incomplete-{child.pid}", "out.lock"])
+    with OutputDirectory(out) as run:
+        open(os.path.join(run.staging, "model.safetensors"), "w").close()
+        run.publish()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_directory_left_by_an_earlier_process_with_this_pid_is_stale(tmp_path):
+    """PIDs repeat (in a container, a run is often the same PID every time)."""
+    leftover = tmp_path / f"out.incomplete-{os.getpid()}"
+    leftover.mkdir()
+    (leftover / "half.safetensors").write_text("")
+    with OutputDirectory(str(tmp_path / "out")) as run:
+        assert os.listdir(run.staging) == []
+        run.publish()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_working_directories_of_one_process_are_distinct_and_removed(tmp_path):
+    first = make_working_directory(str(tmp_path / "spill"), "acts-")
+    second = make_working_directory(str(tmp_path / "spill"), "acts-")  # e.g. two streams at once
+    assert first != second and os.path.isdir(first) and os.path.isdir(second)
+    assert os.path.basename(first) == f"acts-{os.getpid()}"
+    remove_working_directory(first)
+    remove_working_directory(second)
+    assert os.listdir(tmp_path / "spill") == []
+
+
+def test_output_name_too_long_for_the_names_made_beside_it_is_refused_before_any_work(moe_copy, tmp_path):
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    longest = len(".unpublished-9999999")
+    fits = "o" * (limit - longest)
+    (tmp_path / f"{fits}.unpublished-9999999").mkdir()  # the longest name made beside OUT fits
+    with OutputDirectory(str(tmp_path / fits)) as run:
+        run.publish()
+    too_long = "é" * ((limit - longest) // 2 + 1)  # counted in bytes (2 each), not characters
+    with pytest.raises(OutputError, match=f"is {len(too_long.encode())} bytes: .* choose a name of at most"):
+        OutputDirectory(str(tmp_path / too_long)).check()
+    result = CliRunner().invoke(main, ["merge", _write(tmp_path, _config(moe_copy)), str(tmp_path / too_long)])
+    assert_one_line_error(result, f"exceeds the limit of {limit} bytes on a file name")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("é")]
 
 
 def test_published_files_have_the_users_usual_permissions(random_moe, calib_dir, tmp_path):

@@ -58,9 +58,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import shutil
+import re
+import socket
 import sys
-import tempfile
 from collections.abc import Callable
 
 import torch
@@ -72,6 +72,7 @@ from mergekit_moe2dense.checkpoint import READAHEAD_BYTES, TensorReader
 from mergekit_moe2dense.errors import Moe2DenseError
 from mergekit_moe2dense.families import ExpertSlice, MoELayer
 from mergekit_moe2dense.memory import release_freed_memory
+from mergekit_moe2dense.output_dir import make_working_directory, remove_working_directory
 
 __all__ = ["LayerStream", "LayerStreamError", "LayerVisitor", "layer_compute_dtype", "native_16bit_matmul"]
 
@@ -159,7 +160,8 @@ class LayerStream:
     `source` is a `checkpoint.SourceModel`; `batches` the padded token batches
     (the same `TokenBatch`es the full forward takes, so masks and position ids
     are identical). `spill_dir` keeps the carried hidden states on disk instead
-    of on the device (a temporary directory under it, removed on exit). `dtype` is
+    of on the device (in `moe2dense-acts-HOST-PID` under it, removed on exit, or by the next
+    stream on this host if this process was killed: `output_dir.make_working_directory`). `dtype` is
     the carried activations' dtype; `compute_dtype` the streamed layer's weights and
     arithmetic (None: `layer_compute_dtype`'s default for `dtype` on `device`).
     """
@@ -208,22 +210,25 @@ class LayerStream:
     # -- lifecycle -----------------------------------------------------------------
     def __enter__(self) -> LayerStream:
         if self._spill_root is not None:
-            os.makedirs(self._spill_root, exist_ok=True)
-            self._spill = tempfile.mkdtemp(prefix="moe2dense-acts-", dir=self._spill_root)
+            self._spill = make_working_directory(self._spill_root, spill_prefix())
         LOG.info(
             "layer stream on %s: layers computed in %s, activations carried in %s",
             self.device,
             _name(self.compute_dtype),
             _name(self.dtype),
         )
-        self._embed()
+        try:
+            self._embed()
+        except BaseException:
+            self.__exit__()  # `with` calls no __exit__ when __enter__ fails: the spill directory too
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
         self._reusable.clear()  # the last freed layer's memory
         self._reader.close()
         if self._spill is not None:
-            shutil.rmtree(self._spill, ignore_errors=True)
+            remove_working_directory(self._spill)
         self._hidden = [None] * len(self.batches)
         self._kwargs = []
 
@@ -432,6 +437,12 @@ class LayerStream:
         for memory_name, name in moe.renamed.items():
             result[memory_name] = functools.partial(lambda stored, t: self._reader.read(stored, out=t), name)
         return result
+
+
+def spill_prefix() -> str:
+    """The spill directory's name before the PID. The host is part of it because a PID says
+    nothing about processes on other hosts: the ranks of a multi-node run may share `spill_dir`."""
+    return f"moe2dense-acts-{re.sub(r'[^A-Za-z0-9.-]', '_', socket.gethostname())}-"
 
 
 def _owned_by_module_alone(tensor: torch.Tensor) -> bool:

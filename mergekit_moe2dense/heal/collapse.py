@@ -16,15 +16,19 @@ Inside Adam the penalty's gradient would be normalised away (a large lambda move
 faster than a small one), and the cosine schedule's learning rate, near zero at the end,
 would switch it off just when it must be strongest. The mean of the experts is what the
 step keeps, so the dense model the conversion writes is exactly the collapsed MoE's experts.
+
+Exact only if the experts did collapse: the relative spread left after training must be at
+most `SPREAD_TOLERANCE`, else the run is refused (or, with `allow_inexact`, recorded as not
+exact). The trainer's state and the trained MoE live in `OUT.collapse-PID` beside OUT
+(`output_dir.OutputDirectory.working_directory`) and are removed when the run ends.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 
 import torch
@@ -41,17 +45,34 @@ from mergekit_moe2dense.heal.training import (
     SequenceDataset,
     TrainSettings,
     check_causal_lm,
+    check_weights,
     load_tokenizer,
     model_config,
     stored_dtype,
     training_sequences,
 )
-from mergekit_moe2dense.output_dir import OutputDirectory
+from mergekit_moe2dense.output_dir import COLLAPSE_INFIX, OutputDirectory
 
-__all__ = ["COLLAPSE_RECORD", "SCHEDULES", "CollapsePenalty", "CollapseResult", "collapse", "expert_deviation"]
+__all__ = [
+    "COLLAPSE_RECORD",
+    "SCHEDULES",
+    "SPREAD_TOLERANCE",
+    "CollapsePenalty",
+    "CollapseResult",
+    "collapse",
+    "expert_deviation",
+]
 
 COLLAPSE_RECORD = "collapse.json"
 SCHEDULES = ("linear", "exponential", "constant")
+# The relative spread sum_e ||W_e - mean||^2 / sum_e ||W_e||^2 at or below which the experts count
+# as collapsed and the conversion as exact: an RMS difference from their mean of 3e-5 of the
+# weights' scale, far below the rounding of 16-bit weights (2^-9 relative for bfloat16, 2^-12 for
+# float16) and, in float32, between a matmul's typical and worst-case rounding over a few
+# thousand inputs (sqrt(K) and K epsilons). The proximal step gets well below it (1e-10 to 1e-14
+# on the benchmark testbeds at --penalty-max 1e4, 5e-14 on the tests' model); a penalty too weak
+# to collapse the experts leaves them orders of magnitude above (1e-3 and more).
+SPREAD_TOLERANCE = 1e-9
 
 
 @dataclass
@@ -119,12 +140,15 @@ def collapse(
     penalty_max: float = 1e4,
     schedule: str = "linear",
     save_moe: str | None = None,
+    allow_inexact: bool = False,
     overwrite: bool = False,
     callbacks: list | None = None,
     progress: bool = True,
 ) -> CollapseResult:
     """Collapse `moe`'s experts by training, convert it, write the dense model to `out_path`
-    (and the collapsed MoE to `save_moe`, if given)."""
+    (and the collapsed MoE to `save_moe`, if given). Experts left further apart than
+    `SPREAD_TOLERANCE` are refused (the trained MoE still goes to `save_moe`), unless
+    `allow_inexact`: then the dense model is written and recorded as not exact."""
     from mergekit_moe2dense.build import build_dense
     from mergekit_moe2dense.config import Moe2DenseConfig
 
@@ -138,14 +162,15 @@ def collapse(
     family = get_family(config)  # an MoE the conversion supports, or one line
     tokenizer = load_tokenizer(moe, "MoE")
     check_seq_len(config, settings.seq_len, moe)
+    check_weights(moe, "MoE")
     inputs = {"the MoE": moe, "the data": data}
-    out = OutputDirectory(out_path, overwrite=overwrite, inputs={**inputs, "the collapsed MoE": save_moe})
-    out.check()
+    out = OutputDirectory(out_path, overwrite=overwrite, inputs=inputs)
     moe_out = None
     if save_moe:
-        check_work_dir(save_moe, "--save-moe directory", inputs)
-        moe_out = OutputDirectory(save_moe, overwrite=overwrite, inputs={**inputs, "OUT": out_path})
+        check_work_dir(save_moe, "--save-moe directory", inputs, out_path)  # nor OUT, existing or not
+        moe_out = OutputDirectory(save_moe, overwrite=overwrite, inputs=inputs)
         moe_out.check()
+    out.check()
     documents = load_documents(data)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise HealError("collapse runs in one process (it converts the model right after training); drop torchrun")
@@ -154,69 +179,114 @@ def collapse(
         documents, tokenizer, seq_len=settings.seq_len, count=steps * settings.batch_size, seed=settings.seed,
         label=data,
     )  # fmt: skip
-    work = tempfile.mkdtemp(prefix=f".{os.path.basename(out.path)}.collapse-", dir=out.parent)
-    try:
-        with out, moe_out if moe_out is not None else contextlib.nullcontext():
-            model = transformers.AutoModelForCausalLM.from_pretrained(moe, dtype=torch.float32)
-            tensors = expert_tensors(model, family, config)
-            start_spread = expert_deviation(tensors)[1]
-            penalty = CollapsePenalty(tensors, penalty_max=penalty_max, schedule=schedule, steps=steps, lr=settings.lr)
-            teacher = None
-            if settings.lm_weight < 1:
-                teacher = transformers.AutoModelForCausalLM.from_pretrained(moe, dtype=settings.torch_dtype)
-            trainer = DistillTrainer(
-                model=model,
-                args=settings.arguments(os.path.join(work, "trainer"), steps, progress),
-                train_dataset=SequenceDataset(sequences),
-                data_collator=default_data_collator,
-                teacher=teacher,
-                temperature=settings.temperature,
-                lm_weight=settings.lm_weight,
-                callbacks=[penalty, *(callbacks or [])],
-                extra_logs=penalty.logs,
-            )
-            if not progress:  # nor the printed log lines that replace the bar
-                trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
-            metrics = trainer.train().metrics
-            del teacher, trainer.teacher
-            spread = expert_deviation(tensors)[1]
-            collapsed = moe_out.staging if moe_out is not None else os.path.join(work, "moe")
+    with out, moe_out if moe_out is not None else contextlib.nullcontext():
+        work = out.working_directory(COLLAPSE_INFIX)
+        model = transformers.AutoModelForCausalLM.from_pretrained(moe, dtype=torch.float32)
+        tensors = expert_tensors(model, family, config)
+        start_spread = expert_deviation(tensors)[1]
+        penalty = CollapsePenalty(tensors, penalty_max=penalty_max, schedule=schedule, steps=steps, lr=settings.lr)
+        teacher = None
+        if settings.lm_weight < 1:
+            teacher = transformers.AutoModelForCausalLM.from_pretrained(moe, dtype=settings.torch_dtype)
+        trainer = DistillTrainer(
+            model=model,
+            args=settings.arguments(os.path.join(work, "trainer"), steps, progress),
+            train_dataset=SequenceDataset(sequences),
+            data_collator=default_data_collator,
+            teacher=teacher,
+            temperature=settings.temperature,
+            lm_weight=settings.lm_weight,
+            callbacks=[penalty, *(callbacks or [])],
+            extra_logs=penalty.logs,
+        )
+        if not progress:  # nor the printed log lines that replace the bar
+            trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
+        metrics = trainer.train().metrics
+        del teacher, trainer.teacher
+        spread = expert_deviation(tensors)[1]
+        is_collapsed = spread <= SPREAD_TOLERANCE  # False for NaN
+        refused = not is_collapsed and not allow_inexact
+        collapsed = moe_out.staging if moe_out is not None else os.path.join(work, "moe")
+        if not refused or moe_out is not None:
             model.to(stored_dtype(config)).save_pretrained(collapsed)
             tokenizer.save_pretrained(collapsed)
-            conversion = {"merge_method": "expert_uniform", "models": [{"model": collapsed}], "parameters": {}}
-            if family.needs_statistics(config):  # the calibrated mixture weight of un-normalised top-k
-                conversion["calibration"] = {
-                    "dataset": data, "num_samples": 32, "seq_len": settings.seq_len,
-                    "batch_size": settings.batch_size,
-                }  # fmt: skip
-            build_dense(Moe2DenseConfig.model_validate(conversion), out.staging)
-            tokens = steps * settings.batch_size * settings.seq_len
-            losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-            record = {
-                "moe": moe,
-                "data": data,
-                "steps": steps,
-                "tokens": tokens,
-                "final_loss": losses[-1] if losses else None,
-                "mean_loss": metrics.get("train_loss"),
-                "train_seconds": metrics.get("train_runtime"),
-                "penalty_max": penalty_max,
-                "schedule": schedule,
-                "expert_spread_before": start_spread,
-                "expert_spread_after": spread,
-                "exact": family.renormalizes(config),
-                "settings": asdict(settings),
-                "collapsed_moe": save_moe,
-            }
-            with open(os.path.join(out.staging, COLLAPSE_RECORD), "w", encoding="utf-8") as handle:
-                json.dump(record, handle, indent=2)
-            _add_card_section(out.staging, record)
+        if refused:
             if moe_out is not None:
-                moe_out.publish()
-            out.publish()
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+                moe_out.publish()  # what the training made, where asked: a later collapse can start from it
+            raise HealError(_refusal(spread, start_spread, penalty_max, save_moe))
+        conversion = {"merge_method": "expert_uniform", "models": [{"model": collapsed}], "parameters": {}}
+        if family.needs_statistics(config):  # the calibrated mixture weight of un-normalised top-k
+            conversion["calibration"] = {
+                "dataset": data, "num_samples": 32, "seq_len": settings.seq_len, "batch_size": settings.batch_size,
+            }  # fmt: skip
+        build_dense(Moe2DenseConfig.model_validate(conversion), out.staging)
+        tokens = steps * settings.batch_size * settings.seq_len
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        record = {
+            "moe": moe,
+            "data": data,
+            "steps": steps,
+            "tokens": tokens,
+            "final_loss": losses[-1] if losses else None,
+            "mean_loss": metrics.get("train_loss"),
+            "train_seconds": metrics.get("train_runtime"),
+            "penalty_max": penalty_max,
+            "schedule": schedule,
+            "expert_spread_before": start_spread,
+            "expert_spread_after": spread,
+            "spread_tolerance": SPREAD_TOLERANCE,
+            "collapsed": is_collapsed,
+            "exact": is_collapsed and family.renormalizes(config),
+            "settings": asdict(settings),
+            "collapsed_moe": save_moe,
+        }
+        with open(os.path.join(out.staging, COLLAPSE_RECORD), "w", encoding="utf-8") as handle:
+            json.dump(_strict_json(record), handle, indent=2, allow_nan=False)
+        _add_card_section(out.staging, record)
+        if moe_out is not None:
+            moe_out.publish()
+        out.publish()
     return CollapseResult(out.path, steps, tokens, spread, save_moe, record)
+
+
+def _refusal(spread: float, before: float, penalty_max: float, save_moe: str | None) -> str:
+    kept = f"; the trained MoE is in {save_moe}" if save_moe else ""
+    return (
+        f"the experts did not collapse: relative spread {spread:.3g} after training ({before:.3g} before), above "
+        f"{SPREAD_TOLERANCE:.2g}, the tolerance for an exact conversion; raise --penalty-max (was {penalty_max:g}) "
+        f"or --max-tokens, or pass --allow-inexact to write the approximate dense model{kept}"
+    )
+
+
+def _strict_json(value):
+    """JSON has no Infinity or NaN (e.g. --penalty-max inf, a diverged loss): they become the
+    strings "Infinity", "-Infinity" and "NaN", which every JSON parser reads."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return json.dumps(value)
+    if isinstance(value, dict):
+        return {key: _strict_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict_json(item) for item in value]
+    return value
+
+
+def _exactness(record: dict) -> str:
+    """What the card says of the dense model against the trained MoE."""
+    tolerance = f"the tolerance {record['spread_tolerance']:.2g} for an exact conversion"
+    if not record["collapsed"]:
+        return (
+            f"**Not exact**: the spread is above {tolerance} (written with `--allow-inexact`); this dense "
+            "model only approximates the trained MoE."
+        )
+    if not record["exact"]:
+        return (
+            f"The experts collapsed (spread within {tolerance}), but this family does not renormalise its "
+            "top-k weights: the dense model's mixture weight is calibrated, so it is not exact."
+        )
+    return (
+        f"The experts collapsed (spread within {tolerance}): this dense model computes what the trained MoE "
+        "does, to float precision."
+    )
 
 
 def _add_card_section(out_dir: str, record: dict) -> None:
@@ -238,6 +308,7 @@ tokens of `{record["data"]}` ({record["steps"]} steps, lr {settings["lr"]}): {lo
 sum_e ||W_e - mean W||^2 over the experts, lambda rising ({record["schedule"]}) to {record["penalty_max"]}.
 Relative expert spread sum_e ||W_e - mean||^2 / sum_e ||W_e||^2: {record["expert_spread_before"]:.3g} before,
 {record["expert_spread_after"]:.3g} after; final loss {record["final_loss"]}. Record: `{COLLAPSE_RECORD}`.
+{_exactness(record)}
 """
     marker = "\n## Per-layer expert weights"
     card = card.replace(marker, section + marker, 1) if marker in card else card + section
