@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -37,6 +36,7 @@ from mergekit_moe2dense.families import (
     text_model_config,
     text_part,
 )
+from mergekit_moe2dense.fingerprint import content_fingerprint
 from mergekit_moe2dense.prefetch import CHUNK, read_into_cache
 
 LOG = logging.getLogger(__name__)
@@ -100,6 +100,18 @@ class SourceModel:
     def tensor_names(self) -> list[str]:
         return list(self.index.tensor_paths)
 
+    def rest_of_checkpoint(self, consumed: set[str]) -> list[str]:
+        """The tensors every output copies unchanged: all but `consumed` (the converted blocks'),
+        less the stored tensors that are not part of the model (`family.unbuilt_tensors`).
+
+        Those are DeepSeek-V3's and GLM-4.5's multi-token-prediction layers: no output carries
+        them (and its config says so, `outputs.base.write_model_files`) rather than converting
+        them too: transformers ignores them on load and vLLM's MTP speculative decoding is
+        opt-in, while converting their experts as the other layers' would need statistics of
+        layers that no calibration pass runs through."""
+        unbuilt = self.family.unbuilt_tensors(self.config, self.tensor_names)
+        return [name for name in self.tensor_names if name not in consumed and name not in unbuilt]
+
     def moe_layers(self) -> list[MoELayer]:
         names = set(self.index.tensor_paths)
         return [
@@ -107,15 +119,19 @@ class SourceModel:
         ]
 
     def fingerprint(self, layers: list[MoELayer]) -> dict[str, Any]:
-        """Identifies the model by its routers, so statistics can't be reused on another."""
-        digest = hashlib.sha256()
-        for layer in layers:
-            digest.update(self.reader.read(layer.router).float().numpy().tobytes())
+        """What statistics recorded on this model are checked against (`RouterStatistics.check_model`).
+
+        The statistics depend on the routers, the experts (their outputs feed the next layers)
+        and everything upstream of them (embeddings, attention, norms), so the weights are
+        identified by `content_fingerprint`, which samples every tensor; for a multimodal
+        checkpoint that includes the vision tower, which the text model's statistics do not
+        depend on: a vision-only change refuses them too (recalibrating is the cost, not a wrong
+        result). The readable fields let a refusal say what differs."""
         return {
             "model_type": self.config.model_type,
             "layers": [layer.index for layer in layers],
             "num_experts": layers[0].num_experts if layers else 0,
-            "router_sha256": digest.hexdigest(),
+            "content_sha256": content_fingerprint(self.path),
         }
 
 

@@ -497,10 +497,8 @@ def plan_dense_merge(
             outputs.append((name, task))
         for name, shape in family.dense_zero_tensors(config, plan.layer.index).items():
             outputs.append((name, ZeroTensor(name=name, shape=tuple(shape))))
-    consumed |= family.unbuilt_tensors(config, source.tensor_names)  # multi-token prediction: not part of the model
-    for name in source.tensor_names:
-        if name not in consumed:
-            outputs.append((name, padded.get(name) or io.read(name)))
+    for name in source.rest_of_checkpoint(consumed):
+        outputs.append((name, padded.get(name) or io.read(name)))
     return [io.write_all(out_path, outputs)]
 
 

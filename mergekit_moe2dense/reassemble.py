@@ -106,7 +106,8 @@ def plan_moe_merge(
     fitted: dict[str, Task] | None = None,
 ) -> list[Task]:
     """Tasks that write the k-expert MoE: merged experts, the new expert-indexed tensors, the
-    rest copied (shared experts and their gates included).
+    rest copied (shared experts and their gates included; `SourceModel.rest_of_checkpoint`:
+    no multi-token-prediction layers).
 
     `weights` [k, L, E]; `layers` are the source's MoE layers, or the same with permuted
     expert slices (alignment.py); `rows` holds a task for every expert-indexed tensor of
@@ -146,7 +147,6 @@ def plan_moe_merge(
             saves.append(io.save(name, fused, writer))
         for name, output, axis in family.moe_block_tensors(source.config, layer.index, source.tensor_names):
             saves.append(io.save(output, rows[output] if axis is not None else io.read(name), writer))
-    for name in source.tensor_names:
-        if name not in consumed:
-            saves.append(io.save(name, io.read(name), writer))
+    for name in source.rest_of_checkpoint(consumed):
+        saves.append(io.save(name, io.read(name), writer))
     return [FinalizeModel(tensor_save_tasks=tuple(saves), writer_task=writer)]

@@ -222,11 +222,29 @@ class RouterStatistics:
         )
 
     def check_model(self, fingerprint: dict[str, Any], path: str) -> None:
-        """Refuse statistics recorded on another model."""
-        recorded = self.metadata.get("model_fingerprint")
-        if recorded != fingerprint:
-            theirs = self.metadata.get("model", "an unknown model")
+        """Refuse statistics recorded on another model, or on other weights of this one
+        (`SourceModel.fingerprint`: the model type, its MoE layers, and every weight's content)."""
+        recorded = self.metadata.get("model_fingerprint") or {}
+        if recorded == fingerprint:
+            return
+        if "content_sha256" not in recorded:
             raise StatisticsError(
-                f"statistics file {path} was recorded on {theirs}, not on this model "
-                "(router weights differ); recalibrate without --stats"
+                f"statistics file {path} was written by an older version, which identified the model by its "
+                "routers alone, so it cannot be checked against this model's weights; recalibrate without --stats"
             )
+        if recorded.get("model_type") != fingerprint["model_type"]:
+            why = f"another model type: {recorded.get('model_type')}, not {fingerprint['model_type']}"
+        elif (recorded.get("layers"), recorded.get("num_experts")) != (
+            fingerprint["layers"],
+            fingerprint["num_experts"],
+        ):
+            why = (
+                f"MoE layers {recorded.get('layers')} with {recorded.get('num_experts')} experts, not "
+                f"{fingerprint['layers']} with {fingerprint['num_experts']}"
+            )
+        else:
+            why = "the same architecture, but its experts or other weights differ"
+        theirs = self.metadata.get("model", "an unknown model")
+        raise StatisticsError(
+            f"statistics file {path} was recorded on {theirs}, not on this model ({why}); recalibrate without --stats"
+        )

@@ -27,6 +27,8 @@ WEIGHTS_FILE = "expert_weights.json"
 SIDECAR_DIR = "moe2dense"
 STATS_FILE = f"{SIDECAR_DIR}/router_stats.safetensors"  # relative to OUT
 LEGACY_STATS_FILE = "router_stats.safetensors"  # where earlier versions wrote it, at the top of OUT
+# The number of multi-token-prediction layers stored after the last decoder layer (DeepSeek-V3, GLM-4.5)
+MTP_LAYERS_KEY = "num_nextn_predict_layers"
 # Tokenizer and generation files copied from the MoE (mergekit's list).
 TAGALONG_FILES = (
     "tokenizer_config.json",
@@ -76,8 +78,7 @@ def output_bytes(job: ConversionJob, experts_per_layer: int) -> int | None:
     if not reader.index.is_safetensors:
         return None
     consumed = {name for layer in job.layers for name in layer.consumed}
-    consumed |= job.source.family.unbuilt_tensors(job.source.config, job.source.tensor_names)  # not copied
-    pieces = [ExpertSlice(name) for name in job.source.tensor_names if name not in consumed]
+    pieces = [ExpertSlice(name) for name in job.source.rest_of_checkpoint(consumed)]
     for layer in job.layers:
         blocks = [layer.experts[0]] * experts_per_layer + list(layer.shared_experts)
         pieces += [piece for block in blocks for piece in block.values()]
@@ -103,6 +104,10 @@ def write_model_files(directory: str, job: ConversionJob, config) -> None:
     """config.json (in the output dtype) and the tokenizer files, beside the weights."""
     if job.out_dtype:
         config.dtype = job.out_dtype
+    if job.source.family.unbuilt_layers is not None and hasattr(config, MTP_LAYERS_KEY):
+        # no output carries the multi-token-prediction layers (SourceModel.rest_of_checkpoint):
+        # a count above 0 would send vLLM's or transformers' MTP decoding after missing weights
+        setattr(config, MTP_LAYERS_KEY, 0)
     config.save_pretrained(directory)
     if job.options.copy_tokenizer:
         for name in TAGALONG_FILES:
