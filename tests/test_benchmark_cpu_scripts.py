@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.onednn_cache import SETTINGS
+from benchmarks.scale import GB
+
 # subprocesses that write, merge, calibrate and heal checkpoints
 pytestmark = pytest.mark.slow
 
@@ -32,16 +35,31 @@ def test_gpu_check_smoke_on_cpu(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     assert results["device"] == "CPU"
-    calibration = results["scale"]["calibration"]
-    assert calibration["full"]["tokens_per_s"] > 0 and calibration["layerwise"]["tokens_per_s"] > 0
-    assert results["scale"]["merge"]["moe2dense"]["wall_s"] > 0
-    assert results["scale"]["conversion"]["refit_fit"]["refit_s_per_layer"] > 0  # measured, not skipped
-    heal = results["heal"]
-    assert heal["heal_tokens_per_s"] > 0 and heal["plain_loop_tokens_per_s"] > 0
+    scale, heal = results["scale"], results["heal"]
+    calibration, merge = scale["calibration"], scale["merge"]
+    fit = scale["conversion"]["refit_fit"]
+    assert "refit" in fit["phases"]  # measured, not skipped
+    assert heal["heal_vs_plain"] == pytest.approx(heal["heal_tokens_per_s"] / heal["plain_loop_tokens_per_s"])
     table = (tmp_path / "out" / "gpu_check.md").read_text()
     assert table.startswith("Device: CPU.") and "`bash benchmarks/gpu_check.sh --device cpu --smoke`" in table
     assert "skipped" not in table
-    assert sum(line.startswith("| ") for line in table.splitlines()) == 10  # the header and nine measurements
+    # every measurement has its row, showing the figure the JSON holds
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    expected = {
+        "calibration `full`, bf16": f"{calibration['full']['tokens_per_s']:.1f} tokens/s",
+        "calibration `layerwise`, bf16": f"{calibration['layerwise']['tokens_per_s']:.1f} tokens/s",
+        "layerwise / full throughput": f"{calibration['ratios']['throughput_layerwise_vs_full']:.2f}x",
+        "merge (expert_uniform)": f"{merge['moe2dense']['wall_s']:.1f} s",
+        "one raw read of the checkpoint": f"{merge['raw_read']['wall_s']:.1f} s",
+        "one raw read with O_DIRECT": f"{merge['raw_read_direct']['wall_s']:.1f} s",
+        "merge / raw read (mean of before and after)": f"{merge['ratios']['moe2dense_vs_raw_read']:.2f}x plain",
+        "`refit: fit` per layer": f"{fit['refit_s_per_layer']:.2f} s",
+        "`heal` / plain transformers distillation loop (steady state)": (
+            f"{heal['heal_tokens_per_s']:.1f} / {heal['plain_loop_tokens_per_s']:.1f} tokens/s"
+        ),
+    }
+    assert set(rows) == {"measurement", *expected}
+    assert all(figure in rows[label] for label, figure in expected.items()), rows
 
 
 def test_onednn_cache_smoke(tmp_path):
@@ -57,11 +75,16 @@ def test_onednn_cache_smoke(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(report.read_text())
     assert len(results["runs"]) == 2
-    for run in results["runs"].values():
+    assert list(results["runs"]) == list(SETTINGS)  # off, then oneDNN's default
+    off, default = results["runs"].values()
+    for run in (off, default):
         assert len(run["calibration_tokens_per_s"]) == len(run["heal_tokens_per_s"]) == 1
-        assert run["calibration_peak_rss_bytes"][0] > 0 and run["heal_tokens_per_s"][0] > 0
-    assert set(results["off_vs_default"]) == {
-        "calibration_tokens_per_s",
-        "calibration_peak_rss_gb",
-        "heal_tokens_per_s",
-    }
+    # one round: the summary's medians are the runs' figures, off over (or less) the default
+    assert results["off_vs_default"] == pytest.approx(
+        {
+            "calibration_tokens_per_s": off["calibration_tokens_per_s"][0] / default["calibration_tokens_per_s"][0],
+            "calibration_peak_rss_gb": (off["calibration_peak_rss_bytes"][0] - default["calibration_peak_rss_bytes"][0])
+            / GB,
+            "heal_tokens_per_s": off["heal_tokens_per_s"][0] / default["heal_tokens_per_s"][0],
+        }
+    )

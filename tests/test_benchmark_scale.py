@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.scale import GB
+
 # a subprocess that writes and merges checkpoints
 pytestmark = pytest.mark.slow
 
@@ -38,7 +40,6 @@ def test_scale_benchmark_smoke(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(report.read_text())
-    assert results["checkpoint"]["bytes"] > 0
     calibration = results["calibration"]
     assert calibration["full"]["tokens"] == calibration["layerwise"]["tokens"] > 0
     assert calibration["ratios"]["max_abs_mean_prob_diff"] < 1e-5  # both engines saw the same tokens
@@ -51,14 +52,20 @@ def test_scale_benchmark_smoke(tmp_path):
         "moe2dense_vs_raw_read_direct",
         "peak_rss_moe2dense_vs_mergekit_linear",
     }
-    # the same bytes read plainly and with O_DIRECT (plain too where the file system has none)
-    assert merge["raw_read"]["read_gb_per_s"] > 0 and merge["raw_read_after_direct"]["read_gb_per_s"] > 0
+    # each raw read, plain and with O_DIRECT (plain too where the file system has none), before the
+    # merges and after, reads the whole checkpoint, at the throughput reported
+    for read in ("raw_read", "raw_read_direct", "raw_read_after", "raw_read_after_direct"):
+        assert merge[read]["read_gb_per_s"] * GB * merge[read]["wall_s"] == pytest.approx(
+            results["checkpoint"]["bytes"]
+        )
     assert 0 < merge["moe2dense"]["written_bytes"] < merge["mergekit_linear"]["written_bytes"]
     conversion = results["conversion"]  # whole conversions, the peak of each phase
     assert set(conversion) == {"router_weighted", "refit"}
     assert {"prepare", "calibration", "merge_and_write"} <= set(conversion["router_weighted"]["phases"])
-    assert "refit" in conversion["refit"]["phases"] and conversion["refit"]["refit_s_per_layer"] > 0
+    assert "refit" in conversion["refit"]["phases"]  # measured, not skipped
     for entry in conversion.values():
+        # the phases are parts of the conversion, each timed once
+        assert sum(phase["seconds"] for phase in entry["phases"].values()) <= entry["wall_s"]
         peaks = [phase["peak_rss_bytes"] for phase in entry["phases"].values()]
         # VmRSS/VmHWM (per phase) and ru_maxrss (the process) are synced from per-thread counters at
         # different moments: they agree to well under 1%

@@ -5,27 +5,50 @@
 import json
 
 import pytest
-from transformers import AutoModelForCausalLM, AutoTokenizer
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, MistralForCausalLM, MixtralForCausalLM
 
 from benchmarks import testbed as recipe
 from benchmarks.testbed import (
     DOMAINS,
     PRESETS,
     build_testbed,
+    expert_drift,
     split_of,
 )
-
-# trains the smoke testbed (once per session)
-pytestmark = pytest.mark.slow
+from helpers import tiny_mixtral_config
 
 PRESET = PRESETS["smoke"]
 
 
 @pytest.fixture(scope="module")
 def testbed(smoke_testbed):
-    return smoke_testbed
+    return smoke_testbed  # trained once per session: every test that uses it is marked slow
 
 
+def test_expert_drift_is_one_for_copies_of_the_ancestor_and_minus_one_for_negated_experts():
+    """Layer 0: expert 0 the ancestor's MLP, expert 1 its negation (pairwise -1, to the ancestor
+    1 and -1: mean 0); layer 1: both copies (1 and 1). A flattening that pairs the experts'
+    gate, up and down with other parts of the ancestor's MLP gives other figures."""
+    torch.manual_seed(0)
+    config = tiny_mixtral_config(64, num_local_experts=2)
+    moe = MixtralForCausalLM(config)
+    dense = {k: getattr(config, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")}
+    ancestor = MistralForCausalLM(MistralConfig(**dense, num_attention_heads=4, num_key_value_heads=2))
+    with torch.no_grad():
+        for layer, (moe_layer, dense_layer) in enumerate(zip(moe.model.layers, ancestor.model.layers)):
+            mlp, experts = dense_layer.mlp, moe_layer.mlp.experts
+            experts.gate_up_proj[:] = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+            experts.down_proj[:] = mlp.down_proj.weight
+            if layer == 0:
+                experts.gate_up_proj[1].neg_()
+                experts.down_proj[1].neg_()
+    drift = expert_drift(moe, ancestor)
+    assert drift["expert_pairwise_cosine"] == pytest.approx([-1, 1], abs=1e-5)
+    assert drift["expert_to_ancestor_cosine"] == pytest.approx([0, 1], abs=1e-5)
+
+
+@pytest.mark.slow
 def test_models_load_offline(testbed):
     expected = {"ancestor": "MistralForCausalLM", "moe": "MixtralForCausalLM", "twin": "MistralForCausalLM"}
     for name, arch in expected.items():
@@ -42,6 +65,7 @@ def test_models_load_offline(testbed):
     assert moe.config.num_experts_per_tok == PRESET.experts_per_token
 
 
+@pytest.mark.slow
 def test_models_learned(testbed):
     vocab = testbed.report["vocab_size"]
     for name, by_domain in testbed.report["perplexity"].items():
@@ -49,12 +73,14 @@ def test_models_learned(testbed):
             assert ppl < 0.5 * vocab, (name, domain, ppl)
 
 
+@pytest.mark.slow
 def test_split_files_written(testbed):
     for folder in (testbed.calib_dir, testbed.test_dir):
         assert sorted(p.name for p in folder.glob("*.txt")) == sorted(f"{d}.txt" for d in DOMAINS)
         assert all(p.read_text().strip() for p in folder.glob("*.txt"))
 
 
+@pytest.mark.slow
 def test_splits_are_disjoint_by_document(testbed):
     names = json.loads((testbed.root / "data" / "documents.json").read_text())
     for domain in DOMAINS:
@@ -66,6 +92,7 @@ def test_splits_are_disjoint_by_document(testbed):
         assert all(split_of(domain, n) == split for split in sets for n in sets[split])
 
 
+@pytest.mark.slow
 def test_second_call_hits_cache(testbed, monkeypatch):
     def no_build(*args, **kwargs):
         raise AssertionError("a cached testbed was built again")
@@ -79,11 +106,16 @@ def test_second_call_hits_cache(testbed, monkeypatch):
     assert not [p for p in testbed.root.parent.iterdir() if ".partial-" in p.name]
 
 
+@pytest.mark.slow
 def test_report_drift(testbed):
+    """The reported drift is that of the saved MoE and ancestor, one figure per layer."""
     drift = testbed.report["drift"]
+    recomputed = expert_drift(
+        AutoModelForCausalLM.from_pretrained(testbed.moe), AutoModelForCausalLM.from_pretrained(testbed.ancestor)
+    )
     for key in ("expert_pairwise_cosine", "expert_to_ancestor_cosine"):
         assert len(drift[key]) == PRESET.num_layers
-        assert all(-1 <= v <= 1 for v in drift[key]), key
+        assert drift[key] == pytest.approx(recomputed[key], abs=1e-4), key
     for layers in testbed.report["router_frequency"].values():
         for freq in layers:
             assert len(freq) == PRESET.num_experts
