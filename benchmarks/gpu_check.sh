@@ -9,7 +9,7 @@
 #   4. `heal` tokens/s against a plain transformers distillation loop on the same student, both
 #      with the teacher on the fly and both in steady state (the heal's logged rates after its
 #      first log, the loop's steps after its first: start-up is timed in neither),
-# into $OUT (or ./gpu_check.out)/gpu_check.json and gpu_check.md (a table for docs/benchmarks.md).
+# into $OUT (or ./gpu_check.out)/gpu_check.json and gpu_check.md (a table for docs/results/scale.md).
 #
 #   bash benchmarks/gpu_check.sh                          # on the GPU machine: --device cuda, 4 GB
 #   bash benchmarks/gpu_check.sh --device cpu --smoke     # a minute on a CPU: checks the script

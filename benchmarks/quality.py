@@ -9,7 +9,7 @@ tokens), one calibration pass on the calib split is shared by every method
 models are scored on the held-out test split, per domain and overall.
 
     python benchmarks/quality.py --preset example            # the README's first command
-    python benchmarks/quality.py --preset benchmark --write-docs   # docs/benchmarks.md + plot
+    python benchmarks/quality.py --preset benchmark --write-docs   # docs/results/benchmarks.md + plot
     python benchmarks/quality.py --smoke                     # seconds; run by the tests
     python benchmarks/quality.py --preset scratch            # Qwen3-MoE trained from scratch
     python benchmarks/quality.py --preset scratch-hard --fit-only   # the refit: fit rows and their starts
@@ -18,7 +18,7 @@ models are scored on the held-out test split, per domain and overall.
 print the fit's held-out error per layer before (least-squares start) and after, and its
 seconds per layer.
 
-The `scratch` presets (docs/scratch_testbed.md) have no ancestor (its row is left out) and a
+The `scratch` presets (docs/results/testbeds.md) have no ancestor (its row is left out) and a
 dense twin of the MoE's active size; kmeans' `output: moe` rebuild is Mixtral-only.
 """
 
@@ -47,7 +47,7 @@ from mergekit_moe2dense.config import Moe2DenseConfig  # noqa: E402
 from mergekit_moe2dense.evaluate import EvalResult, evaluate_perplexity, load_eval_documents  # noqa: E402
 from mergekit_moe2dense.methods import METHODS  # noqa: E402
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "results"
 # Variants whose per-layer expert weights are plotted (those present in a run).
 PLOTTED = (
     "router_weighted mean_logit",
@@ -427,7 +427,7 @@ def describe_testbed(report: dict) -> str:
 
 
 def write_quality_docs(preset, table, summary, report, elapsed, grid, max_tokens, fit_methods=None) -> None:
-    """Replace the quality section of docs/benchmarks.md, keeping other sections."""
+    """Replace the quality section of docs/results/benchmarks.md, keeping other sections."""
     path = DOCS / "benchmarks.md"
     begin, end = f"<!-- quality:{preset}:begin -->", f"<!-- quality:{preset}:end -->"
     command = f"python benchmarks/quality.py --preset {preset}{' --grid' if grid else ''} --max-tokens {max_tokens}"
@@ -464,7 +464,9 @@ def main(argv=None) -> None:
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--grid", action="store_true", help="the full temperature x top-k grid")
     parser.add_argument("--max-tokens", type=int, default=20000, help="scored tokens per test domain")
-    parser.add_argument("--write-docs", action="store_true", help="update docs/benchmarks.md and the weights plot")
+    parser.add_argument(
+        "--write-docs", action="store_true", help="update docs/results/benchmarks.md and the weights plot"
+    )
     parser.add_argument("--work-dir", default=None, help="keep built models here (default: a temp dir, removed)")
     parser.add_argument(
         "--fit-only", action="store_true", help="only the references, the refit: fit rows and their closed-form starts"

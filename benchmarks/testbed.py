@@ -20,7 +20,7 @@ experts share no ancestor, like OLMoE's and DeepSeek-MoE's: a ``Qwen3MoeForCausa
 from random init (with the load-balancing loss) on the same data and tokenizer recipe. They have
 no ancestor (``Testbed.ancestor`` is None, ``ancestor_steps`` is 0); the *twin* is a dense
 ``Qwen3ForCausalLM`` of the MoE's active size (``experts_per_token * intermediate_size``) trained
-from random init on exactly the same tokens and steps. See docs/scratch_testbed.md.
+from random init on exactly the same tokens and steps. See docs/results/testbeds.md.
 
 Build times on 2 CPU cores (torch 2.13 CPU, transformers 5.24). The machine was shared with other
 jobs, which slowed runs by up to 20x at the worst moments; these are the least-contended figures:
@@ -44,7 +44,7 @@ jobs, which slowed runs by up to 20x at the worst moments; these are the least-c
 * ``scratch-hard``: 63 min (data 28 s, MoE 3000 steps 44 min, twin 19 min) on the machine
   saturated by other jobs (load 7-15 on 2 cores); 190 ms per step of MoE + twin when quiet, so
   ~10-12 min expected. Test perplexity (code / docs / c): MoE 3.38 / 17.26 / 21.06, twin 3.91 /
-  19.83 / 23.44. See docs/scratch_testbed.md.
+  19.83 / 23.44. See docs/results/testbeds.md.
 
 ``report["build_seconds"]`` records the time of each phase of a build, ``report["training_tokens"]``
 how many tokens each model trained on (steps x batch x seq_len; filled in from the preset when a
@@ -181,7 +181,7 @@ PRESETS = {  # build times: see the module docstring
         aux_loss_coef=0.02, train_chars=150_000, eval_chars=20_000, family="qwen3_moe",
     ),
     # From scratch and trained ~13x longer than `scratch` (6.1M tokens): the MoE pulls ahead of
-    # its dense twin and weight averages collapse (docs/scratch_testbed.md).
+    # its dense twin and weight averages collapse (docs/results/testbeds.md).
     "scratch-hard": Preset(
         name="scratch-hard", vocab_size=1024, hidden_size=64, intermediate_size=256, num_layers=2,
         num_heads=4, num_kv_heads=2, num_experts=8, experts_per_token=2, seq_len=128,

@@ -22,7 +22,7 @@ the reader and the re-fit all see the permuted expert; nothing else changes.
 
 Alignment lowers the error of averaging experts that are already alike (a group of
 experts that compute similar functions, `merge_experts`). It does not make experts
-trained from scratch averageable as a whole: measured in docs/prune.md.
+trained from scratch averageable as a whole: measured in docs/results/prune.md.
 
 Matching is cubic in the expert width (an [I, I] assignment per expert): seconds at
 I = 1024, minutes at I = 14336.

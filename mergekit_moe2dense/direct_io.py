@@ -4,7 +4,7 @@
 
 A plain read copies every byte out of the page cache, and on a virtual machine that copy costs
 more CPU than the merge's arithmetic: a cold read of a 3.96 GB checkpoint took 4.6-7.4 s, 4.0-7.1 s
-of it system time, against 1.8-2.7 s and 0.1 s with `O_DIRECT` (docs/benchmarks.md, "Merge with
+of it system time, against 1.8-2.7 s and 0.1 s with `O_DIRECT` (docs/results/scale.md, "Merge with
 O_DIRECT reads"). The merge reads each expert once, so the page cache gains it nothing.
 
 - Bytes the page cache already holds (a repeated run, the command line's start-up prefetch) are

@@ -28,7 +28,7 @@ def bound_onednn_primitive_cache() -> None:
 
     The layer loops multiply bf16 matrices (on the CPU, through oneDNN) of a new shape in every
     layer, the tokens each expert gets, and the cache kept a primitive for each: 0.14 GB more
-    peak for a 4 GB checkpoint's streamed calibration (docs/benchmarks.md). Training and
+    peak for a 4 GB checkpoint's streamed calibration (docs/results/scale.md). Training and
     evaluation repeat their shapes and need the cache (a bf16 training step took 2-2.5x as long
     without it), so importing the package leaves it alone, and so do `heal`, `collapse` and
     `eval`. oneDNN reads the variable at its first matmul: after that this changes nothing.

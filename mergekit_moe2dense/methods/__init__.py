@@ -63,6 +63,7 @@ def register_methods() -> None:
 
 
 def get_method(name: str) -> ExpertMethod:
+    """The method registered as `name`; an unknown name raises `MethodError` listing the known ones."""
     try:
         return METHODS[name]
     except KeyError:
