@@ -51,13 +51,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 import torch
+from typing_extensions import Unpack  # typing's own from Python 3.11
 
 __all__ = [
     "FitSettings",
     "LeastSquaresStats",
     "MLPFit",
+    "MLPForm",
     "fit_channel_scale",
     "fit_down_proj",
     "fit_mlp",
@@ -267,16 +270,24 @@ def mlp_forward(x: torch.Tensor, p: Mapping[str, torch.Tensor], hidden: Hidden) 
     return out + p["down_bias"] if "down_bias" in p else out
 
 
+class MLPForm(TypedDict, total=False):
+    """What a family adds to the plain gated MLP D (act(G x) * U x), by keyword: `biases`
+    (`gate_bias`, `up_bias`, `down_bias`, fitted with the projections) and `hidden`, its own
+    hidden activation in place of act(G x) * (U x) (then act is unused)."""
+
+    biases: Mapping[str, torch.Tensor] | None
+    hidden: Hidden | None
+
+
 def _projections(gate, up, down, biases) -> dict[str, torch.Tensor]:
     return {"gate": gate, "up": up, "down": down, **(biases or {})}
 
 
-def mlp_error(
-    x, y, gate, up, down, act, chunk: int = 8192, *, biases: Mapping | None = None, hidden: Hidden | None = None
-) -> float:
+def mlp_error(x, y, gate, up, down, act, **form: Unpack[MLPForm]) -> float:
     """sum_t ||y_t - f(x_t)||^2 / sum_t ||y_t||^2, in chunks of tokens; f(x) = D (act(G x) * U x)
-    (with `biases`, and through `hidden` in place of act where given: `mlp_forward`)."""
-    return _relative_error(x, y, _projections(gate, up, down, biases), hidden or gated_hidden(act), chunk)
+    (with the family's `form`: `mlp_forward`)."""
+    p = _projections(gate, up, down, form.get("biases"))
+    return _relative_error(x, y, p, form.get("hidden") or gated_hidden(act))
 
 
 @torch.no_grad()
@@ -303,21 +314,11 @@ def _step_scales(x: torch.Tensor, y: torch.Tensor, start: Mapping[str, torch.Ten
     return {name: rms(added[name]() if name in added else t) for name, t in start.items()}
 
 
-def fit_mlp(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    gate: torch.Tensor,
-    up: torch.Tensor,
-    down: torch.Tensor,
-    act: Callable[[torch.Tensor], torch.Tensor] | None,
-    settings: FitSettings,
-    *,
-    biases: Mapping[str, torch.Tensor] | None = None,
-    hidden: Hidden | None = None,
-) -> MLPFit:
-    """Adam fit of gate [I, H], up [I, H], down [H, I] (and `biases`, fitted with them) to
-    y [N, H] on x [N, H], from the given start; the best step by held-out error (see the module
-    docstring). `hidden` replaces act(G x) * (U x) (a family's own activation; then act is unused).
+def fit_mlp(x, y, gate, up, down, act, settings: FitSettings, **form: Unpack[MLPForm]) -> MLPFit:
+    """Adam fit of gate [I, H], up [I, H], down [H, I] (and the `form`'s biases, fitted with
+    them) to y [N, H] on x [N, H], from the given start; the best step by held-out error (see
+    the module docstring). act is the activation of act(G x) * (U x), unless the `form` gives
+    the family's own `hidden`.
 
     Tokens are split at random (`settings.seed`) into a held-out part (`holdout` of
     them, at least one) and the rest; minibatches of `batch_tokens` are drawn from
@@ -325,8 +326,8 @@ def fit_mlp(
     """
     n = x.shape[0]
     generator = torch.Generator().manual_seed(settings.seed)
-    start = {k: t.detach().float().clone() for k, t in _projections(gate, up, down, biases).items()}
-    hidden = hidden or gated_hidden(act)
+    start = {k: t.detach().float().clone() for k, t in _projections(gate, up, down, form.get("biases")).items()}
+    hidden = form.get("hidden") or gated_hidden(act)
     if n < 2:
         raise ValueError(f"fit_mlp needs at least 2 tokens, got {n}")
     held = min(max(1, round(settings.holdout * n)), n - 1)
@@ -337,8 +338,25 @@ def fit_mlp(
     def error(p: Mapping[str, torch.Tensor]) -> float:
         return _relative_error(x_hold, y_hold, p, hidden)
 
-    best_error = start_error = error(start)
-    best, best_step = {k: t.clone() for k, t in start.items()}, 0
+    start_error = error(start)
+    best, best_error, best_step = _adam_fit(x_train, y_train, start, hidden, settings, generator, error, start_error)
+    gate, up, down = (best.pop(k) for k in ("gate", "up", "down"))
+    return MLPFit(
+        gate,
+        up,
+        down,
+        start_error=start_error,
+        best_error=best_error,
+        best_step=best_step,
+        holdout_tokens=held,
+        biases=best,
+    )
+
+
+def _adam_fit(x_train, y_train, start, hidden, settings, generator, error, start_error):
+    """The fit's steps: (the best parameters, their held-out error, their step; 0 for the start)."""
+    best_error, best_step = start_error, 0
+    best = {k: t.clone() for k, t in start.items()}
     params = {k: t.clone().requires_grad_(True) for k, t in start.items()}
     steps = _step_scales(x_train, y_train, start)
     groups = [{"params": [p], "lr": settings.lr * steps[k]} for k, p in params.items()]
@@ -355,7 +373,7 @@ def fit_mlp(
     for step in range(1, settings.steps + 1):
         if len(queue) < batch:  # the next epoch's order, appended
             queue = torch.cat([queue, torch.randperm(x_train.shape[0], generator=generator)])
-        pick, queue = queue[:batch].to(x.device), queue[batch:]
+        pick, queue = queue[:batch].to(x_train.device), queue[batch:]
         residual = y_train[pick] - mlp_forward(x_train[pick], params, hidden)
         loss = residual.pow(2).sum(dim=1).mean() / scale
         optimiser.zero_grad(set_to_none=True)
@@ -366,14 +384,4 @@ def fit_mlp(
         if now < best_error:  # NaN and inf never win
             best_error, best_step = now, step
             best = {k: p.detach().clone() for k, p in params.items()}
-    gate, up, down = (best.pop(k) for k in ("gate", "up", "down"))
-    return MLPFit(
-        gate,
-        up,
-        down,
-        start_error=start_error,
-        best_error=best_error,
-        best_step=best_step,
-        holdout_tokens=held,
-        biases=best,
-    )
+    return best, best_error, best_step
