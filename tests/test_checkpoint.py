@@ -12,10 +12,11 @@ import torch
 from mergekit.io.lazy_tensor_loader import ShardedTensorIndex
 from safetensors.torch import save_file
 
-from mergekit_moe2dense import checkpoint
-from mergekit_moe2dense.checkpoint import CheckpointError, TensorReader
-from mergekit_moe2dense.direct_io import AlignedBuffer, DirectFile
 from mergekit_moe2dense.families import ExpertSlice
+from mergekit_moe2dense.io import CheckpointError
+from mergekit_moe2dense.io import reader as checkpoint
+from mergekit_moe2dense.io.direct import AlignedBuffer, DirectFile
+from mergekit_moe2dense.io.reader import TensorReader
 
 E, I, H = 3, 5, 4
 
@@ -112,7 +113,7 @@ def test_read_transient_reuses_one_buffer_and_reads_the_same(tmp_path, tensors):
 
 
 def test_prefetch_reads_the_first_bytes_in_file_order(tmp_path, monkeypatch):
-    from mergekit_moe2dense import prefetch
+    from mergekit_moe2dense.io import prefetch
 
     model = tmp_path / "model"
     model.mkdir()
@@ -260,7 +261,7 @@ def test_direct_file_sees_the_page_cache(tmp_path):
 def test_direct_file_reads_plainly_once_o_direct_reads_fail(tmp_path, monkeypatch):
     """A file system that takes O_DIRECT at open but refuses the reads (EINVAL): the same bytes,
     read plainly from then on."""
-    from mergekit_moe2dense import direct_io
+    from mergekit_moe2dense.io import direct as direct_io
 
     file, payload = open_direct(tmp_path, 2 * 4096 + 17)
     read_fully, refused = direct_io._read_fully, []

@@ -12,10 +12,11 @@ from mergekit.options import MergeOptions
 
 from helpers import state_of
 from mergekit_moe2dense.build import build_dense
-from mergekit_moe2dense.checkpoint import SourceModel, TensorReader
 from mergekit_moe2dense.config import Moe2DenseConfig
 from mergekit_moe2dense.families import ExpertSlice
 from mergekit_moe2dense.graph import open_readers
+from mergekit_moe2dense.io.reader import TensorReader
+from mergekit_moe2dense.io.source import SourceModel
 
 
 @pytest.mark.parametrize("layout", ["legacy", "fused"])
@@ -57,8 +58,8 @@ def test_each_byte_read_once_and_one_expert_alive_at_a_time(random_moe, tmp_path
 def test_direct_reads_merge_the_same_model(random_moe, tmp_path, monkeypatch, layout):
     """With O_DIRECT reads of every tensor (here however small) the merged model is the same bit
     for bit as with plain reads, and every expert slice comes through a direct read."""
-    from mergekit_moe2dense import checkpoint
-    from mergekit_moe2dense.direct_io import DirectFile
+    from mergekit_moe2dense.io import reader as checkpoint
+    from mergekit_moe2dense.io.direct import DirectFile
 
     config = Moe2DenseConfig.model_validate(
         {"merge_method": "expert_uniform", "models": [{"model": str(random_moe[layout])}], "dtype": "float32"}

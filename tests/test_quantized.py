@@ -22,9 +22,12 @@ from helpers import (
     save_dequantized,
 )
 from mergekit_moe2dense.build import build_dense
-from mergekit_moe2dense.checkpoint import ShapeMismatchError, SourceModel, TensorReader, read_index
 from mergekit_moe2dense.config import ConfigError
 from mergekit_moe2dense.families import ExpertSlice, UnsupportedModelError, get_family
+from mergekit_moe2dense.io import ShapeMismatchError
+from mergekit_moe2dense.io.index import read_index
+from mergekit_moe2dense.io.reader import TensorReader
+from mergekit_moe2dense.io.source import SourceModel
 from tiny_families import make_family_moe
 
 OPTIONS = MergeOptions(quiet=True)

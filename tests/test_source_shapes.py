@@ -19,8 +19,9 @@ from safetensors.torch import load_file, save_file
 from helpers import make_config, make_mixtral, write_config
 from mergekit_moe2dense import build, job
 from mergekit_moe2dense.build import build_dense
-from mergekit_moe2dense.checkpoint import ShapeMismatchError, SourceModel
 from mergekit_moe2dense.cli import main
+from mergekit_moe2dense.io import ShapeMismatchError
+from mergekit_moe2dense.io.source import SourceModel
 from tiny_families import make_family_moe
 
 LEGACY = "model.layers.0.block_sparse_moe"

@@ -32,6 +32,7 @@ from collections.abc import Iterable
 
 import torch
 
+from mergekit_moe2dense.io.headers import SAFETENSORS_DTYPES
 from mergekit_moe2dense.memory import release_freed_memory
 
 __all__ = ["DEFAULT_HEADER_BYTES", "MAX_PENDING_BYTES", "ShardWriter", "abort_open_writers", "header_bytes_for"]
@@ -46,13 +47,14 @@ DEFAULT_HEADER_BYTES = 256 << 10
 # 8 dimensions and two offsets of up to 20 digits each, and the separators.
 _ENTRY_BYTES = 64 + 8 * 21 + 2 * 21
 
+# The dtypes a shard is written in, by their safetensors names (FP8 is read, never written)
 _DTYPE_NAMES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-    torch.uint8: "U8", torch.bool: "BOOL",
-}  # fmt: skip
+    SAFETENSORS_DTYPES[name]: name for name in ("F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL")
+}
 _METADATA = '"__metadata__":{"format":"pt"}'
-_OPEN: weakref.WeakSet[ShardWriter] = weakref.WeakSet()  # writers whose thread runs
+# The writers whose thread runs. Module-level because mergekit's executor creates each writer
+# (`graph.ShardWriterTask`) and keeps it to itself: a graph that fails reaches them only here.
+_OPEN: weakref.WeakSet[ShardWriter] = weakref.WeakSet()
 
 
 def header_bytes_for(names: Iterable[str]) -> int:

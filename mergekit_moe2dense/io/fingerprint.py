@@ -17,9 +17,10 @@ import glob
 import hashlib
 import json
 import os
-import struct
 
 from mergekit_moe2dense.errors import Moe2DenseError
+from mergekit_moe2dense.io import CheckpointError
+from mergekit_moe2dense.io.headers import read_header
 
 __all__ = ["FingerprintError", "content_fingerprint"]
 
@@ -76,12 +77,8 @@ def _config_bytes(model_dir: str) -> bytes:
 
 def _header(path: str) -> tuple[int, dict]:
     try:
-        with open(path, "rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            if length > os.path.getsize(path):
-                raise ValueError("header longer than the file")
-            return 8 + length, json.loads(handle.read(length))
-    except (OSError, struct.error, ValueError, UnicodeDecodeError):
+        return read_header(path)
+    except (OSError, CheckpointError):
         raise FingerprintError(f"shard {path} is truncated or corrupt (unreadable header)") from None
 
 
