@@ -12,11 +12,11 @@ import torch
 from mergekit.common import ModelReference
 
 from helpers import dead_pid
-from mergekit_moe2dense import checkpoint
 from mergekit_moe2dense.calibration import collect_statistics, load_calibration_batches
-from mergekit_moe2dense.checkpoint import SourceModel
 from mergekit_moe2dense.config import CalibrationConfig
-from mergekit_moe2dense.direct_io import DirectFile
+from mergekit_moe2dense.io import reader as checkpoint
+from mergekit_moe2dense.io.direct import DirectFile
+from mergekit_moe2dense.io.source import SourceModel
 
 
 def calibration(calib_dir, **values):
@@ -160,7 +160,8 @@ def test_layer_loop_calls_back_in_order_and_carries_the_converted_states(random_
     states are those of a full forward of the converted dense model (what the re-fit relies on)."""
     from mergekit_moe2dense.calibration import LayerStream, LayerVisitor, load_moe
     from mergekit_moe2dense.calibration.sequential import DenseMLP
-    from mergekit_moe2dense.plan import Block, LayerPlan, assemble
+    from mergekit_moe2dense.merge import assemble
+    from mergekit_moe2dense.plan import Block, LayerPlan
 
     path = random_moe["fused"]
     source = SourceModel.open(ModelReference.parse(str(path)))

@@ -1,20 +1,22 @@
 # Copyright (C) 2026 the mergekit-moe2dense authors
 # SPDX-License-Identifier: LGPL-3.0-only
-"""Calibration split across processes (`torchrun` / `accelerate launch`).
+"""Calibration over ranks: each records its share of the batches, the shares are reduced.
 
-Every rank tokenizes the same calibration text into the same batches (the
-pipeline is seeded), runs the forward pass on its share of them (round-robin,
-as batches are sorted by length), and the statistics are reduced so that every
-rank ends with what one process would have recorded, bit for bit given
-deterministic kernels:
+One process is one rank (`Ranks` with world size 1): it records every batch and
+exchanges nothing. Under `torchrun` / `accelerate launch` every rank tokenizes
+the same calibration text into the same batches (the pipeline is seeded), runs
+the forward pass on its share of them (round-robin, as batches are sorted by
+length), and the statistics are reduced so that every rank ends with what one
+process records, bit for bit given deterministic kernels:
 
 - the token subsample is defined on global token indices over *all* batches, so
   each sampled token's slot is known to every rank; a rank writes only its own
   slots and the others stay zero, so an all-reduce sum assembles the sample
   buffer exactly (x + 0 == x);
-- sums are all-reduced per batch ([batches, L, E], one rank non-zero per row) and
-  then added in batch order, the order one process adds them in; reducing the
-  per-rank totals instead would round differently.
+- every batch records into statistics of its own, whose sums are all-reduced
+  ([batches, L, E], one rank non-zero per row) and then added in batch order,
+  the order one process adds them in; reducing per-rank totals would round
+  differently.
 
 Both engines split this way; with the layer-streaming one every rank streams
 every layer through its own batches. Rank and world size come from the
@@ -25,26 +27,28 @@ not sharded here.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import tqdm
 
 from mergekit_moe2dense.calibration.batches import TokenBatch
-from mergekit_moe2dense.calibration.layerwise import LayerStream
-from mergekit_moe2dense.calibration.runner import RecorderVisitor, RouterRecorder, sample_token_ids
-from mergekit_moe2dense.calibration.stats import SUMS, RouterStatistics
+from mergekit_moe2dense.calibration.layerwise import LayerVisitor
+from mergekit_moe2dense.calibration.runner import RouterRecorder, TokenSample, _empty_statistics
 from mergekit_moe2dense.config import ConfigError
 from mergekit_moe2dense.families import MoEFamily
+from mergekit_moe2dense.statistics import SUMS, RouterStatistics
 
-__all__ = ["Ranks", "rank_batches"]
+__all__ = ["RankShare", "Ranks", "RecorderVisitor", "rank_batches"]
 
 
 @dataclass(frozen=True)
 class Ranks:
+    """This process's place among the calibration's processes (one process: rank 0 of 1)."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -74,45 +78,59 @@ class Ranks:
         if self.distributed and not dist.is_initialized():
             dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
 
+    def describe(self, task: str) -> str:
+        """`task` as a progress bar names it: with the rank where there are several."""
+        return f"{task} (rank {self.rank})" if self.distributed else task
+
 
 def rank_batches(num_batches: int, rank: int, world_size: int) -> list[int]:
     """Round-robin: batches come sorted by length, so every rank gets long and short ones."""
     return list(range(rank, num_batches, world_size))
 
 
-class _RankShare:
-    """This rank's batches, each recording into its own statistics, all sharing one
-    sample buffer; `reduce` assembles what one process would have recorded."""
+class RankShare:
+    """This rank's batches, each recording into statistics of its own, all sharing one
+    sample buffer; `reduce` assembles what one process records over every batch.
 
-    def __init__(self, config, family: MoEFamily, batches: Sequence[TokenBatch], max_token_samples: int, seed: int):
-        self.layers, self.num_experts, self.top_k = (
-            family.moe_layer_indices(config),
-            family.num_experts(config),
-            family.top_k(config),
+    `begin(recorder, i)` points a `RouterRecorder` (from `recorder`) at batch `i`. The
+    routers' inputs (`TokenSample.router_inputs`, one process only) go to one buffer,
+    sized by the first batch that records into it and handed on from batch to batch.
+    """
+
+    def __init__(self, config, family: MoEFamily, batches: Sequence[TokenBatch], ranks: Ranks, sample: TokenSample):
+        if sample.router_inputs and ranks.distributed:
+            raise ConfigError("recording router inputs is not supported under torchrun; calibrate in one process")
+        empty, self.sample_ids, self.tokens = _empty_statistics(
+            config, family, batches, sample.max_token_samples, sample.seed
         )
-        self.batches = batches
+        if sample.router_inputs:
+            empty.router_inputs = torch.zeros((len(empty.layers), len(self.sample_ids), 0))
+        self.layers, self.num_experts, self.top_k = empty.layers, empty.num_experts, empty.top_k
+        self.samples = empty.samples
+        self.family, self.batches, self.ranks = family, batches, ranks
         kept = [int(batch.attention_mask.sum()) for batch in batches]
-        self.tokens = sum(kept)
-        self.offsets = [sum(kept[:i]) for i in range(len(kept))]
-        self.sample_ids = sample_token_ids(kept, max_token_samples, seed)
-        self.samples = torch.zeros((len(self.layers), len(self.sample_ids), self.num_experts))
-        self.mine = rank_batches(len(batches), dist.get_rank(), dist.get_world_size())
+        self.offsets = list(itertools.accumulate(kept, initial=0))[:-1]  # kept tokens before each batch
+        self.mine = rank_batches(len(batches), ranks.rank, ranks.world_size)
+        self.mine_tokens = sum(kept[i] for i in self.mine)
         self.parts = {i: self._statistics() for i in self.mine}
+        self.current = empty  # the statistics the recorder writes into now
 
     def _statistics(self) -> RouterStatistics:
         return RouterStatistics(self.layers, self.num_experts, self.top_k, samples=self.samples)
 
-    def recorder(self, model: torch.nn.Module, family: MoEFamily) -> RouterRecorder:
-        first = self.parts[self.mine[0]] if self.mine else self._statistics()
-        return RouterRecorder(model, family, first, self.sample_ids)
+    def recorder(self, model: torch.nn.Module) -> RouterRecorder:
+        return RouterRecorder(model, self.family, self.current, self.sample_ids)
 
     def begin(self, recorder: RouterRecorder, i: int) -> None:
         """Points `recorder` at batch `i` (its statistics, its place in the token order)."""
-        recorder.stats = self.parts[i]
+        part = self.parts[i]
+        part.router_inputs = self.current.router_inputs  # one buffer: resized by the first batch recorded
+        self.current = recorder.stats = part
         recorder.offset = self.offsets[i]
         recorder.begin_batch(self.batches[i])
 
-    def reduce(self, comm_device: str) -> RouterStatistics:
+    def reduce(self, device: str) -> RouterStatistics:
+        """The statistics of every batch, on every rank (`device`: where this rank computed)."""
         size = (len(self.batches), len(self.layers), self.num_experts)
         per_batch = torch.zeros((len(SUMS), *size), dtype=torch.float64)
         shared_gate = torch.zeros(size[:2], dtype=torch.float64)
@@ -120,8 +138,18 @@ class _RankShare:
             for f, name in enumerate(SUMS):
                 per_batch[f, i] = getattr(part, name)
             shared_gate[i] = part.shared_gate_sum
-        per_batch, shared_gate, samples = (_all_reduce(t, comm_device) for t in (per_batch, shared_gate, self.samples))
-        stats = RouterStatistics(self.layers, self.num_experts, self.top_k, tokens=self.tokens, samples=samples)
+        samples = self.samples
+        if self.ranks.distributed:
+            comm = _comm_device(device)
+            per_batch, shared_gate, samples = (_all_reduce(t, comm) for t in (per_batch, shared_gate, samples))
+        stats = RouterStatistics(
+            self.layers,
+            self.num_experts,
+            self.top_k,
+            tokens=self.tokens,
+            samples=samples,
+            router_inputs=self.current.router_inputs,
+        )
         for i in range(len(self.batches)):  # one process's summation order
             for f, name in enumerate(SUMS):
                 getattr(stats, name).add_(per_batch[f, i])
@@ -129,69 +157,20 @@ class _RankShare:
         return stats
 
 
-def _refuse_router_inputs(record_router_inputs: bool) -> None:
-    if record_router_inputs:
-        raise ConfigError("recording router inputs is not supported under torchrun; calibrate in one process")
+class RecorderVisitor(LayerVisitor):
+    """Router statistics on the layer loop: the recorder's hooks fire in each layer's
+    advancing forward, and before each batch the share points the recorder at it (the
+    stream's batch b is the share's `mine[b]`)."""
 
+    def __init__(self, share: RankShare, recorder: RouterRecorder):
+        self.share = share
+        self.recorder = recorder
 
-def _collect_full_distributed(
-    model: torch.nn.Module,
-    family: MoEFamily,
-    batches: Sequence[TokenBatch],
-    *,
-    max_token_samples: int,
-    seed: int = 0,
-    device: str = "cpu",
-    progress: bool = True,
-    record_router_inputs: bool = False,
-) -> RouterStatistics:
-    """`runner._collect_full` over this rank's batches, reduced over the default group.
+    def before_batch(self, batch: int) -> None:
+        self.share.begin(self.recorder, self.share.mine[batch])
 
-    Every rank returns the full statistics. Needs an initialized process group.
-    """
-    _refuse_router_inputs(record_router_inputs)
-    share = _RankShare(model.config, family, batches, max_token_samples, seed)
-    model.eval()
-    with share.recorder(model, family) as recorder, torch.inference_mode():
-        desc = f"Calibrating (rank {dist.get_rank()})"
-        for i in tqdm.tqdm(share.mine, desc=desc, unit="batch", disable=not progress):
-            share.begin(recorder, i)
-            model(
-                input_ids=batches[i].input_ids.to(device),
-                attention_mask=batches[i].attention_mask.to(device),
-                use_cache=False,
-            )
-    return share.reduce(_comm_device(device))
-
-
-def _collect_layerwise_distributed(
-    source,
-    batches: Sequence[TokenBatch],
-    *,
-    max_token_samples: int,
-    seed: int = 0,
-    device: str = "cpu",
-    dtype: torch.dtype = torch.float32,
-    compute_dtype: torch.dtype | None = None,
-    spill_dir: str | None = None,
-    progress: bool = True,
-    record_router_inputs: bool = False,
-) -> RouterStatistics:
-    """`runner._collect_layerwise` over this rank's batches, reduced over the
-    default group: every rank streams every layer through its own share of the tokens."""
-    _refuse_router_inputs(record_router_inputs)
-    share = _RankShare(source.config, source.family, batches, max_token_samples, seed)
-    mine = [batches[i] for i in share.mine]
-    with LayerStream(
-        source, mine, device=device, dtype=dtype, compute_dtype=compute_dtype, spill_dir=spill_dir
-    ) as stream:
-        with share.recorder(stream.model, source.family) as recorder:
-            stream.run(
-                RecorderVisitor(recorder, lambda b: share.begin(recorder, share.mine[b])),
-                desc=f"Calibrating (rank {dist.get_rank()})",
-                progress=progress,
-            )
-    return share.reduce(_comm_device(device))
+    def after_layer(self, stream, index: int) -> None:
+        self.recorder.rewind()
 
 
 def _comm_device(device: str) -> str:

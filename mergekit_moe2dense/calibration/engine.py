@@ -3,12 +3,14 @@
 """The one calibration entry point: token batches -> RouterStatistics.
 
 `collect_statistics` decides, in one place, everything a calibration run
-depends on besides its batches: the dtype of the forward (`calibration_dtype`),
-the engine (`calibration_engine`: the whole model, placed on one device or by
-accelerate's `device_map`; or the layer stream), and the torchrun ranks (each
-rank runs its share of the batches, the statistics are reduced). The build,
-`inspect` and the benchmarks all calibrate through it; the caller tokenizes
-once (`load_calibration_batches`) and passes the same batches to the re-fit.
+depends on besides its batches: the dtypes and the layer stream's settings
+(`calibration_dtype`, `compute_dtype`, `stream_settings`), the engine
+(`calibration_engine`: the whole model, placed on one device or by accelerate's
+`device_map`; or the layer stream), and the ranks (one process is one rank;
+under torchrun each rank runs its share of the batches and the statistics are
+reduced: `distributed.RankShare`). The build, `inspect` and the benchmarks all
+calibrate through it; the caller tokenizes once (`load_calibration_batches`)
+and passes the same batches to the re-fit.
 """
 
 from __future__ import annotations
@@ -16,17 +18,19 @@ from __future__ import annotations
 import os
 
 import torch
+import tqdm
 from mergekit.common import dtype_from_name
 
 from mergekit_moe2dense.calibration.batches import TokenBatch
-from mergekit_moe2dense.calibration.distributed import Ranks, _collect_full_distributed, _collect_layerwise_distributed
-from mergekit_moe2dense.calibration.layerwise import layer_compute_dtype
-from mergekit_moe2dense.calibration.runner import _collect_full, _collect_layerwise, input_device, load_moe
-from mergekit_moe2dense.calibration.stats import RouterStatistics
+from mergekit_moe2dense.calibration.distributed import Ranks, RankShare, RecorderVisitor
+from mergekit_moe2dense.calibration.layerwise import LayerStream, layer_compute_dtype
+from mergekit_moe2dense.calibration.runner import TokenSample, input_device, load_moe
+from mergekit_moe2dense.calibration.settings import StreamSettings
 from mergekit_moe2dense.config import CalibrationConfig, ConfigError
 from mergekit_moe2dense.memory import bound_onednn_primitive_cache
+from mergekit_moe2dense.statistics import RouterStatistics
 
-__all__ = ["calibration_dtype", "calibration_engine", "collect_statistics", "compute_dtype"]
+__all__ = ["calibration_dtype", "calibration_engine", "collect_statistics", "compute_dtype", "stream_settings"]
 
 
 def calibration_dtype(calibration: CalibrationConfig | None, device: str) -> torch.dtype:
@@ -44,6 +48,18 @@ def compute_dtype(calibration: CalibrationConfig | None, device: str) -> torch.d
     requested = calibration.compute_dtype if calibration is not None else "auto"
     return layer_compute_dtype(
         calibration_dtype(calibration, device), device, None if requested == "auto" else dtype_from_name(requested)
+    )
+
+
+def stream_settings(calibration: CalibrationConfig | None, device: str, *, progress: bool = True) -> StreamSettings:
+    """The settings every layer-streamed pass of a run shares, from its calibration config:
+    the calibration dtype, the layers' compute dtype, and the spill directory."""
+    return StreamSettings(
+        device=device,
+        dtype=calibration_dtype(calibration, device),
+        compute_dtype=compute_dtype(calibration, device),
+        spill_dir=calibration.spill_dir if calibration is not None else None,
+        progress=progress,
     )
 
 
@@ -96,7 +112,7 @@ def collect_statistics(
     record_router_inputs: bool = False,
     ranks: Ranks | None = None,
 ) -> RouterStatistics:
-    """Router statistics of `source` (a `checkpoint.SourceModel`) over `batches`.
+    """Router statistics of `source` (a `io.source.SourceModel`) over `batches`.
 
     `calibration` gives the engine, dtype, token sample (`max_token_samples`, `seed`),
     `spill_dir` and `device_map`; `record_router_inputs` (or the calibration's own)
@@ -106,32 +122,69 @@ def collect_statistics(
     bound_onednn_primitive_cache()
     ranks = ranks or Ranks.from_env()
     device = ranks.device(device)
-    dtype = calibration_dtype(calibration, device)
     engine = check_engine(source, calibration, device, ranks)
     ranks.init_process_group(device)
-    common = dict(
-        max_token_samples=calibration.max_token_samples,
-        seed=calibration.seed,
-        progress=progress and ranks.is_main,
-        record_router_inputs=record_router_inputs or calibration.record_router_inputs,
+    stream = stream_settings(calibration, device, progress=progress and ranks.is_main)
+    sample = TokenSample(
+        calibration.max_token_samples,
+        calibration.seed,
+        router_inputs=record_router_inputs or calibration.record_router_inputs,
     )
     if engine == "layerwise":
-        streamed = _collect_layerwise_distributed if ranks.distributed else _collect_layerwise
-        layers = compute_dtype(calibration, device)
-        stats = streamed(
-            source, batches, device=device, dtype=dtype, compute_dtype=layers, spill_dir=calibration.spill_dir, **common
-        )
+        stats = _collect_layerwise(source, batches, ranks, sample, stream=stream)
+        layers = stream.compute_dtype
     else:
-        collect = _collect_full_distributed if ranks.distributed else _collect_full
-        layers = dtype  # the whole model in the calibration dtype
-        model = load_moe(source.path, device=device, dtype=dtype, device_map=calibration.device_map)
-        try:
-            stats = collect(model, source.family, batches, device=str(input_device(model)), **common)
-        finally:
-            del model  # the whole model: free it before the merge starts
+        stats = _collect_full(source, batches, ranks, sample, stream=stream, device_map=calibration.device_map)
+        layers = stream.dtype  # the whole model in the calibration dtype
     # what the statistics were computed with, saved with them
-    stats.metadata.update(engine=engine, dtype=_name(dtype), compute_dtype=_name(layers))
+    stats.metadata.update(engine=engine, dtype=_name(stream.dtype), compute_dtype=_name(layers))
     return stats
+
+
+def _collect_full(
+    source, batches: list[TokenBatch], ranks: Ranks, sample: TokenSample, *, stream: StreamSettings, device_map
+) -> RouterStatistics:
+    """The whole model's forward over this rank's batches, recording every router."""
+    model = load_moe(source.path, device=stream.device, dtype=stream.dtype, device_map=device_map)
+    try:
+        device = input_device(model)
+        share = RankShare(model.config, source.family, batches, ranks, sample)
+        model.eval()
+        desc = ranks.describe("Calibrating")
+        with share.recorder(model) as recorder, torch.inference_mode():
+            with tqdm.tqdm(total=share.mine_tokens, desc=desc, unit="tok", disable=not stream.progress) as bar:
+                for i in share.mine:
+                    share.begin(recorder, i)
+                    batch = batches[i]
+                    model(
+                        input_ids=batch.input_ids.to(device),
+                        attention_mask=batch.attention_mask.to(device),
+                        use_cache=False,
+                    )
+                    bar.update(int(batch.attention_mask.sum()))
+        return share.reduce(str(device))
+    finally:
+        del model  # the whole model: freed before the merge starts, even when the pass fails
+
+
+def _collect_layerwise(
+    source, batches: list[TokenBatch], ranks: Ranks, sample: TokenSample, *, stream: StreamSettings
+) -> RouterStatistics:
+    """The same statistics as `_collect_full`, streaming the checkpoint one decoder layer at a
+    time (layerwise.py): every rank streams every layer through its own batches."""
+    share = RankShare(source.config, source.family, batches, ranks, sample)
+    mine = [batches[i] for i in share.mine]
+    layers = LayerStream(
+        source,
+        mine,
+        device=stream.device,
+        dtype=stream.dtype,
+        compute_dtype=stream.compute_dtype,
+        spill_dir=stream.spill_dir,
+    )
+    with layers, share.recorder(layers.model) as recorder:
+        layers.run(RecorderVisitor(share, recorder), desc=ranks.describe("Calibrating"), progress=stream.progress)
+    return share.reduce(stream.device)
 
 
 def _name(dtype: torch.dtype) -> str:

@@ -13,7 +13,7 @@ The sequential pattern of GPTQ and llm-compressor's sequential pipeline:
    model passes: causal mask, position ids, position embeddings) and stops.
 3. For each decoder layer in turn: materialise it in place from the checkpoint
    (each tensor, or one expert's rows of either checkpoint layout, read by
-   `checkpoint.TensorReader` straight into the fused in-memory `gate_up_proj`
+   `io.reader.TensorReader` straight into the fused in-memory `gate_up_proj`
    [E, 2I, H] (gate rows first) / `down_proj` [E, H, I] through the family's
    `resolve_layer` slices), run every batch through it,
    replace the carried hidden states by its outputs, and free it.
@@ -60,7 +60,6 @@ import logging
 import os
 import re
 import socket
-import sys
 from collections.abc import Callable
 
 import torch
@@ -68,10 +67,10 @@ import tqdm
 import transformers
 
 from mergekit_moe2dense.calibration.batches import TokenBatch
-from mergekit_moe2dense.checkpoint import READAHEAD_BYTES, TensorReader
 from mergekit_moe2dense.errors import Moe2DenseError
 from mergekit_moe2dense.families import ExpertSlice, MoELayer
-from mergekit_moe2dense.memory import release_freed_memory
+from mergekit_moe2dense.io.reader import READAHEAD_BYTES, TensorReader
+from mergekit_moe2dense.memory import is_exclusively_held, release_freed_memory
 from mergekit_moe2dense.output_dir import make_working_directory, remove_working_directory
 
 __all__ = ["LayerStream", "LayerStreamError", "LayerVisitor", "layer_compute_dtype", "native_16bit_matmul"]
@@ -157,7 +156,7 @@ class _Catcher(torch.nn.Module):
 class LayerStream:
     """Carries calibration activations through a checkpoint, one decoder layer at a time.
 
-    `source` is a `checkpoint.SourceModel`; `batches` the padded token batches
+    `source` is a `io.source.SourceModel`; `batches` the padded token batches
     (the same `TokenBatch`es the full forward takes, so masks and position ids
     are identical). `spill_dir` keeps the carried hidden states on disk instead
     of on the device (in `moe2dense-acts-HOST-PID` under it, removed on exit, or by the next
@@ -309,7 +308,9 @@ class LayerStream:
         for module in layer.modules():
             for store in (module._parameters, module._buffers):
                 for tensor in store.values():
-                    if tensor is not None and _owned_by_module_alone(tensor):
+                    # held by `store` and `tensor` alone: what a visitor or a hook kept (a parameter,
+                    # a view of it) is left alone, never overwritten by the next layer
+                    if tensor is not None and tensor.device.type != "meta" and is_exclusively_held(tensor, holders=2):
                         self._reusable.setdefault((tuple(tensor.shape), tensor.dtype), []).append(tensor.detach())
         layer.to_empty(device="meta")
         release_freed_memory()
@@ -443,16 +444,6 @@ def spill_prefix() -> str:
     """The spill directory's name before the PID. The host is part of it because a PID says
     nothing about processes on other hosts: the ranks of a multi-node run may share `spill_dir`."""
     return f"moe2dense-acts-{re.sub(r'[^A-Za-z0-9.-]', '_', socket.gethostname())}-"
-
-
-def _owned_by_module_alone(tensor: torch.Tensor) -> bool:
-    """Whether only its module holds `tensor` and no other tensor shares its memory: references
-    from the module's dict, the caller's variable and this argument (and getrefcount's own), and
-    one tensor on its storage (plus the storage object asked for here). Anything a visitor or a
-    hook kept (a parameter, a view of it) is left alone, never overwritten by the next layer."""
-    if tensor.device.type == "meta":
-        return False
-    return sys.getrefcount(tensor) <= 4 and torch._C._storage_Use_Count(tensor.untyped_storage()._cdata) <= 2
 
 
 def _name(dtype: torch.dtype) -> str:

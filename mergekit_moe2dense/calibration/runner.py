@@ -1,28 +1,27 @@
 # Copyright (C) 2026 the mergekit-moe2dense authors
 # SPDX-License-Identifier: LGPL-3.0-only
-"""The calibration pass: run the MoE on calibration text with hooks on its routers.
+"""The calibration pass's parts: hooks on the routers, the token sample, and loading.
 
-The two single-process engines live here (`_collect_full`: the whole model's
-forward; `_collect_layerwise`: the same hooks on `LayerStream`'s layer loop);
-`engine.collect_statistics` is the entry point that picks one.
+`RouterRecorder` owns the hooks that record router statistics while the MoE runs;
+`TokenSample` and `sample_token_ids` fix which tokens' router logits are kept;
+`load_calibration_batches` tokenizes once per run and `load_moe` loads the whole
+model for the full engine. The collectors that run the forward over these
+(`engine.collect_statistics`, split over ranks by `distributed.RankShare`) live
+with the entry point.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
-import tqdm
 import transformers
 
 from mergekit_moe2dense.calibration.batches import TokenBatch, calibration_sequences, pad_batches
-from mergekit_moe2dense.calibration.layerwise import LayerStream, LayerVisitor
-from mergekit_moe2dense.calibration.stats import RouterStatistics
 from mergekit_moe2dense.data import DataError, load_documents
 from mergekit_moe2dense.families import MoEFamily
-
-LOG = logging.getLogger(__name__)
+from mergekit_moe2dense.statistics import RouterStatistics
 
 
 class RouterRecorder:
@@ -138,21 +137,6 @@ class RouterRecorder:
             self.stats.tokens += kept
 
 
-class RecorderVisitor(LayerVisitor):
-    """Router statistics on the layer loop: the recorder's hooks fire in each layer's
-    advancing forward; `begin(b)` points the recorder at batch b."""
-
-    def __init__(self, recorder: RouterRecorder, begin: Callable[[int], None]):
-        self.recorder = recorder
-        self.begin = begin
-
-    def before_batch(self, batch: int) -> None:
-        self.begin(batch)
-
-    def after_layer(self, stream, index: int) -> None:
-        self.recorder.rewind()
-
-
 def load_calibration_batches(model_path: str, calibration, tokenizer=None) -> tuple:
     """(sequences, padded batches) of `calibration`'s text; tokenize once per run and give
     the same batches to the statistics and the re-fit."""
@@ -174,6 +158,17 @@ def load_calibration_batches(model_path: str, calibration, tokenizer=None) -> tu
     return sequences, list(pad_batches(sequences, calibration.batch_size, pad_id))
 
 
+@dataclass(frozen=True)
+class TokenSample:
+    """Which tokens' router logits the statistics keep: `max_token_samples` of them drawn with
+    `seed` over the whole calibration set, and with `router_inputs` the routers' inputs of the
+    same tokens."""
+
+    max_token_samples: int
+    seed: int = 0
+    router_inputs: bool = False
+
+
 def sample_token_ids(kept_per_batch: list[int], max_token_samples: int, seed: int) -> torch.Tensor:
     """Sorted global indices (over all batches' non-padding tokens) of the sampled tokens.
 
@@ -185,6 +180,8 @@ def sample_token_ids(kept_per_batch: list[int], max_token_samples: int, seed: in
 
 
 def _empty_statistics(config, family: MoEFamily, batches, max_token_samples: int, seed: int):
+    """(zeroed statistics of `config`'s MoE layers with the sample buffer, the sampled token
+    ids, the number of non-padding tokens in `batches`)."""
     stats = RouterStatistics(
         layers=family.moe_layer_indices(config),
         num_experts=family.num_experts(config),
@@ -194,63 +191,6 @@ def _empty_statistics(config, family: MoEFamily, batches, max_token_samples: int
     sample_ids = sample_token_ids([total], max_token_samples, seed)
     stats.samples = torch.zeros((len(stats.layers), len(sample_ids), stats.num_experts))
     return stats, sample_ids, total
-
-
-def _collect_full(
-    model: torch.nn.Module,
-    family: MoEFamily,
-    batches: list[TokenBatch],
-    *,
-    max_token_samples: int,
-    seed: int = 0,
-    device: str = "cpu",
-    progress: bool = True,
-    record_router_inputs: bool = False,
-) -> RouterStatistics:
-    """One forward pass of `model` over `batches`, recording every router (and, on
-    request, the routers' inputs for the sampled tokens)."""
-    stats, sample_ids, total = _empty_statistics(model.config, family, batches, max_token_samples, seed)
-    if record_router_inputs:
-        stats.router_inputs = torch.zeros((len(stats.layers), len(sample_ids), 0))
-    model.eval()
-    with RouterRecorder(model, family, stats, sample_ids) as recorder, torch.inference_mode():
-        with tqdm.tqdm(total=total, desc="Calibrating", unit="tok", disable=not progress) as bar:
-            for batch in batches:
-                recorder.begin_batch(batch)
-                model(
-                    input_ids=batch.input_ids.to(device),
-                    attention_mask=batch.attention_mask.to(device),
-                    use_cache=False,
-                )
-                bar.update(int(batch.attention_mask.sum()))
-    return stats
-
-
-def _collect_layerwise(
-    source,
-    batches: list[TokenBatch],
-    *,
-    max_token_samples: int,
-    seed: int = 0,
-    device: str = "cpu",
-    dtype: torch.dtype = torch.float32,
-    compute_dtype: torch.dtype | None = None,
-    spill_dir: str | None = None,
-    progress: bool = True,
-    record_router_inputs: bool = False,
-) -> RouterStatistics:
-    """The same statistics as `_collect_full`, streaming the checkpoint
-    (`checkpoint.SourceModel`) one decoder layer at a time (see layerwise.py)."""
-    family = source.family
-    stats, sample_ids, _ = _empty_statistics(source.config, family, batches, max_token_samples, seed)
-    if record_router_inputs:
-        stats.router_inputs = torch.zeros((len(stats.layers), len(sample_ids), 0))
-    with LayerStream(
-        source, batches, device=device, dtype=dtype, compute_dtype=compute_dtype, spill_dir=spill_dir
-    ) as stream:
-        with RouterRecorder(stream.model, family, stats, sample_ids) as recorder:
-            stream.run(RecorderVisitor(recorder, lambda b: recorder.begin_batch(batches[b])), progress=progress)
-    return stats
 
 
 def load_moe(model_path: str, *, device: str, dtype: torch.dtype, device_map=None) -> torch.nn.Module:

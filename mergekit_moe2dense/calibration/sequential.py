@@ -49,8 +49,10 @@ import torch
 
 from mergekit_moe2dense.calibration.batches import TokenBatch
 from mergekit_moe2dense.calibration.layerwise import LayerStream, LayerVisitor
+from mergekit_moe2dense.calibration.settings import StreamSettings
 from mergekit_moe2dense.memory import release_freed_memory
-from mergekit_moe2dense.plan import LayerPlan, assemble, block_dim, block_terms
+from mergekit_moe2dense.merge import assemble, assemble_biases
+from mergekit_moe2dense.plan import LayerPlan, block_dim, block_terms
 from mergekit_moe2dense.refit import (
     BIASES,
     FitSettings,
@@ -73,10 +75,10 @@ __all__ = [
     "LayerFitter",
     "RefitResult",
     "SparseBlock",
-    "assemble_biases",
     "closed_form_fit",
     "fit_layers",
     "gradient_fit",
+    "refit_fitter",
     "refit_layers",
 ]
 
@@ -282,21 +284,33 @@ def fit_layers(
     plans: Sequence[LayerPlan],
     batches: list[TokenBatch],
     fitter: LayerFitter,
-    *,
-    device: str = "cpu",
-    dtype: torch.dtype = torch.float32,
-    compute_dtype: torch.dtype | None = None,
-    spill_dir=None,
-    progress: bool = True,
+    stream: StreamSettings | None = None,
     store: MutableMapping[str, torch.Tensor] | None = None,
 ) -> RefitResult:
     """Every planned layer converted in order by `fitter`, on the layer stream. The fitted
     tensors go into `store` (default: a dict; e.g. `graph.SpilledTensors`, to keep them on disk)."""
+    stream = stream or StreamSettings()
     result = RefitResult(tensors=store if store is not None else {})
-    stream = LayerStream(source, batches, device=device, dtype=dtype, compute_dtype=compute_dtype, spill_dir=spill_dir)
-    with stream:
-        stream.run(_Converting(plans, fitter, result), desc="Re-fitting", progress=progress)
+    with LayerStream(
+        source,
+        batches,
+        device=stream.device,
+        dtype=stream.dtype,
+        compute_dtype=stream.compute_dtype,
+        spill_dir=stream.spill_dir,
+    ) as layers:
+        layers.run(_Converting(plans, fitter, result), desc="Re-fitting", progress=stream.progress)
     return result
+
+
+def refit_fitter(mode: str, damping: float, gate_up: str = "merge", fit: FitSettings | None = None) -> LayerFitter:
+    """The per-layer step of a re-fit: down unless `mode` is none; gate and up with
+    `gate_up="regmean"` or `mode="fit"`, whose settings are `fit`."""
+    if mode not in REFIT_MODES:
+        raise ValueError(f"unknown refit mode {mode!r}")
+    if mode == "fit":
+        return functools.partial(gradient_fit, settings=fit or FitSettings(), damping=damping, gate_up=gate_up)
+    return functools.partial(closed_form_fit, mode=mode, damping=damping, gate_up=gate_up)
 
 
 def refit_layers(
@@ -308,34 +322,12 @@ def refit_layers(
     damping: float,
     gate_up: str = "merge",
     fit: FitSettings | None = None,
-    device: str = "cpu",
-    dtype: torch.dtype = torch.float32,
-    compute_dtype: torch.dtype | None = None,
-    spill_dir=None,
-    progress: bool = True,
-    store: MutableMapping[str, torch.Tensor] | None = None,
+    **stream,
 ) -> RefitResult:
-    """Fitted projections of every planned layer (down unless `mode` is none; gate and
-    up with `gate_up="regmean"` or `mode="fit"`, whose settings are `fit`), and the
-    layers' reconstruction errors."""
-    if mode not in REFIT_MODES:
-        raise ValueError(f"unknown refit mode {mode!r}")
-    if mode == "fit":
-        fitter = functools.partial(gradient_fit, settings=fit or FitSettings(), damping=damping, gate_up=gate_up)
-    else:
-        fitter = functools.partial(closed_form_fit, mode=mode, damping=damping, gate_up=gate_up)
-    return fit_layers(
-        source,
-        plans,
-        batches,
-        fitter,
-        device=device,
-        dtype=dtype,
-        compute_dtype=compute_dtype,
-        spill_dir=spill_dir,
-        progress=progress,
-        store=store,
-    )
+    """Fitted projections of every planned layer (`refit_fitter`), and the layers'
+    reconstruction errors; `stream` holds `StreamSettings` fields (device, dtype, ...)."""
+    fitter = refit_fitter(mode, damping, gate_up, fit)
+    return fit_layers(source, plans, batches, fitter, StreamSettings(**stream))
 
 
 def closed_form_fit(
@@ -454,28 +446,6 @@ def _fit_down(block: SparseBlock, dense: DenseMLP, mode: str, damping: float, re
     if bias is None:
         return down, None, error
     return down[:, :-1].contiguous(), down[:, -1].contiguous(), error
-
-
-def assemble_biases(plan: LayerPlan, load) -> dict[str, torch.Tensor]:
-    """The dense MLP's biases in memory, as graph.projection_task merges them: per block the
-    weighted sum of its experts' biases; gate / up biases concatenated, down biases (each
-    times its block's down scale) added up. Empty where the experts have no biases."""
-    present = [b for b in BIASES if b in plan.layer.experts[0]]
-    if present and any(block.shared is not None for block in plan.blocks):
-        raise ValueError("expert biases with shared experts are not supported")
-    biases = {}
-    for projection in present:
-        parts = [
-            sum(
-                w * load(expert[projection]).float() for expert, w in zip(plan.layer.experts, block.weights) if w != 0.0
-            )
-            for block in plan.blocks
-        ]
-        if projection == "down_bias":
-            biases[projection] = sum(part * block.down_scale for part, block in zip(parts, plan.blocks))
-        else:
-            biases[projection] = torch.cat(parts)
-    return biases
 
 
 def _routed_grams(block: SparseBlock, num_experts: int, biased: bool = False) -> list[torch.Tensor]:

@@ -34,7 +34,9 @@ import transformers
 
 from mergekit_moe2dense.calibration.layerwise import LayerStream, LayerVisitor, layer_compute_dtype
 from mergekit_moe2dense.calibration.sequential import SparseBlock
+from mergekit_moe2dense.calibration.settings import StreamSettings
 from mergekit_moe2dense.families import ExpertSlice, MoELayer
+from mergekit_moe2dense.merge import mixture
 from mergekit_moe2dense.reassemble import expert_key, mix_rows
 from mergekit_moe2dense.refit import LeastSquaresStats, fit_down_proj, squared_error
 
@@ -153,7 +155,7 @@ def _fill(new: torch.nn.Module, block: SparseBlock, moe: MoELayer, weights: torc
             target.copy_(value.to(target.dtype))
         for j, row in enumerate(weights.tolist()):
             for projection, piece in memory[j].items():
-                merged = sum(w * block.load(moe.experts[e][projection]).float() for e, w in enumerate(row) if w != 0.0)
+                merged = mixture(block.load, [expert[projection] for expert in moe.experts], row)
                 held = _held(new.experts, piece)
                 piece.take(held).copy_(merged.to(held.dtype))
 
@@ -164,22 +166,27 @@ def fit_smaller_moe(
     layers: list[MoELayer],
     weights: torch.Tensor,
     batches,
-    *,
     damping: float,
-    device: str = "cpu",
-    dtype: torch.dtype = torch.float32,
-    compute_dtype: torch.dtype | None = None,
-    spill_dir=None,
-    progress: bool = True,
+    settings: StreamSettings | None = None,
 ) -> SmallerMoEFit:
     """Fitted down projections of every new expert of the smaller MoE `config` (N experts,
     `weights` [N, L, E] over `layers`, whose slices may be aligned), layer by layer."""
+    settings = settings or StreamSettings()
     result = SmallerMoEFit()
-    compute_dtype = layer_compute_dtype(dtype, device, compute_dtype)  # the new blocks run inside streamed layers
+    # the new blocks run inside streamed layers
+    compute_dtype = layer_compute_dtype(settings.dtype, settings.device, settings.compute_dtype)
     with torch.device("meta"):
         skeleton = transformers.AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
     by_index = {layer.index: (position, layer) for position, layer in enumerate(layers)}
-    stream = LayerStream(source, batches, device=device, dtype=dtype, compute_dtype=compute_dtype, spill_dir=spill_dir)
+    stream = LayerStream(
+        source,
+        batches,
+        device=settings.device,
+        dtype=settings.dtype,
+        compute_dtype=compute_dtype,
+        spill_dir=settings.spill_dir,
+    )
     with stream:
-        stream.run(_Pruning(skeleton, by_index, weights, damping, result), desc="Re-fitting", progress=progress)
+        visitor = _Pruning(skeleton, by_index, weights, damping, result)
+        stream.run(visitor, desc="Re-fitting", progress=settings.progress)
     return result
