@@ -1,6 +1,6 @@
 # Copyright (C) 2026 the mergekit-moe2dense authors
 # SPDX-License-Identifier: LGPL-3.0-only
-"""Library entry point: validate -> calibrate -> weights -> plan -> write -> publish.
+"""Library entry point: prepare -> statistics -> plan -> refine -> finish -> write -> publish.
 
 Everything that can fail cheaply (options, output directory, model, shapes,
 method parameters, statistics file) fails in `ConversionJob.prepare`, before the
@@ -18,13 +18,13 @@ from dataclasses import dataclass
 import torch
 from mergekit.options import MergeOptions
 
+from mergekit_moe2dense import finish
 from mergekit_moe2dense.calibration import RouterStatistics, collect_statistics
 from mergekit_moe2dense.config import Moe2DenseConfig
-from mergekit_moe2dense.errors import Moe2DenseError
 from mergekit_moe2dense.job import ConversionJob
 from mergekit_moe2dense.memory import bound_onednn_primitive_cache
 from mergekit_moe2dense.methods import MethodParameters
-from mergekit_moe2dense.outputs import STATS_FILE, WEIGHTS_FILE
+from mergekit_moe2dense.outputs import STATS_FILE, WEIGHTS_FILE, write
 
 __all__ = ["STATS_FILE", "WEIGHTS_FILE", "BuildResult", "build_dense", "build_from_mergekit", "calibrate"]
 
@@ -51,19 +51,30 @@ def build_dense(
     job = ConversionJob.prepare(
         config, out_path, options, stats_path=stats_path, overwrite=overwrite, config_source=config_source
     )
+    source, method, params = job.source, job.method, job.params
     # Under torchrun every rank calibrates its share; rank 0 alone writes.
     with job.out if job.ranks.is_main else contextlib.nullcontext():
         stats = job.loaded_statistics if job.stats_path else calibrate(job)
-        result = job.method.plan(stats, job.params, job.layers)
+        decided = method.plan(stats, params, job.layers)  # what the result reports, on every rank
         if job.ranks.is_main:
-            planned = job.output.plan(job, result, stats)
-            job.output.write(job, planned, job.out.staging)
-            if stats is not None:  # in OUT/moe2dense/, where no loader takes it for weights
-                path = os.path.join(job.out.staging, STATS_FILE)
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                stats.save(path)
+            plan = method.refine(decided, stats, params, source)
+            plan = finish.family_scales(plan, source, stats)
+            plan = finish.align(plan, source, stats)
+            plan = finish.router_rows(plan, source, stats)
+            plan = finish.refit(plan, job.refit_inputs())
+            write(plan, job.write_context(stats), job.out.staging)
+            save_statistics(stats, job.out.staging)
             job.out.publish()
-    return BuildResult(job.out.path, job.output.reported_weights(result), job.params, stats)
+    return BuildResult(job.out.path, decided.reported_weights, params, stats)
+
+
+def save_statistics(stats: RouterStatistics | None, staging: str) -> None:
+    """The statistics in OUT/moe2dense/, where no loader takes them for weights (reused by --stats)."""
+    if stats is None:
+        return
+    path = os.path.join(staging, STATS_FILE)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    stats.save(path)
 
 
 def calibrate(job: ConversionJob) -> RouterStatistics | None:
@@ -94,17 +105,11 @@ def build_from_mergekit(
 
     mergekit's config model drops keys it does not know, our `calibration:` block
     among them, so the raw YAML it read is parsed again with our strict schema.
-    Errors become click's one-line messages when running under a click command.
+    Errors are raised; mergekit-yaml's route (`cli_errors.run_mergekit_config`) turns
+    them into its one-line messages.
     """
-    import click
-
-    try:
-        if config_source is not None:
-            config = Moe2DenseConfig.from_yaml(config_source)
-        else:
-            config = Moe2DenseConfig.model_validate(merge_config.model_dump(exclude_none=True))
-        return build_dense(config, out_path, options, config_source=config_source)
-    except Moe2DenseError as error:
-        if click.get_current_context(silent=True) is None:
-            raise
-        raise click.ClickException(str(error)) from None
+    if config_source is not None:
+        config = Moe2DenseConfig.from_yaml(config_source)
+    else:
+        config = Moe2DenseConfig.model_validate(merge_config.model_dump(exclude_none=True))
+    return build_dense(config, out_path, options, config_source=config_source)

@@ -43,7 +43,8 @@ def refit_table(errors: dict[int, tuple[float, float]]) -> CardTable:
 
 
 def calibration_summary(job, stats) -> dict[str, Any] | None:
-    """What the statistics were computed on (None: the method used none)."""
+    """What the statistics were computed on (None: the method used none); `job` a
+    `job.ConversionJob` (its config's calibration block, its --stats file)."""
     if stats is None:
         return None
     calibration = stats.metadata.get("calibration") or {}
@@ -60,16 +61,16 @@ def calibration_summary(job, stats) -> dict[str, Any] | None:
 
 def write_model_card(
     out_dir: str,
-    job,
+    context,
     weights: torch.Tensor,
     extra: dict[str, Any] | None = None,
     *,
     calibration: dict[str, Any] | None = None,
     tables: tuple[CardTable, ...] = (),
 ) -> None:
-    """Card of one dense model (`job` a `job.ConversionJob`); `extra` adds lines (e.g. a cluster's
+    """Card of one dense model (`context` an `outputs.WriteContext`); `extra` adds lines (e.g. a cluster's
     share), `calibration` is `calibration_summary`'s, `tables` what was measured."""
-    config, method, layers = job.config, job.method, job.layers
+    config, method, layers = context.config, context.method, context.layers
     rows = "\n".join(
         f"| {layer.index} | " + " | ".join(f"{w:.4f}" for w in row) + " |"
         for layer, row in zip(layers, weights.tolist())
@@ -84,7 +85,7 @@ mergekit-moe2dense, a plugin for [mergekit](https://github.com/arcee-ai/mergekit
 were merged into one MLP with the **{method.pretty_name}** method (`{method.name}`).
 Everything outside the MoE blocks is copied unchanged.{extra_text}
 
-{_method_section(method, job.params)}
+{_method_section(method, context.params)}
 
 {_calibration_section(calibration)}
 
@@ -93,12 +94,12 @@ Everything outside the MoE blocks is copied unchanged.{extra_text}
 {header}
 {rule}
 {rows}{_measured_section(tables)}"""
-    _write_card(out_dir, config, "merge", body, job.config_source)
+    _write_card(out_dir, config, "merge", body, context.config_source)
 
 
-def write_moe_card(out_dir: str, job, shares, *, calibration: dict[str, Any] | None = None) -> None:
+def write_moe_card(out_dir: str, context, shares, *, calibration: dict[str, Any] | None = None) -> None:
     """Card of an MoE rebuilt from k merged MLPs; the weights are in expert_weights.json."""
-    config, method, params = job.config, job.method, job.params
+    config, method, params = context.config, context.method, context.params
     rows = "\n".join(f"| {j} | {share:.4f} |" for j, share in enumerate(shares))
     router = (
         "by a fitted logistic regression" if params.router == "fitted" else "in closed form from the clusters' weights"
@@ -118,23 +119,23 @@ Everything outside the MoE blocks is copied unchanged.
 | expert | token share |
 |---|---|
 {rows}"""
-    _write_card(out_dir, config, "moe", body, job.config_source)
+    _write_card(out_dir, config, "moe", body, context.config_source)
 
 
-def write_smaller_moe_card(out_dir: str, job, experts) -> None:
+def write_smaller_moe_card(out_dir: str, context, experts) -> None:
     """Card of a smaller MoE (`prune_experts`, `merge_experts`): which old experts make each new one
-    (`experts` a `prune_experts.ExpertGroups`); the merge weights are in expert_weights.json."""
-    config, method = job.config, job.method
+    (`experts` a `plan.ExpertGroups`); the merge weights are in expert_weights.json."""
+    config, method = context.config, context.method
     rows = "\n".join(
         f"| {layer.index} | " + " | ".join("+".join(map(str, group)) for group in groups) + " |"
-        for layer, groups in zip(job.layers, experts.groups)
+        for layer, groups in zip(context.layers, experts.groups)
     )
     count = experts.num_experts
     header = "| layer | " + " | ".join(f"expert {j}" for j in range(count)) + " |"
     rule = "|---" * (count + 1) + "|"
     body = f"""A Mixture-of-Experts model with {count} routed experts per MoE layer made from `{config.model}` with
 mergekit-moe2dense, a plugin for [mergekit](https://github.com/arcee-ai/mergekit), by the **{method.pretty_name}** method
-(`{method.name}`), parameters {_parameters(job.params)}. Each new expert is one kept expert or the saliency-weighted
+(`{method.name}`), parameters {_parameters(context.params)}. Each new expert is one kept expert or the saliency-weighted
 merge of a group of the original experts (most salient first); its router row is the same mix of theirs.
 Shared experts and everything outside the MoE blocks are copied unchanged.
 
@@ -143,7 +144,7 @@ Shared experts and everything outside the MoE blocks are copied unchanged.
 {header}
 {rule}
 {rows}"""
-    _write_card(out_dir, config, "moe", body, job.config_source)
+    _write_card(out_dir, config, "moe", body, context.config_source)
 
 
 def write_heal_card(out_dir: str, record: dict, record_file: str) -> None:

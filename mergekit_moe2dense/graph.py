@@ -9,7 +9,7 @@ of one model, so we plan the graph ourselves and reuse mergekit's tasks and
 executor: tensors load lazily, equal read tasks are shared (a fused
 `gate_up_proj` is read once for both projections), and values are freed after
 their last use. Reads are scheduled in the checkpoint's file order (`ReadTensor.group_label`),
-and the output is written tensor by tensor as it is produced (`writer.ShardWriter`), so memory
+and the output is written tensor by tensor as it is produced (`io.writer.ShardWriter`), so memory
 stays near one layer's experts whatever the number of layers.
 """
 
@@ -29,16 +29,18 @@ from mergekit.graph import Executor, Task
 from mergekit.io.tasks import FinalizeModel, SaveTensor, TensorWriterTask
 from safetensors.torch import load_file, save_file
 
-from mergekit_moe2dense.checkpoint import READAHEAD_BYTES, TensorReader, read_index
 from mergekit_moe2dense.families import PROJECTIONS, ExpertSlice
 from mergekit_moe2dense.families.spec import FusedLayout
+from mergekit_moe2dense.io.index import read_index
+from mergekit_moe2dense.io.reader import READAHEAD_BYTES, TensorReader
+from mergekit_moe2dense.io.writer import DEFAULT_HEADER_BYTES, ShardWriter, abort_open_writers, header_bytes_for
 from mergekit_moe2dense.methods.kernel import weighted_sum
 from mergekit_moe2dense.plan import LayerPlan
-from mergekit_moe2dense.writer import DEFAULT_HEADER_BYTES, ShardWriter, abort_open_writers, header_bytes_for
+from mergekit_moe2dense.refit import BIASES
 
 
 class ReadTensor(Task[torch.Tensor]):
-    """One tensor of the source checkpoint, read with `checkpoint.TensorReader`.
+    """One tensor of the source checkpoint, read with `io.reader.TensorReader`.
 
     mergekit's `LoadTensor` reads through memory-mapped shards, one page fault at a
     time, and holds the pages in RSS; a 30 GB merge took 2.3x the time of reading the
@@ -270,9 +272,6 @@ def merge_experts_task(
     )
 
 
-BIASES = ("gate_bias", "up_bias", "down_bias")
-
-
 def block_scale(block, projection: str) -> float:
     """A block's factor on one projection: `down_scale` on its output (down and its bias),
     `input_scale` on its input (gate and up rows; not their biases)."""
@@ -366,7 +365,7 @@ class TensorIO:
 
 
 class ShardWriterTask(TensorWriterTask):
-    """mergekit's writer task, giving a `writer.ShardWriter` (safetensors written as tensors come)."""
+    """mergekit's writer task, giving a `io.writer.ShardWriter` (safetensors written as tensors come)."""
 
     safe_serialization: bool = True
     header_bytes: int = DEFAULT_HEADER_BYTES
@@ -462,7 +461,7 @@ def plan_dense_merge(
     width: int | None = None,
     fitted: dict[str, Task] | None = None,
 ) -> list[Task]:
-    """Tasks that write the dense checkpoint of `source` (a `checkpoint.SourceModel`):
+    """Tasks that write the dense checkpoint of `source` (a `io.source.SourceModel`):
     merged MLPs, everything else copied.
 
     With `width`, every merged MLP and the MLPs of the decoder layers that are dense

@@ -3,9 +3,10 @@
 """One conversion: everything a run carries, validated before any expensive step.
 
 `ConversionJob.prepare` does every cheap check (options, output directory, model,
-shapes, method parameters, statistics file, calibration settings) and returns the
-job that the calibration, the method and the output strategy all read from,
-instead of long argument lists. The calibration text is tokenized once per job
+shapes, method parameters, statistics file, calibration settings, what the output
+needs and the space it takes: outputs/preflight.py) and returns the job that build.py
+reads; the steps after it get small frozen values made here (`stream_settings`,
+`refit_inputs`, `write_context`). The calibration text is tokenized once per job
 (`job.batches`) and shared by the statistics pass and the re-fit.
 """
 
@@ -27,15 +28,18 @@ from mergekit_moe2dense.calibration import (
 )
 from mergekit_moe2dense.calibration.distributed import Ranks
 from mergekit_moe2dense.calibration.engine import check_engine
-from mergekit_moe2dense.checkpoint import SourceModel
+from mergekit_moe2dense.calibration.settings import StreamSettings
+from mergekit_moe2dense.card import calibration_summary
 from mergekit_moe2dense.config import ConfigError, Moe2DenseConfig, check_seq_len
 from mergekit_moe2dense.devices import DeviceError, check_device
 from mergekit_moe2dense.families import MoELayer
+from mergekit_moe2dense.finish import RefitInputs
 from mergekit_moe2dense.graph import TensorIO
+from mergekit_moe2dense.io.source import SourceModel
 from mergekit_moe2dense.methods import ExpertMethod, MethodParameters, get_method
 from mergekit_moe2dense.options import check_options
 from mergekit_moe2dense.output_dir import OutputDirectory
-from mergekit_moe2dense.outputs import LEGACY_STATS_FILE, STATS_FILE, Output, output_for
+from mergekit_moe2dense.outputs import LEGACY_STATS_FILE, STATS_FILE, OutputKind, WriteContext, check_output
 
 __all__ = ["ConversionJob", "resolve_stats_path"]
 
@@ -80,7 +84,7 @@ class ConversionJob:
     layers: list[MoELayer]
     method: ExpertMethod
     params: MethodParameters
-    output: Output
+    output: OutputKind
     out: OutputDirectory
     options: MergeOptions
     ranks: Ranks
@@ -120,7 +124,7 @@ class ConversionJob:
         params = method.resolve_parameters(
             config.method_parameters, num_experts=family.num_experts(moe), top_k=family.top_k(moe)
         )
-        output = output_for(method, params)
+        output = OutputKind(method.plan_type(params))
         job = cls(
             config=config,
             source=source,
@@ -137,7 +141,7 @@ class ConversionJob:
         job._check_statistics_source()
         if calibration is not None and not stats_path:
             check_engine(source, calibration, job.device, job.ranks)
-        output.check(job)
+        check_output(output.plan_type, config.merge_method, params, source, calibration, stats_path)
         out.check_space(output.estimated_bytes(job))
         return job
 
@@ -202,3 +206,35 @@ class ConversionJob:
     def compute_dtype(self) -> torch.dtype:
         """The dtype of each streamed layer in the layer-streamed passes (calibration, re-fit)."""
         return compute_dtype(self.config.calibration, self.device)
+
+    # -- the values the later steps take ----------------------------------------------------
+    def stream_settings(self) -> StreamSettings:
+        """How the re-fit's layer stream runs (the calibration config's device, dtypes, spill dir)."""
+        return StreamSettings(
+            device=self.device,
+            dtype=self.calibration_dtype,
+            compute_dtype=self.compute_dtype,
+            spill_dir=self.config.calibration.spill_dir,
+            progress=self.progress,
+        )
+
+    def refit_inputs(self) -> RefitInputs | None:
+        """What the re-fit reads (None: the parameters ask for none, and no tokenizing is done)."""
+        if not self.params.needs_refit:
+            return None
+        return RefitInputs(self.source, self.batches, self.params, self.stream_settings(), self.out.staging)
+
+    def write_context(self, stats: RouterStatistics | None) -> WriteContext:
+        return WriteContext(
+            source=self.source,
+            layers=tuple(self.layers),
+            io=self.io,
+            options=self.options,
+            out_dtype=self.out_dtype,
+            config=self.config,
+            method=self.method,
+            params=self.params,
+            config_source=self.config_source,
+            stats_path=self.stats_path,
+            calibration=calibration_summary(self, stats),
+        )

@@ -1,6 +1,13 @@
 # Copyright (C) 2026 the mergekit-moe2dense authors
 # SPDX-License-Identifier: LGPL-3.0-only
-"""What the dense MLP of one layer is made of, independent of how it is computed.
+"""Every plan a method makes, and what the dense MLP of one layer is made of.
+
+A method's `plan()` returns one plan type, and the type says what the conversion
+writes (outputs/): `DensePlan` one dense model, `ClusterPlan` k dense models,
+`MoEPlan` one MoE of k merged experts, `SmallerMoEPlan` a smaller MoE of kept or
+merged expert groups. The finishing stage (finish.py) fills in what the plan's
+writer needs beyond the method's decision (family scales, alignment, router rows,
+re-fitted tensors), each step returning a new plan.
 
 A dense MLP is a concatenation of *blocks* along its intermediate dimension.
 Each block is a linear merge of the layer's routed experts (or one shared
@@ -18,12 +25,37 @@ merging experts.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Literal
 
 import torch
 
-from mergekit_moe2dense.families import PROJECTIONS, ExpertSlice, MoEFamily, MoELayer
+from mergekit_moe2dense.clustering import Decomposition
+from mergekit_moe2dense.families import ExpertSlice, MoEFamily, MoELayer
+
+__all__ = [
+    "Align",
+    "Block",
+    "BlockTerms",
+    "ClusterPlan",
+    "ClusterWeights",
+    "DensePlan",
+    "ExpertGroups",
+    "LayerPlan",
+    "MethodPlan",
+    "MoEPlan",
+    "Router",
+    "SmallerMoEPlan",
+    "block_dim",
+    "block_terms",
+    "check_weights",
+    "single_block_plans",
+    "with_family_scales",
+]
+
+Align = Literal["none", "weights", "activations"]
+Router = Literal["closed_form", "fitted"]
 
 
 @dataclass(frozen=True)
@@ -123,16 +155,166 @@ def block_dim(projection: str) -> int:
     return 1 if projection == "down" else 0
 
 
-def assemble(plan: LayerPlan, load: Callable[[ExpertSlice], torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The dense projections of `plan` in memory, in float32: per block sum_e w_e W_e
-    (`block_terms`; the merge's kernel, one expert in memory at a time), scaled, concatenated."""
-    from mergekit_moe2dense.methods.kernel import weighted_sum  # the methods import this module
+# -- what a method decides for a whole model ------------------------------------------------
 
-    result = {}
-    for projection in PROJECTIONS:
-        parts = []
-        for terms in block_terms(plan, projection):
-            part = weighted_sum(lambda e, slices=terms.slices: load(slices[e]), terms.weights).float()
-            parts.append(part if terms.scale == 1.0 else part.mul_(terms.scale))
-        result[projection] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=block_dim(projection))
-    return result
+
+def check_weights(weights: torch.Tensor, num_layers: int, num_experts: int) -> None:
+    """Every method's contract: [..., L, E], finite, non-negative rows summing to one.
+
+    A violation is a bug in the method, not bad input, hence RuntimeError.
+    """
+    if weights.dim() < 2 or tuple(weights.shape[-2:]) != (num_layers, num_experts):
+        raise RuntimeError(f"method returned weights of shape {tuple(weights.shape)}")
+    if not torch.isfinite(weights).all() or (weights < 0).any():
+        raise RuntimeError("method returned non-finite or negative expert weights")
+    sums = weights.sum(-1)
+    if not torch.allclose(sums, torch.ones_like(sums), atol=1e-6):
+        raise RuntimeError("method returned expert weights that do not sum to 1 per layer")
+
+
+@dataclass(frozen=True)
+class MethodPlan:
+    """What a method decided for a whole model, from one pass over the statistics.
+
+    `weights` [L, E] float64 is what expert_weights.json and the model card report;
+    `layers` holds one `LayerPlan` per MoE layer (before the family's scales,
+    `with_family_scales`). The subclasses say what is written.
+    """
+
+    weights: torch.Tensor
+    layers: tuple[LayerPlan, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "layers", tuple(self.layers))
+        check_weights(self.weights, len(self.layers), self.num_experts)
+
+    @property
+    def num_experts(self) -> int:
+        return self.layers[0].layer.num_experts if self.layers else self.weights.shape[-1]
+
+    @property
+    def reported_weights(self) -> torch.Tensor:
+        """The expert weights the library's result reports: [L, E], or [k, L, E]."""
+        return self.weights
+
+
+@dataclass(frozen=True)
+class DensePlan(MethodPlan):
+    """One dense model. `align` permutes the averaged experts' hidden units (alignment.py);
+    the re-fit fills `fitted` (dense tensor name -> value, the projections each `LayerPlan`
+    lists in its `fitted`), `refit_errors` (layer -> relative error before, after) and, with
+    `refit: fit`, `refit_heldout` (layer -> held-out error at the start, at the end, seconds)."""
+
+    align: Align = "none"
+    fitted: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    refit_errors: Mapping[int, tuple[float, float]] | None = None
+    refit_heldout: Mapping[int, tuple[float, float, float]] = field(default_factory=dict)
+
+
+@dataclass
+class ClusterWeights:
+    weights: torch.Tensor  # [k, L, E] float64, rows summing to 1
+    decomposition: Decomposition  # labels [L, N], centroids [L, k, E] in feature space
+
+    @property
+    def shares(self) -> list:
+        return [float(s) for s in self.decomposition.shares]
+
+
+@dataclass(frozen=True)
+class ClusterPlan(MethodPlan):
+    """k dense models, one per cluster of calibration tokens; `weights` and `layers` are
+    cluster 0's, `clusters` all k. `models` holds each cluster's finished layer plans
+    (`finish.family_scales`)."""
+
+    clusters: ClusterWeights
+    models: tuple[tuple[LayerPlan, ...], ...] = ()
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_weights(self.clusters.weights, len(self.layers), self.num_experts)
+
+    @property
+    def reported_weights(self) -> torch.Tensor:
+        return self.clusters.weights
+
+
+@dataclass(frozen=True)
+class MoEPlan(MethodPlan):
+    """One MoE of the same family with k experts, expert j the merge of cluster j's weights.
+    `rows` holds every expert-indexed tensor of every block, by output name (`finish.router_rows`)."""
+
+    clusters: ClusterWeights
+    router: Router = "closed_form"
+    seed: int = 0  # of the fitted router's logistic regression
+    rows: Mapping[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_weights(self.clusters.weights, len(self.layers), self.num_experts)
+
+    @property
+    def reported_weights(self) -> torch.Tensor:
+        return self.clusters.weights
+
+
+@dataclass(frozen=True)
+class ExpertGroups:
+    """The experts of a smaller MoE (`prune_experts`, `merge_experts`).
+
+    Per MoE layer, N groups of the old experts, each group's most salient member first
+    (its reference for alignment); new expert j of a layer merges group j with weights
+    proportional to the members' saliencies (uniform where they are all zero). Groups
+    are numbered by their smallest member, so keeping every expert keeps their order
+    (and DeepSeek's expert groups). A kept (pruned-to) expert is a group of one.
+    """
+
+    groups: tuple[tuple[tuple[int, ...], ...], ...]  # [L][N] old expert indices, reference first
+    saliency: torch.Tensor  # [L, E] float64, non-negative
+
+    @classmethod
+    def of(cls, groups: Sequence[Sequence[Sequence[int]]], saliency: torch.Tensor) -> ExpertGroups:
+        """Groups in any order: members sorted by saliency (best first), groups by smallest member."""
+        ordered = []
+        for position, layer in enumerate(groups):
+            scores = saliency[position]
+            members = [tuple(sorted(g, key=lambda e: (-float(scores[e]), e))) for g in layer]
+            ordered.append(tuple(sorted(members, key=min)))
+        return cls(tuple(ordered), saliency.double())
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.groups[0])
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """[N, L, E] float64: row j of layer l merges group j, rows summing to 1."""
+        num_layers, num_old = self.saliency.shape
+        weights = torch.zeros(self.num_experts, num_layers, num_old, dtype=torch.float64)
+        for position, layer in enumerate(self.groups):
+            for j, group in enumerate(layer):
+                index = torch.as_tensor(group)
+                scores = self.saliency[position, index].clamp_min(0)
+                weights[j, position, index] = scores / scores.sum() if float(scores.sum()) > 0 else 1.0 / len(group)
+        return weights
+
+
+@dataclass(frozen=True)
+class SmallerMoEPlan(MethodPlan):
+    """A smaller MoE of the same family: N kept or merged experts per layer (`experts`);
+    `weights` [L, E] is each old expert's share of the new experts. The finishing stage
+    fills `moe_layers` (the source's MoE layers, members' slices permuted where aligned),
+    `rows` (every expert-indexed block tensor of the new MoE, by output name), and with
+    the re-fit `fitted` (down projections by `reassemble.expert_key`) and `refit_errors`."""
+
+    experts: ExpertGroups
+    align: Align = "none"
+    router: Router = "closed_form"
+    moe_layers: tuple[MoELayer, ...] = ()
+    rows: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    fitted: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    refit_errors: Mapping[int, tuple[float, float]] = field(default_factory=dict)
+
+    @property
+    def reported_weights(self) -> torch.Tensor:
+        return self.experts.weights

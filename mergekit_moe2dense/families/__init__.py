@@ -25,7 +25,7 @@ from mergekit_moe2dense.families.qwen3_moe import QWEN3_MOE
 from mergekit_moe2dense.families.qwen3_next import QWEN3_NEXT
 from mergekit_moe2dense.families.spec import ExpertSlice, TextPart
 
-# quantization_config.quant_method values the checkpoint reader dequantizes (checkpoint.TensorReader)
+# quantization_config.quant_method values the checkpoint reader dequantizes (io.reader.TensorReader)
 DEQUANTIZED_FORMATS = ("fp8", "mxfp4")
 
 FAMILIES: list[MoEFamily] = [MIXTRAL, QWEN3_MOE, QWEN2_MOE, DEEPSEEK_V2, DEEPSEEK_V3, OLMOE, GPT_OSS, QWEN3_NEXT]

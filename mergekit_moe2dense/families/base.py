@@ -38,7 +38,7 @@ from mergekit_moe2dense.families.spec import (
 )
 
 if TYPE_CHECKING:
-    from mergekit_moe2dense.calibration.stats import RouterStatistics
+    from mergekit_moe2dense.statistics import RouterStatistics
 
 PROJECTIONS = ("gate", "up", "down")
 
@@ -308,7 +308,7 @@ class MoEFamily:
 
         Only the marker, router, shared and extra tensors are checked here; every
         expert tensor and every shape is checked against the shard headers when the
-        source is opened (`checkpoint.check_shapes`)."""
+        source is opened (`io.checks.check_shapes`)."""
         layout = self.layout_of(layer, tensor_names)
         experts = layout.slices(layer, self.num_experts(config), self.expert_width(config))
         router = layout.tensor(layout.router, layer)

@@ -4,45 +4,56 @@
 
 A method is a *weight strategy*: it declares its YAML parameters as a frozen
 pydantic model (`Parameters`, `extra="forbid"`) and turns router statistics
-into a `MethodPlan`, computed once per build: the per-layer expert weights
-[L, E] (what expert_weights.json reports) and the `LayerPlan`s that say how each
-dense MLP is assembled from the experts (plan.py). The arithmetic of the merge
+into one of the plan types of plan.py, computed once per build: the per-layer
+expert weights [L, E] (what expert_weights.json reports) and the `LayerPlan`s that
+say how each dense MLP is assembled from the experts. The plan's type says what is
+written; `plan_type` says it before calibration, for the pre-flight checks. The arithmetic of the merge
 itself is one function for every method (`kernel.weighted_sum`).
 
 Every method also accepts the re-fit parameters (`refit: none | scale |
 down_proj | fit`, `refit_damping`, `refit_gate_up: merge | regmean`, and
 `refit: fit`'s `fit_steps`, `fit_lr`, `fit_batch_tokens`, `fit_holdout`),
-declared once in `MethodParameters`; build.py runs the re-fit (calibration/sequential.py) on
-whatever plan the method produced.
+declared once in `MethodParameters`; the finishing stage (finish.py) runs the re-fit
+(calibration/sequential.py) on whatever plan the method produced.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import pydantic
 import torch
 from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_serializer
 
-from mergekit_moe2dense.calibration.stats import RouterStatistics
 from mergekit_moe2dense.errors import Moe2DenseError
 from mergekit_moe2dense.families import MoELayer
-from mergekit_moe2dense.plan import LayerPlan, single_block_plans
+from mergekit_moe2dense.plan import Align, DensePlan, MethodPlan, check_weights, single_block_plans
+from mergekit_moe2dense.statistics import RouterStatistics
 
 if TYPE_CHECKING:
-    from mergekit_moe2dense.checkpoint import SourceModel
-    from mergekit_moe2dense.methods.kmeans_multi_dense import ClusterWeights
-    from mergekit_moe2dense.methods.prune_experts import ExpertGroups
+    from mergekit_moe2dense.io.source import SourceModel
+
+__all__ = [
+    "ALIGN_DESCRIPTION",
+    "Align",
+    "ExpertMethod",
+    "MethodError",
+    "MethodParameters",
+    "MethodPlan",
+    "WeightedMerge",
+    "check_weights",
+    "model_top_k",
+    "normalize_rows",
+    "one_hot_rows",
+]
 
 PositiveInt = Annotated[int, Field(ge=1)]
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 Temperature = PositiveFloat
 Refit = Literal["none", "scale", "down_proj", "fit"]
 FIT_PARAMETERS = ("fit_steps", "fit_lr", "fit_batch_tokens", "fit_holdout")
-Align = Literal["none", "weights", "activations"]
 ALIGN_DESCRIPTION = "permute each expert's hidden units to the most weighted expert's before averaging (alignment.py)"
 
 
@@ -100,47 +111,6 @@ class MethodParameters(pydantic.BaseModel):
         return {**own, **{k: data[k] for k in common}, **{k: data[k] for k in fixed if k in data}}
 
 
-@dataclass(frozen=True)
-class MethodPlan:
-    """What a method decided for a whole model, from one pass over the statistics.
-
-    `weights` [L, E] float64 is what expert_weights.json and the model card report;
-    `layers` holds one `LayerPlan` per MoE layer (before the family's scales,
-    `plan.with_family_scales`). A method with several outputs also keeps its
-    `clusters` (`kmeans_multi_dense.ClusterWeights`, weights [k, L, E]); `weights`
-    and `layers` are then its first cluster's. A method that writes a smaller MoE
-    keeps its `experts` (`prune_experts.ExpertGroups`); `weights` are then the experts'
-    saliencies, normalised per layer.
-    """
-
-    weights: torch.Tensor
-    layers: tuple[LayerPlan, ...]
-    clusters: ClusterWeights | None = None
-    experts: ExpertGroups | None = None  # a smaller MoE (`writes_moe`): the new experts of every layer
-
-    def __post_init__(self):
-        object.__setattr__(self, "layers", tuple(self.layers))
-        num_layers = len(self.layers)
-        num_experts = self.layers[0].layer.num_experts if self.layers else self.weights.shape[-1]
-        check_weights(self.weights, num_layers, num_experts)
-        if self.clusters is not None:
-            check_weights(self.clusters.weights, num_layers, num_experts)
-
-
-def check_weights(weights: torch.Tensor, num_layers: int, num_experts: int) -> None:
-    """Every method's contract: [..., L, E], finite, non-negative rows summing to one.
-
-    A violation is a bug in the method, not bad input, hence RuntimeError.
-    """
-    if weights.dim() < 2 or tuple(weights.shape[-2:]) != (num_layers, num_experts):
-        raise RuntimeError(f"method returned weights of shape {tuple(weights.shape)}")
-    if not torch.isfinite(weights).all() or (weights < 0).any():
-        raise RuntimeError("method returned non-finite or negative expert weights")
-    sums = weights.sum(-1)
-    if not torch.allclose(sums, torch.ones_like(sums), atol=1e-6):
-        raise RuntimeError("method returned expert weights that do not sum to 1 per layer")
-
-
 class ExpertMethod(ABC):
     """A way of turning calibration statistics into dense MLPs."""
 
@@ -148,12 +118,6 @@ class ExpertMethod(ABC):
     pretty_name: ClassVar[str]
     reference_url: ClassVar[str | None] = None
     Parameters: ClassVar[type[MethodParameters]] = MethodParameters
-    # Several outputs (k models or a rebuilt MoE): the plan carries `clusters`
-    # and `multi.write_outputs` writes them.
-    multi_output: ClassVar[bool] = False
-    # A smaller MoE of the same family (prune_experts, merge_experts): the plan carries
-    # `experts` and `outputs.PrunedMoE` writes them.
-    writes_moe: ClassVar[bool] = False
 
     # -- parameters ----------------------------------------------------------------
     def resolve_parameters(self, raw: Mapping[str, Any] | None, *, num_experts: int, top_k: int) -> MethodParameters:
@@ -188,6 +152,10 @@ class ExpertMethod(ABC):
         """Whether the method reads the routers' recorded inputs (`RouterStatistics.router_inputs`)."""
         return False
 
+    def plan_type(self, params: MethodParameters) -> type[MethodPlan]:
+        """The type of plan `plan` returns with `params`, which says what is written (plan.py)."""
+        return DensePlan
+
     # -- the plan --------------------------------------------------------------------
     @abstractmethod
     def plan(self, stats: RouterStatistics | None, params: MethodParameters, layers: Sequence[MoELayer]) -> MethodPlan:
@@ -197,7 +165,7 @@ class ExpertMethod(ABC):
         self, result: MethodPlan, stats: RouterStatistics | None, params: MethodParameters, source: SourceModel
     ) -> MethodPlan:
         """A second step for what needs the experts' weights (read from `source`, one layer at
-        a time), called by the output strategy; by default the plan as it is."""
+        a time), called before the plan is finished (finish.py); by default the plan as it is."""
         return result
 
 
@@ -205,12 +173,17 @@ class WeightedMerge(ExpertMethod):
     """A method whose dense MLP is one block: each projection is sum_e w_e W_e (after the
     experts' hidden units are aligned to the most weighted one's, with `align`)."""
 
-    def needs_router_inputs(self, params) -> bool:
-        return getattr(params, "align", "none") == "activations"
+    def alignment(self, params: MethodParameters) -> Align:
+        """How the experts' hidden units are aligned before averaging; a method with an
+        `align` parameter returns it."""
+        return "none"
 
-    def plan(self, stats, params, layers) -> MethodPlan:
+    def needs_router_inputs(self, params) -> bool:
+        return self.alignment(params) == "activations"
+
+    def plan(self, stats, params, layers) -> DensePlan:
         weights = self.layer_weights(stats, params, num_layers=len(layers), num_experts=layers[0].num_experts)
-        return MethodPlan(weights, single_block_plans(layers, weights))
+        return DensePlan(weights, single_block_plans(layers, weights), align=self.alignment(params))
 
     @abstractmethod
     def layer_weights(

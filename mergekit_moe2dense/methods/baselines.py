@@ -31,6 +31,9 @@ class ExpertUniform(WeightedMerge):
     class Parameters(MethodParameters):
         align: Align = Field("none", description=ALIGN_DESCRIPTION)
 
+    def alignment(self, params):
+        return params.align
+
     def needs_statistics(self, params):
         return params.align == "activations"
 

@@ -44,13 +44,12 @@ from pydantic import Field, computed_field
 from mergekit_moe2dense.methods.base import (
     ExpertMethod,
     MethodParameters,
-    MethodPlan,
     PositiveInt,
     Refit,
     model_top_k,
     normalize_rows,
 )
-from mergekit_moe2dense.plan import Block, LayerPlan
+from mergekit_moe2dense.plan import Block, DensePlan, LayerPlan
 
 Score = Literal["contribution", "frequency"]
 
@@ -96,7 +95,7 @@ class Concat(ExpertMethod):
             gates = stats.mean_gate.gather(1, kept).double()
         return Selection(kept, gates)
 
-    def plan(self, stats, params, layers) -> MethodPlan:
+    def plan(self, stats, params, layers) -> DensePlan:
         selection = self.select(stats, params)
         num_experts = layers[0].num_experts
         weights = torch.zeros(len(layers), num_experts, dtype=torch.float64)
@@ -113,7 +112,7 @@ class Concat(ExpertMethod):
                 else:  # the expert at its own calibrated gate (plan.with_family_scales: MoEFamily.fixed_gate)
                     blocks.append(Block(tuple(one_hot), fixed_gate=expert))
             plans.append(LayerPlan(layer, tuple(blocks)))
-        return MethodPlan(normalize_rows(weights), plans)
+        return DensePlan(normalize_rows(weights), plans)
 
 
 class MaxContribution(Concat):

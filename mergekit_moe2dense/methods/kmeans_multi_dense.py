@@ -20,48 +20,35 @@ Representative c_j of group j in layer l gives that layer's expert weights
 so with k = 1 (c = the mean over tokens) the method is `router_weighted`
 (`mean_logit`, temperature T) or `top_k_tempered` (`mean`) on the same tokens.
 Clusters are numbered by the share of tokens they cover, largest first; the
-plan's `weights` and `layers` are cluster 0's, its `clusters` all k. See
-`multi.py` for the outputs.
+plan's `weights` and `layers` are cluster 0's, its `clusters` all k: a
+`ClusterPlan` (k dense models) or, with `output: moe`, a `MoEPlan` (plan.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from pydantic import Field
 
-from mergekit_moe2dense.clustering import Decomposition, decompose
+from mergekit_moe2dense.clustering import decompose
 from mergekit_moe2dense.methods.base import (
     ExpertMethod,
     MethodError,
     MethodParameters,
-    MethodPlan,
     PositiveInt,
     Temperature,
     model_top_k,
     normalize_rows,
 )
 from mergekit_moe2dense.methods.top_k_tempered import tempered_top_k
-from mergekit_moe2dense.plan import single_block_plans
-
-
-@dataclass
-class ClusterWeights:
-    weights: torch.Tensor  # [k, L, E] float64, rows summing to 1
-    decomposition: Decomposition  # labels [L, N], centroids [L, k, E] in feature space
-
-    @property
-    def shares(self) -> list:
-        return [float(s) for s in self.decomposition.shares]
+from mergekit_moe2dense.plan import ClusterPlan, ClusterWeights, MoEPlan, single_block_plans
 
 
 class KMeansMultiDense(ExpertMethod):
     name = "kmeans_multi_dense"
     pretty_name = "Clustered multi-dense expert merge"
     reference_url = "https://github.com/arcee-ai/mergekit/issues/267"
-    multi_output = True
 
     class Parameters(MethodParameters):
         num_clusters: PositiveInt = Field(2, description="k: number of dense models (or experts of the rebuilt MoE)")
@@ -91,6 +78,9 @@ class KMeansMultiDense(ExpertMethod):
         if params.decomposition == "svd" and (k + 1) // 2 > num_experts and params.clustering == "per_layer":
             raise MethodError(f"svd with {k} clusters needs {(k + 1) // 2} directions; a layer has {num_experts}")
         return params
+
+    def plan_type(self, params) -> type[ClusterPlan] | type[MoEPlan]:
+        return MoEPlan if params.output == "moe" else ClusterPlan
 
     def needs_router_inputs(self, params) -> bool:
         return params.output == "moe" and params.router == "fitted"
@@ -123,7 +113,10 @@ class KMeansMultiDense(ExpertMethod):
             weights = torch.softmax(centroids / params.temperature, dim=-1)
         return ClusterWeights(weights, found)
 
-    def plan(self, stats, params, layers) -> MethodPlan:
+    def plan(self, stats, params, layers) -> ClusterPlan | MoEPlan:
         clusters = self.cluster_weights(stats, params)
         first = clusters.weights[0]
-        return MethodPlan(first, single_block_plans(layers, first), clusters=clusters)
+        plans = single_block_plans(layers, first)
+        if params.output == "moe":
+            return MoEPlan(first, plans, clusters, router=params.router, seed=params.seed)
+        return ClusterPlan(first, plans, clusters)

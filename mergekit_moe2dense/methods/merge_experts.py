@@ -32,18 +32,17 @@ from transformers.activations import ACT2FN
 
 from mergekit_moe2dense.alignment import expert_intermediate
 from mergekit_moe2dense.families import PROJECTIONS
-from mergekit_moe2dense.methods.base import ExpertMethod, MethodError, MethodPlan
+from mergekit_moe2dense.methods.base import ExpertMethod, MethodError
 from mergekit_moe2dense.methods.prune_experts import (
-    ExpertGroups,
     SmallerMoEParameters,
     check_smaller,
     expert_saliency,
     smaller_moe_plan,
 )
+from mergekit_moe2dense.plan import Align, ExpertGroups, SmallerMoEPlan
 
 __all__ = ["MergeExperts", "agglomerate", "group_labels", "output_similarity", "router_similarity"]
 
-Align = Literal["none", "weights", "activations"]
 CHUNK = 1024  # sampled tokens per batch of expert outputs
 
 
@@ -102,7 +101,6 @@ class MergeExperts(ExpertMethod):
     name = "merge_experts"
     pretty_name = "Merged expert groups (HC-SMoE)"
     reference_url = "https://arxiv.org/abs/2410.08589"
-    writes_moe = True
 
     class Parameters(SmallerMoEParameters):
         grouping: Literal["outputs", "router"] = Field(
@@ -122,17 +120,21 @@ class MergeExperts(ExpertMethod):
     def needs_router_inputs(self, params) -> bool:
         return params.grouping == "outputs" or params.align == "activations" or params.router == "fitted"
 
-    def plan(self, stats, params, layers) -> MethodPlan:
+    def plan_type(self, params) -> type[SmallerMoEPlan]:
+        return SmallerMoEPlan
+
+    def plan(self, stats, params, layers) -> SmallerMoEPlan:
         saliency = expert_saliency(stats, params.score)
         if params.grouping == "outputs":  # needs the experts' weights: `refine`
             keep = saliency.topk(params.num_experts, dim=-1).indices.tolist()
-            return smaller_moe_plan(ExpertGroups.of([[(e,) for e in row] for row in keep], saliency), layers)
-        if stats.samples.shape[1] < 2:
-            raise MethodError(f"{self.name}: grouping: router needs sampled tokens (calibration.max_token_samples)")
-        groups = [agglomerate(router_similarity(stats.samples[p]), params.num_experts) for p in range(len(layers))]
-        return smaller_moe_plan(ExpertGroups.of(groups, saliency), layers)
+            groups = [[(e,) for e in row] for row in keep]
+        else:
+            if stats.samples.shape[1] < 2:
+                raise MethodError(f"{self.name}: grouping: router needs sampled tokens (calibration.max_token_samples)")
+            groups = [agglomerate(router_similarity(stats.samples[p]), params.num_experts) for p in range(len(layers))]
+        return smaller_moe_plan(ExpertGroups.of(groups, saliency), layers, align=params.align, router=params.router)
 
-    def refine(self, result, stats, params, source) -> MethodPlan:
+    def refine(self, result, stats, params, source) -> SmallerMoEPlan:
         if params.grouping != "outputs":
             return result
         act = ACT2FN[source.config.hidden_act]
@@ -142,4 +144,6 @@ class MergeExperts(ExpertMethod):
             similarity = output_similarity(experts, stats.router_inputs[position], act)
             groups.append(agglomerate(similarity, params.num_experts))
         layers = [plan.layer for plan in result.layers]
-        return smaller_moe_plan(ExpertGroups.of(groups, result.experts.saliency), layers)
+        return smaller_moe_plan(
+            ExpertGroups.of(groups, result.experts.saliency), layers, align=params.align, router=params.router
+        )

@@ -23,8 +23,6 @@ the original block's on the calibration tokens (outputs/pruned.py).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -34,56 +32,14 @@ from mergekit_moe2dense.methods.base import (
     ExpertMethod,
     MethodError,
     MethodParameters,
-    MethodPlan,
     PositiveInt,
     normalize_rows,
 )
-from mergekit_moe2dense.plan import single_block_plans
+from mergekit_moe2dense.plan import Align, ExpertGroups, Router, SmallerMoEPlan, single_block_plans
 
 __all__ = ["ExpertGroups", "PruneExperts", "Saliency", "expert_saliency", "smaller_moe_plan"]
 
 Saliency = Literal["reap", "frequency", "contribution"]
-
-
-@dataclass(frozen=True)
-class ExpertGroups:
-    """The experts of a smaller MoE (`prune_experts`, `merge_experts`).
-
-    Per MoE layer, N groups of the old experts, each group's most salient member first
-    (its reference for alignment); new expert j of a layer merges group j with weights
-    proportional to the members' saliencies (uniform where they are all zero). Groups
-    are numbered by their smallest member, so keeping every expert keeps their order
-    (and DeepSeek's expert groups). A kept (pruned-to) expert is a group of one.
-    """
-
-    groups: tuple[tuple[tuple[int, ...], ...], ...]  # [L][N] old expert indices, reference first
-    saliency: torch.Tensor  # [L, E] float64, non-negative
-
-    @classmethod
-    def of(cls, groups: Sequence[Sequence[Sequence[int]]], saliency: torch.Tensor) -> ExpertGroups:
-        """Groups in any order: members sorted by saliency (best first), groups by smallest member."""
-        ordered = []
-        for position, layer in enumerate(groups):
-            scores = saliency[position]
-            members = [tuple(sorted(g, key=lambda e: (-float(scores[e]), e))) for g in layer]
-            ordered.append(tuple(sorted(members, key=min)))
-        return cls(tuple(ordered), saliency.double())
-
-    @property
-    def num_experts(self) -> int:
-        return len(self.groups[0])
-
-    @property
-    def weights(self) -> torch.Tensor:
-        """[N, L, E] float64: row j of layer l merges group j, rows summing to 1."""
-        num_layers, num_old = self.saliency.shape
-        weights = torch.zeros(self.num_experts, num_layers, num_old, dtype=torch.float64)
-        for position, layer in enumerate(self.groups):
-            for j, group in enumerate(layer):
-                index = torch.as_tensor(group)
-                scores = self.saliency[position, index].clamp_min(0)
-                weights[j, position, index] = scores / scores.sum() if float(scores.sum()) > 0 else 1.0 / len(group)
-        return weights
 
 
 def expert_saliency(stats, score: str) -> torch.Tensor:
@@ -95,11 +51,13 @@ def expert_saliency(stats, score: str) -> torch.Tensor:
     return stats.mean_contribution.double()
 
 
-def smaller_moe_plan(experts: ExpertGroups, layers) -> MethodPlan:
+def smaller_moe_plan(
+    experts: ExpertGroups, layers, *, align: Align = "none", router: Router = "closed_form"
+) -> SmallerMoEPlan:
     """The plan of a smaller MoE: `weights` [L, E] is each old expert's share of the new
     experts (1/N for each kept one when pruning)."""
     weights = normalize_rows(experts.weights.sum(0))
-    return MethodPlan(weights, single_block_plans(layers, weights), experts=experts)
+    return SmallerMoEPlan(weights, single_block_plans(layers, weights), experts, align=align, router=router)
 
 
 def check_smaller(params, num_experts: int, top_k: int):
@@ -131,14 +89,16 @@ class PruneExperts(ExpertMethod):
     name = "prune_experts"
     pretty_name = "Pruned experts (REAP)"
     reference_url = "https://arxiv.org/abs/2510.13999"
-    writes_moe = True
 
     Parameters = SmallerMoEParameters
 
     def complete(self, params, *, num_experts, top_k):
         return check_smaller(params, num_experts, top_k)
 
-    def plan(self, stats, params, layers) -> MethodPlan:
+    def plan_type(self, params) -> type[SmallerMoEPlan]:
+        return SmallerMoEPlan
+
+    def plan(self, stats, params, layers) -> SmallerMoEPlan:
         saliency = expert_saliency(stats, params.score)
         kept = saliency.topk(params.num_experts, dim=-1).indices.tolist()
         return smaller_moe_plan(ExpertGroups.of([[(e,) for e in row] for row in kept], saliency), layers)

@@ -59,6 +59,9 @@ class RouterWeighted(WeightedMerge):
         temperature: Temperature = Field(1.0, description="softmax temperature over experts")
         align: Align = Field("none", description=ALIGN_DESCRIPTION)
 
+    def alignment(self, params):
+        return params.align
+
     def layer_weights(self, stats, params, *, num_layers, num_experts):
         scores = aggregate_scores(stats, params.aggregate)
         return torch.softmax(scores / params.temperature, dim=-1)

@@ -63,6 +63,9 @@ class TopKTempered(WeightedMerge):
     def complete(self, params, *, num_experts, top_k):
         return model_top_k(params, "top_k", num_experts=num_experts, top_k=top_k)
 
+    def alignment(self, params):
+        return params.align
+
     def layer_weights(self, stats, params, *, num_layers, num_experts):
         if stats.samples.shape[1] == 0:
             raise MethodError("top_k_tempered needs per-token samples; the statistics have none")

@@ -1,42 +1,54 @@
 # Copyright (C) 2026 the mergekit-moe2dense authors
 # SPDX-License-Identifier: LGPL-3.0-only
-"""What a conversion writes, one strategy per kind of output behind one interface (`Output`):
+"""The writers: each writes one plan type of plan.py, finished (finish.py), into the staging
+directory, reading only its plan and a small frozen `WriteContext`:
 
-- `DenseModel`: one dense model (every single-output method; the re-fit runs here);
-- `DenseModels`: k dense models, one per cluster (`kmeans_multi_dense`, `output: dense`);
-- `RebuiltMoE`: one MoE of the same family with k merged experts (`output: moe`);
-- `PrunedMoE`: one MoE of the same family with N kept or merged experts per layer
-  (`prune_experts`, `merge_experts`).
+- `DensePlan`: one dense model (outputs/dense.py);
+- `ClusterPlan`: k dense models, one per cluster (outputs/clusters.py);
+- `MoEPlan`: one MoE of the same family with k merged experts (outputs/moe.py);
+- `SmallerMoEPlan`: one MoE of the same family with N kept or merged experts per layer
+  (outputs/pruned.py).
 
-Each owns its planning, its writer, its `expert_weights.json` and its model card.
+Each writes its `expert_weights.json` and model card. What is checked before any work, and
+the size estimate, are in outputs/preflight.py.
 """
 
 from __future__ import annotations
 
-from mergekit_moe2dense.outputs.base import LEGACY_STATS_FILE, SIDECAR_DIR, STATS_FILE, WEIGHTS_FILE, Output
-from mergekit_moe2dense.outputs.clusters import DenseModels
-from mergekit_moe2dense.outputs.dense import DenseModel
-from mergekit_moe2dense.outputs.moe import RebuiltMoE
-from mergekit_moe2dense.outputs.pruned import PrunedMoE
+from mergekit_moe2dense.outputs.base import (
+    LEGACY_STATS_FILE,
+    SIDECAR_DIR,
+    STATS_FILE,
+    WEIGHTS_FILE,
+    WriteContext,
+)
+from mergekit_moe2dense.outputs.clusters import write_clusters
+from mergekit_moe2dense.outputs.dense import write_dense
+from mergekit_moe2dense.outputs.moe import write_moe
+from mergekit_moe2dense.outputs.preflight import OutputKind, check_output, estimated_bytes
+from mergekit_moe2dense.outputs.pruned import write_smaller_moe
+from mergekit_moe2dense.plan import ClusterPlan, DensePlan, MethodPlan, MoEPlan, SmallerMoEPlan
 
 __all__ = [
     "LEGACY_STATS_FILE",
     "SIDECAR_DIR",
     "STATS_FILE",
     "WEIGHTS_FILE",
-    "DenseModel",
-    "DenseModels",
-    "Output",
-    "PrunedMoE",
-    "RebuiltMoE",
-    "output_for",
+    "OutputKind",
+    "WriteContext",
+    "check_output",
+    "estimated_bytes",
+    "write",
 ]
 
+WRITERS = {
+    DensePlan: write_dense,
+    ClusterPlan: write_clusters,
+    MoEPlan: write_moe,
+    SmallerMoEPlan: write_smaller_moe,
+}
 
-def output_for(method, params) -> Output:
-    """The output a method's parameters ask for."""
-    if method.writes_moe:
-        return PrunedMoE()
-    if not method.multi_output:
-        return DenseModel()
-    return RebuiltMoE() if params.output == "moe" else DenseModels()
+
+def write(plan: MethodPlan, context: WriteContext, staging: str) -> None:
+    """The complete output of a finished `plan` in `staging`."""
+    WRITERS[type(plan)](plan, context, staging)

@@ -1,24 +1,24 @@
 # Copyright (C) 2026 the mergekit-moe2dense authors
 # SPDX-License-Identifier: LGPL-3.0-only
-"""The interface of an output strategy, and the files every output shares."""
+"""What every writer shares: its context, and the files every output holds."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
-from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from math import prod
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import torch
 from mergekit.common import dtype_from_name
+from mergekit.options import MergeOptions
 
-from mergekit_moe2dense.families import ExpertSlice
-
-if TYPE_CHECKING:
-    from mergekit_moe2dense.job import ConversionJob
-    from mergekit_moe2dense.methods import MethodPlan
+from mergekit_moe2dense.config import Moe2DenseConfig
+from mergekit_moe2dense.families import ExpertSlice, MoELayer
+from mergekit_moe2dense.graph import TensorIO
+from mergekit_moe2dense.io.source import SourceModel
+from mergekit_moe2dense.methods import ExpertMethod, MethodParameters
 
 WEIGHTS_FILE = "expert_weights.json"
 # Files of ours that are not the model live in OUT/moe2dense/: loaders take every
@@ -44,73 +44,67 @@ TAGALONG_FILES = (
 )
 
 
-class Output(ABC):
-    """One kind of output. `check` runs before any work; `plan` turns the method's
-    `MethodPlan` into what is written (it may run the re-fit); `write` writes that into
-    the staging directory, which the job publishes."""
+@dataclass(frozen=True)
+class WriteContext:
+    """What a writer reads besides its plan: the model, how tensors are read and written,
+    the output dtype and mergekit's options, and what the model card and expert_weights.json
+    record (the conversion's config and YAML text, the method and its parameters, the
+    statistics' source and summary)."""
 
-    def check(self, job: ConversionJob) -> None:  # noqa: B027 (optional hook: most outputs need no check)
-        """Refusals that need only the config and the model (before calibration)."""
-
-    def reported_weights(self, result: MethodPlan) -> torch.Tensor:
-        """The expert weights the library's result reports: [L, E], or [k, L, E]."""
-        return result.weights
-
-    @abstractmethod
-    def plan(self, job: ConversionJob, result: MethodPlan, stats) -> Any:
-        """What the graph will write."""
-
-    @abstractmethod
-    def write(self, job: ConversionJob, planned: Any, staging: str) -> None:
-        """A complete output in `staging`."""
-
-    def estimated_bytes(self, job: ConversionJob) -> int | None:
-        """At least what the output will hold (None: unknown): by default one dense model
-        whose MLPs are one expert wide (concatenations are wider)."""
-        return output_bytes(job, experts_per_layer=1)
+    source: SourceModel
+    layers: tuple[MoELayer, ...]
+    io: TensorIO
+    options: MergeOptions
+    out_dtype: str | None
+    config: Moe2DenseConfig
+    method: ExpertMethod
+    params: MethodParameters
+    config_source: str | None = None  # the YAML text, recorded in the model card
+    stats_path: str | None = None
+    calibration: dict | None = None  # what the statistics were computed on (card.calibration_summary)
 
 
-def output_bytes(job: ConversionJob, experts_per_layer: int) -> int | None:
+def output_bytes(source: SourceModel, layers, out_dtype: str | None, experts_per_layer: int) -> int | None:
     """Bytes of the source's tensors outside the sparse blocks, plus `experts_per_layer`
     experts (and the shared experts) per MoE layer, in the output dtype (None for pickle
     checkpoints, whose sizes only a full read tells)."""
-    reader = job.source.reader
+    reader = source.reader
     if not reader.index.is_safetensors:
         return None
-    consumed = {name for layer in job.layers for name in layer.consumed}
-    pieces = [ExpertSlice(name) for name in job.source.rest_of_checkpoint(consumed)]
-    for layer in job.layers:
+    consumed = {name for layer in layers for name in layer.consumed}
+    pieces = [ExpertSlice(name) for name in source.rest_of_checkpoint(consumed)]
+    for layer in layers:
         blocks = [layer.experts[0]] * experts_per_layer + list(layer.shared_experts)
         pieces += [piece for block in blocks for piece in block.values()]
-    if job.out_dtype is None:
+    if out_dtype is None:
         return sum(reader.nbytes(piece) for piece in pieces)
-    itemsize = dtype_from_name(job.out_dtype).itemsize
+    itemsize = dtype_from_name(out_dtype).itemsize
     return sum(prod(reader.shape(piece)) * itemsize for piece in pieces)
 
 
-def write_weights_file(directory: str, job: ConversionJob, payload: dict[str, Any]) -> None:
+def write_weights_file(directory: str, context: WriteContext, payload: dict[str, Any]) -> None:
     """expert_weights.json: the method, its parameters, the MoE layers, and `payload`."""
     content = {
-        "method": job.config.merge_method,
-        "parameters": job.params.model_dump(mode="json"),
-        "layer_indices": [layer.index for layer in job.layers],
+        "method": context.config.merge_method,
+        "parameters": context.params.model_dump(mode="json"),
+        "layer_indices": [layer.index for layer in context.layers],
         **payload,
     }
     with open(os.path.join(directory, WEIGHTS_FILE), "w", encoding="utf-8") as handle:
         json.dump(content, handle, indent=1)
 
 
-def write_model_files(directory: str, job: ConversionJob, config) -> None:
+def write_model_files(directory: str, context: WriteContext, config) -> None:
     """config.json (in the output dtype) and the tokenizer files, beside the weights."""
-    if job.out_dtype:
-        config.dtype = job.out_dtype
-    if job.source.family.unbuilt_layers is not None and hasattr(config, MTP_LAYERS_KEY):
+    if context.out_dtype:
+        config.dtype = context.out_dtype
+    if context.source.family.unbuilt_layers is not None and hasattr(config, MTP_LAYERS_KEY):
         # no output carries the multi-token-prediction layers (SourceModel.rest_of_checkpoint):
         # a count above 0 would send vLLM's or transformers' MTP decoding after missing weights
         setattr(config, MTP_LAYERS_KEY, 0)
     config.save_pretrained(directory)
-    if job.options.copy_tokenizer:
+    if context.options.copy_tokenizer:
         for name in TAGALONG_FILES:
-            path = os.path.join(job.source.path, name)
+            path = os.path.join(context.source.path, name)
             if os.path.isfile(path):
                 shutil.copy(path, os.path.join(directory, name))
