@@ -43,7 +43,7 @@ from benchmarks.quality import score  # noqa: E402
 from benchmarks.testbed import PRESETS, build_testbed  # noqa: E402
 from mergekit_moe2dense.build import build_dense  # noqa: E402
 from mergekit_moe2dense.config import Moe2DenseConfig  # noqa: E402
-from mergekit_moe2dense.evaluate import load_eval_documents  # noqa: E402
+from mergekit_moe2dense.perplexity import load_eval_documents  # noqa: E402
 
 ESTIMATES = ("mean", "median", "trimmed_mean", "stock_inverse")
 TRUTH = "ancestor"  # the true ancestor MLP, for the perplexity ceiling of any estimate

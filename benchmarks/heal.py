@@ -47,9 +47,9 @@ from benchmarks.testbed import DOMAINS, PRESETS, build_testbed, collect_document
 from mergekit_moe2dense.build import build_dense  # noqa: E402
 from mergekit_moe2dense.config import Moe2DenseConfig  # noqa: E402
 from mergekit_moe2dense.data import load_documents  # noqa: E402
-from mergekit_moe2dense.evaluate import evaluate_perplexity, load_eval_documents  # noqa: E402
-from mergekit_moe2dense.heal import TrainSettings, collapse, heal  # noqa: E402
-from mergekit_moe2dense.heal.training import training_sequences  # noqa: E402
+from mergekit_moe2dense.perplexity import evaluate_perplexity, load_eval_documents  # noqa: E402
+from mergekit_moe2dense.training import CollapseSettings, HealSettings, TrainSettings, collapse, heal  # noqa: E402
+from mergekit_moe2dense.training.inputs import training_sequences  # noqa: E402
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -165,9 +165,9 @@ def run(args) -> str:
     if len(grid) > 1:
         sweep = {}
         for lr, w in grid:
-            out = heal(str(start), str(work / f"sweep-{lr}-{w}"), teacher=str(testbed.moe), data=str(train_dir),
-                       settings=settings(args.collapse_fraction, lr, lm_weight=w), overwrite=True,
-                       progress=False)  # fmt: skip
+            healing = HealSettings(student=start, teacher=testbed.moe, data=train_dir,
+                                   training=settings(args.collapse_fraction, lr, lm_weight=w))  # fmt: skip
+            out = heal(healing, str(work / f"sweep-{lr}-{w}"), overwrite=True, progress=False)
             sweep[lr, w] = score(out.out_path, calib_docs, seq_len, limit).perplexity
         notes.append("sweep (calib split ppl at " + f"{args.collapse_fraction:.0%}, lr / lm-weight): "
                      + ", ".join(f"{lr:g} / {w:g}: {ppl:.3f}" for (lr, w), ppl in sweep.items()))  # fmt: skip
@@ -177,16 +177,17 @@ def run(args) -> str:
     loss = "KD" if lm_weight == 0 else f"KD + {lm_weight:g} LM"
     curve = [(0, start_row[2].perplexity)]
     for fraction in fractions:
-        result = heal(str(start), str(work / f"heal-{fraction}"), teacher=str(testbed.moe), data=str(train_dir),
-                      settings=settings(fraction, lr, lm_weight=lm_weight), overwrite=True, progress=False)  # fmt: skip
+        healing = HealSettings(student=start, teacher=testbed.moe, data=train_dir,
+                               training=settings(fraction, lr, lm_weight=lm_weight))  # fmt: skip
+        result = heal(healing, str(work / f"heal-{fraction}"), overwrite=True, progress=False)
         ppl = score(result.out_path, test_docs, seq_len, limit)
         rows.append((f"heal {fraction:.0%} of refit: {args.heal_from} ({loss}, lr {lr:g}, {result.steps} steps)",
                      result.tokens, ppl))  # fmt: skip
         curve.append((result.tokens, ppl.perplexity))
     for variant, extra in (("LM", {"lm_weight": 1.0}), ("KD", {"lm_weight": 0.0})):
-        result = collapse(str(testbed.moe), str(work / f"collapse-{variant}"), data=str(train_dir),
-                          settings=settings(args.collapse_fraction, lr, **extra), penalty_max=args.penalty_max,
-                          overwrite=True, progress=False)  # fmt: skip
+        collapsing = CollapseSettings(moe=testbed.moe, data=train_dir, penalty_max=args.penalty_max,
+                                      training=settings(args.collapse_fraction, lr, **extra))  # fmt: skip
+        result = collapse(collapsing, str(work / f"collapse-{variant}"), overwrite=True, progress=False)
         ppl = score(result.out_path, test_docs, seq_len, limit)
         rows.append((f"collapse {args.collapse_fraction:.0%} ({variant}, then expert_uniform; single-expert width)",
                      result.tokens, ppl))  # fmt: skip
@@ -235,9 +236,9 @@ def measure_throughput(student, moe, train_dir, work, seq_len, batch, lr, steps)
             settings = TrainSettings(
                 max_tokens=tokens, seq_len=seq_len, batch_size=batch, lr=lr, logging_steps=5, lm_weight=lm_weight
             )
-            result = heal(str(student), str(work / f"speed-{round_}"), teacher=str(moe), data=str(train_dir),
-                          settings=settings, teacher_cache=str(cache) if cache else None, overwrite=True,
-                          progress=False)  # fmt: skip
+            healing = HealSettings(student=student, teacher=moe, data=train_dir, training=settings,
+                                   teacher_cache=cache)  # fmt: skip
+            result = heal(healing, str(work / f"speed-{round_}"), overwrite=True, progress=False)
             rates = result.record["tokens_per_s_logged"]
             best[name] = max(best[name], sum(rates) / len(rates))
     plain = best["plain transformers loop"]

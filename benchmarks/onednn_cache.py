@@ -50,11 +50,11 @@ def child_student(moe: str, out: str) -> None:
 
 
 def child_heal(student: str, teacher: str, data: str, out: str, tokens: int, seq_len: int) -> None:
-    from mergekit_moe2dense.heal.distill import heal
-    from mergekit_moe2dense.heal.training import TrainSettings
+    from mergekit_moe2dense.training import HealSettings, TrainSettings, heal
 
-    settings = TrainSettings(max_tokens=tokens, seq_len=seq_len, batch_size=4, dtype="bfloat16", logging_steps=2)
-    result = heal(student, out, teacher=teacher, data=data, settings=settings, overwrite=True, progress=False)
+    training = TrainSettings(max_tokens=tokens, seq_len=seq_len, batch_size=4, dtype="bfloat16", logging_steps=2)
+    settings = HealSettings(student=student, teacher=teacher, data=data, training=training)
+    result = heal(settings, out, overwrite=True, progress=False)
     rates = result.record["tokens_per_s_logged"]
     if not rates:
         raise SystemExit(f"the heal logged no steady-state rate in {result.steps} steps: raise --heal-tokens")

@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.quality import Variant, build_variant, calibrate_once, score  # noqa: E402
 from benchmarks.testbed import PRESETS, build_testbed  # noqa: E402
-from mergekit_moe2dense.evaluate import load_eval_documents  # noqa: E402
 from mergekit_moe2dense.methods import METHODS  # noqa: E402
+from mergekit_moe2dense.perplexity import load_eval_documents  # noqa: E402
 
 
 def variants(num_experts: int, top_k: int, refit: bool) -> list[Variant]:

@@ -44,8 +44,8 @@ from mergekit.options import MergeOptions  # noqa: E402
 from benchmarks.testbed import PRESETS, build_testbed  # noqa: E402
 from mergekit_moe2dense.build import STATS_FILE, WEIGHTS_FILE, build_dense  # noqa: E402
 from mergekit_moe2dense.config import Moe2DenseConfig  # noqa: E402
-from mergekit_moe2dense.evaluate import EvalResult, evaluate_perplexity, load_eval_documents  # noqa: E402
 from mergekit_moe2dense.methods import METHODS  # noqa: E402
+from mergekit_moe2dense.perplexity import EvalResult, evaluate_perplexity, load_eval_documents  # noqa: E402
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "results"
 # Variants whose per-layer expert weights are plotted (those present in a run).

@@ -63,8 +63,8 @@ def run(preset: str, out: Path | None, cache_dir: str | None, max_tokens: int, p
     from benchmarks.testbed import build_testbed, default_cache_dir
     from mergekit_moe2dense.build import build_dense
     from mergekit_moe2dense.config import Moe2DenseConfig
-    from mergekit_moe2dense.evaluate import evaluate_models, format_results_table, load_eval_documents
     from mergekit_moe2dense.inspection import inspect_moe
+    from mergekit_moe2dense.perplexity import evaluate_models, format_results_table, load_eval_documents
 
     transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars of every model load
     started = time.perf_counter()

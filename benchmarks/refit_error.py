@@ -22,10 +22,10 @@ from mergekit.common import ModelReference
 from mergekit_moe2dense.calibration import collect_statistics
 from mergekit_moe2dense.calibration.batches import TokenBatch
 from mergekit_moe2dense.calibration.sequential import DenseMLP, refit_layers
-from mergekit_moe2dense.checkpoint import SourceModel
 from mergekit_moe2dense.config import CalibrationConfig
+from mergekit_moe2dense.io.source import SourceModel
+from mergekit_moe2dense.merge import assemble
 from mergekit_moe2dense.methods import get_method
-from mergekit_moe2dense.plan import assemble
 
 
 def random_batches(n, seq_len, batch_size, vocab, seed):

@@ -23,11 +23,12 @@ from mergekit.common import ModelReference
 
 from benchmarks.refit_error import kl_divergence, mean_errors, random_batches
 from mergekit_moe2dense.calibration import collect_statistics
-from mergekit_moe2dense.calibration.sequential import DenseMLP, assemble_biases, refit_layers
-from mergekit_moe2dense.checkpoint import SourceModel
+from mergekit_moe2dense.calibration.sequential import DenseMLP, refit_layers
 from mergekit_moe2dense.config import CalibrationConfig
+from mergekit_moe2dense.io.source import SourceModel
+from mergekit_moe2dense.merge import assemble, assemble_biases
 from mergekit_moe2dense.methods import get_method
-from mergekit_moe2dense.plan import assemble, with_family_scales
+from mergekit_moe2dense.plan import with_family_scales
 from mergekit_moe2dense.refit import FitSettings
 
 

@@ -248,8 +248,8 @@ def child_calibrate(
     compute_dtype: str = "auto",
 ) -> None:
     from mergekit_moe2dense.calibration import collect_statistics, load_calibration_batches
-    from mergekit_moe2dense.checkpoint import SourceModel
     from mergekit_moe2dense.config import Moe2DenseConfig
+    from mergekit_moe2dense.io.source import SourceModel
 
     calibration = {
         "dataset": data,
@@ -303,6 +303,7 @@ def child_convert(
     from mergekit.options import MergeOptions
 
     import mergekit_moe2dense.build as build
+    import mergekit_moe2dense.finish as finish
     import mergekit_moe2dense.outputs.dense as dense
     from mergekit_moe2dense.config import Moe2DenseConfig
     from mergekit_moe2dense.errors import Moe2DenseError
@@ -336,7 +337,7 @@ def child_convert(
         return wrapper
 
     build.calibrate = phased("calibration", build.calibrate)
-    dense.DenseModel._refit = phased("refit", dense.DenseModel._refit)
+    finish._refit_dense = phased("refit", finish._refit_dense)
     dense.run_graph = phased("merge_and_write", dense.run_graph)
     spec = {
         **CONVERSIONS[name],

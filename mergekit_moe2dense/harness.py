@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from mergekit_moe2dense.errors import Moe2DenseError
-from mergekit_moe2dense.evaluate import check_causal_lm, read_model_config
+from mergekit_moe2dense.perplexity import check_causal_lm, read_model_config
 
 __all__ = [
     "HarnessError",

@@ -44,26 +44,29 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
+from typing import ClassVar, Literal
 
 import torch
 import tqdm
 from mergekit.common import ModelReference
-from pydantic import ValidationError
+from pydantic import ValidationError, model_validator
 from scipy.optimize import linear_sum_assignment
 
 from mergekit_moe2dense.alignment import unit_vectors
 from mergekit_moe2dense.calibration import RouterStatistics, collect_statistics, load_calibration_batches
-from mergekit_moe2dense.checkpoint import SourceModel
 from mergekit_moe2dense.config import CalibrationConfig, check_seq_len
 from mergekit_moe2dense.devices import check_device
 from mergekit_moe2dense.errors import Moe2DenseError
 from mergekit_moe2dense.families import PROJECTIONS
+from mergekit_moe2dense.io.source import SourceModel
 from mergekit_moe2dense.methods import METHODS
 from mergekit_moe2dense.report_files import atomic_report, check_reports, write_report_text
+from mergekit_moe2dense.settings import PathName, Settings
 
 __all__ = [
     "ALIGNED_RATIO",
     "MIN_EXCESS",
+    "InspectSettings",
     "InspectionError",
     "InspectionReport",
     "LayerInspection",
@@ -163,6 +166,9 @@ class LayerInspection:
 
 @dataclass
 class InspectionReport:
+    """What `inspect_moe` found: per layer and, as its worst layer's, for the model; the methods
+    the verdict suggests (`format_table` is what `inspect` prints)."""
+
     model: str
     num_experts: int
     top_k: int
@@ -335,12 +341,107 @@ def inspect_layer(
     )
 
 
-def _calibration_config(data: str, **values):
-    try:
-        return CalibrationConfig(dataset=data, **values)
-    except ValidationError as error:
-        first = error.errors()[0]
-        raise InspectionError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+class InspectSettings(Settings):
+    """How `inspect_moe` inspects an MoE (the flags of `inspect`).
+
+    - `stats_path` or `data`: router usage from the statistics file of an earlier run, or from
+      a short calibration on this text: `num_samples` sequences of `seq_len` tokens,
+      `batch_size` at a time, on `engine` in `dtype` (as `calibration.engine` and
+      `calibration.dtype` of a build); neither: the weights alone.
+    - `max_units`: hidden units per expert matched (a random subsample, drawn with `seed`, when
+      wider); `device`: where the unit-matching products and the calibration run.
+    - `heatmap_path`: per-layer expert cosine heatmaps (its extension sets the image format);
+      `json_path`: the report as JSON.
+    """
+
+    error: ClassVar = InspectionError
+
+    stats_path: PathName | None = None
+    data: PathName | None = None
+    max_units: int = 512
+    num_samples: int = 32
+    seq_len: int = 256
+    batch_size: int = 4
+    device: str = "cpu"
+    engine: Literal["auto", "full", "layerwise"] = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    heatmap_path: PathName | None = None
+    json_path: PathName | None = None
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> InspectSettings:
+        if self.stats_path and self.data:
+            raise ValueError("give --stats or --data, not both")
+        if self.max_units < 1:
+            raise ValueError(f"max_units must be at least 1 (got {self.max_units})")
+        if not self.data and (self.engine != "auto" or self.dtype is not None):
+            raise ValueError("--engine and --dtype set the calibration of --data; give --data")
+        self.calibration()  # a calibration block that validates
+        return self
+
+    def calibration(self) -> CalibrationConfig | None:
+        """The calibration block of the short calibration on `data` (None without `data`)."""
+        if not self.data:
+            return None
+        values = dict(num_samples=self.num_samples, seq_len=self.seq_len, batch_size=self.batch_size)
+        try:  # only the sums are reported: no per-token samples
+            return CalibrationConfig(
+                dataset=self.data, **values, max_token_samples=0, engine=self.engine, dtype=self.dtype
+            )
+        except ValidationError as error:
+            first = error.errors()[0]
+            raise InspectionError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+
+
+def inspect_moe(
+    model_path: str, settings: InspectSettings | None = None, *, progress: bool = False
+) -> InspectionReport:
+    """Inspect the MoE at `model_path` as `settings` asks (default: from its weights alone).
+
+    Outputs are checked before any tensor is read and written only at the end; expert tensors
+    are read lazily, one layer at a time.
+    """
+    settings = settings or InspectSettings()
+    calibration = settings.calibration()
+    check_reports(
+        {"--heatmap": settings.heatmap_path, "--json": settings.json_path},
+        [("model", model_path), ("--stats file", settings.stats_path), ("--data", settings.data)],
+    )
+    if settings.heatmap_path:
+        heatmap_format(settings.heatmap_path)
+    check_device(settings.device)
+    source = SourceModel.open(ModelReference.parse(model_path))
+    check_seq_len(calibration, source.config, option="--seq-len")
+    layers = source.moe_layers()
+    stats = _router_statistics(source, layers, settings, calibration)
+    results = []
+    for layer in tqdm.tqdm(layers, desc="Inspecting", unit="layer", disable=not progress):
+        tensors = _layer_tensors(source.reader, layer)
+        results.append(inspect_layer(tensors, layer.index, settings.max_units, settings.seed, settings.device))
+    if stats is not None:
+        share = stats.selection_frequency / stats.top_k
+        entropy = normalized_entropy(stats.mean_probs)
+        for position, result in enumerate(results):
+            result.selection_share = share[position].tolist()
+            result.routing_entropy = entropy[position].item()
+    report = _report(model_path, source, layers, results, stats)
+    if settings.heatmap_path:
+        plot_heatmap(report, settings.heatmap_path)
+    if settings.json_path:
+        report.write_json(settings.json_path)
+    return report
+
+
+def _router_statistics(source, layers, settings: InspectSettings, calibration) -> RouterStatistics | None:
+    """Router usage: the statistics file's (refused unless of this model), a calibration's, or none."""
+    if settings.stats_path:
+        stats = RouterStatistics.load(settings.stats_path)
+        stats.check_model(source.fingerprint(layers), settings.stats_path)
+        return stats
+    if calibration is not None:
+        return _calibrate(source, calibration, settings.device)
+    return None
 
 
 def _calibrate(source, calibration, device: str):
@@ -349,78 +450,11 @@ def _calibrate(source, calibration, device: str):
     return collect_statistics(source, batches, calibration, device=device, progress=False)
 
 
-def inspect_moe(
-    model_path: str,
-    *,
-    stats_path: str | None = None,
-    data: str | None = None,
-    max_units: int = 512,
-    num_samples: int = 32,
-    seq_len: int = 256,
-    batch_size: int = 4,
-    device: str = "cpu",
-    engine: str = "auto",
-    dtype: str | None = None,
-    heatmap_path: str | None = None,
-    json_path: str | None = None,
-    seed: int = 0,
-    progress: bool = False,
-) -> InspectionReport:
-    """Inspect the MoE at `model_path`; router usage from `stats_path` or a calibration on `data`
-    (on `engine`, in `dtype`: as `calibration.engine` / `calibration.dtype` of a build).
-
-    Expert tensors are read lazily, one layer at a time. Outputs are validated before
-    any tensor is read and written only at the end.
-    """
-    if stats_path and data:
-        raise InspectionError("give --stats or --data, not both")
-    if max_units < 1:
-        raise InspectionError(f"max_units must be at least 1 (got {max_units})")
-    if not data and (engine != "auto" or dtype is not None):
-        raise InspectionError("--engine and --dtype set the calibration of --data; give --data")
-    calibration = (
-        _calibration_config(
-            data,
-            num_samples=num_samples,
-            seq_len=seq_len,
-            batch_size=batch_size,
-            max_token_samples=0,  # only the sums are reported
-            engine=engine,
-            dtype=dtype,
-        )
-        if data
-        else None
-    )
-    check_reports(
-        {"--heatmap": heatmap_path, "--json": json_path},
-        [("model", model_path), ("--stats file", stats_path), ("--data", data)],
-    )
-    if heatmap_path:
-        heatmap_format(heatmap_path)
-    check_device(device)
-    source = SourceModel.open(ModelReference.parse(model_path))
-    check_seq_len(calibration, source.config, option="--seq-len")
-    layers = source.moe_layers()
-    stats = None
-    if stats_path:
-        stats = RouterStatistics.load(stats_path)
-        stats.check_model(source.fingerprint(layers), stats_path)
-    elif data:
-        stats = _calibrate(source, calibration, device)
-
-    results = []
-    for layer in tqdm.tqdm(layers, desc="Inspecting", unit="layer", disable=not progress):
-        results.append(inspect_layer(_layer_tensors(source.reader, layer), layer.index, max_units, seed, device))
-    if stats is not None:
-        share = stats.selection_frequency / stats.top_k
-        entropy = normalized_entropy(stats.mean_probs)
-        for position, result in enumerate(results):
-            result.selection_share = share[position].tolist()
-            result.routing_entropy = entropy[position].item()
-
+def _report(model_path: str, source, layers, results: list[LayerInspection], stats) -> InspectionReport:
+    """The report: the layers' results, the model's verdict (its worst layer's) and what it suggests."""
     verdict = max((r.verdict for r in results), key=VERDICTS.index)
     suggested, message = _suggest(verdict)
-    report = InspectionReport(
+    return InspectionReport(
         model=model_path,
         num_experts=layers[0].num_experts,
         top_k=source.family.top_k(source.config),
@@ -430,8 +464,3 @@ def inspect_moe(
         message=message,
         router_tokens=None if stats is None else stats.tokens,
     )
-    if heatmap_path:
-        plot_heatmap(report, heatmap_path)
-    if json_path:
-        report.write_json(json_path)
-    return report

@@ -5,9 +5,11 @@
 A mergekit that loads plugins (the change in upstream/, docs/plugins.md there) calls `setup`
 once, before it plans a merge: it registers our methods in mergekit's registry and returns a
 handler that claims every config whose `merge_method` is one of ours and runs it with
-`build.build_from_mergekit`; mergekit plans everything else as before. For a mergekit without the
-group (0.1.5 as released), plugin/mergekit_moe2dense_hook.py routes the same configs by wrapping
-`run_merge`, and stands aside where this entry point is in use, so a config is routed once.
+`build.build_from_mergekit`, its errors as mergekit-yaml's one-line message
+(`cli_errors.run_mergekit_config`); mergekit plans everything else as before. For a mergekit
+without the group (0.1.5 as released), plugin/mergekit_moe2dense_hook.py routes the same configs
+by wrapping `run_merge`, and stands aside where this entry point is in use, so a config is
+routed once.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ class Moe2DenseHandler:
         return merge_config.merge_method in METHODS
 
     def run(self, merge_config, out_path: str, options, config_source: str | None = None) -> None:
-        from mergekit_moe2dense.build import build_from_mergekit
+        from mergekit_moe2dense.cli_errors import run_mergekit_config
 
-        build_from_mergekit(merge_config, out_path, options, config_source)
+        run_mergekit_config(merge_config, out_path, options, config_source)
 
 
 def setup() -> Moe2DenseHandler:

@@ -11,9 +11,10 @@ outside the package (importing the package loads torch and mergekit) and imports
 nothing heavy: it only adds an import hook that, once `mergekit.merge` has been
 executed, wraps `mergekit.merge.run_merge` (before `mergekit.scripts.run_yaml`
 binds it). The wrapper sends configs whose `merge_method` is one of ours to
-`mergekit_moe2dense.build.build_from_mergekit` and everything else to mergekit
-unchanged. Where mergekit loads plugins and our entry point is declared, nothing is
-wrapped, so a config is never routed twice. Nothing in mergekit's files is modified, so
+`mergekit_moe2dense.cli_errors.run_mergekit_config` (the conversion, its errors as
+mergekit-yaml's one-line message) and everything else to mergekit unchanged. Where
+mergekit loads plugins and our entry point is declared, nothing is wrapped, so a config
+is never routed twice. Nothing in mergekit's files is modified, so
 upgrading or reinstalling either package cannot leave a half-patched install; should
 mergekit rename `run_merge`, the hook does nothing and `mergekit-moe2dense` still works.
 """
@@ -55,9 +56,9 @@ def patch_run_merge(module) -> None:
         register_methods()
         if merge_config.merge_method not in METHODS:
             return original(merge_config, out_path, options, config_source=config_source, **kwargs)
-        from mergekit_moe2dense.build import build_from_mergekit
+        from mergekit_moe2dense.cli_errors import run_mergekit_config
 
-        return build_from_mergekit(merge_config, out_path, options, config_source)
+        return run_mergekit_config(merge_config, out_path, options, config_source)
 
     run_merge._moe2dense = True
     module.run_merge = run_merge

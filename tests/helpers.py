@@ -311,8 +311,8 @@ def recorded_and_plain_logits(path, calib_dir, dtype, contributions_in_forward, 
 
     from mergekit_moe2dense.calibration import load_calibration_batches, load_moe
     from mergekit_moe2dense.calibration.runner import RouterRecorder, _empty_statistics
-    from mergekit_moe2dense.checkpoint import SourceModel
     from mergekit_moe2dense.config import CalibrationConfig
+    from mergekit_moe2dense.io.source import SourceModel
 
     calibration = CalibrationConfig(
         dataset=str(calib_dir), max_token_samples=0, engine="full", num_samples=6, seq_len=24, batch_size=3

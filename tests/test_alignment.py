@@ -15,8 +15,9 @@ from mergekit_moe2dense.alignment import (
     unit_vectors,
     weight_permutation,
 )
-from mergekit_moe2dense.checkpoint import TensorReader, read_index
 from mergekit_moe2dense.families import ExpertSlice
+from mergekit_moe2dense.io.index import read_index
+from mergekit_moe2dense.io.reader import TensorReader
 
 ACT = torch.nn.functional.silu
 

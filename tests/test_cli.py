@@ -193,20 +193,20 @@ def test_example_configs_are_valid(example, random_moe, calib_dir, tmp_path):
 def test_merge_prefetches_the_source_and_ignores_configs_it_cannot_read(random_moe, tmp_path, monkeypatch):
     import gc
 
-    from mergekit_moe2dense import cli
+    from mergekit_moe2dense import cli, cli_startup
 
     random_moe = random_moe["legacy"]
     started = []
-    monkeypatch.setattr(cli, "prefetch_model_start", lambda path, nbytes: started.append((path, nbytes)))
+    monkeypatch.setattr(cli_startup, "prefetch_model_start", lambda path, nbytes: started.append((path, nbytes)))
     good = tmp_path / "good.yml"
     good.write_text(yaml.safe_dump({"merge_method": "expert_uniform", "models": [{"model": str(random_moe)}]}))
-    cli._prefetch_source(str(good))
+    cli_startup.prefetch_source(str(good))
     assert started and started[0][0] == str(random_moe) and 0 < started[0][1] <= 4 << 30
     bad = tmp_path / "bad.yml"
     for text in ["models: [", "models: 3", "models: [{model: /no/such/dir}]", "\0\xff"]:
         bad.write_text(text, errors="surrogateescape")
-        cli._prefetch_source(str(bad))  # no error: the command reports it
-    cli._prefetch_source(str(tmp_path / "missing.yml"))
+        cli_startup.prefetch_source(str(bad))  # no error: the command reports it
+    cli_startup.prefetch_source(str(tmp_path / "missing.yml"))
     assert len(started) == 1
     out = tmp_path / "dense"
     result = CliRunner().invoke(cli.main, [str(good), str(out)])  # the collector is back on when it runs

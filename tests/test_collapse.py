@@ -14,8 +14,8 @@ import torch
 import transformers
 
 from helpers import assert_one_line_error, dead_pid, logits_of, make_mixtral, run_cli, state_of
-from mergekit_moe2dense.heal.collapse import SPREAD_TOLERANCE, CollapsePenalty, collapse, expert_deviation
-from mergekit_moe2dense.heal.training import TrainSettings
+from mergekit_moe2dense.training import CollapseSettings, TrainSettings
+from mergekit_moe2dense.training.collapse import SPREAD_TOLERANCE, CollapsePenalty, collapse, expert_deviation
 
 SEQ = 32
 
@@ -153,8 +153,8 @@ def test_working_directory_is_named_with_the_pid_and_dead_ones_are_removed(moe, 
             seen.extend(sorted(p.name for p in tmp_path.iterdir()))
 
     settings = TrainSettings(max_tokens=2 * SEQ, seq_len=SEQ, batch_size=2, lr=1e-3)
-    collapse(str(moe), str(tmp_path / "out"), data=str(calib_dir), settings=settings, penalty_max=float("inf"),
-             callbacks=[Look()], progress=False)  # fmt: skip
+    collapse(CollapseSettings(moe=str(moe), data=str(calib_dir), training=settings, penalty_max=float("inf")),
+             str(tmp_path / "out"), callbacks=[Look()], progress=False)  # fmt: skip
     pid = os.getpid()
     assert seen == sorted([f"out.collapse-{pid}", live.name, f"out.incomplete-{pid}", "out.lock"])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", live.name])

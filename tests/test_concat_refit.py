@@ -16,10 +16,11 @@ from helpers import logits_of, recorded_and_plain_logits
 from mergekit_moe2dense.build import WEIGHTS_FILE, build_dense
 from mergekit_moe2dense.calibration import collect_statistics, load_calibration_batches, load_moe
 from mergekit_moe2dense.calibration.sequential import DenseMLP, refit_layers
-from mergekit_moe2dense.checkpoint import SourceModel
 from mergekit_moe2dense.config import CalibrationConfig, ConfigError, Moe2DenseConfig
 from mergekit_moe2dense.families import ExpertSlice, MoELayer
-from mergekit_moe2dense.plan import Block, LayerPlan, assemble, block_terms
+from mergekit_moe2dense.io.source import SourceModel
+from mergekit_moe2dense.merge import assemble
+from mergekit_moe2dense.plan import Block, LayerPlan, block_terms
 from mergekit_moe2dense.refit import LeastSquaresStats, fit_down_proj
 
 OPTIONS = MergeOptions(quiet=True)
@@ -220,7 +221,7 @@ def test_statistics_without_contributions_ask_for_recalibration(random_moe, cali
     from safetensors.torch import save_file
 
     from mergekit_moe2dense.build import STATS_FILE
-    from mergekit_moe2dense.calibration.stats import StatisticsError
+    from mergekit_moe2dense.statistics import StatisticsError
 
     moe = random_moe["legacy"]
     build_dense(config(moe, "router_weighted", calib_dir), str(tmp_path / "first"), OPTIONS)

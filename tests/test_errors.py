@@ -20,9 +20,9 @@ import yaml
 
 import mergekit_moe2dense.cli as cli
 from helpers import BIN, assert_one_line_error, run_cli, write_config
-from mergekit_moe2dense.checkpoint import SourceModel
 from mergekit_moe2dense.config import ConfigError, Moe2DenseConfig, check_seq_len
 from mergekit_moe2dense.data import DataError, load_documents
+from mergekit_moe2dense.io.source import SourceModel
 
 # conftest's tiny Mixtral has max_position_embeddings 256
 
@@ -264,7 +264,7 @@ def fail_if_called(*args, **kwargs):
 
 @pytest.mark.parametrize("where", ["missing-dir", "under-a-file", "a-directory"])
 def test_eval_json_path_is_checked_first(where, random_moe, calib_dir, tmp_path, monkeypatch):
-    import mergekit_moe2dense.evaluate as evaluate
+    import mergekit_moe2dense.perplexity as evaluate
 
     monkeypatch.setattr(evaluate, "evaluate_models", fail_if_called)
     (tmp_path / "file").write_text("x")
@@ -280,7 +280,7 @@ def test_eval_json_path_is_checked_first(where, random_moe, calib_dir, tmp_path,
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
 def test_report_files_in_read_only_directory(random_moe, calib_dir, tmp_path, monkeypatch):
-    import mergekit_moe2dense.evaluate as evaluate
+    import mergekit_moe2dense.perplexity as evaluate
 
     monkeypatch.setattr(evaluate, "evaluate_models", fail_if_called)
     locked = tmp_path / "locked"
@@ -442,7 +442,7 @@ def test_check_seq_len_limits():
 
 
 def test_eval_and_inspect_seq_len_beyond_positions(random_moe, calib_dir, tmp_path, monkeypatch):
-    import mergekit_moe2dense.evaluate as evaluate
+    import mergekit_moe2dense.perplexity as evaluate
 
     monkeypatch.setattr(evaluate.AutoModelForCausalLM, "from_pretrained", fail_if_called)
     result = run_cli("eval", random_moe["legacy"], "--data", calib_dir, "--seq-len", 512)
@@ -452,7 +452,7 @@ def test_eval_and_inspect_seq_len_beyond_positions(random_moe, calib_dir, tmp_pa
 
 
 def test_eval_checks_every_model_before_scoring_the_first(random_moe, calib_dir, tmp_path, monkeypatch):
-    import mergekit_moe2dense.evaluate as evaluate
+    import mergekit_moe2dense.perplexity as evaluate
 
     monkeypatch.setattr(evaluate.AutoModelForCausalLM, "from_pretrained", fail_if_called)
     result = run_cli("eval", random_moe["legacy"], tmp_path / "second", "--data", calib_dir, "--seq-len", 32)

@@ -18,10 +18,10 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-import mergekit_moe2dense.evaluate as evaluate_module
+import mergekit_moe2dense.perplexity as evaluate_module
 from helpers import assert_one_line_error, run_cli
 from mergekit_moe2dense.data import Document
-from mergekit_moe2dense.evaluate import (
+from mergekit_moe2dense.perplexity import (
     EvalResult,
     Window,
     evaluate_models,

@@ -29,14 +29,14 @@ from helpers import (
 from mergekit_moe2dense.build import build_dense
 from mergekit_moe2dense.calibration import collect_statistics, load_calibration_batches
 from mergekit_moe2dense.calibration.batches import TokenBatch
-from mergekit_moe2dense.checkpoint import SourceModel
 from mergekit_moe2dense.config import CalibrationConfig
-from mergekit_moe2dense.evaluate import EvaluationError, evaluate_models, load_eval_documents
 from mergekit_moe2dense.families import UnsupportedModelError, get_family
 from mergekit_moe2dense.families.llama4 import LLAMA4_TEXT
 from mergekit_moe2dense.families.qwen3_moe import MOE_CONFIG_KEYS
 from mergekit_moe2dense.inspection import inspect_moe
+from mergekit_moe2dense.io.source import SourceModel
 from mergekit_moe2dense.job import ConversionJob
+from mergekit_moe2dense.perplexity import EvaluationError, evaluate_models, load_eval_documents
 from tiny_families import FAMILY_SPECS, MULTIMODAL_SPECS, make_family_moe, make_multimodal_moe
 
 OPTIONS = MergeOptions(quiet=True)
@@ -449,10 +449,10 @@ def test_concat_counts_the_router_weight_once(calib_dir, tmp_path, tokenizer_dir
 
 def _concat_scales(family, config, selected, gate_sum, gates="mean"):
     """(down scales, input scales) of the routed blocks of concat of 3 of 4 experts, one MoE layer."""
-    from mergekit_moe2dense.calibration.stats import RouterStatistics
     from mergekit_moe2dense.families import MoELayer
     from mergekit_moe2dense.methods.concat import Concat
     from mergekit_moe2dense.plan import with_family_scales
+    from mergekit_moe2dense.statistics import RouterStatistics
 
     stats = RouterStatistics(
         layers=[1], num_experts=4, top_k=1, tokens=10, selected=torch.tensor([selected], dtype=torch.float64)
@@ -503,7 +503,7 @@ def test_multimodal_text_part_converts(calib_dir, tmp_path, tokenizer_dir, caplo
         **IDENTICAL_OVERRIDES.get(family, {}),
     )
     out = tmp_path / "dense"
-    with caplog.at_level(logging.INFO, logger="mergekit_moe2dense.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="mergekit_moe2dense.io.source"):
         build_dense(make_config(moe, "expert_uniform", calib_dir), str(out), OPTIONS)
     assert f"multimodal {model_type} checkpoint: its text model ({family})" in caplog.text
     assert "vision tower" in caplog.text and "left out" in caplog.text

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mergekit_moe2dense.devices import DeviceError, check_device
-from mergekit_moe2dense.fingerprint import FingerprintError, content_fingerprint
+from mergekit_moe2dense.io.fingerprint import FingerprintError, content_fingerprint
 
 
 @pytest.fixture

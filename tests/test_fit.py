@@ -16,8 +16,8 @@ from helpers import TEXT, assert_one_line_error, logits_of, make_config, run_cli
 from mergekit_moe2dense.build import build_dense
 from mergekit_moe2dense.calibration import load_calibration_batches
 from mergekit_moe2dense.calibration.sequential import refit_layers
-from mergekit_moe2dense.checkpoint import SourceModel
 from mergekit_moe2dense.config import CalibrationConfig
+from mergekit_moe2dense.io.source import SourceModel
 from mergekit_moe2dense.methods import get_method
 from mergekit_moe2dense.methods.base import MethodError
 from mergekit_moe2dense.plan import Block, LayerPlan

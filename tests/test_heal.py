@@ -12,9 +12,14 @@ import transformers
 
 from helpers import TEXT, StopAfterSave, assert_one_line_error, convert_uniform, make_mixtral, run_cli, state_of
 from mergekit_moe2dense.data import load_documents, tokenize_documents
-from mergekit_moe2dense.heal import HealError, TrainSettings, heal
-from mergekit_moe2dense.heal.losses import cached_kl, exact_kl, lm_loss, mixed_loss, top_k_targets
-from mergekit_moe2dense.heal.teacher_cache import TeacherCacheError, build_teacher_cache, load_teacher_cache
+from mergekit_moe2dense.training import HealError, HealSettings, TrainSettings, heal
+from mergekit_moe2dense.training.losses import cached_kl, exact_kl, lm_loss, mixed_loss, top_k_targets
+from mergekit_moe2dense.training.teacher_cache import (
+    TargetSpec,
+    TeacherCacheError,
+    build_teacher_cache,
+    load_teacher_cache,
+)
 
 SEQ = 32
 
@@ -139,12 +144,14 @@ def test_heal_lowers_held_out_kl_and_records_the_run(pair, tmp_path, tokenizer_d
 def test_teacher_cache_gives_the_on_the_fly_loss(pair, tmp_path):
     """With every logit kept, training from the layer-streamed cache is the on-the-fly run."""
     vocab = transformers.AutoConfig.from_pretrained(pair["teacher"]).vocab_size
-    common = dict(teacher=str(pair["teacher"]), data=str(pair["data"]), progress=False)
-    live = heal(str(pair["student"]), str(tmp_path / "live"), settings=settings(max_tokens=3 * 2 * SEQ), **common)
+    common = dict(student=str(pair["student"]), teacher=str(pair["teacher"]), data=str(pair["data"]))
+    live = heal(
+        HealSettings(training=settings(max_tokens=3 * 2 * SEQ), **common), str(tmp_path / "live"), progress=False
+    )
     cache = tmp_path / "cache"
     cached = heal(
-        str(pair["student"]), str(tmp_path / "cached"), settings=settings(max_tokens=3 * 2 * SEQ),
-        teacher_cache=str(cache), teacher_top_k=vocab, **common,
+        HealSettings(training=settings(max_tokens=3 * 2 * SEQ), teacher_cache=str(cache), teacher_top_k=vocab, **common),
+        str(tmp_path / "cached"), progress=False,
     )  # fmt: skip
     assert len(live.record["losses"]) == 3
     assert cached.record["losses"] == pytest.approx(live.record["losses"], rel=1e-4)
@@ -161,12 +168,12 @@ def test_teacher_cache_stores_the_full_forward_top_k(pair, tmp_path, tokenizer_d
     ids = [t for _, doc in tokenize_documents(load_documents(pair["data"]), tokenizer) for t in doc]
     sequences = torch.tensor(ids[: 5 * SEQ]).view(5, SEQ)
     cache = str(tmp_path / "cache")
-    options = dict(top_k=7, temperature=2.0, dtype=torch.float32)
+    spec = TargetSpec(top_k=7, temperature=2.0, dtype=torch.float32)
     assert build_teacher_cache(
-        cache, str(pair["teacher"]), sequences, batch_size=2, chunk_sequences=3, progress=False, **options
+        cache, str(pair["teacher"]), sequences, spec, batch_size=2, chunk_sequences=3, progress=False
     )
-    assert not build_teacher_cache(cache, str(pair["teacher"]), sequences, progress=False, **options)
-    targets = load_teacher_cache(cache, str(pair["teacher"]), sequences, **options)
+    assert not build_teacher_cache(cache, str(pair["teacher"]), sequences, spec, progress=False)
+    targets = load_teacher_cache(cache, str(pair["teacher"]), sequences, spec)
     model = transformers.AutoModelForCausalLM.from_pretrained(pair["teacher"], dtype=torch.float32).eval()
     with torch.no_grad():
         expected = top_k_targets(model(input_ids=sequences).logits, 7, 2.0)
@@ -174,25 +181,27 @@ def test_teacher_cache_stores_the_full_forward_top_k(pair, tmp_path, tokenizer_d
     assert torch.allclose(targets.logits, expected.logits, atol=1e-4)
     assert torch.allclose(targets.rest_lse, expected.rest_lse, atol=1e-4)
     with pytest.raises(TeacherCacheError, match="temperature"):
-        load_teacher_cache(cache, str(pair["teacher"]), sequences, top_k=7, temperature=1.0, dtype=torch.float32)
+        load_teacher_cache(
+            cache, str(pair["teacher"]), sequences, TargetSpec(top_k=7, temperature=1.0, dtype=torch.float32)
+        )
     with pytest.raises(TeacherCacheError, match="tokens_sha256"):
-        build_teacher_cache(cache, str(pair["teacher"]), sequences[:4], progress=False, **options)
+        build_teacher_cache(cache, str(pair["teacher"]), sequences[:4], spec, progress=False)
 
 
 @pytest.mark.slow
 def test_resume_gives_the_uninterrupted_weights(pair, tmp_path):
-    common = dict(teacher=str(pair["teacher"]), data=str(pair["data"]), progress=False)
-    heal(str(pair["student"]), str(tmp_path / "whole"), settings=settings(), **common)
+    common = dict(student=str(pair["student"]), teacher=str(pair["teacher"]), data=str(pair["data"]))
+    heal(HealSettings(training=settings(), **common), str(tmp_path / "whole"), progress=False)
     checkpoints = str(tmp_path / "checkpoints")
     with pytest.raises(KeyboardInterrupt):
         heal(
-            str(pair["student"]), str(tmp_path / "resumed"), settings=settings(save_steps=3),
-            checkpoint_dir=checkpoints, callbacks=[StopAfterSave(3)], **common,
+            HealSettings(training=settings(save_steps=3), checkpoint_dir=checkpoints, **common),
+            str(tmp_path / "resumed"), callbacks=[StopAfterSave(3)], progress=False,
         )  # fmt: skip
     assert not (tmp_path / "resumed").exists()
     result = heal(
-        str(pair["student"]), str(tmp_path / "resumed"), settings=settings(save_steps=3),
-        checkpoint_dir=checkpoints, resume=True, **common,
+        HealSettings(training=settings(save_steps=3), checkpoint_dir=checkpoints, resume=True, **common),
+        str(tmp_path / "resumed"), progress=False,
     )  # fmt: skip
     assert result.record["resumed_from"].endswith("checkpoint-3")
     a, b = state_of(tmp_path / "whole"), state_of(tmp_path / "resumed")
@@ -205,8 +214,9 @@ def test_resume_gives_the_uninterrupted_weights(pair, tmp_path):
 def test_lora_heal_writes_a_plain_model(pair, tmp_path, monkeypatch):
     out = tmp_path / "lora"
     heal(
-        str(pair["student"]), str(out), teacher=str(pair["teacher"]), data=str(pair["data"]),
-        settings=settings(max_tokens=3 * 2 * SEQ, lr=1e-2), lora_rank=4, progress=False,
+        HealSettings(student=str(pair["student"]), teacher=str(pair["teacher"]), data=str(pair["data"]),
+                     training=settings(max_tokens=3 * 2 * SEQ, lr=1e-2), lora_rank=4),
+        str(out), progress=False,
     )  # fmt: skip
     assert not list(out.glob("adapter_*"))
     monkeypatch.setitem(__import__("sys").modules, "peft", None)  # loads without peft
@@ -320,5 +330,5 @@ def test_heal_refuses_an_out_inside_an_input_and_resume_without_checkpoint(pair,
     assert_one_line_error(run_cli(*heal_args(pair, pair["teacher"] / "o", "--max-tokens", 64)), "is inside the teacher")
     assert_one_line_error(run_cli(*heal_args(pair, tmp_path / "o", "--max-tokens", 64, "--resume")), "no checkpoint")
     with pytest.raises(HealError, match="overlaps the student"):
-        heal(str(pair["student"]), str(tmp_path / "o"), teacher=str(pair["teacher"]), data=str(pair["data"]),
-             settings=settings(), teacher_cache=str(pair["student"] / "cache"))  # fmt: skip
+        heal(HealSettings(student=str(pair["student"]), teacher=str(pair["teacher"]), data=str(pair["data"]),
+                          training=settings(), teacher_cache=str(pair["student"] / "cache")), str(tmp_path / "o"))  # fmt: skip

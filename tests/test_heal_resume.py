@@ -18,8 +18,8 @@ import torch
 import transformers
 
 from helpers import TEXT, StopAfterSave, assert_one_line_error, convert_uniform, make_mixtral, run_cli, state_of
-from mergekit_moe2dense.heal import HealError, TrainSettings, heal
-from mergekit_moe2dense.heal.training import RUN_RECORD
+from mergekit_moe2dense.training import HealError, HealSettings, TrainSettings, heal
+from mergekit_moe2dense.training.trainer import RUN_RECORD
 
 SEQ = 32
 STEPS = 6
@@ -40,11 +40,12 @@ def settings(**overrides) -> TrainSettings:
     return TrainSettings(**values)
 
 
-def run_heal(pair, out, *, student=None, **options):
-    overrides = {key: options.pop(key) for key in list(options) if key in TrainSettings.__dataclass_fields__}
+def run_heal(pair, out, *, student=None, callbacks=None, **options):
+    overrides = {key: options.pop(key) for key in list(options) if key in TrainSettings.model_fields}
     return heal(
-        str(student or pair["student"]), str(out), teacher=str(pair["teacher"]), data=str(pair["data"]),
-        settings=settings(**overrides), progress=False, **options,
+        HealSettings(student=str(student or pair["student"]), teacher=str(pair["teacher"]), data=str(pair["data"]),
+                     training=settings(**overrides), **options),
+        str(out), callbacks=callbacks, progress=False,
     )  # fmt: skip
 
 
@@ -151,7 +152,7 @@ def test_resume_skips_an_incomplete_newest_checkpoint(pair, copied, tmp_path, ca
     break_it, reason = DAMAGES[damage]
     break_it(copied / "checkpoint-6")
     run_heal(pair, tmp_path / "whole", save_steps=0)
-    with caplog.at_level(logging.WARNING, logger="mergekit_moe2dense.heal.training"):
+    with caplog.at_level(logging.WARNING, logger="mergekit_moe2dense.training.trainer"):
         result = resume(pair, tmp_path / "out", copied, logging_steps=2)  # logging is no part of the run
     assert result.record["resumed_from"] == str(copied / "checkpoint-3")
     assert result.steps_from_checkpoint == 3 and result.steps == STEPS

@@ -14,10 +14,10 @@ from mergekit.common import ModelReference
 
 from helpers import assert_one_line_error, make_mixtral
 from mergekit_moe2dense.calibration import collect_statistics, load_calibration_batches
-from mergekit_moe2dense.checkpoint import SourceModel
 from mergekit_moe2dense.cli import main
 from mergekit_moe2dense.config import CalibrationConfig
 from mergekit_moe2dense.inspection import (
+    InspectSettings,
     chance_matched_similarity,
     cosine_matrix,
     expert_pairs,
@@ -27,6 +27,7 @@ from mergekit_moe2dense.inspection import (
     normalized_entropy,
     unit_vectors,
 )
+from mergekit_moe2dense.io.source import SourceModel
 
 
 def random_expert(seed: int, hidden: int = 32, width: int = 48):
@@ -130,7 +131,7 @@ def test_both_checkpoint_layouts_give_the_same_report(fixture, request):
 
 def test_router_usage_from_data_and_from_stats_agree(random_moe, calib_dir, tmp_path):
     path = str(random_moe["legacy"])
-    from_data = inspect_moe(path, data=str(calib_dir), num_samples=4, seq_len=32)
+    from_data = inspect_moe(path, InspectSettings(data=str(calib_dir), num_samples=4, seq_len=32))
     source = SourceModel.open(ModelReference.parse(path))
     calibration = CalibrationConfig(
         dataset=str(calib_dir), num_samples=4, seq_len=32, batch_size=4, max_token_samples=0, engine="full"
@@ -139,7 +140,7 @@ def test_router_usage_from_data_and_from_stats_agree(random_moe, calib_dir, tmp_
     stats = collect_statistics(source, batches, calibration, progress=False)
     stats.metadata["model_fingerprint"] = source.fingerprint(source.moe_layers())
     stats.save(tmp_path / "router_stats.safetensors")
-    from_stats = inspect_moe(path, stats_path=str(tmp_path / "router_stats.safetensors"))
+    from_stats = inspect_moe(path, InspectSettings(stats_path=str(tmp_path / "router_stats.safetensors")))
     assert from_data.router_tokens == from_stats.router_tokens == stats.tokens > 0
     for a, b in zip(from_data.layers, from_stats.layers):
         assert sum(a.selection_share) == pytest.approx(1.0)
@@ -154,11 +155,11 @@ def test_layerwise_engine_gives_the_same_report_as_full(random_moe, calib_dir, t
     from mergekit_moe2dense.calibration import engine
 
     path = str(random_moe["fused"])
-    full = inspect_moe(path, data=str(calib_dir), num_samples=4, seq_len=32, engine="full").to_dict()
+    full = inspect_moe(path, InspectSettings(data=str(calib_dir), num_samples=4, seq_len=32, engine="full")).to_dict()
     streamed_runs = []
     streamed = engine._collect_layerwise
     monkeypatch.setattr(
-        engine, "_collect_layerwise", lambda *a, **k: streamed_runs.append(k["dtype"]) or streamed(*a, **k)
+        engine, "_collect_layerwise", lambda *a, **k: streamed_runs.append(k["stream"].dtype) or streamed(*a, **k)
     )
     result = run_cli(
         path,

@@ -10,7 +10,6 @@ import pytest
 import torch
 import transformers
 
-from mergekit_moe2dense.calibration.stats import RouterStatistics
 from mergekit_moe2dense.families import MoELayer
 from mergekit_moe2dense.families.mixtral import MIXTRAL
 from mergekit_moe2dense.methods import (
@@ -28,6 +27,7 @@ from mergekit_moe2dense.methods.kernel import weighted_sum
 from mergekit_moe2dense.methods.router_weighted import RouterWeighted
 from mergekit_moe2dense.methods.top_k_tempered import tempered_top_k
 from mergekit_moe2dense.plan import single_block_plans, with_family_scales
+from mergekit_moe2dense.statistics import RouterStatistics
 
 E, L, K = 6, 3, 2
 

@@ -45,7 +45,7 @@ def fail_if_called(*args, **kwargs):
     ],
 )
 def test_eval_refuses_a_report_on_an_input_before_any_work(moe, tmp_path, monkeypatch, report, relation):
-    import mergekit_moe2dense.evaluate as evaluate
+    import mergekit_moe2dense.perplexity as evaluate
 
     monkeypatch.setattr(evaluate, "evaluate_models", fail_if_called)
     for name in ("data", "texts", "tasks"):

@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 from helpers import assert_one_line_error, make_config, run_cli, write_config
 from mergekit_moe2dense.build import build_dense
 from mergekit_moe2dense.calibration import RouterStatistics
-from mergekit_moe2dense.calibration.stats import StatisticsError
 from mergekit_moe2dense.outputs.base import STATS_FILE
+from mergekit_moe2dense.statistics import StatisticsError
 
 OPTIONS = MergeOptions(quiet=True)
 

@@ -18,8 +18,9 @@ import torch.distributed as dist
 import torch.multiprocessing
 
 from helpers import assert_one_line_error, convert_uniform, make_mixtral, run_cli
-from mergekit_moe2dense.heal import teacher_cache
-from mergekit_moe2dense.heal.teacher_cache import (
+from mergekit_moe2dense.training import teacher_cache
+from mergekit_moe2dense.training.teacher_cache import (
+    TargetSpec,
     TeacherCacheError,
     build_teacher_cache,
     load_teacher_cache,
@@ -27,7 +28,7 @@ from mergekit_moe2dense.heal.teacher_cache import (
 )
 
 SEQ = 32
-OPTIONS = dict(top_k=7, temperature=2.0, dtype=torch.float32)
+SPEC = TargetSpec(top_k=7, temperature=2.0, dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +52,12 @@ def built(models, tmp_path_factory):
 
 def build(cache, teacher, sequences, **extra) -> bool:
     return build_teacher_cache(
-        str(cache), str(teacher), sequences, batch_size=2, chunk_sequences=2, progress=False, **OPTIONS, **extra
+        str(cache), str(teacher), sequences, SPEC, batch_size=2, chunk_sequences=2, progress=False, **extra
     )
 
 
 def load(cache, teacher, sequences):
-    return load_teacher_cache(str(cache), str(teacher), sequences, **OPTIONS)
+    return load_teacher_cache(str(cache), str(teacher), sequences, SPEC)
 
 
 def assert_same_targets(a, b):
@@ -194,7 +195,7 @@ def _rank(rank, store, cache, teacher, sequences, results):
     if rank == 0:
         shutil.disk_usage = full_disk
     try:
-        prepare_teacher_cache(cache, teacher, sequences, main=rank == 0, progress=False, **OPTIONS)
+        prepare_teacher_cache(cache, teacher, sequences, SPEC, main=rank == 0, progress=False)
         message = "no error"
     except TeacherCacheError as error:
         message = str(error)

@@ -31,9 +31,10 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
+from pydantic import model_validator
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
@@ -41,10 +42,12 @@ from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 from mergekit_moe2dense.data import Document, load_documents
 from mergekit_moe2dense.errors import Moe2DenseError
 from mergekit_moe2dense.report_files import write_report_text
+from mergekit_moe2dense.settings import Settings
 
 __all__ = [
-    "EvaluationError",
     "EvalResult",
+    "EvaluationError",
+    "PerplexitySettings",
     "TokenStream",
     "Window",
     "check_causal_lm",
@@ -65,6 +68,32 @@ class EvaluationError(Moe2DenseError, ValueError):
 
 
 DEFAULT_SEQ_LEN = 512
+
+
+class PerplexitySettings(Settings):
+    """How perplexity is scored: windows of `seq_len` tokens starting every `stride` tokens
+    (default: `seq_len`, non-overlapping windows), `batch_size` windows at a time on `device`, at
+    most `max_tokens` scored tokens per source (default: all)."""
+
+    error: ClassVar = EvaluationError
+
+    seq_len: int = DEFAULT_SEQ_LEN
+    stride: int | None = None
+    batch_size: int = 4
+    device: str = "cpu"
+    max_tokens: int | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> PerplexitySettings:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(
+                f"--max-tokens {self.max_tokens}: the budget of scored tokens per source is zero, so nothing would "
+                "be scored; give a positive number, or leave --max-tokens out to score every token"
+            )
+        plan_windows(0, self.seq_len, self.stride)  # raises on a bad seq_len or stride
+        return self
 
 
 @dataclass
@@ -165,54 +194,59 @@ def evaluate_perplexity(
     documents: list[Document],
     *,
     tokenizer=None,
-    seq_len: int = DEFAULT_SEQ_LEN,
-    stride: int | None = None,
-    batch_size: int = 4,
-    device: str = "cpu",
     dtype: torch.dtype | None = None,
-    max_tokens: int | None = None,
     progress: bool = True,
     name: str | None = None,
+    **options,
 ) -> EvalResult:
     """Perplexity of ``model`` (a local model directory, or a loaded model).
 
-    A directory is loaded onto ``device`` in ``dtype`` (default: the dtype in
-    its config); a loaded model is used where it is. The tokenizer is loaded
-    from the model directory (or ``model.name_or_path``) unless given.
-    ``max_tokens`` caps the scored tokens of each source (not of the total),
-    so that every source keeps its share. BOS tokens are never scored (see the
-    module docstring for the exact rule). Arguments are checked before loading; a
-    ``seq_len`` beyond the model's ``max_position_embeddings`` is refused, and so is a
-    checkpoint that lacks weights of the causal LM (they would be random).
+    ``options`` are :class:`PerplexitySettings`' (``seq_len``, ``stride``, ``batch_size``,
+    ``device``, ``max_tokens``), checked before anything is loaded. A directory is loaded onto
+    ``device`` in ``dtype`` (default: the dtype in its config); a loaded model is used where it
+    is. The tokenizer is loaded from the model directory (or ``model.name_or_path``) unless
+    given. ``max_tokens`` caps the scored tokens of each source (not of the total), so that
+    every source keeps its share. BOS tokens are never scored (see the module docstring for the
+    exact rule). A ``seq_len`` beyond the model's ``max_position_embeddings`` is refused, and so
+    is a checkpoint that lacks weights of the causal LM (they would be random).
     """
-    if batch_size < 1:
-        raise EvaluationError(f"batch_size must be at least 1, got {batch_size}")
-    if max_tokens is not None and max_tokens < 1:
-        raise EvaluationError(
-            f"--max-tokens {max_tokens}: the budget of scored tokens per source is zero, so nothing would be "
-            "scored; give a positive number, or leave --max-tokens out to score every token"
-        )
-    plan_windows(0, seq_len, stride)  # raises on a bad seq_len or stride
-    if isinstance(model, PreTrainedModel):
-        name = name or model.name_or_path or type(model).__name__
-        check_seq_len(model.config, seq_len, name)
-        tokenizer = tokenizer or _load_tokenizer(model.name_or_path)
-    else:
-        path = Path(model)
-        name = name or str(model)
-        config = read_model_config(model)
-        check_seq_len(config, seq_len, name)
-        check_causal_lm(config, name)
-        tokenizer = tokenizer or _load_tokenizer(path)
-        model = _load_causal_lm(path, dtype, name).to(device)
+    settings = PerplexitySettings(**options)
+    model, tokenizer, name = _scoring_model(model, settings, tokenizer=tokenizer, dtype=dtype, name=name)
     model.eval()
-
     streams = token_streams(documents, tokenizer)
-    if max_tokens is not None:
+    if settings.max_tokens is not None:
         streams = {
-            s: stream.truncated(max_tokens, plan_windows(len(stream.ids), seq_len, stride))
+            s: stream.truncated(settings.max_tokens, plan_windows(len(stream.ids), settings.seq_len, settings.stride))
             for s, stream in streams.items()
         }
+    nll, tokens = _score_streams(model, streams, settings, progress=progress, name=name)
+    total = sum(tokens.values())
+    if total == 0:
+        raise EvaluationError("nothing to score: no source has a token after its first BOS")
+    per_source = {s: {"perplexity": _ppl(nll[s], tokens[s]), "tokens": tokens[s]} for s in streams}
+    return EvalResult(name, _ppl(sum(nll.values()), total), total, per_source)
+
+
+def _scoring_model(model, settings: PerplexitySettings, *, tokenizer, dtype, name):
+    """(the model, its tokenizer, its name in the results): a loaded model as it is, a directory
+    checked (positions, an LM head) and then loaded onto `settings.device`."""
+    if isinstance(model, PreTrainedModel):
+        name = name or model.name_or_path or type(model).__name__
+        check_seq_len(model.config, settings.seq_len, name)
+        return model, tokenizer or _load_tokenizer(model.name_or_path), name
+    path = Path(model)
+    name = name or str(model)
+    config = read_model_config(model)
+    check_seq_len(config, settings.seq_len, name)
+    check_causal_lm(config, name)
+    tokenizer = tokenizer or _load_tokenizer(path)
+    return _load_causal_lm(path, dtype, name).to(settings.device), tokenizer, name
+
+
+def _score_streams(model, streams: dict[str, TokenStream], settings: PerplexitySettings, *, progress, name):
+    """Summed NLL and scored tokens per source, over every window of every stream, `batch_size`
+    windows at a time (in order: the sums do not depend on the batch size)."""
+    seq_len, stride, batch_size = settings.seq_len, settings.stride, settings.batch_size
     jobs = [(s, w) for s, stream in streams.items() for w in plan_windows(len(stream.ids), seq_len, stride)]
     nll = dict.fromkeys(streams, 0.0)
     tokens = dict.fromkeys(streams, 0)
@@ -224,16 +258,13 @@ def evaluate_perplexity(
                 nll[source] += window_nll
                 tokens[source] += count
             bar.update(len(batch))
-
-    total = sum(tokens.values())
-    if total == 0:
-        raise EvaluationError("nothing to score: no source has a token after its first BOS")
-    per_source = {s: {"perplexity": _ppl(nll[s], tokens[s]), "tokens": tokens[s]} for s in streams}
-    return EvalResult(name, _ppl(sum(nll.values()), total), total, per_source)
+    return nll, tokens
 
 
 def evaluate_models(models: list[str], documents: list[Document], **kwargs) -> list[EvalResult]:
-    """Evaluate model directories one at a time, freeing each before the next."""
+    """Evaluate model directories one at a time, freeing each before the next; `kwargs` are
+    :func:`evaluate_perplexity`'s (each result is named after its model). Every model is checked
+    (positions, an LM head, the same tokens) before the first is scored."""
     if "name" in kwargs:
         raise TypeError("evaluate_models names each result after its model; drop name=")
     for model in models:  # every model before the first is scored

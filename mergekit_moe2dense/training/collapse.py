@@ -4,6 +4,8 @@
 then convert it with `expert_uniform` (exact once the experts are identical, for families
 whose top-k weights sum to one).
 
+    collapse(CollapseSettings(moe=moe, data=path, training=TrainSettings(max_tokens=...)), out)
+
 The objective is the LM loss (or, with `lm_weight` < 1, KD from the original MoE) plus
 
     lambda(t) * sum_layers sum_e ||W_e - mean_e W_e||^2      (W: every expert's gate, up, down)
@@ -29,29 +31,28 @@ import contextlib
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import transformers
 from transformers import TrainerCallback, default_data_collator
 
 from mergekit_moe2dense.data import load_documents
-from mergekit_moe2dense.evaluate import check_seq_len
+from mergekit_moe2dense.devices import check_device
 from mergekit_moe2dense.families import get_family
-from mergekit_moe2dense.heal.distill import check_work_dir
-from mergekit_moe2dense.heal.training import (
-    DistillTrainer,
-    HealError,
-    SequenceDataset,
-    TrainSettings,
+from mergekit_moe2dense.output_dir import COLLAPSE_INFIX, OutputDirectory
+from mergekit_moe2dense.perplexity import check_seq_len
+from mergekit_moe2dense.training.inputs import (
     check_causal_lm,
     check_weights,
+    check_work_dir,
     load_tokenizer,
     model_config,
     stored_dtype,
     training_sequences,
 )
-from mergekit_moe2dense.output_dir import COLLAPSE_INFIX, OutputDirectory
+from mergekit_moe2dense.training.settings import SCHEDULES, CollapseSettings, HealError
+from mergekit_moe2dense.training.trainer import DistillTrainer, SequenceDataset, training_arguments
 
 __all__ = [
     "COLLAPSE_RECORD",
@@ -64,7 +65,6 @@ __all__ = [
 ]
 
 COLLAPSE_RECORD = "collapse.json"
-SCHEDULES = ("linear", "exponential", "constant")
 # The relative spread sum_e ||W_e - mean||^2 / sum_e ||W_e||^2 at or below which the experts count
 # as collapsed and the conversion as exact: an RMS difference from their mean of 3e-5 of the
 # weights' scale, far below the rounding of 16-bit weights (2^-9 relative for bfloat16, 2^-12 for
@@ -77,6 +77,9 @@ SPREAD_TOLERANCE = 1e-9
 
 @dataclass
 class CollapseResult:
+    """What a collapse did: its steps and tokens, the experts' spread at the end, where the
+    collapsed MoE went (`save_moe`), and its record (`collapse.json`)."""
+
     out_path: str
     steps: int
     tokens: int
@@ -132,80 +135,38 @@ class CollapsePenalty(TrainerCallback):
 
 
 def collapse(
-    moe: str,
+    settings: CollapseSettings,
     out_path: str,
     *,
-    data: str,
-    settings: TrainSettings,
-    penalty_max: float = 1e4,
-    schedule: str = "linear",
-    save_moe: str | None = None,
-    allow_inexact: bool = False,
     overwrite: bool = False,
     callbacks: list | None = None,
     progress: bool = True,
 ) -> CollapseResult:
-    """Collapse `moe`'s experts by training, convert it, write the dense model to `out_path`
-    (and the collapsed MoE to `save_moe`, if given). Experts left further apart than
-    `SPREAD_TOLERANCE` are refused (the trained MoE still goes to `save_moe`), unless
+    """Collapse `settings.moe`'s experts by training, convert it, write the dense model to
+    `out_path` (and the collapsed MoE to `settings.save_moe`, if given). Experts left further
+    apart than `SPREAD_TOLERANCE` are refused (the trained MoE still goes to `save_moe`), unless
     `allow_inexact`: then the dense model is written and recorded as not exact."""
-    from mergekit_moe2dense.build import build_dense
-    from mergekit_moe2dense.config import Moe2DenseConfig
-
-    settings.check()
-    if not penalty_max > 0:
-        raise HealError(f"--penalty-max must be positive, got {penalty_max}")
-    if schedule not in SCHEDULES:
-        raise HealError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
-    config = model_config(moe, "MoE")
-    check_causal_lm(config, moe, "MoE", dense=False)
-    family = get_family(config)  # an MoE the conversion supports, or one line
-    tokenizer = load_tokenizer(moe, "MoE")
-    check_seq_len(config, settings.seq_len, moe)
-    check_weights(moe, "MoE")
-    inputs = {"the MoE": moe, "the data": data}
-    out = OutputDirectory(out_path, overwrite=overwrite, inputs=inputs)
-    moe_out = None
-    if save_moe:
-        check_work_dir(save_moe, "--save-moe directory", inputs, out_path)  # nor OUT, existing or not
-        moe_out = OutputDirectory(save_moe, overwrite=overwrite, inputs=inputs)
-        moe_out.check()
-    out.check()
-    documents = load_documents(data)
+    check_device(settings.training.device)  # before any model is loaded, never silently the CPU
+    config, family, tokenizer = _check_moe(settings)
+    out, moe_out = _check_outputs(settings, out_path, overwrite)
+    documents = load_documents(settings.data)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise HealError("collapse runs in one process (it converts the model right after training); drop torchrun")
-    steps = settings.steps()
+    training = settings.training
+    steps = training.steps()
     sequences = training_sequences(
-        documents, tokenizer, seq_len=settings.seq_len, count=steps * settings.batch_size, seed=settings.seed,
-        label=data,
+        documents, tokenizer, seq_len=training.seq_len, count=steps * training.batch_size, seed=training.seed,
+        label=settings.data,
     )  # fmt: skip
     with out, moe_out if moe_out is not None else contextlib.nullcontext():
         work = out.working_directory(COLLAPSE_INFIX)
-        model = transformers.AutoModelForCausalLM.from_pretrained(moe, dtype=torch.float32)
+        model = transformers.AutoModelForCausalLM.from_pretrained(settings.moe, dtype=torch.float32)
         tensors = expert_tensors(model, family, config)
         start_spread = expert_deviation(tensors)[1]
-        penalty = CollapsePenalty(tensors, penalty_max=penalty_max, schedule=schedule, steps=steps, lr=settings.lr)
-        teacher = None
-        if settings.lm_weight < 1:
-            teacher = transformers.AutoModelForCausalLM.from_pretrained(moe, dtype=settings.torch_dtype)
-        trainer = DistillTrainer(
-            model=model,
-            args=settings.arguments(os.path.join(work, "trainer"), steps, progress),
-            train_dataset=SequenceDataset(sequences),
-            data_collator=default_data_collator,
-            teacher=teacher,
-            temperature=settings.temperature,
-            lm_weight=settings.lm_weight,
-            callbacks=[penalty, *(callbacks or [])],
-            extra_logs=penalty.logs,
-        )
-        if not progress:  # nor the printed log lines that replace the bar
-            trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
-        metrics = trainer.train().metrics
-        del teacher, trainer.teacher
+        trainer, metrics = _train(settings, model, tensors, sequences, steps, work, callbacks, progress)
         spread = expert_deviation(tensors)[1]
         is_collapsed = spread <= SPREAD_TOLERANCE  # False for NaN
-        refused = not is_collapsed and not allow_inexact
+        refused = not is_collapsed and not settings.allow_inexact
         collapsed = moe_out.staging if moe_out is not None else os.path.join(work, "moe")
         if not refused or moe_out is not None:
             model.to(stored_dtype(config)).save_pretrained(collapsed)
@@ -213,40 +174,112 @@ def collapse(
         if refused:
             if moe_out is not None:
                 moe_out.publish()  # what the training made, where asked: a later collapse can start from it
-            raise HealError(_refusal(spread, start_spread, penalty_max, save_moe))
-        conversion = {"merge_method": "expert_uniform", "models": [{"model": collapsed}], "parameters": {}}
-        if family.needs_statistics(config):  # the calibrated mixture weight of un-normalised top-k
-            conversion["calibration"] = {
-                "dataset": data, "num_samples": 32, "seq_len": settings.seq_len, "batch_size": settings.batch_size,
-            }  # fmt: skip
-        build_dense(Moe2DenseConfig.model_validate(conversion), out.staging)
-        tokens = steps * settings.batch_size * settings.seq_len
-        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-        record = {
-            "moe": moe,
-            "data": data,
-            "steps": steps,
-            "tokens": tokens,
-            "final_loss": losses[-1] if losses else None,
-            "mean_loss": metrics.get("train_loss"),
-            "train_seconds": metrics.get("train_runtime"),
-            "penalty_max": penalty_max,
-            "schedule": schedule,
-            "expert_spread_before": start_spread,
-            "expert_spread_after": spread,
-            "spread_tolerance": SPREAD_TOLERANCE,
-            "collapsed": is_collapsed,
-            "exact": is_collapsed and family.renormalizes(config),
-            "settings": asdict(settings),
-            "collapsed_moe": save_moe,
-        }
+            raise HealError(_refusal(spread, start_spread, settings.penalty_max, settings.save_moe))
+        _convert(settings, family.needs_statistics(config), collapsed, out.staging)
+        exact = is_collapsed and family.renormalizes(config)
+        record = _record(settings, steps, trainer, metrics, (start_spread, spread), exact)
         with open(os.path.join(out.staging, COLLAPSE_RECORD), "w", encoding="utf-8") as handle:
             json.dump(_strict_json(record), handle, indent=2, allow_nan=False)
         _add_card_section(out.staging, record)
         if moe_out is not None:
             moe_out.publish()
         out.publish()
-    return CollapseResult(out.path, steps, tokens, spread, save_moe, record)
+    return CollapseResult(out.path, steps, record["tokens"], spread, settings.save_moe, record)
+
+
+def _check_moe(settings: CollapseSettings):
+    """The MoE as collapse needs it, from its config, tokenizer and shards alone: a causal LM
+    MoE of a family the conversion supports, windows of `--seq-len` within its positions,
+    every shard whole. Returns its config, family and tokenizer."""
+    moe = settings.moe
+    config = model_config(moe, "MoE")
+    check_causal_lm(config, moe, "MoE", dense=False)
+    family = get_family(config)  # an MoE the conversion supports, or one line
+    tokenizer = load_tokenizer(moe, "MoE")
+    check_seq_len(config, settings.training.seq_len, moe)
+    check_weights(moe, "MoE")
+    return config, family, tokenizer
+
+
+def _check_outputs(settings: CollapseSettings, out_path: str, overwrite: bool):
+    """OUT and the `save_moe` directory (neither an input, nor each other), both checked."""
+    inputs = {"the MoE": settings.moe, "the data": settings.data}
+    out = OutputDirectory(out_path, overwrite=overwrite, inputs=inputs)
+    moe_out = None
+    if settings.save_moe:
+        check_work_dir(settings.save_moe, "--save-moe directory", inputs, out_path)  # nor OUT, existing or not
+        moe_out = OutputDirectory(settings.save_moe, overwrite=overwrite, inputs=inputs)
+        moe_out.check()
+    out.check()
+    return out, moe_out
+
+
+def _train(settings: CollapseSettings, model, tensors, sequences, steps: int, work: str, callbacks, progress: bool):
+    """Trains `model` with the penalty's proximal step on `tensors` (the trainer's state in
+    `work`); returns the trainer and its metrics."""
+    training = settings.training
+    penalty = CollapsePenalty(
+        tensors, penalty_max=settings.penalty_max, schedule=settings.schedule, steps=steps, lr=training.lr
+    )
+    teacher = None
+    if training.lm_weight < 1:
+        teacher = transformers.AutoModelForCausalLM.from_pretrained(settings.moe, dtype=training.torch_dtype)
+    trainer = DistillTrainer(
+        model=model,
+        args=training_arguments(training, os.path.join(work, "trainer"), steps, progress),
+        train_dataset=SequenceDataset(sequences),
+        data_collator=default_data_collator,
+        teacher=teacher,
+        temperature=training.temperature,
+        lm_weight=training.lm_weight,
+        callbacks=[penalty, *(callbacks or [])],
+        extra_logs=penalty.logs,
+    )
+    if not progress:  # nor the printed log lines that replace the bar
+        trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
+    metrics = trainer.train().metrics
+    del teacher, trainer.teacher
+    return trainer, metrics
+
+
+def _convert(settings: CollapseSettings, needs_statistics: bool, collapsed: str, staging: str) -> None:
+    """The collapsed MoE converted with expert_uniform into `staging`; a family that needs router
+    statistics (the calibrated mixture weight of un-normalised top-k) calibrates on the data."""
+    from mergekit_moe2dense.build import build_dense
+    from mergekit_moe2dense.config import Moe2DenseConfig
+
+    training = settings.training
+    conversion = {"merge_method": "expert_uniform", "models": [{"model": collapsed}], "parameters": {}}
+    if needs_statistics:
+        conversion["calibration"] = {
+            "dataset": settings.data, "num_samples": 32, "seq_len": training.seq_len,
+            "batch_size": training.batch_size,
+        }  # fmt: skip
+    build_dense(Moe2DenseConfig.model_validate(conversion), staging)
+
+
+def _record(settings: CollapseSettings, steps: int, trainer, metrics: dict, spreads: tuple, exact: bool) -> dict:
+    """`collapse.json`: the inputs, the run, the expert spread (before, after) and its verdict."""
+    before, after = spreads
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return {
+        "moe": settings.moe,
+        "data": settings.data,
+        "steps": steps,
+        "tokens": steps * settings.training.batch_size * settings.training.seq_len,
+        "final_loss": losses[-1] if losses else None,
+        "mean_loss": metrics.get("train_loss"),
+        "train_seconds": metrics.get("train_runtime"),
+        "penalty_max": settings.penalty_max,
+        "schedule": settings.schedule,
+        "expert_spread_before": before,
+        "expert_spread_after": after,
+        "spread_tolerance": SPREAD_TOLERANCE,
+        "collapsed": after <= SPREAD_TOLERANCE,
+        "exact": exact,
+        "settings": settings.training.model_dump(),
+        "collapsed_moe": settings.save_moe,
+    }
 
 
 def _refusal(spread: float, before: float, penalty_max: float, save_moe: str | None) -> str:

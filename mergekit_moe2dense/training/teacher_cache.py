@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import shutil
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -37,13 +38,14 @@ from tqdm.auto import tqdm
 
 from mergekit_moe2dense.calibration.batches import TokenBatch
 from mergekit_moe2dense.calibration.layerwise import LayerStream, LayerVisitor
-from mergekit_moe2dense.checkpoint import SourceModel
 from mergekit_moe2dense.errors import Moe2DenseError
-from mergekit_moe2dense.fingerprint import content_fingerprint
-from mergekit_moe2dense.heal.losses import TeacherTargets, top_k_targets
+from mergekit_moe2dense.io.fingerprint import content_fingerprint
+from mergekit_moe2dense.io.source import SourceModel
 from mergekit_moe2dense.output_dir import format_gb, is_disk_full, nearest_existing
+from mergekit_moe2dense.training.losses import TeacherTargets, top_k_targets
 
 __all__ = [
+    "TargetSpec",
     "TeacherCacheError",
     "build_teacher_cache",
     "load_teacher_cache",
@@ -62,34 +64,43 @@ class TeacherCacheError(Moe2DenseError, ValueError):
     is damaged, or cannot be written."""
 
 
+@dataclass(frozen=True)
+class TargetSpec:
+    """What the cache holds per token: the teacher's `top_k` largest logits at `temperature`, the
+    teacher run in `dtype`. A cache is reused only for the same spec (it is part of the key)."""
+
+    top_k: int
+    temperature: float
+    dtype: torch.dtype = torch.float32
+
+
 def tokens_digest(sequences: torch.Tensor) -> str:
     return hashlib.sha256(sequences.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
 
 
-def _key(teacher: str, sequences: torch.Tensor, top_k: int, temperature: float, dtype: torch.dtype) -> dict:
+def _key(teacher: str, sequences: torch.Tensor, spec: TargetSpec) -> dict:
     """What a reused cache must have been made with (`_check_same` compares every entry)."""
     return {
         "format": FORMAT,
         "teacher_fingerprint": content_fingerprint(teacher),
         "tokens_sha256": tokens_digest(sequences),
         "shape": list(sequences.shape),
-        "top_k": top_k,
-        "temperature": temperature,
-        "dtype": str(dtype).removeprefix("torch."),
+        "top_k": spec.top_k,
+        "temperature": spec.temperature,
+        "dtype": str(spec.dtype).removeprefix("torch."),
     }
 
 
 def prepare_teacher_cache(
-    cache_dir: str, teacher: str, sequences: torch.Tensor, *, main: bool, top_k, temperature, dtype, **build_options
+    cache_dir: str, teacher: str, sequences: torch.Tensor, spec: TargetSpec, *, main: bool, **build_options
 ) -> TeacherTargets:
     """Build the cache on the main process (under torchrun the other ranks wait for it), then
     load it on every rank. When rank 0 fails, every rank reports rank 0's reason: the cache
     the others would find is only incomplete, and running again would not help."""
-    options = dict(top_k=top_k, temperature=temperature, dtype=dtype)
     failure = None
     if main:
         try:
-            build_teacher_cache(cache_dir, teacher, sequences, **options, **build_options)
+            build_teacher_cache(cache_dir, teacher, sequences, spec, **build_options)
         except BaseException as error:  # every rank must hear of it, whatever it is
             failure = error
     reason = _rank_zero_failure(failure)
@@ -97,7 +108,7 @@ def prepare_teacher_cache(
         raise failure
     if reason is not None:
         raise TeacherCacheError(f"rank 0 could not build the teacher cache {cache_dir}: {reason}")
-    return load_teacher_cache(cache_dir, teacher, sequences, **options)
+    return load_teacher_cache(cache_dir, teacher, sequences, spec)
 
 
 def _rank_zero_failure(failure: BaseException | None) -> str | None:
@@ -118,11 +129,9 @@ def build_teacher_cache(
     cache_dir: str,
     teacher: str,
     sequences: torch.Tensor,
+    spec: TargetSpec,
     *,
-    top_k: int,
-    temperature: float,
     device: str = "cpu",
-    dtype: torch.dtype = torch.float32,
     batch_size: int = 8,
     chunk_sequences: int = 256,
     progress: bool = True,
@@ -130,7 +139,7 @@ def build_teacher_cache(
     """Fill `cache_dir` for `sequences` [N, T]; False when a matching cache was already there."""
     if os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
         raise TeacherCacheError(f"--teacher-cache {cache_dir} is not a directory; give a directory")
-    key = _key(teacher, sequences, top_k, temperature, dtype)
+    key = _key(teacher, sequences, spec)
     existing = _read_meta(cache_dir)
     chunks = []
     if existing is not None:
@@ -144,7 +153,7 @@ def build_teacher_cache(
         )
     source = SourceModel.open(ModelReference.parse(teacher))
     # the data of one token: k int32 indices, k float32 logits, one float32 rest
-    kept = min(top_k, getattr(source.config, "vocab_size", None) or top_k)
+    kept = min(spec.top_k, getattr(source.config, "vocab_size", None) or spec.top_k)
     token_bytes = sequences.shape[1] * (8 * kept + 4)
     done = sum(chunk["sequences"] for chunk in chunks)
     _check_space(cache_dir, (len(sequences) - done) * token_bytes)
@@ -157,7 +166,7 @@ def build_teacher_cache(
     starts = range(done, len(sequences), chunk_sequences)
     for start in tqdm(starts, desc="Teacher cache", unit="chunk", disable=not progress):
         chunk = sequences[start : start + chunk_sequences]
-        targets = _teacher_targets(source, chunk, top_k, temperature, device, dtype, batch_size)
+        targets = _teacher_targets(source, chunk, spec, device, batch_size)
         data = save({"indices": targets.indices.int(), "logits": targets.logits, "rest_lse": targets.rest_lse})
         needed = (len(sequences) - start) * token_bytes
         _write(cache_dir, _chunk_name(len(chunks)), data, needed)
@@ -168,30 +177,28 @@ def build_teacher_cache(
     return True
 
 
-def _teacher_targets(source, chunk, top_k, temperature, device, dtype, batch_size) -> TeacherTargets:
+def _teacher_targets(source, chunk, spec: TargetSpec, device: str, batch_size: int) -> TeacherTargets:
     batches = [
         TokenBatch(chunk[i : i + batch_size], torch.ones_like(chunk[i : i + batch_size]))
         for i in range(0, len(chunk), batch_size)
     ]
     parts = []
-    with LayerStream(source, batches, device=device, dtype=dtype) as stream:
+    with LayerStream(source, batches, device=device, dtype=spec.dtype) as stream:
         stream.run(LayerVisitor(), desc="Teacher layers", progress=False)
         head = stream.load_head()
         for b in range(len(batches)):
-            targets = top_k_targets(head(stream.inputs(b)), top_k, temperature)
+            targets = top_k_targets(head(stream.inputs(b)), spec.top_k, spec.temperature)
             parts.append(TeacherTargets(*(t.cpu() for t in (targets.indices, targets.logits, targets.rest_lse))))
     return TeacherTargets(*(torch.cat(field) for field in zip(*((p.indices, p.logits, p.rest_lse) for p in parts))))
 
 
-def load_teacher_cache(
-    cache_dir: str, teacher: str, sequences: torch.Tensor, *, top_k, temperature, dtype
-) -> TeacherTargets:
+def load_teacher_cache(cache_dir: str, teacher: str, sequences: torch.Tensor, spec: TargetSpec) -> TeacherTargets:
     """The cached targets of `sequences`, checked against the teacher and settings that made
     them, each chunk against its recorded size and sha256."""
     meta = _read_meta(cache_dir)
     if meta is None or not meta.get("complete"):
         raise TeacherCacheError(f"teacher cache {cache_dir} is incomplete; run again to finish it")
-    _check_same(cache_dir, meta, _key(teacher, sequences, top_k, temperature, dtype))
+    _check_same(cache_dir, meta, _key(teacher, sequences, spec))
     loaded = [load(_chunk_bytes(cache_dir, number, chunk)) for number, chunk in enumerate(_chunks(cache_dir, meta))]
     if not loaded:
         raise _damaged(cache_dir, f"{META_FILE} lists no chunks")
