@@ -21,7 +21,7 @@ from mergekit.common import ModelReference
 
 from mergekit_moe2dense.calibration import collect_statistics
 from mergekit_moe2dense.calibration.batches import TokenBatch
-from mergekit_moe2dense.calibration.sequential import DenseMLP, refit_layers
+from mergekit_moe2dense.calibration.refit import DenseMLP, refit_layers
 from mergekit_moe2dense.config import CalibrationConfig
 from mergekit_moe2dense.io.source import SourceModel
 from mergekit_moe2dense.merge import assemble

@@ -10,7 +10,7 @@ each returning a new plan (a step that does not apply to a plan's type returns i
 2. `align`: each merged group's hidden units permuted to its reference (alignment.py);
 3. `router_rows`: an MoE output's expert-indexed tensors (the new routers: closed form, or
    a logistic regression on the recorded router inputs; reassemble.py);
-4. `refit`: the layer-sequential re-fit on the calibration tokens (calibration/sequential.py
+4. `refit`: the layer-sequential re-fit on the calibration tokens (calibration/refit/
    for a dense model, calibration/smaller_moe.py for a smaller MoE).
 """
 
@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from transformers.activations import ACT2FN
 
 from mergekit_moe2dense.alignment import align_layer
-from mergekit_moe2dense.calibration.sequential import fit_layers, refit_fitter
+from mergekit_moe2dense.calibration.refit import fit_layers, refit_fitter
 from mergekit_moe2dense.calibration.settings import StreamSettings
 from mergekit_moe2dense.calibration.smaller_moe import fit_smaller_moe
 from mergekit_moe2dense.families import MoELayer
-from mergekit_moe2dense.graph import SpilledTensors
+from mergekit_moe2dense.graph.spill import SpilledTensors
 from mergekit_moe2dense.methods import MethodParameters
 from mergekit_moe2dense.methods.merge_experts import group_labels
 from mergekit_moe2dense.plan import (

@@ -305,7 +305,7 @@ class SmallerMoEPlan(MethodPlan):
     `weights` [L, E] is each old expert's share of the new experts. The finishing stage
     fills `moe_layers` (the source's MoE layers, members' slices permuted where aligned),
     `rows` (every expert-indexed block tensor of the new MoE, by output name), and with
-    the re-fit `fitted` (down projections by `reassemble.expert_key`) and `refit_errors`."""
+    the re-fit `fitted` (down projections by `graph.expert_key`) and `refit_errors`."""
 
     experts: ExpertGroups
     align: Align = "none"

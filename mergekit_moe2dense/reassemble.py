@@ -1,6 +1,6 @@
 # Copyright (C) 2026 the mergekit-moe2dense authors
 # SPDX-License-Identifier: LGPL-3.0-only
-"""A smaller MoE rebuilt from k merged MLPs: its new routers and its mergekit task graph.
+"""A smaller MoE rebuilt from k merged MLPs: its new routers and expert-indexed rows.
 
 Expert j of layer l is the merge of the layer's old experts with weights w_jl
 (one `Block`, as a dense MLP). The new router [k, H] of each layer is either
@@ -20,24 +20,18 @@ gates are copied. The experts are written in the family's `moe_layout`: per-expe
 or (GPT-OSS, Llama 4, Granite) the fused [k, ...] tensors of each layer, stacked.
 
 The routers are computed in memory and enter the graph as `graph.ComputedTensor`
-tasks, so the whole output is still written by one task graph (read -> merge ->
-`SaveTensor` -> `FinalizeModel`).
+tasks, so the whole output is still written by one task graph (`graph.plan_moe_merge`:
+read -> merge -> `SaveTensor` -> `FinalizeModel`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import torch
-from mergekit.graph import Task
-from mergekit.io.tasks import FinalizeModel
 
 from mergekit_moe2dense.families import MoELayer
-from mergekit_moe2dense.graph import FuseExpert, TensorIO, projection_task
-from mergekit_moe2dense.plan import Block, LayerPlan
 
-__all__ = ["closed_form_router", "closed_form_rows", "expert_key", "fitted_router", "mix_rows", "plan_moe_merge"]
+__all__ = ["closed_form_router", "closed_form_rows", "fitted_router", "mix_rows"]
 
 
 def closed_form_router(old_router: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -66,12 +60,6 @@ def fitted_router(inputs: torch.Tensor, labels: np.ndarray, k: int, *, seed: int
     return torch.from_numpy(rows)
 
 
-def expert_key(layer: int, expert: int, projection: str) -> str:
-    """The key of a re-fitted projection of the smaller MoE's expert (`plan_moe_merge`'s `fitted`),
-    whatever layout the expert is written in."""
-    return f"layer {layer} expert {expert} {projection}"
-
-
 def mix_rows(value: torch.Tensor, weights: torch.Tensor, axis: int = 0) -> torch.Tensor:
     """`value` with its expert dim `axis` (size E) replaced by k rows: row j = sum_e weights[j, e]
     x row e (float64 arithmetic; a kept expert's own row when weights[j] is one-hot)."""
@@ -93,60 +81,3 @@ def closed_form_rows(source, layer: MoELayer, weights: torch.Tensor, router: tor
             continue
         rows[output] = mix_rows(source.reader.read(name), weights, axis).float()
     return rows
-
-
-def plan_moe_merge(
-    io: TensorIO,
-    source,
-    layers: Sequence[MoELayer],
-    weights: torch.Tensor,
-    rows: dict[str, Task],
-    out_path: str,
-    *,
-    fitted: dict[str, Task] | None = None,
-) -> list[Task]:
-    """Tasks that write the k-expert MoE: merged experts, the new expert-indexed tensors, the
-    rest copied (shared experts and their gates included; `SourceModel.rest_of_checkpoint`:
-    no multi-token-prediction layers).
-
-    `weights` [k, L, E]; `layers` are the source's MoE layers, or the same with permuted
-    expert slices (alignment.py); `rows` holds a task for every expert-indexed tensor of
-    every block (`closed_form_rows`), by output name; `fitted` re-fitted expert projections
-    by `expert_key`, used instead of their merge. Each expert is written in the family's
-    `moe_layout`: its own tensors, or its slices of fused [k, ...] tensors, each stacked from
-    the layer's k experts by one task (`graph.FuseExpert`: memory stays one layer's experts).
-    """
-    family, fitted = source.family, fitted or {}
-    num_experts, width = weights.shape[0], family.expert_width(source.config)
-    writer = io.writer(out_path)
-    saves, consumed = [], set()
-    for position, layer in enumerate(layers):
-        consumed.update(layer.consumed)
-        outputs = family.moe_expert_slices(layer.index, num_experts, width)
-        stacked: dict[str, list[tuple[int, str, Task]]] = {}
-        for expert, row in enumerate(weights[:, position].tolist()):
-            plan = LayerPlan(layer, (Block(tuple(row)),))
-            for projection, piece in outputs[expert].items():
-                task = fitted.get(expert_key(layer.index, expert, projection))
-                task = task or projection_task(io.model, plan, projection, io.dtype, io.device)
-                if piece.expert is None:  # a tensor of its own
-                    saves.append(io.save(piece.tensor, task, writer))
-                else:
-                    stacked.setdefault(piece.tensor, []).append((expert, projection, task))
-        for name, parts in stacked.items():
-            experts, projections, tasks = zip(*parts)
-            fused = FuseExpert(
-                layout=family.moe_layout(),
-                layer=layer.index,
-                tensor=name,
-                projections=projections,
-                parts=tasks,
-                experts=experts,
-                num_experts=num_experts,
-            )
-            saves.append(io.save(name, fused, writer))
-        for name, output, axis in family.moe_block_tensors(source.config, layer.index, source.tensor_names):
-            saves.append(io.save(output, rows[output] if axis is not None else io.read(name), writer))
-    for name in source.rest_of_checkpoint(consumed):
-        saves.append(io.save(name, io.read(name), writer))
-    return [FinalizeModel(tensor_save_tasks=tuple(saves), writer_task=writer)]

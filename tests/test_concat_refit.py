@@ -15,7 +15,7 @@ from mergekit.options import MergeOptions
 from helpers import logits_of, recorded_and_plain_logits
 from mergekit_moe2dense.build import WEIGHTS_FILE, build_dense
 from mergekit_moe2dense.calibration import collect_statistics, load_calibration_batches, load_moe
-from mergekit_moe2dense.calibration.sequential import DenseMLP, refit_layers
+from mergekit_moe2dense.calibration.refit import DenseMLP, refit_layers
 from mergekit_moe2dense.config import CalibrationConfig, ConfigError, Moe2DenseConfig
 from mergekit_moe2dense.families import ExpertSlice, MoELayer
 from mergekit_moe2dense.io.source import SourceModel

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from helpers import TEXT, assert_one_line_error, logits_of, make_config, run_cli, write_config
 from mergekit_moe2dense.build import build_dense
 from mergekit_moe2dense.calibration import load_calibration_batches
-from mergekit_moe2dense.calibration.sequential import refit_layers
+from mergekit_moe2dense.calibration.refit import refit_layers
 from mergekit_moe2dense.config import CalibrationConfig
 from mergekit_moe2dense.io.source import SourceModel
 from mergekit_moe2dense.methods import get_method

@@ -16,7 +16,7 @@ from mergekit.options import MergeOptions
 from helpers import logits_of, make_config, save_model
 from mergekit_moe2dense.build import build_dense
 from mergekit_moe2dense.calibration import collect_statistics, load_calibration_batches
-from mergekit_moe2dense.calibration.sequential import DenseMLP, refit_layers
+from mergekit_moe2dense.calibration.refit import DenseMLP, refit_layers
 from mergekit_moe2dense.config import CalibrationConfig
 from mergekit_moe2dense.io.source import SourceModel
 from mergekit_moe2dense.plan import Block, LayerPlan

@@ -159,7 +159,7 @@ def test_layer_loop_calls_back_in_order_and_carries_the_converted_states(random_
     freed layer and its outputs; and with every sparse block swapped for a dense MLP the carried
     states are those of a full forward of the converted dense model (what the re-fit relies on)."""
     from mergekit_moe2dense.calibration import LayerStream, LayerVisitor, load_moe
-    from mergekit_moe2dense.calibration.sequential import DenseMLP
+    from mergekit_moe2dense.calibration.refit import DenseMLP
     from mergekit_moe2dense.merge import assemble
     from mergekit_moe2dense.plan import Block, LayerPlan
 

@@ -12,7 +12,7 @@ from mergekit.options import MergeOptions
 
 from helpers import make_config, state_of
 from mergekit_moe2dense.build import build_dense
-from mergekit_moe2dense.calibration import sequential
+from mergekit_moe2dense.calibration.refit import fitters as sequential
 from mergekit_moe2dense.refit import LeastSquaresStats, fit_down_proj, squared_error
 
 

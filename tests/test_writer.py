@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from helpers import make_config
 from mergekit_moe2dense.build import build_dense
 from mergekit_moe2dense.config import Moe2DenseConfig
-from mergekit_moe2dense.graph import ReadTensor, SpilledTensors, open_readers
+from mergekit_moe2dense.graph import ReadTensor, SpilledTensors
+from mergekit_moe2dense.graph.resources import graph_resources as open_readers
 from mergekit_moe2dense.io import writer as writer_module
 from mergekit_moe2dense.io.source import SourceModel
 from mergekit_moe2dense.io.writer import ShardWriter, header_bytes_for

@@ -33,11 +33,12 @@ import torch
 import transformers
 
 from mergekit_moe2dense.calibration.layerwise import LayerStream, LayerVisitor, layer_compute_dtype
-from mergekit_moe2dense.calibration.sequential import SparseBlock
+from mergekit_moe2dense.calibration.refit.blocks import SparseBlock
 from mergekit_moe2dense.calibration.settings import StreamSettings
 from mergekit_moe2dense.families import ExpertSlice, MoELayer
+from mergekit_moe2dense.graph.builders import expert_key
 from mergekit_moe2dense.merge import mixture
-from mergekit_moe2dense.reassemble import expert_key, mix_rows
+from mergekit_moe2dense.reassemble import mix_rows
 from mergekit_moe2dense.refit import LeastSquaresStats, fit_down_proj, squared_error
 
 __all__ = ["SmallerMoEFit", "fit_smaller_moe"]

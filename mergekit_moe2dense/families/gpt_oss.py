@@ -26,7 +26,7 @@ experts' down matrices on their clamped SwiGLU activations, the biases kept.
 The dense re-fits (`refit: scale | down_proj | fit`, `refit_gate_up: regmean`) compute the
 dense MLP's h with this same clamped SwiGLU (`dense_hidden`: `expert_hidden` on the dense
 MLP's projections and biases as a one-expert module) and fit its biases with its matrices
-(calibration/sequential.py); the fitted tensors are written as expert 0 of `EXPERTS`.
+(calibration/refit/); the fitted tensors are written as expert 0 of `EXPERTS`.
 """
 
 from __future__ import annotations

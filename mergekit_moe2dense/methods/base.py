@@ -14,7 +14,7 @@ Every method also accepts the re-fit parameters (`refit: none | scale |
 down_proj | fit`, `refit_damping`, `refit_gate_up: merge | regmean`, and
 `refit: fit`'s `fit_steps`, `fit_lr`, `fit_batch_tokens`, `fit_holdout`),
 declared once in `MethodParameters`; the finishing stage (finish.py) runs the re-fit
-(calibration/sequential.py) on whatever plan the method produced.
+(calibration/refit/) on whatever plan the method produced.
 """
 
 from __future__ import annotations

@@ -8,10 +8,9 @@ stage computed (`finish.router_rows`). expert_weights.json holds every expert's 
 from __future__ import annotations
 
 from mergekit_moe2dense.card import write_moe_card
-from mergekit_moe2dense.graph import computed_tensors, run_graph
+from mergekit_moe2dense.graph import computed_tensors, plan_moe_merge, run_graph
 from mergekit_moe2dense.outputs.base import WriteContext, write_model_files, write_weights_file
 from mergekit_moe2dense.plan import MoEPlan
-from mergekit_moe2dense.reassemble import plan_moe_merge
 
 __all__ = ["write_moe"]
 

@@ -1,14 +1,8 @@
 # Copyright (C) 2026 the mergekit-moe2dense authors
 # SPDX-License-Identifier: LGPL-3.0-only
-"""The layer-sequential re-fit: convert the model layer by layer on the streaming engine.
-
-For each decoder layer l, in order (GPTQ's / llm-compressor's sequential loop,
-here `LayerStream.run` with the `_Converting` visitor): the carried hidden
-states are the outputs of the *already converted* dense layers 0..l-1; the
-per-layer step (a `LayerFitter`) gets layer l's `SparseBlock` and its plan and
-returns the dense MLP that replaces the block (`LayerFit`); the dense layer l
-(the MoE layer with its sparse block swapped for that MLP) produces the next
-layer's inputs.
+"""The per-layer steps of the layer-sequential re-fit (`LayerFitter`s): layer l's `SparseBlock`
+and its plan in, the dense MLP that replaces the block out (`LayerFit`); driver.py runs one on
+every planned layer.
 
 The step here is `closed_form_fit`: the MoE layer runs on the carried states
 while a hook records its sparse block's input x (post-attention-norm hidden
@@ -41,27 +35,21 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
-from collections.abc import Callable, MutableMapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from mergekit_moe2dense.calibration.batches import TokenBatch
-from mergekit_moe2dense.calibration.layerwise import LayerStream, LayerVisitor
-from mergekit_moe2dense.calibration.settings import StreamSettings
+from mergekit_moe2dense.calibration.refit.blocks import DenseMLP, SparseBlock
 from mergekit_moe2dense.memory import release_freed_memory
 from mergekit_moe2dense.merge import assemble, assemble_biases
 from mergekit_moe2dense.plan import LayerPlan, block_dim, block_terms
 from mergekit_moe2dense.refit import (
-    BIASES,
     FitSettings,
-    Hidden,
     LeastSquaresStats,
     fit_channel_scale,
     fit_down_proj,
     fit_mlp,
-    gated_hidden,
     mlp_error,
     regmean_merge,
     squared_error,
@@ -69,164 +57,9 @@ from mergekit_moe2dense.refit import (
 
 LOG = logging.getLogger(__name__)
 
-__all__ = [
-    "DenseMLP",
-    "LayerFit",
-    "LayerFitter",
-    "RefitResult",
-    "SparseBlock",
-    "closed_form_fit",
-    "fit_layers",
-    "gradient_fit",
-    "refit_fitter",
-    "refit_layers",
-]
+__all__ = ["REFIT_MODES", "LayerFit", "LayerFitter", "closed_form_fit", "gradient_fit", "refit_fitter"]
 
 REFIT_MODES = ("none", "scale", "down_proj", "fit")
-
-
-class _Nothing(torch.nn.Module):
-    """Stands in for shared experts that sit beside the sparse block (the dense MLP has them)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(x)
-
-
-class DenseMLP(torch.nn.Module):
-    """down(act(gate x) * up x): the dense MLP that replaces a sparse block. With `biases`
-    (gate_bias, up_bias [I], down_bias [H]) they are added to each projection's output;
-    `hidden` (a family's own h, `refit.Hidden`) replaces act(gate x + b) * (up x + b)."""
-
-    def __init__(
-        self,
-        gate: torch.Tensor,
-        up: torch.Tensor,
-        down: torch.Tensor,
-        act,
-        biases: dict[str, torch.Tensor] | None = None,
-        hidden: Hidden | None = None,
-    ):
-        super().__init__()
-        self.gate, self.up, self.down, self.act = gate, up, down, act
-        self.biases = dict(biases or {})
-        self.hidden = hidden or gated_hidden(act)
-
-    @property
-    def projections(self) -> dict[str, torch.Tensor]:
-        return {"gate": self.gate, "up": self.up, "down": self.down, **self.biases}
-
-    def intermediate(self, x: torch.Tensor) -> torch.Tensor:
-        return self.hidden(x, self.projections)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.intermediate(x.float()) @ self.down.T
-        if "down_bias" in self.biases:
-            out = out + self.biases["down_bias"]
-        return out.to(x.dtype)
-
-
-@dataclass
-class SparseBlock:
-    """Layer l's sparse block as the per-layer step sees it: loaded, inside its MoE
-    layer, whose carried inputs are the outputs of the converted layers 0..l-1."""
-
-    stream: LayerStream
-    index: int  # decoder layer
-    layer: torch.nn.Module  # the MoE decoder layer
-    path: str  # the block's module path in stream.model
-    module: torch.nn.Module
-    router: torch.nn.Module
-    act: Callable[[torch.Tensor], torch.Tensor] | None  # the experts' activation (None: GPT-OSS's own)
-    # shared experts beside the block (Granite's `shared_mlp`), on the same input: part of the target
-    shared_path: str | None = None
-    keep: torch.Tensor | None = None  # during `run`: the current batch's non-padding tokens [B*T], on the device
-    # the family's own h of a dense MLP (GPT-OSS's clamped SwiGLU with biases); None: act(G x) * (U x)
-    hidden: Hidden | None = None
-
-    @classmethod
-    def of(cls, stream: LayerStream, index: int, layer: torch.nn.Module) -> SparseBlock:
-        family = stream.family
-        path = family.router_module(index).rsplit(".", 1)[0]
-        experts = stream.model.get_submodule(family.experts_module(index))
-        return cls(
-            stream,
-            index,
-            layer,
-            path,
-            stream.model.get_submodule(path),
-            stream.model.get_submodule(family.router_module(index)),
-            getattr(experts, "act_fn", None),  # GPT-OSS: none (its `dense_hidden`)
-            family.shared_module(stream.source.config, index),
-            hidden=family.dense_hidden(experts, index),
-        )
-
-    def dense(self, projections: dict[str, torch.Tensor]) -> DenseMLP:
-        """The dense MLP of these projections (and biases), computing what the family's experts do."""
-        biases = {b: projections[b] for b in BIASES if b in projections}
-        return DenseMLP(projections["gate"], projections["up"], projections["down"], self.act, biases, self.hidden)
-
-    def swaps(self, dense: torch.nn.Module) -> dict[str, torch.nn.Module]:
-        """What replaces the block (and shared experts beside it) in the dense layer."""
-        dense = self.stream.family.dense_block(dense)
-        return {self.path: dense, **({self.shared_path: _Nothing()} if self.shared_path else {})}
-
-    def run(self, *handles) -> None:
-        """One pass of every batch through the MoE layer (the carried states stay);
-        `keep` is set for each batch before its forward; `handles` (hooks) are removed after."""
-
-        def before(b: int) -> None:
-            self.keep = self.stream.batches[b].attention_mask.reshape(-1).bool().to(self.stream.device)
-
-        try:
-            self.stream.forward(self.layer, advance=False, before_batch=before)
-        finally:
-            for handle in handles:
-                handle.remove()
-
-    def record(self, on_tokens: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
-        """One pass: `on_tokens(x, y)` per batch with the block's input x and output y
-        [N, H] of the non-padding tokens, in float32."""
-
-        pending = []
-
-        def hook(_module, inputs, output):
-            x = inputs[0].reshape(-1, inputs[0].shape[-1])[self.keep].float()
-            output = output[0] if isinstance(output, tuple) else output  # Llama 4's block adds its router logits
-            y = output.reshape(-1, output.shape[-1])[self.keep].float()
-            if self.shared_path is None:
-                on_tokens(x, y)
-            else:  # completed by the shared experts' output, which comes next
-                pending.append((x, y))
-
-        def shared_hook(_module, _inputs, output):
-            x, y = pending.pop()
-            on_tokens(x, y + output.reshape(-1, output.shape[-1])[self.keep].float())
-
-        handles = [self.module.register_forward_hook(hook)]
-        if self.shared_path is not None:
-            handles.append(self.stream.model.get_submodule(self.shared_path).register_forward_hook(shared_hook))
-        self.run(*handles)
-
-    def nbytes(self, *, shared: bool) -> int:
-        """The bytes `release(shared=shared)` frees: the block's weights (and the shared experts')."""
-        modules = [self.module]
-        if shared and self.shared_path is not None:
-            modules.append(self.stream.model.get_submodule(self.shared_path))
-        return sum(t.nbytes for m in modules for t in [*m.parameters(), *m.buffers()] if not t.is_meta)
-
-    def release(self, *, shared: bool) -> None:
-        """Free the sparse block's weights (and with `shared` the shared experts beside it) once
-        its outputs are recorded: the advancing forward runs the module that replaces it, and
-        `LayerStream.load_layer` materialises the whole layer again. The solve that follows then
-        does not hold a layer of experts beside its Gram matrices (the re-fit phase's peak)."""
-        self.module.to_empty(device="meta")
-        if shared and self.shared_path is not None:
-            self.stream.model.get_submodule(self.shared_path).to_empty(device="meta")
-        release_freed_memory()
-
-    def load(self, piece) -> torch.Tensor:
-        """One expert's projection from the checkpoint, on the device."""
-        return self.stream.read_slice(piece).to(self.stream.device)
 
 
 @dataclass
@@ -244,65 +77,6 @@ class LayerFit:
 LayerFitter = Callable[[SparseBlock, LayerPlan], LayerFit]
 
 
-@dataclass
-class RefitResult:
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # dense name -> fitted [H, I]
-    # decoder layer -> (relative squared error of the sparse block's output before, after the fit),
-    # sum_t ||y_t - D h_t||^2 / sum_t ||y_t||^2 on the calibration tokens
-    errors: dict[int, tuple[float, float]] = field(default_factory=dict)
-    # decoder layer -> the same on the held-out tokens, start -> end (`refit: fit` only)
-    heldout: dict[int, tuple[float, float]] = field(default_factory=dict)
-    seconds: dict[int, float] = field(default_factory=dict)  # decoder layer -> wall time of its fit
-
-
-class _Converting(LayerVisitor):
-    """Runs the per-layer step on every planned layer and swaps in its dense MLP."""
-
-    def __init__(self, plans: Sequence[LayerPlan], fitter: LayerFitter, result: RefitResult):
-        self.plans = {plan.layer.index: plan for plan in plans}
-        self.fitter = fitter
-        self.result = result
-
-    def prepare_layer(self, stream, index, layer):
-        plan = self.plans.get(index)
-        if plan is None:
-            return {}
-        block = SparseBlock.of(stream, index, layer)
-        start = time.perf_counter()
-        fit = self.fitter(block, plan)
-        self.result.seconds[index] = time.perf_counter() - start
-        names = stream.family.dense_mlp_names(index, fit.tensors)
-        self.result.tensors.update({names[p]: tensor.cpu() for p, tensor in fit.tensors.items()})
-        self.result.errors[index] = fit.error
-        if fit.heldout is not None:
-            self.result.heldout[index] = fit.heldout
-        return block.swaps(fit.dense)
-
-
-def fit_layers(
-    source,
-    plans: Sequence[LayerPlan],
-    batches: list[TokenBatch],
-    fitter: LayerFitter,
-    stream: StreamSettings | None = None,
-    store: MutableMapping[str, torch.Tensor] | None = None,
-) -> RefitResult:
-    """Every planned layer converted in order by `fitter`, on the layer stream. The fitted
-    tensors go into `store` (default: a dict; e.g. `graph.SpilledTensors`, to keep them on disk)."""
-    stream = stream or StreamSettings()
-    result = RefitResult(tensors=store if store is not None else {})
-    with LayerStream(
-        source,
-        batches,
-        device=stream.device,
-        dtype=stream.dtype,
-        compute_dtype=stream.compute_dtype,
-        spill_dir=stream.spill_dir,
-    ) as layers:
-        layers.run(_Converting(plans, fitter, result), desc="Re-fitting", progress=stream.progress)
-    return result
-
-
 def refit_fitter(mode: str, damping: float, gate_up: str = "merge", fit: FitSettings | None = None) -> LayerFitter:
     """The per-layer step of a re-fit: down unless `mode` is none; gate and up with
     `gate_up="regmean"` or `mode="fit"`, whose settings are `fit`."""
@@ -311,23 +85,6 @@ def refit_fitter(mode: str, damping: float, gate_up: str = "merge", fit: FitSett
     if mode == "fit":
         return functools.partial(gradient_fit, settings=fit or FitSettings(), damping=damping, gate_up=gate_up)
     return functools.partial(closed_form_fit, mode=mode, damping=damping, gate_up=gate_up)
-
-
-def refit_layers(
-    source,
-    plans: Sequence[LayerPlan],
-    batches: list[TokenBatch],
-    *,
-    mode: str,
-    damping: float,
-    gate_up: str = "merge",
-    fit: FitSettings | None = None,
-    **stream,
-) -> RefitResult:
-    """Fitted projections of every planned layer (`refit_fitter`), and the layers'
-    reconstruction errors; `stream` holds `StreamSettings` fields (device, dtype, ...)."""
-    fitter = refit_fitter(mode, damping, gate_up, fit)
-    return fit_layers(source, plans, batches, fitter, StreamSettings(**stream))
 
 
 def closed_form_fit(

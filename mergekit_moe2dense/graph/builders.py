@@ -1,0 +1,193 @@
+# Copyright (C) 2026 the mergekit-moe2dense authors
+# SPDX-License-Identifier: LGPL-3.0-only
+"""Plan -> task graph: the tasks that write a dense model (`plan_dense_merge`; k dense models
+are k of them) and a smaller MoE of the same family (`plan_moe_merge`: k merged experts, or
+N kept or merged ones).
+
+Every builder merges a projection as `merge.py` defines it (`projection_task`: one
+`MergeExperts` per block of `merge.merge_terms`, joined by `merge.join_blocks`) and ends with
+the same copy of everything the conversion does not build (`rest_of_checkpoint`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from mergekit.common import ModelReference
+from mergekit.graph import Task
+from mergekit.io.tasks import FinalizeModel
+
+from mergekit_moe2dense.families import PROJECTIONS, MoELayer
+from mergekit_moe2dense.graph.tasks import FuseExpert, JoinBlocks, MergeExperts, PadIntermediate, ZeroTensor
+from mergekit_moe2dense.graph.tensor_io import TensorIO
+from mergekit_moe2dense.merge import merge_terms
+from mergekit_moe2dense.plan import Block, LayerPlan
+from mergekit_moe2dense.refit import BIASES
+
+__all__ = ["expert_key", "plan_dense_merge", "plan_moe_merge", "projection_task", "rest_of_checkpoint"]
+
+
+def projection_task(
+    model: ModelReference, plan: LayerPlan, projection: str, dtype: str | None, device: str | None = None
+) -> Task:
+    """One dense projection of a layer: its blocks merged, scaled and concatenated. An
+    expert bias (`gate_bias`, ...) merges as its weight does: a merged expert's bias is
+    the same weighted sum; down biases of several blocks add up, each scaled as its block.
+    Experts with zero weight are left out, so e.g. `single_expert` reads one expert."""
+    terms = merge_terms(plan, projection)
+    parts = tuple(
+        MergeExperts(model=model, slices=t.slices, weights=t.weights, dtype=dtype, device=device) for t in terms
+    )
+    scales = tuple(t.scale for t in terms)
+    if len(parts) == 1 and scales[0] == 1.0:
+        return parts[0]
+    return JoinBlocks(parts=parts, scales=scales, projection=projection)
+
+
+def rest_of_checkpoint(io: TensorIO, source, consumed: set[str], replaced: dict[str, Task] | None = None):
+    """(name, task) for every source tensor the conversion does not build: read and written as it
+    is, or from `replaced` (a dense layer's padded MLP). `SourceModel.rest_of_checkpoint` leaves out
+    the layers no output holds (multi-token prediction)."""
+    replaced = replaced or {}
+    return [(name, replaced.get(name) or io.read(name)) for name in source.rest_of_checkpoint(consumed)]
+
+
+def plan_dense_merge(
+    io: TensorIO,
+    source,
+    plans: Sequence[LayerPlan],
+    out_path: str,
+    *,
+    width: int | None = None,
+    fitted: dict[str, Task] | None = None,
+) -> list[Task]:
+    """Tasks that write the dense checkpoint of `source` (a `io.source.SourceModel`):
+    merged MLPs, everything else copied.
+
+    With `width`, every merged MLP and the MLPs of the decoder layers that are dense
+    already are zero-padded to that intermediate size. Projections a plan lists in
+    `fitted` come from the `fitted` tasks (by dense tensor name) instead of a merge.
+    """
+    outputs, consumed = [], set()
+    for plan in plans:
+        consumed.update(plan.layer.consumed)
+        outputs += _dense_layer(io, source, plan, width, fitted)
+    outputs += rest_of_checkpoint(io, source, consumed, _padded_dense_layers(io, source, plans, width))
+    return [io.write_all(out_path, outputs)]
+
+
+def _padded_dense_layers(io: TensorIO, source, plans: Sequence[LayerPlan], width: int | None) -> dict[str, Task]:
+    """The MLPs of the decoder layers that are dense already, padded to `width` (none without it)."""
+    family, config = source.family, source.config
+    padded = {}
+    converted = {plan.layer.index for plan in plans}
+    if width is not None and family.dense_layer_width(config) is not None:
+        for layer in range(config.num_hidden_layers):
+            if layer not in converted:
+                for projection, name in family.dense_mlp_names(layer).items():
+                    padded[name] = _padded(io.read(name), projection, width)
+    return padded
+
+
+def _dense_layer(io: TensorIO, source, plan: LayerPlan, width: int | None, fitted) -> list[tuple[str, Task]]:
+    """(name, task) of one converted layer's dense MLP (its fused tensors, where the dense target
+    stacks them) and the zero tensors the dense target needs there."""
+    family, index = source.family, plan.layer.index
+    names = family.dense_mlp_names(index, PROJECTIONS + BIASES)  # biases: where the target has them
+    tasks = {}
+    for projection in PROJECTIONS + tuple(b for b in BIASES if b in plan.layer.experts[0]):
+        if projection in plan.fitted:
+            task = fitted[names[projection]]
+        else:
+            task = projection_task(io.model, plan, projection, io.dtype, io.device)
+        tasks[projection] = _padded(task, projection, width)
+    fused = family.dense.fused
+    if fused is None:
+        outputs = [(names[projection], tasks[projection]) for projection in PROJECTIONS]
+    else:
+        outputs = [
+            (
+                name,
+                FuseExpert(
+                    layout=fused, layer=index, tensor=name, projections=tuple(tasks), parts=tuple(tasks.values())
+                ),
+            )
+            for name in fused.expert_shapes(index, 1)
+        ]
+    for name, shape in family.dense_zero_tensors(source.config, index).items():
+        outputs.append((name, ZeroTensor(name=name, shape=tuple(shape))))
+    return outputs
+
+
+def _padded(task: Task, projection: str, width: int | None) -> Task:
+    if width is None or projection == "down_bias":  # [H]: no intermediate dimension
+        return task
+    return PadIntermediate(tensor=task, dim=1 if projection == "down" else 0, size=width)
+
+
+def expert_key(layer: int, expert: int, projection: str) -> str:
+    """The key of a re-fitted projection of the smaller MoE's expert (`plan_moe_merge`'s `fitted`),
+    whatever layout the expert is written in."""
+    return f"layer {layer} expert {expert} {projection}"
+
+
+def plan_moe_merge(
+    io: TensorIO,
+    source,
+    layers: Sequence[MoELayer],
+    weights: torch.Tensor,
+    rows: dict[str, Task],
+    out_path: str,
+    *,
+    fitted: dict[str, Task] | None = None,
+) -> list[Task]:
+    """Tasks that write the k-expert MoE: merged experts, the new expert-indexed tensors, the
+    rest copied (shared experts and their gates included; `rest_of_checkpoint`).
+
+    `weights` [k, L, E]; `layers` are the source's MoE layers, or the same with permuted
+    expert slices (alignment.py); `rows` holds a task for every expert-indexed tensor of
+    every block (`reassemble.closed_form_rows`), by output name; `fitted` re-fitted expert
+    projections by `expert_key`, used instead of their merge. Each expert is written in the
+    family's `moe_layout`: its own tensors, or its slices of fused [k, ...] tensors, each stacked
+    from the layer's k experts by one task (`FuseExpert`: memory stays one layer's experts).
+    """
+    outputs, consumed = [], set()
+    for position, layer in enumerate(layers):
+        consumed.update(layer.consumed)
+        outputs += _moe_layer(io, source, layer, weights[:, position], fitted or {})
+        for name, output, axis in source.family.moe_block_tensors(source.config, layer.index, source.tensor_names):
+            outputs.append((output, rows[output] if axis is not None else io.read(name)))
+    outputs += rest_of_checkpoint(io, source, consumed)
+    writer = io.writer(out_path)
+    saves = tuple(io.save(name, task, writer) for name, task in outputs)
+    return [FinalizeModel(tensor_save_tasks=saves, writer_task=writer)]
+
+
+def _moe_layer(io: TensorIO, source, layer: MoELayer, weights: torch.Tensor, fitted) -> list[tuple[str, Task]]:
+    """(name, task) of one layer's k experts: tensors of their own first, then the fused ones."""
+    family, num_experts = source.family, weights.shape[0]
+    outputs = family.moe_expert_slices(layer.index, num_experts, family.expert_width(source.config))
+    own, stacked = [], {}
+    for expert, row in enumerate(weights.tolist()):
+        plan = LayerPlan(layer, (Block(tuple(row)),))
+        for projection, piece in outputs[expert].items():
+            task = fitted.get(expert_key(layer.index, expert, projection))
+            task = task or projection_task(io.model, plan, projection, io.dtype, io.device)
+            if piece.expert is None:  # a tensor of its own
+                own.append((piece.tensor, task))
+            else:
+                stacked.setdefault(piece.tensor, []).append((expert, projection, task))
+    for name, parts in stacked.items():
+        experts, projections, tasks = zip(*parts)
+        fused = FuseExpert(
+            layout=family.moe_layout(),
+            layer=layer.index,
+            tensor=name,
+            projections=projections,
+            parts=tasks,
+            experts=experts,
+            num_experts=num_experts,
+        )
+        own.append((name, fused))
+    return own
