@@ -4,7 +4,7 @@
 
     mergekit-moe2dense CONFIG OUT [--stats FILE|DIR] [--overwrite] [mergekit's merge options]
     mergekit-moe2dense eval MODEL [MODEL ...] [--data PATH] [--tasks hellaswag,./my_tasks] [--seq-len N] [--json FILE]
-    mergekit-moe2dense inspect MOE [--stats FILE | --data PATH] [--heatmap PNG] [--json FILE]
+    mergekit-moe2dense inspect MOE [--stats FILE | --data PATH] [--output dense|moe] [--write-config YML] [--heatmap PNG]
     mergekit-moe2dense heal STUDENT OUT --teacher MOE --data PATH --max-tokens N [...]
     mergekit-moe2dense collapse MOE OUT --data PATH --max-tokens N [...]
 
@@ -24,23 +24,29 @@ import os
 import click
 
 from mergekit_moe2dense.cli_errors import one_line_errors
+from mergekit_moe2dense.cli_options import merge_options, quiet_option, version_option
 from mergekit_moe2dense.cli_startup import DefaultCommandGroup
 
 
-# `merge_command` is looked up when `merge` is first needed (building it imports mergekit), so
-# that a replacement of it is the one used
+# `merge_command` is looked up when `merge` is first needed, so that a replacement of it is the
+# one used
 @click.group(
     cls=DefaultCommandGroup,
     default_command=lambda: merge_command(),
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+@version_option
 def main():
-    """Merge the experts of a Mixture-of-Experts model into a dense model."""
+    """Merge the experts of a Mixture-of-Experts model into a dense model.
+
+    `merge` is the default command: `mergekit-moe2dense CONFIG OUT` runs `mergekit-moe2dense
+    merge CONFIG OUT`.
+    """
 
 
 def merge_command() -> click.Command:
-    """The `merge` command; building it imports mergekit (and torch) for its options."""
-    from mergekit.options import MergeOptions, add_merge_options
+    """The `merge` command. Its mergekit options are declared without importing mergekit, so
+    that drawing the help is instant; mergekit and torch load when it runs."""
 
     @click.command("merge")
     @click.argument("config_file", type=click.Path(dir_okay=False))
@@ -53,16 +59,28 @@ def merge_command() -> click.Command:
         "statistics file (OUT/moe2dense/router_stats.safetensors; OUT/router_stats.safetensors before).",
     )
     @click.option("--overwrite", is_flag=True, help="Replace OUT_PATH if it is not empty.")
-    @add_merge_options
+    @click.option(
+        "--dry-run",
+        is_flag=True,
+        help="Print what would be done (method, calibration tokens, output, its size) and an estimate of the "
+        "time and peak memory on this machine, then exit without writing anything.",
+    )
+    @merge_options
+    @version_option
     @one_line_errors
-    def merge(merge_options: MergeOptions, config_file, out_path, stats_path, overwrite):
-        """Calibrate the MoE's routers, merge its experts, write a dense model to OUT_PATH."""
-        from mergekit_moe2dense.build import build_dense
+    def merge(merge_options, config_file, out_path, stats_path, overwrite, dry_run):
+        """Calibrate the MoE's routers, merge its experts, write a dense model to OUT_PATH (the
+        default command)."""
+        from mergekit_moe2dense.build import build_dense, estimate_build
         from mergekit_moe2dense.config import Moe2DenseConfig, read_config_text
 
         merge_options.apply_global_options()
         source = read_config_text(config_file)
         config = Moe2DenseConfig.from_yaml(source, source=config_file)
+        if dry_run:
+            estimate = estimate_build(config, out_path, merge_options, stats_path=stats_path, overwrite=overwrite)
+            click.echo(estimate.format())
+            return
         result = build_dense(
             config, out_path, merge_options, stats_path=stats_path, overwrite=overwrite, config_source=source
         )
@@ -74,6 +92,8 @@ def merge_command() -> click.Command:
         kind = "experts per layer" if plan_type is SmallerMoEPlan else "clusters"
         clusters = f", {weights.shape[0]} {kind}" if weights.dim() == 3 else ""
         click.echo(f"Wrote {result.out_path} ({config.merge_method}, {weights.shape[-2]} layers{clusters})")
+        if result.summary is not None:
+            click.echo(result.summary.format())
 
     return merge
 
@@ -106,13 +126,23 @@ def merge_command() -> click.Command:
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--reference", default=None, help="Model to report ratios and deltas against (default: the first).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write results as JSON.")
+@click.option(
+    "--card",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Add the results to the model card (README.md) of this model directory.",
+)
+@quiet_option
+@version_option
 @one_line_errors
-def eval_command(models, **flags):
+def eval_command(models, quiet, **flags):
     """Perplexity (--data) and standard benchmarks (--tasks) of one or more causal LMs, side by side."""
     from mergekit_moe2dense import EvalSettings, evaluate
 
-    report = evaluate(list(models), EvalSettings(**flags))
+    report = evaluate(list(models), EvalSettings(**flags), progress=not quiet)
     click.echo(report.table)
+    if report.verdict:
+        click.echo(report.verdict)
 
 
 @main.command("inspect")
@@ -120,9 +150,9 @@ def eval_command(models, **flags):
 @click.option(
     "--stats",
     "stats_path",
-    type=click.Path(dir_okay=False),
+    type=click.Path(),
     default=None,
-    help="Router usage from the statistics file of an earlier run (OUT/moe2dense/router_stats.safetensors).",
+    help="Router usage from the statistics of an earlier run: its OUT, or the file (OUT/moe2dense/router_stats.safetensors).",
 )
 @click.option(
     "--data",
@@ -130,7 +160,12 @@ def eval_command(models, **flags):
     help="Router usage from a short calibration on this text (.txt/.jsonl/.parquet, a directory, or a datasets name).",
 )
 @click.option("--num-samples", default=32, show_default=True, help="Calibration sequences (with --data).")
-@click.option("--seq-len", default=256, show_default=True, help="Tokens per calibration sequence (with --data).")
+@click.option(
+    "--seq-len",
+    type=int,
+    default=None,
+    help="Tokens per calibration sequence (with --data; default: 256, or the model's context if shorter).",
+)
 @click.option(
     "--device",
     default="cpu",
@@ -164,12 +199,36 @@ def eval_command(models, **flags):
     help="Write per-layer expert cosine heatmaps to this image (.png, .pdf, .svg, ...: its extension sets the format).",
 )
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON.")
+@click.option(
+    "--output",
+    type=click.Choice(["dense", "moe"]),
+    default="dense",
+    show_default=True,
+    help="What the recommended conversion makes: a dense model, or a smaller MoE of the same family.",
+)
+@click.option(
+    "--target-experts",
+    type=int,
+    default=None,
+    help="With --output moe: routed experts per layer of the smaller MoE (default: half the model's).",
+)
+@click.option(
+    "--write-config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write the recommended conversion as a YAML config here, calibrated on --data "
+    "(without --data: a placeholder to fill in); run it with `mergekit-moe2dense CONFIG OUT`.",
+)
+@quiet_option
+@version_option
 @one_line_errors
-def inspect_command(model, **flags):
-    """Whether merging MOE's experts by averaging can work: expert similarity, router usage, verdict."""
+def inspect_command(model, quiet, **flags):
+    """Whether merging MOE's experts by averaging can work (expert similarity, router usage, verdict),
+    and the one conversion recommended for it."""
     from mergekit_moe2dense import InspectSettings, inspect
 
-    report = inspect(model, InspectSettings(**flags), progress=True)
+    report = inspect(model, InspectSettings(**flags), progress=not quiet)
     click.echo(report.format_table())
 
 
@@ -190,8 +249,8 @@ def training_options(*, lr: float, lm_weight: float, lm_weight_help: str):
         click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True, help="Compute dtype (mixed precision on float32 weights; the teacher is loaded in it)."),
         click.option("--logging-steps", default=10, show_default=True),
         click.option("--overwrite", is_flag=True, help="Replace OUT if it is not empty."),
-        click.option("--quiet", is_flag=True, help="No progress bars."),
     ]  # fmt: skip
+    options.append(quiet_option)  # as on every command that draws progress bars
 
     def decorate(command):
         for option in reversed(options):
@@ -240,6 +299,7 @@ def training_settings(flags: dict):
 @training_options(
     lr=1e-4, lm_weight=0.0, lm_weight_help="Weight w of the LM loss: (1 - w) x KD + w x LM (0: pure distillation)."
 )
+@version_option
 @one_line_errors
 def heal_command(out_path, overwrite, quiet, **flags):
     """Distil the MoE TEACHER into the converted dense model STUDENT (forward KL on next-token
@@ -281,6 +341,7 @@ def heal_command(out_path, overwrite, quiet, **flags):
 @training_options(
     lr=1e-4, lm_weight=1.0, lm_weight_help="Weight w of the LM loss; 1 - w is KD from the original MoE (1: LM only)."
 )
+@version_option
 @one_line_errors
 def collapse_command(out_path, overwrite, quiet, **flags):
     """Train MOE with its experts pulled together (LM loss, or KD from the original with

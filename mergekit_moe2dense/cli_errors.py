@@ -55,10 +55,16 @@ def run_mergekit_config(merge_config, out_path: str, options, config_source: str
     under a click command (mergekit-yaml's) an error is its one-line message, called from Python
     it is raised as it is."""
     from mergekit_moe2dense.build import build_from_mergekit
+    from mergekit_moe2dense.output_dir import OutputNotEmptyError
 
     try:
         return build_from_mergekit(merge_config, out_path, options, config_source)
     except Moe2DenseError as error:
         if click.get_current_context(silent=True) is None:
             raise
+        if isinstance(error, OutputNotEmptyError):  # mergekit-yaml has no --overwrite
+            raise click.ClickException(
+                f"output directory {error.path} is not empty, and mergekit-yaml never replaces one: remove it or "
+                "choose another OUT_PATH (or run mergekit-moe2dense CONFIG OUT_PATH --overwrite)"
+            ) from None
         raise click.ClickException(str(error)) from None

@@ -4,14 +4,19 @@
 
 The CLI accepts every mergekit flag so that configs and habits carry over; an
 option this tool does not act on must not be silently ignored, so a non-default
-value of one of those fails before any work with the reason.
+value of one of those fails before any work with the reason (and `merge --help` hides it).
+Importing this module loads neither mergekit nor torch: the command line reads `REFUSED` to
+draw its help.
 """
 
 from __future__ import annotations
 
-from mergekit.options import MergeOptions
+from typing import TYPE_CHECKING
 
 from mergekit_moe2dense.errors import Moe2DenseError
+
+if TYPE_CHECKING:
+    from mergekit.options import MergeOptions
 
 __all__ = ["HONOURED", "REFUSED", "OptionError", "check_options"]
 
@@ -56,6 +61,8 @@ REFUSED = {
 
 def check_options(options: MergeOptions) -> None:
     """Raises on the first refused option set to a non-default value."""
+    from mergekit.options import MergeOptions
+
     defaults = MergeOptions()
     for name, reason in REFUSED.items():
         if getattr(options, name) != getattr(defaults, name):

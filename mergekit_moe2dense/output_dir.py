@@ -40,6 +40,7 @@ __all__ = [
     "OutputError",
     "OutputExistsError",
     "OutputLockedError",
+    "OutputNotEmptyError",
     "format_gb",
     "is_disk_full",
     "make_working_directory",
@@ -66,6 +67,15 @@ class OutputError(Moe2DenseError, ValueError):
 
 class OutputExistsError(OutputError, FileExistsError):
     """OUT is not empty and --overwrite was not given, or it changed during the run."""
+
+
+class OutputNotEmptyError(OutputExistsError):
+    """OUT is not empty and --overwrite was not given; `path` is OUT (each command line names
+    what replaces it in that command)."""
+
+    def __init__(self, path: str):
+        super().__init__(f"output directory {path} is not empty; pass --overwrite to replace it")
+        self.path = path
 
 
 class OutputLockedError(OutputError):
@@ -125,7 +135,7 @@ class OutputDirectory:
                     f"output path {self.path} {relation} {label} ({value}); choose an OUT outside every input"
                 )
         if os.path.isdir(self.path) and os.listdir(self.path) and not self.overwrite:
-            raise OutputExistsError(f"output directory {self.path} is not empty; pass --overwrite to replace it")
+            raise OutputNotEmptyError(self.path)
         existing = nearest_existing(self.parent)
         if not os.path.isdir(existing):
             raise OutputError(f"cannot create {self.path}: {existing} is not a directory")

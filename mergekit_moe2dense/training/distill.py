@@ -26,12 +26,12 @@ import torch
 import transformers
 from transformers import TrainingArguments, default_data_collator
 
-from mergekit_moe2dense.card import write_heal_card
+from mergekit_moe2dense.card import conversion_lineage, write_heal_card
 from mergekit_moe2dense.data import Document, load_documents
 from mergekit_moe2dense.devices import check_device
 from mergekit_moe2dense.io.fingerprint import content_fingerprint
 from mergekit_moe2dense.output_dir import OutputDirectory
-from mergekit_moe2dense.perplexity import check_seq_len, evaluate_perplexity
+from mergekit_moe2dense.perplexity import check_seq_len, evaluate_perplexity, load_eval_documents
 from mergekit_moe2dense.training.inputs import (
     check_causal_lm,
     check_same_vocabulary,
@@ -111,7 +111,7 @@ def heal(
     checkpoint_dir = os.path.abspath(settings.checkpoint_dir or f"{os.path.abspath(out_path)}.checkpoints")
     out = _check_directories(settings, out_path, checkpoint_dir, overwrite)
     documents = load_documents(settings.data)
-    eval_documents = load_documents(settings.eval_data) if settings.eval_data else None
+    eval_documents = load_eval_documents(settings.eval_data) if settings.eval_data else None  # as `eval` reads them
 
     training = settings.training
     steps = training.steps(int(os.environ.get("WORLD_SIZE", "1")))
@@ -209,8 +209,8 @@ def _train(prepared: _Run, callbacks: list | None):
             settings.teacher_cache, settings.teacher, prepared.sequences, spec, main=prepared.main,
             device=str(args.device), batch_size=training.batch_size, progress=prepared.progress,
         )  # fmt: skip
+    before = _perplexity(settings.student, prepared)
     model = transformers.AutoModelForCausalLM.from_pretrained(settings.student, dtype=torch.float32)
-    before = _perplexity(model, prepared)
     if settings.lora_rank is not None:
         model = _with_lora(model, settings.lora_rank, settings.effective_lora_alpha, training.seed)
     teacher_model = None
@@ -277,13 +277,34 @@ def _write(prepared: _Run, healed, record: dict, staging: str) -> None:
     """The healed student, in its stored dtype, with its tokenizer, `heal.json` (the perplexity
     after added to `record`) and its card, into `staging`."""
     healed.eval()
-    record["perplexity_after"] = _perplexity(healed, prepared)
     healed.to(stored_dtype(prepared.student_config))
     healed.save_pretrained(staging)
-    prepared.tokenizer.save_pretrained(staging)
+    _save_tokenizer(prepared.tokenizer, staging)
+    record["perplexity_after"] = _perplexity(staging, prepared)  # the model as written
     with open(os.path.join(staging, HEAL_RECORD), "w", encoding="utf-8") as handle:
         json.dump(record, handle, indent=2)
-    write_heal_card(staging, record, HEAL_RECORD)
+    write_heal_card(staging, record, HEAL_RECORD, lineage=conversion_lineage(prepared.settings.student))
+
+
+# Keys transformers adds when it saves a tokenizer it loaded from a local directory: where it
+# was loaded from, not how to load it; a published model's tokenizer config leaves them out.
+LOAD_TIME_KEYS = ("is_local", "local_files_only")
+
+
+def _save_tokenizer(tokenizer, directory: str) -> None:
+    """The student's tokenizer files, its config without the keys of the local load."""
+    tokenizer.save_pretrained(directory)
+    path = os.path.join(directory, "tokenizer_config.json")
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as handle:
+        config = json.load(handle)
+    if any(key in config for key in LOAD_TIME_KEYS):
+        for key in LOAD_TIME_KEYS:
+            config.pop(key, None)
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(config, handle, indent=2, ensure_ascii=False)
+            handle.write("\n")
 
 
 def _with_lora(model, rank: int, alpha: float, seed: int):
@@ -294,20 +315,18 @@ def _with_lora(model, rank: int, alpha: float, seed: int):
     return get_peft_model(model, config)
 
 
-def _perplexity(model, prepared: _Run) -> float | None:
-    """The held-out perplexity of `model` (on the main process, with `eval_data`), scored on the
-    training device and the model put back where it was."""
+def _perplexity(model_dir: str, prepared: _Run) -> float | None:
+    """The held-out perplexity of the model in `model_dir` (on the main process, with
+    `eval_data`), on the training device: loaded and scored as `eval` scores a model directory
+    (in its stored dtype), so that `eval` on the same model, data and --seq-len gives the same figure."""
     if prepared.eval_documents is None or not prepared.main:
         return None
-    device = model.device
-    model.to(prepared.args.device)
     training = prepared.settings.training
     result = evaluate_perplexity(
-        model, prepared.eval_documents, tokenizer=prepared.tokenizer, seq_len=training.seq_len,
-        batch_size=training.batch_size, max_tokens=prepared.settings.eval_max_tokens, progress=prepared.progress,
-        name="student",
+        model_dir, prepared.eval_documents, tokenizer=prepared.tokenizer, seq_len=training.seq_len,
+        batch_size=training.batch_size, max_tokens=prepared.settings.eval_max_tokens,
+        device=str(prepared.args.device), progress=prepared.progress, name="student",
     )  # fmt: skip
-    model.to(device)
     return result.perplexity
 
 

@@ -30,6 +30,7 @@ import time
 import torch
 from safetensors import SafetensorError
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from mergekit_moe2dense.output_dir import format_gb, is_disk_full
@@ -38,7 +39,16 @@ from mergekit_moe2dense.training.settings import HealError, TrainSettings
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["RUN_RECORD", "DistillTrainer", "SequenceDataset", "resume_checkpoint", "training_arguments"]
+__all__ = [
+    "RUN_RECORD",
+    "DistillTrainer",
+    "LogBar",
+    "LogPrinter",
+    "SequenceDataset",
+    "format_log",
+    "resume_checkpoint",
+    "training_arguments",
+]
 
 RUN_RECORD = "moe2dense_run.json"  # in each checkpoint-N: the run it belongs to, and its files
 # What a checkpoint resumes from, by the prefixes of transformers' file names (a model or a
@@ -104,6 +114,33 @@ class SequenceDataset(torch.utils.data.Dataset):
         return item
 
 
+def format_log(logs: dict, step: int, max_steps: int) -> str:
+    """A training log as one line: `step 10/100: loss 2.345, kd 2.1, learning_rate 9.5e-05, ...`,
+    numbers as numbers (transformers prints the dict, its floats turned into strings)."""
+    parts = [
+        f"{name} {value:.4g}" if isinstance(value, float) else f"{name} {value}"
+        for name, value in logs.items()
+        if name not in ("total_flos", "epoch")
+    ]
+    return f"step {step}/{max_steps}: " + ", ".join(parts)
+
+
+class LogBar(ProgressCallback):
+    """transformers' progress bar, each log written above it as `format_log`'s line."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None and logs:
+            self.training_bar.write(format_log(logs, state.global_step, state.max_steps))
+
+
+class LogPrinter(PrinterCallback):
+    """Without a bar: each log printed as `format_log`'s line."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_local_process_zero and logs:
+            print(format_log(logs, state.global_step, state.max_steps), flush=True)
+
+
 class DistillTrainer(Trainer):
     """`Trainer` whose loss is `losses.mixed_loss`: KD from `teacher` (a model run on the
     fly) or from the batch's cached teacher targets, mixed with the LM loss."""
@@ -119,6 +156,10 @@ class DistillTrainer(Trainer):
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        for stock, ours in ((ProgressCallback, LogBar), (PrinterCallback, LogPrinter)):
+            if any(type(callback) is stock for callback in self.callback_handler.callbacks):
+                self.remove_callback(stock)
+                self.add_callback(ours)
         self.extra_logs = extra_logs  # () -> dict added to each training log
         self.run = run  # what defines the run, recorded in each checkpoint (`resume_checkpoint`)
         self.teacher = teacher
