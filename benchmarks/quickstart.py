@@ -9,9 +9,10 @@ testbed the first time; it is cached under $MOE2DENSE_CACHE or ~/.cache/mergekit
 
 1. build (or reuse) the `example` testbed of benchmarks/testbed.py: an 8-expert top-2 Mixtral
    upcycled from a small dense model and trained further, with held-out text;
-2. `inspect` the MoE (weights only) and let its verdict choose the method, as the README
-   advises: `aligned` experts -> `router_weighted` + `refit: down_proj`, otherwise
-   `max_contribution` + `refit: down_proj` (the best single-width rows of the README's table);
+2. `inspect` the MoE (weights only) and take the conversion it recommends for a dense model
+   (recommend.py, as `inspect` prints it): `aligned` experts -> `router_weighted` +
+   `refit: down_proj` (configs/aligned.yml), otherwise `concat` + `refit: fit`
+   (configs/from_scratch.yml);
 3. convert it with calibration on the testbed's calib split (the equivalent YAML is written
    beside the model and the CLI command printed);
 4. score the MoE and the dense model on the same held-out windows and print both, the ratio
@@ -30,30 +31,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-# Each verdict of `inspect` -> the method the README's measured table recommends for it.
-RECOMMENDED = {
-    "aligned": {"merge_method": "router_weighted", "parameters": {"aggregate": "mean_logit", "refit": "down_proj"}},
-    "permuted": {"merge_method": "max_contribution", "parameters": {"refit": "down_proj"}},
-    "unrelated": {"merge_method": "max_contribution", "parameters": {"refit": "down_proj"}},
-}
-
 
 def recommended_config(verdict: str, moe: Path, calib: Path, seq_len: int) -> dict:
-    """The conversion config for a verdict: the recommended method, calibrated on `calib`."""
-    return {
-        **RECOMMENDED[verdict],
-        "models": [{"model": str(moe)}],
-        "calibration": {"dataset": str(calib), "num_samples": 128, "seq_len": seq_len, "batch_size": 8},
-        "dtype": "float32",
-    }
+    """The conversion config for a verdict: the dense model `inspect` recommends, calibrated on `calib`."""
+    from mergekit_moe2dense.recommend import recommend
+
+    calibration = {"dataset": str(calib), "num_samples": 128, "seq_len": seq_len, "batch_size": 8}
+    return recommend(verdict).config(str(moe), calibration, dtype="float32")
 
 
 def verdict_line(moe_ppl: float, dense_ppl: float, single_expert_width: bool = True) -> str:
-    ratio = dense_ppl / moe_ppl
-    change = 100 * (ratio - 1)
-    quality = "close to the MoE" if ratio <= 1.05 else "usable" if ratio <= 1.2 else "far from the MoE"
-    width = " at one expert's width" if single_expert_width else ""
-    return f"verdict: the dense model{width} has {change:+.1f}% perplexity vs the MoE (ratio {ratio:.3f}): {quality}"
+    """The verdict `eval` prints too (mergekit_moe2dense.evaluation)."""
+    from mergekit_moe2dense.evaluation import verdict_line
+
+    return verdict_line(moe_ppl, dense_ppl, single_expert_width)
 
 
 def run(preset: str, out: Path | None, cache_dir: str | None, max_tokens: int, progress: bool) -> dict:
@@ -76,15 +67,14 @@ def run(preset: str, out: Path | None, cache_dir: str | None, max_tokens: int, p
 
     say("2/4 inspect: can these experts be averaged?", flush=True)
     report = inspect_moe(str(testbed.moe))
-    method = RECOMMENDED[report.verdict]
     say(f"    verdict: {report.verdict} ({report.message})")
-    params = ", ".join(f"{k}: {v}" for k, v in method["parameters"].items())
-    say(f"    recommended: {method['merge_method']} ({params})")
+    say(f"    recommended: {report.recommendation.describe()}")
 
     out = out or Path(cache_dir or default_cache_dir()) / f"quickstart-{preset}-dense"
     say(f"3/4 convert -> {out}", flush=True)
     seq_len = min(256, json.loads((testbed.moe / "config.json").read_text())["max_position_embeddings"])
     spec = recommended_config(report.verdict, testbed.moe, testbed.calib_dir, seq_len)
+    method = {"merge_method": spec["merge_method"], "parameters": spec["parameters"]}
     config = Moe2DenseConfig.model_validate(spec)
     build_dense(config, str(out), MergeOptions(quiet=not progress), overwrite=True)
     recipe = out.parent / f"{out.name}.yml"
@@ -101,7 +91,8 @@ def run(preset: str, out: Path | None, cache_dir: str | None, max_tokens: int, p
     evaluated = time.perf_counter()
     moe_result.model, dense_result.model = "MoE", f"dense ({method['merge_method']})"
     say(format_results_table([moe_result, dense_result], reference="MoE"))
-    say(verdict_line(moe_result.perplexity, dense_result.perplexity))
+    # concat keeps the top-k experts side by side: a dense model k experts wide
+    say(verdict_line(moe_result.perplexity, dense_result.perplexity, method["merge_method"] != "concat"))
     elapsed = time.perf_counter() - started
     say(f"total {elapsed:.0f} s. Every method on this testbed: python benchmarks/quality.py --preset {preset} --grid")
     return {

@@ -35,14 +35,19 @@ in tests/test_inspection.py and on synthetic experts in docs/results/inspect.md)
 - `permuted`: otherwise: related, but only after permuting units.
 
 The model's verdict is its worst layer's. Averaging methods are suggested only when
-it is `aligned`; otherwise selection/concatenation methods, with a warning.
+it is `aligned`; otherwise selection/concatenation methods, with a warning. The report ends
+with one recommended conversion for the output asked for (recommend.py), which `inspect` can
+write as a config that `merge` runs; `quick_verdict` is the same measure on a few layers, the
+check a merge makes before it averages experts.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import textwrap
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar, Literal
 
@@ -60,8 +65,19 @@ from mergekit_moe2dense.errors import Moe2DenseError
 from mergekit_moe2dense.families import PROJECTIONS
 from mergekit_moe2dense.io.source import SourceModel
 from mergekit_moe2dense.methods import METHODS
+from mergekit_moe2dense.recommend import (
+    SEQ_LEN,
+    VERDICTS,
+    Recommendation,
+    config_yaml,
+    recommend,
+)
 from mergekit_moe2dense.report_files import atomic_report, check_reports, write_report_text
 from mergekit_moe2dense.settings import PathName, Settings
+from mergekit_moe2dense.statistics import resolve_stats_path
+
+LOG = logging.getLogger(__name__)
+DEFAULT_SEQ_LEN = 256  # inspect's short calibration: tokens per sequence
 
 __all__ = [
     "ALIGNED_RATIO",
@@ -80,14 +96,17 @@ __all__ = [
     "layer_verdict",
     "matched_unit_similarity",
     "normalized_entropy",
+    "heatmap_figure",
+    "heatmap_scale",
     "plot_heatmap",
+    "quick_verdict",
+    "write_config",
     "unit_vectors",
 ]
 
 MIN_EXCESS = 0.1
 ALIGNED_RATIO = 0.5
 CHANCE_SEED_OFFSET = 982_451_653
-VERDICTS = ("aligned", "permuted", "unrelated")  # best to worst
 AVERAGING_METHODS = ("router_weighted", "top_k_tempered")
 SELECTION_METHODS = ("single_expert", "max_contribution", "concat", "prune_experts", "merge_experts")
 
@@ -167,7 +186,8 @@ class LayerInspection:
 @dataclass
 class InspectionReport:
     """What `inspect_moe` found: per layer and, as its worst layer's, for the model; the methods
-    the verdict suggests (`format_table` is what `inspect` prints)."""
+    the verdict permits, and the one conversion recommended for the output asked for, with the
+    config written for it if any (`format_table` is what `inspect` prints)."""
 
     model: str
     num_experts: int
@@ -177,6 +197,9 @@ class InspectionReport:
     suggested_methods: list[str]
     message: str
     router_tokens: int | None = None
+    recommendation: Recommendation | None = None
+    config_path: str | None = None  # where the recommendation was written as a YAML config
+    config_needs_data: bool = False  # its calibration.dataset is a placeholder (no --data given)
     thresholds: dict[str, float] = field(
         default_factory=lambda: {"min_excess": MIN_EXCESS, "aligned_ratio": ALIGNED_RATIO}
     )
@@ -209,13 +232,22 @@ class InspectionReport:
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
         lines = ["  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
-        lines += [
-            "",
-            f"verdict: {self.verdict}",
-            self.message,
-            f"suggested methods: {', '.join(self.suggested_methods)}",
-        ]
+        lines += ["", f"verdict: {self.verdict}", self.message, *self._recommendation_lines()]
         return "\n".join(lines)
+
+    def _recommendation_lines(self) -> list[str]:
+        """The last lines: the one conversion to run and how to run it."""
+        rec = self.recommendation
+        if rec is None:
+            return [f"suggested methods: {', '.join(self.suggested_methods)}"]
+        target = "a smaller MoE" if rec.output == "moe" else "a dense model"
+        lines = [f"recommended for {target}: {rec.describe()}, as {rec.preset}"]
+        if self.config_path is None:
+            return lines + ["write it as a config to run with --write-config PATH"]
+        lines.append(f"wrote {self.config_path}; run it: mergekit-moe2dense {self.config_path} OUT")
+        if self.config_needs_data:
+            lines.append("fill in its calibration.dataset first (inspect ran without --data)")
+        return lines
 
 
 def _suggest(verdict: str) -> tuple[list[str], str]:
@@ -261,28 +293,60 @@ def heatmap_format(path: str) -> str:
     return extension
 
 
-def plot_heatmap(report: InspectionReport, path: str) -> None:
-    """One panel per MoE layer: the E x E cosine of the experts' weights, written atomically
-    in the format of `path`'s extension."""
+def heatmap_scale(report: InspectionReport) -> tuple[float, float]:
+    """(low, high) of the colour scale: the range of the off-diagonal cosines over every layer, so
+    that an upcycled model's 0.96-0.98 spreads over the colours (a flat model gets a small margin)."""
+    values = [
+        row[j]
+        for layer in report.layers
+        for i, row in enumerate(layer.expert_cosine)
+        for j in range(len(row))
+        if i != j
+    ]
+    low, high = min(values), max(values)
+    margin = max(1e-3, 0.02 * (high - low))
+    return max(-1.0, low - margin), min(1.0, high + margin)
+
+
+def heatmap_figure(report: InspectionReport):
+    """One panel per MoE layer: the E x E cosine of the experts' weights, on one colour scale fitted
+    to the data (shown on the colour bar), the experts numbered on both axes, the diagonal (each
+    expert with itself, always 1) left blank; the title wrapped to the figure's width."""
     # A bare Figure renders with Agg and leaves pyplot's global backend alone.
+    from matplotlib import colormaps
     from matplotlib.figure import Figure
 
-    image_format = heatmap_format(path)
-
-    count = len(report.layers)
+    count, num_experts = len(report.layers), report.num_experts
     cols = min(count, 8)
     rows = math.ceil(count / cols)
-    figure = Figure(figsize=(2.2 * cols + 1, 2.2 * rows + 0.6))
+    figure = Figure(figsize=(2.4 * cols + 1.4, 2.4 * rows + 1.0), layout="constrained")
     axes = figure.subplots(rows, cols, squeeze=False)
     for ax in axes.flat[count:]:
         ax.axis("off")
+    low, high = heatmap_scale(report)
+    cmap = colormaps["viridis"].with_extremes(bad="lightgrey")
+    ticks = list(range(0, num_experts, max(1, math.ceil(num_experts / 8))))
     for ax, layer in zip(axes.flat, report.layers):
-        image = ax.imshow(layer.expert_cosine, vmin=-1, vmax=1, cmap="RdBu_r")
+        cosine = torch.tensor(layer.expert_cosine)
+        cosine.fill_diagonal_(float("nan"))
+        image = ax.imshow(cosine.numpy(), vmin=low, vmax=high, cmap=cmap)
         ax.set_title(f"layer {layer.layer} ({layer.verdict})", fontsize=8)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    figure.colorbar(image, ax=axes, shrink=0.8, label="expert weight cosine")
-    figure.suptitle(f"{report.model}: {report.verdict}", fontsize=10)
+        ax.set_xticks(ticks, labels=[str(t) for t in ticks], fontsize=6)
+        ax.set_yticks(ticks, labels=[str(t) for t in ticks], fontsize=6)
+        ax.set_xlabel("expert", fontsize=7)
+        ax.set_ylabel("expert", fontsize=7)
+    colorbar = figure.colorbar(image, ax=axes, shrink=0.8)
+    colorbar.set_label(f"expert weight cosine ({low:.3f} to {high:.3f})", fontsize=8)
+    characters = int(figure.get_figwidth() * 72 / 6)  # about 6 points per character at 10 points
+    title = f"{report.model}: {report.verdict}"
+    figure.suptitle(textwrap.fill(title, width=characters, break_long_words=True), fontsize=10)
+    return figure
+
+
+def plot_heatmap(report: InspectionReport, path: str) -> None:
+    """`heatmap_figure`, written atomically in the format of `path`'s extension."""
+    image_format = heatmap_format(path)
+    figure = heatmap_figure(report)
     with atomic_report(path) as temporary:
         figure.savefig(temporary, format=image_format, dpi=100)
 
@@ -352,6 +416,9 @@ class InspectSettings(Settings):
       wider); `device`: where the unit-matching products and the calibration run.
     - `heatmap_path`: per-layer expert cosine heatmaps (its extension sets the image format);
       `json_path`: the report as JSON.
+    - `output`: what the recommended conversion makes, a dense model or a smaller MoE of
+      `target_experts` experts per layer (default: half); `config_path`: write it there as a
+      YAML config, calibrated on `data` (a placeholder to fill in without `data`).
     """
 
     error: ClassVar = InspectionError
@@ -360,7 +427,7 @@ class InspectSettings(Settings):
     data: PathName | None = None
     max_units: int = 512
     num_samples: int = 32
-    seq_len: int = 256
+    seq_len: int | None = None  # None: DEFAULT_SEQ_LEN, capped at the model's context
     batch_size: int = 4
     device: str = "cpu"
     engine: Literal["auto", "full", "layerwise"] = "auto"
@@ -368,6 +435,9 @@ class InspectSettings(Settings):
     heatmap_path: PathName | None = None
     json_path: PathName | None = None
     seed: int = 0
+    output: Literal["dense", "moe"] = "dense"
+    target_experts: int | None = None
+    config_path: PathName | None = None
 
     @model_validator(mode="after")
     def _check(self) -> InspectSettings:
@@ -377,14 +447,20 @@ class InspectSettings(Settings):
             raise ValueError(f"max_units must be at least 1 (got {self.max_units})")
         if not self.data and (self.engine != "auto" or self.dtype is not None):
             raise ValueError("--engine and --dtype set the calibration of --data; give --data")
+        if self.target_experts is not None and self.output != "moe":
+            raise ValueError("--target-experts sets the experts of a smaller MoE: give --output moe")
+        if self.target_experts is not None and self.target_experts < 1:
+            raise ValueError(f"--target-experts must be at least 1 (got {self.target_experts})")
         self.calibration()  # a calibration block that validates
         return self
 
-    def calibration(self) -> CalibrationConfig | None:
-        """The calibration block of the short calibration on `data` (None without `data`)."""
+    def calibration(self, context: int | None = None) -> CalibrationConfig | None:
+        """The calibration block of the short calibration on `data` (None without `data`); with
+        no `seq_len` given, DEFAULT_SEQ_LEN capped at the model's `context` (its positions)."""
         if not self.data:
             return None
-        values = dict(num_samples=self.num_samples, seq_len=self.seq_len, batch_size=self.batch_size)
+        seq_len = self.seq_len if self.seq_len is not None else min(DEFAULT_SEQ_LEN, context or DEFAULT_SEQ_LEN)
+        values = dict(num_samples=self.num_samples, seq_len=seq_len, batch_size=self.batch_size)
         try:  # only the sums are reported: no per-token samples
             return CalibrationConfig(
                 dataset=self.data, **values, max_token_samples=0, engine=self.engine, dtype=self.dtype
@@ -403,17 +479,17 @@ def inspect_moe(
     are read lazily, one layer at a time.
     """
     settings = settings or InspectSettings()
-    calibration = settings.calibration()
     check_reports(
-        {"--heatmap": settings.heatmap_path, "--json": settings.json_path},
+        {"--heatmap": settings.heatmap_path, "--json": settings.json_path, "--write-config": settings.config_path},
         [("model", model_path), ("--stats file", settings.stats_path), ("--data", settings.data)],
     )
     if settings.heatmap_path:
         heatmap_format(settings.heatmap_path)
     check_device(settings.device)
     source = SourceModel.open(ModelReference.parse(model_path))
-    check_seq_len(calibration, source.config, option="--seq-len")
+    calibration = _calibration(settings, source.config)
     layers = source.moe_layers()
+    _check_target_experts(settings, layers[0].num_experts)
     stats = _router_statistics(source, layers, settings, calibration)
     results = []
     for layer in tqdm.tqdm(layers, desc="Inspecting", unit="layer", disable=not progress):
@@ -426,6 +502,11 @@ def inspect_moe(
             result.selection_share = share[position].tolist()
             result.routing_entropy = entropy[position].item()
     report = _report(model_path, source, layers, results, stats)
+    report.recommendation = recommend(
+        report.verdict, settings.output, num_experts=report.num_experts, target_experts=settings.target_experts
+    )
+    if settings.config_path:
+        write_config(report, source, settings)
     if settings.heatmap_path:
         plot_heatmap(report, settings.heatmap_path)
     if settings.json_path:
@@ -433,11 +514,61 @@ def inspect_moe(
     return report
 
 
+def _check_target_experts(settings: InspectSettings, num_experts: int) -> None:
+    """--target-experts fits the model, checked before any tensor is read."""
+    if settings.target_experts is not None and settings.target_experts > num_experts:
+        raise InspectionError(
+            f"--target-experts {settings.target_experts} is more than the model's {num_experts} experts per layer"
+        )
+
+
+def _local_path(path: str) -> str:
+    """An existing local path made absolute (the config may run from elsewhere); anything else as given."""
+    return os.path.abspath(path) if os.path.exists(path) else path
+
+
+def write_config(report: InspectionReport, source, settings: InspectSettings) -> None:
+    """The report's recommendation as a YAML config at `settings.config_path`, calibrated on
+    `settings.data` (a placeholder to fill in without it), with sequences the model has room for."""
+    limit = getattr(source.config, "max_position_embeddings", None)
+    seq_len = min(SEQ_LEN, limit) if isinstance(limit, int) else SEQ_LEN
+    dataset = _local_path(settings.data) if settings.data else None
+    text = config_yaml(report.recommendation, _local_path(report.model), dataset, seq_len)
+    write_report_text(settings.config_path, text)
+    report.config_path = settings.config_path
+    report.config_needs_data = dataset is None
+
+
+def quick_verdict(source, layers, *, max_layers: int = 3, max_units: int = 128) -> str:
+    """The verdict of `inspect` from the weights of at most `max_layers` layers (first, middle and
+    last), matching at most `max_units` units per expert: cheap enough to run before a merge."""
+    picked = sorted({round(i * (len(layers) - 1) / max(1, max_layers - 1)) for i in range(max_layers)})
+    verdicts = [
+        inspect_layer(_layer_tensors(source.reader, layers[i]), layers[i].index, max_units, seed=0).verdict
+        for i in picked
+    ]
+    return max(verdicts, key=VERDICTS.index)
+
+
+def _calibration(settings: InspectSettings, model_config) -> CalibrationConfig | None:
+    """The short calibration's block: a `seq_len` given above the model's positions is refused
+    (as everywhere), the default one is capped at them, with a note."""
+    context = getattr(model_config, "max_position_embeddings", None)
+    context = context if isinstance(context, int) else None
+    calibration = settings.calibration(context)
+    if settings.seq_len is None and calibration is not None and calibration.seq_len < DEFAULT_SEQ_LEN:
+        LOG.warning("--seq-len %d: the model's context (max_position_embeddings)", calibration.seq_len)
+    check_seq_len(calibration, model_config, option="--seq-len")
+    return calibration
+
+
 def _router_statistics(source, layers, settings: InspectSettings, calibration) -> RouterStatistics | None:
-    """Router usage: the statistics file's (refused unless of this model), a calibration's, or none."""
+    """Router usage: the statistics file's (refused unless of this model; an earlier run's OUT
+    names its file), a calibration's, or none."""
     if settings.stats_path:
-        stats = RouterStatistics.load(settings.stats_path)
-        stats.check_model(source.fingerprint(layers), settings.stats_path)
+        path = resolve_stats_path(settings.stats_path)
+        stats = RouterStatistics.load(path)
+        stats.check_model(source.fingerprint(layers), path)
         return stats
     if calibration is not None:
         return _calibrate(source, calibration, settings.device)

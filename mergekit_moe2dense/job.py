@@ -8,12 +8,16 @@ needs and the space it takes: outputs/preflight.py) and returns the job that bui
 reads; the steps after it get small frozen values made here (`stream_settings`,
 `refit_inputs`, `write_context`). The calibration text is tokenized once per job
 (`job.batches`) and shared by the statistics pass and the re-fit.
+
+A method that averages experts is checked against `inspect`'s weight similarity on a few layers
+first: on experts that are not aligned it is logged as a warning before any work, and kept as
+`job.expert_warning` for the end-of-run summary (the merge runs anyway).
 """
 
 from __future__ import annotations
 
 import functools
-import os
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -35,29 +39,18 @@ from mergekit_moe2dense.devices import DeviceError, check_device
 from mergekit_moe2dense.families import MoELayer
 from mergekit_moe2dense.finish import RefitInputs
 from mergekit_moe2dense.graph import TensorIO
+from mergekit_moe2dense.inspection import quick_verdict
 from mergekit_moe2dense.io.source import SourceModel
 from mergekit_moe2dense.methods import ExpertMethod, MethodParameters, get_method
 from mergekit_moe2dense.options import check_options
 from mergekit_moe2dense.output_dir import OutputDirectory
-from mergekit_moe2dense.outputs import LEGACY_STATS_FILE, STATS_FILE, OutputKind, WriteContext, check_output
+from mergekit_moe2dense.outputs import OutputKind, WriteContext, check_output
+from mergekit_moe2dense.recommend import AVERAGING_METHODS, ExpertWarning, averaging_warning
+from mergekit_moe2dense.statistics import resolve_stats_path
 
-__all__ = ["ConversionJob", "resolve_stats_path"]
+__all__ = ["ConversionJob", "check_expert_similarity"]
 
-
-def resolve_stats_path(path: str | os.PathLike | None) -> str | None:
-    """The statistics file `--stats` names: a file as given, or in a directory (the OUT
-    of an earlier run) its `moe2dense/router_stats.safetensors`, else the
-    `router_stats.safetensors` that earlier versions wrote at the top of OUT."""
-    if path is None or not os.path.isdir(path):
-        return None if path is None else os.fspath(path)
-    for name in (STATS_FILE, LEGACY_STATS_FILE):
-        candidate = os.path.join(path, name)
-        if os.path.isfile(candidate):
-            return candidate
-    raise StatisticsError(
-        f"--stats {os.fspath(path)}: directory holds neither {STATS_FILE} nor {LEGACY_STATS_FILE} "
-        "(give a statistics file or the output directory of an earlier run)"
-    )
+LOG = logging.getLogger(__name__)
 
 
 def _check_devices(options: MergeOptions, calibration) -> None:
@@ -77,6 +70,19 @@ def _check_devices(options: MergeOptions, calibration) -> None:
             ) from None
 
 
+def check_expert_similarity(source: SourceModel, layers: list[MoELayer], merge_method: str) -> ExpertWarning | None:
+    """The warning for an averaging method on experts that are not aligned, logged; None otherwise.
+    Only averaging methods read the expert weights for it, of the middle layer alone: about 1/L
+    of the checkpoint, read again from the page cache by the merge."""
+    if merge_method not in AVERAGING_METHODS:
+        return None
+    middle = len(layers) // 2
+    warning = averaging_warning(merge_method, quick_verdict(source, layers[middle : middle + 1]))
+    if warning is not None:
+        LOG.warning(warning.message)
+    return warning
+
+
 @dataclass
 class ConversionJob:
     config: Moe2DenseConfig
@@ -90,6 +96,7 @@ class ConversionJob:
     ranks: Ranks
     stats_path: str | None = None
     config_source: str | None = None  # the YAML text, recorded in the model card
+    expert_warning: ExpertWarning | None = None  # an averaging method on experts inspect calls unaligned
 
     @classmethod
     def prepare(
@@ -143,6 +150,8 @@ class ConversionJob:
             check_engine(source, calibration, job.device, job.ranks)
         check_output(output.plan_type, config.merge_method, params, source, calibration, stats_path)
         out.check_space(output.estimated_bytes(job))
+        if job.ranks.is_main:
+            job.expert_warning = check_expert_similarity(source, job.layers, config.merge_method)
         return job
 
     def _check_statistics_source(self) -> None:

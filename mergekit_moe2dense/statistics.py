@@ -23,6 +23,13 @@ from safetensors.torch import save_file
 
 from mergekit_moe2dense.errors import Moe2DenseError
 
+# Files of ours that are not the model live in OUT/moe2dense/: loaders take every
+# *.safetensors at the top of a model directory for weights (vLLM without an index),
+# and do not look into subdirectories. JSON files next to the model are read by none.
+SIDECAR_DIR = "moe2dense"
+STATS_FILE = f"{SIDECAR_DIR}/router_stats.safetensors"  # relative to OUT
+LEGACY_STATS_FILE = "router_stats.safetensors"  # where earlier versions wrote it, at the top of OUT
+
 FORMAT_VERSION = 1
 SUMS = ("logit_sum", "prob_sum", "selected", "gate_sum", "contribution_sum")
 
@@ -248,3 +255,19 @@ class RouterStatistics:
         raise StatisticsError(
             f"statistics file {path} was recorded on {theirs}, not on this model ({why}); recalibrate without --stats"
         )
+
+
+def resolve_stats_path(path: str | os.PathLike | None) -> str | None:
+    """The statistics file `--stats` names: a file as given, or in a directory (the OUT
+    of an earlier run) its `moe2dense/router_stats.safetensors`, else the
+    `router_stats.safetensors` that earlier versions wrote at the top of OUT."""
+    if path is None or not os.path.isdir(path):
+        return None if path is None else os.fspath(path)
+    for name in (STATS_FILE, LEGACY_STATS_FILE):
+        candidate = os.path.join(path, name)
+        if os.path.isfile(candidate):
+            return candidate
+    raise StatisticsError(
+        f"--stats {os.fspath(path)}: directory holds neither {STATS_FILE} nor {LEGACY_STATS_FILE} "
+        "(give a statistics file or the output directory of an earlier run)"
+    )

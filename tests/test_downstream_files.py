@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 from helpers import make_config
 from mergekit_moe2dense.build import STATS_FILE, build_dense
-from mergekit_moe2dense.job import resolve_stats_path
+from mergekit_moe2dense.statistics import resolve_stats_path
 
 INDEX = "model.safetensors.index.json"
 

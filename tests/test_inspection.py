@@ -21,6 +21,7 @@ from mergekit_moe2dense.inspection import (
     chance_matched_similarity,
     cosine_matrix,
     expert_pairs,
+    heatmap_figure,
     inspect_moe,
     layer_verdict,
     matched_unit_similarity,
@@ -208,7 +209,12 @@ def test_cli_prints_table_and_writes_png_and_json(upcycled_moe, calib_dir, tmp_p
         report,
     )
     assert result.exit_code == 0, result.output
-    assert "verdict: aligned" in result.output and "router_weighted" in result.output
+    assert "verdict: aligned" in result.output
+    assert result.output.strip().splitlines()[-2:] == [
+        "recommended for a dense model: router_weighted (aggregate: mean_logit, refit: down_proj), as configs/aligned.yml",
+        "write it as a config to run with --write-config PATH",
+    ]
+    assert "suggested methods" not in result.output  # one recommendation, not a list
     assert "entropy" in result.output and result.output.count("aligned") >= 3  # two layer rows and the verdict
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     payload = json.loads(report.read_text())
@@ -281,3 +287,32 @@ def test_heatmap_is_written_in_the_format_of_its_extension(random_moe, tmp_path)
 def test_unusable_device_is_refused_before_the_model_is_read(random_moe, monkeypatch, device, fragment):
     monkeypatch.setattr(SourceModel, "open", open_model_fails)
     assert_one_line_error(run_cli(random_moe["legacy"], "--device", device), fragment)
+
+
+def test_heatmap_scales_to_the_data_numbers_the_experts_and_fits_its_title(upcycled_moe):
+    """An upcycled model's cosines all lie near 1: the colour scale spans them (and says so), each
+    expert has a tick, and the title (a long model path) stays inside the picture."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    report = inspect_moe(str(upcycled_moe["legacy"]))
+    report.model = "/models/an-organisation/" + "a-long-checkpoint-name-" * 6 + "moe"  # wider than the figure
+    off_diagonal = [
+        c for layer in report.layers for i, row in enumerate(layer.expert_cosine) for j, c in enumerate(row) if i != j
+    ]
+    figure = heatmap_figure(report)
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    panels = [ax for ax in figure.axes if ax.images]
+    low, high = panels[0].images[0].get_clim()
+    assert low <= min(off_diagonal) and max(off_diagonal) <= high
+    assert high - low <= 1.1 * (max(off_diagonal) - min(off_diagonal)) + 0.003  # not the fixed -1..1
+    colorbar = figure.axes[-1]
+    assert f"{low:.3f} to {high:.3f}" in colorbar.get_ylabel()
+    for ax in panels:
+        assert [label.get_text() for label in ax.get_xticklabels()] == ["0", "1", "2", "3"]
+        assert [label.get_text() for label in ax.get_yticklabels()] == ["0", "1", "2", "3"]
+    title = figure.get_suptitle()
+    assert "".join(title.split()) == "".join(f"{report.model}: aligned".split())  # wrapped, not cut
+    (shown,) = [text for text in figure.texts if text.get_text() == title]
+    box = shown.get_window_extent(canvas.get_renderer())
+    assert 0 <= box.x0 and box.x1 <= figure.bbox.x1 and box.y1 <= figure.bbox.y1

@@ -11,14 +11,19 @@ import pytest
 
 from benchmarks import quickstart
 from mergekit_moe2dense.inspection import VERDICTS
+from mergekit_moe2dense.recommend import recommend
 
 
-def test_every_verdict_has_a_recommended_method_and_averaging_only_when_aligned():
-    assert set(quickstart.RECOMMENDED) == set(VERDICTS)
-    for verdict, method in quickstart.RECOMMENDED.items():
-        averaging = method["merge_method"] in ("router_weighted", "top_k_tempered", "expert_uniform")
+def test_every_verdict_converts_as_inspect_recommends_and_averages_only_when_aligned(tmp_path):
+    for verdict in VERDICTS:
+        spec = quickstart.recommended_config(verdict, tmp_path / "moe", tmp_path / "calib", 128)
+        assert (spec["merge_method"], spec["parameters"]) == (
+            recommend(verdict).merge_method,
+            recommend(verdict).parameters,
+        )
+        averaging = spec["merge_method"] in ("router_weighted", "top_k_tempered", "expert_uniform")
         assert averaging == (verdict == "aligned")
-        assert method["parameters"]["refit"] == "down_proj"  # the best single-width rows of the README
+        assert spec["calibration"]["dataset"] == str(tmp_path / "calib")
 
 
 def test_verdict_line_reports_the_ratio():
@@ -32,7 +37,8 @@ def test_quickstart_converts_and_scores_the_smoke_testbed(smoke_testbed, tmp_pat
     out = tmp_path / "dense"
     result = quickstart.run("smoke", out, str(smoke_testbed.root.parent), max_tokens=500, progress=False)
     printed = capsys.readouterr().out
-    assert result["method"] == quickstart.RECOMMENDED[result["inspect_verdict"]]
+    expected = recommend(result["inspect_verdict"])
+    assert result["method"] == {"merge_method": expected.merge_method, "parameters": expected.parameters}
     assert result["ratio"] == pytest.approx(result["dense_perplexity"] / result["moe_perplexity"])
     assert json.loads((out / "expert_weights.json").read_text())["method"] == result["method"]["merge_method"]
     assert (out / "config.json").is_file() and (tmp_path / "dense.yml").is_file()

@@ -19,14 +19,9 @@ from mergekit_moe2dense.families import ExpertSlice, MoELayer
 from mergekit_moe2dense.graph import TensorIO
 from mergekit_moe2dense.io.source import SourceModel
 from mergekit_moe2dense.methods import ExpertMethod, MethodParameters
+from mergekit_moe2dense.statistics import LEGACY_STATS_FILE, SIDECAR_DIR, STATS_FILE  # noqa: F401 (outputs' names)
 
 WEIGHTS_FILE = "expert_weights.json"
-# Files of ours that are not the model live in OUT/moe2dense/: loaders take every
-# *.safetensors at the top of a model directory for weights (vLLM without an index),
-# and do not look into subdirectories. JSON files next to the model are read by none.
-SIDECAR_DIR = "moe2dense"
-STATS_FILE = f"{SIDECAR_DIR}/router_stats.safetensors"  # relative to OUT
-LEGACY_STATS_FILE = "router_stats.safetensors"  # where earlier versions wrote it, at the top of OUT
 # The number of multi-token-prediction layers stored after the last decoder layer (DeepSeek-V3, GLM-4.5)
 MTP_LAYERS_KEY = "num_nextn_predict_layers"
 # Tokenizer and generation files copied from the MoE (mergekit's list).
