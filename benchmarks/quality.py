@@ -14,7 +14,7 @@ models are scored on the held-out test split, per domain and overall.
     python benchmarks/quality.py --preset scratch            # Qwen3-MoE trained from scratch
     python benchmarks/quality.py --preset scratch-hard --fit-only   # the refit: fit rows and their starts
 
-`refit: fit` rows (the gradient fit of the whole dense MLP, calibration/sequential.py) also
+`refit: fit` rows (the gradient fit of the whole dense MLP, calibration/refit/) also
 print the fit's held-out error per layer before (least-squares start) and after, and its
 seconds per layer.
 

@@ -125,13 +125,14 @@ def inspect(model: str, settings: InspectSettings | None = None, *, progress: bo
     return inspect_moe(os.fspath(model), settings, progress=progress)
 
 
-def evaluate(models: list[str], settings: EvalSettings) -> EvalReport:
+def evaluate(models: list[str], settings: EvalSettings, *, progress: bool = True) -> EvalReport:
     """Perplexity on text and lm-evaluation-harness benchmarks of causal LMs, side by side.
 
     Args:
         models: Local model directories, scored one at a time; the first is the reference
             unless `settings.reference` names another.
         settings: What to score (`data`, `tasks`) and how.
+        progress: Draw the perplexity's progress bars (`eval --quiet`: none).
 
     Returns:
         The results per model, and the tables `eval` prints.
@@ -142,7 +143,7 @@ def evaluate(models: list[str], settings: EvalSettings) -> EvalReport:
     """
     from mergekit_moe2dense.evaluation import evaluate as run
 
-    return run(models, settings)
+    return run(models, settings, progress=progress)
 
 
 def heal(

@@ -2,6 +2,10 @@
 # SPDX-License-Identifier: LGPL-3.0-only
 """Library entry point: prepare -> statistics -> plan -> refine -> finish -> write -> publish.
 
+`estimate_build` stops after the preparation: what the run would write and an estimate of its
+cost (run_report.py), nothing written, no calibration. A finished build reports what it wrote
+(`BuildResult.summary`).
+
 Everything that can fail cheaply (options, output directory, model, shapes,
 method parameters, statistics file) fails in `ConversionJob.prepare`, before the
 calibration forward pass. OUT is locked from then on and the output is assembled
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -20,13 +25,22 @@ from mergekit.options import MergeOptions
 
 from mergekit_moe2dense import finish
 from mergekit_moe2dense.calibration import RouterStatistics, collect_statistics
-from mergekit_moe2dense.config import Moe2DenseConfig
+from mergekit_moe2dense.config import CalibrationConfig, Moe2DenseConfig
 from mergekit_moe2dense.job import ConversionJob
 from mergekit_moe2dense.memory import bound_onednn_primitive_cache
 from mergekit_moe2dense.methods import MethodParameters
 from mergekit_moe2dense.outputs import STATS_FILE, WEIGHTS_FILE, write
+from mergekit_moe2dense.run_report import RunEstimate, RunSummary, estimate_run, summarize_run
 
-__all__ = ["STATS_FILE", "WEIGHTS_FILE", "BuildResult", "build_dense", "build_from_mergekit", "calibrate"]
+__all__ = [
+    "STATS_FILE",
+    "WEIGHTS_FILE",
+    "BuildResult",
+    "build_dense",
+    "build_from_mergekit",
+    "calibrate",
+    "estimate_build",
+]
 
 
 @dataclass
@@ -35,6 +49,7 @@ class BuildResult:
     layer_weights: torch.Tensor  # [L, E]; [k, L, E] for a method with several outputs
     parameters: MethodParameters
     statistics: RouterStatistics | None
+    summary: RunSummary | None = None  # what was written (the process that wrote it; None on the others)
 
 
 def build_dense(
@@ -47,14 +62,16 @@ def build_dense(
     config_source: str | None = None,
 ) -> BuildResult:
     """Convert the MoE named in `config` into the output its method asks for, at `out_path`."""
+    started = time.perf_counter()
     bound_onednn_primitive_cache()
     job = ConversionJob.prepare(
         config, out_path, options, stats_path=stats_path, overwrite=overwrite, config_source=config_source
     )
     source, method, params = job.source, job.method, job.params
+    refit_errors = None
     # Under torchrun every rank calibrates its share; rank 0 alone writes.
     with job.out if job.ranks.is_main else contextlib.nullcontext():
-        stats = job.loaded_statistics if job.stats_path else calibrate(job)
+        stats = job.loaded_statistics if job.stats_path else _fresh_statistics(job)
         decided = method.plan(stats, params, job.layers)  # what the result reports, on every rank
         if job.ranks.is_main:
             plan = method.refine(decided, stats, params, source)
@@ -65,7 +82,24 @@ def build_dense(
             write(plan, job.write_context(stats), job.out.staging)
             save_statistics(stats, job.out.staging)
             job.out.publish()
-    return BuildResult(job.out.path, decided.reported_weights, params, stats)
+            refit_errors = getattr(plan, "refit_errors", None)
+    summary = summarize_run(job, refit_errors, time.perf_counter() - started) if job.ranks.is_main else None
+    return BuildResult(job.out.path, decided.reported_weights, params, stats, summary)
+
+
+def estimate_build(
+    config: Moe2DenseConfig,
+    out_path: str,
+    options: MergeOptions | None = None,
+    *,
+    stats_path: str | None = None,
+    overwrite: bool = False,
+) -> RunEstimate:
+    """What `build_dense` would do with these arguments, and an estimate of its time and peak
+    memory: every check it makes before any work, then a probe of one layer; nothing is
+    written (no OUT, no lock, no staging) and no calibration runs."""
+    job = ConversionJob.prepare(config, out_path, options, stats_path=stats_path, overwrite=overwrite)
+    return estimate_run(job)
 
 
 def save_statistics(stats: RouterStatistics | None, staging: str) -> None:
@@ -77,25 +111,45 @@ def save_statistics(stats: RouterStatistics | None, staging: str) -> None:
     stats.save(path)
 
 
-def calibrate(job: ConversionJob) -> RouterStatistics | None:
-    """The router statistics from a calibration pass, or none (a method and family that
-    need none, without a calibration block)."""
-    if job.config.calibration is None:
-        return None
+def calibrate(
+    source,
+    batches: list,
+    calibration: CalibrationConfig,
+    *,
+    device: str,
+    progress: bool,
+    record_router_inputs: bool = False,
+    metadata: dict | None = None,
+) -> RouterStatistics:
+    """The router statistics of one calibration pass of `source` (an `io.source.SourceModel`) over
+    `batches`; `metadata` (what the statistics were computed from) is recorded with them."""
     stats = collect_statistics(
+        source, batches, calibration, device=device, progress=progress, record_router_inputs=record_router_inputs
+    )
+    stats.metadata.update(metadata or {})
+    return stats
+
+
+def _fresh_statistics(job: ConversionJob) -> RouterStatistics | None:
+    """The statistics of a calibration pass, or none (a method and family that need none,
+    without a calibration block)."""
+    calibration = job.config.calibration
+    if calibration is None:
+        return None
+    metadata = {
+        "model": str(job.source.reference),
+        "model_fingerprint": job.fingerprint,
+        "calibration": calibration.model_dump(mode="json"),
+    }
+    return calibrate(
         job.source,
         job.batches,
-        job.config.calibration,
+        calibration,
         device=job.device,
         progress=job.progress,
         record_router_inputs=job.method.needs_router_inputs(job.params),
+        metadata=metadata,
     )
-    stats.metadata.update(
-        model=str(job.source.reference),
-        model_fingerprint=job.fingerprint,
-        calibration=job.config.calibration.model_dump(mode="json"),
-    )
-    return stats
 
 
 def build_from_mergekit(

@@ -6,7 +6,9 @@ by lm-evaluation-harness benchmarks (`harness.py`), from one `EvalSettings`.
 Everything cheap is checked before the first model is scored: the report file (`json_path`,
 never an input), the device, the benchmark names and their data, then every model (positions,
 an LM head, the same tokens). The tables are formatted as soon as each part is scored, so a
-`reference` that is not among the models fails before the report is written.
+`reference` that is not among the models fails before the report is written. The report ends
+with a one-line verdict per model against the reference (`verdict_line`, the quickstart's), and
+`card` adds the results to a converted model's card (card.py).
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ from typing import ClassVar
 from pydantic import model_validator
 
 from mergekit_moe2dense import harness, perplexity
+from mergekit_moe2dense.card import CARD_FILE, append_evaluation
 from mergekit_moe2dense.devices import check_device
 from mergekit_moe2dense.perplexity import DEFAULT_SEQ_LEN, EvalResult, EvaluationError
 from mergekit_moe2dense.report_files import check_reports, write_report_text
 from mergekit_moe2dense.settings import PathName, Settings
 
-__all__ = ["EvalReport", "EvalSettings", "evaluate"]
+__all__ = ["EvalReport", "EvalSettings", "evaluate", "verdict_line"]
 
 
 class EvalSettings(Settings):
@@ -37,7 +40,8 @@ class EvalSettings(Settings):
       (`perplexity.PerplexitySettings`); `batch_size` is the benchmarks' too.
     - `limit`, `num_fewshot`: examples per task, and few-shot examples (default: each task's).
     - `device`; `reference`: the model the others are compared to (default: the first);
-      `json_path`: where the results are written as JSON.
+      `json_path`: where the results are written as JSON; `card`: a model directory whose
+      README.md the results are added to.
     """
 
     error: ClassVar = EvaluationError
@@ -53,6 +57,7 @@ class EvalSettings(Settings):
     device: str = "cpu"
     reference: str | None = None
     json_path: PathName | None = None
+    card: PathName | None = None
 
     @model_validator(mode="after")
     def _something_to_score(self) -> EvalSettings:
@@ -70,30 +75,59 @@ class EvalReport:
     tasks: list[harness.TaskResult] | None
     records: list[dict]  # one per model, as `json_path` holds them
     table: str  # the tables as `eval` prints them, each model against the reference
+    verdict: str | None = None  # one line per model against the reference (with `data`)
 
 
-def evaluate(models: list[str], settings: EvalSettings) -> EvalReport:
+def verdict_line(moe_ppl: float, dense_ppl: float, single_expert_width: bool = True) -> str:
+    """How far a dense model's perplexity is from its MoE's, in one line: within 5% is close,
+    within 20% usable, beyond that far."""
+    ratio = dense_ppl / moe_ppl
+    change = 100 * (ratio - 1)
+    quality = "close to the MoE" if ratio <= 1.05 else "usable" if ratio <= 1.2 else "far from the MoE"
+    width = " at one expert's width" if single_expert_width else ""
+    return f"verdict: the dense model{width} has {change:+.1f}% perplexity vs the MoE (ratio {ratio:.3f}): {quality}"
+
+
+def _verdicts(results: list[EvalResult], reference: str) -> str | None:
+    """`verdict_line` of every model but the reference, each named when there are several."""
+    ref = next(r for r in results if r.model == reference)
+    others = [r for r in results if r is not ref]
+    lines = [verdict_line(ref.perplexity, r.perplexity, single_expert_width=False) for r in others]
+    if len(others) > 1:
+        lines = [f"{r.model}: {line}" for r, line in zip(others, lines)]
+    return "\n".join(lines) or None
+
+
+def _check_card(card: str | None) -> None:
+    if card is not None and not os.path.isfile(os.path.join(card, CARD_FILE)):
+        raise EvaluationError(f"--card {card}: no {CARD_FILE} there to add the results to (give a model directory)")
+
+
+def evaluate(models: list[str], settings: EvalSettings, *, progress: bool = True) -> EvalReport:
     """Score every model of `models` (local model directories) as `settings` asks, one model at
-    a time; the results are written to `settings.json_path` too, when given."""
+    a time (`progress`: the perplexity's bars); the results are written to `settings.json_path`
+    too, when given."""
     models = [os.fspath(model) for model in models]
     if not models:
         raise EvaluationError("eval needs at least one model")
     task_items = [item.strip() for spec in settings.tasks for item in spec.split(",")]
     inputs = [("model", m) for m in models] + [("--data", d) for d in settings.data]
     check_reports({"--json": settings.json_path}, inputs + [("--tasks", t) for t in task_items])  # before any model
+    _check_card(settings.card)
     check_device(settings.device)
     reference = settings.reference or models[0]
     # lm-eval installed and every task known: before any model runs
     tasks = harness.parse_tasks(list(settings.tasks)) if settings.tasks else None
     records = [{"model": model} for model in models]
-    tables, results, scored = [], None, None
+    tables, results, scored, verdict = [], None, None, None
     if settings.data:
         documents = [doc for path in settings.data for doc in perplexity.load_eval_documents(path)]
         results = perplexity.evaluate_models(
             models, documents, seq_len=settings.seq_len, stride=settings.stride, batch_size=settings.batch_size,
-            max_tokens=settings.max_tokens, device=settings.device,
+            max_tokens=settings.max_tokens, device=settings.device, progress=progress,
         )  # fmt: skip
         tables.append(perplexity.format_results_table(results, reference=reference))
+        verdict = _verdicts(results, reference)
         records = [result.to_dict() for result in results]
     if tasks is not None:
         scored = harness.evaluate_tasks(
@@ -105,4 +139,6 @@ def evaluate(models: list[str], settings: EvalSettings) -> EvalReport:
             entry["tasks"] = result.scores
     if settings.json_path:
         write_report_text(settings.json_path, json.dumps(records, indent=2) + "\n")
-    return EvalReport(results, scored, records, "\n\n".join(tables))
+    if settings.card:
+        append_evaluation(settings.card, records, reference)
+    return EvalReport(results, scored, records, "\n\n".join(tables), verdict)

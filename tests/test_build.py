@@ -91,7 +91,8 @@ def test_outputs_weights_stats_card_and_generates(random_moe, calib_dir, tmp_pat
     assert all(abs(sum(row) - 1) < 1e-9 and min(row) >= 0 for row in payload["layers"])
     assert (out / STATS_FILE).is_file() and (out / "tokenizer.json").is_file()
     card = (out / "README.md").read_text()
-    assert "router_weighted" in card and str(random_moe["legacy"]) in card
+    assert "router_weighted" in card and f"`{random_moe['legacy'].name}`" in card
+    assert str(random_moe["legacy"]) not in card  # a published card names no local path
     assert result.statistics.tokens > 0
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)

@@ -14,10 +14,9 @@ experts and the new top-k.
 from __future__ import annotations
 
 from mergekit_moe2dense.card import write_smaller_moe_card
-from mergekit_moe2dense.graph import computed_tensors, run_graph
+from mergekit_moe2dense.graph import computed_tensors, plan_moe_merge, run_graph
 from mergekit_moe2dense.outputs.base import WriteContext, write_model_files, write_weights_file
 from mergekit_moe2dense.plan import SmallerMoEPlan
-from mergekit_moe2dense.reassemble import plan_moe_merge
 
 __all__ = ["write_smaller_moe"]
 
@@ -30,7 +29,7 @@ def write_smaller_moe(plan: SmallerMoEPlan, context: WriteContext, staging: str)
         rows = {name: computed[name] for name in plan.rows}
         fitted = {name: computed[name] for name in plan.fitted}
         graph = plan_moe_merge(context.io, source, plan.moe_layers, weights, rows, staging, fitted=fitted)
-        run_graph(graph, context.options)
+        run_graph(graph, context.options, desc=_progress_label(experts, params.num_experts))
     write_model_files(staging, context, source.family.moe_config(source.config, params.num_experts, params.moe_top_k))
     payload = {
         "experts": weights.tolist(),
@@ -42,3 +41,9 @@ def write_smaller_moe(plan: SmallerMoEPlan, context: WriteContext, staging: str)
     write_weights_file(staging, context, payload)
     if context.options.write_model_card:
         write_smaller_moe_card(staging, context, experts)
+
+
+def _progress_label(experts, num_experts: int) -> str:
+    """What the bar says the graph does: every new expert one old expert is pruning, else merging."""
+    pruning = all(len(group) == 1 for layer in experts.groups for group in layer)
+    return f"{'Pruning' if pruning else 'Merging'} experts to {num_experts} per layer"
