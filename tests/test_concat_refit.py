@@ -76,7 +76,9 @@ def test_max_contribution_keeps_the_most_contributing_expert(random_moe, calib_d
     best = result.statistics.mean_contribution.argmax(-1)
     assert result.layer_weights.argmax(-1).tolist() == best.tolist()
     assert result.layer_weights.max(-1).values.tolist() == [1.0, 1.0]
-    assert json.loads((out / WEIGHTS_FILE).read_text())["parameters"]["refit"] == "scale"
+    assert (
+        json.loads((out / WEIGHTS_FILE).read_text())["parameters"]["refit"] == "down_proj"
+    )  # the default: the measured best re-fit
     assert transformers.AutoConfig.from_pretrained(out).intermediate_size == 48
     assert not [p for p in out.iterdir() if p.name.startswith("refit")]
 

@@ -273,7 +273,7 @@ def test_recorded_parameters_keep_their_layout():
     ]
     fixed = get_method("max_contribution").resolve_parameters({}, num_experts=E, top_k=K).model_dump(mode="json")
     assert list(fixed) == ["score", "refit", "refit_damping", "refit_gate_up", "num_experts", "gates"]
-    assert (fixed["refit"], fixed["num_experts"], fixed["gates"]) == ("scale", 1, "mean")
+    assert (fixed["refit"], fixed["num_experts"], fixed["gates"]) == ("down_proj", 1, "mean")
 
 
 def test_max_contribution_keeps_one_expert_whatever_is_asked():

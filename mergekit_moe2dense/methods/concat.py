@@ -120,7 +120,7 @@ class MaxContribution(Concat):
     pretty_name = "Most contributing expert, re-fitted"
 
     class Parameters(MethodParameters):
-        refit: Refit = Field("scale", description=MethodParameters.model_fields["refit"].description)
+        refit: Refit = Field("down_proj", description=MethodParameters.model_fields["refit"].description)
         score: Score = Field("contribution", description="how experts are ranked")
 
         # Fixed by the method, not settable; recorded with the parameters.

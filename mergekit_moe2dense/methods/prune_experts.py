@@ -82,7 +82,8 @@ class SmallerMoEParameters(MethodParameters):
         None, description="routed experts per MoE layer of the smaller MoE, N (default: half the model's)"
     )
     moe_top_k: PositiveInt | None = Field(None, description="experts per token (default: the model's, capped at N)")
-    score: Saliency = Field("reap", description="expert saliency: reap, frequency or contribution")
+    # frequency keeps better experts than REAP's saliency on both testbeds (docs/results/prune.md)
+    score: Saliency = Field("frequency", description="expert saliency: frequency, reap or contribution")
 
 
 class PruneExperts(ExpertMethod):
