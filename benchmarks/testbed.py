@@ -46,6 +46,19 @@ jobs, which slowed runs by up to 20x at the worst moments; these are the least-c
   ~10-12 min expected. Test perplexity (code / docs / c): MoE 3.38 / 17.26 / 21.06, twin 3.91 /
   19.83 / 23.44. See docs/results/testbeds.md.
 
+Fine-grained presets (``fine-qwen3``, ``fine-glm`` and their ``-smoke`` variants) are trained
+from scratch the same way with 64 narrow experts, top-8: a ``Qwen3MoeForCausalLM``
+(``norm_topk_prob``), and a ``Glm4MoeForCausalLM`` with GLM-4.5 / DeepSeek-V3 routing (sigmoid
+scores, one shared expert, ``routed_scaling_factor``, a dense first layer, and no auxiliary loss:
+``e_score_correction_bias`` is balanced by DeepSeek-V3's update after each optimiser step,
+``BiasBalancer``). Each twin has the MoE's active width, ``(top-k + shared) x expert width``;
+the GLM report adds ``bias_balance`` (the load spread with and without the learned bias).
+
+* ``fine-qwen3``: 19.8 min (MoE 4000 steps 13.7 min, twin 5.4 min) with ``fine-glm`` building
+  beside it, one thread each. Test perplexity (code / docs / c): MoE 3.14 / 15.52 / 20.86, twin
+  3.81 / 19.73 / 24.84. ``fine-glm`` at 3000 steps: 19.0 min, MoE 3.42 / 16.46 / 22.36, twin
+  3.82 / 19.20 / 21.13 (the MoE behind on ``c``); the preset now trains 6000 steps.
+
 ``report["build_seconds"]`` records the time of each phase of a build, ``report["training_tokens"]``
 how many tokens each model trained on (steps x batch x seq_len; filled in from the preset when a
 cached report predates it).
@@ -65,6 +78,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -75,6 +89,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +98,8 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 from transformers import (
+    Glm4MoeConfig,
+    Glm4MoeForCausalLM,
     MistralConfig,
     MistralForCausalLM,
     MixtralConfig,
@@ -137,6 +154,22 @@ class Preset:
     # small domain is not repeated more often than a large one (long runs). Left out of the
     # recipe hash when "balanced".
     mix: str = "balanced"
+    # Fine-grained DeepSeek-V3 routing (``family="glm4_moe"``): ungated shared experts of the
+    # routed width, the scale of the routed sum, how many first layers are dense, and gamma of
+    # the auxiliary-loss-free bias update (0: no update). Left out of the recipe hash at these
+    # defaults, like ``family`` and ``mix``.
+    shared_experts: int = 0
+    routed_scaling_factor: float = 1.0
+    first_dense_layers: int = 0
+    bias_update_rate: float = 0.0
+
+
+# The routing fields at their defaults are left out of the reports' presets too, so the
+# reports of the presets that predate them stay as they were.
+ROUTING_DEFAULTS = {"shared_experts": 0, "routed_scaling_factor": 1.0, "first_dense_layers": 0, "bias_update_rate": 0.0}
+# Preset fields added after the first caches were built, with the defaults under which they
+# stay out of the recipe hash (so those caches stay valid).
+HASH_OPTIONAL_FIELDS = {"family": "mixtral", "mix": "balanced"} | ROUTING_DEFAULTS
 
 
 # fmt: off
@@ -188,6 +221,37 @@ PRESETS = {  # build times: see the module docstring
         batch_size=16, ancestor_steps=0, further_steps=3000, ancestor_lr=3e-3, further_lr=3e-3,
         aux_loss_coef=0.02, train_chars=6_000_000, eval_chars=60_000, family="qwen3_moe",
         mix="proportional",
+    ),
+    # Fine-grained, from scratch: 64 narrow experts, top-8, twins of the active width. Qwen3-MoE
+    # routing (softmax, norm_topk_prob) and GLM-4.5 / DeepSeek-V3 routing (sigmoid scores, a
+    # shared expert, a dense first layer, an auxiliary-loss-free balancing bias, no aux loss).
+    "fine-qwen3": Preset(
+        name="fine-qwen3", vocab_size=1024, hidden_size=64, intermediate_size=32, num_layers=2,
+        num_heads=4, num_kv_heads=2, num_experts=64, experts_per_token=8, seq_len=128,
+        batch_size=16, ancestor_steps=0, further_steps=4000, ancestor_lr=3e-3, further_lr=3e-3,
+        aux_loss_coef=0.02, train_chars=6_000_000, eval_chars=60_000, family="qwen3_moe",
+        mix="proportional",
+    ),
+    "fine-glm": Preset(
+        name="fine-glm", vocab_size=1024, hidden_size=64, intermediate_size=32, num_layers=3,
+        num_heads=4, num_kv_heads=2, num_experts=64, experts_per_token=8, seq_len=128,
+        batch_size=16, ancestor_steps=0, further_steps=6000, ancestor_lr=3e-3, further_lr=3e-3,
+        aux_loss_coef=0.0, train_chars=6_000_000, eval_chars=60_000, family="glm4_moe",
+        mix="proportional", shared_experts=1, routed_scaling_factor=2.5, first_dense_layers=1,
+        bias_update_rate=1e-3,
+    ),
+    "fine-qwen3-smoke": Preset(
+        name="fine-qwen3-smoke", vocab_size=384, hidden_size=32, intermediate_size=8, num_layers=2,
+        num_heads=4, num_kv_heads=2, num_experts=64, experts_per_token=8, seq_len=64,
+        batch_size=8, ancestor_steps=0, further_steps=20, ancestor_lr=3e-3, further_lr=3e-3,
+        aux_loss_coef=0.02, train_chars=40_000, eval_chars=5_000, family="qwen3_moe",
+    ),
+    "fine-glm-smoke": Preset(
+        name="fine-glm-smoke", vocab_size=384, hidden_size=32, intermediate_size=8, num_layers=3,
+        num_heads=4, num_kv_heads=2, num_experts=64, experts_per_token=8, seq_len=64,
+        batch_size=8, ancestor_steps=0, further_steps=20, ancestor_lr=3e-3, further_lr=3e-3,
+        aux_loss_coef=0.0, train_chars=40_000, eval_chars=5_000, family="glm4_moe",
+        shared_experts=1, routed_scaling_factor=2.5, first_dense_layers=1, bias_update_rate=1e-2,
     ),
 }
 # fmt: on
@@ -393,6 +457,121 @@ def scratch_configs(preset: Preset, dense: MistralConfig) -> tuple[Qwen3MoeConfi
     return moe, twin
 
 
+def glm_configs(preset: Preset, dense: MistralConfig) -> tuple[Glm4MoeConfig, Glm4MoeConfig]:
+    """A GLM-4.5 MoE (DeepSeek-V3 routing, first layers dense) and its all-dense twin.
+
+    The dense layers of both have the MoE's active width, ``(top-k + shared) x expert width``,
+    so the twin is the MoE's active path with every layer dense. One expert group (``n_group``
+    1), as in GLM-4.5: DeepSeek-V3's group limit bounds cross-device traffic, which a model
+    on one CPU does not have.
+    """
+    keys = (
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "max_position_embeddings",
+        "tie_word_embeddings",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+    )
+    active = (preset.experts_per_token + preset.shared_experts) * preset.intermediate_size
+    shared = {k: getattr(dense, k) for k in keys} | {"intermediate_size": active}
+    shared |= {
+        "moe_intermediate_size": preset.intermediate_size,
+        "n_routed_experts": preset.num_experts,
+        "num_experts_per_tok": preset.experts_per_token,
+        "n_shared_experts": preset.shared_experts,
+        "routed_scaling_factor": preset.routed_scaling_factor,
+        "norm_topk_prob": True,
+        "n_group": 1,
+        "topk_group": 1,
+        "num_nextn_predict_layers": 0,
+    }
+    moe = Glm4MoeConfig(**shared, first_k_dense_replace=preset.first_dense_layers)
+    return moe, Glm4MoeConfig(**shared, first_k_dense_replace=preset.num_layers)
+
+
+# ---------------------------------------------------------------------- aux-loss-free balancing
+
+
+def balanced_bias(bias: torch.Tensor, counts: torch.Tensor, rate: float) -> torch.Tensor:
+    """DeepSeek-V3's auxiliary-loss-free update: ``b_e + rate * sign(mean load - load_e)``.
+
+    ``counts[e]`` is how many top-k selections expert ``e`` got in the last step: an overloaded
+    expert's bias falls and an idle one's rises, so the choice (scores + bias) evens out
+    without a loss term that would pull on the router's scores.
+    """
+    return bias + rate * torch.sign(counts.float().mean() - counts.float())
+
+
+def bias_routers(model) -> list[torch.nn.Module]:
+    """The top-k routers that carry a choice-only bias (DeepSeek-V3 style), in layer order."""
+    return [m for m in model.modules() if isinstance(getattr(m, "e_score_correction_bias", None), torch.Tensor)]
+
+
+class SelectionCounter:
+    """Counts each router's top-k selections per expert while active; hooks removed on exit.
+
+    The routers return ``(logits, weights, indices)``; the count reads the indices, which are
+    the choice actually made (bias and expert groups included), unlike a top-k of the logits.
+    """
+
+    def __init__(self, model):
+        self.routers = bias_routers(model)
+        self.counts = [torch.zeros(r.e_score_correction_bias.numel()) for r in self.routers]
+        self._handles = []
+
+    def __enter__(self) -> SelectionCounter:
+        for layer, router in enumerate(self.routers):
+            self._handles.append(router.register_forward_hook(self._hook(layer)))
+        return self
+
+    def _hook(self, layer: int):
+        def count(module, args, output):
+            self.counts[layer] += torch.bincount(output[2].flatten(), minlength=len(self.counts[layer]))
+
+        return count
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def frequencies(self) -> list[list[float]]:
+        """Per router, the fraction of selections each expert got."""
+        return [(c / c.sum()).tolist() for c in self.counts]
+
+
+class BiasBalancer(SelectionCounter):
+    """Counts the selections of a training step, then moves each router's bias toward balance.
+
+    ``step()`` is called after each optimiser step; the bias is a buffer, not a parameter, so
+    the optimiser never touches it.
+    """
+
+    def __init__(self, model, rate: float):
+        super().__init__(model)
+        self.rate = rate
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for router, counts in zip(self.routers, self.counts):
+            bias = router.e_score_correction_bias
+            bias.copy_(balanced_bias(bias, counts, self.rate))
+            counts.zero_()
+
+
+# family -> (configs of the MoE and its twin, MoE class, twin class), for presets from scratch
+SCRATCH_FAMILIES = {
+    "qwen3_moe": (scratch_configs, Qwen3MoeForCausalLM, Qwen3ForCausalLM),
+    "glm4_moe": (glm_configs, Glm4MoeForCausalLM, Glm4MoeForCausalLM),
+}
+
+
 def upcycle(ancestor: MistralForCausalLM, preset: Preset) -> MixtralForCausalLM:
     """Sparse upcycling (Komatsuzaki et al., 2022): every expert starts as the ancestor's MLP.
 
@@ -418,10 +597,19 @@ def upcycle(ancestor: MistralForCausalLM, preset: Preset) -> MixtralForCausalLM:
     return moe
 
 
-def train(model, batches: Batches, first_step: int, steps: int, lr: float, desc: str) -> float:
+def train(
+    model,
+    batches: Batches,
+    first_step: int,
+    steps: int,
+    lr: float,
+    desc: str,
+    after_step: Callable[[], None] | None = None,
+) -> float:
     """AdamW with linear warmup and cosine decay; causal LM loss (+ router aux loss for MoE).
 
-    Returns the mean loss of the last 10% of steps.
+    ``after_step`` runs after each optimiser step (the aux-loss-free bias update). Returns the
+    mean loss of the last 10% of steps.
     """
     is_moe = isinstance(model, (MixtralForCausalLM, Qwen3MoeForCausalLM))
     extra = {"output_router_logits": True} if is_moe else {}
@@ -442,6 +630,8 @@ def train(model, batches: Batches, first_step: int, steps: int, lr: float, desc:
         opt.step()
         schedule.step()
         opt.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()
@@ -483,7 +673,9 @@ def expert_drift(moe, ancestor: MistralForCausalLM | None) -> dict:
     """
     pairwise, to_ancestor = [], []
     for layer, moe_layer in enumerate(moe.model.layers):
-        experts = moe_layer.mlp.experts
+        experts = getattr(moe_layer.mlp, "experts", None)
+        if experts is None:  # a dense layer (GLM-4.5's first layers)
+            continue
         flat = torch.cat([experts.gate_up_proj.flatten(1), experts.down_proj.flatten(1)], dim=1)
         pairwise.append(_mean_offdiag_cosine(flat))
         if ancestor is None:
@@ -513,13 +705,54 @@ def router_frequency(moe, ids: torch.Tensor, seq_len: int) -> list[list[float]]:
     return (counts / counts.sum(dim=1, keepdim=True)).tolist()
 
 
+@torch.no_grad()
+def selection_frequency(moe, ids: torch.Tensor, seq_len: int) -> list[list[float]]:
+    """Per MoE layer, the fraction of the routers' actual top-k choices that went to each expert.
+
+    For routers whose choice is not a top-k of their logits (a balancing bias, expert groups);
+    dense layers have no router and no row.
+    """
+    data = windows(ids, seq_len)
+    with SelectionCounter(moe) as counter:
+        for start in range(0, len(data), 16):
+            moe(input_ids=data[start : start + 16])
+    return counter.frequencies()
+
+
+def load_spread(frequencies: list[float]) -> float:
+    """Coefficient of variation of the experts' shares: 0 when perfectly balanced."""
+    shares = torch.tensor(frequencies)
+    return (shares.std(unbiased=False) / shares.mean()).item()
+
+
+@torch.no_grad()
+def bias_balance(moe, ids: torch.Tensor, seq_len: int) -> dict:
+    """What the learned balancing bias does: per MoE layer, the bias and the load spread of the
+    routers' choices with it and with it set to zero (the same scores, no correction)."""
+    biases = [r.e_score_correction_bias.clone() for r in bias_routers(moe)]
+    with_bias = selection_frequency(moe, ids, seq_len)
+    try:
+        for router in bias_routers(moe):
+            router.e_score_correction_bias.zero_()
+        without_bias = selection_frequency(moe, ids, seq_len)
+    finally:
+        for router, bias in zip(bias_routers(moe), biases):
+            router.e_score_correction_bias.copy_(bias)
+    return {
+        "bias": [b.tolist() for b in biases],
+        "spread_with_bias": [load_spread(f) for f in with_bias],
+        "spread_without_bias": [load_spread(f) for f in without_bias],
+        "frequency_without_bias": without_bias,
+    }
+
+
 # -------------------------------------------------------------------------------------- build
 
 
 def recipe_hash(preset: Preset) -> str:
     """Short hash of everything the build depends on: preset, recipe version, Python's sources."""
     fields = dataclasses.asdict(preset)
-    for key, default in (("family", "mixtral"), ("mix", "balanced")):
+    for key, default in HASH_OPTIONAL_FIELDS.items():
         if fields[key] == default:  # fields added later: absent from the hashes that predate them
             del fields[key]
     recipe = {"preset": fields, "version": RECIPE_VERSION, "python": sys.version}
@@ -584,11 +817,36 @@ def build_testbed(preset: str | Preset, cache_dir: str | Path | None = None, for
 def _build(preset: Preset, out: Path) -> None:
     """The whole recipe: data -> tokenizer -> ancestor -> MoE and twin -> report.
 
-    From scratch (``family="qwen3_moe"``) there is no ancestor: the MoE and the dense twin start
-    from random init and train on the same tokens.
+    From scratch (``family`` ``qwen3_moe`` or ``glm4_moe``) there is no ancestor: the MoE and
+    the dense twin start from random init and train on the same tokens.
     """
     seconds, start = {}, time.time()  # wall time per phase, in the report
     torch.manual_seed(preset.seed)
+    data = _prepare_data(preset, out)
+    seconds["data_and_tokenizer"] = time.time() - start
+    models, losses = _train_models(preset, data, seconds, start)
+    for name, model in models.items():
+        model.save_pretrained(out / name)
+        data.tokenizer.save_pretrained(out / name)
+    report = _report(preset, data, models, losses)
+    seconds["save_and_report"] = time.time() - start - sum(seconds.values())
+    report["build_seconds"] = {k: round(v, 1) for k, v in seconds.items()}
+    report["build_seconds"]["total"] = round(time.time() - start, 1)
+    (out / "testbed_report.json").write_text(json.dumps(report, indent=2))
+
+
+@dataclass
+class _Data:
+    """A build's data: the documents of each split, the tokenizer, token streams and batches."""
+
+    splits: dict[str, dict[str, Documents]]
+    tokenizer: PreTrainedTokenizerFast
+    ids: dict[tuple[str, str], torch.Tensor]  # (split, domain) -> token stream
+    batches: Batches
+
+
+def _prepare_data(preset: Preset, out: Path) -> _Data:
+    """Split the documents, write the calib / test files, train the tokenizer, make batches."""
     splits = split_documents(collect_documents(), preset)
     names = {s: {d: [name for name, _ in splits[s][d]] for d in DOMAINS} for s in SPLITS}
     (out / "data").mkdir()
@@ -608,51 +866,74 @@ def _build(preset: Preset, out: Path) -> None:
         chunks = [torch.cat(chunks)]
     elif preset.mix != "balanced":
         raise ValueError(f"preset {preset.name}: unknown mix {preset.mix!r}")
-    batches = Batches(chunks, preset.batch_size, preset.seed)
+    return _Data(splits, tokenizer, ids, Batches(chunks, preset.batch_size, preset.seed))
 
-    seconds["data_and_tokenizer"] = time.time() - start
 
-    losses = {}
+def _train_models(preset: Preset, data: _Data, seconds: dict, start: float) -> tuple[dict, dict]:
+    """Train the ancestor (upcycled presets), then the MoE and the twin on the same tokens.
+
+    Returns the models by name (no ``ancestor`` from scratch) and their final training losses;
+    adds each phase's wall time to ``seconds``.
+    """
+    losses, ancestor = {}, None
     if preset.family == "mixtral":
-        ancestor = MistralForCausalLM(ancestor_config(preset, tokenizer))
-        losses["ancestor"] = train(ancestor, batches, 0, preset.ancestor_steps, preset.ancestor_lr, "ancestor")
+        ancestor = MistralForCausalLM(ancestor_config(preset, data.tokenizer))
+        losses["ancestor"] = train(ancestor, data.batches, 0, preset.ancestor_steps, preset.ancestor_lr, "ancestor")
         seconds["ancestor"] = time.time() - start - sum(seconds.values())
         moe = upcycle(ancestor, preset)
         twin = MistralForCausalLM(ancestor.config)
         twin.load_state_dict(ancestor.state_dict())
-    elif preset.family == "qwen3_moe" and preset.ancestor_steps == 0:
-        ancestor = None
-        moe_cfg, twin_cfg = scratch_configs(preset, ancestor_config(preset, tokenizer))
-        moe, twin = Qwen3MoeForCausalLM(moe_cfg), Qwen3ForCausalLM(twin_cfg)
+    elif preset.family in SCRATCH_FAMILIES and preset.ancestor_steps == 0:
+        make_configs, moe_class, twin_class = SCRATCH_FAMILIES[preset.family]
+        moe_cfg, twin_cfg = make_configs(preset, ancestor_config(preset, data.tokenizer))
+        moe, twin = moe_class(moe_cfg), twin_class(twin_cfg)
     else:
         raise ValueError(f"preset {preset.name}: unknown family {preset.family!r} or ancestor steps")
     for name, model in (("moe", moe), ("twin", twin)):
-        losses[name] = train(model, batches, preset.ancestor_steps, preset.further_steps, preset.further_lr, name)
+        balancer = BiasBalancer(model, preset.bias_update_rate) if name == "moe" and preset.bias_update_rate else None
+        with balancer or contextlib.nullcontext():
+            losses[name] = train(
+                model,
+                data.batches,
+                preset.ancestor_steps,
+                preset.further_steps,
+                preset.further_lr,
+                name,
+                after_step=balancer.step if balancer else None,
+            )
         seconds[name] = time.time() - start - sum(seconds.values())
     models = {"ancestor": ancestor, "moe": moe, "twin": twin}
-    models = {name: model for name, model in models.items() if model is not None}
-    for name, model in models.items():
-        model.save_pretrained(out / name)
-        tokenizer.save_pretrained(out / name)
+    return {name: model for name, model in models.items() if model is not None}, losses
 
+
+def recorded_preset(preset: Preset) -> dict:
+    """The preset as the report records it: every field but the routing ones at their defaults."""
+    fields = dataclasses.asdict(preset)
+    return {k: v for k, v in fields.items() if k not in ROUTING_DEFAULTS or v != ROUTING_DEFAULTS[k]}
+
+
+def _report(preset: Preset, data: _Data, models: dict, losses: dict) -> dict:
+    """The testbed's report: data sizes, losses, expert drift, routing and test perplexities."""
+    splits, ids, moe = data.splits, data.ids, models["moe"]
+    frequency = selection_frequency if preset.family == "glm4_moe" else router_frequency
     report = {
-        "preset": dataclasses.asdict(preset),
+        "preset": recorded_preset(preset),
         "recipe_hash": recipe_hash(preset),
-        "vocab_size": len(tokenizer),
+        "vocab_size": len(data.tokenizer),
         "data": {s: {d: {"documents": len(splits[s][d]), "tokens": len(ids[s, d])} for d in DOMAINS} for s in SPLITS},
         "training_tokens": training_tokens(preset),
         "final_train_loss": losses,
-        "drift": expert_drift(moe, ancestor),
-        "router_frequency": {d: router_frequency(moe, ids["calib", d], preset.seq_len) for d in DOMAINS},
+        "drift": expert_drift(moe, models.get("ancestor")),
+        "router_frequency": {d: frequency(moe, ids["calib", d], preset.seq_len) for d in DOMAINS},
         "perplexity": {
             name: {d: perplexity(model, ids["test", d], preset.seq_len) for d in DOMAINS}
             for name, model in models.items()
         },
     }
-    seconds["save_and_report"] = time.time() - start - sum(seconds.values())
-    report["build_seconds"] = {k: round(v, 1) for k, v in seconds.items()}
-    report["build_seconds"]["total"] = round(time.time() - start, 1)
-    (out / "testbed_report.json").write_text(json.dumps(report, indent=2))
+    if preset.bias_update_rate:
+        calib = torch.cat([ids["calib", d] for d in DOMAINS])
+        report["bias_balance"] = bias_balance(moe, calib, preset.seq_len)
+    return report
 
 
 def main(argv: list[str] | None = None) -> None:
