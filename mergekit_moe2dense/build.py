@@ -120,11 +120,18 @@ def calibrate(
     progress: bool,
     record_router_inputs: bool = False,
     metadata: dict | None = None,
+    record_expert_outputs: bool = False,
 ) -> RouterStatistics:
     """The router statistics of one calibration pass of `source` (an `io.source.SourceModel`) over
     `batches`; `metadata` (what the statistics were computed from) is recorded with them."""
     stats = collect_statistics(
-        source, batches, calibration, device=device, progress=progress, record_router_inputs=record_router_inputs
+        source,
+        batches,
+        calibration,
+        device=device,
+        progress=progress,
+        record_router_inputs=record_router_inputs,
+        record_expert_outputs=record_expert_outputs,
     )
     stats.metadata.update(metadata or {})
     return stats
@@ -149,6 +156,7 @@ def _fresh_statistics(job: ConversionJob) -> RouterStatistics | None:
         progress=job.progress,
         record_router_inputs=job.method.needs_router_inputs(job.params),
         metadata=metadata,
+        record_expert_outputs=job.method.needs_expert_outputs(job.params),
     )
 
 

@@ -6,6 +6,9 @@ Per MoE layer and expert: sums of router logits, of softmax probabilities, of
 top-k selections and of the model's real top-k gate weights, over non-padding
 tokens; and the router logits of a fixed subsample of tokens (the same tokens in
 every layer, so per-token vectors can be compared or concatenated across layers).
+On request of a method's score (`ExpertMethod.needs_expert_outputs`) also the E x E Gram
+matrix of every expert's output on those sampled tokens and REAP's full-softmax
+saliency; default runs record and save neither.
 Sums are kept, means are derived: softmax of *summed* logits over thousands of
 tokens is one-hot, so every method works from means.
 """
@@ -32,6 +35,7 @@ LEGACY_STATS_FILE = "router_stats.safetensors"  # where earlier versions wrote i
 
 FORMAT_VERSION = 1
 SUMS = ("logit_sum", "prob_sum", "selected", "gate_sum", "contribution_sum")
+EXPERT_OUTPUT_SUMS = ("output_gram", "softmax_contribution_sum")  # recorded on request only
 
 
 class StatisticsError(Moe2DenseError, ValueError):
@@ -57,6 +61,12 @@ class RouterStatistics:
     # [L, N, H] float32, the routers' inputs (hidden states) of the same sampled tokens;
     # recorded only on request (`record_router_inputs`), for fitting new routers
     router_inputs: torch.Tensor | None = None
+    # [L, E, E] float64, G_ij = sum_t <f_i(x_t), f_j(x_t)> over the sampled tokens, every expert
+    # run on each (selection.py); recorded only on request, for the diversity scores
+    output_gram: torch.Tensor | None = None
+    # [L, E] float64, sum over routed tokens of softmax probability x ||expert output||: REAP's
+    # saliency without renormalising the top-k weights; recorded with `output_gram`
+    softmax_contribution_sum: torch.Tensor | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -114,6 +124,24 @@ class RouterStatistics:
         self.mean_contribution  # noqa: B018 (refuses files recorded before contributions were)
         return torch.where(self.selected > 0, self.contribution_sum / self.selected.clamp_min(1), 0.0)
 
+    @property
+    def gram(self) -> torch.Tensor:
+        """[L, E, E] the Gram matrix of the experts' outputs on the sampled tokens."""
+        if self.output_gram is None or not bool(self.output_gram.any()):
+            raise StatisticsError(
+                "the statistics have no Gram matrix of the experts' outputs (recorded only for a "
+                "diversity or reap_softmax score, on sampled tokens); recalibrate without --stats"
+            )
+        return self.output_gram
+
+    @property
+    def reap_softmax_saliency(self) -> torch.Tensor:
+        """REAP's saliency with the full-softmax probability as the gate (Cerebras' reference
+        without `renormalize_router_weights`): softmax_contribution_sum / selected."""
+        self.gram  # noqa: B018 (recorded together: refuses files recorded without them)
+        total = self.softmax_contribution_sum
+        return torch.where(self.selected > 0, total / self.selected.clamp_min(1), 0.0)
+
     def update_contribution(self, position: int, expert: int, weights: torch.Tensor, outputs: torch.Tensor) -> None:
         """Add sum_t g_te ||y_te|| for the (non-padding) tokens routed to `expert`."""
         self.contribution_sum[position, expert] += float((weights.double() * outputs.double().norm(dim=-1)).sum())
@@ -128,14 +156,34 @@ class RouterStatistics:
     ) -> None:
         """`update_contribution` for every expert at once: the chosen experts' outputs [T, k, H]
         of one batch, their indices and weights [T, k]; `keep` masks padding."""
+        # the batch's sums first, then added: the order a split calibration adds them in (distributed.py)
+        self.contribution_sum[position] += self._routed_sums(top_k_index, top_k_weights, outputs, keep)
+
+    def update_softmax_contributions(
+        self, position: int, top_k_index: torch.Tensor, probs: torch.Tensor, outputs: torch.Tensor, keep: torch.Tensor
+    ) -> None:
+        """As `update_contributions`, weighted by the full softmax probabilities `probs` [T, E]."""
+        weights = probs.to(top_k_index.device).gather(1, top_k_index)
+        self.softmax_contribution_sum[position] += self._routed_sums(top_k_index, weights, outputs, keep)
+
+    def _routed_sums(self, top_k_index, weights, outputs, keep) -> torch.Tensor:
+        """[E] float64: sum over kept (token, chosen expert) pairs of weight x ||output||."""
         keep = keep.to(outputs.device)
         norms = outputs[keep].float().norm(dim=-1).double()  # norms in float32: no float64 copy of [T, k, H]
-        saliency = (top_k_weights[keep].double() * norms).reshape(-1).cpu()
+        saliency = (weights[keep].double() * norms).reshape(-1).cpu()
         index = top_k_index[keep].reshape(-1).cpu()
-        # the batch's sums first, then added: the order a split calibration adds them in (distributed.py)
-        self.contribution_sum[position] += torch.zeros(self.num_experts, dtype=torch.float64).scatter_add_(
-            0, index, saliency
-        )
+        return torch.zeros(self.num_experts, dtype=torch.float64).scatter_add_(0, index, saliency)
+
+    def update_gram(self, position: int, outputs: torch.Tensor) -> None:
+        """Add sum_t f_i(x_t) . f_j(x_t) of the sampled tokens' outputs of every expert [S, E, H]."""
+        outputs = outputs.double()
+        self.output_gram[position] += torch.einsum("seh,sfh->ef", outputs, outputs).cpu()
+
+    def begin_expert_outputs(self) -> None:
+        """Start recording the Gram matrix and the full-softmax saliency (zeroed)."""
+        layers, experts = len(self.layers), self.num_experts
+        self.output_gram = torch.zeros((layers, experts, experts), dtype=torch.float64)
+        self.softmax_contribution_sum = torch.zeros((layers, experts), dtype=torch.float64)
 
     # -- accumulation ----------------------------------------------------------
     def update_shared_gate(self, position: int, gate: torch.Tensor, keep: torch.Tensor) -> None:
@@ -197,6 +245,9 @@ class RouterStatistics:
         }
         if self.router_inputs is not None:
             tensors["router_inputs"] = self.router_inputs.contiguous()
+        for name in EXPERT_OUTPUT_SUMS:  # only when recorded: default files are as they were
+            if getattr(self, name) is not None:
+                tensors[name] = getattr(self, name).contiguous()
         header = {
             "format_version": FORMAT_VERSION,
             "layers": self.layers,

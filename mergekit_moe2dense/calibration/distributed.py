@@ -105,6 +105,12 @@ class RankShare:
         )
         if sample.router_inputs:
             empty.router_inputs = torch.zeros((len(empty.layers), len(self.sample_ids), 0))
+        if sample.expert_outputs and not family.contributions_in_forward:
+            raise ConfigError(
+                f"{family.name}: the Gram matrix of the experts' outputs (diversity and reap_softmax scores) "
+                "is not recorded for this family; choose another score"
+            )
+        self.expert_outputs = sample.expert_outputs
         self.layers, self.num_experts, self.top_k = empty.layers, empty.num_experts, empty.top_k
         self.samples = empty.samples
         self.family, self.batches, self.ranks = family, batches, ranks
@@ -116,7 +122,10 @@ class RankShare:
         self.current = empty  # the statistics the recorder writes into now
 
     def _statistics(self) -> RouterStatistics:
-        return RouterStatistics(self.layers, self.num_experts, self.top_k, samples=self.samples)
+        stats = RouterStatistics(self.layers, self.num_experts, self.top_k, samples=self.samples)
+        if self.expert_outputs:
+            stats.begin_expert_outputs()
+        return stats
 
     def recorder(self, model: torch.nn.Module) -> RouterRecorder:
         return RouterRecorder(model, self.family, self.current, self.sample_ids)
@@ -154,7 +163,24 @@ class RankShare:
             for f, name in enumerate(SUMS):
                 getattr(stats, name).add_(per_batch[f, i])
             stats.shared_gate_sum.add_(shared_gate[i])
+        if self.expert_outputs:
+            self._reduce_expert_outputs(stats, device)
         return stats
+
+    def _reduce_expert_outputs(self, stats: RouterStatistics, device: str) -> None:
+        """The Gram matrices and full-softmax sums, per batch as the other sums (`reduce`)."""
+        size = (len(self.batches), len(self.layers), self.num_experts)
+        gram = torch.zeros((*size, self.num_experts), dtype=torch.float64)
+        softmax = torch.zeros(size, dtype=torch.float64)
+        for i, part in self.parts.items():
+            gram[i], softmax[i] = part.output_gram, part.softmax_contribution_sum
+        if self.ranks.distributed:
+            comm = _comm_device(device)
+            gram, softmax = (_all_reduce(t, comm) for t in (gram, softmax))
+        stats.begin_expert_outputs()
+        for i in range(len(self.batches)):
+            stats.output_gram.add_(gram[i])
+            stats.softmax_contribution_sum.add_(softmax[i])
 
 
 class RecorderVisitor(LayerVisitor):

@@ -111,12 +111,14 @@ def collect_statistics(
     progress: bool = True,
     record_router_inputs: bool = False,
     ranks: Ranks | None = None,
+    record_expert_outputs: bool = False,
 ) -> RouterStatistics:
     """Router statistics of `source` (a `io.source.SourceModel`) over `batches`.
 
     `calibration` gives the engine, dtype, token sample (`max_token_samples`, `seed`),
     `spill_dir` and `device_map`; `record_router_inputs` (or the calibration's own)
-    also keeps the routers' inputs of the sampled tokens. Under torchrun (`ranks`,
+    also keeps the routers' inputs of the sampled tokens, `record_expert_outputs` the Gram
+    matrix of every expert's outputs on them and the full-softmax saliency. Under torchrun (`ranks`,
     by default from the environment) every rank gets the same, full statistics.
     """
     bound_onednn_primitive_cache()
@@ -129,6 +131,7 @@ def collect_statistics(
         calibration.max_token_samples,
         calibration.seed,
         router_inputs=record_router_inputs or calibration.record_router_inputs,
+        expert_outputs=record_expert_outputs,
     )
     if engine == "layerwise":
         stats = _collect_layerwise(source, batches, ranks, sample, stream=stream)

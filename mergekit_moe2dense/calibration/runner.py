@@ -43,6 +43,7 @@ class RouterRecorder:
         # experts modules whose forward records contributions, with the instance's own forward if any
         self._recording: list[tuple[torch.nn.Module, Callable | None]] = []
         self._counting = True
+        self._probs: dict[int, torch.Tensor] = {}  # full softmax of the current batch, per layer
 
     def __enter__(self) -> RouterRecorder:
         for position, layer in enumerate(self.stats.layers):
@@ -78,6 +79,8 @@ class RouterRecorder:
             self.stats.update(position, logits, weights, index, self._keep, self._rows, self._slots)
             if self.stats.router_inputs is not None:
                 self.stats.record_inputs(position, inputs[0], self._keep, self._rows, self._slots)
+            if self.stats.output_gram is not None:  # for the experts' forward of this layer
+                self._probs[position] = torch.softmax(logits.detach().reshape(-1, self.stats.num_experts).double(), -1)
 
         return hook
 
@@ -110,9 +113,25 @@ class RouterRecorder:
             outputs = forward(hidden.repeat_interleave(k, dim=0), top_k_index.reshape(-1, 1), ones, *args, **kwargs)
             outputs = outputs.view(tokens, k, -1)
             self.stats.update_contributions(position, top_k_index, top_k_weights, outputs, self._keep)
+            if self.stats.output_gram is not None:  # asked for by a diversity or reap_softmax score
+                probs = self._probs.pop(position)
+                self.stats.update_softmax_contributions(position, top_k_index, probs, outputs, self._keep)
+                self._record_gram(position, forward, hidden, top_k_weights.dtype, *args, **kwargs)
             return (outputs * top_k_weights.unsqueeze(-1)).sum(dim=1).to(hidden.dtype)
 
         return recording
+
+    def _record_gram(self, position: int, forward: Callable, hidden, dtype, *args, **kwargs) -> None:
+        """The Gram matrix of every expert's output on this batch's sampled tokens: the
+        experts' forward with each sampled token once per expert, at weight 1."""
+        if not self._rows.numel():
+            return
+        sampled = hidden[self._keep.to(hidden.device)][self._rows.to(hidden.device)]
+        count, experts = sampled.shape[0], self.stats.num_experts
+        index = torch.arange(experts, device=hidden.device).repeat(count).reshape(-1, 1)
+        ones = torch.ones(index.shape, dtype=dtype, device=hidden.device)
+        every = forward(sampled.repeat_interleave(experts, dim=0), index, ones, *args, **kwargs)
+        self.stats.update_gram(position, every.view(count, experts, -1))
 
     def _contribution_hook(self, position: int):
         """Expert contributions of a family whose experts' forward is not linear in the top-k
@@ -162,11 +181,13 @@ def load_calibration_batches(model_path: str, calibration, tokenizer=None) -> tu
 class TokenSample:
     """Which tokens' router logits the statistics keep: `max_token_samples` of them drawn with
     `seed` over the whole calibration set, and with `router_inputs` the routers' inputs of the
-    same tokens."""
+    same tokens; with `expert_outputs` the Gram matrix of every expert's output on them and
+    the full-softmax saliency (`RouterStatistics.begin_expert_outputs`)."""
 
     max_token_samples: int
     seed: int = 0
     router_inputs: bool = False
+    expert_outputs: bool = False
 
 
 def sample_token_ids(kept_per_batch: list[int], max_token_samples: int, seed: int) -> torch.Tensor:

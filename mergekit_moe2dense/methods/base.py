@@ -152,6 +152,11 @@ class ExpertMethod(ABC):
         """Whether the method reads the routers' recorded inputs (`RouterStatistics.router_inputs`)."""
         return False
 
+    def needs_expert_outputs(self, params: MethodParameters) -> bool:
+        """Whether the method reads the Gram matrix of the experts' outputs or the full-softmax
+        saliency (`RouterStatistics.output_gram`): recorded only when this says so."""
+        return False
+
     def plan_type(self, params: MethodParameters) -> type[MethodPlan]:
         """The type of plan `plan` returns with `params`, which says what is written (plan.py)."""
         return DensePlan

@@ -11,6 +11,11 @@ Per layer, experts are scored on calibration tokens by
                    to e only, so a rarely chosen expert with large outputs scores
                    higher there than here.
     frequency:     the fraction of tokens that select e.
+    diversity:     the m experts of the greedy log-determinant of the Gram matrix of their
+                   outputs on sampled calibration tokens, the most used one first (selection.py;
+                   DO-ACP, arXiv:2605.28207); `usage_diversity` the same on the Gram matrix
+                   of the outputs scaled by sqrt(selection frequency). Both need the Gram
+                   matrix, recorded in calibration only when one of them is asked for.
 
 `concat` keeps the m best experts and places them side by side along the
 intermediate dimension. With `gates: mean` each is its expert alone at its own
@@ -50,8 +55,9 @@ from mergekit_moe2dense.methods.base import (
     normalize_rows,
 )
 from mergekit_moe2dense.plan import Block, DensePlan, LayerPlan
+from mergekit_moe2dense.selection import DIVERSITY_SCORES, diverse_selection
 
-Score = Literal["contribution", "frequency"]
+Score = Literal["contribution", "frequency", "diversity", "usage_diversity"]
 
 
 def expert_scores(stats, score: str) -> torch.Tensor:
@@ -60,7 +66,10 @@ def expert_scores(stats, score: str) -> torch.Tensor:
 
 
 def top_experts(stats, score: str, m: int) -> torch.Tensor:
-    """[L, m] indices of the m best experts of each layer, best first."""
+    """[L, m] indices of the m best experts of each layer, best first (for a diversity score:
+    in the order the greedy chose them)."""
+    if score in DIVERSITY_SCORES:
+        return diverse_selection(stats, score, m)
     return expert_scores(stats, score).topk(m, dim=-1).indices
 
 
@@ -86,6 +95,9 @@ class Concat(ExpertMethod):
 
     def complete(self, params, *, num_experts, top_k):
         return model_top_k(params, "num_experts", num_experts=num_experts, top_k=top_k)
+
+    def needs_expert_outputs(self, params) -> bool:
+        return params.score in DIVERSITY_SCORES
 
     def select(self, stats, params) -> Selection:
         kept = top_experts(stats, params.score, params.num_experts)

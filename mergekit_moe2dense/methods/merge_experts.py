@@ -13,7 +13,9 @@ average linkage (HC-SMoE, Chen et al. 2024, arXiv:2410.08589), on the similarity
 
 Each group's members are aligned to its most salient member (`align`: none, weights or
 activations; alignment.py), then merged with weights proportional to their saliency
-(`score`, as `prune_experts`: REAP's by default). The new router row is the same mix of
+(`score`, as `prune_experts`; `reap_softmax` is REAP's saliency with the full softmax
+probability; the diversity scores, which choose a set rather than weigh members, are
+`prune_experts`' and `concat`'s only). The new router row is the same mix of
 the members' rows (the closed form of reassemble.py: the merged expert's logit is the
 saliency-weighted mean of its members'), or, with `router: fitted`, a multinomial logistic
 regression of each sampled token's group (the group of its top-1 expert in the MoE) on its
@@ -27,19 +29,21 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from transformers.activations import ACT2FN
 
 from mergekit_moe2dense.alignment import expert_intermediate
 from mergekit_moe2dense.families import PROJECTIONS
 from mergekit_moe2dense.methods.base import ExpertMethod, MethodError
 from mergekit_moe2dense.methods.prune_experts import (
+    EXPERT_OUTPUT_SCORES,
     SmallerMoEParameters,
     check_smaller,
     expert_saliency,
     smaller_moe_plan,
 )
 from mergekit_moe2dense.plan import Align, ExpertGroups, SmallerMoEPlan
+from mergekit_moe2dense.selection import DIVERSITY_SCORES
 
 __all__ = ["MergeExperts", "agglomerate", "group_labels", "output_similarity", "router_similarity"]
 
@@ -114,11 +118,24 @@ class MergeExperts(ExpertMethod):
             description="new router rows: the saliency-weighted mix of the members' rows, or a logistic regression",
         )
 
+        @field_validator("score")
+        @classmethod
+        def _a_saliency(cls, value):
+            # a group's members are weighed by a saliency; a diversity score chooses a set
+            if value in DIVERSITY_SCORES:
+                raise ValueError(
+                    "selects a set of experts (prune_experts, concat); use frequency, reap or reap_softmax"
+                )
+            return value
+
     def complete(self, params, *, num_experts, top_k):
         return check_smaller(params, num_experts, top_k)
 
     def needs_router_inputs(self, params) -> bool:
         return params.grouping == "outputs" or params.align == "activations" or params.router == "fitted"
+
+    def needs_expert_outputs(self, params) -> bool:
+        return params.score in EXPERT_OUTPUT_SCORES
 
     def plan_type(self, params) -> type[SmallerMoEPlan]:
         return SmallerMoEPlan

@@ -9,7 +9,19 @@ Per MoE layer, experts are scored on calibration tokens (`score`):
                    activation pruning); contribution_sum / selected in the statistics;
     frequency:     |T_e| / N, the fraction of tokens that select e;
     contribution:  (1/N) sum_{t in T_e} g_te ||f_e(x_t)|| over all N tokens (REAP's saliency
-                   times the selection frequency).
+                   times the selection frequency);
+    reap_softmax:  REAP's saliency with g_te the full softmax probability of e instead of the
+                   model's top-k gate weight. `reap` above uses the renormalised top-k weight,
+                   which equals Cerebras' reference with `renormalize_router_weights=True`;
+                   their default is this one;
+    diversity:     the N experts of the greedy log-determinant of the Gram matrix of their
+                   outputs on sampled calibration tokens (selection.py, arXiv:2605.28207);
+                   `usage_diversity` on the outputs scaled by sqrt(selection frequency).
+                   A kept expert's saliency (its share in `merge_experts`) is then its
+                   selection frequency.
+
+`reap_softmax` and the diversity scores need what calibration records only on request
+(`needs_expert_outputs`): the Gram matrix and the full-softmax sums.
 
 The N best experts and their router rows (and any other expert-indexed tensor of the
 block, e.g. DeepSeek-V3's correction bias) are kept, in their original order; shared
@@ -36,19 +48,31 @@ from mergekit_moe2dense.methods.base import (
     normalize_rows,
 )
 from mergekit_moe2dense.plan import Align, ExpertGroups, Router, SmallerMoEPlan, single_block_plans
+from mergekit_moe2dense.selection import DIVERSITY_SCORES, diverse_selection
 
-__all__ = ["ExpertGroups", "PruneExperts", "Saliency", "expert_saliency", "smaller_moe_plan"]
+__all__ = ["ExpertGroups", "PruneExperts", "Saliency", "expert_saliency", "kept_experts", "smaller_moe_plan"]
 
-Saliency = Literal["reap", "frequency", "contribution"]
+Saliency = Literal["reap", "frequency", "contribution", "reap_softmax", "diversity", "usage_diversity"]
+EXPERT_OUTPUT_SCORES = ("reap_softmax", *DIVERSITY_SCORES)  # need `RouterStatistics.output_gram`
 
 
 def expert_saliency(stats, score: str) -> torch.Tensor:
     """[L, E] float64 per-layer expert scores (higher is better)."""
     if score == "reap":
         return stats.reap_saliency.double()
-    if score == "frequency":
+    if score == "frequency" or score in DIVERSITY_SCORES:
         return stats.selection_frequency.double()
+    if score == "reap_softmax":
+        return stats.reap_softmax_saliency.double()
     return stats.mean_contribution.double()
+
+
+def kept_experts(stats, score: str, count: int) -> list[list[int]]:
+    """[L][count] the experts each layer keeps: the `count` most salient, or for a diversity
+    score the ones the greedy log-det chooses."""
+    if score in DIVERSITY_SCORES:
+        return diverse_selection(stats, score, count).tolist()
+    return expert_saliency(stats, score).topk(count, dim=-1).indices.tolist()
 
 
 def smaller_moe_plan(
@@ -83,7 +107,10 @@ class SmallerMoEParameters(MethodParameters):
     )
     moe_top_k: PositiveInt | None = Field(None, description="experts per token (default: the model's, capped at N)")
     # frequency keeps better experts than REAP's saliency on both testbeds (docs/results/prune.md)
-    score: Saliency = Field("frequency", description="expert saliency: frequency, reap or contribution")
+    score: Saliency = Field(
+        "frequency",
+        description="expert saliency: frequency, reap, contribution, reap_softmax, diversity or usage_diversity",
+    )
 
 
 class PruneExperts(ExpertMethod):
@@ -96,10 +123,13 @@ class PruneExperts(ExpertMethod):
     def complete(self, params, *, num_experts, top_k):
         return check_smaller(params, num_experts, top_k)
 
+    def needs_expert_outputs(self, params) -> bool:
+        return params.score in EXPERT_OUTPUT_SCORES
+
     def plan_type(self, params) -> type[SmallerMoEPlan]:
         return SmallerMoEPlan
 
     def plan(self, stats, params, layers) -> SmallerMoEPlan:
         saliency = expert_saliency(stats, params.score)
-        kept = saliency.topk(params.num_experts, dim=-1).indices.tolist()
+        kept = kept_experts(stats, params.score, params.num_experts)
         return smaller_moe_plan(ExpertGroups.of([[(e,) for e in row] for row in kept], saliency), layers)
