@@ -37,7 +37,7 @@ in tests/test_inspection.py and on synthetic experts in docs/results/inspect.md)
 The model's verdict is its worst layer's. Averaging methods are suggested only when
 it is `aligned`; otherwise selection/concatenation methods, with a warning. The report ends
 with one recommended conversion for the output asked for (recommend.py), which `inspect` can
-write as a config that `merge` runs; `quick_verdict` is the same measure on a few layers, the
+write as a config that `merge` runs; `quick_verdict` is the same measure on sampled units of two experts, the
 check a merge makes before it averages experts.
 """
 
@@ -539,15 +539,28 @@ def write_config(report: InspectionReport, source, settings: InspectSettings) ->
     report.config_needs_data = dataset is None
 
 
-def quick_verdict(source, layers, *, max_layers: int = 3, max_units: int = 128) -> str:
-    """The verdict of `inspect` from the weights of at most `max_layers` layers (first, middle and
-    last), matching at most `max_units` units per expert: cheap enough to run before a merge."""
-    picked = sorted({round(i * (len(layers) - 1) / max(1, max_layers - 1)) for i in range(max_layers)})
-    verdicts = [
-        inspect_layer(_layer_tensors(source.reader, layers[i]), layers[i].index, max_units, seed=0).verdict
-        for i in picked
-    ]
-    return max(verdicts, key=VERDICTS.index)
+def quick_verdict(source, layer, *, max_units: int = 128, seed: int = 0) -> str:
+    """`inspect`'s verdict on one layer from its first two experts, cheap enough to run before a
+    merge: each projection is read alone and only `max_units` sampled units of it are kept (the
+    same units of both experts), so the check holds a few hundred units whatever the model's size.
+    Matching among sampled units only finds the pairs the sample holds: an aligned pair (unit i
+    with unit i) is always found; a permuted one can read as `unrelated`, which averaging
+    destroys just the same."""
+    first, second = layer.experts[0], layer.experts[1]
+    width = source.reader.shape(first["gate"])[0]
+    pick = torch.randperm(width, generator=torch.Generator().manual_seed(seed))[: min(max_units, width)]
+    a, b = (_sampled_units(source.reader, expert, pick) for expert in (first, second))
+    identity, matched = matched_unit_similarity(a, b)
+    return layer_verdict(identity, matched, chance_matched_similarity(a, len(pick), seed=seed))
+
+
+def _sampled_units(reader, expert, pick: torch.Tensor) -> torch.Tensor:
+    """The unit vectors (`alignment.unit_vectors`) of an expert's units `pick`, reading one
+    projection at a time and keeping only those rows (gate, up) and columns (down)."""
+    gate = reader.read_slice(expert["gate"])[pick].float()
+    up = reader.read_slice(expert["up"])[pick].float()
+    down = reader.read_slice(expert["down"])[:, pick].float()
+    return unit_vectors(gate, up, down)
 
 
 def _calibration(settings: InspectSettings, model_config) -> CalibrationConfig | None:
