@@ -222,13 +222,11 @@ class ClusterWeights:
 
 
 @dataclass(frozen=True)
-class ClusterPlan(MethodPlan):
-    """k dense models, one per cluster of calibration tokens; `weights` and `layers` are
-    cluster 0's, `clusters` all k. `models` holds each cluster's finished layer plans
-    (`finish.family_scales`)."""
+class _ClusteredPlan(MethodPlan):
+    """What the two outputs of k clusters of calibration tokens share: all k clusters' weights,
+    which the result reports."""
 
     clusters: ClusterWeights
-    models: tuple[tuple[LayerPlan, ...], ...] = ()
 
     def __post_init__(self):
         super().__post_init__()
@@ -240,22 +238,22 @@ class ClusterPlan(MethodPlan):
 
 
 @dataclass(frozen=True)
-class MoEPlan(MethodPlan):
+class ClusterPlan(_ClusteredPlan):
+    """k dense models, one per cluster of calibration tokens; `weights` and `layers` are
+    cluster 0's, `clusters` all k. `models` holds each cluster's finished layer plans
+    (`finish.family_scales`)."""
+
+    models: tuple[tuple[LayerPlan, ...], ...] = ()
+
+
+@dataclass(frozen=True)
+class MoEPlan(_ClusteredPlan):
     """One MoE of the same family with k experts, expert j the merge of cluster j's weights.
     `rows` holds every expert-indexed tensor of every block, by output name (`finish.router_rows`)."""
 
-    clusters: ClusterWeights
     router: Router = "closed_form"
     seed: int = 0  # of the fitted router's logistic regression
     rows: Mapping[str, torch.Tensor] = field(default_factory=dict)
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_weights(self.clusters.weights, len(self.layers), self.num_experts)
-
-    @property
-    def reported_weights(self) -> torch.Tensor:
-        return self.clusters.weights
 
 
 @dataclass(frozen=True)
