@@ -20,18 +20,15 @@ import functools
 import logging
 from dataclasses import dataclass
 
-import torch
 from mergekit.options import MergeOptions
 
 from mergekit_moe2dense.calibration import (
     RouterStatistics,
     StatisticsError,
-    calibration_dtype,
-    compute_dtype,
     load_calibration_batches,
 )
 from mergekit_moe2dense.calibration.distributed import Ranks
-from mergekit_moe2dense.calibration.engine import check_engine
+from mergekit_moe2dense.calibration.engine import check_engine, stream_settings
 from mergekit_moe2dense.calibration.settings import StreamSettings
 from mergekit_moe2dense.card import calibration_summary
 from mergekit_moe2dense.config import ConfigError, Moe2DenseConfig, check_seq_len
@@ -207,25 +204,10 @@ class ConversionJob:
             raise ConfigError(f"{self.config.merge_method} needs a calibration: block (dataset, num_samples, ...)")
         return load_calibration_batches(self.source.path, self.config.calibration)[1]
 
-    @property
-    def calibration_dtype(self) -> torch.dtype:
-        return calibration_dtype(self.config.calibration, self.device)
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        """The dtype of each streamed layer in the layer-streamed passes (calibration, re-fit)."""
-        return compute_dtype(self.config.calibration, self.device)
-
     # -- the values the later steps take ----------------------------------------------------
     def stream_settings(self) -> StreamSettings:
         """How the re-fit's layer stream runs (the calibration config's device, dtypes, spill dir)."""
-        return StreamSettings(
-            device=self.device,
-            dtype=self.calibration_dtype,
-            compute_dtype=self.compute_dtype,
-            spill_dir=self.config.calibration.spill_dir,
-            progress=self.progress,
-        )
+        return stream_settings(self.config.calibration, self.device, progress=self.progress)
 
     def refit_inputs(self) -> RefitInputs | None:
         """What the re-fit reads (None: the parameters ask for none, and no tokenizing is done)."""

@@ -10,7 +10,7 @@
 - every repository path quoted exists (`tests/test_x.py::test_y`: that test exists), and every
   `configs/*.yml` named parses as a config of a known method with known parameters;
 - every YAML block with a `merge_method` parses the same way;
-- no text tells how the project was made (work-item numbers, work sessions).
+- no text refers to work items by number or tells the history of the work.
 
 Prints one line per problem (FILE:LINE: what) and exits 1 if there is any.
 """

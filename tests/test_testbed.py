@@ -23,7 +23,7 @@ PRESET = PRESETS["smoke"]
 
 @pytest.fixture(scope="module")
 def testbed(smoke_testbed):
-    return smoke_testbed  # trained once per session: every test that uses it is marked slow
+    return smoke_testbed  # trained once per test run: every test that uses it is marked slow
 
 
 def test_expert_drift_is_one_for_copies_of_the_ancestor_and_minus_one_for_negated_experts():

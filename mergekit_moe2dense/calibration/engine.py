@@ -177,14 +177,7 @@ def _collect_layerwise(
     time (layerwise.py): every rank streams every layer through its own batches."""
     share = RankShare(source.config, source.family, batches, ranks, sample)
     mine = [batches[i] for i in share.mine]
-    layers = LayerStream(
-        source,
-        mine,
-        device=stream.device,
-        dtype=stream.dtype,
-        compute_dtype=stream.compute_dtype,
-        spill_dir=stream.spill_dir,
-    )
+    layers = LayerStream.of(source, mine, stream)
     with layers, share.recorder(layers.model) as recorder:
         layers.run(RecorderVisitor(share, recorder), desc=ranks.describe("Calibrating"), progress=stream.progress)
     return share.reduce(stream.device)

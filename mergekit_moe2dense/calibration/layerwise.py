@@ -67,6 +67,7 @@ import tqdm
 import transformers
 
 from mergekit_moe2dense.calibration.batches import TokenBatch
+from mergekit_moe2dense.calibration.settings import StreamSettings
 from mergekit_moe2dense.errors import Moe2DenseError
 from mergekit_moe2dense.families import ExpertSlice, MoELayer
 from mergekit_moe2dense.io.reader import READAHEAD_BYTES, TensorReader
@@ -164,6 +165,19 @@ class LayerStream:
     the carried activations' dtype; `compute_dtype` the streamed layer's weights and
     arithmetic (None: `layer_compute_dtype`'s default for `dtype` on `device`).
     """
+
+    @classmethod
+    def of(cls, source, batches: list[TokenBatch], stream: StreamSettings) -> LayerStream:
+        """The stream of one pass of a run, on the run's `StreamSettings` (the pass shows its
+        own progress: `run(..., progress=stream.progress)`)."""
+        return cls(
+            source,
+            batches,
+            device=stream.device,
+            dtype=stream.dtype,
+            compute_dtype=stream.compute_dtype,
+            spill_dir=stream.spill_dir,
+        )
 
     def __init__(
         self,

@@ -179,15 +179,7 @@ def fit_smaller_moe(
     with torch.device("meta"):
         skeleton = transformers.AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
     by_index = {layer.index: (position, layer) for position, layer in enumerate(layers)}
-    stream = LayerStream(
-        source,
-        batches,
-        device=settings.device,
-        dtype=settings.dtype,
-        compute_dtype=compute_dtype,
-        spill_dir=settings.spill_dir,
-    )
-    with stream:
+    with LayerStream.of(source, batches, settings) as stream:
         visitor = _Pruning(skeleton, by_index, weights, damping, result)
         stream.run(visitor, desc="Re-fitting", progress=settings.progress)
     return result

@@ -74,14 +74,7 @@ def fit_layers(
     tensors go into `store` (default: a dict; e.g. `graph.SpilledTensors`, to keep them on disk)."""
     stream = stream or StreamSettings()
     result = RefitResult(tensors=store if store is not None else {})
-    with LayerStream(
-        source,
-        batches,
-        device=stream.device,
-        dtype=stream.dtype,
-        compute_dtype=stream.compute_dtype,
-        spill_dir=stream.spill_dir,
-    ) as layers:
+    with LayerStream.of(source, batches, stream) as layers:
         layers.run(_Converting(plans, fitter, result), desc="Re-fitting", progress=stream.progress)
     return result
 
