@@ -1,6 +1,22 @@
 # Copyright (C) 2026 the mergekit-moe2dense authors
 # SPDX-License-Identifier: LGPL-3.0-only
-"""Expert selection by diversity: a greedy D-optimal (log-determinant) subset of a Gram matrix.
+"""Expert selection: how many experts each layer keeps, and which ones by diversity.
+
+How many (`spread_budget`). A total of T kept experts is split over the L MoE layers in
+proportion to the effective number of experts each layer's router uses,
+
+    n_l = exp(H(p_l)),    p_le = w_le / sum_e w_le,    H(p) = -sum_e p_e log p_e,
+
+w_le the selection frequency of expert e in layer l (n_l = E where every expert is selected
+equally often, k where the top-k router always selects the same k experts). Each layer's share is
+s_l = clip(c n_l, 1, E), c the scale at which sum_l s_l = T (f(c) = sum_l clip(c n_l, 1, E)
+is piecewise linear and non-decreasing in c: solved exactly on the segment where it reaches
+T), so a layer held at 1 or E passes what it cannot take to the others in proportion to
+theirs. The shares are rounded by largest remainder (Hamilton's method): each layer gets
+floor(s_l), and the units left go to the largest fractional parts (ties: the larger n_l,
+then the lower layer), so the counts sum to T exactly and stay in 1..E.
+
+Which ones, by diversity: a greedy D-optimal (log-determinant) subset of a Gram matrix.
 
 Per MoE layer, the Gram matrix of the experts' outputs on the same calibration tokens
 
@@ -39,6 +55,9 @@ our own.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 
 from mergekit_moe2dense.errors import Moe2DenseError
@@ -48,9 +67,13 @@ __all__ = [
     "TIE_TOLERANCE",
     "SelectionError",
     "diverse_experts",
+    "diverse_layer_experts",
+    "diverse_layer_selection",
     "diverse_selection",
+    "effective_experts",
     "greedy_log_det",
     "log_det",
+    "spread_budget",
     "usage_weighted_gram",
 ]
 
@@ -116,14 +139,22 @@ def greedy_log_det(gram: torch.Tensor, count: int, priority: torch.Tensor) -> li
     return chosen
 
 
-def diverse_experts(gram: torch.Tensor, usage: torch.Tensor, count: int, *, weighted: bool) -> torch.Tensor:
-    """[L, count] experts of each layer by the greedy log-det on `gram` [L, E, E], in the
+def diverse_layer_experts(
+    gram: torch.Tensor, usage: torch.Tensor, counts: Sequence[int], *, weighted: bool
+) -> list[list[int]]:
+    """counts[l] experts of each layer l by the greedy log-det on `gram` [L, E, E], in the
     order chosen; with `weighted`, on the usage-weighted Gram matrix. `usage` [L, E]
     (selection frequency) picks the first expert and breaks ties."""
     chosen = []
-    for layer_gram, layer_usage in zip(gram, usage):
+    for layer_gram, layer_usage, count in zip(gram, usage, counts, strict=True):
         matrix = usage_weighted_gram(layer_gram, layer_usage) if weighted else layer_gram
         chosen.append(greedy_log_det(matrix, count, layer_usage))
+    return chosen
+
+
+def diverse_experts(gram: torch.Tensor, usage: torch.Tensor, count: int, *, weighted: bool) -> torch.Tensor:
+    """[L, count] experts of each layer (`diverse_layer_experts` with `count` in every layer)."""
+    chosen = diverse_layer_experts(gram, usage, [count] * gram.shape[0], weighted=weighted)
     return torch.tensor(chosen, dtype=torch.long).reshape(len(chosen), count)
 
 
@@ -131,3 +162,61 @@ def diverse_selection(stats, score: str, count: int) -> torch.Tensor:
     """[L, count] experts of each layer for a method's `score` (one of `DIVERSITY_SCORES`),
     from router statistics: their Gram matrices, and selection frequencies as the usage."""
     return diverse_experts(stats.gram, stats.selection_frequency, count, weighted=score == "usage_diversity")
+
+
+def diverse_layer_selection(stats, score: str, counts: Sequence[int]) -> list[list[int]]:
+    """`diverse_selection` with counts[l] experts in layer l."""
+    weighted = score == "usage_diversity"
+    return diverse_layer_experts(stats.gram, stats.selection_frequency, counts, weighted=weighted)
+
+
+# -- how many experts each layer keeps ---------------------------------------------------------
+
+
+def effective_experts(frequency: torch.Tensor) -> torch.Tensor:
+    """[L] exp of the entropy of each layer's selection frequencies [L, E] (normalised per
+    layer): the number of equally used experts that would route as evenly (1..E)."""
+    p = frequency.double().clamp_min(0)
+    p = p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    entropy = -(torch.where(p > 0, p * p.log(), 0.0)).sum(-1)
+    return entropy.exp().clamp(1.0, frequency.shape[-1])
+
+
+def _capped_shares(effective: list[float], total: int, cap: int) -> list[float]:
+    """s_l = clip(c n_l, 1, cap) with sum_l s_l = total: f(c) = sum_l clip(c n_l, 1, cap) is
+    piecewise linear between the breakpoints 1/n_l and cap/n_l, solved on its segment."""
+
+    def shares(c: float) -> list[float]:
+        return [min(max(c * n, 1.0), float(cap)) for n in effective]
+
+    below = 0.0  # f(0) = L <= total
+    for point in sorted({1.0 / n for n in effective} | {cap / n for n in effective}):
+        reached = sum(shares(point))
+        if reached >= total:
+            start = sum(shares(below))
+            c = point if reached == start else below + (total - start) * (point - below) / (reached - start)
+            return shares(c)
+        below = point
+    return [float(cap)] * len(effective)  # unreachable: f(max breakpoint) = L cap >= total
+
+
+def spread_budget(frequency: torch.Tensor, total: int) -> list[int]:
+    """Kept experts per layer, `total` in all, in proportion to each layer's effective number
+    of experts (`effective_experts` of the selection frequencies [L, E]), each in 1..E:
+    the capped shares rounded by largest remainder (see the module docstring)."""
+    num_layers, cap = frequency.shape
+    if not num_layers <= total <= num_layers * cap:
+        raise SelectionError(f"cannot keep {total} experts in {num_layers} layers of {cap}")
+    effective = effective_experts(frequency).tolist()
+    shares = _capped_shares(effective, total, cap)
+    counts = [min(max(math.floor(s), 1), cap) for s in shares]
+    # remainders equal on paper (1.5 and 4.5) may differ in the last bits: compare them rounded
+    order = sorted(range(num_layers), key=lambda i: (-round(shares[i] - counts[i], 9), -effective[i], i))
+    left = total - sum(counts)
+    for layer in order:
+        if left == 0:
+            break
+        if counts[layer] < cap:
+            counts[layer] += 1
+            left -= 1
+    return counts

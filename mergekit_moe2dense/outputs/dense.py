@@ -37,7 +37,8 @@ def write_dense(plan: DensePlan, context: WriteContext, staging: str, extra: dic
         run_graph(graph, context.options)
     shutil.rmtree(os.path.join(staging, FITTED_DIR), ignore_errors=True)
     write_model_files(staging, context, family.dense_config(source.config, intermediate_size=width))
-    write_weights_file(staging, context, {"layers": plan.weights.tolist(), **(extra or {})})
+    extra = {**(extra or {}), **_padding_record(source, widths, width)}
+    write_weights_file(staging, context, {"layers": plan.weights.tolist(), **extra})
     if context.options.write_model_card:
         tables = () if plan.refit_errors is None else (refit_table(plan.refit_errors),)
         write_model_card(staging, context, plan.weights, extra, calibration=context.calibration, tables=tables)
@@ -55,6 +56,20 @@ def _log_refit(plan: DensePlan) -> None:
             end,
             seconds,
         )
+
+
+def _padding_record(source, widths: list[int], width: int) -> dict:
+    """Where converted layers differ in width (concat's `budget: spread`): each one's MLP width,
+    and the converted MLPs' gate, up and down weights as written (zero-padded to `width`) and
+    as used (the padded units add exactly 0). Nothing where every layer has the same width."""
+    if len(set(widths)) <= 1:
+        return {}
+    per_unit = 3 * source.family.dims(source.config)["H"]
+    return {
+        "mlp_widths": widths,
+        "mlp_parameters_on_disk": per_unit * width * len(widths),
+        "mlp_parameters_effective": per_unit * sum(widths),
+    }
 
 
 def _plan_width(source, plan: LayerPlan) -> int:
