@@ -259,7 +259,7 @@ def test_recorded_parameters_keep_their_layout():
         "aggregate": "mean_logit",
         "temperature": 2.0,
         "align": "none",
-        "refit": "none",
+        "refit": "down_proj",
         "refit_damping": 1e-4,
         "refit_gate_up": "merge",
     }
@@ -364,3 +364,13 @@ def test_kernel_accumulates_bf16_experts_in_float32():
     assert merged.dtype == torch.float32
     torch.testing.assert_close(merged, expected, rtol=0, atol=1e-6)
     assert weighted_sum([t.double() for t in tensors], weights).dtype == torch.float64
+
+
+@pytest.mark.parametrize(
+    "method,refit",
+    [("router_weighted", "down_proj"), ("concat", "down_proj"), ("max_contribution", "down_proj"),
+     ("prune_experts", "down_proj"), ("merge_experts", "down_proj"), ("expert_uniform", "none"),
+     ("top_k_tempered", "none"), ("single_expert", "none")],
+)  # fmt: skip
+def test_the_measured_best_re_fit_is_the_default_and_baselines_stay_plain(method, refit):
+    assert get_method(method).Parameters().refit == refit

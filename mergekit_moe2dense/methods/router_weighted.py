@@ -27,6 +27,7 @@ from mergekit_moe2dense.methods.base import (
     Align,
     MethodError,
     MethodParameters,
+    Refit,
     Temperature,
     WeightedMerge,
 )
@@ -55,6 +56,7 @@ class RouterWeighted(WeightedMerge):
     reference_url = "https://github.com/arcee-ai/mergekit/issues/267"
 
     class Parameters(MethodParameters):
+        refit: Refit = Field("down_proj", description=MethodParameters.model_fields["refit"].description)
         aggregate: Aggregate = Field("mean_logit", description="how router scores are aggregated over tokens")
         temperature: Temperature = Field(1.0, description="softmax temperature over experts")
         align: Align = Field("none", description=ALIGN_DESCRIPTION)
