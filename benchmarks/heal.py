@@ -11,18 +11,22 @@ On a trained testbed (benchmarks/testbed.py), rows of held-out perplexity (the t
 2. the same with `refit: fit` (the per-layer gradient fit), the heal's student
    by default (`--heal-from fit`; `down_proj` heals the closed-form model);
 3. `heal` of that student at fractions of the MoE's own training tokens (forward KL, on the
-   fly; the training text is the testbed's train split, rebuilt from its recipe);
-4. `collapse` of the MoE at one fraction, LM loss (and KD) plus the expert penalty;
+   fly, mixed with the LM loss by `--lm-weights`; the training text is the testbed's train
+   split, rebuilt from its recipe), a row per `--hidden-weights` weight of the hidden-state loss;
+4. `collapse` of the MoE at one fraction, LM loss (and KD) plus the expert penalty (not with
+   `--heal-only`);
 5. the MoE and the dense twin trained on 100% of the tokens.
 
-The learning rate is chosen on the calib split (a small sweep at the collapse fraction), the
-table is on the test split. Then the throughput of the heal's `Trainer` (teacher cache, and
-on the fly) against a plain transformers training loop (AdamW, `model(ids, labels=ids)`) on
-the same student, batch and device, measured alternately in one run.
+The learning rate and the LM-loss weight are chosen on the calib split (a small sweep at the
+collapse fraction, for each hidden-state weight), the table is on the test split. Then the
+throughput of the heal's `Trainer` (teacher cache, and on the fly) against a plain transformers
+training loop (AdamW, `model(ids, labels=ids)`) on the same student, batch and device, measured
+alternately in one run (not with `--heal-only`).
 
     python benchmarks/heal.py --preset scratch [--write-docs]
     python benchmarks/heal.py --preset example [--write-docs]
     python benchmarks/heal.py --smoke            # seconds: the mechanics only
+    python benchmarks/heal.py --preset fine-qwen3 --fractions 0.05 --hidden-weights 0,0.1,1 --heal-only
 """
 
 from __future__ import annotations
@@ -135,6 +139,8 @@ def run(args) -> str:
     top_k = json.loads((testbed.moe / "config.json").read_text())["num_experts_per_tok"]
     if scratch:
         label, method, params = f"concat m={top_k} + refit: down_proj", "concat", {"num_experts": top_k}
+        if args.score:
+            label, params = label.replace(" +", f" by {args.score} +"), {**params, "score": args.score}
     else:
         label, method, params = "router_weighted + refit: down_proj", "router_weighted", {}
     student = convert(
@@ -155,36 +161,39 @@ def run(args) -> str:
 
     def settings(fraction: float, lr: float, **extra) -> TrainSettings:
         tokens = max(1, round(fraction * total_tokens))
-        return TrainSettings(max_tokens=tokens, seq_len=seq_len, batch_size=batch, lr=lr, logging_steps=5, **extra)
+        return TrainSettings(max_tokens=tokens, seq_len=seq_len, batch_size=batch, lr=lr, logging_steps=5,
+                             seed=args.seed, **extra)  # fmt: skip
 
-    # learning rate: the best on the calib split at the collapse fraction (the goal's 5%)
-    fractions = sorted(args.fractions)
-    lrs = args.lrs
-    # learning rate and LM-loss weight: the best on the calib split at the collapse fraction (the goal's 5%)
-    grid = [(lr, w) for lr in lrs for w in args.lm_weights]
+    def healing(fraction: float, config: tuple[float, float, float]) -> HealSettings:
+        lr, lm_weight, hidden_weight = config
+        return HealSettings(student=start, teacher=testbed.moe, data=train_dir, hidden_weight=hidden_weight,
+                            training=settings(fraction, lr, lm_weight=lm_weight))  # fmt: skip
+
+    # per hidden-state weight, the learning rate and LM-loss weight best on the calib split at
+    # the collapse fraction (the goal's 5%); the test split scores each loss at its own best
+    grid = [(lr, w, h) for lr in args.lrs for w in args.lm_weights for h in args.hidden_weights]
+    sweep = {}
     if len(grid) > 1:
-        sweep = {}
-        for lr, w in grid:
-            healing = HealSettings(student=start, teacher=testbed.moe, data=train_dir,
-                                   training=settings(args.collapse_fraction, lr, lm_weight=w))  # fmt: skip
-            out = heal(healing, str(work / f"sweep-{lr}-{w}"), overwrite=True, progress=False)
-            sweep[lr, w] = score(out.out_path, calib_docs, seq_len, limit).perplexity
-        notes.append("sweep (calib split ppl at " + f"{args.collapse_fraction:.0%}, lr / lm-weight): "
-                     + ", ".join(f"{lr:g} / {w:g}: {ppl:.3f}" for (lr, w), ppl in sweep.items()))  # fmt: skip
-        lr, lm_weight = min(sweep, key=sweep.get)
-    else:
-        ((lr, lm_weight),) = grid
-    loss = "KD" if lm_weight == 0 else f"KD + {lm_weight:g} LM"
+        for config in grid:
+            out = heal(healing(args.collapse_fraction, config), str(work / "sweep-{}-{}-{}".format(*config)),
+                       overwrite=True, progress=False)  # fmt: skip
+            sweep[config] = score(out.out_path, calib_docs, seq_len, limit).perplexity
+        notes.append("sweep (calib split ppl at " + f"{args.collapse_fraction:.0%}, lr / lm-weight / hidden-weight): "
+                     + ", ".join(f"{lr:g} / {w:g} / {h:g}: {ppl:.3f}" for (lr, w, h), ppl in sweep.items()))  # fmt: skip
+    configs = [min((c for c in grid if c[2] == h), key=lambda c: sweep.get(c, 0.0)) for h in args.hidden_weights]
+    best = min(configs, key=lambda c: sweep.get(c, 0.0))
+    lr = best[0]
     curve = [(0, start_row[2].perplexity)]
-    for fraction in fractions:
-        healing = HealSettings(student=start, teacher=testbed.moe, data=train_dir,
-                               training=settings(fraction, lr, lm_weight=lm_weight))  # fmt: skip
-        result = heal(healing, str(work / f"heal-{fraction}"), overwrite=True, progress=False)
-        ppl = score(result.out_path, test_docs, seq_len, limit)
-        rows.append((f"heal {fraction:.0%} of refit: {args.heal_from} ({loss}, lr {lr:g}, {result.steps} steps)",
-                     result.tokens, ppl))  # fmt: skip
-        curve.append((result.tokens, ppl.perplexity))
-    for variant, extra in (("LM", {"lm_weight": 1.0}), ("KD", {"lm_weight": 0.0})):
+    for config in configs:
+        for fraction in sorted(args.fractions):
+            result = heal(healing(fraction, config), str(work / f"heal-{fraction}-{config[2]}"), overwrite=True,
+                          progress=False)  # fmt: skip
+            ppl = score(result.out_path, test_docs, seq_len, limit)
+            rows.append((f"heal {fraction:.0%} of refit: {args.heal_from} ({loss_label(config)}, lr {config[0]:g}, "
+                         f"{result.steps} steps)", result.tokens, ppl))  # fmt: skip
+            if config == best:
+                curve.append((result.tokens, ppl.perplexity))
+    for variant, extra in (("LM", {"lm_weight": 1.0}), ("KD", {"lm_weight": 0.0})) if not args.heal_only else ():
         collapsing = CollapseSettings(moe=testbed.moe, data=train_dir, penalty_max=args.penalty_max,
                                       training=settings(args.collapse_fraction, lr, **extra))  # fmt: skip
         result = collapse(collapsing, str(work / f"collapse-{variant}"), overwrite=True, progress=False)
@@ -195,7 +204,11 @@ def run(args) -> str:
                      f"{result.record['expert_spread_after']:.3g}")  # fmt: skip
     rows.append(("dense twin (trained on 100%)", total_tokens, score(testbed.twin, test_docs, seq_len, limit)))
 
-    throughput = measure_throughput(start, testbed.moe, train_dir, work, seq_len, batch, lr, args.throughput_steps)
+    throughput = None
+    if not args.heal_only:
+        throughput = measure_throughput(start, testbed.moe, train_dir, work, seq_len, batch, lr, args.throughput_steps)
+        notes.append(f"throughput ({args.throughput_steps} steps of {batch} x {seq_len} tokens, CPU, best of 2 "
+                     f"alternating rounds):\n  {throughput['text']}")  # fmt: skip
     table = format_table(rows, moe_ppl.perplexity, domains, total_tokens)
     elapsed = time.time() - started
     text = f"""### `{args.preset}` ({"from scratch" if scratch else "upcycled"}; MoE trained on {total_tokens} tokens)
@@ -203,18 +216,25 @@ def run(args) -> str:
 {table}
 
 {chr(10).join("- " + n for n in notes)}
-- throughput ({args.throughput_steps} steps of {batch} x {seq_len} tokens, CPU, best of 2 alternating rounds):
-  {throughput["text"]}
 - benchmark time: {elapsed:.0f} s
 """
     if args.plot:
         plot(curve, moe_ppl.perplexity, rows[-1][2].perplexity, rows, Path(args.plot), args.preset, total_tokens)
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": [(r[0], r[1], r[2].perplexity if r[2] else None) for r in rows],
-                                               "curve": curve, "throughput": throughput, "lr": lr}, indent=2))  # fmt: skip
+                                               "curve": curve, "throughput": throughput, "lr": lr,
+                                               "sweep": [[*c, ppl] for c, ppl in sweep.items()],
+                                               "configs": configs, "seed": args.seed}, indent=2))  # fmt: skip
     if not args.work_dir:
         shutil.rmtree(work, ignore_errors=True)
     return text
+
+
+def loss_label(config: tuple[float, float, float]) -> str:
+    """A heal's loss as a row names it: `KD`, `KD + 0.5 LM`, `KD + 0.1 hidden`."""
+    _, lm_weight, hidden_weight = config
+    label = "KD" if lm_weight == 0 else f"KD + {lm_weight:g} LM"
+    return label + (f" + {hidden_weight:g} hidden" if hidden_weight else "")
 
 
 def measure_throughput(student, moe, train_dir, work, seq_len, batch, lr, steps) -> dict:
@@ -301,8 +321,12 @@ def main(argv=None) -> None:
     parser.add_argument("--lrs", type=lambda s: [float(x) for x in s.split(",")], default=[3e-4, 1e-3, 3e-3])
     parser.add_argument("--lm-weights", type=lambda s: [float(x) for x in s.split(",")], default=[0.0],
                         help="LM-loss weights to sweep with the learning rates (0: pure KD)")  # fmt: skip
+    parser.add_argument("--hidden-weights", type=lambda s: [float(x) for x in s.split(",")], default=[0.0],
+                        help="hidden-state loss weights to sweep too (heal --hidden-weight); a row for each")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0, help="the heals' seed (data order)")
     parser.add_argument("--heal-from", choices=["fit", "down_proj"], default="fit",
                         help="the heal's student: the refit: fit conversion (default) or the closed-form one")  # fmt: skip
+    parser.add_argument("--score", default=None, help="concat's selection score on the from-scratch presets")
     parser.add_argument("--collapse-fraction", type=float, default=0.05)
     parser.add_argument("--penalty-max", type=float, default=1e4)
     parser.add_argument("--throughput-steps", type=int, default=20)
@@ -310,6 +334,7 @@ def main(argv=None) -> None:
     parser.add_argument("--plot", default=None, help="write the perplexity-vs-tokens plot (PNG) here")
     parser.add_argument("--json", default=None)
     parser.add_argument("--throughput-only", action="store_true", help="only the throughput comparison")
+    parser.add_argument("--heal-only", action="store_true", help="no collapse rows and no throughput comparison")
     parser.add_argument("--smoke", action="store_true", help="scratch-smoke, two fractions, one lr, few steps")
     args = parser.parse_args(argv)
     transformers.utils.logging.disable_progress_bar()

@@ -252,6 +252,8 @@ def _heal_paragraph(record: dict) -> str:
         if settings["lm_weight"] == 0
         else f"(1 - {settings['lm_weight']}) x forward KL + {settings['lm_weight']} x LM loss"
     )
+    if record.get("hidden_weight"):
+        loss += f" + {record['hidden_weight']} x the per-layer hidden-state loss"
     cache = f", from a top-{record['teacher_top_k']} teacher cache" if record["teacher_cache"] else ""
     resumed = record.get("steps_from_checkpoint")
     resumed = f", the first {resumed} before resuming from a checkpoint" if resumed else ""

@@ -24,7 +24,7 @@ import os
 import click
 
 from mergekit_moe2dense.cli_errors import one_line_errors
-from mergekit_moe2dense.cli_options import merge_options, quiet_option, version_option
+from mergekit_moe2dense.cli_options import merge_options, output_quantization_option, quiet_option, version_option
 from mergekit_moe2dense.cli_startup import DefaultCommandGroup
 
 
@@ -65,10 +65,11 @@ def merge_command() -> click.Command:
         help="Print what would be done (method, calibration tokens, output, its size) and an estimate of the "
         "time and peak memory on this machine, then exit without writing anything.",
     )
+    @output_quantization_option
     @merge_options
     @version_option
     @one_line_errors
-    def merge(merge_options, config_file, out_path, stats_path, overwrite, dry_run):
+    def merge(merge_options, config_file, out_path, stats_path, overwrite, dry_run, output_quantization):
         """Calibrate the MoE's routers, merge its experts, write a dense model to OUT_PATH (the
         default command)."""
         from mergekit_moe2dense.build import build_dense, estimate_build
@@ -77,6 +78,8 @@ def merge_command() -> click.Command:
         merge_options.apply_global_options()
         source = read_config_text(config_file)
         config = Moe2DenseConfig.from_yaml(source, source=config_file)
+        if output_quantization is not None:
+            config = config.model_copy(update={"output_quantization": output_quantization})
         if dry_run:
             estimate = estimate_build(config, out_path, merge_options, stats_path=stats_path, overwrite=overwrite)
             click.echo(estimate.format())
@@ -271,6 +274,12 @@ def training_settings(flags: dict):
 @click.argument("student")
 @click.argument("out_path", type=click.Path(file_okay=False))
 @click.option("--teacher", required=True, help="The MoE to distil from (a model directory).")
+@click.option(
+    "--hidden-weight",
+    default=0.0,
+    show_default=True,
+    help="Add this weight x the hidden-state loss (each decoder layer's output against the teacher's, relative to its scale) to the KD/LM mix; needs the teacher on the fly, not --teacher-cache.",
+)
 @click.option(
     "--lora-rank",
     type=int,

@@ -5,13 +5,13 @@
     heal(HealSettings(student=dense, teacher=moe, data=path, training=TrainSettings(max_tokens=...)), out)
 
 Every cheap check runs first (the settings when they are made; then the device, both models,
-their tokenizers and vocabularies, sequence length, their shards, OUT and the working
-directories, the data, and with `resume` the checkpoint: the newest complete one, of the same
-run, `trainer.resume_checkpoint`); then, with OUT locked: the optional teacher cache pass
-(`teacher_cache.py`), the student's held-out perplexity, training (`trainer.DistillTrainer`,
-full fine-tuning or LoRA through peft), the merge of the LoRA into the weights, the
-perplexity after, and OUT written through `OutputDirectory` (staged, published whole) with a
-model card and `heal.json` recording the run.
+their tokenizers and vocabularies, sequence length, with `hidden_weight` their layers, their
+shards, OUT and the working directories, the data, and with `resume` the checkpoint: the newest
+complete one, of the same run, `trainer.resume_checkpoint`); then, with OUT locked: the
+optional teacher cache pass (`teacher_cache.py`), the student's held-out perplexity, training
+(`trainer.DistillTrainer`, full fine-tuning or LoRA through peft), the merge of the LoRA into
+the weights, the perplexity after, and OUT written through `OutputDirectory` (staged, published
+whole) with a model card and `heal.json` recording the run.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from mergekit_moe2dense.output_dir import OutputDirectory
 from mergekit_moe2dense.perplexity import check_seq_len, evaluate_perplexity, load_eval_documents
 from mergekit_moe2dense.training.inputs import (
     check_causal_lm,
+    check_same_layers,
     check_same_vocabulary,
     check_weights,
     check_work_dir,
@@ -156,6 +157,8 @@ def _check_models(settings: HealSettings) -> tuple[transformers.PretrainedConfig
     )
     check_seq_len(student_config, seq_len, student)
     check_seq_len(teacher_config, seq_len, teacher)
+    if settings.hidden_weight > 0:
+        check_same_layers(student_config, teacher_config, student, teacher)
     check_weights(student, "student")
     check_weights(teacher, "teacher")
     return student_config, tokenizer
@@ -191,6 +194,8 @@ def _run_identity(settings: HealSettings, sequences: torch.Tensor, world_size: i
         "training tokens (sha256)": tokens_digest(sequences),
         "processes (WORLD_SIZE)": world_size,
         **settings.training.defining(),
+        # unset without the hidden-state loss, as in the checkpoints of runs without it
+        "--hidden-weight": settings.hidden_weight or None,
         "--lora-rank": settings.lora_rank,
         "--lora-alpha": settings.effective_lora_alpha,
         # unset without a cache: the exact KD, on the fly
@@ -214,7 +219,7 @@ def _train(prepared: _Run, callbacks: list | None):
     if settings.lora_rank is not None:
         model = _with_lora(model, settings.lora_rank, settings.effective_lora_alpha, training.seed)
     teacher_model = None
-    if targets is None and training.lm_weight < 1:
+    if targets is None and (training.lm_weight < 1 or settings.hidden_weight > 0):
         teacher_model = transformers.AutoModelForCausalLM.from_pretrained(settings.teacher, dtype=training.torch_dtype)
     trainer = DistillTrainer(
         model=model,
@@ -224,6 +229,7 @@ def _train(prepared: _Run, callbacks: list | None):
         teacher=teacher_model,
         temperature=training.temperature,
         lm_weight=training.lm_weight,
+        hidden_weight=settings.hidden_weight,
         callbacks=callbacks,
         run=prepared.run,
     )
@@ -263,6 +269,7 @@ def _record(prepared: _Run, trainer: DistillTrainer, metrics: dict, before: floa
         # steady state: each logging interval after the first (which includes start-up)
         "tokens_per_s_logged": [e["tokens_per_s"] for e in trainer.state.log_history if "tokens_per_s" in e],
         "settings": training.model_dump(),
+        "hidden_weight": settings.hidden_weight,
         "lora_rank": settings.lora_rank,
         "lora_alpha": settings.effective_lora_alpha,
         "teacher_cache": _resolved(settings.teacher_cache),

@@ -5,8 +5,8 @@ training sequences cut from their data.
 
 Each check raises `HealError` naming the input (the student, the teacher, the MoE) and what
 is wrong with it: not a causal LM, an MoE where a dense model is needed or the reverse, a
-tokenizer that does not load or differs, a shard that is truncated, a working directory that
-overlaps OUT or an input.
+tokenizer that does not load or differs, decoder layers that differ (for the hidden-state loss),
+a shard that is truncated, a working directory that overlaps OUT or an input.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from mergekit_moe2dense.training.settings import HealError
 
 __all__ = [
     "check_causal_lm",
+    "check_same_layers",
     "check_same_vocabulary",
     "check_weights",
     "check_work_dir",
@@ -112,6 +113,22 @@ def check_same_vocabulary(student_config, student_tok, teacher_config, teacher_t
                 f"student {student} and teacher {teacher} have different tokenizers ({name} "
                 f"{getattr(student_tok, name)} vs {getattr(teacher_tok, name)})"
             )
+
+
+def check_same_layers(student_config, teacher_config, student: str, teacher: str) -> None:
+    """The hidden-state loss pairs each decoder layer of the student with the teacher's: the
+    same number of layers, of the same hidden size."""
+    shapes = [
+        (getattr(text, "num_hidden_layers", None), getattr(text, "hidden_size", None))
+        for text in (student_config.get_text_config(), teacher_config.get_text_config())
+    ]
+    if shapes[0] != shapes[1] or None in shapes[0]:
+        (s_layers, s_width), (t_layers, t_width) = shapes
+        raise HealError(
+            f"--hidden-weight: student {student} has {s_layers} decoder layers of hidden size {s_width}, teacher "
+            f"{teacher} {t_layers} of {t_width}; the hidden-state loss needs the same layers and hidden size "
+            "(set --hidden-weight 0)"
+        )
 
 
 def stored_dtype(config: transformers.PretrainedConfig) -> torch.dtype:

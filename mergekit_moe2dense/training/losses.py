@@ -1,7 +1,7 @@
 # Copyright (C) 2026 the mergekit-moe2dense authors
 # SPDX-License-Identifier: LGPL-3.0-only
 """Distillation losses: forward KL from a teacher's next-token distribution, exact or from
-a top-k cache, optionally mixed with the language-model loss.
+a top-k cache, optionally mixed with the language-model loss; and a loss on the hidden states.
 
 With temperature T, p = softmax(t / T) (teacher), q = softmax(s / T) (student), per token:
 
@@ -15,10 +15,17 @@ With temperature T, p = softmax(t / T) (teacher), q = softmax(s / T) (student), 
 
 Both are multiplied by T^2 (Hinton et al. 2015), so that gradients keep their scale across
 temperatures. `mixed_loss` = (1 - w) * that + w * next-token cross-entropy.
+
+`hidden_loss` compares the student's and the teacher's hidden states h_l at each decoder
+layer's output l = 1..L (same layer count and width: the student is the teacher with other
+MLPs): mean_l [ mean((h_l^s - h_l^t)^2) / mean((h_l^t)^2) ], the means over tokens and
+features. Each layer's error is relative to the teacher's mean square there, so layers weigh
+alike although the residual stream grows with depth.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +33,7 @@ import torch.nn.functional as F
 
 REST_FLOOR = 1e-6  # the smallest rest mass of the student that the cached loss resolves
 
-__all__ = ["TeacherTargets", "cached_kl", "exact_kl", "lm_loss", "mixed_loss", "top_k_targets"]
+__all__ = ["TeacherTargets", "cached_kl", "exact_kl", "hidden_loss", "lm_loss", "mixed_loss", "top_k_targets"]
 
 
 @dataclass
@@ -112,3 +119,21 @@ def mixed_loss(
         total = total + lm_weight * lm
         parts["lm"] = lm.detach()
     return total, parts
+
+
+def hidden_loss(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Mean over layers of the squared error of the student's hidden states, relative to the
+    teacher's mean square at that layer (module docstring); 0 exactly when they are equal.
+
+    Each sequence holds one [..., H] tensor per decoder layer (transformers' `hidden_states`
+    without the embeddings, `[1:]`)."""
+    if len(student_hidden) != len(teacher_hidden):
+        raise ValueError(f"{len(student_hidden)} student hidden states, {len(teacher_hidden)} of the teacher")
+    terms = []
+    for student, teacher in zip(student_hidden, teacher_hidden):
+        if student.shape != teacher.shape:
+            raise ValueError(f"student hidden states {tuple(student.shape)}, teacher's {tuple(teacher.shape)}")
+        teacher = teacher.detach().float()
+        scale = teacher.square().mean().clamp_min(torch.finfo(torch.float32).tiny)  # a layer of zeros: no NaN
+        terms.append((student.float() - teacher).square().mean() / scale)
+    return torch.stack(terms).mean()

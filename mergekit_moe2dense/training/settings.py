@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from typing import ClassVar, Literal, get_args
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from mergekit_moe2dense.errors import Moe2DenseError
 from mergekit_moe2dense.settings import PathName, Settings, at_least
@@ -113,6 +113,8 @@ class HealSettings(Settings):
     """A heal: distil `teacher` (the MoE) into `student` (its dense conversion) on `data`.
 
     - `training`: the run (tokens, sequence length, learning rate, KD/LM mix, checkpoints...).
+    - `hidden_weight`: add this weight times the hidden-state loss (`losses.hidden_loss`: the
+      student's decoder-layer outputs against the teacher's) to the KD/LM mix; 0: none.
     - `lora_rank`, `lora_alpha`: train LoRA adapters of this rank (alpha: 2 x rank when unset),
       merged into the weights at the end, instead of every weight.
     - `teacher_cache`, `teacher_top_k`: store the teacher's top-k logits in this directory
@@ -127,6 +129,7 @@ class HealSettings(Settings):
     teacher: PathName
     data: PathName
     training: TrainSettings
+    hidden_weight: float = 0.0
     lora_rank: int | None = None
     lora_alpha: float | None = None
     teacher_cache: PathName | None = None
@@ -137,10 +140,26 @@ class HealSettings(Settings):
     resume: bool = False
     keep_checkpoints: bool = False
 
+    @field_validator("hidden_weight")
+    @classmethod
+    def _hidden_weight(cls, value: float) -> float:
+        if not (value >= 0 and math.isfinite(value)):  # NaN too
+            raise ValueError(f"--hidden-weight must be 0 (no hidden-state loss) or more, got {value}")
+        return value
+
     @field_validator("lora_rank")
     @classmethod
     def _lora_rank(cls, value: int | None) -> int | None:
         return at_least(value, 1, "--lora-rank")
+
+    @model_validator(mode="after")
+    def _hidden_needs_the_teacher(self) -> HealSettings:
+        if self.hidden_weight > 0 and self.teacher_cache:
+            raise ValueError(
+                "--hidden-weight needs the teacher's hidden states, and --teacher-cache stores only its logits: "
+                "drop --teacher-cache (the teacher runs on the fly) or set --hidden-weight 0"
+            )
+        return self
 
     @field_validator("teacher_top_k")
     @classmethod

@@ -7,8 +7,8 @@ Why `Trainer` and not a loop of our own: it already gives data parallel under to
 `accelerate launch`, FSDP through accelerate's config, mixed precision, gradient clipping,
 checkpoints with the optimiser, scheduler, RNG and data position (`--resume` continues one to
 the same weights on CPU, tested), and a progress bar with the loss. What is ours is only the
-loss (`compute_loss`: KD from a teacher, on the fly or cached, mixed with the LM loss) and the
-tokens/s and loss parts added to its logs.
+loss (`compute_loss`: KD from a teacher, on the fly or cached, mixed with the LM loss, plus the
+hidden-state loss with a teacher on the fly) and the tokens/s and loss parts added to its logs.
 
 A checkpoint is resumed only when it is complete and of the same run: each `checkpoint-N`
 holds `RUN_RECORD`, written last, with what defines the run (the caller's `run`: settings,
@@ -34,7 +34,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from mergekit_moe2dense.output_dir import format_gb, is_disk_full
-from mergekit_moe2dense.training.losses import TeacherTargets, mixed_loss
+from mergekit_moe2dense.training.losses import TeacherTargets, hidden_loss, mixed_loss
 from mergekit_moe2dense.training.settings import HealError, TrainSettings
 
 LOG = logging.getLogger(__name__)
@@ -143,7 +143,8 @@ class LogPrinter(PrinterCallback):
 
 class DistillTrainer(Trainer):
     """`Trainer` whose loss is `losses.mixed_loss`: KD from `teacher` (a model run on the
-    fly) or from the batch's cached teacher targets, mixed with the LM loss."""
+    fly) or from the batch's cached teacher targets, mixed with the LM loss; plus
+    `hidden_weight` x `losses.hidden_loss` against `teacher`'s hidden states when above 0."""
 
     def __init__(
         self,
@@ -151,6 +152,7 @@ class DistillTrainer(Trainer):
         teacher=None,
         temperature: float = 1.0,
         lm_weight: float = 0.0,
+        hidden_weight: float = 0.0,
         extra_logs=None,
         run: dict | None = None,
         **kwargs,
@@ -165,24 +167,33 @@ class DistillTrainer(Trainer):
         self.teacher = teacher
         if teacher is not None:
             teacher.to(self.args.device).eval().requires_grad_(False)
+        if hidden_weight > 0 and teacher is None:
+            raise HealError("--hidden-weight needs the teacher on the fly (its hidden states)")
         self.temperature = temperature
         self.lm_weight = lm_weight
+        self.hidden_weight = hidden_weight
         self._parts: dict[str, list[torch.Tensor]] = {}
         self._tokens = 0
         self._clock: float | None = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ids = inputs["input_ids"]
-        teacher = None
+        hidden = self.hidden_weight > 0
+        teacher = teacher_hidden = None
         if "teacher_indices" in inputs:
             teacher = TeacherTargets(inputs["teacher_indices"], inputs["teacher_logits"], inputs["teacher_rest_lse"])
-        elif self.teacher is not None and self.lm_weight < 1:
+        elif self.teacher is not None and (self.lm_weight < 1 or hidden):
             with torch.no_grad():
-                teacher = self.teacher(input_ids=ids, use_cache=False).logits
-        outputs = model(input_ids=ids, use_cache=False)
+                found = self.teacher(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+            teacher, teacher_hidden = found.logits, found.hidden_states
+        outputs = model(input_ids=ids, use_cache=False, output_hidden_states=hidden)
         loss, parts = mixed_loss(
             outputs.logits, ids, teacher=teacher, temperature=self.temperature, lm_weight=self.lm_weight
         )
+        if hidden:  # [0]: the embeddings; then each decoder layer's output (the last one after the final norm)
+            part = hidden_loss(outputs.hidden_states[1:], teacher_hidden[1:])
+            loss = loss + self.hidden_weight * part
+            parts["hidden"] = part.detach()
         for name, value in parts.items():
             self._parts.setdefault(name, []).append(value)
         self._tokens += ids.numel()
