@@ -9,6 +9,8 @@
   (`options.REFUSED`) are hidden from the help; set, they are still refused with their reason.
 - `version_option`: `--version`, on the group and on every command.
 - `quiet_option`: `--quiet`, no progress bars, on every command that draws them.
+- `output_quantization_option`: `--output-quantization`, the config's `output_quantization` from the
+  command line (`merge`).
 
 tests/test_cli_consistency.py checks the table against mergekit's `add_merge_options`.
 """
@@ -23,7 +25,14 @@ import click
 from mergekit_moe2dense import __version__
 from mergekit_moe2dense.options import REFUSED
 
-__all__ = ["MERGEKIT_OPTIONS", "MergekitOption", "merge_options", "quiet_option", "version_option"]
+__all__ = [
+    "MERGEKIT_OPTIONS",
+    "MergekitOption",
+    "merge_options",
+    "output_quantization_option",
+    "quiet_option",
+    "version_option",
+]
 
 
 class ShardSize(click.ParamType):
@@ -156,3 +165,16 @@ def version_option(command):
 
 def quiet_option(command):
     return click.option("--quiet", is_flag=True, help="No progress bars.")(command)
+
+
+def output_quantization_option(command):
+    """`--output-quantization`: the config's `output_quantization`, which it overrides (the choices are
+    config.OutputQuantization's, written out here so that the help imports no pydantic)."""
+    return click.option(
+        "--output-quantization",
+        type=click.Choice(["source", "none"]),
+        default=None,
+        help="What a block-wise FP8 or MXFP4 source's output is written in (overrides the config's "
+        "output_quantization): source keeps its format (kept experts bit for bit, merged ones quantized), none "
+        "dequantizes. Default: source for an MoE output, none for a dense one.",
+    )(command)

@@ -39,6 +39,9 @@ def dtype_name(value: str) -> str:
 
 DType = Annotated[str, AfterValidator(dtype_name)]
 
+# what a quantized source's output is written in (outputs.base.output_quantization)
+OutputQuantization = Literal["source", "none"]
+
 # accelerate's placement strategies, or an explicit {module name: device} map
 DeviceMap = Literal["auto", "balanced", "balanced_low_0", "sequential"] | dict[str, int | str]
 
@@ -97,6 +100,12 @@ class Moe2DenseConfig(BaseModel):
     calibration: CalibrationConfig | None = None
     dtype: DType | None = None
     out_dtype: DType | None = None
+    output_quantization: OutputQuantization | None = Field(
+        None,
+        description="source: the tensors a block-wise FP8 or MXFP4 source stores quantized are written in its "
+        "format (kept ones bit for bit, merged ones quantized); none: every tensor dequantized, in out_dtype; "
+        "default: source for an MoE output (a smaller MoE, kmeans_multi_dense's output: moe), none for dense ones",
+    )
 
     @field_validator("models")
     @classmethod

@@ -41,7 +41,7 @@ from mergekit_moe2dense.io.source import SourceModel
 from mergekit_moe2dense.methods import ExpertMethod, MethodParameters, get_method
 from mergekit_moe2dense.options import check_options
 from mergekit_moe2dense.output_dir import OutputDirectory
-from mergekit_moe2dense.outputs import OutputKind, WriteContext, check_output
+from mergekit_moe2dense.outputs import OutputKind, WriteContext, check_output, output_quantization
 from mergekit_moe2dense.recommend import AVERAGING_METHODS, ExpertWarning, averaging_warning
 from mergekit_moe2dense.statistics import resolve_stats_path
 
@@ -94,6 +94,7 @@ class ConversionJob:
     stats_path: str | None = None
     config_source: str | None = None  # the YAML text, recorded in the model card
     expert_warning: ExpertWarning | None = None  # an averaging method on experts inspect calls unaligned
+    quantization: str = "none"  # what a quantized source's output is written in (`output_quantization`)
 
     @classmethod
     def prepare(
@@ -141,6 +142,7 @@ class ConversionJob:
             ranks=Ranks.from_env(),
             stats_path=stats_path,
             config_source=config_source,
+            quantization=output_quantization(config.output_quantization, source, output.plan_type),
         )
         job._check_statistics_source()
         if calibration is not None and not stats_path:
@@ -185,7 +187,9 @@ class ConversionJob:
 
     @functools.cached_property
     def io(self) -> TensorIO:
-        return TensorIO.from_options(self.source.reference, self.config.dtype, self.out_dtype, self.options)
+        return TensorIO.from_options(
+            self.source.reference, self.config.dtype, self.out_dtype, self.options, self.quantization
+        )
 
     @functools.cached_property
     def fingerprint(self) -> dict:

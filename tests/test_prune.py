@@ -147,13 +147,15 @@ def test_a_pruned_moe_of_every_family_loads_with_n_experts(family, layout, token
 
 
 def test_pruning_an_mxfp4_gpt_oss_gives_the_dequantized_moe_unquantized(tokenizer_dir, calib_dir, tmp_path):
-    """GPT-OSS as released (MXFP4 experts): the kept experts are dequantized on read and stacked
-    unquantized; config.json has no quantization_config; all 4 kept: the dequantized MoE's logits."""
+    """GPT-OSS as released (MXFP4 experts), `output_quantization: none`: the kept experts are
+    dequantized on read and stacked unquantized; config.json has no quantization_config; all 4
+    kept: the dequantized MoE's logits."""
     moe = make_family_moe("gpt_oss", tmp_path / "moe", tokenizer_dir)
     quantized, reference = quantize_mxfp4_checkpoint(moe, tmp_path / "mxfp4")
     dequantized = save_dequantized(moe, tmp_path / "deq", reference)
     out = tmp_path / "pruned"
-    build_dense(make_config(quantized, "prune_experts", calib_dir, num_experts=4), str(out), OPTIONS)
+    config = make_config(quantized, "prune_experts", calib_dir, num_experts=4)
+    build_dense(config.model_copy(update={"output_quantization": "none"}), str(out), OPTIONS)
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
     with safe_open(str(out / "model.safetensors"), "pt") as handle:
         assert not any(name.endswith(("_blocks", "_scales")) for name in handle.keys())

@@ -16,9 +16,9 @@ from collections.abc import Sequence
 import torch
 from mergekit.common import ModelReference
 from mergekit.graph import Task
-from mergekit.io.tasks import FinalizeModel
 
 from mergekit_moe2dense.families import PROJECTIONS, MoELayer
+from mergekit_moe2dense.graph.quantized import copied_tensor, quantized_expert, quantized_stack, source_formats
 from mergekit_moe2dense.graph.tasks import FuseExpert, JoinBlocks, MergeExperts, PadIntermediate, ZeroTensor
 from mergekit_moe2dense.graph.tensor_io import TensorIO
 from mergekit_moe2dense.merge import merge_terms
@@ -45,12 +45,19 @@ def projection_task(
     return JoinBlocks(parts=parts, scales=scales, projection=projection)
 
 
-def rest_of_checkpoint(io: TensorIO, source, consumed: set[str], replaced: dict[str, Task] | None = None):
+def rest_of_checkpoint(io: TensorIO, source, consumed: set[str], replaced: dict[str, Task] | None = None, formats=None):
     """(name, task) for every source tensor the conversion does not build: read and written as it
-    is, or from `replaced` (a dense layer's padded MLP). `SourceModel.rest_of_checkpoint` leaves out
-    the layers no output holds (multi-token prediction)."""
-    replaced = replaced or {}
-    return [(name, replaced.get(name) or io.read(name)) for name in source.rest_of_checkpoint(consumed)]
+    is, or from `replaced` (a dense layer's padded MLP); one of `formats` (`quantized.source_formats`)
+    as its stored data and scales. `SourceModel.rest_of_checkpoint` leaves out the layers no output
+    holds (multi-token prediction)."""
+    replaced, formats = replaced or {}, formats or {}
+    outputs = []
+    for name in source.rest_of_checkpoint(consumed):
+        if name in replaced:
+            outputs.append((name, replaced[name]))
+        else:
+            outputs += copied_tensor(source, name, name, formats, io.read)
+    return outputs
 
 
 def plan_dense_merge(
@@ -151,20 +158,32 @@ def plan_moe_merge(
     projections by `expert_key`, used instead of their merge. Each expert is written in the
     family's `moe_layout`: its own tensors, or its slices of fused [k, ...] tensors, each stacked
     from the layer's k experts by one task (`FuseExpert`: memory stays one layer's experts).
+    With `io.quantization` `source`, what the source stores quantized is written in its format
+    (graph/quantized.py): kept experts and copied tensors as stored, merged or fitted ones quantized.
     """
+    formats = source_formats(source) if io.quantization == "source" else {}
     outputs, consumed = [], set()
     for position, layer in enumerate(layers):
         consumed.update(layer.consumed)
-        outputs += _moe_layer(io, source, layer, weights[:, position], fitted or {})
+        outputs += _moe_layer(io, source, layer, weights[:, position], fitted or {}, formats)
         for name, output, axis in source.family.moe_block_tensors(source.config, layer.index, source.tensor_names):
-            outputs.append((output, rows[output] if axis is not None else io.read(name)))
-    outputs += rest_of_checkpoint(io, source, consumed)
-    writer = io.writer(out_path)
-    saves = tuple(io.save(name, task, writer) for name, task in outputs)
-    return [FinalizeModel(tensor_save_tasks=saves, writer_task=writer)]
+            if axis is not None:
+                outputs.append((output, rows[output]))
+            else:
+                outputs += copied_tensor(source, name, output, formats, io.read)
+    outputs += rest_of_checkpoint(io, source, consumed, formats=formats)
+    return [io.write_all(out_path, outputs)]
 
 
-def _moe_layer(io: TensorIO, source, layer: MoELayer, weights: torch.Tensor, fitted) -> list[tuple[str, Task]]:
+def _kept_expert(layer: MoELayer, row: Sequence[float], projection: str) -> int | None:
+    """The source expert a new expert's `projection` is, unchanged (weight one, no permutation), if any."""
+    used = [e for e, w in enumerate(row) if w != 0.0]
+    if len(used) == 1 and row[used[0]] == 1.0 and layer.experts[used[0]][projection].units is None:
+        return used[0]
+    return None
+
+
+def _moe_layer(io: TensorIO, source, layer: MoELayer, weights: torch.Tensor, fitted, formats) -> list[tuple[str, Task]]:
     """(name, task) of one layer's k experts: tensors of their own first, then the fused ones."""
     family, num_experts = source.family, weights.shape[0]
     outputs = family.moe_expert_slices(layer.index, num_experts, family.expert_width(source.config))
@@ -173,21 +192,43 @@ def _moe_layer(io: TensorIO, source, layer: MoELayer, weights: torch.Tensor, fit
         plan = LayerPlan(layer, (Block(tuple(row)),))
         for projection, piece in outputs[expert].items():
             task = fitted.get(expert_key(layer.index, expert, projection))
+            kept = _kept_expert(layer, row, projection) if task is None else None
             task = task or projection_task(io.model, plan, projection, io.dtype, io.device)
+            origin = layer.experts[0 if kept is None else kept][projection]
             if piece.expert is None:  # a tensor of its own
-                own.append((piece.tensor, task))
+                own += quantized_expert(source, piece.tensor, task, origin, kept is not None, formats)
             else:
-                stacked.setdefault(piece.tensor, []).append((expert, projection, task))
+                stacked.setdefault(piece.tensor, []).append((expert, projection, task, kept, origin.tensor))
     for name, parts in stacked.items():
-        experts, projections, tasks = zip(*parts)
-        fused = FuseExpert(
-            layout=family.moe_layout(),
+        own += _fused(source, layer, name, parts, num_experts, formats)
+    return own
+
+
+def _fused(source, layer: MoELayer, name: str, parts, num_experts: int, formats) -> list[tuple[str, Task]]:
+    """One fused tensor of the layer's k experts: stacked by `FuseExpert`, or, where the source
+    stores it quantized, each expert's slice copied or quantized (`quantized.quantized_stack`)."""
+    experts, projections, tasks, kept, origins = zip(*parts)
+    layout, family = source.family.moe_layout(), source.family
+
+    def fuse(positions, count: int, numbered: bool) -> FuseExpert:
+        return FuseExpert(
+            layout=layout,
             layer=layer.index,
             tensor=name,
-            projections=projections,
-            parts=tasks,
-            experts=experts,
-            num_experts=num_experts,
+            projections=tuple(projections[i] for i in positions),
+            parts=tuple(tasks[i] for i in positions),
+            experts=tuple(experts[i] if numbered else 0 for i in positions),
+            num_experts=count,
         )
-        own.append((name, fused))
-    return own
+
+    if origins[0] not in formats:
+        return [(name, fuse(range(len(parts)), num_experts, True))]
+    same_layout = family.layout_of(layer.index, source.tensor_names) == layout
+    per_expert = []
+    for expert in range(num_experts):
+        positions = [i for i, e in enumerate(experts) if e == expert]
+        copies = {kept[i] for i in positions}
+        # a source expert's bytes only where this slice of the layout is that whole expert, unchanged
+        whole = same_layout and len(copies) == 1 and None not in copies and all(origins[i] == name for i in positions)
+        per_expert.append((fuse(positions, 1, False), copies.pop() if whole else None))
+    return quantized_stack(source, name, per_expert, origins[0], formats)

@@ -13,6 +13,7 @@ from mergekit.common import ModelReference
 from mergekit.graph import Task
 from mergekit.io.tasks import FinalizeModel, SaveTensor, TensorWriterTask
 
+from mergekit_moe2dense.graph.quantized import QuantizedBytes
 from mergekit_moe2dense.graph.tasks import ReadTensor, ShardWriterTask
 from mergekit_moe2dense.io.writer import DEFAULT_HEADER_BYTES, header_bytes_for
 
@@ -33,13 +34,17 @@ class TensorIO:
     write_threads: int = 1
     clone_tensors: bool = False
     device: str | None = None  # of the merge arithmetic (None: CPU)
+    # `source`: the tensors the source stores quantized are written in its format (graph/quantized.py);
+    # `none`: every tensor dequantized, in `out_dtype`
+    quantization: str = "none"
 
     @classmethod
-    def from_options(cls, model: ModelReference, dtype, out_dtype, options) -> TensorIO:
+    def from_options(cls, model: ModelReference, dtype, out_dtype, options, quantization: str = "none") -> TensorIO:
         return cls(
             model=model,
             dtype=dtype,
             out_dtype=out_dtype,
+            quantization=quantization,
             max_shard_size=options.out_shard_size,
             safe_serialization=options.safe_serialization,
             async_write=options.async_write,
@@ -75,6 +80,6 @@ class TensorIO:
         return FinalizeModel(tensor_save_tasks=saves, writer_task=writer)
 
     def save(self, name: str, task: Task, writer: TensorWriterTask) -> SaveTensor:
-        return SaveTensor(
-            tensor_name=name, tensor_task=task, writer_task=writer, clone=self.clone_tensors, dtype=self.out_dtype
-        )
+        """Written in `out_dtype`, but a quantized tensor's data and scales as they are."""
+        dtype = None if isinstance(task, QuantizedBytes) else self.out_dtype
+        return SaveTensor(tensor_name=name, tensor_task=task, writer_task=writer, clone=self.clone_tensors, dtype=dtype)

@@ -10,6 +10,7 @@
 - `reader.py`   `TensorReader`: tensors and expert slices read straight into the caller's memory
 - `direct.py`   `O_DIRECT` reads into aligned buffers;  `prefetch.py`  reading ahead into the page cache
 - `writer.py`   `ShardWriter`: safetensors shards written tensor by tensor
+- `quantize.py` block-wise FP8 and MXFP4 quantizers, the inverses of transformers' dequantization
 - `fingerprint.py`  a model directory's content fingerprint
 
 The errors every module here raises are defined in this file, so that importing one (the command

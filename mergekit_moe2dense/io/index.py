@@ -56,6 +56,8 @@ class SourceIndex(ShardedTensorIndex):
     # the text model's name -> the name stored in the shard, for a multimodal checkpoint's text
     # model (families.TextPart): every name above is the text model's
     renamed: dict[str, str] = field(default_factory=dict)
+    # config.json's `quantization_config`, as it is there (what a quantized output's config.json keeps)
+    quantization_config: dict = field(default_factory=dict)
 
     def stored_name(self, name: str) -> str:
         """The name tensor `name` has in its shard."""
@@ -119,6 +121,7 @@ def _logical_index(index: ShardedTensorIndex, config: dict) -> SourceIndex:
         stored=stored,
         dtype=_dequantized_dtype(config),
         renamed=renamed,
+        quantization_config=dict(quantization) if method in DEQUANTIZED_FORMATS else {},
     )
 
 

@@ -126,7 +126,8 @@ class TensorReader:
         """Where tensor `name` starts, as a string that sorts in file order (shards in name
         order, then byte offset); pickle shards sort by shard only."""
         shards = self._shard_order()
-        shard = os.path.join(self.index.base_path, self.index.tensor_paths[name])
+        paths = self.index.tensor_paths if name in self.index.tensor_paths else getattr(self.index, "stored", {})
+        shard = os.path.join(self.index.base_path, paths[name])
         stored = self._quantized[name].data if name in self._quantized else name  # where its bytes start
         offset = self._headers.entry(stored)[1] if self._fallback is None else 0
         return f"{shards.get(shard, len(shards)):06d}:{offset:016d}"
@@ -181,6 +182,13 @@ class TensorReader:
                 f"{piece.tensor}: checkpoint shape {list(value.shape)}, model expects {list(out.shape)}"
             )
         return out.copy_(value)
+
+    def read_stored(self, piece: ExpertSlice) -> torch.Tensor:
+        """The bytes of a contiguous `piece` of a stored tensor (a quantized tensor's data or
+        scales included) in its stored dtype, never dequantized: what a quantized output copies."""
+        if self._fallback is not None or not piece.contiguous or piece.units is not None:
+            raise ValueError(f"{piece.tensor}: only contiguous pieces of safetensors shards are read as stored")
+        return self._read_bytes(piece)
 
     def read_transient(self, piece: ExpertSlice, dtype: torch.dtype | None = None) -> torch.Tensor:
         """`read_slice(piece, dtype=dtype)` into a buffer this thread reuses: the result is valid

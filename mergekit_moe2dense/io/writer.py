@@ -47,10 +47,8 @@ DEFAULT_HEADER_BYTES = 256 << 10
 # 8 dimensions and two offsets of up to 20 digits each, and the separators.
 _ENTRY_BYTES = 64 + 8 * 21 + 2 * 21
 
-# The dtypes a shard is written in, by their safetensors names (FP8 is read, never written)
-_DTYPE_NAMES = {
-    SAFETENSORS_DTYPES[name]: name for name in ("F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL")
-}
+# The dtypes a shard is written in, by their safetensors names (FP8 and its scales: quantized outputs)
+_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 _METADATA = '"__metadata__":{"format":"pt"}'
 # The writers whose thread runs. Module-level because mergekit's executor creates each writer
 # (`graph.ShardWriterTask`) and keeps it to itself: a graph that fails reaches them only here.

@@ -21,6 +21,7 @@ from mergekit_moe2dense.outputs.base import (
     STATS_FILE,
     WEIGHTS_FILE,
     WriteContext,
+    output_quantization,
 )
 from mergekit_moe2dense.outputs.clusters import write_clusters
 from mergekit_moe2dense.outputs.dense import write_dense
@@ -38,6 +39,7 @@ __all__ = [
     "WriteContext",
     "check_output",
     "estimated_bytes",
+    "output_quantization",
     "write",
 ]
 

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -14,12 +15,16 @@ from typing import Any
 from mergekit.common import dtype_from_name
 from mergekit.options import MergeOptions
 
-from mergekit_moe2dense.config import Moe2DenseConfig
+from mergekit_moe2dense.config import ConfigError, Moe2DenseConfig
 from mergekit_moe2dense.families import ExpertSlice, MoELayer
 from mergekit_moe2dense.graph import TensorIO
+from mergekit_moe2dense.io.headers import ShardHeaders
 from mergekit_moe2dense.io.source import SourceModel
 from mergekit_moe2dense.methods import ExpertMethod, MethodParameters
+from mergekit_moe2dense.plan import MoEPlan, SmallerMoEPlan
 from mergekit_moe2dense.statistics import LEGACY_STATS_FILE, SIDECAR_DIR, STATS_FILE  # noqa: F401 (outputs' names)
+
+LOG = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "expert_weights.json"
 # The number of multi-token-prediction layers stored after the last decoder layer (DeepSeek-V3, GLM-4.5)
@@ -59,10 +64,41 @@ class WriteContext:
     calibration: dict | None = None  # what the statistics were computed on (card.calibration_summary)
 
 
-def output_bytes(source: SourceModel, layers, out_dtype: str | None, experts_per_layer: int) -> int | None:
+def output_quantization(choice: str | None, source: SourceModel, plan_type: type) -> str:
+    """What a quantized source's output is written in (`TensorIO.quantization`), from the config's
+    `output_quantization` (None: `source` for an MoE output, `none` for a dense one): `source` keeps
+    the source's format (graph/quantized.py), `none` dequantizes. An unquantized source gives `none`.
+
+    `source` is refused for dense outputs (their MLPs are new tensors of a new architecture) and for
+    FP8 with static activation scales (a merged expert has none); by default the latter is written
+    dequantized."""
+    moe_output = plan_type in (SmallerMoEPlan, MoEPlan)
+    if choice == "source" and not moe_output:
+        raise ConfigError(
+            "output_quantization: source keeps the source's quantization in MoE outputs only (prune_experts, "
+            "merge_experts, kmeans_multi_dense with output: moe); a dense model is written dequantized: set none"
+        )
+    quantization = source.index.quantization_config
+    if not quantization or (choice or ("source" if moe_output else "none")) == "none":
+        return "none"
+    if quantization.get("activation_scheme") == "static":
+        if choice == "source":
+            raise ConfigError(
+                "output_quantization: source: this FP8 checkpoint has static activation scales, which merged or "
+                "re-fitted experts would lack; set output_quantization: none"
+            )
+        LOG.warning("FP8 with static activation scales: the smaller MoE is written dequantized")
+        return "none"
+    return "source"
+
+
+def output_bytes(
+    source: SourceModel, layers, out_dtype: str | None, experts_per_layer: int, quantization: str = "none"
+) -> int | None:
     """Bytes of the source's tensors outside the sparse blocks, plus `experts_per_layer`
-    experts (and the shared experts) per MoE layer, in the output dtype (None for pickle
-    checkpoints, whose sizes only a full read tells)."""
+    experts (and the shared experts) per MoE layer, in the output dtype, or with `quantization`
+    `source` the quantized ones as stored (None for pickle checkpoints, whose sizes only a full
+    read tells)."""
     reader = source.reader
     if not reader.index.is_safetensors:
         return None
@@ -71,10 +107,24 @@ def output_bytes(source: SourceModel, layers, out_dtype: str | None, experts_per
     for layer in layers:
         blocks = [layer.experts[0]] * experts_per_layer + list(layer.shared_experts)
         pieces += [piece for block in blocks for piece in block.values()]
-    if out_dtype is None:
-        return sum(reader.nbytes(piece) for piece in pieces)
-    itemsize = dtype_from_name(out_dtype).itemsize
-    return sum(prod(reader.shape(piece)) * itemsize for piece in pieces)
+    itemsize = dtype_from_name(out_dtype).itemsize if out_dtype is not None else None
+    kept = source.index.quantized if quantization == "source" else {}
+    headers = ShardHeaders(source.index)
+    total = 0
+    for piece in pieces:
+        if piece.tensor in kept:
+            total += _stored_bytes(reader, headers, kept[piece.tensor], piece)
+        elif itemsize is None:
+            total += reader.nbytes(piece)
+        else:
+            total += prod(reader.shape(piece)) * itemsize
+    return total
+
+
+def _stored_bytes(reader, headers: ShardHeaders, quantized, piece: ExpertSlice) -> int:
+    """A piece of a quantized tensor's share of its stored data and scales."""
+    stored = sum(prod(entry[3]) * entry[2].itemsize for entry in map(headers.entry, (quantized.data, quantized.scales)))
+    return stored * prod(reader.shape(piece)) // prod(reader.shape(ExpertSlice(piece.tensor)))
 
 
 def write_weights_file(directory: str, context: WriteContext, payload: dict[str, Any]) -> None:
@@ -93,6 +143,8 @@ def write_model_files(directory: str, context: WriteContext, config) -> None:
     """config.json (in the output dtype) and the tokenizer files, beside the weights."""
     if context.out_dtype:
         config.dtype = context.out_dtype
+    if context.io.quantization == "source":  # the tensors are in the source's format: its config says how
+        config.quantization_config = dict(context.source.index.quantization_config)
     if context.source.family.unbuilt_layers is not None and hasattr(config, MTP_LAYERS_KEY):
         # no output carries the multi-token-prediction layers (SourceModel.rest_of_checkpoint):
         # a count above 0 would send vLLM's or transformers' MTP decoding after missing weights

@@ -27,7 +27,7 @@ class OutputKind:
 
     def estimated_bytes(self, job) -> int | None:
         """At least what the output of `job` (a `job.ConversionJob`) will hold (None: unknown)."""
-        return estimated_bytes(self.plan_type, job.params, job.source, job.layers, job.out_dtype)
+        return estimated_bytes(self.plan_type, job.params, job.source, job.layers, job.out_dtype, job.quantization)
 
 
 def check_output(
@@ -69,14 +69,20 @@ def check_output(
 
 
 def estimated_bytes(
-    plan_type: type[MethodPlan], params: MethodParameters, source, layers, out_dtype: str | None
+    plan_type: type[MethodPlan],
+    params: MethodParameters,
+    source,
+    layers,
+    out_dtype: str | None,
+    quantization: str = "none",
 ) -> int | None:
     """At least what the output will hold (None: unknown): a dense model's MLPs one expert wide
-    (concatenations are wider), k of them for k clusters, an MoE's experts."""
+    (concatenations are wider), k of them for k clusters, an MoE's experts (quantized ones as
+    stored, with `quantization` `source`)."""
     if plan_type is MoEPlan:
-        return output_bytes(source, layers, out_dtype, experts_per_layer=params.num_clusters)
+        return output_bytes(source, layers, out_dtype, params.num_clusters, quantization)
     if plan_type is SmallerMoEPlan:
-        return output_bytes(source, layers, out_dtype, experts_per_layer=params.num_experts)
+        return output_bytes(source, layers, out_dtype, params.num_experts, quantization)
     one = output_bytes(source, layers, out_dtype, experts_per_layer=1)
     if plan_type is ClusterPlan:
         return None if one is None else params.num_clusters * one
