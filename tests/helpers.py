@@ -120,7 +120,7 @@ def multimodal_text_logits(path, model_type: str, input_ids: torch.Tensor) -> to
 
 # Methods that re-fit the down projection by default: the tests of their own arithmetic
 # (exactness against the MoE, experts copied bit for bit) ask for the re-fit where they want it.
-REFIT_BY_DEFAULT = ("router_weighted", "concat", "prune_experts", "merge_experts")
+REFIT_BY_DEFAULT = ("router_weighted", "concat")
 
 
 def make_config(model, method, calib_dir, **params) -> Moe2DenseConfig:

@@ -45,7 +45,6 @@ from mergekit_moe2dense.methods.base import (
     MethodError,
     MethodParameters,
     PositiveInt,
-    Refit,
     normalize_rows,
 )
 from mergekit_moe2dense.plan import Align, ExpertGroups, Router, SmallerMoEPlan, single_block_plans
@@ -107,7 +106,8 @@ class SmallerMoEParameters(MethodParameters):
         None, description="routed experts per MoE layer of the smaller MoE, N (default: half the model's)"
     )
     moe_top_k: PositiveInt | None = Field(None, description="experts per token (default: the model's, capped at N)")
-    refit: Refit = Field("down_proj", description=MethodParameters.model_fields["refit"].description)
+    # none: on the fine-grained testbeds the re-fit on mixed calibration text costs the kept
+    # experts their best domain (docs/results/fine_grained.md); kept experts stay bit for bit
     # frequency keeps better experts than REAP's saliency on both testbeds (docs/results/prune.md)
     score: Saliency = Field(
         "frequency",
