@@ -172,9 +172,10 @@ def output_quantization_option(command):
     config.OutputQuantization's, written out here so that the help imports no pydantic)."""
     return click.option(
         "--output-quantization",
-        type=click.Choice(["source", "none"]),
+        type=click.Choice(["source", "none", "fp8"]),
         default=None,
-        help="What a block-wise FP8 or MXFP4 source's output is written in (overrides the config's "
-        "output_quantization): source keeps its format (kept experts bit for bit, merged ones quantized), none "
-        "dequantizes. Default: source for an MoE output, none for a dense one.",
+        help="What the output is written in (overrides the config's output_quantization): source keeps a "
+        "block-wise FP8 or MXFP4 source's format in an MoE output (kept experts bit for bit, merged ones "
+        "quantized), none dequantizes, fp8 writes a dense output's linear weights in block-wise FP8. "
+        "Default: source for an MoE output, none for a dense one.",
     )(command)

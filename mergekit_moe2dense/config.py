@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from mergekit.common import ModelReference
 from mergekit.config import ParameterSetting
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
 
 from mergekit_moe2dense.errors import Moe2DenseError
 
@@ -39,8 +39,9 @@ def dtype_name(value: str) -> str:
 
 DType = Annotated[str, AfterValidator(dtype_name)]
 
-# what a quantized source's output is written in (outputs.base.output_quantization)
-OutputQuantization = Literal["source", "none"]
+# what an output's tensors are written in (outputs.base.output_quantization): the source's format
+# (MoE outputs), dequantized, or block-wise FP8 (dense outputs)
+OutputQuantization = Literal["source", "none", "fp8"]
 
 # accelerate's placement strategies, or an explicit {module name: device} map
 DeviceMap = Literal["auto", "balanced", "balanced_low_0", "sequential"] | dict[str, int | str]
@@ -104,7 +105,13 @@ class Moe2DenseConfig(BaseModel):
         None,
         description="source: the tensors a block-wise FP8 or MXFP4 source stores quantized are written in its "
         "format (kept ones bit for bit, merged ones quantized); none: every tensor dequantized, in out_dtype; "
-        "default: source for an MoE output (a smaller MoE, kmeans_multi_dense's output: moe), none for dense ones",
+        "default: source for an MoE output (a smaller MoE, kmeans_multi_dense's output: moe), none for dense ones; "
+        "fp8 (dense outputs, any source): the decoder layers' linear weights in float8_e4m3fn with a scale per "
+        "block of output_block_size",
+    )
+    output_block_size: tuple[PositiveInt, PositiveInt] | None = Field(
+        None,
+        description="output_quantization: fp8: the [rows, columns] of a weight block with one scale (default [128, 128])",
     )
 
     @field_validator("models")

@@ -94,7 +94,7 @@ class ConversionJob:
     stats_path: str | None = None
     config_source: str | None = None  # the YAML text, recorded in the model card
     expert_warning: ExpertWarning | None = None  # an averaging method on experts inspect calls unaligned
-    quantization: str = "none"  # what a quantized source's output is written in (`output_quantization`)
+    quantization: str = "none"  # what the output is written in (`output_quantization`)
 
     @classmethod
     def prepare(
@@ -142,7 +142,9 @@ class ConversionJob:
             ranks=Ranks.from_env(),
             stats_path=stats_path,
             config_source=config_source,
-            quantization=output_quantization(config.output_quantization, source, output.plan_type),
+            quantization=output_quantization(
+                config.output_quantization, source, output.plan_type, config.output_block_size
+            ),
         )
         job._check_statistics_source()
         if calibration is not None and not stats_path:
@@ -188,7 +190,12 @@ class ConversionJob:
     @functools.cached_property
     def io(self) -> TensorIO:
         return TensorIO.from_options(
-            self.source.reference, self.config.dtype, self.out_dtype, self.options, self.quantization
+            self.source.reference,
+            self.config.dtype,
+            self.out_dtype,
+            self.options,
+            self.quantization,
+            self.config.output_block_size,
         )
 
     @functools.cached_property

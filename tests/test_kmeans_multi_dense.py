@@ -38,7 +38,9 @@ def make_config(model, calib_dir, method=METHOD, max_token_samples=16384, **para
 
 def test_k1_gives_the_router_weighted_tensors(random_moe, calib_dir, tmp_path):
     moe = random_moe["legacy"]
-    build_dense(make_config(moe, calib_dir, "router_weighted", temperature=0.7, refit="none"), str(tmp_path / "rw"), OPTIONS)
+    build_dense(
+        make_config(moe, calib_dir, "router_weighted", temperature=0.7, refit="none"), str(tmp_path / "rw"), OPTIONS
+    )
     build_dense(make_config(moe, calib_dir, num_clusters=1, temperature=0.7), str(tmp_path / "km"), OPTIONS)
     theirs = load_file(tmp_path / "rw" / "model.safetensors")
     ours = load_file(tmp_path / "km" / "cluster_0" / "model.safetensors")

@@ -11,16 +11,23 @@ the same copy of everything the conversion does not build (`rest_of_checkpoint`)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 from mergekit.common import ModelReference
 from mergekit.graph import Task
 
 from mergekit_moe2dense.families import PROJECTIONS, MoELayer
-from mergekit_moe2dense.graph.quantized import copied_tensor, quantized_expert, quantized_stack, source_formats
+from mergekit_moe2dense.graph.quantized import (
+    copied_tensor,
+    quantized_expert,
+    quantized_stack,
+    quantized_weights,
+    source_formats,
+)
 from mergekit_moe2dense.graph.tasks import FuseExpert, JoinBlocks, MergeExperts, PadIntermediate, ZeroTensor
 from mergekit_moe2dense.graph.tensor_io import TensorIO
+from mergekit_moe2dense.io.quantize import QuantizedFormat
 from mergekit_moe2dense.merge import merge_terms
 from mergekit_moe2dense.plan import Block, LayerPlan
 from mergekit_moe2dense.refit import BIASES
@@ -68,6 +75,7 @@ def plan_dense_merge(
     *,
     width: int | None = None,
     fitted: dict[str, Task] | None = None,
+    quantized: Collection[str] = (),
 ) -> list[Task]:
     """Tasks that write the dense checkpoint of `source` (a `io.source.SourceModel`):
     merged MLPs, everything else copied.
@@ -75,12 +83,16 @@ def plan_dense_merge(
     With `width`, every merged MLP and the MLPs of the decoder layers that are dense
     already are zero-padded to that intermediate size. Projections a plan lists in
     `fitted` come from the `fitted` tasks (by dense tensor name) instead of a merge.
+    The tensors named in `quantized` (`output_quantization: fp8`, outputs/fp8.py) are written in
+    block-wise FP8 with a scale per `io.fp8_block`, quantized from their value in `io.out_dtype`.
     """
     outputs, consumed = [], set()
     for plan in plans:
         consumed.update(plan.layer.consumed)
         outputs += _dense_layer(io, source, plan, width, fitted)
     outputs += rest_of_checkpoint(io, source, consumed, _padded_dense_layers(io, source, plans, width))
+    if quantized:
+        outputs = quantized_weights(outputs, quantized, QuantizedFormat("fp8", io.fp8_block), io.out_dtype)
     return [io.write_all(out_path, outputs)]
 
 

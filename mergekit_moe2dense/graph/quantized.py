@@ -1,7 +1,9 @@
 # Copyright (C) 2026 the mergekit-moe2dense authors
 # SPDX-License-Identifier: LGPL-3.0-only
-"""The write graph's quantized outputs (`output_quantization: source`): a tensor the source stores
-quantized (block-wise FP8, MXFP4) is written in the same format, as its data and scales.
+"""The write graph's quantized outputs. With `output_quantization: source`, a tensor the source stores
+quantized (block-wise FP8, MXFP4) is written in the same format, as its data and scales; with
+`output_quantization: fp8`, a dense output's linear weights are quantized as they are written
+(`quantized_weights`; which ones: outputs/fp8.py).
 
 What is not modified is copied as stored, bit for bit (`CopyStored`: the non-expert tensors, a kept
 expert's weight and scales, a kept GPT-OSS expert's blocks and scales); what is new (a merged
@@ -12,10 +14,10 @@ expert, a re-fitted projection) is quantized in the source's format (`Quantize`,
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import torch
-from mergekit.common import ModelReference
+from mergekit.common import ModelReference, dtype_from_name
 from mergekit.graph import Task
 
 from mergekit_moe2dense.families import ExpertSlice
@@ -32,6 +34,7 @@ __all__ = [
     "copied_tensor",
     "quantized_expert",
     "quantized_stack",
+    "quantized_weights",
     "source_formats",
 ]
 
@@ -63,10 +66,12 @@ class CopyStored(QuantizedBytes):
 
 
 class Quantize(Task[tuple]):
-    """A computed tensor quantized: (data, scales) in `form`."""
+    """A computed tensor quantized: (data, scales) in `form`, from the tensor cast to `dtype` first
+    where one is given (the output dtype a dequantized output writes it in)."""
 
     tensor: Task
     form: QuantizedFormat
+    dtype: str | None = None
 
     def arguments(self) -> dict[str, Task]:
         return {"tensor": self.tensor}
@@ -75,6 +80,8 @@ class Quantize(Task[tuple]):
         return self.tensor.group_label()  # where its input is read: the graph keeps the file's order
 
     def execute(self, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.dtype is not None:
+            tensor = tensor.to(dtype_from_name(self.dtype))
         return self.form.quantize(tensor)
 
 
@@ -191,3 +198,23 @@ def quantized_stack(source, output: str, experts: Sequence[tuple[Task, int | Non
             scales.append(QuantizedPart(quantized=computed, part=1))
     names = quantized_names(form.kind, output)
     return [(names[0], StackExperts(parts=tuple(data))), (names[1], StackExperts(parts=tuple(scales)))]
+
+
+def quantized_weights(outputs: Outputs, names: Collection[str], form: QuantizedFormat, dtype: str | None) -> Outputs:
+    """`outputs` with each tensor of `names` written in `form`: its finished value, cast to `dtype`,
+    quantized into data and scales; the others as they are. Each of `names` must be among `outputs`."""
+    missing = set(names) - {name for name, _ in outputs}
+    if missing:
+        raise ValueError(f"output_quantization: fp8: the output has no tensor {min(missing)} to quantize")
+    result = []
+    for name, task in outputs:
+        if name not in names:
+            result.append((name, task))
+            continue
+        quantized = Quantize(tensor=task, form=form, dtype=dtype)
+        data, scales = quantized_names(form.kind, name)
+        result += [
+            (data, QuantizedPart(quantized=quantized, part=0)),
+            (scales, QuantizedPart(quantized=quantized, part=1)),
+        ]
+    return result

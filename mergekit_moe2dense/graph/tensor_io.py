@@ -35,16 +35,27 @@ class TensorIO:
     clone_tensors: bool = False
     device: str | None = None  # of the merge arithmetic (None: CPU)
     # `source`: the tensors the source stores quantized are written in its format (graph/quantized.py);
-    # `none`: every tensor dequantized, in `out_dtype`
+    # `none`: every tensor dequantized, in `out_dtype`; `fp8`: a dense output's linear weights in
+    # block-wise FP8 with a scale per `fp8_block` (outputs/fp8.py)
     quantization: str = "none"
+    fp8_block: tuple[int, int] = (128, 128)
 
     @classmethod
-    def from_options(cls, model: ModelReference, dtype, out_dtype, options, quantization: str = "none") -> TensorIO:
+    def from_options(
+        cls,
+        model: ModelReference,
+        dtype,
+        out_dtype,
+        options,
+        quantization: str = "none",
+        fp8_block: tuple[int, int] | None = None,
+    ) -> TensorIO:
         return cls(
             model=model,
             dtype=dtype,
             out_dtype=out_dtype,
             quantization=quantization,
+            fp8_block=tuple(fp8_block) if fp8_block is not None else (128, 128),
             max_shard_size=options.out_shard_size,
             safe_serialization=options.safe_serialization,
             async_write=options.async_write,

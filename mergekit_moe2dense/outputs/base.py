@@ -64,20 +64,33 @@ class WriteContext:
     calibration: dict | None = None  # what the statistics were computed on (card.calibration_summary)
 
 
-def output_quantization(choice: str | None, source: SourceModel, plan_type: type) -> str:
-    """What a quantized source's output is written in (`TensorIO.quantization`), from the config's
-    `output_quantization` (None: `source` for an MoE output, `none` for a dense one): `source` keeps
-    the source's format (graph/quantized.py), `none` dequantizes. An unquantized source gives `none`.
+def output_quantization(
+    choice: str | None, source: SourceModel, plan_type: type, block: tuple[int, int] | None = None
+) -> str:
+    """What an output is written in (`TensorIO.quantization`), from the config's `output_quantization`
+    (None: `source` for an MoE output, `none` for a dense one): `source` keeps the source's format
+    (graph/quantized.py), `none` dequantizes, `fp8` writes a dense output's linear weights in
+    block-wise FP8 (outputs/fp8.py) whatever the source's format. An unquantized source's `source` is `none`.
 
     `source` is refused for dense outputs (their MLPs are new tensors of a new architecture) and for
     FP8 with static activation scales (a merged expert has none); by default the latter is written
-    dequantized."""
+    dequantized. `fp8` is refused for MoE outputs, and `block` (`output_block_size`) without `fp8`."""
     moe_output = plan_type in (SmallerMoEPlan, MoEPlan)
     if choice == "source" and not moe_output:
         raise ConfigError(
             "output_quantization: source keeps the source's quantization in MoE outputs only (prune_experts, "
-            "merge_experts, kmeans_multi_dense with output: moe); a dense model is written dequantized: set none"
+            "merge_experts, kmeans_multi_dense with output: moe); a dense model is written dequantized (none) "
+            "or in FP8 (fp8)"
         )
+    if choice == "fp8" and moe_output:
+        raise ConfigError(
+            "output_quantization: fp8 is for dense outputs; an MoE output is written in its source's format "
+            "(source) or dequantized (none)"
+        )
+    if block is not None and choice != "fp8":
+        raise ConfigError("output_block_size applies to output_quantization: fp8 only")
+    if choice == "fp8":
+        return "fp8"
     quantization = source.index.quantization_config
     if not quantization or (choice or ("source" if moe_output else "none")) == "none":
         return "none"
@@ -97,8 +110,9 @@ def output_bytes(
 ) -> int | None:
     """Bytes of the source's tensors outside the sparse blocks, plus `experts_per_layer`
     experts (and the shared experts) per MoE layer, in the output dtype, or with `quantization`
-    `source` the quantized ones as stored (None for pickle checkpoints, whose sizes only a full
-    read tells)."""
+    `source` the quantized ones as stored, with `fp8` the decoder layers' matrices at a byte a value
+    (their scales left out: at least what is written). None for pickle checkpoints, whose sizes only
+    a full read tells."""
     reader = source.reader
     if not reader.index.is_safetensors:
         return None
@@ -114,6 +128,8 @@ def output_bytes(
     for piece in pieces:
         if piece.tensor in kept:
             total += _stored_bytes(reader, headers, kept[piece.tensor], piece)
+        elif quantization == "fp8" and ".layers." in piece.tensor and len(reader.shape(piece)) == 2:
+            total += prod(reader.shape(piece))
         elif itemsize is None:
             total += reader.nbytes(piece)
         else:
@@ -139,12 +155,15 @@ def write_weights_file(directory: str, context: WriteContext, payload: dict[str,
         json.dump(content, handle, indent=1)
 
 
-def write_model_files(directory: str, context: WriteContext, config) -> None:
-    """config.json (in the output dtype) and the tokenizer files, beside the weights."""
+def write_model_files(directory: str, context: WriteContext, config, quantization_config: dict | None = None) -> None:
+    """config.json (in the output dtype, with `quantization_config` where given) and the tokenizer
+    files, beside the weights."""
     if context.out_dtype:
         config.dtype = context.out_dtype
     if context.io.quantization == "source":  # the tensors are in the source's format: its config says how
         config.quantization_config = dict(context.source.index.quantization_config)
+    if quantization_config is not None:
+        config.quantization_config = quantization_config
     if context.source.family.unbuilt_layers is not None and hasattr(config, MTP_LAYERS_KEY):
         # no output carries the multi-token-prediction layers (SourceModel.rest_of_checkpoint):
         # a count above 0 would send vLLM's or transformers' MTP decoding after missing weights

@@ -13,6 +13,7 @@ from mergekit_moe2dense.card import refit_table, write_model_card
 from mergekit_moe2dense.finish import FITTED_DIR
 from mergekit_moe2dense.graph import computed_tensors, plan_dense_merge, run_graph
 from mergekit_moe2dense.outputs.base import WriteContext, write_model_files, write_weights_file
+from mergekit_moe2dense.outputs.fp8 import DenseFP8, dense_fp8
 from mergekit_moe2dense.plan import DensePlan, LayerPlan
 
 __all__ = ["write_dense"]
@@ -30,18 +31,35 @@ def write_dense(plan: DensePlan, context: WriteContext, staging: str, extra: dic
     dense_width = family.dense_layer_width(source.config)
     width = max(widths + [dense_width or 0])
     padded = set(widths) != {width} or (dense_width is not None and dense_width != width)
+    config = family.dense_config(source.config, intermediate_size=width)
+    fp8 = _fp8(context, plan, config)
     with computed_tensors(plan.fitted) as fitted:
         graph = plan_dense_merge(
-            context.io, source, plan.layers, staging, width=width if padded else None, fitted=fitted
+            context.io,
+            source,
+            plan.layers,
+            staging,
+            width=width if padded else None,
+            fitted=fitted,
+            quantized=fp8.weights if fp8 else (),
         )
         run_graph(graph, context.options)
     shutil.rmtree(os.path.join(staging, FITTED_DIR), ignore_errors=True)
-    write_model_files(staging, context, family.dense_config(source.config, intermediate_size=width))
+    write_model_files(staging, context, config, fp8.quantization_config if fp8 else None)
     extra = {**(extra or {}), **_padding_record(source, widths, width)}
     write_weights_file(staging, context, {"layers": plan.weights.tolist(), **extra})
     if context.options.write_model_card:
         tables = () if plan.refit_errors is None else (refit_table(plan.refit_errors),)
         write_model_card(staging, context, plan.weights, extra, calibration=context.calibration, tables=tables)
+
+
+def _fp8(context: WriteContext, plan: DensePlan, config) -> DenseFP8 | None:
+    """With `output_quantization: fp8`, the dense model's FP8 weights (not the zero routers)."""
+    if context.io.quantization != "fp8":
+        return None
+    source = context.source
+    zeros = {name for p in plan.layers for name in source.family.dense_zero_tensors(source.config, p.layer.index)}
+    return dense_fp8(config, context.io.fp8_block, zeros)
 
 
 def _log_refit(plan: DensePlan) -> None:

@@ -78,12 +78,12 @@ def estimated_bytes(
 ) -> int | None:
     """At least what the output will hold (None: unknown): a dense model's MLPs one expert wide
     (concatenations are wider), k of them for k clusters, an MoE's experts (quantized ones as
-    stored, with `quantization` `source`)."""
+    stored, with `quantization` `source`; a dense model's matrices at a byte a value with `fp8`)."""
     if plan_type is MoEPlan:
         return output_bytes(source, layers, out_dtype, params.num_clusters, quantization)
     if plan_type is SmallerMoEPlan:
         return output_bytes(source, layers, out_dtype, params.num_experts, quantization)
-    one = output_bytes(source, layers, out_dtype, experts_per_layer=1)
+    one = output_bytes(source, layers, out_dtype, experts_per_layer=1, quantization=quantization)
     if plan_type is ClusterPlan:
         return None if one is None else params.num_clusters * one
     return one
