@@ -503,7 +503,11 @@ def inspect_moe(
             result.routing_entropy = entropy[position].item()
     report = _report(model_path, source, layers, results, stats)
     report.recommendation = recommend(
-        report.verdict, settings.output, num_experts=report.num_experts, target_experts=settings.target_experts
+        report.verdict,
+        settings.output,
+        num_experts=report.num_experts,
+        target_experts=settings.target_experts,
+        expert_outputs=source.family.contributions_in_forward,
     )
     if settings.config_path:
         write_config(report, source, settings)

@@ -8,9 +8,10 @@ The recommendation is the measured best setting for each case, the same as the s
 - a dense model from `aligned` experts (a shared ancestor, as after sparse upcycling):
   `router_weighted` + `refit: down_proj` (configs/aligned.yml);
 - a dense model from `permuted` or `unrelated` experts: never average; `concat` of the top-k
-  experts + `refit: fit` (configs/from_scratch.yml);
+  experts by `score: usage_diversity` + `refit: fit` (configs/from_scratch.yml; `score:
+  contribution` for a family whose calibration does not record the experts' outputs, Llama 4);
 - a smaller MoE, whatever the verdict: `prune_experts` to N experts (half by default),
-  `score: frequency` + `refit: down_proj` (configs/smaller_moe.yml).
+  `score: reap`, no re-fit (configs/smaller_moe.yml).
 
 `inspect` prints it and writes it as a YAML config (`config_yaml`) that `mergekit-moe2dense
 CONFIG OUT` runs; benchmarks/quickstart.py converts with it. `averaging_warning` is what a merge
@@ -65,7 +66,7 @@ class Recommendation:
     why: str
 
     def describe(self) -> str:
-        """`concat (score: contribution, refit: fit)`."""
+        """`concat (score: usage_diversity, refit: fit)`."""
         return f"{self.merge_method} ({', '.join(f'{k}: {v}' for k, v in self.parameters.items())})"
 
     def config(self, model: str, calibration: dict, dtype: str = "bfloat16") -> dict:
@@ -89,7 +90,7 @@ _DENSE = {
     ),
     "unaligned": (
         "concat",
-        {"score": "contribution", "refit": "fit"},
+        {"score": "usage_diversity", "refit": "fit"},
         "configs/from_scratch.yml",
         "the experts are not aligned, so averaging them would destroy the model: keep the top-k experts "
         "of each layer side by side, then fit each layer to the MoE's output",
@@ -98,17 +99,27 @@ _DENSE = {
 
 
 def recommend(
-    verdict: str, output: Output = "dense", *, num_experts: int | None = None, target_experts: int | None = None
+    verdict: str,
+    output: Output = "dense",
+    *,
+    num_experts: int | None = None,
+    target_experts: int | None = None,
+    expert_outputs: bool = True,
 ) -> Recommendation:
     """The recommended conversion for an MoE of `num_experts` experts whose `inspect` verdict is
-    `verdict`, into a dense model or a smaller MoE of `target_experts` experts (default: half)."""
+    `verdict`, into a dense model or a smaller MoE of `target_experts` experts (default: half);
+    `expert_outputs`: whether the family's calibration can record the experts' outputs (the
+    diversity scores need them)."""
     if verdict not in VERDICTS:
         raise RecommendationError(f"unknown verdict {verdict!r}: one of {', '.join(VERDICTS)}")
     if output == "dense":
         if target_experts is not None:
             raise RecommendationError("--target-experts sets the experts of a smaller MoE: give --output moe")
         method, parameters, preset, why = _DENSE["aligned" if verdict == "aligned" else "unaligned"]
-        return Recommendation(verdict, output, method, dict(parameters), preset, why)
+        parameters = dict(parameters)
+        if not expert_outputs and parameters.get("score") == "usage_diversity":
+            parameters["score"] = "contribution"
+        return Recommendation(verdict, output, method, parameters, preset, why)
     if output != "moe":
         raise RecommendationError(f"unknown output {output!r}: dense or moe")
     if num_experts is None:
@@ -118,10 +129,10 @@ def recommend(
         raise RecommendationError(
             f"--target-experts {kept} is out of range: the model has {num_experts} experts per layer"
         )
-    parameters = {"num_experts": kept, "score": "frequency", "refit": "down_proj"}
+    parameters = {"num_experts": kept, "score": "reap"}
     why = (
-        f"keep the {kept} of {num_experts} experts per layer the router selects most, with their router rows, "
-        "then re-fit each kept expert's down projection to the original block's output"
+        f"keep the {kept} of {num_experts} experts per layer with the largest REAP saliency (gate-weighted "
+        "output norm where selected), with their router rows, bit for bit"
     )
     return Recommendation(verdict, output, "prune_experts", parameters, "configs/smaller_moe.yml", why)
 

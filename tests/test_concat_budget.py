@@ -249,7 +249,15 @@ def uniform_run(random_moe, calib_dir, tmp_path_factory):
     """concat m = 2 with `budget: uniform` on the random tiny Mixtral, and its statistics."""
     out = tmp_path_factory.mktemp("uniform") / "dense"
     result = build_dense(
-        make_config(random_moe["legacy"], "concat", calib_dir, num_experts=2, gates="equal", budget="uniform"),
+        make_config(
+            random_moe["legacy"],
+            "concat",
+            calib_dir,
+            num_experts=2,
+            score="contribution",
+            gates="equal",
+            budget="uniform",
+        ),
         str(out),
         OPTIONS,
     )
@@ -289,7 +297,9 @@ def test_uniform_budget_is_the_concatenation_of_the_chosen_experts_and_the_defau
         for name, value in expected.items():
             assert torch.equal(tensors[prefix + name + ".weight"], value), (layer, name)
     default = tmp_path / "default"
-    build_dense(make_config(moe, "concat", calib_dir, num_experts=2, gates="equal"), str(default), OPTIONS)
+    build_dense(
+        make_config(moe, "concat", calib_dir, num_experts=2, score="contribution", gates="equal"), str(default), OPTIONS
+    )
     others = tensors_of(default)
     assert tensors.keys() == others.keys() and all(torch.equal(tensors[k], others[k]) for k in tensors)
     weights = json.loads((out / WEIGHTS_FILE).read_text())
@@ -304,7 +314,7 @@ def test_spread_split_of_different_widths_is_the_fixed_gate_moe_zero_padded(
 ):
     moe = random_moe["legacy"]
     out = tmp_path / "dense"
-    config = make_config(moe, "concat", calib_dir, num_experts=2, budget="spread")  # gates: mean
+    config = make_config(moe, "concat", calib_dir, num_experts=2, score="contribution", budget="spread")  # gates: mean
     result = build_dense(config, str(out), OPTIONS, stats_path=str(skewed_stats))
     stats = result.statistics
     kept = kept_experts(result)
@@ -348,7 +358,7 @@ def test_identical_experts_with_a_spread_split_give_the_moe_logits(identical_moe
     monkeypatch.setattr(concat_module, "spread_budget", split)
     moe = identical_moe["fused"]
     out = tmp_path / "dense"
-    config = make_config(moe, "concat", calib_dir, num_experts=2, gates="equal", budget="spread")
+    config = make_config(moe, "concat", calib_dir, num_experts=2, score="contribution", gates="equal", budget="spread")
     build_dense(config, str(out), OPTIONS)
     assert calls and set(calls) == {((2, NUM_EXPERTS), 4)}
     assert json.loads((out / WEIGHTS_FILE).read_text())["mlp_widths"] == [EXPERT_WIDTH, 3 * EXPERT_WIDTH]
@@ -361,7 +371,9 @@ def test_down_proj_refit_on_a_spread_budget_keeps_the_padding_zero(random_moe, c
     outs, tensors = {}, {}
     for refit in ("none", "down_proj"):
         outs[refit] = tmp_path / refit
-        config = make_config(moe, "concat", calib_dir, num_experts=2, budget="spread", refit=refit)
+        config = make_config(
+            moe, "concat", calib_dir, num_experts=2, score="contribution", budget="spread", refit=refit
+        )
         build_dense(config, str(outs[refit]), OPTIONS, stats_path=str(skewed_stats))
         tensors[refit] = tensors_of(outs[refit])
         assert_padding_is_zero(tensors[refit], 0, EXPERT_WIDTH)

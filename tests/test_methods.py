@@ -374,3 +374,8 @@ def test_kernel_accumulates_bf16_experts_in_float32():
 )  # fmt: skip
 def test_the_measured_best_re_fit_is_the_default_and_baselines_stay_plain(method, refit):
     assert get_method(method).Parameters().refit == refit
+
+
+def test_pruning_selects_by_reap_and_merging_weighs_by_frequency_by_default():
+    assert get_method("prune_experts").Parameters().score == "reap"
+    assert get_method("merge_experts").Parameters().score == "frequency"

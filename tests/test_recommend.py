@@ -180,3 +180,8 @@ def test_target_experts_out_of_range_is_refused_before_any_tensor_is_read(random
     assert_one_line_error(result, "--target-experts 9 is more than the model's 4 experts per layer")
     result = run("inspect", random_moe["legacy"], "--target-experts", 2)
     assert_one_line_error(result, "give --output moe")
+
+
+def test_a_family_without_recorded_expert_outputs_is_recommended_a_score_it_records():
+    assert recommend("unrelated", expert_outputs=False).parameters["score"] == "contribution"
+    assert recommend("unrelated").parameters["score"] == "usage_diversity"

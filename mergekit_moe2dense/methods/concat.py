@@ -119,6 +119,8 @@ class Concat(ExpertMethod):
             None, description="experts kept per layer, m (default: the model's top-k)"
         )
         refit: Refit = Field("down_proj", description=MethodParameters.model_fields["refit"].description)
+        # every family records contributions; usage_diversity, the best measured and what `inspect`
+        # recommends, needs the experts' outputs, which Llama 4's calibration does not record
         score: Score = Field("contribution", description="how experts are ranked")
         gates: Literal["mean", "equal"] = Field("mean", description="down projection scale: mean gate weight, or 1/m")
         budget: Budget = Field(

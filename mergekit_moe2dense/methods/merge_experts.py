@@ -37,6 +37,7 @@ from mergekit_moe2dense.families import PROJECTIONS
 from mergekit_moe2dense.methods.base import ExpertMethod, MethodError
 from mergekit_moe2dense.methods.prune_experts import (
     EXPERT_OUTPUT_SCORES,
+    Saliency,
     SmallerMoEParameters,
     check_smaller,
     expert_saliency,
@@ -107,6 +108,11 @@ class MergeExperts(ExpertMethod):
     reference_url = "https://arxiv.org/abs/2410.08589"
 
     class Parameters(SmallerMoEParameters):
+        # the saliency that weights each group's merge, as measured (docs/results/prune.md)
+        score: Saliency = Field(
+            "frequency",
+            description="expert saliency: frequency, reap, contribution, reap_softmax, diversity or usage_diversity",
+        )
         grouping: Literal["outputs", "router"] = Field(
             "outputs", description="cluster experts by their outputs on calibration tokens, or by router logits"
         )
