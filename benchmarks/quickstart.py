@@ -44,7 +44,9 @@ def verdict_line(moe_ppl: float, dense_ppl: float, single_expert_width: bool = T
     """The verdict `eval` prints too (mergekit_moe2dense.evaluation)."""
     from mergekit_moe2dense.evaluation import verdict_line
 
-    return verdict_line(moe_ppl, dense_ppl, single_expert_width)
+    return verdict_line(
+        moe_ppl, dense_ppl, "the dense model" + (" at one expert's width" if single_expert_width else "")
+    )
 
 
 def run(preset: str, out: Path | None, cache_dir: str | None, max_tokens: int, progress: bool) -> dict:

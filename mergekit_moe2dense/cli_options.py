@@ -176,6 +176,6 @@ def output_quantization_option(command):
         default=None,
         help="What the output is written in (overrides the config's output_quantization): source keeps a "
         "block-wise FP8 or MXFP4 source's format in an MoE output (kept experts bit for bit, merged ones "
-        "quantized), none dequantizes, fp8 writes a dense output's linear weights in block-wise FP8. "
+        "quantized), none dequantizes, fp8 writes the linear weights and experts in block-wise FP8. "
         "Default: source for an MoE output, none for a dense one.",
     )(command)

@@ -106,8 +106,8 @@ class Moe2DenseConfig(BaseModel):
         description="source: the tensors a block-wise FP8 or MXFP4 source stores quantized are written in its "
         "format (kept ones bit for bit, merged ones quantized); none: every tensor dequantized, in out_dtype; "
         "default: source for an MoE output (a smaller MoE, kmeans_multi_dense's output: moe), none for dense ones; "
-        "fp8 (dense outputs, any source): the decoder layers' linear weights in float8_e4m3fn with a scale per "
-        "block of output_block_size",
+        "fp8 (any source): the decoder layers' linear weights (and a smaller MoE's experts) in float8_e4m3fn "
+        "with a scale per block of output_block_size",
     )
     output_block_size: tuple[PositiveInt, PositiveInt] | None = Field(
         None,

@@ -78,21 +78,21 @@ class EvalReport:
     verdict: str | None = None  # one line per model against the reference (with `data`)
 
 
-def verdict_line(moe_ppl: float, dense_ppl: float, single_expert_width: bool = True) -> str:
-    """How far a dense model's perplexity is from its MoE's, in one line: within 5% is close,
-    within 20% usable, beyond that far."""
+def verdict_line(moe_ppl: float, dense_ppl: float, subject: str = "the dense model at one expert's width") -> str:
+    """How far a converted model's perplexity is from its MoE's, in one line: within 5% is close,
+    within 20% usable, beyond that far. `eval` says `the model`: it scores dense models and smaller
+    MoEs alike."""
     ratio = dense_ppl / moe_ppl
     change = 100 * (ratio - 1)
     quality = "close to the MoE" if ratio <= 1.05 else "usable" if ratio <= 1.2 else "far from the MoE"
-    width = " at one expert's width" if single_expert_width else ""
-    return f"verdict: the dense model{width} has {change:+.1f}% perplexity vs the MoE (ratio {ratio:.3f}): {quality}"
+    return f"verdict: {subject} has {change:+.1f}% perplexity vs the MoE (ratio {ratio:.3f}): {quality}"
 
 
 def _verdicts(results: list[EvalResult], reference: str) -> str | None:
     """`verdict_line` of every model but the reference, each named when there are several."""
     ref = next(r for r in results if r.model == reference)
     others = [r for r in results if r is not ref]
-    lines = [verdict_line(ref.perplexity, r.perplexity, single_expert_width=False) for r in others]
+    lines = [verdict_line(ref.perplexity, r.perplexity, subject="the model") for r in others]
     if len(others) > 1:
         lines = [f"{r.model}: {line}" for r, line in zip(others, lines)]
     return "\n".join(lines) or None

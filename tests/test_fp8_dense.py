@@ -18,13 +18,10 @@ from safetensors.torch import load_file
 from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
 
 from helpers import (
-    assert_one_line_error,
     expand_blocks,
     logits_of,
     make_config,
     quantize_fp8_checkpoint,
-    run_cli,
-    write_config,
 )
 from mergekit_moe2dense.build import build_dense
 from mergekit_moe2dense.config import ConfigError, Moe2DenseConfig
@@ -181,18 +178,6 @@ def test_the_size_estimate_is_at_most_the_fp8_output(dense, calib_dir, tmp_path)
         estimates[quantization] = job.output.estimated_bytes(job)
     written = sum(v.numel() * v.element_size() for v in tensors(dense["fp8"]).values())
     assert estimates["fp8"] <= written < estimates["none"]
-
-
-def test_fp8_is_refused_for_a_smaller_moe(dense, calib_dir, tmp_path):
-    moe = dense["fp8"].parent / "moe"
-    config = make_config(moe, "prune_experts", calib_dir, num_experts=2).model_copy(
-        update={"output_quantization": "fp8"}
-    )
-    with pytest.raises(ConfigError, match="fp8 is for dense outputs") as error:
-        ConversionJob.prepare(config, str(tmp_path / "pruned"))
-    assert "\n" not in str(error.value)
-    written = write_config(tmp_path / "c.yml", moe, calib_dir, "prune_experts", num_experts=2, refit="none")
-    assert_one_line_error(run_cli("merge", written, tmp_path / "cli", "--output-quantization", "fp8"), "dense outputs")
 
 
 def test_a_block_size_without_fp8_is_refused(dense, calib_dir, tmp_path):

@@ -53,7 +53,7 @@ def test_eval_ends_with_the_quickstart_verdict_and_adds_the_results_to_the_card(
     result = run_cli("eval", moe, out, "--data", calib_dir, "--seq-len", 32, "--max-tokens", 64, "--card", out)
     assert result.exit_code == 0, result.output
     last = result.output.strip().splitlines()[-1]
-    assert last.startswith("verdict: the dense model has ") and "perplexity vs the MoE (ratio " in last
+    assert last.startswith("verdict: the model has ") and "perplexity vs the MoE (ratio " in last
     card = (out / "README.md").read_text()
     section = card.split("## Evaluation")[1]
     assert f"| `{moe.name}` |" in section and f"| `{out.name}` |" in section and "| 1.0000 |" in section

@@ -14,7 +14,7 @@ stays near one layer's experts whatever the number of layers.
 
 - tasks.py: the Task classes;
 - quantized.py: the tasks and pieces of a quantized output (`output_quantization: source`: stored
-  bytes copied, computed tensors quantized; `fp8`: a dense output's linear weights quantized);
+  bytes copied, computed tensors quantized; `fp8`: the output's linear weights and experts quantized);
 - tensor_io.py: `TensorIO`, how a graph reads and writes;
 - builders.py: plan -> task graph (a dense model, a smaller MoE), sharing one copy of the rest;
 - runner.py: running a graph, and closing its readers after;

@@ -160,6 +160,7 @@ def plan_moe_merge(
     out_path: str,
     *,
     fitted: dict[str, Task] | None = None,
+    quantized: Collection[str] = (),
 ) -> list[Task]:
     """Tasks that write the k-expert MoE: merged experts, the new expert-indexed tensors, the
     rest copied (shared experts and their gates included; `rest_of_checkpoint`).
@@ -171,7 +172,8 @@ def plan_moe_merge(
     family's `moe_layout`: its own tensors, or its slices of fused [k, ...] tensors, each stacked
     from the layer's k experts by one task (`FuseExpert`: memory stays one layer's experts).
     With `io.quantization` `source`, what the source stores quantized is written in its format
-    (graph/quantized.py): kept experts and copied tensors as stored, merged or fitted ones quantized.
+    (graph/quantized.py): kept experts and copied tensors as stored, merged or fitted ones quantized;
+    with `fp8`, the tensors named in `quantized` (outputs/fp8.py) as `plan_dense_merge` writes them.
     """
     formats = source_formats(source) if io.quantization == "source" else {}
     outputs, consumed = [], set()
@@ -184,6 +186,8 @@ def plan_moe_merge(
             else:
                 outputs += copied_tensor(source, name, output, formats, io.read)
     outputs += rest_of_checkpoint(io, source, consumed, formats=formats)
+    if quantized:
+        outputs = quantized_weights(outputs, quantized, QuantizedFormat("fp8", io.fp8_block), io.out_dtype)
     return [io.write_all(out_path, outputs)]
 
 

@@ -2,7 +2,7 @@
 # SPDX-License-Identifier: LGPL-3.0-only
 """The write graph's quantized outputs. With `output_quantization: source`, a tensor the source stores
 quantized (block-wise FP8, MXFP4) is written in the same format, as its data and scales; with
-`output_quantization: fp8`, a dense output's linear weights are quantized as they are written
+`output_quantization: fp8`, an output's linear weights (and experts) are quantized as they are written
 (`quantized_weights`; which ones: outputs/fp8.py).
 
 What is not modified is copied as stored, bit for bit (`CopyStored`: the non-expert tensors, a kept

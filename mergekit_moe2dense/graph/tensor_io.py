@@ -35,7 +35,7 @@ class TensorIO:
     clone_tensors: bool = False
     device: str | None = None  # of the merge arithmetic (None: CPU)
     # `source`: the tensors the source stores quantized are written in its format (graph/quantized.py);
-    # `none`: every tensor dequantized, in `out_dtype`; `fp8`: a dense output's linear weights in
+    # `none`: every tensor dequantized, in `out_dtype`; `fp8`: the linear weights (and experts) in
     # block-wise FP8 with a scale per `fp8_block` (outputs/fp8.py)
     quantization: str = "none"
     fp8_block: tuple[int, int] = (128, 128)

@@ -10,7 +10,7 @@ directory, reading only its plan and a small frozen `WriteContext`:
   (outputs/pruned.py).
 
 Each writes its `expert_weights.json` and model card. What is checked before any work, and
-the size estimate, are in outputs/preflight.py; which tensors a dense model writes in FP8
+the size estimate, are in outputs/preflight.py; which tensors an output writes in FP8
 (`output_quantization: fp8`), in outputs/fp8.py.
 """
 

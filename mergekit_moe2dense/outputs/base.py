@@ -17,6 +17,7 @@ from mergekit.options import MergeOptions
 
 from mergekit_moe2dense.config import ConfigError, Moe2DenseConfig
 from mergekit_moe2dense.families import ExpertSlice, MoELayer
+from mergekit_moe2dense.families.spec import FusedLayout
 from mergekit_moe2dense.graph import TensorIO
 from mergekit_moe2dense.io.headers import ShardHeaders
 from mergekit_moe2dense.io.source import SourceModel
@@ -69,12 +70,12 @@ def output_quantization(
 ) -> str:
     """What an output is written in (`TensorIO.quantization`), from the config's `output_quantization`
     (None: `source` for an MoE output, `none` for a dense one): `source` keeps the source's format
-    (graph/quantized.py), `none` dequantizes, `fp8` writes a dense output's linear weights in
-    block-wise FP8 (outputs/fp8.py) whatever the source's format. An unquantized source's `source` is `none`.
+    (graph/quantized.py), `none` dequantizes, `fp8` writes the output's linear weights (and an MoE
+    output's experts) in block-wise FP8 (outputs/fp8.py) whatever the source's format. An unquantized source's `source` is `none`.
 
     `source` is refused for dense outputs (their MLPs are new tensors of a new architecture) and for
     FP8 with static activation scales (a merged expert has none); by default the latter is written
-    dequantized. `fp8` is refused for MoE outputs, and `block` (`output_block_size`) without `fp8`."""
+    dequantized. `block` (`output_block_size`) without `fp8` is refused."""
     moe_output = plan_type in (SmallerMoEPlan, MoEPlan)
     if choice == "source" and not moe_output:
         raise ConfigError(
@@ -82,10 +83,11 @@ def output_quantization(
             "merge_experts, kmeans_multi_dense with output: moe); a dense model is written dequantized (none) "
             "or in FP8 (fp8)"
         )
-    if choice == "fp8" and moe_output:
+    if choice == "fp8" and moe_output and isinstance(source.family.moe_layout(), FusedLayout):
         raise ConfigError(
-            "output_quantization: fp8 is for dense outputs; an MoE output is written in its source's format "
-            "(source) or dequantized (none)"
+            f"output_quantization: fp8: {source.family.name} writes its experts fused ([E, ...] tensors), which "
+            "transformers does not read back from FP8 (it leaves their scales unused); use none, or source for a "
+            "quantized source"
         )
     if block is not None and choice != "fp8":
         raise ConfigError("output_block_size applies to output_quantization: fp8 only")

@@ -13,7 +13,7 @@ from mergekit_moe2dense.card import refit_table, write_model_card
 from mergekit_moe2dense.finish import FITTED_DIR
 from mergekit_moe2dense.graph import computed_tensors, plan_dense_merge, run_graph
 from mergekit_moe2dense.outputs.base import WriteContext, write_model_files, write_weights_file
-from mergekit_moe2dense.outputs.fp8 import DenseFP8, dense_fp8
+from mergekit_moe2dense.outputs.fp8 import FP8Weights, dense_fp8
 from mergekit_moe2dense.plan import DensePlan, LayerPlan
 
 __all__ = ["write_dense"]
@@ -53,7 +53,7 @@ def write_dense(plan: DensePlan, context: WriteContext, staging: str, extra: dic
         write_model_card(staging, context, plan.weights, extra, calibration=context.calibration, tables=tables)
 
 
-def _fp8(context: WriteContext, plan: DensePlan, config) -> DenseFP8 | None:
+def _fp8(context: WriteContext, plan: DensePlan, config) -> FP8Weights | None:
     """With `output_quantization: fp8`, the dense model's FP8 weights (not the zero routers)."""
     if context.io.quantization != "fp8":
         return None

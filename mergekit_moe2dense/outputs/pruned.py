@@ -16,6 +16,7 @@ from __future__ import annotations
 from mergekit_moe2dense.card import write_smaller_moe_card
 from mergekit_moe2dense.graph import computed_tensors, plan_moe_merge, run_graph
 from mergekit_moe2dense.outputs.base import WriteContext, write_model_files, write_weights_file
+from mergekit_moe2dense.outputs.fp8 import moe_fp8
 from mergekit_moe2dense.plan import SmallerMoEPlan
 
 __all__ = ["write_smaller_moe"]
@@ -25,12 +26,23 @@ def write_smaller_moe(plan: SmallerMoEPlan, context: WriteContext, staging: str)
     """A complete smaller MoE in `staging`."""
     source, params, experts = context.source, context.params, plan.experts
     weights = experts.weights
+    config = source.family.moe_config(source.config, params.num_experts, params.moe_top_k)
+    fp8 = moe_fp8(context, config, params.num_experts)
     with computed_tensors({**plan.rows, **plan.fitted}) as computed:
         rows = {name: computed[name] for name in plan.rows}
         fitted = {name: computed[name] for name in plan.fitted}
-        graph = plan_moe_merge(context.io, source, plan.moe_layers, weights, rows, staging, fitted=fitted)
+        graph = plan_moe_merge(
+            context.io,
+            source,
+            plan.moe_layers,
+            weights,
+            rows,
+            staging,
+            fitted=fitted,
+            quantized=fp8.weights if fp8 else (),
+        )
         run_graph(graph, context.options, desc=_progress_label(experts, params.num_experts))
-    write_model_files(staging, context, source.family.moe_config(source.config, params.num_experts, params.moe_top_k))
+    write_model_files(staging, context, config, fp8.quantization_config if fp8 else None)
     payload = {
         "experts": weights.tolist(),
         "groups": [[list(group) for group in layer] for layer in experts.groups],
