@@ -51,11 +51,19 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
-def convert(moe: Path, out: Path, calib_dir, quantization: str, method: str = "prune_experts") -> Path:
-    config = make_config(moe, method, calib_dir, num_experts=2, refit="none").model_copy(
+SMALLER = {"prune_experts": {"num_experts": 2}, "merge_experts": {"num_experts": 2}}
+K_EXPERTS = {"num_clusters": 2, "output": "moe"}  # kmeans_multi_dense's MoE
+
+
+def fp8_config(moe: Path, calib_dir, quantization: str, method: str = "prune_experts", **params):
+    params = params or SMALLER[method]
+    return make_config(moe, method, calib_dir, **params).model_copy(
         update={"output_quantization": quantization, "output_block_size": BLOCK if quantization == "fp8" else None}
     )
-    build_dense(config, str(out), OPTIONS)
+
+
+def convert(moe: Path, out: Path, calib_dir, quantization: str, method: str = "prune_experts", **params) -> Path:
+    build_dense(fp8_config(moe, calib_dir, quantization, method, **params), str(out), OPTIONS)
     return out
 
 
@@ -93,9 +101,9 @@ def expected_fp8(spec, none: dict[str, torch.Tensor]) -> set[str]:
     }
 
 
-def check_fp8_output(moe: Path, spec, tmp_path: Path, calib_dir, method: str = "prune_experts") -> None:
-    fp8 = convert(moe, tmp_path / "fp8", calib_dir, "fp8", method)
-    none = convert(moe, tmp_path / "none", calib_dir, "none", method)
+def check_fp8_output(moe: Path, spec, tmp_path: Path, calib_dir, method: str = "prune_experts", **params) -> None:
+    fp8 = convert(moe, tmp_path / "fp8", calib_dir, "fp8", method, **params)
+    none = convert(moe, tmp_path / "none", calib_dir, "none", method, **params)
     out, exact = tensors(fp8), tensors(none)
     quantized = {name for name, value in out.items() if value.dtype == torch.float8_e4m3fn}
     assert quantized == expected_fp8(spec, exact)
@@ -133,6 +141,23 @@ def test_a_pruned_mixtral_in_fp8_is_read_back_by_transformers(random_moe, calib_
 def test_merged_experts_in_fp8_are_read_back(tokenizer_dir, calib_dir, tmp_path):
     moe = make_family_moe("qwen3_moe", tmp_path / "moe", tokenizer_dir)
     check_fp8_output(moe, family_of("qwen3_moe"), tmp_path, calib_dir, method="merge_experts")
+
+
+def test_a_k_expert_moe_in_fp8_is_read_back(tokenizer_dir, calib_dir, tmp_path):
+    moe = make_family_moe("qwen3_moe", tmp_path / "moe", tokenizer_dir)
+    check_fp8_output(moe, family_of("qwen3_moe"), tmp_path, calib_dir, "kmeans_multi_dense", **K_EXPERTS)
+
+
+def test_the_size_estimate_is_at_most_the_fp8_output(tokenizer_dir, calib_dir, tmp_path):
+    moe = make_family_moe("qwen3_moe", tmp_path / "moe", tokenizer_dir)
+    estimates = {}
+    for quantization in ("fp8", "none"):
+        job = ConversionJob.prepare(fp8_config(moe, calib_dir, quantization), str(tmp_path / quantization))
+        estimates[quantization] = job.output.estimated_bytes(job)
+    written = sum(
+        v.numel() * v.element_size() for v in tensors(convert(moe, tmp_path / "out", calib_dir, "fp8")).values()
+    )
+    assert estimates["fp8"] <= written < estimates["none"]
 
 
 def test_fp8_halves_the_experts_bytes(tokenizer_dir, calib_dir, tmp_path):
