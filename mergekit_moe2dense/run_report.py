@@ -110,15 +110,21 @@ def estimate_run(job) -> RunEstimate:
 
 
 def output_description(job) -> str:
-    """The output's architecture class, and how many models it is."""
+    """The output's architecture class, how many models it is, and a quantized output's format."""
     plan_type, params, family = job.output.plan_type, job.params, job.source.family
     if plan_type is ClusterPlan:
-        return f"{params.num_clusters} dense models ({family.dense.architecture})"
-    if plan_type is MoEPlan:
-        return f"an MoE with {params.num_clusters} experts per layer ({family.moe_architecture})"
-    if plan_type is SmallerMoEPlan:
-        return f"an MoE with {params.num_experts} experts per layer ({family.moe_architecture})"
-    return f"a dense model ({family.dense.architecture})"
+        described = f"{params.num_clusters} dense models ({family.dense.architecture})"
+    elif plan_type is MoEPlan:
+        described = f"an MoE with {params.num_clusters} experts per layer ({family.moe_architecture})"
+    elif plan_type is SmallerMoEPlan:
+        described = f"an MoE with {params.num_experts} experts per layer ({family.moe_architecture})"
+    else:
+        described = f"a dense model ({family.dense.architecture})"
+    if job.quantization == "fp8":
+        return f"{described} in block FP8 ({' x '.join(map(str, job.io.fp8_block))} blocks)"
+    if job.quantization == "source":
+        return f"{described} in the source's {job.source.index.quantization_config.get('quant_method')}"
+    return described
 
 
 def _experts_per_layer(plan_type, params) -> int:

@@ -187,8 +187,12 @@ def test_fp8_is_refused_where_the_experts_are_written_fused(family, tokenizer_di
 def test_the_command_line_flag_writes_fp8(tokenizer_dir, calib_dir, tmp_path):
     moe = make_family_moe("qwen3_moe", tmp_path / "moe", tokenizer_dir)
     written = write_config(tmp_path / "c.yml", moe, calib_dir, "prune_experts", num_experts=2, refit="none")
+    dry = run_cli("merge", written, tmp_path / "out", "--output-quantization", "fp8", "--dry-run")
+    assert "experts per layer (Qwen3MoeForCausalLM) in block FP8 (128 x 128 blocks)" in dry.output, dry.output
+    assert not (tmp_path / "out").exists()
     result = run_cli("merge", written, tmp_path / "out", "--output-quantization", "fp8")
     assert result.exit_code == 0, result.output
+    assert "in block FP8 (128 x 128 blocks)" in result.output
     assert json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["quant_method"] == "fp8"
     gpt_oss = make_family_moe("gpt_oss", tmp_path / "gpt-oss", tokenizer_dir)
     written = write_config(tmp_path / "g.yml", gpt_oss, calib_dir, "prune_experts", num_experts=2, refit="none")
