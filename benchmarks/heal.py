@@ -123,7 +123,7 @@ def run(args) -> str:
     started = time.time()
     testbed = build_testbed(args.preset, cache_dir=args.cache_dir)
     preset = testbed.report["preset"]
-    seq_len, batch = preset["seq_len"], preset["batch_size"]
+    seq_len, batch = preset["seq_len"], args.batch_size or preset["batch_size"]
     scratch = preset.get("family", "mixtral") != "mixtral"
     total_tokens = moe_training_tokens(testbed)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="moe2dense-heal-"))
@@ -324,6 +324,8 @@ def main(argv=None) -> None:
     parser.add_argument("--hidden-weights", type=lambda s: [float(x) for x in s.split(",")], default=[0.0],
                         help="hidden-state loss weights to sweep too (heal --hidden-weight); a row for each")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="the heals' seed (data order)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="sequences per heal step (default: the testbed's): the same tokens in more, smaller steps")  # fmt: skip
     parser.add_argument("--heal-from", choices=["fit", "down_proj"], default="fit",
                         help="the heal's student: the refit: fit conversion (default) or the closed-form one")  # fmt: skip
     parser.add_argument("--score", default=None, help="concat's selection score on the from-scratch presets")
