@@ -71,7 +71,8 @@ def output_quantization(
     """What an output is written in (`TensorIO.quantization`), from the config's `output_quantization`
     (None: `source` for an MoE output, `none` for a dense one): `source` keeps the source's format
     (graph/quantized.py), `none` dequantizes, `fp8` writes the output's linear weights (and an MoE
-    output's experts) in block-wise FP8 (outputs/fp8.py) whatever the source's format. An unquantized source's `source` is `none`.
+    output's experts) in block-wise FP8 (outputs/fp8.py) whatever the source's format. An
+    unquantized source's `source` is `none`.
 
     `source` is refused for dense outputs (their MLPs are new tensors of a new architecture) and for
     FP8 with static activation scales (a merged expert has none); by default the latter is written

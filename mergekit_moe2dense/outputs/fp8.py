@@ -65,13 +65,13 @@ def moe_fp8(context, config: transformers.PretrainedConfig, num_experts: int) ->
     if context.io.quantization != "fp8":
         return None
     source, family = context.source, context.source.family
-    width = family.expert_width(source.config)
+    width, layout = family.expert_width(source.config), family.moe_layout()
     experts, excluded = set(), set()
     for layer in context.layers:
         for slices in family.moe_expert_slices(layer.index, num_experts, width):
             experts.update(piece.tensor for projection, piece in slices.items() if projection in PROJECTIONS)
         excluded.add(family.moe_router_name(layer.index))
-        excluded.update(family.moe_layout().extra(template, layer.index) for template in family.extra_tensors)
+        excluded.update(layout.extra(template, layer.index) for template in family.extra_tensors)
     return _fp8_weights(config, context.io.fp8_block, excluded, experts=experts)
 
 
