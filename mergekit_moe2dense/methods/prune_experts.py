@@ -108,9 +108,9 @@ class SmallerMoEParameters(MethodParameters):
         None, description="routed experts per MoE layer of the smaller MoE, N (default: half the model's)"
     )
     moe_top_k: PositiveInt | None = Field(None, description="experts per token (default: the model's, capped at N)")
-    # REAP's saliency keeps the best experts on the three from-scratch testbeds (1.6-2.6x less
-    # perplexity lost than frequency on scratch-hard and fine-qwen3); within 1% of frequency on
-    # the upcycled one (docs/results/fine_grained.md, prune.md)
+    # REAP's saliency keeps better experts than frequency on the testbeds whose MoE clearly beats
+    # its twin (1.6-2.6x less perplexity lost on scratch-hard and fine-qwen3); frequency is ahead
+    # by 1.5-4.4% on the small example and scratch (docs/results/fine_grained.md, prune.md)
     score: Saliency = Field(
         "reap",
         description="expert saliency: frequency, reap, contribution, reap_softmax, diversity or usage_diversity",
