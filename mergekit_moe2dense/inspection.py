@@ -508,6 +508,7 @@ def inspect_moe(
         num_experts=report.num_experts,
         target_experts=settings.target_experts,
         expert_outputs=source.family.contributions_in_forward,
+        balanced_by_bias=source.family.balanced_by_bias,
     )
     if settings.config_path:
         write_config(report, source, settings)

@@ -11,7 +11,10 @@ The recommendation is the measured best setting for each case, the same as the s
   experts by `score: usage_diversity` + `refit: fit` (configs/from_scratch.yml; `score:
   contribution` for a family whose calibration does not record the experts' outputs, Llama 4);
 - a smaller MoE, whatever the verdict: `prune_experts` to N experts (half by default),
-  `score: reap`, no re-fit (configs/smaller_moe.yml).
+  `score: reap`, no re-fit (configs/smaller_moe.yml); `score: diversity` where the router is
+  balanced by a choice bias (DeepSeek-V3 routing: GLM-4.5, dots.llm1, ERNIE 4.5, MiniMax-M2), whose
+  even usage leaves the usage-weighted scores little to tell experts apart by
+  (configs/smaller_moe_bias_balanced.yml).
 
 `inspect` prints it and writes it as a YAML config (`config_yaml`) that `mergekit-moe2dense
 CONFIG OUT` runs; benchmarks/quickstart.py converts with it. `averaging_warning` is what a merge
@@ -105,11 +108,13 @@ def recommend(
     num_experts: int | None = None,
     target_experts: int | None = None,
     expert_outputs: bool = True,
+    balanced_by_bias: bool = False,
 ) -> Recommendation:
     """The recommended conversion for an MoE of `num_experts` experts whose `inspect` verdict is
     `verdict`, into a dense model or a smaller MoE of `target_experts` experts (default: half);
     `expert_outputs`: whether the family's calibration can record the experts' outputs (the
-    diversity scores need them)."""
+    diversity scores need them); `balanced_by_bias`: whether its router chooses with a
+    load-balancing bias (`MoEFamily.balanced_by_bias`)."""
     if verdict not in VERDICTS:
         raise RecommendationError(f"unknown verdict {verdict!r}: one of {', '.join(VERDICTS)}")
     if output == "dense":
@@ -129,12 +134,17 @@ def recommend(
         raise RecommendationError(
             f"--target-experts {kept} is out of range: the model has {num_experts} experts per layer"
         )
-    parameters = {"num_experts": kept, "score": "reap"}
-    why = (
-        f"keep the {kept} of {num_experts} experts per layer with the largest REAP saliency (gate-weighted "
-        "output norm where selected), with their router rows, bit for bit"
-    )
-    return Recommendation(verdict, output, "prune_experts", parameters, "configs/smaller_moe.yml", why)
+    if balanced_by_bias and expert_outputs:
+        score, preset = "diversity", "configs/smaller_moe_bias_balanced.yml"
+        kept_for = (
+            "whose outputs are most unlike each other (a router balanced by a bias uses every expert "
+            "about as often, so usage tells them apart little)"
+        )
+    else:
+        score, preset = "reap", "configs/smaller_moe.yml"
+        kept_for = "with the largest REAP saliency (gate-weighted output norm where selected)"
+    why = f"keep the {kept} of {num_experts} experts per layer {kept_for}, with their router rows, bit for bit"
+    return Recommendation(verdict, output, "prune_experts", {"num_experts": kept, "score": score}, preset, why)
 
 
 def _scalar(value) -> str:

@@ -182,6 +182,42 @@ def test_target_experts_out_of_range_is_refused_before_any_tensor_is_read(random
     assert_one_line_error(result, "give --output moe")
 
 
+def test_a_router_balanced_by_a_bias_is_pruned_by_diversity_as_its_shipped_config():
+    config = shipped("smaller_moe_bias_balanced.yml")
+    rec = recommend("unrelated", "moe", num_experts=2 * config["parameters"]["num_experts"], balanced_by_bias=True)
+    assert rec.preset == "configs/smaller_moe_bias_balanced.yml"
+    assert (rec.merge_method, rec.parameters) == (config["merge_method"], config["parameters"])
+    # diversity needs the experts' outputs; without them the usual score, and a dense output is unchanged
+    assert (
+        recommend("unrelated", "moe", num_experts=8, balanced_by_bias=True, expert_outputs=False).parameters["score"]
+        == "reap"
+    )
+    assert recommend("unrelated", balanced_by_bias=True) == recommend("unrelated")
+
+
+def test_inspect_of_a_glm_moe_writes_the_diversity_pruning_that_merge_runs(tokenizer_dir, calib_dir, tmp_path):
+    from tiny_families import make_family_moe
+
+    model = make_family_moe("glm4_moe", tmp_path / "glm", tokenizer_dir)
+    config = tmp_path / "recommended.yml"
+    data = ["--data", calib_dir, "--num-samples", 4, "--seq-len", 32]
+    result = run("inspect", model, *data, "--output", "moe", "--write-config", config)
+    assert result.exit_code == 0, result.output
+    assert "prune_experts (num_experts: 2, score: diversity)" in result.output
+    assert yaml.safe_load(config.read_text())["parameters"] == {"num_experts": 2, "score": "diversity"}
+    merged = run(config, tmp_path / "out")
+    assert merged.exit_code == 0, merged.output
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["n_routed_experts"] == 2
+
+
+def test_families_balanced_by_a_bias_are_those_with_deepseek_v3_routing():
+    from mergekit_moe2dense.families import FAMILIES
+
+    balanced = {family.name for family in FAMILIES if family.balanced_by_bias}
+    assert {"deepseek_v3", "glm4_moe"} <= balanced
+    assert not balanced & {"mixtral", "qwen3_moe", "deepseek_v2", "gpt_oss", "llama4", "olmoe"}
+
+
 def test_a_family_without_recorded_expert_outputs_is_recommended_a_score_it_records():
     assert recommend("unrelated", expert_outputs=False).parameters["score"] == "contribution"
     assert recommend("unrelated").parameters["score"] == "usage_diversity"

@@ -113,6 +113,12 @@ class MoEFamily:
     # output in that forward (`RouterRecorder`) instead of recomputing it (`expert_contributions`)
     contributions_in_forward: bool = True
 
+    @property
+    def balanced_by_bias(self) -> bool:
+        """Whether the router chooses with a load-balancing bias (`e_score_correction_bias`,
+        DeepSeek-V3's auxiliary-loss-free balancing), which evens out how often each expert is used."""
+        return any(name.endswith("e_score_correction_bias") for name in self.extra_tensors)
+
     def supports(self, config: transformers.PretrainedConfig) -> bool:
         return getattr(config, "model_type", None) in self.model_types
 
