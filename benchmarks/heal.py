@@ -80,13 +80,15 @@ def write_train_split(preset_name: str, out: Path) -> Path:
     return out
 
 
-def convert(moe: Path, calib: Path, out: Path, method: str, parameters: dict, seq_len: int) -> Path:
+def convert(
+    moe: Path, calib: Path, out: Path, method: str, parameters: dict, seq_len: int, num_samples: int = 128
+) -> Path:
     config = Moe2DenseConfig.model_validate(
         {
             "merge_method": method,
             "models": [{"model": str(moe)}],
             "parameters": parameters,
-            "calibration": {"dataset": str(calib), "num_samples": 128, "seq_len": seq_len, "batch_size": 8},
+            "calibration": {"dataset": str(calib), "num_samples": num_samples, "seq_len": seq_len, "batch_size": 8},
             "dtype": "float32",
         }
     )

@@ -51,6 +51,7 @@ def test_recommendation_is_the_shipped_config_of_its_case(verdict, output, prese
     rec = recommend(verdict, output, num_experts=2 * config["parameters"].get("num_experts", 4))
     assert rec.preset == f"configs/{preset}"
     assert (rec.merge_method, rec.parameters) == (config["merge_method"], config["parameters"])
+    assert rec.num_samples == config["calibration"]["num_samples"]
 
 
 def test_dense_recommendation_averages_only_aligned_experts():
@@ -84,7 +85,7 @@ def test_written_config_is_the_recommendation_and_validates(dataset):
     rec = recommend("unrelated")
     text = config_yaml(rec, "/models/my moe", dataset, seq_len=256)
     loaded = yaml.safe_load(text)
-    calibration = {"dataset": dataset or CALIBRATION_PLACEHOLDER, "num_samples": 128, "seq_len": 256}
+    calibration = {"dataset": dataset or CALIBRATION_PLACEHOLDER, "num_samples": 512, "seq_len": 256}
     assert loaded == rec.config("/models/my moe", calibration)
     Moe2DenseConfig.model_validate(loaded)
     assert ("FILL IN" in text) == (dataset is None)
@@ -187,6 +188,7 @@ def test_a_router_balanced_by_a_bias_is_pruned_by_diversity_as_its_shipped_confi
     rec = recommend("unrelated", "moe", num_experts=2 * config["parameters"]["num_experts"], balanced_by_bias=True)
     assert rec.preset == "configs/smaller_moe_bias_balanced.yml"
     assert (rec.merge_method, rec.parameters) == (config["merge_method"], config["parameters"])
+    assert rec.num_samples == config["calibration"]["num_samples"]
     # diversity needs the experts' outputs; without them the usual score, and a dense output is unchanged
     assert (
         recommend("unrelated", "moe", num_experts=8, balanced_by_bias=True, expert_outputs=False).parameters["score"]
