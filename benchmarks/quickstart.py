@@ -36,8 +36,9 @@ def recommended_config(verdict: str, moe: Path, calib: Path, seq_len: int) -> di
     """The conversion config for a verdict: the dense model `inspect` recommends, calibrated on `calib`."""
     from mergekit_moe2dense.recommend import recommend
 
-    calibration = {"dataset": str(calib), "num_samples": 128, "seq_len": seq_len, "batch_size": 8}
-    return recommend(verdict).config(str(moe), calibration, dtype="float32")
+    rec = recommend(verdict)
+    calibration = {"dataset": str(calib), "num_samples": rec.num_samples, "seq_len": seq_len, "batch_size": 8}
+    return rec.config(str(moe), calibration, dtype="float32")
 
 
 def verdict_line(moe_ppl: float, dense_ppl: float, single_expert_width: bool = True) -> str:

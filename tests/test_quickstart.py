@@ -24,6 +24,7 @@ def test_every_verdict_converts_as_inspect_recommends_and_averages_only_when_ali
         averaging = spec["merge_method"] in ("router_weighted", "top_k_tempered", "expert_uniform")
         assert averaging == (verdict == "aligned")
         assert spec["calibration"]["dataset"] == str(tmp_path / "calib")
+        assert spec["calibration"]["num_samples"] == recommend(verdict).num_samples
 
 
 def test_verdict_line_reports_the_ratio():
