@@ -1,14 +1,17 @@
 # Copyright (C) 2026 the mergekit-moe2dense authors
 # SPDX-License-Identifier: LGPL-3.0-only
-"""Fit-tokens benchmark: how much calibration text `refit: fit` needs on a fine-grained MoE.
+"""Fit-tokens benchmark: how much calibration text the re-fits need on a fine-grained MoE.
 
 `concat` of the top-k experts by `score: usage_diversity` with `refit: fit` (the dense model of
 the MoE's active width), its per-layer fit calibrated on more and more text: the testbed's calib
 split (128 pieces of 128 tokens, then all of them), then the testbed's train split (the text the
 MoE trained on, in its own mix), then that text with each domain capped at `BALANCE_CHARS`
 characters (a mix close to the test split's), with the fit's default steps and four times as
-many. Every model is scored on the whole held-out test split, overall and per domain, as a
-ratio to the MoE's perplexity, beside the dense twin.
+many (`--variants dense`). Then half the experts by `prune_experts` (`score` reap and
+diversity), without and with `refit: down_proj`, calibrated on 128 pieces of the calib split
+and on 2,048 of the train text (`--variants prune`). Every model is scored on the whole
+held-out test split, overall and per domain, as a ratio to the MoE's perplexity, beside the
+dense twin.
 
     MOE2DENSE_CACHE=/tmp/m2dcache python benchmarks/fit_tokens.py --preset fine-qwen3
     MOE2DENSE_CACHE=/tmp/m2dcache python benchmarks/fit_tokens.py --preset fine-glm-all-text
@@ -38,19 +41,29 @@ BALANCE_CHARS = 1_000_000  # per domain: the code domain's 9.7M cut to about the
 
 @dataclass(frozen=True)
 class Variant:
-    """One calibration of the fit: which text, how many 128-token pieces, how many fit steps."""
+    """One calibration (which text, how many 128-token pieces) and the conversion fitted on it:
+    the dense model of the active width (`concat` + `refit: fit` with `fit_steps`), or, with
+    `prune_score`, half the experts by `prune_experts` with `refit` (`none` or `down_proj`)."""
 
     text: str  # "calib", "train" or "balanced"
     num_samples: int
-    fit_steps: int
+    fit_steps: int = 300
+    prune_score: str | None = None
+    refit: str = "fit"
 
-    @property
-    def label(self) -> str:
+    def label(self, top_k: int) -> str:
         text = {"calib": "calib split", "train": "train text", "balanced": "train text, domains balanced"}[self.text]
-        return f"{text}, {self.num_samples} pieces, {self.fit_steps} fit steps"
+        if self.prune_score:
+            return f"prune half by {self.prune_score}, refit {self.refit}, on the {text}, {self.num_samples} pieces"
+        return f"concat m={top_k}, fit on the {text}, {self.num_samples} pieces, {self.fit_steps} fit steps"
+
+    def conversion(self, top_k: int, num_experts: int) -> tuple[str, dict]:
+        if self.prune_score:
+            return "prune_experts", {"num_experts": num_experts // 2, "score": self.prune_score, "refit": self.refit}
+        return "concat", {"num_experts": top_k, "score": SCORE, "refit": "fit", "fit_steps": self.fit_steps}
 
 
-VARIANTS = (
+DENSE_VARIANTS = (
     Variant("calib", 128, 300),
     Variant("calib", 512, 300),
     Variant("train", 512, 300),
@@ -58,7 +71,19 @@ VARIANTS = (
     Variant("train", 2048, 1200),
     Variant("balanced", 2048, 1200),
 )
-SMOKE_VARIANTS = (Variant("calib", 8, 20), Variant("train", 32, 20), Variant("balanced", 32, 40))
+PRUNE_VARIANTS = tuple(
+    Variant(text, n, prune_score=score, refit=refit)
+    for text, n in (("calib", 128), ("train", 2048))
+    for score in ("reap", "diversity")
+    for refit in ("none", "down_proj")
+)
+VARIANTS = {"dense": DENSE_VARIANTS, "prune": PRUNE_VARIANTS, "all": DENSE_VARIANTS + PRUNE_VARIANTS}
+SMOKE_VARIANTS = (
+    Variant("calib", 8, 20),
+    Variant("train", 32, 20),
+    Variant("balanced", 32, 40),
+    Variant("train", 32, prune_score="reap", refit="down_proj"),
+)
 
 
 def balanced_split(train: Path, out: Path, chars: int) -> Path:
@@ -75,7 +100,8 @@ def run(preset: str, variants, work_dir: str | None = None, cache_dir: str | Non
     start = time.time()
     testbed = build_testbed(preset, cache_dir)
     seq_len = testbed.report["preset"]["seq_len"]
-    top_k = json.loads((testbed.moe / "config.json").read_text())["num_experts_per_tok"]
+    config = json.loads((testbed.moe / "config.json").read_text())
+    top_k, num_experts = config["num_experts_per_tok"], testbed.report["preset"]["num_experts"]
     temporary = work_dir is None
     work = Path(work_dir or tempfile.mkdtemp(prefix="moe2dense-fit-tokens-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -94,18 +120,18 @@ def run(preset: str, variants, work_dir: str | None = None, cache_dir: str | Non
         seconds = {}
         for variant in variants:
             began = time.time()
-            params = {"num_experts": top_k, "score": SCORE, "refit": "fit", "fit_steps": variant.fit_steps}
-            out = work / f"{variant.text}-{variant.num_samples}-{variant.fit_steps}"
-            convert(testbed.moe, texts[variant.text], out, "concat", params, seq_len, num_samples=variant.num_samples)
-            seconds[variant.label] = time.time() - began
-            rows.append((f"concat m={top_k}, fit on the {variant.label}", score(out, test_docs, seq_len, None)))
+            method, params = variant.conversion(top_k, num_experts)
+            out = work / f"{method}-{len(seconds)}"
+            convert(testbed.moe, texts[variant.text], out, method, params, seq_len, num_samples=variant.num_samples)
+            seconds[variant.label(top_k)] = time.time() - began
+            rows.append((variant.label(top_k), score(out, test_docs, seq_len, None)))
     finally:
         if temporary:
             shutil.rmtree(work, ignore_errors=True)
     moe = rows[0][1].perplexity
     domains = sorted(rows[0][1].per_source)
     lines = [
-        f"### `{preset}`: `concat` m={top_k} by `{SCORE}` + `refit: fit`, by calibration text",
+        f"### `{preset}`: the re-fits by calibration text (`concat` m={top_k} by `{SCORE}`, `prune_experts`)",
         "",
         f"| model | ppl | {' | '.join(domains)} | ratio to MoE |",
         "|---|---|" + "---|" * len(domains) + "---|",
@@ -121,6 +147,9 @@ def run(preset: str, variants, work_dir: str | None = None, cache_dir: str | Non
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="fine-qwen3", choices=sorted(PRESETS))
+    parser.add_argument(
+        "--variants", choices=sorted(VARIANTS), default="all", help="the dense rows, the pruned ones, or both"
+    )
     parser.add_argument("--smoke", action="store_true", help="the fine-qwen3-smoke testbed and tiny variants")
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--work-dir", default=None, help="keep built models here (default: a temp dir, removed)")
@@ -128,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.smoke:
         report, _ = run("fine-qwen3-smoke", SMOKE_VARIANTS, args.work_dir, args.cache_dir, balance_chars=20_000)
     else:
-        report, _ = run(args.preset, VARIANTS, args.work_dir, args.cache_dir)
+        report, _ = run(args.preset, VARIANTS[args.variants], args.work_dir, args.cache_dir)
     print(report)
 
 

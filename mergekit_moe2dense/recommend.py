@@ -13,7 +13,8 @@ The recommendation is the measured best setting for each case, the same as the s
   (configs/from_scratch.yml; `score: contribution` for a family whose calibration does not
   record the experts' outputs, Llama 4);
 - a smaller MoE, whatever the verdict: `prune_experts` to N experts (half by default),
-  `score: reap`, no re-fit (configs/smaller_moe.yml); `score: diversity` where the router is
+  `score: reap`, `refit: down_proj` on 512 calibration sequences (configs/smaller_moe.yml; on
+  plenty of text like the model's the re-fit gains, on little it costs); `score: diversity` where the router is
   balanced by a choice bias (DeepSeek-V3 routing: GLM-4.5, dots.llm1, ERNIE 4.5, MiniMax-M2), whose
   even usage leaves the usage-weighted scores little to tell experts apart by
   (configs/smaller_moe_bias_balanced.yml).
@@ -103,6 +104,7 @@ _DENSE = {
     ),
 }
 # calibration sequences per dense recommendation: the gradient fit gains from four times the usual
+# (as does a smaller MoE's re-fit, below)
 _DENSE_SAMPLES = {"aligned": NUM_SAMPLES, "unaligned": 4 * NUM_SAMPLES}
 
 
@@ -149,8 +151,12 @@ def recommend(
     else:
         score, preset = "reap", "configs/smaller_moe.yml"
         kept_for = "with the largest REAP saliency (gate-weighted output norm where selected)"
-    why = f"keep the {kept} of {num_experts} experts per layer {kept_for}, with their router rows, bit for bit"
-    return Recommendation(verdict, output, "prune_experts", {"num_experts": kept, "score": score}, preset, why)
+    why = (
+        f"keep the {kept} of {num_experts} experts per layer {kept_for}, with their router rows, then re-fit "
+        "their down projections jointly to the MoE layer's output on plenty of text"
+    )
+    parameters = {"num_experts": kept, "score": score, "refit": "down_proj"}
+    return Recommendation(verdict, output, "prune_experts", parameters, preset, why, 4 * NUM_SAMPLES)
 
 
 def _scalar(value) -> str:

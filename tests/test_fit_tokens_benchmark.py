@@ -1,7 +1,7 @@
 # Copyright (C) 2026 the mergekit-moe2dense authors
 # SPDX-License-Identifier: LGPL-3.0-only
 """The fit-tokens benchmark runs end to end on the fine-grained smoke testbed, with a row per
-calibration variant and ratios that are the printed perplexities'."""
+calibration variant (dense and pruned) and ratios that are the printed perplexities'."""
 
 import pytest
 
@@ -27,7 +27,8 @@ def test_fit_tokens_benchmark_smoke(tmp_path):
         balance_chars=20_000,
     )
     labels = [label for label, _ in rows]
-    assert labels == ["MoE", "dense twin"] + [f"concat m=8, fit on the {v.label}" for v in fit_tokens.SMOKE_VARIANTS]
+    assert labels == ["MoE", "dense twin"] + [v.label(8) for v in fit_tokens.SMOKE_VARIANTS]
+    assert labels[-1] == "prune half by reap, refit down_proj, on the train text, 32 pieces"
     moe = rows[0][1].perplexity
     table = {line.split("|")[1].strip(): line for line in report.splitlines() if line.startswith("| ")}
     for label, result in rows:

@@ -205,8 +205,10 @@ def test_inspect_of_a_glm_moe_writes_the_diversity_pruning_that_merge_runs(token
     data = ["--data", calib_dir, "--num-samples", 4, "--seq-len", 32]
     result = run("inspect", model, *data, "--output", "moe", "--write-config", config)
     assert result.exit_code == 0, result.output
-    assert "prune_experts (num_experts: 2, score: diversity)" in result.output
-    assert yaml.safe_load(config.read_text())["parameters"] == {"num_experts": 2, "score": "diversity"}
+    assert "prune_experts (num_experts: 2, score: diversity, refit: down_proj)" in result.output
+    written = yaml.safe_load(config.read_text())
+    assert written["parameters"] == {"num_experts": 2, "score": "diversity", "refit": "down_proj"}
+    assert written["calibration"]["num_samples"] == 512
     merged = run(config, tmp_path / "out")
     assert merged.exit_code == 0, merged.output
     assert json.loads((tmp_path / "out" / "config.json").read_text())["n_routed_experts"] == 2
