@@ -21,7 +21,6 @@ dense twin.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -47,9 +46,9 @@ class Variant:
 
     text: str  # "calib", "train" or "balanced"
     num_samples: int
-    fit_steps: int = 300
+    fit_steps: int = 300  # the dense model's
     prune_score: str | None = None
-    refit: str = "fit"
+    refit: str = "none"  # the pruned MoE's
 
     def label(self, top_k: int) -> str:
         text = {"calib": "calib split", "train": "train text", "balanced": "train text, domains balanced"}[self.text]
@@ -99,9 +98,8 @@ def run(preset: str, variants, work_dir: str | None = None, cache_dir: str | Non
     """The report (a markdown table and notes) and the rows as (label, EvalResult)."""
     start = time.time()
     testbed = build_testbed(preset, cache_dir)
-    seq_len = testbed.report["preset"]["seq_len"]
-    config = json.loads((testbed.moe / "config.json").read_text())
-    top_k, num_experts = config["num_experts_per_tok"], testbed.report["preset"]["num_experts"]
+    recipe = testbed.report["preset"]
+    seq_len, top_k, num_experts = recipe["seq_len"], recipe["experts_per_token"], recipe["num_experts"]
     temporary = work_dir is None
     work = Path(work_dir or tempfile.mkdtemp(prefix="moe2dense-fit-tokens-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -119,12 +117,12 @@ def run(preset: str, variants, work_dir: str | None = None, cache_dir: str | Non
         ]
         seconds = {}
         for variant in variants:
-            began = time.time()
+            began, label = time.time(), variant.label(top_k)
             method, params = variant.conversion(top_k, num_experts)
             out = work / f"{method}-{len(seconds)}"
             convert(testbed.moe, texts[variant.text], out, method, params, seq_len, num_samples=variant.num_samples)
-            seconds[variant.label(top_k)] = time.time() - began
-            rows.append((variant.label(top_k), score(out, test_docs, seq_len, None)))
+            seconds[label] = time.time() - began
+            rows.append((label, score(out, test_docs, seq_len, None)))
     finally:
         if temporary:
             shutil.rmtree(work, ignore_errors=True)

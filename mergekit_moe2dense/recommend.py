@@ -14,10 +14,10 @@ The recommendation is the measured best setting for each case, the same as the s
   record the experts' outputs, Llama 4);
 - a smaller MoE, whatever the verdict: `prune_experts` to N experts (half by default),
   `score: reap`, `refit: down_proj` on 512 calibration sequences (configs/smaller_moe.yml; on
-  plenty of text like the model's the re-fit gains, on little it costs); `score: diversity` where the router is
-  balanced by a choice bias (DeepSeek-V3 routing: GLM-4.5, dots.llm1, ERNIE 4.5, MiniMax-M2), whose
-  even usage leaves the usage-weighted scores little to tell experts apart by
-  (configs/smaller_moe_bias_balanced.yml).
+  plenty of text like the model's the re-fit gains, on little it costs); `score: diversity`
+  where the router is balanced by a choice bias (DeepSeek-V3 routing: GLM-4.5, dots.llm1,
+  ERNIE 4.5, MiniMax-M2), whose even usage leaves the usage-weighted scores little to tell
+  experts apart by (configs/smaller_moe_bias_balanced.yml).
 
 `inspect` prints it and writes it as a YAML config (`config_yaml`) that `mergekit-moe2dense
 CONFIG OUT` runs; benchmarks/quickstart.py converts with it. `averaging_warning` is what a merge
@@ -53,6 +53,7 @@ VERDICTS = ("aligned", "permuted", "unrelated")  # what `inspect` finds, best to
 AVERAGING_METHODS = ("router_weighted", "top_k_tempered", "expert_uniform")
 CALIBRATION_PLACEHOLDER = "path/to/calibration"
 NUM_SAMPLES = 128
+FIT_SAMPLES = 4 * NUM_SAMPLES  # the gradient fit and a smaller MoE's re-fit gain from four times the text
 SEQ_LEN = 512
 
 
@@ -94,6 +95,7 @@ _DENSE = {
         "configs/aligned.yml",
         "the experts share an ancestor: average them by the router's mean preferences, then re-fit "
         "each layer's down projection to the MoE's output",
+        NUM_SAMPLES,
     ),
     "unaligned": (
         "concat",
@@ -101,11 +103,9 @@ _DENSE = {
         "configs/from_scratch.yml",
         "the experts are not aligned, so averaging them would destroy the model: keep the top-k experts "
         "of each layer side by side, then fit each layer to the MoE's output on plenty of text",
+        FIT_SAMPLES,
     ),
 }
-# calibration sequences per dense recommendation: the gradient fit gains from four times the usual
-# (as does a smaller MoE's re-fit, below)
-_DENSE_SAMPLES = {"aligned": NUM_SAMPLES, "unaligned": 4 * NUM_SAMPLES}
 
 
 def recommend(
@@ -127,12 +127,11 @@ def recommend(
     if output == "dense":
         if target_experts is not None:
             raise RecommendationError("--target-experts sets the experts of a smaller MoE: give --output moe")
-        case = "aligned" if verdict == "aligned" else "unaligned"
-        method, parameters, preset, why = _DENSE[case]
+        method, parameters, preset, why, num_samples = _DENSE["aligned" if verdict == "aligned" else "unaligned"]
         parameters = dict(parameters)
         if not expert_outputs and parameters.get("score") == "usage_diversity":
             parameters["score"] = "contribution"
-        return Recommendation(verdict, output, method, parameters, preset, why, _DENSE_SAMPLES[case])
+        return Recommendation(verdict, output, method, parameters, preset, why, num_samples)
     if output != "moe":
         raise RecommendationError(f"unknown output {output!r}: dense or moe")
     if num_experts is None:
@@ -156,7 +155,7 @@ def recommend(
         "their down projections jointly to the MoE layer's output on plenty of text"
     )
     parameters = {"num_experts": kept, "score": score, "refit": "down_proj"}
-    return Recommendation(verdict, output, "prune_experts", parameters, preset, why, 4 * NUM_SAMPLES)
+    return Recommendation(verdict, output, "prune_experts", parameters, preset, why, FIT_SAMPLES)
 
 
 def _scalar(value) -> str:
